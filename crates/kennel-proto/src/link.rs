@@ -1,0 +1,704 @@
+//! The daemon link, protocol v1: JSON text frames, one object each, tagged by `type`, with
+//! camelCase fields. Message names follow Makima's daemon protocol.
+//!
+//! Delivery rules the types encode (see docs/protocol.md):
+//! - every task-scoped message carries `attempt`, the fencing token; a stale attempt is refused;
+//! - every task-scoped daemon message carries `seq`, counted per (task, attempt) from 1; the
+//!   receiver applies each seq once, in order, and answers with a cumulative `ack`;
+//! - frames larger than the negotiated limit, malformed JSON and missing required fields are
+//!   answered with an `error`; unknown message types decode as [`Decoded::Unknown`] so that
+//!   newer peers stay compatible.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::validate::{validate_id, InvalidId};
+
+/// The protocol version this build speaks natively.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The oldest protocol version this build still accepts.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+/// Default limit on one frame, in bytes (1 MiB). Configurable per server.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 1 << 20;
+
+/// A string that must never appear in logs (API keys). Serialises as the plain string.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A task attempt a daemon holds, as reported in `authenticate` and `heartbeat`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskRef {
+    pub task_id: String,
+    pub attempt: u32,
+}
+
+/// Which stream a line of output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+    /// Structured progress summaries (`taskProgress`), stored beside the output.
+    Progress,
+}
+
+impl OutputStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputStream::Stdout => "stdout",
+            OutputStream::Stderr => "stderr",
+            OutputStream::Progress => "progress",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "stdout" => Some(OutputStream::Stdout),
+            "stderr" => Some(OutputStream::Stderr),
+            "progress" => Some(OutputStream::Progress),
+            _ => None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// daemon → upstream
+
+/// First frame on every link. Must arrive within the server's authentication deadline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Authenticate {
+    pub api_key: Secret,
+    /// Stable identity of the machine; a reconnect with the same id is the same daemon.
+    pub machine_id: String,
+    pub hostname: String,
+    pub max_concurrent_tasks: u32,
+    /// Highest protocol version the daemon speaks.
+    pub protocol_version: u32,
+    /// Lowest protocol version the daemon speaks (defaults to `protocolVersion`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_protocol_version: Option<u32>,
+    /// The daemon's software version, for display.
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Agent profiles that passed preflight on this machine.
+    #[serde(default)]
+    pub agents: Vec<String>,
+    /// Attempts still running on the daemon, so a reconnect within the grace re-attaches them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub running_tasks: Vec<TaskRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Heartbeat {
+    #[serde(default)]
+    pub active_tasks: Vec<TaskRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskAccepted {
+    pub task_id: String,
+    pub attempt: u32,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskRejected {
+    pub task_id: String,
+    pub attempt: u32,
+    pub seq: u64,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskOutput {
+    pub task_id: String,
+    pub attempt: u32,
+    pub seq: u64,
+    pub stream: OutputStream,
+    pub output: String,
+    /// The line was cut (too long, or the process exited mid-line); the next chunk continues it.
+    #[serde(default)]
+    pub is_partial: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskProgress {
+    pub task_id: String,
+    pub attempt: u32,
+    pub seq: u64,
+    pub summary: String,
+    /// Optional structured detail (tool name, cost, usage…), stored as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskStatusChange {
+    pub task_id: String,
+    pub attempt: u32,
+    pub seq: u64,
+    pub old_status: String,
+    pub new_status: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskComplete {
+    pub task_id: String,
+    pub attempt: u32,
+    pub seq: u64,
+    pub success: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+}
+
+/// Everything a daemon (or a relay acting as one) sends upstream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum DaemonMessage {
+    Authenticate(Authenticate),
+    Heartbeat(Heartbeat),
+    TaskAccepted(TaskAccepted),
+    TaskRejected(TaskRejected),
+    TaskOutput(TaskOutput),
+    TaskProgress(TaskProgress),
+    TaskStatusChange(TaskStatusChange),
+    TaskComplete(TaskComplete),
+}
+
+/// The (task, attempt, seq) header of a task-scoped daemon message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqHeader<'a> {
+    pub task_id: &'a str,
+    pub attempt: u32,
+    pub seq: u64,
+}
+
+impl DaemonMessage {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            DaemonMessage::Authenticate(_) => "authenticate",
+            DaemonMessage::Heartbeat(_) => "heartbeat",
+            DaemonMessage::TaskAccepted(_) => "taskAccepted",
+            DaemonMessage::TaskRejected(_) => "taskRejected",
+            DaemonMessage::TaskOutput(_) => "taskOutput",
+            DaemonMessage::TaskProgress(_) => "taskProgress",
+            DaemonMessage::TaskStatusChange(_) => "taskStatusChange",
+            DaemonMessage::TaskComplete(_) => "taskComplete",
+        }
+    }
+
+    /// The sequencing header, for task-scoped messages.
+    pub fn seq_header(&self) -> Option<SeqHeader<'_>> {
+        let (task_id, attempt, seq) = match self {
+            DaemonMessage::Authenticate(_) | DaemonMessage::Heartbeat(_) => return None,
+            DaemonMessage::TaskAccepted(m) => (&m.task_id, m.attempt, m.seq),
+            DaemonMessage::TaskRejected(m) => (&m.task_id, m.attempt, m.seq),
+            DaemonMessage::TaskOutput(m) => (&m.task_id, m.attempt, m.seq),
+            DaemonMessage::TaskProgress(m) => (&m.task_id, m.attempt, m.seq),
+            DaemonMessage::TaskStatusChange(m) => (&m.task_id, m.attempt, m.seq),
+            DaemonMessage::TaskComplete(m) => (&m.task_id, m.attempt, m.seq),
+        };
+        Some(SeqHeader {
+            task_id,
+            attempt,
+            seq,
+        })
+    }
+
+    /// Checks what serde cannot: id formats, non-zero counters, sane sizes.
+    pub fn validate(&self) -> Result<(), FrameError> {
+        match self {
+            DaemonMessage::Authenticate(a) => {
+                validate_id("machine id", &a.machine_id)?;
+                if a.max_concurrent_tasks == 0 || a.max_concurrent_tasks > 10_000 {
+                    return Err(FrameError::invalid(
+                        "maxConcurrentTasks must be between 1 and 10000",
+                    ));
+                }
+                if a.hostname.len() > 255 {
+                    return Err(FrameError::invalid("hostname is longer than 255 bytes"));
+                }
+                if a.labels.len() > 64 || a.agents.len() > 64 {
+                    return Err(FrameError::invalid("at most 64 labels and 64 agents"));
+                }
+                for t in &a.running_tasks {
+                    validate_id("task id", &t.task_id)?;
+                }
+                Ok(())
+            }
+            DaemonMessage::Heartbeat(h) => {
+                for t in &h.active_tasks {
+                    validate_id("task id", &t.task_id)?;
+                }
+                Ok(())
+            }
+            other => {
+                // Every other variant is task-scoped, so the header exists.
+                let Some(h) = other.seq_header() else {
+                    return Ok(());
+                };
+                validate_id("task id", h.task_id)?;
+                if h.attempt == 0 {
+                    return Err(FrameError::invalid("attempt starts at 1"));
+                }
+                if h.seq == 0 {
+                    return Err(FrameError::invalid("seq starts at 1"));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// upstream → daemon
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Authenticated {
+    pub daemon_id: String,
+    pub heartbeat_interval_secs: u64,
+    /// The version both sides will speak: the highest one both support.
+    pub protocol_version: u32,
+    /// The largest frame the server accepts, in bytes.
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: usize,
+}
+
+fn default_max_frame() -> usize {
+    DEFAULT_MAX_FRAME_BYTES
+}
+
+/// Where the agent's work happens: a git repository and the branch to start from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct RepoSpec {
+    /// A remote URL or a local path.
+    pub url: String,
+    #[serde(default = "default_base_branch")]
+    pub base_branch: String,
+}
+
+pub fn default_base_branch() -> String {
+    "main".to_string()
+}
+
+/// Limits the daemon enforces on one attempt.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct TaskLimits {
+    /// Wall-clock limit for the agent, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpawnTask {
+    pub task_id: String,
+    pub attempt: u32,
+    pub task_name: String,
+    pub prompt: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<RepoSpec>,
+    pub agent: String,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub limits: TaskLimits,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskCommand {
+    pub task_id: String,
+    pub attempt: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InterruptTask {
+    pub task_id: String,
+    pub attempt: u32,
+    /// Seconds between SIGINT and SIGTERM (and again before SIGKILL).
+    pub grace_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SendMessage {
+    pub task_id: String,
+    pub attempt: u32,
+    pub message: String,
+}
+
+/// Cumulative acknowledgement: every message of (task, attempt) up to and including `seq` is
+/// applied; the sender may drop them from its outbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ack {
+    pub task_id: String,
+    pub attempt: u32,
+    pub seq: u64,
+}
+
+/// Machine-readable error codes sent in `error` frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ErrorCode {
+    /// The frame exceeded the size limit; it was dropped.
+    FrameTooLarge,
+    /// The frame was not JSON, or not an object with a string `type`.
+    MalformedFrame,
+    /// A known message type with missing or invalid fields.
+    InvalidMessage,
+    /// The first frame was not `authenticate`, or `authenticate` came twice.
+    NotAuthenticated,
+    /// The API key is missing, unknown, revoked or lacks the daemon scope.
+    Unauthorized,
+    /// No protocol version in common.
+    UnsupportedVersion,
+    /// The attempt is not the current one, or this daemon does not hold it. Drop it.
+    StaleAttempt,
+    /// A seq arrived ahead of the next expected one; resend from `expectedSeq`.
+    SeqGap,
+    /// Anything else; the message says what.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::FrameTooLarge => "frameTooLarge",
+            ErrorCode::MalformedFrame => "malformedFrame",
+            ErrorCode::InvalidMessage => "invalidMessage",
+            ErrorCode::NotAuthenticated => "notAuthenticated",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::UnsupportedVersion => "unsupportedVersion",
+            ErrorCode::StaleAttempt => "staleAttempt",
+            ErrorCode::SeqGap => "seqGap",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorFrame {
+    pub code: ErrorCode,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// For `seqGap`: the seq the receiver expects next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_seq: Option<u64>,
+}
+
+/// Everything the coordinator (or a relay acting as one) sends to a daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum ServerMessage {
+    Authenticated(Authenticated),
+    SpawnTask(SpawnTask),
+    PauseTask(TaskCommand),
+    ResumeTask(TaskCommand),
+    InterruptTask(InterruptTask),
+    SendMessage(SendMessage),
+    Ack(Ack),
+    Error(ErrorFrame),
+}
+
+impl ServerMessage {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ServerMessage::Authenticated(_) => "authenticated",
+            ServerMessage::SpawnTask(_) => "spawnTask",
+            ServerMessage::PauseTask(_) => "pauseTask",
+            ServerMessage::ResumeTask(_) => "resumeTask",
+            ServerMessage::InterruptTask(_) => "interruptTask",
+            ServerMessage::SendMessage(_) => "sendMessage",
+            ServerMessage::Ack(_) => "ack",
+            ServerMessage::Error(_) => "error",
+        }
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        ServerMessage::Error(ErrorFrame {
+            code,
+            message: message.into(),
+            task_id: None,
+            attempt: None,
+            expected_seq: None,
+        })
+    }
+
+    /// Encodes the frame. Serialising these types cannot fail (no maps with non-string keys,
+    /// no non-finite floats outside `serde_json::Value`), so an error here is a bug.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| {
+            format!(r#"{{"type":"error","code":"internal","message":"encode failed: {e}"}}"#)
+        })
+    }
+}
+
+impl DaemonMessage {
+    /// Encodes the frame; see [`ServerMessage::to_json`] for why this cannot fail.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// decoding
+
+/// Why a frame could not be used. Each maps to the [`ErrorCode`] sent back.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("invalid `{type_name}` message: {detail}")]
+    Invalid { type_name: String, detail: String },
+}
+
+impl FrameError {
+    fn invalid(detail: &str) -> Self {
+        FrameError::Invalid {
+            type_name: String::new(),
+            detail: detail.to_string(),
+        }
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+            FrameError::Malformed(_) => ErrorCode::MalformedFrame,
+            FrameError::Invalid { .. } => ErrorCode::InvalidMessage,
+        }
+    }
+}
+
+impl From<InvalidId> for FrameError {
+    fn from(e: InvalidId) -> Self {
+        FrameError::Invalid {
+            type_name: String::new(),
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// A decoded frame: a known message, or one of a type this build does not know.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoded<M> {
+    Known(M),
+    /// Forward compatibility: relays forward these, servers log them.
+    Unknown {
+        type_name: String,
+    },
+}
+
+#[derive(Deserialize)]
+struct TypeOnly {
+    #[serde(rename = "type")]
+    type_name: String,
+}
+
+const DAEMON_TYPES: [&str; 8] = [
+    "authenticate",
+    "heartbeat",
+    "taskAccepted",
+    "taskRejected",
+    "taskOutput",
+    "taskProgress",
+    "taskStatusChange",
+    "taskComplete",
+];
+
+const SERVER_TYPES: [&str; 8] = [
+    "authenticated",
+    "spawnTask",
+    "pauseTask",
+    "resumeTask",
+    "interruptTask",
+    "sendMessage",
+    "ack",
+    "error",
+];
+
+fn decode<M: serde::de::DeserializeOwned>(
+    frame: &str,
+    max_bytes: usize,
+    known: &[&str],
+) -> Result<Decoded<M>, FrameError> {
+    if frame.len() > max_bytes {
+        return Err(FrameError::TooLarge {
+            size: frame.len(),
+            limit: max_bytes,
+        });
+    }
+    match serde_json::from_str::<M>(frame) {
+        Ok(m) => Ok(Decoded::Known(m)),
+        // The happy path parses once; only a failure pays for the second look that tells
+        // "unknown type" from "bad fields" from "not JSON".
+        Err(full) => match serde_json::from_str::<TypeOnly>(frame) {
+            Ok(t) if known.contains(&t.type_name.as_str()) => Err(FrameError::Invalid {
+                type_name: t.type_name,
+                detail: full.to_string(),
+            }),
+            Ok(t) => Ok(Decoded::Unknown {
+                type_name: t.type_name.chars().take(64).collect(),
+            }),
+            Err(_) if serde_json::from_str::<serde::de::IgnoredAny>(frame).is_ok() => Err(
+                FrameError::Malformed("expected a JSON object with a string `type` field".into()),
+            ),
+            Err(e) => Err(FrameError::Malformed(e.to_string())),
+        },
+    }
+}
+
+/// Decodes and validates one frame sent by a daemon.
+pub fn decode_daemon_frame(
+    frame: &str,
+    max_bytes: usize,
+) -> Result<Decoded<DaemonMessage>, FrameError> {
+    let decoded = decode::<DaemonMessage>(frame, max_bytes, &DAEMON_TYPES)?;
+    if let Decoded::Known(m) = &decoded {
+        m.validate().map_err(|e| match e {
+            FrameError::Invalid { detail, .. } => FrameError::Invalid {
+                type_name: m.type_name().to_string(),
+                detail,
+            },
+            other => other,
+        })?;
+    }
+    Ok(decoded)
+}
+
+/// Decodes one frame sent by a coordinator or relay.
+pub fn decode_server_frame(
+    frame: &str,
+    max_bytes: usize,
+) -> Result<Decoded<ServerMessage>, FrameError> {
+    decode::<ServerMessage>(frame, max_bytes, &SERVER_TYPES)
+}
+
+/// Picks the protocol version for a daemon that speaks `[min, max]`, or `None` when there is
+/// no overlap with this build.
+pub fn negotiate_version(daemon_max: u32, daemon_min: Option<u32>) -> Option<u32> {
+    let daemon_min = daemon_min.unwrap_or(daemon_max).min(daemon_max);
+    let chosen = daemon_max.min(PROTOCOL_VERSION);
+    (chosen >= MIN_PROTOCOL_VERSION && chosen >= daemon_min).then_some(chosen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_frames_are_refused_before_parsing() {
+        let frame = format!(r#"{{"type":"heartbeat","pad":"{}"}}"#, "x".repeat(100));
+        let err = decode_daemon_frame(&frame, 50).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::FrameTooLarge);
+        assert!(err.to_string().contains("exceeds the limit of 50 bytes"));
+    }
+
+    #[test]
+    fn malformed_and_invalid_are_told_apart() {
+        let e = decode_daemon_frame("{not json", 1024).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::MalformedFrame);
+        let e = decode_daemon_frame("[1,2]", 1024).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::MalformedFrame);
+        let e = decode_daemon_frame(r#"{"type":"taskOutput","taskId":"t1"}"#, 1024).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidMessage);
+        assert!(e.to_string().contains("missing field"), "{e}");
+        let e = decode_daemon_frame(
+            r#"{"type":"taskAccepted","taskId":"../x","attempt":1,"seq":1}"#,
+            1024,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("invalid `taskAccepted` message"),
+            "{e}"
+        );
+        let e = decode_daemon_frame(
+            r#"{"type":"taskAccepted","taskId":"t1","attempt":1,"seq":0}"#,
+            1024,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("seq starts at 1"), "{e}");
+    }
+
+    #[test]
+    fn unknown_types_are_forward_compatible() {
+        let d = decode_daemon_frame(r#"{"type":"telemetry","cpu":0.5}"#, 1024).unwrap();
+        assert_eq!(
+            d,
+            Decoded::Unknown {
+                type_name: "telemetry".into()
+            }
+        );
+        let d = decode_server_frame(r#"{"type":"rebalance"}"#, 1024).unwrap();
+        assert!(matches!(d, Decoded::Unknown { .. }));
+    }
+
+    #[test]
+    fn extra_fields_are_ignored() {
+        let d = decode_daemon_frame(
+            r#"{"type":"heartbeat","activeTasks":[],"loadAverage":1.5}"#,
+            1024,
+        )
+        .unwrap();
+        assert!(matches!(d, Decoded::Known(DaemonMessage::Heartbeat(_))));
+    }
+
+    #[test]
+    fn version_negotiation() {
+        assert_eq!(negotiate_version(1, None), Some(1));
+        assert_eq!(negotiate_version(7, Some(1)), Some(1));
+        assert_eq!(negotiate_version(7, Some(3)), None);
+        assert_eq!(negotiate_version(0, None), None);
+    }
+
+    #[test]
+    fn secrets_do_not_debug_print() {
+        let s = Secret("kn_abc_secret".into());
+        assert_eq!(format!("{s:?}"), "Secret(***)");
+    }
+}

@@ -1,0 +1,204 @@
+//! The coordinator's typed configuration, parsed once at start. Loading (file, `KENNEL_*` env,
+//! flags) happens in the binary; this module only says what the keys are, their defaults and
+//! which values are acceptable. Unknown keys are refused (`deny_unknown_fields`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything `kennel server` needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the HTTP and WebSocket listener binds to.
+    pub listen: SocketAddr,
+    /// Directory for the SQLite database, the hash key and the first admin key.
+    pub data_dir: PathBuf,
+    pub auth: AuthConfig,
+    pub scheduler: SchedulerConfig,
+    pub protocol: ProtocolConfig,
+    pub api: ApiConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            data_dir: default_data_dir(),
+            auth: AuthConfig::default(),
+            scheduler: SchedulerConfig::default(),
+            protocol: ProtocolConfig::default(),
+            api: ApiConfig::default(),
+        }
+    }
+}
+
+/// `$XDG_DATA_HOME/kennel`, else `~/.local/share/kennel`, else `./kennel-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("kennel");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(home).join(".local/share/kennel");
+    }
+    PathBuf::from("kennel-data")
+}
+
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// An admin key to accept (created on start if missing). Otherwise the first start creates
+    /// one, prints it once and writes it to `<data_dir>/admin.key`.
+    pub admin_key: Option<String>,
+    /// Secret for the keyed hash of API keys. Several coordinators sharing a database need the
+    /// same one. Default: generated into `<data_dir>/hash.key`.
+    pub hash_key: Option<String>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redact = |o: &Option<String>| o.as_ref().map(|_| "***");
+        f.debug_struct("AuthConfig")
+            .field("admin_key", &redact(&self.admin_key))
+            .field("hash_key", &redact(&self.hash_key))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// Seconds a daemon has to answer `spawnTask` before the attempt expires and is retried.
+    pub accept_timeout_secs: u64,
+    /// Seconds a disconnected daemon keeps its tasks, waiting for it to reconnect.
+    pub reattach_grace_secs: u64,
+    /// Attempts per task when the submitter does not say.
+    pub default_max_attempts: u32,
+    /// Agent profile for tasks that do not name one.
+    pub default_agent: String,
+    /// Seconds between SIGINT and SIGTERM asked of a daemon when a task is cancelled.
+    pub cancel_grace_secs: u64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            accept_timeout_secs: 30,
+            reattach_grace_secs: 60,
+            default_max_attempts: 3,
+            default_agent: "claude".into(),
+            cancel_grace_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProtocolConfig {
+    /// Largest daemon frame accepted, in bytes.
+    pub max_frame_bytes: usize,
+    /// Seconds between daemon heartbeats; a daemon silent for 3 intervals is lost.
+    pub heartbeat_interval_secs: u64,
+    /// Heartbeats a daemon may miss before it is considered lost.
+    pub missed_heartbeats: u32,
+    /// Seconds a new connection has to send `authenticate`.
+    pub auth_timeout_secs: u64,
+}
+
+impl Default for ProtocolConfig {
+    fn default() -> Self {
+        ProtocolConfig {
+            max_frame_bytes: kennel_proto::DEFAULT_MAX_FRAME_BYTES,
+            heartbeat_interval_secs: 10,
+            missed_heartbeats: 3,
+            auth_timeout_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Largest REST request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Largest page a list endpoint returns.
+    pub max_page: u32,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            max_body_bytes: 4 << 20,
+            max_page: 1000,
+        }
+    }
+}
+
+/// A value outside what the coordinator can work with.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {key} {problem}")]
+pub struct ConfigError {
+    pub key: &'static str,
+    pub problem: String,
+}
+
+impl ServerConfig {
+    /// Checks values serde cannot: ranges and relations between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, problem: &str| {
+            Err(ConfigError {
+                key,
+                problem: problem.to_string(),
+            })
+        };
+        if self.protocol.max_frame_bytes < 1024 {
+            return bad("protocol.max_frame_bytes", "must be at least 1024");
+        }
+        if self.protocol.heartbeat_interval_secs == 0 {
+            return bad("protocol.heartbeat_interval_secs", "must be at least 1");
+        }
+        if self.protocol.missed_heartbeats == 0 {
+            return bad("protocol.missed_heartbeats", "must be at least 1");
+        }
+        if self.protocol.auth_timeout_secs == 0 {
+            return bad("protocol.auth_timeout_secs", "must be at least 1");
+        }
+        if self.scheduler.accept_timeout_secs == 0 {
+            return bad("scheduler.accept_timeout_secs", "must be at least 1");
+        }
+        if self.scheduler.default_max_attempts == 0 {
+            return bad("scheduler.default_max_attempts", "must be at least 1");
+        }
+        if kennel_proto::validate_id("agent", &self.scheduler.default_agent).is_err() {
+            return bad(
+                "scheduler.default_agent",
+                "must be a profile name of letters, digits, `-`, `_`",
+            );
+        }
+        if let Some(k) = &self.auth.admin_key {
+            if k.len() < 24 {
+                return bad("auth.admin_key", "must be at least 24 characters");
+            }
+        }
+        if let Some(k) = &self.auth.hash_key {
+            if k.len() < 32 {
+                return bad("auth.hash_key", "must be at least 32 characters");
+            }
+        }
+        if self.api.max_page == 0 {
+            return bad("api.max_page", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_secs(self.protocol.heartbeat_interval_secs)
+    }
+
+    /// How long a daemon may stay silent before it is lost.
+    pub fn silence_limit(&self) -> Duration {
+        self.heartbeat_interval() * self.protocol.missed_heartbeats
+    }
+}

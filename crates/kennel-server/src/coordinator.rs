@@ -1,0 +1,1013 @@
+//! The coordinator's live state: the queue of runnable tasks, the connected daemons with their
+//! capacity, and the attempts they hold. It decides who runs what (least-loaded daemon that
+//! satisfies the task, FIFO within priority) and reacts to daemons coming, going and reporting.
+//!
+//! The store is the source of truth; this is its in-memory index. Every change goes to the
+//! store first (conditionally, so a racing change loses cleanly) and is mirrored here after.
+//! The state lock is never held across an `.await`. Scheduling runs on events (submit,
+//! capacity change, daemon connect) through a [`Notify`]; timers exist only for deadlines
+//! (lease, reattach grace).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kennel_proto::api::{CreateTask, Daemon, Event, Task};
+use kennel_proto::link::{
+    ErrorCode, ErrorFrame, InterruptTask, SendMessage, ServerMessage, SpawnTask, TaskCommand,
+    TaskLimits, TaskRef,
+};
+use kennel_proto::{validate_id, AttemptStatus, TaskStatus};
+use kennel_store::{
+    Applied, DaemonHello, Dispatch, Ended, NewTask, Report, Store, StoreError,
+};
+use tokio::sync::{broadcast, mpsc, Notify};
+
+use crate::config::ServerConfig;
+use crate::error::ApiError;
+use crate::Clock;
+
+/// Most dispatches recorded in one store transaction.
+const DISPATCH_BATCH: usize = 256;
+
+/// A frame (or a close) for one daemon connection's writer.
+#[derive(Debug)]
+pub enum Outbound {
+    Msg(ServerMessage),
+    Close(u16, String),
+}
+
+/// The sending half of one daemon connection.
+#[derive(Clone)]
+pub struct Conn {
+    pub id: u64,
+    pub tx: mpsc::UnboundedSender<Outbound>,
+}
+
+impl Conn {
+    fn send(&self, m: ServerMessage) {
+        // A closed channel means the connection is going away; its disconnect handles the rest.
+        let _ = self.tx.send(Outbound::Msg(m));
+    }
+}
+
+struct Pending {
+    task: Task,
+    since: Instant,
+}
+
+struct Live {
+    attempt: u32,
+    daemon_id: String,
+    accepted: bool,
+}
+
+struct DaemonSlot {
+    id: String,
+    max: u32,
+    labels: BTreeMap<String, String>,
+    agents: HashSet<String>,
+    draining: bool,
+    conn: Option<Conn>,
+    /// Tasks whose live attempt this daemon holds.
+    held: HashSet<String>,
+    /// Dispatch counter value at its last dispatch (tie-break: longest idle first).
+    last_pick: u64,
+    /// Bumped on every connect and disconnect, so a stale grace timer knows to do nothing.
+    generation: u64,
+}
+
+impl DaemonSlot {
+    fn free(&self) -> u32 {
+        self.max.saturating_sub(self.held.len() as u32)
+    }
+
+    fn can_take(&self, task: &Task) -> bool {
+        self.conn.is_some()
+            && !self.draining
+            && self.free() > 0
+            && self.agents.contains(&task.agent)
+            && task
+                .labels
+                .iter()
+                .all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+}
+
+/// Higher priority first; within one priority, older first (task ids are UUIDv7, which sort
+/// by creation time and are monotonic within a process).
+type QueueKey = (Reverse<i32>, String);
+
+#[derive(Default)]
+struct State {
+    queue: BTreeMap<QueueKey, Pending>,
+    queued: HashMap<String, QueueKey>,
+    daemons: HashMap<String, DaemonSlot>,
+    by_machine: HashMap<String, String>,
+    live: HashMap<String, Live>,
+    next_conn: u64,
+    picks: u64,
+}
+
+impl State {
+    fn enqueue(&mut self, task: Task) {
+        let key = (Reverse(task.priority), task.id.clone());
+        self.queued.insert(task.id.clone(), key.clone());
+        self.queue.insert(
+            key,
+            Pending {
+                task,
+                since: Instant::now(),
+            },
+        );
+    }
+
+    fn unqueue(&mut self, task_id: &str) -> Option<Pending> {
+        let key = self.queued.remove(task_id)?;
+        self.queue.remove(&key)
+    }
+
+    fn release(&mut self, task_id: &str) {
+        if let Some(live) = self.live.remove(task_id) {
+            if let Some(d) = self.daemons.get_mut(&live.daemon_id) {
+                d.held.remove(task_id);
+            }
+        }
+    }
+
+    fn update_gauges(&self) {
+        metrics::gauge!("kennel_queue_depth").set(self.queue.len() as f64);
+        let connected = self.daemons.values().filter(|d| d.conn.is_some());
+        let (mut n, mut total, mut used) = (0u32, 0u32, 0u32);
+        for d in connected {
+            n += 1;
+            total += d.max;
+            used += d.held.len() as u32;
+        }
+        metrics::gauge!("kennel_daemons_connected").set(n as f64);
+        metrics::gauge!("kennel_capacity_total").set(total as f64);
+        metrics::gauge!("kennel_capacity_used").set(used as f64);
+    }
+
+    /// Picks up to `max` (task, daemon) pairs and reserves them in memory.
+    fn pick(&mut self, max: usize) -> Vec<(Pending, Dispatch)> {
+        let mut out = Vec::new();
+        let mut free: u32 = self
+            .daemons
+            .values()
+            .filter(|d| d.conn.is_some() && !d.draining)
+            .map(DaemonSlot::free)
+            .sum();
+        let mut chosen_keys = Vec::new();
+        for (key, pending) in &self.queue {
+            if free == 0 || chosen_keys.len() >= max {
+                break;
+            }
+            let best = self
+                .daemons
+                .values()
+                .filter(|d| d.can_take(&pending.task))
+                .min_by_key(|d| (d.held.len(), Reverse(d.free()), d.last_pick, d.id.clone()));
+            let Some(best) = best else { continue };
+            let daemon_id = best.id.clone();
+            self.picks += 1;
+            let slot = self
+                .daemons
+                .get_mut(&daemon_id)
+                .unwrap_or_else(|| unreachable!("picked from the same map"));
+            slot.last_pick = self.picks;
+            slot.held.insert(pending.task.id.clone());
+            free -= 1;
+            chosen_keys.push((key.clone(), daemon_id));
+        }
+        for (key, daemon_id) in chosen_keys {
+            if let Some(p) = self.queue.remove(&key) {
+                self.queued.remove(&p.task.id);
+                let attempt = p.task.attempt + 1;
+                self.live.insert(
+                    p.task.id.clone(),
+                    Live {
+                        attempt,
+                        daemon_id: daemon_id.clone(),
+                        accepted: false,
+                    },
+                );
+                let d = Dispatch {
+                    task_id: p.task.id.clone(),
+                    attempt,
+                    daemon_id,
+                };
+                out.push((p, d));
+            }
+        }
+        out
+    }
+}
+
+/// Where a daemon stands after `authenticate`.
+pub struct Attached {
+    pub conn_id: u64,
+}
+
+/// The coordinator: shared by the HTTP API, the daemon hub and the timers.
+pub struct Coordinator {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub cfg: ServerConfig,
+    state: Mutex<State>,
+    wake: Notify,
+    events: broadcast::Sender<Arc<Event>>,
+    /// Task ids whose output or status changed: wakes output streams.
+    output: broadcast::Sender<Arc<str>>,
+    started: Instant,
+}
+
+impl Coordinator {
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, cfg: ServerConfig) -> Arc<Self> {
+        let (events, _) = broadcast::channel(8192);
+        let (output, _) = broadcast::channel(8192);
+        Arc::new(Coordinator {
+            store,
+            clock,
+            cfg,
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            events,
+            output,
+            started: Instant::now(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; carry on with it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.events.subscribe()
+    }
+
+    pub fn subscribe_output(&self) -> broadcast::Receiver<Arc<str>> {
+        self.output.subscribe()
+    }
+
+    fn publish(&self, events: impl IntoIterator<Item = Event>) {
+        for ev in events {
+            if let Some(t) = &ev.task_id {
+                let _ = self.output.send(Arc::from(t.as_str()));
+            }
+            let _ = self.events.send(Arc::new(ev));
+        }
+    }
+
+    /// Rebuilds the in-memory index from the store after a start. Daemons that held work are
+    /// given the reattach grace to come back.
+    pub async fn restore(self: &Arc<Self>) -> Result<(), StoreError> {
+        let now = self.clock.now_ms();
+        self.store.reset_connections(now).await?;
+        let queued = self.store.queued_tasks().await?;
+        let active = self.store.active_tasks().await?;
+        let mut holders = HashSet::new();
+        for t in &active {
+            if let Some(d) = &t.daemon_id {
+                holders.insert(d.clone());
+            }
+        }
+        let mut slots = Vec::new();
+        for id in &holders {
+            if let Some(d) = self.store.get_daemon(id).await? {
+                slots.push(d);
+            }
+        }
+        let mut st = self.lock();
+        for q in queued {
+            st.enqueue(q.task);
+        }
+        for d in slots {
+            st.by_machine.insert(d.machine_id.clone(), d.id.clone());
+            st.daemons.insert(d.id.clone(), slot_from(&d));
+        }
+        for t in active {
+            let Some(daemon_id) = t.daemon_id.clone() else {
+                continue;
+            };
+            if let Some(slot) = st.daemons.get_mut(&daemon_id) {
+                slot.held.insert(t.id.clone());
+            }
+            st.live.insert(
+                t.id.clone(),
+                Live {
+                    attempt: t.attempt,
+                    daemon_id,
+                    accepted: t.status != TaskStatus::Dispatched,
+                },
+            );
+        }
+        st.update_gauges();
+        let waiting: Vec<(String, u64)> = st
+            .daemons
+            .values()
+            .filter(|d| !d.held.is_empty())
+            .map(|d| (d.id.clone(), d.generation))
+            .collect();
+        drop(st);
+        for (daemon_id, gen) in waiting {
+            self.start_grace(daemon_id, gen);
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Wakes the scheduler.
+    pub fn kick(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Runs the dispatch loop until the process ends.
+    pub async fn run_scheduler(self: Arc<Self>) {
+        loop {
+            self.wake.notified().await;
+            loop {
+                let picks = self.lock().pick(DISPATCH_BATCH);
+                if picks.is_empty() {
+                    break;
+                }
+                if let Err(e) = self.dispatch(picks).await {
+                    tracing::error!(error = %e, "failed to record dispatches; retrying in 1s");
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        me.kick();
+                    });
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn dispatch(self: &Arc<Self>, picks: Vec<(Pending, Dispatch)>) -> Result<(), StoreError> {
+        let batch: Vec<Dispatch> = picks.iter().map(|(_, d)| d.clone()).collect();
+        let results = match self.store.dispatch(&batch, self.clock.now_ms()).await {
+            Ok(r) => r,
+            Err(e) => {
+                let mut st = self.lock();
+                for (p, d) in picks {
+                    st.release(&d.task_id);
+                    st.enqueue(p.task);
+                }
+                return Err(e);
+            }
+        };
+        let accept = Duration::from_secs(self.cfg.scheduler.accept_timeout_secs);
+        let mut events = Vec::new();
+        {
+            let mut st = self.lock();
+            for ((pending, d), result) in picks.into_iter().zip(results) {
+                let Some((task, ev)) = result else {
+                    // Cancelled or taken by another coordinator meanwhile.
+                    st.release(&d.task_id);
+                    continue;
+                };
+                let conn = st.daemons.get(&d.daemon_id).and_then(|s| s.conn.clone());
+                if let Some(conn) = conn {
+                    conn.send(ServerMessage::SpawnTask(spawn_message(&task, d.attempt)));
+                }
+                metrics::histogram!("kennel_dispatch_latency_seconds")
+                    .record(pending.since.elapsed().as_secs_f64());
+                metrics::counter!("kennel_dispatches_total").increment(1);
+                events.push(ev);
+                let me = self.clone();
+                let (task_id, attempt) = (d.task_id, d.attempt);
+                tokio::spawn(async move {
+                    tokio::time::sleep(accept).await;
+                    me.lease_expired(&task_id, attempt).await;
+                });
+            }
+            st.update_gauges();
+        }
+        self.publish(events);
+        Ok(())
+    }
+
+    async fn lease_expired(self: &Arc<Self>, task_id: &str, attempt: u32) {
+        let pending = {
+            let st = self.lock();
+            st.live
+                .get(task_id)
+                .is_some_and(|l| l.attempt == attempt && !l.accepted)
+        };
+        if !pending {
+            return;
+        }
+        let reason = format!(
+            "no taskAccepted within {}s of dispatch",
+            self.cfg.scheduler.accept_timeout_secs
+        );
+        tracing::warn!(task_id, attempt, "lease expired: {reason}");
+        self.end_attempt(
+            task_id,
+            attempt,
+            AttemptStatus::Expired,
+            &reason,
+            true,
+            TaskStatus::Failed,
+            true,
+        )
+        .await;
+    }
+
+    /// Ends a live attempt in the store and mirrors it; optionally tells the daemon to stop.
+    #[allow(clippy::too_many_arguments)]
+    async fn end_attempt(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        status: AttemptStatus,
+        reason: &str,
+        retry: bool,
+        terminal: TaskStatus,
+        interrupt: bool,
+    ) -> Option<Task> {
+        let holder = {
+            let st = self.lock();
+            st.live
+                .get(task_id)
+                .filter(|l| l.attempt == attempt)
+                .and_then(|l| st.daemons.get(&l.daemon_id))
+                .and_then(|d| d.conn.clone())
+        };
+        let ended = match self
+            .store
+            .end_attempt(
+                task_id,
+                attempt,
+                status,
+                reason,
+                retry,
+                terminal,
+                self.clock.now_ms(),
+            )
+            .await
+        {
+            Ok(Some(e)) => e,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::error!(task_id, attempt, error = %e, "failed to end attempt");
+                return None;
+            }
+        };
+        if interrupt {
+            if let Some(conn) = holder {
+                conn.send(ServerMessage::InterruptTask(InterruptTask {
+                    task_id: task_id.to_string(),
+                    attempt,
+                    grace_secs: self.cfg.scheduler.cancel_grace_secs,
+                }));
+            }
+        }
+        let task = ended.task.clone();
+        self.mirror(ended);
+        Some(task)
+    }
+
+    /// Mirrors a store change of one task into memory and publishes its events.
+    fn mirror(&self, ended: Ended) {
+        let task = ended.task;
+        {
+            let mut st = self.lock();
+            match task.status {
+                TaskStatus::Queued => {
+                    st.release(&task.id);
+                    if !st.queued.contains_key(&task.id) {
+                        st.enqueue(task);
+                    }
+                }
+                s if s.is_terminal() => st.release(&task.id),
+                TaskStatus::Running | TaskStatus::Paused => {
+                    if let Some(l) = st.live.get_mut(&task.id) {
+                        l.accepted = true;
+                    }
+                }
+                _ => {}
+            }
+            st.update_gauges();
+        }
+        self.publish(ended.events);
+        self.wake.notify_one();
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // API operations
+
+    /// Validates and stores a new task, then queues it.
+    pub async fn submit(&self, req: CreateTask) -> Result<Task, ApiError> {
+        let new = self.validate_task(req)?;
+        let (queued, ev) = self.store.create_task(new, self.clock.now_ms()).await?;
+        let task = queued.task.clone();
+        {
+            let mut st = self.lock();
+            st.enqueue(queued.task);
+            st.update_gauges();
+        }
+        metrics::counter!("kennel_tasks_submitted_total").increment(1);
+        self.publish([ev]);
+        self.wake.notify_one();
+        Ok(task)
+    }
+
+    fn validate_task(&self, req: CreateTask) -> Result<NewTask, ApiError> {
+        let bad = |m: String| Err(ApiError::invalid(m));
+        if req.name.trim().is_empty() || req.name.len() > 200 {
+            return bad("`name` must be 1 to 200 characters".into());
+        }
+        if req.prompt.is_empty() {
+            return bad("`prompt` must not be empty".into());
+        }
+        if req.prompt.len() > 512 * 1024 {
+            return bad("`prompt` is longer than 512 KiB; put large context in the repository".into());
+        }
+        let agent = req
+            .agent
+            .unwrap_or_else(|| self.cfg.scheduler.default_agent.clone());
+        validate_id("agent profile", &agent).map_err(|e| ApiError::invalid(e.to_string()))?;
+        if let Some(repo) = &req.repo {
+            if repo.url.trim().is_empty() || repo.url.len() > 2048 {
+                return bad("`repo.url` must be 1 to 2048 characters".into());
+            }
+            if repo.url.starts_with('-') {
+                return bad("`repo.url` must not start with `-`".into());
+            }
+            kennel_proto::validate_branch_name(&repo.base_branch)
+                .map_err(|e| ApiError::invalid(format!("`repo.baseBranch`: {e}")))?;
+        }
+        for (k, v) in &req.labels {
+            validate_id("label name", k).map_err(|e| ApiError::invalid(e.to_string()))?;
+            if v.len() > 256 {
+                return bad(format!("label `{k}` is longer than 256 characters"));
+            }
+        }
+        for k in req.env.keys() {
+            let ok = !k.is_empty()
+                && !k.starts_with(|c: char| c.is_ascii_digit())
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !ok {
+                return bad(format!(
+                    "environment variable name `{k}` must be letters, digits and `_`, not starting with a digit"
+                ));
+            }
+        }
+        let max_attempts = req
+            .max_attempts
+            .unwrap_or(self.cfg.scheduler.default_max_attempts);
+        if !(1..=100).contains(&max_attempts) {
+            return bad("`maxAttempts` must be between 1 and 100".into());
+        }
+        if req.timeout_secs == Some(0) {
+            return bad("`timeoutSecs` must be at least 1".into());
+        }
+        Ok(NewTask {
+            id: format!("t-{}", uuid::Uuid::now_v7().simple()),
+            name: req.name,
+            prompt: req.prompt,
+            repo: req.repo,
+            agent,
+            labels: req.labels,
+            priority: req.priority,
+            env: req.env,
+            timeout_secs: req.timeout_secs,
+            max_attempts,
+        })
+    }
+
+    pub async fn task(&self, id: &str) -> Result<Task, ApiError> {
+        validate_id("task id", id).map_err(|e| ApiError::invalid(e.to_string()))?;
+        self.store
+            .get_task(id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("no task `{id}`; `kennel task list` shows the tasks")))
+    }
+
+    pub async fn cancel(&self, id: &str) -> Result<Task, ApiError> {
+        let task = self.task(id).await?;
+        if task.status.is_terminal() {
+            return Ok(task);
+        }
+        if task.status == TaskStatus::Queued {
+            if let Some(ended) = self.store.cancel_queued(id, self.clock.now_ms()).await? {
+                self.lock().unqueue(id);
+                let t = ended.task.clone();
+                self.mirror(ended);
+                return Ok(t);
+            }
+        }
+        let task = self.task(id).await?;
+        if task.status.is_active() {
+            if let Some(t) = self
+                .end_attempt(
+                    id,
+                    task.attempt,
+                    AttemptStatus::Cancelled,
+                    "cancelled by request",
+                    false,
+                    TaskStatus::Cancelled,
+                    true,
+                )
+                .await
+            {
+                return Ok(t);
+            }
+        }
+        let task = self.task(id).await?;
+        if task.status.is_terminal() {
+            return Ok(task);
+        }
+        Err(ApiError::conflict(format!(
+            "task `{id}` changed state while being cancelled (now {}); retry",
+            task.status
+        )))
+    }
+
+    pub async fn set_paused(&self, id: &str, paused: bool) -> Result<Task, ApiError> {
+        let task = self.task(id).await?;
+        let want = if paused {
+            TaskStatus::Paused
+        } else {
+            TaskStatus::Running
+        };
+        if task.status == want {
+            return Ok(task);
+        }
+        let from = if paused {
+            TaskStatus::Running
+        } else {
+            TaskStatus::Paused
+        };
+        if task.status != from {
+            return Err(ApiError::conflict(format!(
+                "task `{id}` is {}; only a {from} task can be {}",
+                task.status,
+                if paused { "paused" } else { "resumed" }
+            )));
+        }
+        let conn = self.holder_conn(id, task.attempt)?;
+        let Some(ended) = self
+            .store
+            .set_paused(id, task.attempt, paused, self.clock.now_ms())
+            .await?
+        else {
+            return Err(ApiError::conflict(format!(
+                "task `{id}` changed state meanwhile; retry"
+            )));
+        };
+        let cmd = TaskCommand {
+            task_id: id.to_string(),
+            attempt: task.attempt,
+        };
+        conn.send(if paused {
+            ServerMessage::PauseTask(cmd)
+        } else {
+            ServerMessage::ResumeTask(cmd)
+        });
+        let t = ended.task.clone();
+        self.mirror(ended);
+        Ok(t)
+    }
+
+    pub async fn send_message(&self, id: &str, message: String) -> Result<(), ApiError> {
+        if message.is_empty() {
+            return Err(ApiError::invalid("`message` must not be empty"));
+        }
+        let task = self.task(id).await?;
+        if !matches!(task.status, TaskStatus::Running | TaskStatus::Paused) {
+            return Err(ApiError::conflict(format!(
+                "task `{id}` is {}; messages go to running or paused tasks only",
+                task.status
+            )));
+        }
+        let conn = self.holder_conn(id, task.attempt)?;
+        conn.send(ServerMessage::SendMessage(SendMessage {
+            task_id: id.to_string(),
+            attempt: task.attempt,
+            message,
+        }));
+        Ok(())
+    }
+
+    fn holder_conn(&self, id: &str, attempt: u32) -> Result<Conn, ApiError> {
+        let st = self.lock();
+        let live = st
+            .live
+            .get(id)
+            .filter(|l| l.attempt == attempt)
+            .ok_or_else(|| ApiError::conflict(format!("task `{id}` has no live attempt here")))?;
+        st.daemons
+            .get(&live.daemon_id)
+            .and_then(|d| d.conn.clone())
+            .ok_or_else(|| {
+                ApiError::unavailable(format!(
+                    "daemon `{}` holding task `{id}` is disconnected; retry when it reconnects",
+                    live.daemon_id
+                ))
+            })
+    }
+
+    pub async fn set_draining(&self, daemon_id: &str, draining: bool) -> Result<Daemon, ApiError> {
+        validate_id("daemon id", daemon_id).map_err(|e| ApiError::invalid(e.to_string()))?;
+        let Some((daemon, ev)) = self
+            .store
+            .set_draining(daemon_id, draining, self.clock.now_ms())
+            .await?
+        else {
+            return Err(ApiError::not_found(format!(
+                "no daemon `{daemon_id}`; `kennel daemons` lists them"
+            )));
+        };
+        if let Some(slot) = self.lock().daemons.get_mut(daemon_id) {
+            slot.draining = draining;
+        }
+        self.publish([ev]);
+        self.wake.notify_one();
+        Ok(self.overlay(daemon))
+    }
+
+    /// Replaces stored connection facts with the live ones.
+    pub fn overlay(&self, mut d: Daemon) -> Daemon {
+        let st = self.lock();
+        match st.daemons.get(&d.id) {
+            Some(slot) => {
+                d.connected = slot.conn.is_some();
+                d.active_tasks = slot.held.len() as u32;
+                d.draining = slot.draining;
+            }
+            None => d.connected = false,
+        }
+        d
+    }
+
+    /// (connected daemons, total capacity, used capacity).
+    pub fn capacity(&self) -> (u32, u32, u32) {
+        let st = self.lock();
+        st.daemons
+            .values()
+            .filter(|d| d.conn.is_some())
+            .fold((0, 0, 0), |(n, t, u), d| {
+                (n + 1, t + d.max, u + d.held.len() as u32)
+            })
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Daemon link
+
+    /// The stable id of the daemon on `machine_id`, reusing the one it had before.
+    pub async fn resolve_daemon_id(&self, machine_id: &str) -> Result<String, StoreError> {
+        if let Some(id) = self.lock().by_machine.get(machine_id) {
+            return Ok(id.clone());
+        }
+        if let Some(d) = self.store.daemon_by_machine(machine_id).await? {
+            return Ok(d.id);
+        }
+        Ok(format!("d-{}", uuid::Uuid::now_v7().simple()))
+    }
+
+    /// Registers an authenticated connection and re-attaches the attempts it still runs.
+    pub async fn attach(
+        self: &Arc<Self>,
+        daemon_id: &str,
+        hello: DaemonHello,
+        running: Vec<TaskRef>,
+        tx: mpsc::UnboundedSender<Outbound>,
+    ) -> Result<Attached, StoreError> {
+        let (daemon, ev) = self
+            .store
+            .daemon_connected(daemon_id, &hello, self.clock.now_ms())
+            .await?;
+        let mut lost = Vec::new();
+        let mut stale = Vec::new();
+        let conn_id;
+        {
+            let mut st = self.lock();
+            st.next_conn += 1;
+            conn_id = st.next_conn;
+            st.by_machine
+                .insert(hello.machine_id.clone(), daemon_id.to_string());
+            let slot = st
+                .daemons
+                .entry(daemon_id.to_string())
+                .or_insert_with(|| slot_from(&daemon));
+            if let Some(old) = slot.conn.take() {
+                let _ = old.tx.send(Outbound::Close(
+                    4004,
+                    "replaced by a newer connection from the same machine".into(),
+                ));
+            }
+            slot.max = hello.max_concurrent_tasks;
+            slot.labels = hello.labels.clone();
+            slot.agents = hello.agents.iter().cloned().collect();
+            slot.draining = daemon.draining;
+            slot.generation += 1;
+            slot.conn = Some(Conn { id: conn_id, tx: tx.clone() });
+            let held: Vec<String> = slot.held.iter().cloned().collect();
+            for task_id in held {
+                let attempt = st.live.get(&task_id).map(|l| l.attempt).unwrap_or(0);
+                let still = running
+                    .iter()
+                    .any(|r| r.task_id == task_id && r.attempt == attempt);
+                if !still {
+                    lost.push((task_id, attempt));
+                }
+            }
+            for r in &running {
+                let ours = st
+                    .live
+                    .get(&r.task_id)
+                    .is_some_and(|l| l.attempt == r.attempt && l.daemon_id == daemon_id);
+                if !ours {
+                    stale.push(r.clone());
+                }
+            }
+            st.update_gauges();
+        }
+        tracing::info!(daemon_id, hostname = %hello.hostname, "daemon connected");
+        self.publish([ev]);
+        for r in stale {
+            let _ = tx.send(Outbound::Msg(ServerMessage::Error(ErrorFrame {
+                code: ErrorCode::StaleAttempt,
+                message: format!(
+                    "attempt {} of task {} is not yours any more; stop it and drop its messages",
+                    r.attempt, r.task_id
+                ),
+                task_id: Some(r.task_id.clone()),
+                attempt: Some(r.attempt),
+                expected_seq: None,
+            })));
+        }
+        for (task_id, attempt) in lost {
+            let reason = format!("daemon {daemon_id} reconnected without attempt {attempt}");
+            self.end_attempt(
+                &task_id,
+                attempt,
+                AttemptStatus::Lost,
+                &reason,
+                true,
+                TaskStatus::Lost,
+                false,
+            )
+            .await;
+        }
+        self.wake.notify_one();
+        Ok(Attached { conn_id })
+    }
+
+    /// A connection ended. Its daemon keeps its attempts for the reattach grace.
+    pub async fn detach(self: &Arc<Self>, daemon_id: &str, conn_id: u64, reason: &str) {
+        let waiting = {
+            let mut st = self.lock();
+            let Some(slot) = st.daemons.get_mut(daemon_id) else {
+                return;
+            };
+            if slot.conn.as_ref().map(|c| c.id) != Some(conn_id) {
+                return; // replaced by a newer connection already
+            }
+            slot.conn = None;
+            slot.generation += 1;
+            let w = (!slot.held.is_empty()).then_some(slot.generation);
+            st.update_gauges();
+            w
+        };
+        tracing::info!(daemon_id, reason, "daemon disconnected");
+        match self
+            .store
+            .daemon_disconnected(daemon_id, reason, self.clock.now_ms())
+            .await
+        {
+            Ok(ev) => self.publish([ev]),
+            Err(e) => tracing::error!(daemon_id, error = %e, "failed to record disconnect"),
+        }
+        if let Some(gen) = waiting {
+            self.start_grace(daemon_id.to_string(), gen);
+        }
+    }
+
+    fn start_grace(self: &Arc<Self>, daemon_id: String, generation: u64) {
+        let me = self.clone();
+        let grace = Duration::from_secs(self.cfg.scheduler.reattach_grace_secs);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            me.grace_expired(&daemon_id, generation).await;
+        });
+    }
+
+    async fn grace_expired(&self, daemon_id: &str, generation: u64) {
+        let held: Vec<(String, u32)> = {
+            let st = self.lock();
+            let Some(slot) = st.daemons.get(daemon_id) else {
+                return;
+            };
+            if slot.generation != generation || slot.conn.is_some() {
+                return;
+            }
+            slot.held
+                .iter()
+                .filter_map(|t| st.live.get(t).map(|l| (t.clone(), l.attempt)))
+                .collect()
+        };
+        let reason = format!(
+            "daemon {daemon_id} disconnected and did not return within {}s",
+            self.cfg.scheduler.reattach_grace_secs
+        );
+        for (task_id, attempt) in held {
+            tracing::warn!(task_id, attempt, daemon_id, "attempt lost");
+            self.end_attempt(
+                &task_id,
+                attempt,
+                AttemptStatus::Lost,
+                &reason,
+                true,
+                TaskStatus::Lost,
+                false,
+            )
+            .await;
+        }
+    }
+
+    /// Applies sequenced daemon reports and mirrors what they changed.
+    pub async fn report(&self, reports: &[Report]) -> Result<Vec<Applied>, StoreError> {
+        let results = self.store.apply(reports, self.clock.now_ms()).await?;
+        let mut changed = false;
+        let mut events = Vec::new();
+        {
+            let mut st = self.lock();
+            for (r, res) in reports.iter().zip(&results) {
+                let Applied::Done { events: evs, task } = res else {
+                    continue;
+                };
+                let _ = self.output.send(Arc::from(r.task_id.as_str()));
+                events.extend(evs.iter().cloned());
+                let Some(task) = task else { continue };
+                changed = true;
+                match task.status {
+                    TaskStatus::Queued => {
+                        st.release(&task.id);
+                        if !st.queued.contains_key(&task.id) {
+                            st.enqueue(task.clone());
+                        }
+                    }
+                    s if s.is_terminal() => st.release(&task.id),
+                    _ => {
+                        if let Some(l) = st.live.get_mut(&task.id) {
+                            l.accepted = true;
+                        }
+                    }
+                }
+            }
+            if changed {
+                st.update_gauges();
+            }
+        }
+        self.publish(events);
+        if changed {
+            self.wake.notify_one();
+        }
+        Ok(results)
+    }
+
+    pub async fn heartbeat(&self, daemon_id: &str) {
+        if let Err(e) = self.store.daemon_seen(daemon_id, self.clock.now_ms()).await {
+            tracing::warn!(daemon_id, error = %e, "failed to record heartbeat");
+        }
+    }
+}
+
+fn slot_from(d: &Daemon) -> DaemonSlot {
+    DaemonSlot {
+        id: d.id.clone(),
+        max: d.max_concurrent_tasks,
+        labels: d.labels.clone(),
+        agents: d.agents.iter().cloned().collect(),
+        draining: d.draining,
+        conn: None,
+        held: HashSet::new(),
+        last_pick: 0,
+        generation: 0,
+    }
+}
+
+fn spawn_message(task: &Task, attempt: u32) -> SpawnTask {
+    SpawnTask {
+        task_id: task.id.clone(),
+        attempt,
+        task_name: task.name.clone(),
+        prompt: task.prompt.clone(),
+        repo: task.repo.clone(),
+        agent: task.agent.clone(),
+        env: task.env.clone(),
+        limits: TaskLimits {
+            timeout_secs: task.timeout_secs,
+        },
+    }
+}

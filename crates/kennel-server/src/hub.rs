@@ -1,0 +1,516 @@
+//! `WS /ws/daemon`: the daemon hub. One task per connection reads frames, checks them,
+//! hands sequenced reports to the [`Coordinator`] in batches and answers with acks or errors;
+//! a writer task drains the connection's outbound channel.
+//!
+//! A bad frame gets an `error` and the connection carries on; only authentication failures,
+//! silence past the heartbeat limit and frames past the hard cap end it, with a close reason.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::response::Response;
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use kennel_proto::api::Scope;
+use kennel_proto::link::{
+    negotiate_version, Ack, Authenticate, Authenticated, ErrorCode, ErrorFrame, ServerMessage,
+};
+use kennel_proto::{decode_daemon_frame, DaemonMessage, Decoded, FrameError};
+use kennel_store::{Applied, DaemonHello, Effect, Report};
+use tokio::sync::mpsc;
+
+use crate::coordinator::Outbound;
+use crate::AppState;
+
+/// Close codes (4000-4999 are free for applications).
+pub mod close {
+    pub const PROTOCOL: u16 = 4000;
+    pub const UNAUTHORIZED: u16 = 4001;
+    pub const UNSUPPORTED_VERSION: u16 = 4002;
+    pub const AUTH_TIMEOUT: u16 = 4003;
+    pub const REPLACED: u16 = 4004;
+    pub const SILENT: u16 = 4005;
+    pub const GOING_AWAY: u16 = 1001;
+}
+
+/// Most frames read ahead and applied in one store transaction.
+const REPORT_BATCH: usize = 128;
+
+pub async fn ws_daemon(
+    ws: WebSocketUpgrade,
+    State(app): State<Arc<AppState>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+) -> Response {
+    // Frames up to the hard cap are read and answered with `frameTooLarge`; beyond it the
+    // WebSocket layer ends the connection.
+    let hard_cap = app.coord.cfg.protocol.max_frame_bytes.saturating_mul(8).max(16 << 20);
+    ws.max_message_size(hard_cap)
+        .max_frame_size(hard_cap)
+        .on_upgrade(move |socket| async move {
+            Connection::run(app, socket, addr).await;
+        })
+}
+
+struct Connection {
+    app: Arc<AppState>,
+    tx: mpsc::UnboundedSender<Outbound>,
+    daemon_id: String,
+    max_frame: usize,
+}
+
+fn error_frame(code: ErrorCode, message: String) -> Outbound {
+    Outbound::Msg(ServerMessage::error(code, message))
+}
+
+async fn close_now(socket: &mut WebSocket, code: u16, reason: &str) {
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from(reason),
+        })))
+        .await;
+}
+
+async fn send_now(socket: &mut WebSocket, m: ServerMessage) {
+    let _ = socket.send(Message::Text(m.to_json().into())).await;
+}
+
+impl Connection {
+    #[tracing::instrument(name = "daemon_link", skip_all, fields(peer = %addr))]
+    async fn run(app: Arc<AppState>, mut socket: WebSocket, addr: SocketAddr) {
+        let cfg = &app.coord.cfg.protocol;
+        let max_frame = cfg.max_frame_bytes;
+        let auth_timeout = Duration::from_secs(cfg.auth_timeout_secs);
+        let first = match tokio::time::timeout(auth_timeout, socket.recv()).await {
+            Err(_) => {
+                let reason = format!("no authenticate frame within {}s", cfg.auth_timeout_secs);
+                close_now(&mut socket, close::AUTH_TIMEOUT, &reason).await;
+                return;
+            }
+            Ok(None) | Ok(Some(Err(_))) => return,
+            Ok(Some(Ok(m))) => m,
+        };
+        let Message::Text(text) = first else {
+            close_now(
+                &mut socket,
+                close::PROTOCOL,
+                "expected an authenticate text frame first",
+            )
+            .await;
+            return;
+        };
+        let hello = match decode_daemon_frame(text.as_str(), max_frame) {
+            Ok(Decoded::Known(DaemonMessage::Authenticate(a))) => a,
+            Ok(_) => {
+                let msg = "the first frame must be `authenticate`";
+                send_now(
+                    &mut socket,
+                    ServerMessage::error(ErrorCode::NotAuthenticated, msg),
+                )
+                .await;
+                close_now(&mut socket, close::PROTOCOL, msg).await;
+                return;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                send_now(&mut socket, ServerMessage::error(e.code(), &msg)).await;
+                close_now(&mut socket, close::PROTOCOL, &truncate(&msg, 120)).await;
+                return;
+            }
+        };
+        if let Err((code, close_code, msg)) = Self::check_hello(&app, &hello).await {
+            tracing::warn!(machine_id = %hello.machine_id, "daemon refused: {msg}");
+            send_now(&mut socket, ServerMessage::error(code, &msg)).await;
+            close_now(&mut socket, close_code, &truncate(&msg, 120)).await;
+            return;
+        }
+        let version = negotiate_version(hello.protocol_version, hello.min_protocol_version)
+            .unwrap_or(kennel_proto::PROTOCOL_VERSION);
+
+        let daemon_id = match app.coord.resolve_daemon_id(&hello.machine_id).await {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::error!(error = %e, "failed to resolve daemon id");
+                close_now(&mut socket, 1011, "coordinator store unavailable; retry").await;
+                return;
+            }
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        // `authenticated` goes first: nothing else can be queued before the attach below.
+        let _ = tx.send(Outbound::Msg(ServerMessage::Authenticated(Authenticated {
+            daemon_id: daemon_id.clone(),
+            heartbeat_interval_secs: cfg.heartbeat_interval_secs,
+            protocol_version: version,
+            max_frame_bytes: max_frame,
+        })));
+        let running = hello.running_tasks.clone();
+        let info = DaemonHello {
+            machine_id: hello.machine_id,
+            hostname: hello.hostname,
+            max_concurrent_tasks: hello.max_concurrent_tasks,
+            labels: hello.labels,
+            agents: hello.agents,
+            version: hello.version,
+            protocol_version: version,
+            remote_addr: Some(addr.to_string()),
+        };
+        let attached = match app.coord.attach(&daemon_id, info, running, tx.clone()).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "failed to register daemon");
+                close_now(&mut socket, 1011, "coordinator store unavailable; retry").await;
+                return;
+            }
+        };
+        let (sink, stream) = socket.split();
+        let writer = tokio::spawn(write_loop(sink, rx));
+        let conn = Connection {
+            app: app.clone(),
+            tx,
+            daemon_id: daemon_id.clone(),
+            max_frame,
+        };
+        let reason = conn.read_loop(stream).await;
+        let _ = conn.tx.send(Outbound::Close(reason.0, reason.1.clone()));
+        drop(conn);
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+        app.coord.detach(&daemon_id, attached.conn_id, &reason.1).await;
+    }
+
+    async fn check_hello(
+        app: &AppState,
+        hello: &Authenticate,
+    ) -> Result<(), (ErrorCode, u16, String)> {
+        let principal = app
+            .keys
+            .verify(
+                app.store.as_ref(),
+                hello.api_key.expose(),
+                app.clock.now_ms(),
+            )
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "key check failed");
+                (
+                    ErrorCode::Internal,
+                    1011,
+                    "coordinator store unavailable; retry".to_string(),
+                )
+            })?;
+        let Some(p) = principal else {
+            return Err((
+                ErrorCode::Unauthorized,
+                close::UNAUTHORIZED,
+                "invalid or revoked API key".into(),
+            ));
+        };
+        if p.require(&[Scope::Daemon, Scope::Relay]).is_err() {
+            return Err((
+                ErrorCode::Unauthorized,
+                close::UNAUTHORIZED,
+                "this API key lacks the daemon or relay scope".into(),
+            ));
+        }
+        if negotiate_version(hello.protocol_version, hello.min_protocol_version).is_none() {
+            return Err((
+                ErrorCode::UnsupportedVersion,
+                close::UNSUPPORTED_VERSION,
+                format!(
+                    "no common protocol version: daemon speaks {}..={}, server speaks {}..={}",
+                    hello.min_protocol_version.unwrap_or(hello.protocol_version),
+                    hello.protocol_version,
+                    kennel_proto::MIN_PROTOCOL_VERSION,
+                    kennel_proto::PROTOCOL_VERSION
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads until the daemon leaves; returns the close code and reason.
+    async fn read_loop(
+        &self,
+        mut stream: futures_util::stream::SplitStream<WebSocket>,
+    ) -> (u16, String) {
+        let silence = self.app.coord.cfg.silence_limit();
+        loop {
+            let first = match tokio::time::timeout(silence, stream.next()).await {
+                Err(_) => {
+                    return (
+                        close::SILENT,
+                        format!("no frame for {}s (heartbeats missed)", silence.as_secs()),
+                    )
+                }
+                Ok(None) => return (1000, "connection closed".into()),
+                Ok(Some(Err(e))) => return (1002, format!("transport error: {e}")),
+                Ok(Some(Ok(m))) => m,
+            };
+            let mut batch = vec![first];
+            // Whatever else already arrived goes into the same store transaction.
+            while batch.len() < REPORT_BATCH {
+                match stream.next().now_or_never() {
+                    Some(Some(Ok(m))) => batch.push(m),
+                    _ => break,
+                }
+            }
+            if let Some(end) = self.handle_batch(batch).await {
+                return end;
+            }
+        }
+    }
+
+    async fn handle_batch(&self, frames: Vec<Message>) -> Option<(u16, String)> {
+        let mut reports = Vec::new();
+        let mut heartbeat = false;
+        for frame in frames {
+            let text = match frame {
+                Message::Text(t) => t,
+                Message::Binary(_) => {
+                    self.send_err(
+                        ErrorCode::MalformedFrame,
+                        "binary frames are not part of the protocol; send JSON text frames".into(),
+                    );
+                    continue;
+                }
+                Message::Close(_) => return Some((1000, "daemon closed the connection".into())),
+                Message::Ping(_) | Message::Pong(_) => continue,
+            };
+            metrics::counter!("kennel_frames_received_total").increment(1);
+            let msg = match decode_daemon_frame(text.as_str(), self.max_frame) {
+                Ok(Decoded::Known(m)) => m,
+                Ok(Decoded::Unknown { type_name }) => {
+                    tracing::info!(daemon_id = %self.daemon_id, type_name, "ignoring unknown message type");
+                    continue;
+                }
+                Err(e) => {
+                    self.frame_error(&e);
+                    continue;
+                }
+            };
+            match msg {
+                DaemonMessage::Authenticate(_) => self.send_err(
+                    ErrorCode::NotAuthenticated,
+                    "already authenticated on this connection".into(),
+                ),
+                DaemonMessage::Heartbeat(_) => heartbeat = true,
+                other => {
+                    if let Some(r) = to_report(&self.daemon_id, other) {
+                        reports.push(r);
+                    }
+                }
+            }
+        }
+        if heartbeat {
+            self.app.coord.heartbeat(&self.daemon_id).await;
+        }
+        if reports.is_empty() {
+            return None;
+        }
+        match self.app.coord.report(&reports).await {
+            Ok(results) => self.answer(&reports, results),
+            Err(e) => {
+                tracing::error!(error = %e, "failed to apply daemon reports");
+                // Not acked: the daemon's outbox keeps them and replays after reconnecting.
+                return Some((1011, "coordinator store failed; reconnect and replay".into()));
+            }
+        }
+        None
+    }
+
+    /// Sends one cumulative ack per (task, attempt), and an error for each refused report.
+    fn answer(&self, reports: &[Report], results: Vec<Applied>) {
+        let mut acks: HashMap<(&str, u32), u64> = HashMap::new();
+        let mut order = Vec::new();
+        for (r, res) in reports.iter().zip(results) {
+            let key = (r.task_id.as_str(), r.attempt);
+            match res {
+                Applied::Done { .. } => {
+                    bump(&mut acks, &mut order, key, r.seq);
+                }
+                Applied::Duplicate { last_seq } => {
+                    bump(&mut acks, &mut order, key, last_seq);
+                }
+                Applied::Gap { expected } => {
+                    metrics::counter!("kennel_frame_errors_total", "code" => "seqGap").increment(1);
+                    let _ = self.tx.send(Outbound::Msg(ServerMessage::Error(ErrorFrame {
+                        code: ErrorCode::SeqGap,
+                        message: format!(
+                            "seq {} of task {} attempt {} is out of order; resend from seq {expected}",
+                            r.seq, r.task_id, r.attempt
+                        ),
+                        task_id: Some(r.task_id.clone()),
+                        attempt: Some(r.attempt),
+                        expected_seq: Some(expected),
+                    })));
+                }
+                Applied::Stale { reason } => {
+                    metrics::counter!("kennel_frame_errors_total", "code" => "staleAttempt")
+                        .increment(1);
+                    let _ = self.tx.send(Outbound::Msg(ServerMessage::Error(ErrorFrame {
+                        code: ErrorCode::StaleAttempt,
+                        message: format!("{reason}; stop this attempt and drop its messages"),
+                        task_id: Some(r.task_id.clone()),
+                        attempt: Some(r.attempt),
+                        expected_seq: None,
+                    })));
+                }
+            }
+        }
+        for key in order {
+            if let Some(seq) = acks.get(&key) {
+                let _ = self.tx.send(Outbound::Msg(ServerMessage::Ack(Ack {
+                    task_id: key.0.to_string(),
+                    attempt: key.1,
+                    seq: *seq,
+                })));
+            }
+        }
+    }
+
+    fn frame_error(&self, e: &FrameError) {
+        metrics::counter!("kennel_frame_errors_total", "code" => e.code().as_str()).increment(1);
+        tracing::warn!(daemon_id = %self.daemon_id, error = %e, "bad frame");
+        self.send_err(e.code(), truncate(&e.to_string(), 500));
+    }
+
+    fn send_err(&self, code: ErrorCode, message: String) {
+        let _ = self.tx.send(error_frame(code, message));
+    }
+}
+
+fn bump<'a>(
+    acks: &mut HashMap<(&'a str, u32), u64>,
+    order: &mut Vec<(&'a str, u32)>,
+    key: (&'a str, u32),
+    seq: u64,
+) {
+    match acks.get_mut(&key) {
+        Some(s) => *s = (*s).max(seq),
+        None => {
+            acks.insert(key, seq);
+            order.push(key);
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+fn to_report(daemon_id: &str, m: DaemonMessage) -> Option<Report> {
+    let (task_id, attempt, seq, effect) = match m {
+        DaemonMessage::TaskAccepted(m) => (m.task_id, m.attempt, m.seq, Effect::Accepted),
+        DaemonMessage::TaskRejected(m) => (
+            m.task_id,
+            m.attempt,
+            m.seq,
+            Effect::Rejected { reason: m.reason },
+        ),
+        DaemonMessage::TaskOutput(m) => (
+            m.task_id,
+            m.attempt,
+            m.seq,
+            Effect::Output {
+                stream: m.stream,
+                output: m.output,
+                is_partial: m.is_partial,
+            },
+        ),
+        DaemonMessage::TaskProgress(m) => (
+            m.task_id,
+            m.attempt,
+            m.seq,
+            Effect::Progress {
+                summary: m.summary,
+                detail: m.detail,
+            },
+        ),
+        DaemonMessage::TaskStatusChange(m) => (
+            m.task_id,
+            m.attempt,
+            m.seq,
+            Effect::StatusChange {
+                new_status: m.new_status,
+            },
+        ),
+        DaemonMessage::TaskComplete(m) => (
+            m.task_id,
+            m.attempt,
+            m.seq,
+            Effect::Complete {
+                success: m.success,
+                error: m.error,
+                exit_code: m.exit_code,
+                branch: m.branch,
+                commit: m.commit,
+            },
+        ),
+        DaemonMessage::Authenticate(_) | DaemonMessage::Heartbeat(_) => return None,
+    };
+    Some(Report {
+        daemon_id: daemon_id.to_string(),
+        task_id,
+        attempt,
+        seq,
+        effect,
+    })
+}
+
+async fn write_loop(
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
+) {
+    while let Some(out) = rx.recv().await {
+        match out {
+            Outbound::Msg(m) => {
+                metrics::counter!("kennel_frames_sent_total").increment(1);
+                let text = m.to_json();
+                // Feed what is queued, flush once: fewer syscalls under load.
+                if sink.feed(Message::Text(text.into())).await.is_err() {
+                    return;
+                }
+                while let Ok(next) = rx.try_recv() {
+                    match next {
+                        Outbound::Msg(m) => {
+                            if sink.feed(Message::Text(m.to_json().into())).await.is_err() {
+                                return;
+                            }
+                        }
+                        Outbound::Close(code, reason) => {
+                            let _ = sink.flush().await;
+                            let _ = sink
+                                .send(Message::Close(Some(CloseFrame {
+                                    code,
+                                    reason: Utf8Bytes::from(truncate(&reason, 120)),
+                                })))
+                                .await;
+                            return;
+                        }
+                    }
+                }
+                if sink.flush().await.is_err() {
+                    return;
+                }
+            }
+            Outbound::Close(code, reason) => {
+                let _ = sink
+                    .send(Message::Close(Some(CloseFrame {
+                        code,
+                        reason: Utf8Bytes::from(truncate(&reason, 120)),
+                    })))
+                    .await;
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The kennel coordinator as a library: the daemon hub (`/ws/daemon`), the scheduler, the
+//! REST API with its events, authentication, metrics and health.
+//!
+//! [`Server::start`] opens the store, restores the live state, binds the listener and runs
+//! until the shutdown future resolves. The binary only loads configuration and calls it.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod coordinator;
+pub mod error;
+pub mod hub;
+pub mod stream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use kennel_proto::api::Scope;
+use kennel_store::{rfc3339, SqliteStore, Store};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tower_http::cors::CorsLayer;
+
+use crate::auth::KeyRing;
+use crate::config::ServerConfig;
+use crate::coordinator::Coordinator;
+
+/// Wall-clock time, injected so state machines can be tested without waiting.
+pub trait Clock: Send + Sync + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> i64;
+}
+
+/// The system clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    }
+}
+
+/// What every handler can reach.
+pub struct AppState {
+    pub coord: Arc<Coordinator>,
+    pub store: Arc<dyn Store>,
+    pub keys: KeyRing,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Option<PrometheusHandle>,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("failed to open the store: {0}")]
+    Store(#[from] kennel_store::StoreError),
+    #[error("failed to bind {addr}: {source} (is another kennel server running? pick another address with --listen)")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to prepare the data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("server error: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// A bound, ready coordinator.
+pub struct Server {
+    pub addr: SocketAddr,
+    listener: tokio::net::TcpListener,
+    router: Router,
+    pub state: Arc<AppState>,
+    /// Set when this start created the first admin key: shown once.
+    pub new_admin_key: Option<String>,
+}
+
+/// Installs the Prometheus recorder once per process.
+fn metrics_handle() -> Option<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+                5.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("latency_seconds".into()),
+                    &buckets,
+                )
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            Some(handle)
+        })
+        .clone()
+}
+
+impl Server {
+    /// Opens the store in `cfg.data_dir`, restores state and binds `cfg.listen`.
+    pub async fn start(cfg: ServerConfig) -> Result<Server, StartError> {
+        cfg.validate()?;
+        let data_err = |source| StartError::DataDir {
+            path: cfg.data_dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(&cfg.data_dir).map_err(data_err)?;
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&cfg.data_dir.join("kennel.db")).await?);
+        Self::start_with(cfg, store, Arc::new(SystemClock)).await
+    }
+
+    /// Starts on a given store and clock (tests, other backends).
+    pub async fn start_with(
+        cfg: ServerConfig,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Server, StartError> {
+        cfg.validate()?;
+        let data_err = |source| StartError::DataDir {
+            path: cfg.data_dir.display().to_string(),
+            source,
+        };
+        let hash_key =
+            KeyRing::load_hash_key(cfg.auth.hash_key.as_deref(), &cfg.data_dir).map_err(data_err)?;
+        let keys = KeyRing::new(hash_key);
+        let new_admin_key = bootstrap_admin(&cfg, store.as_ref(), &keys, clock.as_ref())
+            .await
+            .map_err(|e| match e {
+                Bootstrap::Store(e) => StartError::Store(e),
+                Bootstrap::Io(e) => data_err(e),
+            })?;
+
+        let coord = Coordinator::new(store.clone(), clock.clone(), cfg.clone());
+        coord.restore().await?;
+        tokio::spawn(coord.clone().run_scheduler());
+
+        let state = Arc::new(AppState {
+            coord,
+            store,
+            keys,
+            clock,
+            metrics: metrics_handle(),
+        });
+        let router = router(state.clone(), cfg.api.max_body_bytes);
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(StartError::Serve)?;
+        Ok(Server {
+            addr,
+            listener,
+            router,
+            state,
+            new_admin_key,
+        })
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and finishes open requests.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+        axum::serve(
+            self.listener,
+            self.router
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(StartError::Serve)
+    }
+}
+
+enum Bootstrap {
+    Store(kennel_store::StoreError),
+    Io(std::io::Error),
+}
+
+/// Makes sure an admin key exists: the configured one, or a new one on the very first start
+/// (returned so the caller can print it once, and written to `<data_dir>/admin.key`).
+async fn bootstrap_admin(
+    cfg: &ServerConfig,
+    store: &dyn Store,
+    keys: &KeyRing,
+    clock: &dyn Clock,
+) -> Result<Option<String>, Bootstrap> {
+    let now = rfc3339(clock.now_ms());
+    if let Some(k) = &cfg.auth.admin_key {
+        let id = auth::key_id(k);
+        if store.find_key(&id).await.map_err(Bootstrap::Store)?.is_none() {
+            if let Some(rec) = keys.record_for(k, "configured admin", vec![Scope::Admin], now) {
+                store.insert_key(&rec).await.map_err(Bootstrap::Store)?;
+            }
+        }
+        return Ok(None);
+    }
+    if store.count_keys().await.map_err(Bootstrap::Store)? > 0 {
+        return Ok(None);
+    }
+    let (key, rec) = keys.mint("admin", vec![Scope::Admin], now);
+    store.insert_key(&rec).await.map_err(Bootstrap::Store)?;
+    auth::write_private(&cfg.data_dir.join("admin.key"), &key).map_err(Bootstrap::Io)?;
+    Ok(Some(key))
+}
+
+/// Every route of the coordinator.
+pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
+    let v1 = Router::new()
+        .route("/tasks", post(api::create_task).get(api::list_tasks))
+        .route("/tasks/{id}", get(api::get_task))
+        .route("/tasks/{id}/cancel", post(api::cancel_task))
+        .route("/tasks/{id}/pause", post(api::pause_task))
+        .route("/tasks/{id}/resume", post(api::resume_task))
+        .route("/tasks/{id}/messages", post(api::send_message))
+        .route("/tasks/{id}/output", get(stream::task_output))
+        .route("/tasks/{id}/output/stream", get(stream::task_output_stream))
+        .route("/events", get(stream::events))
+        .route("/daemons", get(api::list_daemons))
+        .route("/daemons/{id}", get(api::get_daemon))
+        .route("/daemons/{id}/drain", post(api::drain_daemon))
+        .route("/daemons/{id}/undrain", post(api::undrain_daemon))
+        .route("/keys", post(api::create_key).get(api::list_keys))
+        .route("/keys/{id}", axum::routing::delete(api::revoke_key))
+        .route("/status", get(api::status));
+    Router::new()
+        .nest("/api/v1", v1)
+        .route("/api/openapi.json", get(api::openapi_json))
+        .route("/api/docs", get(api::docs_page))
+        .route("/ws/daemon", get(hub::ws_daemon))
+        .route("/health", get(api::health))
+        .route("/ready", get(api::ready))
+        .route("/metrics", get(api::metrics_text))
+        .fallback(api::not_found)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(CorsLayer::new().allow_origin(tower_http::cors::Any).allow_headers([
+            axum::http::header::AUTHORIZATION,
+            axum::http::header::CONTENT_TYPE,
+        ]))
+        .with_state(state)
+}

@@ -1,0 +1,278 @@
+//! kennel's persistent state behind one [`Store`] trait: tasks, attempts, task output, daemons
+//! and their sessions, API keys (hashed) and the event log.
+//!
+//! Every state change that users can observe is written together with its event in one
+//! transaction, and returned to the caller so it can be published live. Callers never see SQL;
+//! a PostgreSQL implementation can follow without touching them. Time is passed in (`now`, in
+//! milliseconds since the epoch) so the callers' clocks stay injectable.
+
+mod sqlite;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use kennel_proto::api::{ApiKey, Attempt, Daemon, Event, OutputChunk, Scope, Task};
+use kennel_proto::link::{OutputStream, RepoSpec};
+use kennel_proto::{AttemptStatus, TaskStatus};
+
+pub use sqlite::SqliteStore;
+
+/// Milliseconds since the Unix epoch, UTC.
+pub type Millis = i64;
+
+/// Formats a timestamp as RFC 3339 (UTC, millisecond precision).
+pub fn rfc3339(ms: Millis) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("failed to run database migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("failed to open database at {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A task to insert; ids and defaults are decided by the caller.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub id: String,
+    pub name: String,
+    pub prompt: String,
+    pub repo: Option<RepoSpec>,
+    pub agent: String,
+    pub labels: BTreeMap<String, String>,
+    pub priority: i32,
+    pub env: BTreeMap<String, String>,
+    pub timeout_secs: Option<u64>,
+    pub max_attempts: u32,
+}
+
+/// A task with its position in the creation order (for FIFO scheduling).
+#[derive(Debug, Clone)]
+pub struct QueuedTask {
+    pub order: i64,
+    pub task: Task,
+}
+
+/// Filter and page of `list_tasks`.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    pub status: Option<TaskStatus>,
+    pub daemon_id: Option<String>,
+    /// Return tasks created before this order value (newest first).
+    pub before: Option<i64>,
+    pub limit: u32,
+}
+
+/// What a daemon message does, once its (task, attempt, seq) is checked.
+#[derive(Debug, Clone)]
+pub enum Effect {
+    Accepted,
+    Rejected {
+        reason: String,
+    },
+    Output {
+        stream: OutputStream,
+        output: String,
+        is_partial: bool,
+    },
+    Progress {
+        summary: String,
+        detail: Option<serde_json::Value>,
+    },
+    StatusChange {
+        new_status: String,
+    },
+    Complete {
+        success: bool,
+        error: Option<String>,
+        exit_code: Option<i32>,
+        branch: Option<String>,
+        commit: Option<String>,
+    },
+}
+
+/// One sequenced daemon message to apply.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub daemon_id: String,
+    pub task_id: String,
+    pub attempt: u32,
+    pub seq: u64,
+    pub effect: Effect,
+}
+
+/// The result of applying one [`Report`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    /// Applied now; the events it produced (already stored).
+    Done {
+        events: Vec<Event>,
+        /// The task after the change, when its state changed.
+        task: Option<Task>,
+    },
+    /// Seq already applied: acknowledge again, change nothing.
+    Duplicate { last_seq: u64 },
+    /// Seq ahead of the next expected one.
+    Gap { expected: u64 },
+    /// The attempt is not current, not held by this daemon, or already over.
+    Stale { reason: String },
+}
+
+/// A dispatch to record: task `task_id` goes to `daemon_id` as attempt `attempt`.
+#[derive(Debug, Clone)]
+pub struct Dispatch {
+    pub task_id: String,
+    pub attempt: u32,
+    pub daemon_id: String,
+}
+
+/// Result of ending a live attempt from the server side (lease expiry, lost daemon, cancel).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ended {
+    pub task: Task,
+    pub events: Vec<Event>,
+}
+
+/// Daemon registration data, from `authenticate`.
+#[derive(Debug, Clone)]
+pub struct DaemonHello {
+    pub machine_id: String,
+    pub hostname: String,
+    pub max_concurrent_tasks: u32,
+    pub labels: BTreeMap<String, String>,
+    pub agents: Vec<String>,
+    pub version: String,
+    pub protocol_version: u32,
+    pub remote_addr: Option<String>,
+}
+
+/// A stored API key: what authentication needs to check a presented key.
+#[derive(Debug, Clone)]
+pub struct KeyRecord {
+    pub info: ApiKey,
+    pub hash: Vec<u8>,
+}
+
+/// The one storage interface of the coordinator.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Backend name for status pages (`sqlite`, `postgres`).
+    fn backend(&self) -> &'static str;
+    /// Cheap round trip, for `/ready`.
+    async fn ping(&self) -> Result<()>;
+
+    async fn create_task(&self, task: NewTask, now: Millis) -> Result<(QueuedTask, Event)>;
+    async fn get_task(&self, id: &str) -> Result<Option<Task>>;
+    async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<QueuedTask>>;
+    async fn list_attempts(&self, task_id: &str) -> Result<Vec<Attempt>>;
+    /// Every queued task, oldest first: rebuilds the scheduler's queue at start.
+    async fn queued_tasks(&self) -> Result<Vec<QueuedTask>>;
+    /// Every task with a live attempt (dispatched, running, paused).
+    async fn active_tasks(&self) -> Result<Vec<Task>>;
+    async fn count_tasks(&self) -> Result<BTreeMap<TaskStatus, u64>>;
+
+    /// Records dispatches, each only if its task is still queued at `attempt - 1`. Returns, per
+    /// dispatch, the dispatched task and its event, or `None` when the task moved on meanwhile.
+    async fn dispatch(
+        &self,
+        batch: &[Dispatch],
+        now: Millis,
+    ) -> Result<Vec<Option<(Task, Event)>>>;
+    /// Applies daemon reports in order, exactly once each, in one transaction.
+    async fn apply(&self, batch: &[Report], now: Millis) -> Result<Vec<Applied>>;
+    /// Ends a live attempt with `status` (expired, lost, rejected, cancelled): the task is
+    /// requeued when attempts remain (and `retry`), otherwise ends as `terminal`.
+    /// `None` when the attempt is not live any more.
+    async fn end_attempt(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        status: AttemptStatus,
+        reason: &str,
+        retry: bool,
+        terminal: TaskStatus,
+        now: Millis,
+    ) -> Result<Option<Ended>>;
+    /// Cancels a queued task. `None` when it is not queued.
+    async fn cancel_queued(&self, task_id: &str, now: Millis) -> Result<Option<Ended>>;
+    /// Sets `paused` / `running` on a task with a live attempt, as asked through the API.
+    async fn set_paused(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        paused: bool,
+        now: Millis,
+    ) -> Result<Option<Ended>>;
+    async fn task_output(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<OutputChunk>>;
+
+    /// Registers or refreshes a daemon by machine id; returns its record and event.
+    async fn daemon_connected(
+        &self,
+        daemon_id: &str,
+        hello: &DaemonHello,
+        now: Millis,
+    ) -> Result<(Daemon, Event)>;
+    async fn daemon_disconnected(
+        &self,
+        daemon_id: &str,
+        reason: &str,
+        now: Millis,
+    ) -> Result<Event>;
+    async fn daemon_seen(&self, daemon_id: &str, now: Millis) -> Result<()>;
+    async fn set_draining(&self, daemon_id: &str, draining: bool, now: Millis)
+        -> Result<Option<(Daemon, Event)>>;
+    async fn get_daemon(&self, daemon_id: &str) -> Result<Option<Daemon>>;
+    async fn daemon_by_machine(&self, machine_id: &str) -> Result<Option<Daemon>>;
+    async fn list_daemons(&self) -> Result<Vec<Daemon>>;
+    /// Marks every daemon disconnected (at start: no link survives a restart).
+    async fn reset_connections(&self, now: Millis) -> Result<()>;
+
+    async fn insert_key(&self, key: &KeyRecord) -> Result<()>;
+    async fn find_key(&self, id: &str) -> Result<Option<KeyRecord>>;
+    async fn list_keys(&self) -> Result<Vec<ApiKey>>;
+    async fn revoke_key(&self, id: &str, now: Millis) -> Result<Option<ApiKey>>;
+    async fn touch_key(&self, id: &str, now: Millis) -> Result<()>;
+    async fn count_keys(&self) -> Result<u64>;
+
+    /// Appends an event that is not part of another change.
+    async fn record_event(
+        &self,
+        kind: &str,
+        task_id: Option<&str>,
+        daemon_id: Option<&str>,
+        data: serde_json::Value,
+        now: Millis,
+    ) -> Result<Event>;
+    async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<Event>>;
+}
+
+/// Parses a scopes list as stored.
+pub fn parse_scopes(s: &str) -> Result<Vec<Scope>> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("api key scopes: {e}")))
+}
