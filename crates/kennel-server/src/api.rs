@@ -9,8 +9,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use kennel_proto::api::{
-    ApiKey, CreateKey, CreateTask, CreatedKey, Daemon, ErrorBody, Page, Scope,
-    SendMessageRequest, ServerStatus, Task, TaskDetail,
+    ApiKey, CreateKey, CreateTask, CreatedKey, Daemon, ErrorBody, Page, Scope, SendMessageRequest,
+    ServerStatus, Task, TaskDetail,
 };
 use kennel_proto::{validate_id, TaskStatus};
 use kennel_store::{rfc3339, TaskFilter};
@@ -136,8 +136,11 @@ pub async fn list_tasks(
         .cursor
         .as_deref()
         .map(|c| {
-            c.parse::<i64>()
-                .map_err(|_| ApiError::invalid(format!("invalid cursor `{c}`: pass back `nextCursor` as given")))
+            c.parse::<i64>().map_err(|_| {
+                ApiError::invalid(format!(
+                    "invalid cursor `{c}`: pass back `nextCursor` as given"
+                ))
+            })
         })
         .transpose()?;
     let limit = q.limit.unwrap_or(50).clamp(1, app.coord.cfg.api.max_page);
@@ -166,7 +169,11 @@ pub async fn list_tasks(
 /// A task with its attempts.
 #[utoipa::path(get, path = "/api/v1/tasks/{id}", tag = "tasks",
     responses((status = 200, body = TaskDetail), (status = 404, body = ErrorBody)))]
-pub async fn get_task(p: Principal, State(app): S, Path(id): Path<String>) -> AppResult<Json<TaskDetail>> {
+pub async fn get_task(
+    p: Principal,
+    State(app): S,
+    Path(id): Path<String>,
+) -> AppResult<Json<TaskDetail>> {
     p.require(READ)?;
     let task = app.coord.task(&id).await?;
     let attempts = app.store.list_attempts(&id).await?;
@@ -176,7 +183,11 @@ pub async fn get_task(p: Principal, State(app): S, Path(id): Path<String>) -> Ap
 /// Cancel a task: a queued task ends at once; a running one is interrupted on its daemon.
 #[utoipa::path(post, path = "/api/v1/tasks/{id}/cancel", tag = "tasks",
     responses((status = 200, body = Task), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn cancel_task(p: Principal, State(app): S, Path(id): Path<String>) -> AppResult<Json<Task>> {
+pub async fn cancel_task(
+    p: Principal,
+    State(app): S,
+    Path(id): Path<String>,
+) -> AppResult<Json<Task>> {
     p.require(READ)?;
     Ok(Json(app.coord.cancel(&id).await?))
 }
@@ -184,7 +195,11 @@ pub async fn cancel_task(p: Principal, State(app): S, Path(id): Path<String>) ->
 /// Pause a running task (SIGSTOP to its process group on the daemon).
 #[utoipa::path(post, path = "/api/v1/tasks/{id}/pause", tag = "tasks",
     responses((status = 200, body = Task), (status = 409, body = ErrorBody)))]
-pub async fn pause_task(p: Principal, State(app): S, Path(id): Path<String>) -> AppResult<Json<Task>> {
+pub async fn pause_task(
+    p: Principal,
+    State(app): S,
+    Path(id): Path<String>,
+) -> AppResult<Json<Task>> {
     p.require(READ)?;
     Ok(Json(app.coord.set_paused(&id, true).await?))
 }
@@ -192,7 +207,11 @@ pub async fn pause_task(p: Principal, State(app): S, Path(id): Path<String>) -> 
 /// Resume a paused task.
 #[utoipa::path(post, path = "/api/v1/tasks/{id}/resume", tag = "tasks",
     responses((status = 200, body = Task), (status = 409, body = ErrorBody)))]
-pub async fn resume_task(p: Principal, State(app): S, Path(id): Path<String>) -> AppResult<Json<Task>> {
+pub async fn resume_task(
+    p: Principal,
+    State(app): S,
+    Path(id): Path<String>,
+) -> AppResult<Json<Task>> {
     p.require(READ)?;
     Ok(Json(app.coord.set_paused(&id, false).await?))
 }
@@ -217,27 +236,35 @@ pub async fn send_message(
 pub async fn list_daemons(p: Principal, State(app): S) -> AppResult<Json<Vec<Daemon>>> {
     p.require(READ)?;
     let daemons = app.store.list_daemons().await?;
-    Ok(Json(daemons.into_iter().map(|d| app.coord.overlay(d)).collect()))
+    Ok(Json(
+        daemons.into_iter().map(|d| app.coord.overlay(d)).collect(),
+    ))
 }
 
 /// One daemon.
 #[utoipa::path(get, path = "/api/v1/daemons/{id}", tag = "daemons",
     responses((status = 200, body = Daemon), (status = 404, body = ErrorBody)))]
-pub async fn get_daemon(p: Principal, State(app): S, Path(id): Path<String>) -> AppResult<Json<Daemon>> {
+pub async fn get_daemon(
+    p: Principal,
+    State(app): S,
+    Path(id): Path<String>,
+) -> AppResult<Json<Daemon>> {
     p.require(READ)?;
     validate_id("daemon id", &id).map_err(|e| ApiError::invalid(e.to_string()))?;
-    let d = app
-        .store
-        .get_daemon(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no daemon `{id}`; `kennel daemons` lists them")))?;
+    let d = app.store.get_daemon(&id).await?.ok_or_else(|| {
+        ApiError::not_found(format!("no daemon `{id}`; `kennel daemons` lists them"))
+    })?;
     Ok(Json(app.coord.overlay(d)))
 }
 
 /// Drain a daemon: it finishes its running tasks and is given no new ones.
 #[utoipa::path(post, path = "/api/v1/daemons/{id}/drain", tag = "daemons",
     responses((status = 200, body = Daemon), (status = 404, body = ErrorBody)))]
-pub async fn drain_daemon(p: Principal, State(app): S, Path(id): Path<String>) -> AppResult<Json<Daemon>> {
+pub async fn drain_daemon(
+    p: Principal,
+    State(app): S,
+    Path(id): Path<String>,
+) -> AppResult<Json<Daemon>> {
     p.require(&[])?;
     Ok(Json(app.coord.set_draining(&id, true).await?))
 }
@@ -245,7 +272,11 @@ pub async fn drain_daemon(p: Principal, State(app): S, Path(id): Path<String>) -
 /// Undo a drain.
 #[utoipa::path(post, path = "/api/v1/daemons/{id}/undrain", tag = "daemons",
     responses((status = 200, body = Daemon), (status = 404, body = ErrorBody)))]
-pub async fn undrain_daemon(p: Principal, State(app): S, Path(id): Path<String>) -> AppResult<Json<Daemon>> {
+pub async fn undrain_daemon(
+    p: Principal,
+    State(app): S,
+    Path(id): Path<String>,
+) -> AppResult<Json<Daemon>> {
     p.require(&[])?;
     Ok(Json(app.coord.set_draining(&id, false).await?))
 }
@@ -276,7 +307,13 @@ pub async fn create_key(
         .mint(&req.name, scopes, rfc3339(app.clock.now_ms()));
     app.store.insert_key(&record).await?;
     tracing::info!(key_id = %record.info.id, name = %req.name, "api key created");
-    Ok((StatusCode::CREATED, Json(CreatedKey { key, info: record.info })))
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedKey {
+            key,
+            info: record.info,
+        }),
+    ))
 }
 
 /// List API keys (admin). Secrets are never shown again.
@@ -289,14 +326,20 @@ pub async fn list_keys(p: Principal, State(app): S) -> AppResult<Json<Vec<ApiKey
 /// Revoke an API key (admin). Takes effect within 5 seconds on every coordinator.
 #[utoipa::path(delete, path = "/api/v1/keys/{id}", tag = "keys",
     responses((status = 200, body = ApiKey), (status = 404, body = ErrorBody)))]
-pub async fn revoke_key(p: Principal, State(app): S, Path(id): Path<String>) -> AppResult<Json<ApiKey>> {
+pub async fn revoke_key(
+    p: Principal,
+    State(app): S,
+    Path(id): Path<String>,
+) -> AppResult<Json<ApiKey>> {
     p.require(&[])?;
     validate_id("key id", &id).map_err(|e| ApiError::invalid(e.to_string()))?;
     let key = app
         .store
         .revoke_key(&id, app.clock.now_ms())
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("no API key `{id}`; `kennel keys list` shows them")))?;
+        .ok_or_else(|| {
+            ApiError::not_found(format!("no API key `{id}`; `kennel keys list` shows them"))
+        })?;
     app.keys.forget(&id);
     tracing::info!(key_id = %id, "api key revoked");
     Ok(Json(key))
@@ -347,11 +390,7 @@ pub async fn metrics_text(p: Principal, State(app): S) -> AppResult<Response> {
             .set(counts.get(&s).copied().unwrap_or(0) as f64);
     }
     let body = app.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
-    Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        body,
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }
 
 pub async fn not_found() -> ApiError {

@@ -38,8 +38,7 @@ pub struct Principal {
 impl Principal {
     /// Admin passes every check; otherwise one of `allowed` must be held.
     pub fn require(&self, allowed: &[Scope]) -> Result<(), ApiError> {
-        if self.scopes.contains(&Scope::Admin) || self.scopes.iter().any(|s| allowed.contains(s))
-        {
+        if self.scopes.contains(&Scope::Admin) || self.scopes.iter().any(|s| allowed.contains(s)) {
             return Ok(());
         }
         let names: Vec<_> = allowed.iter().map(|s| s.as_str()).collect();

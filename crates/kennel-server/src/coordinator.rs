@@ -19,9 +19,7 @@ use kennel_proto::link::{
     TaskLimits, TaskRef,
 };
 use kennel_proto::{validate_id, AttemptStatus, TaskStatus};
-use kennel_store::{
-    Applied, DaemonHello, Dispatch, Ended, NewTask, Report, Store, StoreError,
-};
+use kennel_store::{Applied, DaemonHello, Dispatch, Ended, NewTask, Report, Store, StoreError};
 use tokio::sync::{broadcast, mpsc, Notify};
 
 use crate::config::ServerConfig;
@@ -529,7 +527,9 @@ impl Coordinator {
             return bad("`prompt` must not be empty".into());
         }
         if req.prompt.len() > 512 * 1024 {
-            return bad("`prompt` is longer than 512 KiB; put large context in the repository".into());
+            return bad(
+                "`prompt` is longer than 512 KiB; put large context in the repository".into(),
+            );
         }
         let agent = req
             .agent
@@ -586,10 +586,11 @@ impl Coordinator {
 
     pub async fn task(&self, id: &str) -> Result<Task, ApiError> {
         validate_id("task id", id).map_err(|e| ApiError::invalid(e.to_string()))?;
-        self.store
-            .get_task(id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("no task `{id}`; `kennel task list` shows the tasks")))
+        self.store.get_task(id).await?.ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no task `{id}`; `kennel task list` shows the tasks"
+            ))
+        })
     }
 
     pub async fn cancel(&self, id: &str) -> Result<Task, ApiError> {
@@ -810,7 +811,10 @@ impl Coordinator {
             slot.agents = hello.agents.iter().cloned().collect();
             slot.draining = daemon.draining;
             slot.generation += 1;
-            slot.conn = Some(Conn { id: conn_id, tx: tx.clone() });
+            slot.conn = Some(Conn {
+                id: conn_id,
+                tx: tx.clone(),
+            });
             let held: Vec<String> = slot.held.iter().cloned().collect();
             for task_id in held {
                 let attempt = st.live.get(&task_id).map(|l| l.attempt).unwrap_or(0);

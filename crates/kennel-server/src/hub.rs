@@ -46,7 +46,13 @@ pub async fn ws_daemon(
 ) -> Response {
     // Frames up to the hard cap are read and answered with `frameTooLarge`; beyond it the
     // WebSocket layer ends the connection.
-    let hard_cap = app.coord.cfg.protocol.max_frame_bytes.saturating_mul(8).max(16 << 20);
+    let hard_cap = app
+        .coord
+        .cfg
+        .protocol
+        .max_frame_bytes
+        .saturating_mul(8)
+        .max(16 << 20);
     ws.max_message_size(hard_cap)
         .max_frame_size(hard_cap)
         .on_upgrade(move |socket| async move {
@@ -157,7 +163,11 @@ impl Connection {
             protocol_version: version,
             remote_addr: Some(addr.to_string()),
         };
-        let attached = match app.coord.attach(&daemon_id, info, running, tx.clone()).await {
+        let attached = match app
+            .coord
+            .attach(&daemon_id, info, running, tx.clone())
+            .await
+        {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(error = %e, "failed to register daemon");
@@ -177,7 +187,9 @@ impl Connection {
         let _ = conn.tx.send(Outbound::Close(reason.0, reason.1.clone()));
         drop(conn);
         let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-        app.coord.detach(&daemon_id, attached.conn_id, &reason.1).await;
+        app.coord
+            .detach(&daemon_id, attached.conn_id, &reason.1)
+            .await;
     }
 
     async fn check_hello(
@@ -314,7 +326,10 @@ impl Connection {
             Err(e) => {
                 tracing::error!(error = %e, "failed to apply daemon reports");
                 // Not acked: the daemon's outbox keeps them and replays after reconnecting.
-                return Some((1011, "coordinator store failed; reconnect and replay".into()));
+                return Some((
+                    1011,
+                    "coordinator store failed; reconnect and replay".into(),
+                ));
             }
         }
         None

@@ -136,8 +136,8 @@ impl Server {
             path: cfg.data_dir.display().to_string(),
             source,
         };
-        let hash_key =
-            KeyRing::load_hash_key(cfg.auth.hash_key.as_deref(), &cfg.data_dir).map_err(data_err)?;
+        let hash_key = KeyRing::load_hash_key(cfg.auth.hash_key.as_deref(), &cfg.data_dir)
+            .map_err(data_err)?;
         let keys = KeyRing::new(hash_key);
         let new_admin_key = bootstrap_admin(&cfg, store.as_ref(), &keys, clock.as_ref())
             .await
@@ -175,7 +175,10 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then stops accepting and finishes open requests.
-    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
         axum::serve(
             self.listener,
             self.router
@@ -203,7 +206,12 @@ async fn bootstrap_admin(
     let now = rfc3339(clock.now_ms());
     if let Some(k) = &cfg.auth.admin_key {
         let id = auth::key_id(k);
-        if store.find_key(&id).await.map_err(Bootstrap::Store)?.is_none() {
+        if store
+            .find_key(&id)
+            .await
+            .map_err(Bootstrap::Store)?
+            .is_none()
+        {
             if let Some(rec) = keys.record_for(k, "configured admin", vec![Scope::Admin], now) {
                 store.insert_key(&rec).await.map_err(Bootstrap::Store)?;
             }
@@ -248,9 +256,13 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/metrics", get(api::metrics_text))
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(CorsLayer::new().allow_origin(tower_http::cors::Any).allow_headers([
-            axum::http::header::AUTHORIZATION,
-            axum::http::header::CONTENT_TYPE,
-        ]))
+        .layer(
+            CorsLayer::new()
+                .allow_origin(tower_http::cors::Any)
+                .allow_headers([
+                    axum::http::header::AUTHORIZATION,
+                    axum::http::header::CONTENT_TYPE,
+                ]),
+        )
         .with_state(state)
 }

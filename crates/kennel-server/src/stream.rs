@@ -211,7 +211,9 @@ pub async fn events(
     let mut after = q.after.unwrap_or(0);
     if let Some(last) = last_event_id(&headers) {
         after = last.parse().map_err(|_| {
-            ApiError::invalid(format!("Last-Event-ID `{last}` is not an event id (an integer)"))
+            ApiError::invalid(format!(
+                "Last-Event-ID `{last}` is not an event id (an integer)"
+            ))
         })?;
     }
     if let Some(t) = &q.task {
@@ -239,7 +241,10 @@ async fn follow_events(
     tx: &mpsc::Sender<Result<SseEvent, Infallible>>,
 ) -> Result<(), ApiError> {
     let send = |ev: &kennel_proto::api::Event| -> Result<Option<SseEvent>, ApiError> {
-        if task.as_ref().is_some_and(|t| ev.task_id.as_ref() != Some(t)) {
+        if task
+            .as_ref()
+            .is_some_and(|t| ev.task_id.as_ref() != Some(t))
+        {
             return Ok(None);
         }
         SseEvent::default()

@@ -193,11 +193,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records dispatches, each only if its task is still queued at `attempt - 1`. Returns, per
     /// dispatch, the dispatched task and its event, or `None` when the task moved on meanwhile.
-    async fn dispatch(
-        &self,
-        batch: &[Dispatch],
-        now: Millis,
-    ) -> Result<Vec<Option<(Task, Event)>>>;
+    async fn dispatch(&self, batch: &[Dispatch], now: Millis)
+        -> Result<Vec<Option<(Task, Event)>>>;
     /// Applies daemon reports in order, exactly once each, in one transaction.
     async fn apply(&self, batch: &[Report], now: Millis) -> Result<Vec<Applied>>;
     /// Ends a live attempt with `status` (expired, lost, rejected, cancelled): the task is
@@ -245,8 +242,12 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
     ) -> Result<Event>;
     async fn daemon_seen(&self, daemon_id: &str, now: Millis) -> Result<()>;
-    async fn set_draining(&self, daemon_id: &str, draining: bool, now: Millis)
-        -> Result<Option<(Daemon, Event)>>;
+    async fn set_draining(
+        &self,
+        daemon_id: &str,
+        draining: bool,
+        now: Millis,
+    ) -> Result<Option<(Daemon, Event)>>;
     async fn get_daemon(&self, daemon_id: &str) -> Result<Option<Daemon>>;
     async fn daemon_by_machine(&self, machine_id: &str) -> Result<Option<Daemon>>;
     async fn list_daemons(&self) -> Result<Vec<Daemon>>;

@@ -33,7 +33,8 @@ pub struct SqliteStore {
     reader: SqlitePool,
 }
 
-const TASK_COLUMNS: &str = "seq, id, name, prompt, repo_url, base_branch, agent, labels, priority, env, \
+const TASK_COLUMNS: &str =
+    "seq, id, name, prompt, repo_url, base_branch, agent, labels, priority, env, \
      timeout_secs, max_attempts, status, attempt, daemon_id, created_at, updated_at, finished_at, \
      error, exit_code, branch, commit_sha";
 
@@ -121,7 +122,9 @@ fn task_from_row(row: &SqliteRow) -> Result<QueuedTask> {
             updated_at: rfc3339(row.try_get("updated_at")?),
             finished_at: opt_ms("finished_at")?,
             error: row.try_get("error")?,
-            exit_code: row.try_get::<Option<i64>, _>("exit_code")?.map(|v| v as i32),
+            exit_code: row
+                .try_get::<Option<i64>, _>("exit_code")?
+                .map(|v| v as i32),
             branch: row.try_get("branch")?,
             commit: row.try_get("commit_sha")?,
         },
@@ -655,7 +658,9 @@ impl Store for SqliteStore {
         ))
         .fetch_all(&self.writer)
         .await?;
-        rows.iter().map(|r| task_from_row(r).map(|q| q.task)).collect()
+        rows.iter()
+            .map(|r| task_from_row(r).map(|q| q.task))
+            .collect()
     }
 
     async fn count_tasks(&self) -> Result<BTreeMap<TaskStatus, u64>> {
@@ -736,8 +741,10 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<Option<Ended>> {
         let mut tx = self.writer.begin().await?;
-        let ended =
-            end_attempt_tx(&mut tx, task_id, attempt, status, reason, retry, terminal, now).await?;
+        let ended = end_attempt_tx(
+            &mut tx, task_id, attempt, status, reason, retry, terminal, now,
+        )
+        .await?;
         tx.commit().await?;
         Ok(ended)
     }
@@ -1047,7 +1054,9 @@ impl Store for SqliteStore {
         let rows = sqlx::query("SELECT * FROM api_keys ORDER BY created_at, id")
             .fetch_all(&self.reader)
             .await?;
-        rows.iter().map(|r| key_from_row(r).map(|k| k.info)).collect()
+        rows.iter()
+            .map(|r| key_from_row(r).map(|k| k.info))
+            .collect()
     }
 
     async fn revoke_key(&self, id: &str, now: Millis) -> Result<Option<ApiKey>> {
@@ -1060,7 +1069,9 @@ impl Store for SqliteStore {
             .bind(id)
             .fetch_optional(&self.writer)
             .await?;
-        row.as_ref().map(|r| key_from_row(r).map(|k| k.info)).transpose()
+        row.as_ref()
+            .map(|r| key_from_row(r).map(|k| k.info))
+            .transpose()
     }
 
     async fn touch_key(&self, id: &str, now: Millis) -> Result<()> {

@@ -1,1 +1,84 @@
-fn main() {}
+//! `kennel`: the one binary. Parses the command line, loads configuration and calls into the
+//! libraries; no behaviour lives here beyond presenting results.
+
+mod client;
+mod commands;
+mod config;
+mod table;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Run a pack of AI coding agents across many machines.
+#[derive(Debug, Parser)]
+#[command(name = "kennel", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Config file (default: ./kennel.toml, then ~/.config/kennel/kennel.toml).
+    #[arg(long, global = true, env = "KENNEL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Coordinator URL for client commands (default: from config, else http://127.0.0.1:7070).
+    #[arg(long, global = true, env = "KENNEL_URL", value_name = "URL")]
+    pub url: Option<String>,
+    /// API key for client commands (default: from config, else the local admin.key).
+    #[arg(
+        long,
+        global = true,
+        env = "KENNEL_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub api_key: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the coordinator: task queue, daemon hub, REST API and events.
+    Server(commands::server::ServerArgs),
+    /// Submit and manage tasks.
+    #[command(subcommand)]
+    Task(commands::task::TaskCmd),
+    /// List daemons, or drain one.
+    Daemons(commands::daemons::DaemonsArgs),
+    /// Create, list and revoke API keys (admin).
+    #[command(subcommand)]
+    Keys(commands::keys::KeysCmd),
+    /// Show the coordinator's state: daemons, capacity, tasks by state.
+    Status,
+    /// Inspect configuration.
+    #[command(subcommand)]
+    Config(commands::config_cmd::ConfigCmd),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kennel: failed to start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kennel: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! One module per subcommand. Each turns parsed arguments into library or API calls and
+//! prints the result as a table or, with `--json`, as JSON.
+
+pub mod config_cmd;
+pub mod daemons;
+pub mod keys;
+pub mod server;
+pub mod task;
+
+use std::process::ExitCode;
+
+use crate::client::Client;
+use crate::config::{self, Config};
+use crate::{Cli, Command, Global};
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let g = cli.global;
+    match cli.command {
+        Command::Server(args) => server::run(&g, args).await,
+        Command::Task(cmd) => task::run(&client(&g)?, &g, cmd).await,
+        Command::Daemons(args) => daemons::run(&client(&g)?, &g, args).await,
+        Command::Keys(cmd) => keys::run(&client(&g)?, &g, cmd).await,
+        Command::Status => status(&client(&g)?, &g).await,
+        Command::Config(cmd) => config_cmd::run(&g, cmd),
+    }
+}
+
+fn load(g: &Global) -> anyhow::Result<Config> {
+    Ok(config::load(g.config.as_deref(), &[])?.0)
+}
+
+fn client(g: &Global) -> anyhow::Result<Client> {
+    let cfg = load(g)?;
+    Client::resolve(&cfg, g.url.as_deref(), g.api_key.as_deref())
+}
+
+/// Prints `value` as pretty JSON.
+pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+async fn status(c: &Client, g: &Global) -> anyhow::Result<ExitCode> {
+    let s: kennel_proto::api::ServerStatus = c.get("/api/v1/status").await?;
+    if g.json {
+        print_json(&s)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "server     {} (kennel {}, protocol v{}, store {})",
+        c.base, s.version, s.protocol_version, s.store
+    );
+    println!("uptime     {}s", s.uptime_secs);
+    println!(
+        "daemons    {} connected, {} of {} task slots in use",
+        s.daemons_connected, s.capacity_used, s.capacity_total
+    );
+    let counts: Vec<String> = s
+        .tasks
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    println!(
+        "tasks      {}",
+        if counts.is_empty() {
+            "none".to_string()
+        } else {
+            counts.join(", ")
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}

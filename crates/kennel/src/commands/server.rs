@@ -1,0 +1,88 @@
+//! `kennel server`: runs the coordinator until Ctrl-C or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use figment::value::Value;
+use kennel_server::Server;
+
+use crate::config;
+use crate::Global;
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Address to listen on (port 0 picks a free one; the chosen address is printed).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the database and keys.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Sets up logging to stderr: `RUST_LOG`, else the config's `log`, else `info`.
+pub fn init_tracing(level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .or_else(|| level.map(str::to_string))
+        .unwrap_or_else(|| "info".to_string());
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+pub async fn run(g: &Global, args: ServerArgs) -> anyhow::Result<ExitCode> {
+    let mut overrides = Vec::new();
+    if let Some(l) = args.listen {
+        overrides.push(("server.listen", Value::from(l.to_string())));
+    }
+    if let Some(d) = &args.data_dir {
+        overrides.push(("server.data_dir", Value::from(d.display().to_string())));
+    }
+    let (cfg, file) = config::load(g.config.as_deref(), &overrides)?;
+    init_tracing(cfg.log.as_deref());
+    if let Some(f) = &file {
+        tracing::info!(file = %f.display(), "configuration loaded");
+    }
+    let server = Server::start(cfg.server.clone())
+        .await
+        .context("failed to start the coordinator")?;
+    println!("kennel: listening on http://{}", server.addr);
+    println!("kennel: data in {}", cfg.server.data_dir.display());
+    if let Some(key) = &server.new_admin_key {
+        println!(
+            "kennel: created the first admin key (shown once; also saved to {}):\n  {key}",
+            cfg.server.data_dir.join("admin.key").display()
+        );
+    }
+    tracing::info!(addr = %server.addr, "coordinator ready");
+    server.serve(shutdown_signal()).await?;
+    tracing::info!("coordinator stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested");
+}

@@ -1,0 +1,426 @@
+//! `kennel task`: submit, list, show, follow logs, cancel, pause, resume, message.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use futures_util::StreamExt;
+use kennel_proto::api::{
+    CreateTask, OutputChunk, OutputPage, Page, SendMessageRequest, Task, TaskDetail,
+};
+use kennel_proto::link::{OutputStream, RepoSpec};
+use kennel_proto::TaskStatus;
+
+use crate::client::Client;
+use crate::commands::print_json;
+use crate::table;
+use crate::Global;
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCmd {
+    /// Submit a task.
+    Submit {
+        /// What the agent should do.
+        prompt: String,
+        /// Short name (default: the start of the prompt).
+        #[arg(long)]
+        name: Option<String>,
+        /// Repository URL or local path to work in.
+        #[arg(long)]
+        repo: Option<String>,
+        /// Branch to start from.
+        #[arg(long, default_value = "main", requires = "repo")]
+        base: String,
+        /// Agent profile (claude, codex, aider, command, ...). Default: the server's.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Required daemon label, KEY=VALUE (repeatable).
+        #[arg(long = "label", value_parser = parse_kv)]
+        labels: Vec<(String, String)>,
+        /// Higher runs first.
+        #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+        priority: i32,
+        /// Environment for the agent, KEY=VALUE (repeatable).
+        #[arg(long = "env", value_parser = parse_kv)]
+        env: Vec<(String, String)>,
+        /// Time limit per attempt, in seconds.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+        /// Attempts before the task fails (default: the server's).
+        #[arg(long)]
+        max_attempts: Option<u32>,
+        /// Follow the task's output until it finishes.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// List tasks, newest first.
+    List {
+        /// Only tasks in this state.
+        #[arg(long)]
+        status: Option<TaskStatus>,
+        /// Only tasks held by this daemon.
+        #[arg(long)]
+        daemon: Option<String>,
+        /// Page size.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Continue from a previous page's cursor.
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Show a task and its attempts.
+    Show { id: String },
+    /// Print a task's output; with -f, keep following until it finishes.
+    Logs {
+        id: String,
+        /// Follow live output.
+        #[arg(long, short)]
+        follow: bool,
+        /// Attempt to show (default: the current one).
+        #[arg(long)]
+        attempt: Option<u32>,
+    },
+    /// Cancel a task (interrupts it if running).
+    Cancel { id: String },
+    /// Pause a running task.
+    Pause { id: String },
+    /// Resume a paused task.
+    Resume { id: String },
+    /// Send a message to a running agent.
+    Send { id: String, message: String },
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got `{s}`"))
+}
+
+pub async fn run(c: &Client, g: &Global, cmd: TaskCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        TaskCmd::Submit {
+            prompt,
+            name,
+            repo,
+            base,
+            agent,
+            labels,
+            priority,
+            env,
+            timeout,
+            max_attempts,
+            follow,
+        } => {
+            let name = name.unwrap_or_else(|| {
+                let first: String = prompt
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .take(60)
+                    .collect();
+                if first.trim().is_empty() {
+                    "task".into()
+                } else {
+                    first
+                }
+            });
+            let req = CreateTask {
+                name,
+                prompt,
+                repo: repo.map(|url| RepoSpec {
+                    url,
+                    base_branch: base,
+                }),
+                agent,
+                labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
+                priority,
+                env: env.into_iter().collect(),
+                timeout_secs: timeout,
+                max_attempts,
+            };
+            let task: Task = c.post("/api/v1/tasks", &req).await?;
+            if g.json && !follow {
+                print_json(&task)?;
+            } else {
+                eprintln!("submitted task {} ({})", task.id, task.status);
+                if !g.json {
+                    println!("{}", task.id);
+                }
+            }
+            if follow {
+                return follow_logs(c, &task.id, None).await;
+            }
+        }
+        TaskCmd::List {
+            status,
+            daemon,
+            limit,
+            cursor,
+        } => {
+            let mut q = vec![format!("limit={limit}")];
+            if let Some(s) = status {
+                q.push(format!("status={s}"));
+            }
+            if let Some(d) = daemon {
+                q.push(format!("daemon={d}"));
+            }
+            if let Some(cur) = cursor {
+                q.push(format!("cursor={cur}"));
+            }
+            let page: Page<Task> = c.get(&format!("/api/v1/tasks?{}", q.join("&"))).await?;
+            if g.json {
+                print_json(&page)?;
+            } else {
+                let rows: Vec<Vec<String>> = page
+                    .items
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.id.clone(),
+                            t.name.clone(),
+                            t.status.to_string(),
+                            t.agent.clone(),
+                            t.priority.to_string(),
+                            t.attempt.to_string(),
+                            t.daemon_id.clone().unwrap_or_else(|| "-".into()),
+                            t.created_at.clone(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    table::render(
+                        &["ID", "NAME", "STATUS", "AGENT", "PRIO", "ATTEMPT", "DAEMON", "CREATED"],
+                        &rows
+                    )
+                );
+                if let Some(next) = page.next_cursor {
+                    eprintln!("more: kennel task list --cursor {next}");
+                }
+            }
+        }
+        TaskCmd::Show { id } => {
+            let d: TaskDetail = c.get(&format!("/api/v1/tasks/{id}")).await?;
+            if g.json {
+                print_json(&d)?;
+            } else {
+                show(&d);
+            }
+        }
+        TaskCmd::Logs {
+            id,
+            follow,
+            attempt,
+        } => {
+            if follow {
+                return follow_logs(c, &id, attempt).await;
+            }
+            let mut after = 0;
+            loop {
+                let mut path = format!("/api/v1/tasks/{id}/output?after_seq={after}&limit=1000");
+                if let Some(a) = attempt {
+                    path.push_str(&format!("&attempt={a}"));
+                }
+                let page: OutputPage = c.get(&path).await?;
+                if page.items.is_empty() {
+                    break;
+                }
+                for chunk in &page.items {
+                    print_chunk(chunk, g.json)?;
+                }
+                after = page.next_after_seq;
+            }
+        }
+        TaskCmd::Cancel { id } => print_task(
+            g,
+            c.post_empty(&format!("/api/v1/tasks/{id}/cancel")).await?,
+        )?,
+        TaskCmd::Pause { id } => {
+            print_task(g, c.post_empty(&format!("/api/v1/tasks/{id}/pause")).await?)?
+        }
+        TaskCmd::Resume { id } => print_task(
+            g,
+            c.post_empty(&format!("/api/v1/tasks/{id}/resume")).await?,
+        )?,
+        TaskCmd::Send { id, message } => {
+            c.post_no_content(
+                &format!("/api/v1/tasks/{id}/messages"),
+                &SendMessageRequest { message },
+            )
+            .await?;
+            if !g.json {
+                println!("message sent to task {id}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_task(g: &Global, t: Task) -> anyhow::Result<()> {
+    if g.json {
+        print_json(&t)
+    } else {
+        println!("task {} is {}", t.id, t.status);
+        Ok(())
+    }
+}
+
+fn show(d: &TaskDetail) {
+    let t = &d.task;
+    let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    println!("id         {}", t.id);
+    println!("name       {}", t.name);
+    println!("status     {}", t.status);
+    println!("agent      {}", t.agent);
+    if let Some(r) = &t.repo {
+        println!("repo       {} (from {})", r.url, r.base_branch);
+    }
+    println!("priority   {}", t.priority);
+    println!("attempt    {} of {}", t.attempt, t.max_attempts);
+    println!("daemon     {}", opt(&t.daemon_id));
+    println!("created    {}", t.created_at);
+    println!("finished   {}", opt(&t.finished_at));
+    if let Some(b) = &t.branch {
+        println!("branch     {b} @ {}", opt(&t.commit));
+    }
+    if let Some(code) = t.exit_code {
+        println!("exit code  {code}");
+    }
+    if let Some(e) = &t.error {
+        println!("error      {e}");
+    }
+    println!("prompt     {}", t.prompt.lines().next().unwrap_or(""));
+    if !d.attempts.is_empty() {
+        let rows: Vec<Vec<String>> = d
+            .attempts
+            .iter()
+            .map(|a| {
+                vec![
+                    a.attempt.to_string(),
+                    a.daemon_id.clone(),
+                    a.status.to_string(),
+                    a.dispatched_at.clone(),
+                    opt(&a.finished_at),
+                    opt(&a.error),
+                ]
+            })
+            .collect();
+        println!();
+        print!(
+            "{}",
+            table::render(
+                &[
+                    "ATTEMPT",
+                    "DAEMON",
+                    "STATUS",
+                    "DISPATCHED",
+                    "FINISHED",
+                    "ERROR"
+                ],
+                &rows
+            )
+        );
+    }
+}
+
+fn print_chunk(chunk: &OutputChunk, json: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string(chunk)?)?;
+        return Ok(());
+    }
+    let end = if chunk.is_partial { "" } else { "\n" };
+    match chunk.stream {
+        OutputStream::Stdout => write!(out, "{}{end}", chunk.output)?,
+        OutputStream::Stderr => {
+            drop(out);
+            eprint!("{}{end}", chunk.output);
+        }
+        OutputStream::Progress => {
+            let summary = serde_json::from_str::<serde_json::Value>(&chunk.output)
+                .ok()
+                .and_then(|v| {
+                    v.get("summary")
+                        .and_then(|s| s.as_str())
+                        .map(str::to_string)
+                })
+                .unwrap_or_else(|| chunk.output.clone());
+            writeln!(out, "» {summary}")?;
+        }
+    }
+    Ok(())
+}
+
+/// Streams output until the task ends; the exit code says how it ended.
+async fn follow_logs(c: &Client, id: &str, attempt: Option<u32>) -> anyhow::Result<ExitCode> {
+    let mut path = format!("/api/v1/tasks/{id}/output/stream");
+    if let Some(a) = attempt {
+        path.push_str(&format!("?attempt={a}"));
+    }
+    let mut last_id: Option<String> = None;
+    let mut retries = 0;
+    loop {
+        let mut stream = match c.sse(&path, last_id.as_deref()).await {
+            Ok(s) => s,
+            Err(e) if retries < 5 && last_id.is_some() => {
+                retries += 1;
+                eprintln!("kennel: lost the stream ({e}); reconnecting");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        while let Some(ev) = stream.next().await {
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(e) => {
+                    eprintln!("kennel: stream interrupted ({e}); reconnecting");
+                    break;
+                }
+            };
+            retries = 0;
+            match ev.event.as_str() {
+                "output" => {
+                    let chunk: OutputChunk = serde_json::from_str(&ev.data)
+                        .context("the server sent an output event that is not an output chunk")?;
+                    print_chunk(&chunk, false)?;
+                    last_id = Some(ev.id);
+                }
+                "attempt" => eprintln!("kennel: retry started (attempt {})", ev.data),
+                "end" => {
+                    let t: Task = serde_json::from_str(&ev.data)?;
+                    eprintln!(
+                        "kennel: task {} {}{}",
+                        t.id,
+                        t.status,
+                        t.error
+                            .as_ref()
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    );
+                    if let Some(b) = &t.branch {
+                        eprintln!(
+                            "kennel: branch {b} @ {}",
+                            t.commit.as_deref().unwrap_or("-")
+                        );
+                    }
+                    return Ok(if t.status == TaskStatus::Completed {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(2)
+                    });
+                }
+                "error" => bail!("the server ended the stream: {}", ev.data),
+                _ => {}
+            }
+        }
+        retries += 1;
+        if retries > 5 {
+            bail!("lost the output stream of task {id} repeatedly; try `kennel task logs -f {id}` again");
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
