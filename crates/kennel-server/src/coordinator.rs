@@ -782,6 +782,7 @@ impl Coordinator {
         hello: DaemonHello,
         running: Vec<TaskRef>,
         tx: mpsc::UnboundedSender<Outbound>,
+        authenticated: ServerMessage,
     ) -> Result<Attached, StoreError> {
         let (daemon, ev) = self
             .store
@@ -811,6 +812,10 @@ impl Coordinator {
             slot.agents = hello.agents.iter().cloned().collect();
             slot.draining = daemon.draining;
             slot.generation += 1;
+            // `authenticated` is queued before the connection becomes visible to the
+            // scheduler, so it precedes any `spawnTask`, and a daemon that has read it is
+            // already schedulable.
+            let _ = tx.send(Outbound::Msg(authenticated));
             slot.conn = Some(Conn {
                 id: conn_id,
                 tx: tx.clone(),

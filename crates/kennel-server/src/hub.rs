@@ -145,13 +145,12 @@ impl Connection {
             }
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        // `authenticated` goes first: nothing else can be queued before the attach below.
-        let _ = tx.send(Outbound::Msg(ServerMessage::Authenticated(Authenticated {
+        let authenticated = ServerMessage::Authenticated(Authenticated {
             daemon_id: daemon_id.clone(),
             heartbeat_interval_secs: cfg.heartbeat_interval_secs,
             protocol_version: version,
             max_frame_bytes: max_frame,
-        })));
+        });
         let running = hello.running_tasks.clone();
         let info = DaemonHello {
             machine_id: hello.machine_id,
@@ -163,9 +162,7 @@ impl Connection {
             protocol_version: version,
             remote_addr: Some(addr.to_string()),
         };
-        let attached = match app
-            .coord
-            .attach(&daemon_id, info, running, tx.clone())
+        let attached = match app.coord.attach(&daemon_id, info, running, tx.clone(), authenticated)
             .await
         {
             Ok(a) => a,

@@ -1,1 +1,21 @@
-//! placeholder
+//! Support for kennel's end-to-end tests: start the real `kennel` binary on a free port
+//! ([`KennelServer`]), talk to its REST API ([`Api`]) and event streams ([`EventStream`]), and
+//! drive it as a protocol-level daemon over a real WebSocket ([`TestDaemon`]).
+//!
+//! Everything here waits on events with a deadline and never sleeps to synchronise: a test
+//! either sees what it waited for or fails with a message that says what it saw instead. This
+//! crate must not reach into the server's internals; it speaks only the public protocol and
+//! API, as a user or a third-party daemon would.
+
+pub mod api;
+pub mod daemon;
+pub mod deadline;
+pub mod server;
+pub mod sse;
+
+pub use api::Api;
+pub use daemon::{DaemonOpts, SeqCounters, TestDaemon, WsMessage, ABNORMAL_CLOSE, NO_STATUS_CLOSE};
+pub use deadline::within;
+pub use reqwest::{Method, StatusCode};
+pub use server::KennelServer;
+pub use sse::{is_task_status, wait_task_status, EventStream, SseMsg};

@@ -1,0 +1,153 @@
+//! The command line as a user runs it: the real binary, its output and exit codes.
+
+use std::process::Output;
+
+use tokio::process::Command;
+
+use crate::{bin, daemon, server, WAIT};
+
+async fn kennel(srv: &kennel_testkit::KennelServer, args: &[&str]) -> anyhow::Result<Output> {
+    Ok(Command::new(bin())
+        .args(args)
+        .env("KENNEL_URL", srv.url())
+        .env("KENNEL_API_KEY", srv.admin_key())
+        .env_remove("KENNEL_CONFIG")
+        .current_dir(srv.data_dir())
+        .kill_on_drop(true)
+        .output()
+        .await?)
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+#[tokio::test]
+async fn submit_list_show_and_follow_logs() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let mut d = daemon(&srv, "cli", 1).await?;
+    let out = kennel(
+        &srv,
+        &["task", "submit", "write the docs", "--name", "docs", "--agent", "command", "--label", "x=y", "--priority", "3"],
+    )
+    .await?;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let id = stdout.trim().to_string();
+    assert!(id.starts_with("t-"), "{stdout}");
+
+    let out = kennel(&srv, &["task", "list"]).await?;
+    let (stdout, _) = text(&out);
+    assert!(stdout.starts_with("ID"), "{stdout}");
+    assert!(stdout.contains(&id) && stdout.contains("docs") && stdout.contains("queued"), "{stdout}");
+
+    let out = kennel(&srv, &["--json", "task", "show", &id]).await?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["labels"]["x"], "y");
+    assert_eq!(v["priority"], 3);
+
+    // The label is not offered by the daemon; a plain task runs and `logs -f` follows it.
+    let out = kennel(&srv, &["task", "submit", "run it", "--agent", "command"]).await?;
+    let id2 = text(&out).0.trim().to_string();
+    let spawn = d.expect_spawn(WAIT).await?;
+    assert_eq!(spawn.task_id, id2);
+    let follower = tokio::spawn({
+        let url = srv.url();
+        let key = srv.admin_key().to_string();
+        let id2 = id2.clone();
+        async move {
+            Command::new(bin())
+                .args(["task", "logs", "-f", &id2])
+                .env("KENNEL_URL", url)
+                .env("KENNEL_API_KEY", key)
+                .kill_on_drop(true)
+                .output()
+                .await
+        }
+    });
+    d.accept(&id2, 1).await?;
+    d.output(&id2, 1, "hello from the agent").await?;
+    d.complete(&id2, 1, true).await?;
+    let out = kennel_testkit::within(WAIT, "logs -f to end", follower).await???;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("hello from the agent"), "{stdout}");
+    assert!(stderr.contains("completed"), "{stderr}");
+
+    let out = kennel(&srv, &["task", "logs", &id2]).await?;
+    assert_eq!(text(&out).0, "hello from the agent\n");
+    let out = kennel(&srv, &["task", "cancel", &id]).await?;
+    assert!(text(&out).0.contains("cancelled"));
+    let out = kennel(&srv, &["status"]).await?;
+    assert!(text(&out).0.contains("1 connected"), "{}", text(&out).0);
+    let out = kennel(&srv, &["daemons"]).await?;
+    assert!(text(&out).0.contains("cli"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn keys_are_shown_once_and_can_be_revoked() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let out = kennel(&srv, &["keys", "create", "--name", "ci", "--scope", "client"]).await?;
+    let (key, _) = text(&out);
+    let key = key.trim().to_string();
+    assert!(key.starts_with("kn_"));
+    let id = key[3..15].to_string();
+    let out = kennel(&srv, &["keys", "list"]).await?;
+    let (list, _) = text(&out);
+    assert!(list.contains(&id) && !list.contains(&key), "{list}");
+    let out = kennel(&srv, &["keys", "revoke", &id]).await?;
+    assert!(out.status.success());
+    let out = Command::new(bin())
+        .args(["task", "list"])
+        .env("KENNEL_URL", srv.url())
+        .env("KENNEL_API_KEY", &key)
+        .output()
+        .await?;
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(stderr.contains("invalid or revoked API key"), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn errors_say_what_to_do() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("kennel.toml");
+    std::fs::write(&cfg, "[server]\nlisten = \"127.0.0.1:0\"\nlistne = 1\n")?;
+    let out = Command::new(bin())
+        .args(["--config", cfg.to_str().unwrap_or_default(), "server"])
+        .output()
+        .await?;
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(stderr.contains("listne") && stderr.contains("kennel.toml"), "{stderr}");
+
+    let out = Command::new(bin())
+        .args(["task", "list"])
+        .env("KENNEL_URL", "http://127.0.0.1:9")
+        .env("KENNEL_API_KEY", "x")
+        .output()
+        .await?;
+    let (_, stderr) = text(&out);
+    assert!(stderr.contains("cannot reach the kennel server"), "{stderr}");
+
+    let out = Command::new(bin())
+        .args(["server", "--listen", "127.0.0.1:0"])
+        .env("KENNEL_SERVER__SCHEDULER__ACCEPT_TIMEOUT_SECS", "0")
+        .env("KENNEL_SERVER__DATA_DIR", dir.path())
+        .output()
+        .await?;
+    let (_, stderr) = text(&out);
+    assert!(stderr.contains("scheduler.accept_timeout_secs must be at least 1"), "{stderr}");
+
+    let out = Command::new(bin()).args(["task", "--help"]).output().await?;
+    let (stdout, _) = text(&out);
+    for sub in ["submit", "list", "show", "logs", "cancel", "pause", "resume", "send"] {
+        assert!(stdout.contains(sub), "{sub} missing from --help");
+    }
+    Ok(())
+}
