@@ -183,21 +183,21 @@ async fn events_resume_from_last_event_id_without_gaps() -> anyhow::Result<()> {
 
     // Meanwhile: more events, including a daemon connecting and a dispatch.
     let mut d = daemon(&srv, "events", 1).await?;
-    api.submit(&task("e-late")).await?;
+    let late = api.submit(&task("e-late")).await?;
     let spawned = d.expect_spawn(WAIT).await?;
 
     let mut resumed = EventStream::connect(&url, Some(srv.admin_key()), Some(&last.to_string())).await?;
     let mut kinds = Vec::new();
-    loop {
+    let (mut saw_late, mut saw_dispatch) = (false, false);
+    while !(saw_late && saw_dispatch) {
         let ev = resumed.next(WAIT).await?;
         let id: i64 = ev.id.parse()?;
         assert_eq!(id, last + 1, "no gap, no repeat after Last-Event-ID");
         last = id;
         let data = ev.json()?;
         kinds.push(ev.event.clone());
-        if ev.event == "task.status" && data["taskId"] == spawned.task_id.as_str() {
-            break;
-        }
+        saw_late |= ev.event == "task.created" && data["taskId"] == late.id.as_str();
+        saw_dispatch |= ev.event == "task.status" && data["taskId"] == spawned.task_id.as_str();
     }
     // Events before the resume point are not repeated; the ones after it are all there.
     assert!(kinds.contains(&"daemon.connected".to_string()), "{kinds:?}");
