@@ -18,9 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
-use kennel_proto::link::{
-    Authenticate, Heartbeat, Secret, TaskAccepted, TaskComplete,
-};
+use kennel_proto::link::{Authenticate, Heartbeat, Secret, TaskAccepted, TaskComplete};
 use kennel_proto::{decode_server_frame, DaemonMessage, Decoded, ServerMessage};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -107,7 +105,12 @@ fn start_server(bin: &PathBuf) -> anyhow::Result<ServerProc> {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .with_context(|| format!("failed to start {} (build it with cargo build --release)", bin.display()))?;
+        .with_context(|| {
+            format!(
+                "failed to start {} (build it with cargo build --release)",
+                bin.display()
+            )
+        })?;
     let stdout = child.stdout.take().context("no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
     let url = loop {
@@ -209,10 +212,16 @@ fn machine() -> String {
                 .map(|s| s.trim().to_string())
         })
         .unwrap_or_else(|| "unknown cpu".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| s.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string()))
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
+        })
         .and_then(|kb| kb.parse::<u64>().ok())
         .map(|kb| format!("{:.0} GiB", kb as f64 / 1024.0 / 1024.0))
         .unwrap_or_default();
@@ -240,7 +249,12 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
     let completed = Arc::new(AtomicU64::new(0));
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(args.daemons as usize + 1);
     for n in 0..args.daemons {
-        let (u, t, c, r) = (ws_url.clone(), timings.clone(), completed.clone(), ready_tx.clone());
+        let (u, t, c, r) = (
+            ws_url.clone(),
+            timings.clone(),
+            completed.clone(),
+            ready_tx.clone(),
+        );
         let cap = args.capacity;
         tokio::spawn(async move {
             if let Err(e) = run_daemon(u, n, cap, t, c, r).await {
@@ -253,7 +267,9 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
             .await
             .context("daemons did not all authenticate within 30s")?;
     }
-    let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
     println!("machine: {}", machine());
     println!(
         "setup: kennel server (SQLite, {}) with {} daemons x {} slots on loopback",
@@ -291,7 +307,11 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
         let t = timings.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
         t.submitted
             .iter()
-            .filter_map(|(k, s)| t.spawned.get(k).map(|d| d.duration_since(*s).as_secs_f64() * 1000.0))
+            .filter_map(|(k, s)| {
+                t.spawned
+                    .get(k)
+                    .map(|d| d.duration_since(*s).as_secs_f64() * 1000.0)
+            })
             .collect()
     };
     lat.sort_by(|a, b| a.total_cmp(b));
@@ -351,7 +371,10 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kennel-bench: {e}");

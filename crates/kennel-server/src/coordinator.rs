@@ -19,7 +19,9 @@ use kennel_proto::link::{
     TaskLimits, TaskRef,
 };
 use kennel_proto::{validate_id, AttemptStatus, TaskStatus};
-use kennel_store::{Applied, DaemonHello, Dispatch, Ended, NewTask, Report, Store, StoreError};
+use kennel_store::{
+    Applied, DaemonHello, Dispatch, EndAttempt, Ended, NewTask, Report, Store, StoreError,
+};
 use tokio::sync::{broadcast, mpsc, Notify};
 
 use crate::config::ServerConfig;
@@ -408,29 +410,22 @@ impl Coordinator {
         );
         tracing::warn!(task_id, attempt, "lease expired: {reason}");
         self.end_attempt(
-            task_id,
-            attempt,
-            AttemptStatus::Expired,
-            &reason,
-            true,
-            TaskStatus::Failed,
+            EndAttempt {
+                task_id,
+                attempt,
+                status: AttemptStatus::Expired,
+                reason: &reason,
+                retry: true,
+                terminal: TaskStatus::Failed,
+            },
             true,
         )
         .await;
     }
 
     /// Ends a live attempt in the store and mirrors it; optionally tells the daemon to stop.
-    #[allow(clippy::too_many_arguments)]
-    async fn end_attempt(
-        &self,
-        task_id: &str,
-        attempt: u32,
-        status: AttemptStatus,
-        reason: &str,
-        retry: bool,
-        terminal: TaskStatus,
-        interrupt: bool,
-    ) -> Option<Task> {
+    async fn end_attempt(&self, end: EndAttempt<'_>, interrupt: bool) -> Option<Task> {
+        let (task_id, attempt) = (end.task_id, end.attempt);
         let holder = {
             let st = self.lock();
             st.live
@@ -439,19 +434,7 @@ impl Coordinator {
                 .and_then(|l| st.daemons.get(&l.daemon_id))
                 .and_then(|d| d.conn.clone())
         };
-        let ended = match self
-            .store
-            .end_attempt(
-                task_id,
-                attempt,
-                status,
-                reason,
-                retry,
-                terminal,
-                self.clock.now_ms(),
-            )
-            .await
-        {
+        let ended = match self.store.end_attempt(&end, self.clock.now_ms()).await {
             Ok(Some(e)) => e,
             Ok(None) => return None,
             Err(e) => {
@@ -610,12 +593,14 @@ impl Coordinator {
         if task.status.is_active() {
             if let Some(t) = self
                 .end_attempt(
-                    id,
-                    task.attempt,
-                    AttemptStatus::Cancelled,
-                    "cancelled by request",
-                    false,
-                    TaskStatus::Cancelled,
+                    EndAttempt {
+                        task_id: id,
+                        attempt: task.attempt,
+                        status: AttemptStatus::Cancelled,
+                        reason: "cancelled by request",
+                        retry: false,
+                        terminal: TaskStatus::Cancelled,
+                    },
                     true,
                 )
                 .await
@@ -858,12 +843,14 @@ impl Coordinator {
         for (task_id, attempt) in lost {
             let reason = format!("daemon {daemon_id} reconnected without attempt {attempt}");
             self.end_attempt(
-                &task_id,
-                attempt,
-                AttemptStatus::Lost,
-                &reason,
-                true,
-                TaskStatus::Lost,
+                EndAttempt {
+                    task_id: &task_id,
+                    attempt,
+                    status: AttemptStatus::Lost,
+                    reason: &reason,
+                    retry: true,
+                    terminal: TaskStatus::Lost,
+                },
                 false,
             )
             .await;
@@ -932,12 +919,14 @@ impl Coordinator {
         for (task_id, attempt) in held {
             tracing::warn!(task_id, attempt, daemon_id, "attempt lost");
             self.end_attempt(
-                &task_id,
-                attempt,
-                AttemptStatus::Lost,
-                &reason,
-                true,
-                TaskStatus::Lost,
+                EndAttempt {
+                    task_id: &task_id,
+                    attempt,
+                    status: AttemptStatus::Lost,
+                    reason: &reason,
+                    retry: true,
+                    terminal: TaskStatus::Lost,
+                },
                 false,
             )
             .await;
@@ -963,7 +952,7 @@ impl Coordinator {
                     TaskStatus::Queued => {
                         st.release(&task.id);
                         if !st.queued.contains_key(&task.id) {
-                            st.enqueue(task.clone());
+                            st.enqueue((**task).clone());
                         }
                     }
                     s if s.is_terminal() => st.release(&task.id),

@@ -162,7 +162,9 @@ impl Connection {
             protocol_version: version,
             remote_addr: Some(addr.to_string()),
         };
-        let attached = match app.coord.attach(&daemon_id, info, running, tx.clone(), authenticated)
+        let attached = match app
+            .coord
+            .attach(&daemon_id, info, running, tx.clone(), authenticated)
             .await
         {
             Ok(a) => a,

@@ -128,7 +128,7 @@ pub enum Applied {
     Done {
         events: Vec<Event>,
         /// The task after the change, when its state changed.
-        task: Option<Task>,
+        task: Option<Box<Task>>,
     },
     /// Seq already applied: acknowledge again, change nothing.
     Duplicate { last_seq: u64 },
@@ -151,6 +151,20 @@ pub struct Dispatch {
 pub struct Ended {
     pub task: Task,
     pub events: Vec<Event>,
+}
+
+/// How to end a live attempt from the server side; see [`Store::end_attempt`].
+#[derive(Debug, Clone)]
+pub struct EndAttempt<'a> {
+    pub task_id: &'a str,
+    pub attempt: u32,
+    /// What the attempt becomes: expired, lost, rejected or cancelled.
+    pub status: AttemptStatus,
+    pub reason: &'a str,
+    /// Requeue the task when attempts remain.
+    pub retry: bool,
+    /// The task's state when it is not requeued.
+    pub terminal: TaskStatus,
 }
 
 /// Daemon registration data, from `authenticate`.
@@ -200,16 +214,7 @@ pub trait Store: Send + Sync + 'static {
     /// Ends a live attempt with `status` (expired, lost, rejected, cancelled): the task is
     /// requeued when attempts remain (and `retry`), otherwise ends as `terminal`.
     /// `None` when the attempt is not live any more.
-    async fn end_attempt(
-        &self,
-        task_id: &str,
-        attempt: u32,
-        status: AttemptStatus,
-        reason: &str,
-        retry: bool,
-        terminal: TaskStatus,
-        now: Millis,
-    ) -> Result<Option<Ended>>;
+    async fn end_attempt(&self, end: &EndAttempt<'_>, now: Millis) -> Result<Option<Ended>>;
     /// Cancels a queued task. `None` when it is not queued.
     async fn cancel_queued(&self, task_id: &str, now: Millis) -> Result<Option<Ended>>;
     /// Sets `paused` / `running` on a task with a live attempt, as asked through the API.

@@ -20,8 +20,8 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use crate::{
-    parse_scopes, rfc3339, Applied, DaemonHello, Dispatch, Effect, Ended, KeyRecord, Millis,
-    NewTask, QueuedTask, Report, Result, Store, StoreError, TaskFilter,
+    parse_scopes, rfc3339, Applied, DaemonHello, Dispatch, Effect, EndAttempt, Ended, KeyRecord,
+    Millis, NewTask, QueuedTask, Report, Result, Store, StoreError, TaskFilter,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -246,18 +246,20 @@ async fn task_status_event(
     .await
 }
 
-/// Ends attempt `attempt` of a task inside `tx`; see [`Store::end_attempt`].
-#[allow(clippy::too_many_arguments)]
+/// Ends an attempt inside `tx`; see [`Store::end_attempt`].
 async fn end_attempt_tx(
     tx: &mut Transaction<'_, Sqlite>,
-    task_id: &str,
-    attempt: u32,
-    status: AttemptStatus,
-    reason: &str,
-    retry: bool,
-    terminal: TaskStatus,
+    end: &EndAttempt<'_>,
     now: Millis,
 ) -> Result<Option<Ended>> {
+    let EndAttempt {
+        task_id,
+        attempt,
+        status,
+        reason,
+        retry,
+        terminal,
+    } = *end;
     let Some(task) = load_task(tx, task_id).await? else {
         return Ok(None);
     };
@@ -402,18 +404,15 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, r: &Report, now: Millis) ->
         }
         Effect::Rejected { reason } => {
             let reason = format!("rejected by daemon {}: {reason}", r.daemon_id);
-            if let Some(ended) = end_attempt_tx(
-                tx,
-                &r.task_id,
-                r.attempt,
-                AttemptStatus::Rejected,
-                &reason,
-                true,
-                TaskStatus::Failed,
-                now,
-            )
-            .await?
-            {
+            let end = EndAttempt {
+                task_id: &r.task_id,
+                attempt: r.attempt,
+                status: AttemptStatus::Rejected,
+                reason: &reason,
+                retry: true,
+                terminal: TaskStatus::Failed,
+            };
+            if let Some(ended) = end_attempt_tx(tx, &end, now).await? {
                 events.extend(ended.events);
                 changed = Some(ended.task);
             }
@@ -466,7 +465,7 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, r: &Report, now: Millis) ->
     }
     Ok(Applied::Done {
         events,
-        task: changed,
+        task: changed.map(Box::new),
     })
 }
 
@@ -730,21 +729,9 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    async fn end_attempt(
-        &self,
-        task_id: &str,
-        attempt: u32,
-        status: AttemptStatus,
-        reason: &str,
-        retry: bool,
-        terminal: TaskStatus,
-        now: Millis,
-    ) -> Result<Option<Ended>> {
+    async fn end_attempt(&self, end: &EndAttempt<'_>, now: Millis) -> Result<Option<Ended>> {
         let mut tx = self.writer.begin().await?;
-        let ended = end_attempt_tx(
-            &mut tx, task_id, attempt, status, reason, retry, terminal, now,
-        )
-        .await?;
+        let ended = end_attempt_tx(&mut tx, end, now).await?;
         tx.commit().await?;
         Ok(ended)
     }

@@ -106,7 +106,9 @@ impl Api {
     ) -> anyhow::Result<(StatusCode, String)> {
         let mut rb = self.request(method.clone(), path, key);
         if let Some(b) = body {
-            rb = rb.header(reqwest::header::CONTENT_TYPE, "application/json").body(b);
+            rb = rb
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b);
         }
         let resp = rb
             .send()

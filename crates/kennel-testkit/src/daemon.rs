@@ -18,8 +18,7 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use kennel_proto::link::{
     Ack, Authenticate, Authenticated, ErrorFrame, Heartbeat, OutputStream, Secret, SpawnTask,
-    TaskAccepted, TaskComplete, TaskOutput, TaskProgress, TaskRef, TaskRejected,
-    TaskStatusChange,
+    TaskAccepted, TaskComplete, TaskOutput, TaskProgress, TaskRef, TaskRejected, TaskStatusChange,
 };
 use kennel_proto::{decode_server_frame, DaemonMessage, Decoded, ServerMessage, PROTOCOL_VERSION};
 use tokio::net::TcpStream;
@@ -240,9 +239,9 @@ async fn read_frames(
         let item = match frame {
             WsMessage::Text(t) => match decode_server_frame(t.as_str(), usize::MAX) {
                 Ok(Decoded::Known(m)) => Incoming::Msg(m),
-                Ok(Decoded::Unknown { type_name }) => {
-                    Incoming::Bad(format!("server sent a message of unknown type `{type_name}`"))
-                }
+                Ok(Decoded::Unknown { type_name }) => Incoming::Bad(format!(
+                    "server sent a message of unknown type `{type_name}`"
+                )),
                 Err(e) => Incoming::Bad(format!("server sent an undecodable frame ({e}): {t}")),
             },
             WsMessage::Binary(b) => Incoming::Bad(format!(
@@ -524,9 +523,9 @@ impl TestDaemon {
         self.expect(deadline, "a spawnTask", |m| match m {
             ServerMessage::SpawnTask(s) => Verdict::Take(s),
             ServerMessage::Ack(a) => Verdict::SkipAck(a),
-            ServerMessage::Error(e) => {
-                Verdict::Fail(anyhow!("expected a spawnTask, the server sent an error: {e:?}"))
-            }
+            ServerMessage::Error(e) => Verdict::Fail(anyhow!(
+                "expected a spawnTask, the server sent an error: {e:?}"
+            )),
             other => Verdict::Keep(other),
         })
         .await
@@ -645,7 +644,12 @@ impl TestDaemon {
         .await
     }
 
-    pub async fn reject(&mut self, task_id: &str, attempt: u32, reason: &str) -> anyhow::Result<u64> {
+    pub async fn reject(
+        &mut self,
+        task_id: &str,
+        attempt: u32,
+        reason: &str,
+    ) -> anyhow::Result<u64> {
         self.send_seq(task_id, attempt, |seq| {
             DaemonMessage::TaskRejected(TaskRejected {
                 task_id: task_id.to_string(),

@@ -17,9 +17,13 @@ mod tests {
 
     #[tokio::test]
     async fn names_what_timed_out() {
-        let err = within(Duration::from_millis(1), "the moon", std::future::pending::<()>())
-            .await
-            .unwrap_err();
+        let err = within(
+            Duration::from_millis(1),
+            "the moon",
+            std::future::pending::<()>(),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(err.to_string(), "timed out after 1ms waiting for the moon");
         let v = within(Duration::from_secs(1), "a value", async { 7 })
             .await

@@ -65,7 +65,15 @@ impl KennelServer {
             .prefix("kennel-test-data-")
             .tempdir()
             .context("failed to create a temporary data directory")?;
-        Self::launch(bin, DataDir::Temp(dir), None, os_args(extra_args), None, None).await
+        Self::launch(
+            bin,
+            DataDir::Temp(dir),
+            None,
+            os_args(extra_args),
+            None,
+            None,
+        )
+        .await
     }
 
     /// Starts the binary with `toml` as its configuration file (for timing settings and the
@@ -77,7 +85,10 @@ impl KennelServer {
             .prefix("kennel-test-data-")
             .tempdir()
             .context("failed to create a temporary data directory")?;
-        let args = vec![OsString::from("--config"), file.path().as_os_str().to_owned()];
+        let args = vec![
+            OsString::from("--config"),
+            file.path().as_os_str().to_owned(),
+        ];
         Self::launch(bin, DataDir::Temp(dir), Some(file), args, None, None).await
     }
 
@@ -112,8 +123,8 @@ impl KennelServer {
             Some(k) => k,
             None => random_admin_key()?,
         };
-        let (child, addr) = spawn_ready(bin, data_dir.path(), &extra_args, listen, &admin_key)
-            .await?;
+        let (child, addr) =
+            spawn_ready(bin, data_dir.path(), &extra_args, listen, &admin_key).await?;
         Ok(KennelServer {
             bin: bin.to_path_buf(),
             data_dir,
@@ -362,7 +373,9 @@ mod tests {
             .unwrap();
         assert_eq!(addr.port(), 80);
         assert!(parse_ready_line("kennel: opening store").is_none());
-        assert!(parse_ready_line("kennel: listening on http://nowhere").unwrap().is_err());
+        assert!(parse_ready_line("kennel: listening on http://nowhere")
+            .unwrap()
+            .is_err());
     }
 
     #[test]

@@ -47,7 +47,10 @@ impl SseMsg {
 }
 
 type Events = Pin<
-    Box<dyn Stream<Item = Result<eventsource_stream::Event, EventStreamError<reqwest::Error>>> + Send>,
+    Box<
+        dyn Stream<Item = Result<eventsource_stream::Event, EventStreamError<reqwest::Error>>>
+            + Send,
+    >,
 >;
 
 /// An open SSE response, read event by event.
@@ -165,7 +168,12 @@ impl EventStream {
 /// True when `msg` is a `task.status` event whose status is `status`.
 pub fn is_task_status(msg: &SseMsg, status: TaskStatus) -> bool {
     msg.event == "task.status"
-        && msg.json().ok().as_ref().and_then(|v| v.pointer("/data/status")).and_then(|s| s.as_str())
+        && msg
+            .json()
+            .ok()
+            .as_ref()
+            .and_then(|v| v.pointer("/data/status"))
+            .and_then(|s| s.as_str())
             == Some(status.as_str())
 }
 

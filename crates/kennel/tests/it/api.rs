@@ -26,14 +26,22 @@ async fn every_endpoint_but_health_and_ready_needs_a_key() -> anyhow::Result<()>
         let (status, body) = api.raw(Method::GET, path, None, None).await?;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}: {body}");
         assert!(body.contains("\"unauthorized\""), "{path}: {body}");
-        let (status, _) = api.raw(Method::GET, path, Some("kn_000000000000_wrong"), None).await?;
+        let (status, _) = api
+            .raw(Method::GET, path, Some("kn_000000000000_wrong"), None)
+            .await?;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
     }
     // A client key cannot manage keys.
-    let client = api.create_key("ci", &[kennel_proto::api::Scope::Client]).await?;
-    let (status, body) = api.raw(Method::GET, "/api/v1/keys", Some(&client.key), None).await?;
+    let client = api
+        .create_key("ci", &[kennel_proto::api::Scope::Client])
+        .await?;
+    let (status, body) = api
+        .raw(Method::GET, "/api/v1/keys", Some(&client.key), None)
+        .await?;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
-    let (status, _) = api.raw(Method::GET, "/api/v1/tasks", Some(&client.key), None).await?;
+    let (status, _) = api
+        .raw(Method::GET, "/api/v1/tasks", Some(&client.key), None)
+        .await?;
     assert_eq!(status, StatusCode::OK);
     Ok(())
 }
@@ -44,34 +52,62 @@ async fn bad_requests_get_clear_errors() -> anyhow::Result<()> {
     let api = srv.api();
     let key = srv.admin_key().to_string();
     let cases = [
-        (r#"{"name":"x","prompt":"y","prio":1}"#, "unknown field `prio`"),
+        (
+            r#"{"name":"x","prompt":"y","prio":1}"#,
+            "unknown field `prio`",
+        ),
         (r#"{"name":"x"}"#, "missing field `prompt`"),
         (r#"{"name":"","prompt":"y"}"#, "`name` must be"),
-        (r#"{"name":"x","prompt":"y","agent":"../sh"}"#, "invalid agent profile"),
-        (r#"{"name":"x","prompt":"y","repo":{"url":"r","baseBranch":"a..b"}}"#, "baseBranch"),
-        (r#"{"name":"x","prompt":"y","env":{"A-B":"1"}}"#, "environment variable name"),
-        (r#"{"name":"x","prompt":"y","maxAttempts":0}"#, "maxAttempts"),
+        (
+            r#"{"name":"x","prompt":"y","agent":"../sh"}"#,
+            "invalid agent profile",
+        ),
+        (
+            r#"{"name":"x","prompt":"y","repo":{"url":"r","baseBranch":"a..b"}}"#,
+            "baseBranch",
+        ),
+        (
+            r#"{"name":"x","prompt":"y","env":{"A-B":"1"}}"#,
+            "environment variable name",
+        ),
+        (
+            r#"{"name":"x","prompt":"y","maxAttempts":0}"#,
+            "maxAttempts",
+        ),
         ("{nope", "invalid JSON body"),
     ];
     for (body, want) in cases {
         let (status, text) = api
-            .raw(Method::POST, "/api/v1/tasks", Some(&key), Some(body.to_string()))
+            .raw(
+                Method::POST,
+                "/api/v1/tasks",
+                Some(&key),
+                Some(body.to_string()),
+            )
             .await?;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {text}");
         assert!(text.contains(want), "{body}: {text}");
     }
-    let (status, text) = api.raw(Method::GET, "/api/v1/tasks/t-nope", Some(&key), None).await?;
+    let (status, text) = api
+        .raw(Method::GET, "/api/v1/tasks/t-nope", Some(&key), None)
+        .await?;
     assert_eq!(status, StatusCode::NOT_FOUND, "{text}");
-    let (status, _) = api.raw(Method::GET, "/api/v1/tasks?status=bogus", Some(&key), None).await?;
+    let (status, _) = api
+        .raw(Method::GET, "/api/v1/tasks?status=bogus", Some(&key), None)
+        .await?;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    let (status, _) = api.raw(Method::GET, "/api/v1/nope", Some(&key), None).await?;
+    let (status, _) = api
+        .raw(Method::GET, "/api/v1/nope", Some(&key), None)
+        .await?;
     assert_eq!(status, StatusCode::NOT_FOUND);
     // Nothing was created by the bad requests.
     let page: Page<Task> = api.get("/api/v1/tasks").await?;
     assert!(page.items.is_empty());
     // Last: the server closes a connection whose oversized body it did not read.
     let huge = format!(r#"{{"name":"x","prompt":"{}"}}"#, "p".repeat(5 << 20));
-    let (status, text) = api.raw(Method::POST, "/api/v1/tasks", Some(&key), Some(huge)).await?;
+    let (status, text) = api
+        .raw(Method::POST, "/api/v1/tasks", Some(&key), Some(huge))
+        .await?;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{text}");
     Ok(())
 }
@@ -117,14 +153,25 @@ async fn pause_resume_and_messages_reach_the_daemon() -> anyhow::Result<()> {
     d.accept(&t.id, 1).await?;
     d.expect_ack(&t.id, 1, 1, WAIT).await?;
 
-    let paused: Task = api.post_empty(&format!("/api/v1/tasks/{}/pause", t.id)).await?;
+    let paused: Task = api
+        .post_empty(&format!("/api/v1/tasks/{}/pause", t.id))
+        .await?;
     assert_eq!(paused.status, TaskStatus::Paused);
-    assert!(matches!(d.recv(WAIT).await?, ServerMessage::PauseTask(c) if c.task_id == t.id && c.attempt == 1));
+    assert!(
+        matches!(d.recv(WAIT).await?, ServerMessage::PauseTask(c) if c.task_id == t.id && c.attempt == 1)
+    );
     let (status, body) = api
-        .raw(Method::POST, &format!("/api/v1/tasks/{}/pause", t.id), Some(srv.admin_key()), None)
+        .raw(
+            Method::POST,
+            &format!("/api/v1/tasks/{}/pause", t.id),
+            Some(srv.admin_key()),
+            None,
+        )
         .await?;
     assert_eq!(status, StatusCode::OK, "pausing twice is harmless: {body}");
-    let resumed: Task = api.post_empty(&format!("/api/v1/tasks/{}/resume", t.id)).await?;
+    let resumed: Task = api
+        .post_empty(&format!("/api/v1/tasks/{}/resume", t.id))
+        .await?;
     assert_eq!(resumed.status, TaskStatus::Running);
     assert!(matches!(d.recv(WAIT).await?, ServerMessage::ResumeTask(c) if c.task_id == t.id));
 
@@ -139,7 +186,10 @@ async fn pause_resume_and_messages_reach_the_daemon() -> anyhow::Result<()> {
     assert_eq!(status, StatusCode::ACCEPTED);
     match d.recv(WAIT).await? {
         ServerMessage::SendMessage(m) => {
-            assert_eq!((m.task_id.as_str(), m.attempt, m.message.as_str()), (t.id.as_str(), 1, "also add tests"))
+            assert_eq!(
+                (m.task_id.as_str(), m.attempt, m.message.as_str()),
+                (t.id.as_str(), 1, "also add tests")
+            )
         }
         other => panic!("expected sendMessage, got {other:?}"),
     }
@@ -152,7 +202,12 @@ async fn pause_resume_and_messages_reach_the_daemon() -> anyhow::Result<()> {
     // A queued task cannot be paused.
     let q = api.submit(&task("queued")).await?;
     let (status, body) = api
-        .raw(Method::POST, &format!("/api/v1/tasks/{}/pause", q.id), Some(srv.admin_key()), None)
+        .raw(
+            Method::POST,
+            &format!("/api/v1/tasks/{}/pause", q.id),
+            Some(srv.admin_key()),
+            None,
+        )
         .await?;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert!(body.contains("only a running task can be paused"), "{body}");
@@ -186,7 +241,8 @@ async fn events_resume_from_last_event_id_without_gaps() -> anyhow::Result<()> {
     let late = api.submit(&task("e-late")).await?;
     let spawned = d.expect_spawn(WAIT).await?;
 
-    let mut resumed = EventStream::connect(&url, Some(srv.admin_key()), Some(&last.to_string())).await?;
+    let mut resumed =
+        EventStream::connect(&url, Some(srv.admin_key()), Some(&last.to_string())).await?;
     let mut kinds = Vec::new();
     let (mut saw_late, mut saw_dispatch) = (false, false);
     while !(saw_late && saw_dispatch) {
@@ -203,7 +259,12 @@ async fn events_resume_from_last_event_id_without_gaps() -> anyhow::Result<()> {
     assert!(kinds.contains(&"daemon.connected".to_string()), "{kinds:?}");
     assert!(kinds.contains(&"task.created".to_string()), "{kinds:?}");
     let (status, _) = api
-        .raw(Method::GET, "/api/v1/events?after=x", Some(srv.admin_key()), None)
+        .raw(
+            Method::GET,
+            "/api/v1/events?after=x",
+            Some(srv.admin_key()),
+            None,
+        )
         .await?;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     Ok(())
@@ -249,9 +310,18 @@ async fn status_metrics_and_openapi_describe_the_server() -> anyhow::Result<()> 
     api.submit(&task("m1")).await?;
     d.expect_spawn(WAIT).await?;
     let status: kennel_proto::api::ServerStatus = api.get("/api/v1/status").await?;
-    assert_eq!((status.daemons_connected, status.capacity_total, status.capacity_used), (1, 3, 1));
+    assert_eq!(
+        (
+            status.daemons_connected,
+            status.capacity_total,
+            status.capacity_used
+        ),
+        (1, 3, 1)
+    );
     assert_eq!(status.store, "sqlite");
-    let (code, metrics) = api.raw(Method::GET, "/metrics", Some(srv.admin_key()), None).await?;
+    let (code, metrics) = api
+        .raw(Method::GET, "/metrics", Some(srv.admin_key()), None)
+        .await?;
     assert_eq!(code, StatusCode::OK);
     for name in [
         "kennel_queue_depth",
@@ -262,8 +332,16 @@ async fn status_metrics_and_openapi_describe_the_server() -> anyhow::Result<()> 
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
     let spec: serde_json::Value = api.get("/api/openapi.json").await?;
-    for path in ["/api/v1/tasks", "/api/v1/tasks/{id}/output/stream", "/api/v1/events", "/api/v1/keys"] {
-        assert!(spec["paths"][path].is_object(), "{path} missing from the OpenAPI document");
+    for path in [
+        "/api/v1/tasks",
+        "/api/v1/tasks/{id}/output/stream",
+        "/api/v1/events",
+        "/api/v1/keys",
+    ] {
+        assert!(
+            spec["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
     }
     let (code, html) = api.raw(Method::GET, "/api/docs", None, None).await?;
     assert_eq!(code, StatusCode::OK);

@@ -31,7 +31,19 @@ async fn submit_list_show_and_follow_logs() -> anyhow::Result<()> {
     let mut d = daemon(&srv, "cli", 1).await?;
     let out = kennel(
         &srv,
-        &["task", "submit", "write the docs", "--name", "docs", "--agent", "command", "--label", "x=y", "--priority", "3"],
+        &[
+            "task",
+            "submit",
+            "write the docs",
+            "--name",
+            "docs",
+            "--agent",
+            "command",
+            "--label",
+            "x=y",
+            "--priority",
+            "3",
+        ],
     )
     .await?;
     let (stdout, stderr) = text(&out);
@@ -42,7 +54,10 @@ async fn submit_list_show_and_follow_logs() -> anyhow::Result<()> {
     let out = kennel(&srv, &["task", "list"]).await?;
     let (stdout, _) = text(&out);
     assert!(stdout.starts_with("ID"), "{stdout}");
-    assert!(stdout.contains(&id) && stdout.contains("docs") && stdout.contains("queued"), "{stdout}");
+    assert!(
+        stdout.contains(&id) && stdout.contains("docs") && stdout.contains("queued"),
+        "{stdout}"
+    );
 
     let out = kennel(&srv, &["--json", "task", "show", &id]).await?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
@@ -91,7 +106,11 @@ async fn submit_list_show_and_follow_logs() -> anyhow::Result<()> {
 #[tokio::test]
 async fn keys_are_shown_once_and_can_be_revoked() -> anyhow::Result<()> {
     let srv = server().await?;
-    let out = kennel(&srv, &["keys", "create", "--name", "ci", "--scope", "client"]).await?;
+    let out = kennel(
+        &srv,
+        &["keys", "create", "--name", "ci", "--scope", "client"],
+    )
+    .await?;
     let (key, _) = text(&out);
     let key = key.trim().to_string();
     assert!(key.starts_with("kn_"));
@@ -124,7 +143,10 @@ async fn errors_say_what_to_do() -> anyhow::Result<()> {
         .await?;
     let (_, stderr) = text(&out);
     assert!(!out.status.success());
-    assert!(stderr.contains("listne") && stderr.contains("kennel.toml"), "{stderr}");
+    assert!(
+        stderr.contains("listne") && stderr.contains("kennel.toml"),
+        "{stderr}"
+    );
 
     let out = Command::new(bin())
         .args(["task", "list"])
@@ -133,7 +155,10 @@ async fn errors_say_what_to_do() -> anyhow::Result<()> {
         .output()
         .await?;
     let (_, stderr) = text(&out);
-    assert!(stderr.contains("cannot reach the kennel server"), "{stderr}");
+    assert!(
+        stderr.contains("cannot reach the kennel server"),
+        "{stderr}"
+    );
 
     let out = Command::new(bin())
         .args(["server", "--listen", "127.0.0.1:0"])
@@ -142,11 +167,19 @@ async fn errors_say_what_to_do() -> anyhow::Result<()> {
         .output()
         .await?;
     let (_, stderr) = text(&out);
-    assert!(stderr.contains("scheduler.accept_timeout_secs must be at least 1"), "{stderr}");
+    assert!(
+        stderr.contains("scheduler.accept_timeout_secs must be at least 1"),
+        "{stderr}"
+    );
 
-    let out = Command::new(bin()).args(["task", "--help"]).output().await?;
+    let out = Command::new(bin())
+        .args(["task", "--help"])
+        .output()
+        .await?;
     let (stdout, _) = text(&out);
-    for sub in ["submit", "list", "show", "logs", "cancel", "pause", "resume", "send"] {
+    for sub in [
+        "submit", "list", "show", "logs", "cancel", "pause", "resume", "send",
+    ] {
         assert!(stdout.contains(sub), "{sub} missing from --help");
     }
     Ok(())

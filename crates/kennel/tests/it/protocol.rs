@@ -29,7 +29,8 @@ fn hello(key: &str) -> String {
 #[tokio::test]
 async fn a_wrong_key_is_closed_with_a_reason() -> anyhow::Result<()> {
     let srv = server().await?;
-    let (first, close) = TestDaemon::connect_raw(&srv.ws_url(), hello("kn_0123456789ab_nope")).await?;
+    let (first, close) =
+        TestDaemon::connect_raw(&srv.ws_url(), hello("kn_0123456789ab_nope")).await?;
     match first {
         Some(ServerMessage::Error(e)) => assert_eq!(e.code, ErrorCode::Unauthorized),
         other => panic!("expected an unauthorized error, got {other:?}"),
@@ -49,7 +50,10 @@ async fn a_wrong_key_is_closed_with_a_reason() -> anyhow::Result<()> {
     let dk = srv.api().create_key("worker", &[Scope::Daemon]).await?;
     let d = TestDaemon::connect(&srv.ws_url(), DaemonOpts::with_key(dk.key.clone())).await?;
     drop(d);
-    let _: kennel_proto::api::ApiKey = srv.api().delete(&format!("/api/v1/keys/{}", dk.info.id)).await?;
+    let _: kennel_proto::api::ApiKey = srv
+        .api()
+        .delete(&format!("/api/v1/keys/{}", dk.info.id))
+        .await?;
     let (_, close) = TestDaemon::connect_raw(&srv.ws_url(), hello(&dk.key)).await?;
     assert_eq!(close.expect("closed").0, 4001);
     Ok(())
@@ -58,7 +62,8 @@ async fn a_wrong_key_is_closed_with_a_reason() -> anyhow::Result<()> {
 #[tokio::test]
 async fn the_first_frame_must_authenticate_in_time() -> anyhow::Result<()> {
     let srv = server_with("[server.protocol]\nauth_timeout_secs = 1\n").await?;
-    let (first, close) = TestDaemon::connect_raw(&srv.ws_url(), r#"{"type":"heartbeat"}"#.into()).await?;
+    let (first, close) =
+        TestDaemon::connect_raw(&srv.ws_url(), r#"{"type":"heartbeat"}"#.into()).await?;
     match first {
         Some(ServerMessage::Error(e)) => assert_eq!(e.code, ErrorCode::NotAuthenticated),
         other => panic!("expected notAuthenticated, got {other:?}"),
@@ -95,7 +100,10 @@ async fn the_first_frame_must_authenticate_in_time() -> anyhow::Result<()> {
     // A newer daemon that still speaks v1 is answered in v1.
     future.min_protocol_version = Some(1);
     let d = TestDaemon::connect(&srv.ws_url(), future).await?;
-    assert_eq!(d.authenticated().protocol_version, kennel_proto::PROTOCOL_VERSION);
+    assert_eq!(
+        d.authenticated().protocol_version,
+        kennel_proto::PROTOCOL_VERSION
+    );
     Ok(())
 }
 
@@ -108,21 +116,32 @@ async fn bad_frames_get_errors_and_everyone_carries_on() -> anyhow::Result<()> {
     assert_eq!(bad.authenticated().max_frame_bytes, 4096);
 
     bad.send_raw_text("{not json".into()).await?;
-    assert_eq!(bad.expect_error(WAIT).await?.code, ErrorCode::MalformedFrame);
+    assert_eq!(
+        bad.expect_error(WAIT).await?.code,
+        ErrorCode::MalformedFrame
+    );
     bad.send_raw_binary(vec![1, 2, 3]).await?;
-    assert_eq!(bad.expect_error(WAIT).await?.code, ErrorCode::MalformedFrame);
+    assert_eq!(
+        bad.expect_error(WAIT).await?.code,
+        ErrorCode::MalformedFrame
+    );
     let big = format!(r#"{{"type":"heartbeat","pad":"{}"}}"#, "x".repeat(10_000));
     bad.send_raw_text(big).await?;
     let e = bad.expect_error(WAIT).await?;
     assert_eq!(e.code, ErrorCode::FrameTooLarge);
     assert!(e.message.contains("4096"), "{}", e.message);
-    bad.send_raw_text(r#"{"type":"taskOutput","taskId":"t-1"}"#.into()).await?;
+    bad.send_raw_text(r#"{"type":"taskOutput","taskId":"t-1"}"#.into())
+        .await?;
     let e = bad.expect_error(WAIT).await?;
     assert_eq!(e.code, ErrorCode::InvalidMessage);
     assert!(e.message.contains("missing field"), "{}", e.message);
-    bad.send_raw_text(r#"{"type":"telemetry","cpu":3}"#.into()).await?;
+    bad.send_raw_text(r#"{"type":"telemetry","cpu":3}"#.into())
+        .await?;
     bad.send_raw_text(hello(srv.admin_key())).await?;
-    assert_eq!(bad.expect_error(WAIT).await?.code, ErrorCode::NotAuthenticated);
+    assert_eq!(
+        bad.expect_error(WAIT).await?.code,
+        ErrorCode::NotAuthenticated
+    );
 
     // Both daemons still get work, and out-of-order seqs are refused with the expected seq.
     let t1 = api.submit(&task("after-garbage-1")).await?;
@@ -140,13 +159,21 @@ async fn bad_frames_get_errors_and_everyone_carries_on() -> anyhow::Result<()> {
     assert_eq!(got, want);
 
     let mine = &got[0];
-    let holder = if bad.highest_ack(mine, 1).is_some() { &mut bad } else { &mut good };
+    let holder = if bad.highest_ack(mine, 1).is_some() {
+        &mut bad
+    } else {
+        &mut good
+    };
     holder.set_seq(mine, 1, 5);
     holder.output(mine, 1, "too early").await?;
     let e = holder.expect_error(WAIT).await?;
     assert_eq!(e.code, ErrorCode::SeqGap);
     assert_eq!(e.expected_seq, Some(2));
-    assert_eq!(api.output(mine, Some(1), 0).await?.items.len(), 0, "nothing applied");
+    assert_eq!(
+        api.output(mine, Some(1), 0).await?.items.len(),
+        0,
+        "nothing applied"
+    );
     Ok(())
 }
 
@@ -165,8 +192,11 @@ async fn replayed_output_is_applied_once_and_in_order() -> anyhow::Result<()> {
 
     // Replay 4..=6 (as an outbox does after a reconnect), then continue with 7 and 8.
     d.drop_connection().await;
-    d.reconnect(vec![kennel_proto::link::TaskRef { task_id: t.id.clone(), attempt: 1 }])
-        .await?;
+    d.reconnect(vec![kennel_proto::link::TaskRef {
+        task_id: t.id.clone(),
+        attempt: 1,
+    }])
+    .await?;
     d.set_seq(&t.id, 1, 4);
     for i in 4..=8 {
         d.output(&t.id, 1, &format!("line {i}")).await?;
@@ -174,11 +204,19 @@ async fn replayed_output_is_applied_once_and_in_order() -> anyhow::Result<()> {
     d.expect_ack(&t.id, 1, 8, WAIT).await?;
 
     let out = api.output(&t.id, Some(1), 0).await?;
-    let got: Vec<(u64, String)> = out.items.iter().map(|c| (c.seq, c.output.clone())).collect();
+    let got: Vec<(u64, String)> = out
+        .items
+        .iter()
+        .map(|c| (c.seq, c.output.clone()))
+        .collect();
     let want: Vec<(u64, String)> = (2..=8).map(|i| (i, format!("line {i}"))).collect();
     assert_eq!(got, want, "every line once, in order");
     let page2 = api.output(&t.id, Some(1), 5).await?;
-    assert_eq!(page2.items.first().map(|c| c.seq), Some(6), "paged by after_seq");
+    assert_eq!(
+        page2.items.first().map(|c| c.seq),
+        Some(6),
+        "paged by after_seq"
+    );
     Ok(())
 }
 

@@ -17,13 +17,19 @@ async fn an_unaccepted_lease_expires_and_the_task_is_retried() -> anyhow::Result
     assert_eq!((first.task_id.as_str(), first.attempt), (t.id.as_str(), 1));
     // Say nothing: the lease runs out and attempt 2 is dispatched.
     let second = d.expect_spawn(WAIT).await?;
-    assert_eq!((second.task_id.as_str(), second.attempt), (t.id.as_str(), 2));
+    assert_eq!(
+        (second.task_id.as_str(), second.attempt),
+        (t.id.as_str(), 2)
+    );
 
     // The late answer for attempt 1 is refused, not applied.
     d.accept(&t.id, 1).await?;
     let err = d.expect_error(WAIT).await?;
     assert_eq!(err.code, ErrorCode::StaleAttempt);
-    assert_eq!((err.task_id.as_deref(), err.attempt), (Some(t.id.as_str()), Some(1)));
+    assert_eq!(
+        (err.task_id.as_deref(), err.attempt),
+        (Some(t.id.as_str()), Some(1))
+    );
 
     d.accept(&t.id, 2).await?;
     d.complete(&t.id, 2, true).await?;
@@ -32,7 +38,10 @@ async fn an_unaccepted_lease_expires_and_the_task_is_retried() -> anyhow::Result
     assert_eq!(detail.task.status, TaskStatus::Completed);
     assert_eq!(detail.task.attempt, 2);
     let statuses: Vec<_> = detail.attempts.iter().map(|a| a.status).collect();
-    assert_eq!(statuses, vec![AttemptStatus::Expired, AttemptStatus::Completed]);
+    assert_eq!(
+        statuses,
+        vec![AttemptStatus::Expired, AttemptStatus::Completed]
+    );
     Ok(())
 }
 
@@ -52,10 +61,17 @@ async fn a_lost_daemon_loses_its_task_to_a_new_attempt_and_its_messages_are_refu
     a.drop_connection().await;
     // After the grace the task is retried on b with a new attempt.
     let retry = b.expect_spawn(WAIT).await?;
-    assert_eq!((retry.task_id.as_str(), retry.attempt), (s.task_id.as_str(), 2));
+    assert_eq!(
+        (retry.task_id.as_str(), retry.attempt),
+        (s.task_id.as_str(), 2)
+    );
 
     // a comes back too late, still claiming attempt 1: it is told to drop it.
-    a.reconnect(vec![TaskRef { task_id: t.id.clone(), attempt: 1 }]).await?;
+    a.reconnect(vec![TaskRef {
+        task_id: t.id.clone(),
+        attempt: 1,
+    }])
+    .await?;
     let err = a.expect_error(WAIT).await?;
     assert_eq!(err.code, ErrorCode::StaleAttempt);
     a.output(&t.id, 1, "late output").await?;
@@ -64,11 +80,22 @@ async fn a_lost_daemon_loses_its_task_to_a_new_attempt_and_its_messages_are_refu
 
     b.accept(&t.id, 2).await?;
     b.complete(&t.id, 2, true).await?;
-    let done = wait_task_status(&srv.url(), srv.admin_key(), &t.id, TaskStatus::Completed, WAIT).await?;
+    let done = wait_task_status(
+        &srv.url(),
+        srv.admin_key(),
+        &t.id,
+        TaskStatus::Completed,
+        WAIT,
+    )
+    .await?;
     assert_eq!(done.attempt, 2);
     let out1 = api.output(&t.id, Some(1), 0).await?;
     let texts: Vec<_> = out1.items.iter().map(|c| c.output.as_str()).collect();
-    assert_eq!(texts, vec!["from attempt one"], "the late output was not stored");
+    assert_eq!(
+        texts,
+        vec!["from attempt one"],
+        "the late output was not stored"
+    );
     let detail = api.task(&t.id).await?;
     assert_eq!(detail.attempts[0].status, AttemptStatus::Lost);
     Ok(())
@@ -110,7 +137,11 @@ async fn a_daemon_that_reconnects_within_the_grace_keeps_its_task() -> anyhow::R
     let id_before = a.daemon_id().to_string();
 
     a.drop_connection().await;
-    a.reconnect(vec![TaskRef { task_id: t.id.clone(), attempt: 1 }]).await?;
+    a.reconnect(vec![TaskRef {
+        task_id: t.id.clone(),
+        attempt: 1,
+    }])
+    .await?;
     assert_eq!(a.daemon_id(), id_before, "same machine, same daemon id");
     a.output(&t.id, 1, "after").await?;
     a.complete(&t.id, 1, true).await?;
@@ -162,13 +193,25 @@ async fn kill_9_of_the_server_loses_no_accepted_task() -> anyhow::Result<()> {
 
     let page: Page<Task> = api.get("/api/v1/tasks?limit=100").await?;
     assert_eq!(page.items.len(), 21, "every accepted task is still there");
-    let still_queued = page.items.iter().filter(|t| t.status == TaskStatus::Queued).count();
+    let still_queued = page
+        .items
+        .iter()
+        .filter(|t| t.status == TaskStatus::Queued)
+        .count();
     assert_eq!(still_queued, 20);
-    let r = page.items.iter().find(|t| t.id == running.id).expect("running task listed");
+    let r = page
+        .items
+        .iter()
+        .find(|t| t.id == running.id)
+        .expect("running task listed");
     assert_eq!(r.status, TaskStatus::Running);
 
     // The daemon comes back with its task and finishes it; then the queue drains to it.
-    d.reconnect(vec![TaskRef { task_id: running.id.clone(), attempt: 1 }]).await?;
+    d.reconnect(vec![TaskRef {
+        task_id: running.id.clone(),
+        attempt: 1,
+    }])
+    .await?;
     d.output(&running.id, 1, "line 2").await?;
     d.complete(&running.id, 1, true).await?;
     d.expect_ack(&running.id, 1, 4, WAIT).await?;
@@ -188,10 +231,14 @@ async fn cancel_interrupts_a_running_task_and_refuses_its_later_reports() -> any
     let t = api.submit(&task("cancel-me")).await?;
     d.expect_spawn(WAIT).await?;
     d.accept(&t.id, 1).await?;
-    let cancelled: Task = api.post_empty(&format!("/api/v1/tasks/{}/cancel", t.id)).await?;
+    let cancelled: Task = api
+        .post_empty(&format!("/api/v1/tasks/{}/cancel", t.id))
+        .await?;
     assert_eq!(cancelled.status, TaskStatus::Cancelled);
     match d.recv(WAIT).await? {
-        ServerMessage::InterruptTask(i) => assert_eq!((i.task_id.as_str(), i.attempt), (t.id.as_str(), 1)),
+        ServerMessage::InterruptTask(i) => {
+            assert_eq!((i.task_id.as_str(), i.attempt), (t.id.as_str(), 1))
+        }
         ServerMessage::Ack(_) => match d.recv(WAIT).await? {
             ServerMessage::InterruptTask(i) => assert_eq!(i.task_id, t.id),
             other => panic!("expected interruptTask, got {other:?}"),
@@ -205,7 +252,9 @@ async fn cancel_interrupts_a_running_task_and_refuses_its_later_reports() -> any
 
     // A queued task cancels at once and is never dispatched.
     let q = api.submit(&task("queued-cancel")).await?;
-    let c: Task = api.post_empty(&format!("/api/v1/tasks/{}/cancel", q.id)).await?;
+    let c: Task = api
+        .post_empty(&format!("/api/v1/tasks/{}/cancel", q.id))
+        .await?;
     assert_eq!(c.status, TaskStatus::Cancelled);
     Ok(())
 }

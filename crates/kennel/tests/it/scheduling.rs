@@ -57,7 +57,10 @@ async fn capacity_is_respected() -> anyhow::Result<()> {
     let t3 = api.submit(&task("c3")).await?;
     let s1 = d.expect_spawn(WAIT).await?;
     let s2 = d.expect_spawn(WAIT).await?;
-    assert_eq!([s1.task_id.as_str(), s2.task_id.as_str()], [t1.id.as_str(), t2.id.as_str()]);
+    assert_eq!(
+        [s1.task_id.as_str(), s2.task_id.as_str()],
+        [t1.id.as_str(), t2.id.as_str()]
+    );
     d.accept(&s1.task_id, 1).await?;
     d.accept(&s2.task_id, 1).await?;
     d.expect_ack(&s2.task_id, 1, 1, WAIT).await?;
@@ -65,9 +68,15 @@ async fn capacity_is_respected() -> anyhow::Result<()> {
     let third = api.task(&t3.id).await?;
     assert_eq!(third.task.status, TaskStatus::Queued, "no third slot");
     let daemons: Vec<Daemon> = api.get("/api/v1/daemons").await?;
-    let me = daemons.iter().find(|x| x.machine_id == "cap").expect("daemon listed");
+    let me = daemons
+        .iter()
+        .find(|x| x.machine_id == "cap")
+        .expect("daemon listed");
     assert_eq!((me.active_tasks, me.max_concurrent_tasks), (2, 2));
-    assert!(crate::only_acks_pending(&mut d), "nothing beyond capacity was sent");
+    assert!(
+        crate::only_acks_pending(&mut d),
+        "nothing beyond capacity was sent"
+    );
 
     d.complete(&s1.task_id, 1, true).await?;
     let s3 = d.expect_spawn(WAIT).await?;
@@ -161,7 +170,10 @@ async fn a_drained_daemon_gets_no_new_work() -> anyhow::Result<()> {
     let mut b = daemon(&srv, "drain-b", 2).await?;
     let s2 = b.expect_spawn(WAIT).await?;
     assert_eq!(s2.task_id, t2.id);
-    assert!(crate::only_acks_pending(&mut a), "the drained daemon got nothing");
+    assert!(
+        crate::only_acks_pending(&mut a),
+        "the drained daemon got nothing"
+    );
     let done: Task = api.task(&t1.id).await?.task;
     assert_eq!(done.status, TaskStatus::Completed);
     Ok(())
