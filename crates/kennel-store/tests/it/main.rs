@@ -1,0 +1,262 @@
+//! The `Store` contract, checked through the trait on a real SQLite file: exactly-once
+//! reports, conditional dispatch, retries and terminal states, events in commit order, keys,
+//! and that committed state is there after reopening the file.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use kennel_proto::api::{ApiKey, Scope};
+use kennel_proto::link::OutputStream;
+use kennel_proto::{AttemptStatus, TaskStatus};
+use kennel_store::{
+    Applied, DaemonHello, Dispatch, Effect, EndAttempt, KeyRecord, NewTask, Report, SqliteStore,
+    Store, TaskFilter,
+};
+
+const NOW: i64 = 1_790_000_000_000;
+
+async fn open(dir: &tempfile::TempDir) -> Arc<dyn Store> {
+    Arc::new(
+        SqliteStore::open(&dir.path().join("kennel.db"))
+            .await
+            .expect("open store"),
+    )
+}
+
+fn new_task(id: &str, max_attempts: u32) -> NewTask {
+    NewTask {
+        id: id.to_string(),
+        name: id.to_string(),
+        prompt: "p".into(),
+        repo: None,
+        agent: "command".into(),
+        labels: BTreeMap::new(),
+        priority: 0,
+        env: BTreeMap::new(),
+        timeout_secs: None,
+        max_attempts,
+    }
+}
+
+fn hello(machine: &str) -> DaemonHello {
+    DaemonHello {
+        machine_id: machine.into(),
+        hostname: machine.into(),
+        max_concurrent_tasks: 2,
+        labels: BTreeMap::new(),
+        agents: vec!["command".into()],
+        version: "t".into(),
+        protocol_version: 1,
+        remote_addr: None,
+    }
+}
+
+fn report(daemon: &str, task: &str, attempt: u32, seq: u64, effect: Effect) -> Report {
+    Report {
+        daemon_id: daemon.into(),
+        task_id: task.into(),
+        attempt,
+        seq,
+        effect,
+    }
+}
+
+fn out(text: &str) -> Effect {
+    Effect::Output {
+        stream: OutputStream::Stdout,
+        output: text.into(),
+        is_partial: false,
+    }
+}
+
+async fn dispatched(store: &dyn Store, task: &str, attempt: u32, daemon: &str) {
+    let r = store
+        .dispatch(
+            &[Dispatch {
+                task_id: task.into(),
+                attempt,
+                daemon_id: daemon.into(),
+            }],
+            NOW,
+        )
+        .await
+        .expect("dispatch");
+    assert!(r[0].is_some(), "dispatch of {task} attempt {attempt} applied");
+}
+
+#[tokio::test]
+async fn reports_apply_exactly_once_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    store.create_task(new_task("t1", 3), NOW).await.unwrap();
+    store.daemon_connected("d1", &hello("m1"), NOW).await.unwrap();
+    dispatched(store.as_ref(), "t1", 1, "d1").await;
+
+    let batch = vec![
+        report("d1", "t1", 1, 1, Effect::Accepted),
+        report("d1", "t1", 1, 2, out("a")),
+        report("d1", "t1", 1, 2, out("a again")),
+        report("d1", "t1", 1, 4, out("gap")),
+        report("d1", "t1", 1, 3, out("b")),
+        report("d2", "t1", 1, 4, out("not the holder")),
+        report("d1", "t1", 2, 1, Effect::Accepted),
+    ];
+    let r = store.apply(&batch, NOW).await.unwrap();
+    assert!(matches!(r[0], Applied::Done { .. }));
+    assert!(matches!(r[1], Applied::Done { .. }));
+    assert_eq!(r[2], Applied::Duplicate { last_seq: 2 });
+    assert_eq!(r[3], Applied::Gap { expected: 3 });
+    assert!(matches!(r[4], Applied::Done { .. }));
+    assert!(matches!(r[5], Applied::Stale { .. }));
+    assert!(matches!(r[6], Applied::Stale { .. }));
+
+    let chunks = store.task_output("t1", 1, 0, 100).await.unwrap();
+    let got: Vec<_> = chunks.iter().map(|c| (c.seq, c.output.as_str())).collect();
+    assert_eq!(got, vec![(2, "a"), (3, "b")]);
+    let task = store.get_task("t1").await.unwrap().unwrap();
+    assert_eq!(task.status, TaskStatus::Running);
+
+    let done = store
+        .apply(
+            &[report(
+                "d1",
+                "t1",
+                1,
+                4,
+                Effect::Complete {
+                    success: true,
+                    error: None,
+                    exit_code: Some(0),
+                    branch: Some("kennel/t1".into()),
+                    commit: Some("abc123".into()),
+                },
+            )],
+            NOW,
+        )
+        .await
+        .unwrap();
+    let Applied::Done { events, task } = &done[0] else {
+        panic!("complete applied: {done:?}");
+    };
+    assert_eq!(events.len(), 1);
+    let task = task.as_ref().expect("task changed");
+    assert_eq!(task.status, TaskStatus::Completed);
+    assert_eq!(task.branch.as_deref(), Some("kennel/t1"));
+    // After completion, further reports of the attempt are stale (a replayed duplicate is not).
+    let after = store
+        .apply(&[report("d1", "t1", 1, 4, out("dup")), report("d1", "t1", 1, 5, out("late"))], NOW)
+        .await
+        .unwrap();
+    assert_eq!(after[0], Applied::Duplicate { last_seq: 4 });
+    assert!(matches!(after[1], Applied::Stale { .. }));
+}
+
+#[tokio::test]
+async fn dispatch_is_conditional_and_attempts_end_with_retry_or_terminal_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    store.create_task(new_task("t1", 2), NOW).await.unwrap();
+    dispatched(store.as_ref(), "t1", 1, "d1").await;
+    // A second dispatch of the same attempt (another coordinator, a race) does nothing.
+    let again = store
+        .dispatch(
+            &[Dispatch {
+                task_id: "t1".into(),
+                attempt: 1,
+                daemon_id: "d2".into(),
+            }],
+            NOW,
+        )
+        .await
+        .unwrap();
+    assert!(again[0].is_none());
+
+    let end = |attempt, status| EndAttempt {
+        task_id: "t1",
+        attempt,
+        status,
+        reason: "daemon lost",
+        retry: true,
+        terminal: TaskStatus::Lost,
+    };
+    let ended = store.end_attempt(&end(1, AttemptStatus::Lost), NOW).await.unwrap().unwrap();
+    assert_eq!(ended.task.status, TaskStatus::Queued, "attempts remain: requeued");
+    assert!(store.end_attempt(&end(1, AttemptStatus::Lost), NOW).await.unwrap().is_none());
+    dispatched(store.as_ref(), "t1", 2, "d2").await;
+    let ended = store.end_attempt(&end(2, AttemptStatus::Lost), NOW).await.unwrap().unwrap();
+    assert_eq!(ended.task.status, TaskStatus::Lost, "no attempts left");
+    assert!(ended.task.error.unwrap_or_default().contains("no attempts left (2 of 2)"));
+    let attempts = store.list_attempts("t1").await.unwrap();
+    let statuses: Vec<_> = attempts.iter().map(|a| a.status).collect();
+    assert_eq!(statuses, vec![AttemptStatus::Lost, AttemptStatus::Lost]);
+
+    store.create_task(new_task("t2", 3), NOW).await.unwrap();
+    assert!(store.cancel_queued("t2", NOW).await.unwrap().is_some());
+    assert!(store.cancel_queued("t2", NOW).await.unwrap().is_none());
+    let counts = store.count_tasks().await.unwrap();
+    assert_eq!(counts.get(&TaskStatus::Cancelled), Some(&1));
+    assert_eq!(counts.get(&TaskStatus::Lost), Some(&1));
+}
+
+#[tokio::test]
+async fn state_and_events_survive_reopening_in_commit_order() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(&dir).await;
+        for i in 0..5 {
+            store.create_task(new_task(&format!("t{i}"), 1), NOW + i).await.unwrap();
+        }
+        dispatched(store.as_ref(), "t0", 1, "d1").await;
+    }
+    let store = open(&dir).await;
+    let queued: Vec<_> = store
+        .queued_tasks()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|q| q.task.id)
+        .collect();
+    assert_eq!(queued, vec!["t1", "t2", "t3", "t4"]);
+    let active = store.active_tasks().await.unwrap();
+    assert_eq!(active.len(), 1);
+    let events = store.events_after(0, 100).await.unwrap();
+    let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
+    assert_eq!(ids, (1..=6).collect::<Vec<_>>());
+    assert_eq!(events[5].kind, "task.status");
+    let page = store
+        .list_tasks(&TaskFilter {
+            status: Some(TaskStatus::Queued),
+            daemon_id: None,
+            before: None,
+            limit: 2,
+        })
+        .await
+        .unwrap();
+    let ids: Vec<_> = page.iter().map(|q| q.task.id.as_str()).collect();
+    assert_eq!(ids, vec!["t4", "t3"], "newest first");
+}
+
+#[tokio::test]
+async fn keys_are_stored_hashed_and_revocable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let rec = KeyRecord {
+        info: ApiKey {
+            id: "0123456789ab".into(),
+            name: "ci".into(),
+            scopes: vec![Scope::Client, Scope::Daemon],
+            created_at: "2026-11-21T00:00:00Z".into(),
+            last_used_at: None,
+            revoked_at: None,
+        },
+        hash: vec![7; 32],
+    };
+    store.insert_key(&rec).await.unwrap();
+    let found = store.find_key("0123456789ab").await.unwrap().unwrap();
+    assert_eq!(found.hash, vec![7; 32]);
+    assert_eq!(found.info.scopes, vec![Scope::Client, Scope::Daemon]);
+    assert_eq!(store.count_keys().await.unwrap(), 1);
+    let revoked = store.revoke_key("0123456789ab", NOW).await.unwrap().unwrap();
+    assert!(revoked.revoked_at.is_some());
+    assert!(store.revoke_key("nope", NOW).await.unwrap().is_none());
+}
