@@ -1009,3 +1009,128 @@ fn spawn_message(task: &Task, attempt: u32) -> SpawnTask {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: &str, priority: i32, agent: &str, labels: &[(&str, &str)]) -> Task {
+        Task {
+            id: id.into(),
+            name: id.into(),
+            prompt: "p".into(),
+            repo: None,
+            agent: agent.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            priority,
+            env: BTreeMap::new(),
+            timeout_secs: None,
+            max_attempts: 3,
+            status: TaskStatus::Queued,
+            attempt: 0,
+            daemon_id: None,
+            created_at: String::new(),
+            updated_at: String::new(),
+            finished_at: None,
+            error: None,
+            exit_code: None,
+            branch: None,
+            commit: None,
+        }
+    }
+
+    fn slot(st: &mut State, id: &str, max: u32, labels: &[(&str, &str)]) {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        st.daemons.insert(
+            id.into(),
+            DaemonSlot {
+                id: id.into(),
+                max,
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                agents: ["command".to_string()].into(),
+                draining: false,
+                conn: Some(Conn { id: 1, tx }),
+                held: HashSet::new(),
+                last_pick: 0,
+                generation: 0,
+            },
+        );
+    }
+
+    fn picked(st: &mut State) -> Vec<(String, String)> {
+        st.pick(100)
+            .into_iter()
+            .map(|(_, d)| (d.task_id, d.daemon_id))
+            .collect()
+    }
+
+    #[test]
+    fn spreads_over_the_least_loaded_daemons() {
+        let mut st = State::default();
+        slot(&mut st, "a", 2, &[]);
+        slot(&mut st, "b", 2, &[]);
+        st.daemons
+            .get_mut("a")
+            .map(|d| d.held.insert("busy".into()));
+        for i in 0..3 {
+            st.enqueue(task(&format!("t{i}"), 0, "command", &[]));
+        }
+        let got = picked(&mut st);
+        // b is idle so it goes first; then both hold one and a (idle longer) takes one; full.
+        assert_eq!(
+            got,
+            vec![
+                ("t0".into(), "b".into()),
+                ("t1".into(), "a".into()),
+                ("t2".into(), "b".into())
+            ]
+        );
+        assert!(st.queue.is_empty());
+        assert!(picked(&mut st).is_empty());
+    }
+
+    #[test]
+    fn priority_then_fifo_and_unmatched_tasks_do_not_block() {
+        let mut st = State::default();
+        slot(&mut st, "gpu", 1, &[("gpu", "yes")]);
+        slot(&mut st, "cpu", 2, &[]);
+        st.enqueue(task("t-01-low", 0, "command", &[]));
+        st.enqueue(task("t-02-codex", 9, "codex", &[]));
+        st.enqueue(task("t-03-high", 5, "command", &[]));
+        st.enqueue(task("t-04-gpu", 1, "command", &[("gpu", "yes")]));
+        let got = picked(&mut st);
+        // Equal load: the daemon with more free slots wins, so the plain task leaves the
+        // labelled daemon to the task that needs it.
+        assert_eq!(
+            got,
+            vec![
+                ("t-03-high".into(), "cpu".into()),
+                ("t-04-gpu".into(), "gpu".into()),
+                ("t-01-low".into(), "cpu".into()),
+            ]
+        );
+        assert!(
+            !got.iter().any(|(t, _)| t == "t-02-codex"),
+            "no daemon offers codex"
+        );
+        assert_eq!(st.queue.len(), 1);
+    }
+
+    #[test]
+    fn draining_and_disconnected_daemons_get_nothing() {
+        let mut st = State::default();
+        slot(&mut st, "drained", 4, &[]);
+        slot(&mut st, "gone", 4, &[]);
+        st.daemons.get_mut("drained").map(|d| d.draining = true);
+        st.daemons.get_mut("gone").map(|d| d.conn = None);
+        st.enqueue(task("t1", 0, "command", &[]));
+        assert!(picked(&mut st).is_empty());
+        assert_eq!(st.queue.len(), 1);
+    }
+}
