@@ -248,6 +248,8 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
     let timings = Arc::new(Mutex::new(Timings::default()));
     let completed = Arc::new(AtomicU64::new(0));
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(args.daemons as usize + 1);
+    // Set before the server is stopped, so the daemons' disconnects are not reported as errors.
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     for n in 0..args.daemons {
         let (u, t, c, r) = (
             ws_url.clone(),
@@ -256,9 +258,13 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
             ready_tx.clone(),
         );
         let cap = args.capacity;
+        let stopping = stopping.clone();
         tokio::spawn(async move {
-            if let Err(e) = run_daemon(u, n, cap, t, c, r).await {
-                eprintln!("daemon {n} stopped: {e:#}");
+            let result = run_daemon(u, n, cap, t, c, r).await;
+            if let Err(e) = result {
+                if !stopping.load(Ordering::Relaxed) {
+                    eprintln!("daemon {n} stopped: {e:#}");
+                }
             }
         });
     }
@@ -365,6 +371,7 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
             args.concurrency
         );
     }
+    stopping.store(true, Ordering::Relaxed);
     drop(server);
     Ok(())
 }

@@ -121,8 +121,12 @@ impl Connection {
                 return;
             }
             Err(e) => {
-                let msg = e.to_string();
-                send_now(&mut socket, ServerMessage::error(e.code(), &msg)).await;
+                let msg = format!("the first frame must be a valid `authenticate`: {e}");
+                send_now(
+                    &mut socket,
+                    ServerMessage::error(ErrorCode::NotAuthenticated, &msg),
+                )
+                .await;
                 close_now(&mut socket, close::PROTOCOL, &truncate(&msg, 120)).await;
                 return;
             }
