@@ -29,10 +29,16 @@ struct Cli {
     cmd: Cmd,
 }
 
+mod daemon_bench;
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Dispatch latency at a fixed submit rate, then sustained throughput.
     Dispatch(DispatchArgs),
+    /// Daemon: time from spawnTask to the agent running.
+    Spawn(daemon_bench::SpawnArgs),
+    /// Daemon: worktree creation time for a large repository.
+    Worktree(daemon_bench::WorktreeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -81,7 +87,7 @@ impl Drop for ServerProc {
 }
 
 /// A temporary directory removed on drop (no extra dependency for one directory).
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -138,7 +144,7 @@ async fn run_daemon(
     completed: Arc<AtomicU64>,
     ready: tokio::sync::mpsc::Sender<()>,
 ) -> anyhow::Result<()> {
-    let (ws, _) = tokio_tungstenite::connect_async(&ws_url).await?;
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(&ws_url, None, true).await?;
     let (mut sink, mut stream) = ws.split();
     let hello = DaemonMessage::Authenticate(Authenticate {
         api_key: Secret(ADMIN_KEY.into()),
@@ -194,7 +200,7 @@ async fn run_daemon(
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -202,7 +208,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -391,6 +397,8 @@ fn main() -> std::process::ExitCode {
     let r = rt.block_on(async {
         match cli.cmd {
             Cmd::Dispatch(a) => dispatch(a).await,
+            Cmd::Spawn(a) => daemon_bench::spawn(a).await,
+            Cmd::Worktree(a) => daemon_bench::worktree(a).await,
         }
     });
     match r {

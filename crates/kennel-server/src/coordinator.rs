@@ -1075,9 +1075,9 @@ mod tests {
         let mut st = State::default();
         slot(&mut st, "a", 2, &[]);
         slot(&mut st, "b", 2, &[]);
-        st.daemons
-            .get_mut("a")
-            .map(|d| d.held.insert("busy".into()));
+        if let Some(d) = st.daemons.get_mut("a") {
+            d.held.insert("busy".into());
+        }
         for i in 0..3 {
             st.enqueue(task(&format!("t{i}"), 0, "command", &[]));
         }
@@ -1127,8 +1127,12 @@ mod tests {
         let mut st = State::default();
         slot(&mut st, "drained", 4, &[]);
         slot(&mut st, "gone", 4, &[]);
-        st.daemons.get_mut("drained").map(|d| d.draining = true);
-        st.daemons.get_mut("gone").map(|d| d.conn = None);
+        if let Some(d) = st.daemons.get_mut("drained") {
+            d.draining = true;
+        }
+        if let Some(d) = st.daemons.get_mut("gone") {
+            d.conn = None;
+        }
         st.enqueue(task("t1", 0, "command", &[]));
         assert!(picked(&mut st).is_empty());
         assert_eq!(st.queue.len(), 1);

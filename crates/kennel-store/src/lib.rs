@@ -36,17 +36,34 @@ pub fn rfc3339(ms: Millis) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
-    #[error("failed to run database migrations: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Database(#[from] rusqlite::Error),
+    #[error("failed to apply database migration {version}: {source}")]
+    Migrate {
+        version: u32,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
+        "the database schema is at version {found} but this kennel knows only up to {known}; \
+         run a newer kennel or restore a matching backup"
+    )]
+    SchemaTooNew { found: u32, known: u32 },
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("failed to open database at {path}: {source}")]
     Open {
         path: String,
         #[source]
-        source: sqlx::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The group transaction this operation ran in could not be started or committed; nothing
+    /// of it was stored. Shared because every operation of the group reports the same cause.
+    #[error("failed to commit to the database: {0}")]
+    Commit(std::sync::Arc<rusqlite::Error>),
+    #[error("the store's writer thread stopped; restart kennel")]
+    WriterStopped,
+    #[error("a store operation did not finish: {0}")]
+    Aborted(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

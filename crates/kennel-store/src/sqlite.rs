@@ -1,79 +1,110 @@
-//! The embedded SQLite store: one file in WAL mode, one writer connection (so writers never
-//! race for the lock) and a small pool of readers that never block it.
+//! The embedded SQLite store: one file in WAL mode, one writer thread that owns the only
+//! read-write connection (so writers never race for the lock) and a small pool of read-only
+//! connections that never block it.
 //!
-//! `synchronous=NORMAL` in WAL mode keeps every committed transaction across a `kill -9` of the
-//! process (the WAL is in the OS page cache); only a power loss can drop the last commits.
+//! Writes are closures run by the writer thread with group commit (see [`writer`]): concurrent
+//! callers share one transaction and one commit, each in its own savepoint, and a caller gets
+//! its answer only once its changes are committed. A reply means committed: `kill -9` after it
+//! loses nothing. This module holds the SQL; it must keep each trait method's effects in one
+//! job, so they commit or roll back together with the events they write.
+
+mod checkpointer;
+mod readers;
+mod schema;
+mod writer;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use kennel_proto::api::{ApiKey, Attempt, Daemon, Event, OutputChunk, Task};
 use kennel_proto::link::{OutputStream, RepoSpec};
 use kennel_proto::{AttemptStatus, TaskStatus};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
-};
-use sqlx::{Row, Sqlite, Transaction};
+use rusqlite::types::ToSql;
+use rusqlite::{params, Connection, OptionalExtension, Row};
 
+use self::checkpointer::Checkpointer;
+use self::readers::Readers;
+use self::writer::Writer;
 use crate::{
     parse_scopes, rfc3339, Applied, DaemonHello, Dispatch, Effect, EndAttempt, Ended, KeyRecord,
     Millis, NewTask, QueuedTask, Report, Result, Store, StoreError, TaskFilter,
 };
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-
-/// SQLite implementation of [`Store`].
+/// SQLite implementation of [`Store`]. Cloning shares the writer thread and the read pool.
 #[derive(Clone)]
 pub struct SqliteStore {
-    writer: SqlitePool,
-    reader: SqlitePool,
+    writer: Writer,
+    readers: Arc<Readers>,
 }
 
-const TASK_COLUMNS: &str =
-    "seq, id, name, prompt, repo_url, base_branch, agent, labels, priority, env, \
-     timeout_secs, max_attempts, status, attempt, daemon_id, created_at, updated_at, finished_at, \
-     error, exit_code, branch, commit_sha";
+/// The columns [`task_from_row`] reads, in its order.
+macro_rules! task_columns {
+    () => {
+        "seq, id, name, prompt, repo_url, base_branch, agent, labels, priority, env, \
+         timeout_secs, max_attempts, status, attempt, daemon_id, created_at, updated_at, \
+         finished_at, error, exit_code, branch, commit_sha"
+    };
+}
+
+/// A daemon with its live task count, as [`daemon_from_row`] reads it.
+macro_rules! daemon_select {
+    () => {
+        "SELECT d.*, (SELECT COUNT(*) FROM tasks t WHERE t.daemon_id = d.id \
+         AND t.status IN ('dispatched','running','paused')) AS active_tasks FROM daemons d"
+    };
+}
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database file and runs migrations.
+    /// Opens (creating if needed) the database file, runs migrations and starts the writer.
     pub async fn open(path: &Path) -> Result<Self> {
-        if let Some(dir) = path.parent() {
-            if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
-                    path: path.display().to_string(),
-                    source: sqlx::Error::Io(e),
-                })?;
-            }
-        }
-        let opts = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true)
-            .pragma("cache_size", "-32000");
-        let open_err = |source| StoreError::Open {
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || Self::open_blocking(&path))
+            .await
+            .map_err(|e| StoreError::Aborted(format!("opening the database failed: {e}")))?
+    }
+
+    fn open_blocking(path: &Path) -> Result<Self> {
+        let open_err = |source: Box<dyn std::error::Error + Send + Sync>| StoreError::Open {
             path: path.display().to_string(),
             source,
         };
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .connect_with(opts.clone())
-            .await
-            .map_err(open_err)?;
-        MIGRATOR.run(&writer).await?;
-        let reader = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts.read_only(true))
-            .await
-            .map_err(open_err)?;
-        Ok(SqliteStore { writer, reader })
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| open_err(e.into()))?;
+            }
+        }
+        let mut conn = schema::open_writer(path).map_err(|e| open_err(e.into()))?;
+        schema::migrate(&mut conn)?;
+        let first_reader = schema::open_reader(path).map_err(|e| open_err(e.into()))?;
+        let checkpoints = schema::open_checkpointer(path)
+            .map_err(|e| open_err(e.into()))
+            .and_then(|c| Checkpointer::start(c).map_err(|e| open_err(e.into())))?;
+        let writer = Writer::start(conn, checkpoints).map_err(|e| open_err(e.into()))?;
+        Ok(SqliteStore {
+            writer,
+            readers: Arc::new(Readers::new(path.to_path_buf(), first_reader)),
+        })
+    }
+
+    /// Runs `work` on the writer, in a transaction shared with concurrent writes.
+    async fn write<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.writer.call(work).await
+    }
+
+    /// Runs `work` on a read-only connection: sees everything committed before it starts.
+    async fn read<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.readers.call(work).await
     }
 }
 
@@ -91,130 +122,169 @@ fn status<T: FromStr>(s: &str) -> Result<T> {
         .map_err(|_| StoreError::Corrupt(format!("unknown status `{s}`")))
 }
 
-fn task_from_row(row: &SqliteRow) -> Result<QueuedTask> {
-    let repo_url: Option<String> = row.try_get("repo_url")?;
-    let base_branch: Option<String> = row.try_get("base_branch")?;
-    let opt_ms = |col: &str| -> Result<Option<String>> {
-        Ok(row.try_get::<Option<i64>, _>(col)?.map(rfc3339))
-    };
+/// Reads a row of [`task_columns!`].
+fn task_from_row(row: &Row<'_>) -> Result<QueuedTask> {
+    let repo_url: Option<String> = row.get(4)?;
+    let base_branch: Option<String> = row.get(5)?;
+    let labels: String = row.get(7)?;
+    let env: String = row.get(9)?;
+    let st: String = row.get(12)?;
     Ok(QueuedTask {
-        order: row.try_get("seq")?,
+        order: row.get(0)?,
         task: Task {
-            id: row.try_get("id")?,
-            name: row.try_get("name")?,
-            prompt: row.try_get("prompt")?,
+            id: row.get(1)?,
+            name: row.get(2)?,
+            prompt: row.get(3)?,
             repo: repo_url.map(|url| RepoSpec {
                 url,
                 base_branch: base_branch.unwrap_or_else(kennel_proto::link::default_base_branch),
             }),
-            agent: row.try_get("agent")?,
-            labels: json_map(row.try_get("labels")?, "task labels")?,
-            priority: row.try_get("priority")?,
-            env: json_map(row.try_get("env")?, "task env")?,
-            timeout_secs: row
-                .try_get::<Option<i64>, _>("timeout_secs")?
-                .map(|v| v as u64),
-            max_attempts: row.try_get::<i64, _>("max_attempts")? as u32,
-            status: status(row.try_get("status")?)?,
-            attempt: row.try_get::<i64, _>("attempt")? as u32,
-            daemon_id: row.try_get("daemon_id")?,
-            created_at: rfc3339(row.try_get("created_at")?),
-            updated_at: rfc3339(row.try_get("updated_at")?),
-            finished_at: opt_ms("finished_at")?,
-            error: row.try_get("error")?,
-            exit_code: row
-                .try_get::<Option<i64>, _>("exit_code")?
-                .map(|v| v as i32),
-            branch: row.try_get("branch")?,
-            commit: row.try_get("commit_sha")?,
+            agent: row.get(6)?,
+            labels: json_map(&labels, "task labels")?,
+            priority: row.get(8)?,
+            env: json_map(&env, "task env")?,
+            timeout_secs: row.get::<_, Option<i64>>(10)?.map(|v| v as u64),
+            max_attempts: row.get::<_, i64>(11)? as u32,
+            status: status(&st)?,
+            attempt: row.get::<_, i64>(13)? as u32,
+            daemon_id: row.get(14)?,
+            created_at: rfc3339(row.get(15)?),
+            updated_at: rfc3339(row.get(16)?),
+            finished_at: row.get::<_, Option<i64>>(17)?.map(rfc3339),
+            error: row.get(18)?,
+            exit_code: row.get::<_, Option<i64>>(19)?.map(|v| v as i32),
+            branch: row.get(20)?,
+            commit: row.get(21)?,
         },
     })
 }
 
-fn daemon_from_row(row: &SqliteRow) -> Result<Daemon> {
-    let agents: String = row.try_get("agents")?;
+/// Runs a statement returning [`task_columns!`] rows and collects them.
+fn query_tasks(conn: &Connection, sql: &str, args: &[&dyn ToSql]) -> Result<Vec<QueuedTask>> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mut rows = stmt.query(args)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(task_from_row(row)?);
+    }
+    Ok(out)
+}
+
+/// Runs a statement returning at most one [`task_columns!`] row (a select by id or an
+/// `UPDATE … RETURNING`).
+fn query_task(conn: &Connection, sql: &str, args: &[&dyn ToSql]) -> Result<Option<Task>> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mut rows = stmt.query(args)?;
+    let task = match rows.next()? {
+        Some(row) => Some(task_from_row(row)?.task),
+        None => None,
+    };
+    // Step to the end so an `UPDATE … RETURNING` is complete before the statement resets.
+    while rows.next()?.is_some() {}
+    Ok(task)
+}
+
+fn load_task(conn: &Connection, id: &str) -> Result<Option<Task>> {
+    query_task(
+        conn,
+        concat!("SELECT ", task_columns!(), " FROM tasks WHERE id = ?1"),
+        &[&id],
+    )
+}
+
+fn daemon_from_row(row: &Row<'_>) -> Result<Daemon> {
+    let agents: String = row.get("agents")?;
+    let labels: String = row.get("labels")?;
     Ok(Daemon {
-        id: row.try_get("id")?,
-        machine_id: row.try_get("machine_id")?,
-        hostname: row.try_get("hostname")?,
-        connected: row.try_get::<i64, _>("connected")? != 0,
-        draining: row.try_get::<i64, _>("draining")? != 0,
-        max_concurrent_tasks: row.try_get::<i64, _>("max_concurrent_tasks")? as u32,
-        active_tasks: row.try_get::<i64, _>("active_tasks")? as u32,
-        labels: json_map(row.try_get("labels")?, "daemon labels")?,
+        id: row.get("id")?,
+        machine_id: row.get("machine_id")?,
+        hostname: row.get("hostname")?,
+        connected: row.get::<_, i64>("connected")? != 0,
+        draining: row.get::<_, i64>("draining")? != 0,
+        max_concurrent_tasks: row.get::<_, i64>("max_concurrent_tasks")? as u32,
+        active_tasks: row.get::<_, i64>("active_tasks")? as u32,
+        labels: json_map(&labels, "daemon labels")?,
         agents: serde_json::from_str(&agents)
             .map_err(|e| StoreError::Corrupt(format!("daemon agents: {e}")))?,
-        version: row.try_get("version")?,
-        protocol_version: row.try_get::<i64, _>("protocol_version")? as u32,
-        connected_at: row.try_get::<Option<i64>, _>("connected_at")?.map(rfc3339),
-        last_seen_at: row.try_get::<Option<i64>, _>("last_seen_at")?.map(rfc3339),
+        version: row.get("version")?,
+        protocol_version: row.get::<_, i64>("protocol_version")? as u32,
+        connected_at: row.get::<_, Option<i64>>("connected_at")?.map(rfc3339),
+        last_seen_at: row.get::<_, Option<i64>>("last_seen_at")?.map(rfc3339),
     })
 }
 
-const DAEMON_SELECT: &str = "SELECT d.*, (SELECT COUNT(*) FROM tasks t WHERE t.daemon_id = d.id \
-     AND t.status IN ('dispatched','running','paused')) AS active_tasks FROM daemons d";
+fn query_daemons(conn: &Connection, sql: &str, args: &[&dyn ToSql]) -> Result<Vec<Daemon>> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mut rows = stmt.query(args)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(daemon_from_row(row)?);
+    }
+    Ok(out)
+}
 
-fn key_from_row(row: &SqliteRow) -> Result<KeyRecord> {
+fn load_daemon(conn: &Connection, id: &str) -> Result<Option<Daemon>> {
+    Ok(query_daemons(conn, concat!(daemon_select!(), " WHERE d.id = ?1"), &[&id])?.pop())
+}
+
+fn key_from_row(row: &Row<'_>) -> Result<KeyRecord> {
+    let scopes: String = row.get("scopes")?;
     Ok(KeyRecord {
         info: ApiKey {
-            id: row.try_get("id")?,
-            name: row.try_get("name")?,
-            scopes: parse_scopes(row.try_get("scopes")?)?,
-            created_at: rfc3339(row.try_get("created_at")?),
-            last_used_at: row.try_get::<Option<i64>, _>("last_used_at")?.map(rfc3339),
-            revoked_at: row.try_get::<Option<i64>, _>("revoked_at")?.map(rfc3339),
+            id: row.get("id")?,
+            name: row.get("name")?,
+            scopes: parse_scopes(&scopes)?,
+            created_at: rfc3339(row.get("created_at")?),
+            last_used_at: row.get::<_, Option<i64>>("last_used_at")?.map(rfc3339),
+            revoked_at: row.get::<_, Option<i64>>("revoked_at")?.map(rfc3339),
         },
-        hash: row.try_get("hash")?,
+        hash: row.get("hash")?,
     })
 }
 
-fn event_from_row(row: &SqliteRow) -> Result<Event> {
-    let data: String = row.try_get("data")?;
+fn query_keys(conn: &Connection, sql: &str, args: &[&dyn ToSql]) -> Result<Vec<KeyRecord>> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mut rows = stmt.query(args)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(key_from_row(row)?);
+    }
+    Ok(out)
+}
+
+fn event_from_row(row: &Row<'_>) -> Result<Event> {
+    let data: String = row.get("data")?;
     Ok(Event {
-        id: row.try_get("id")?,
-        kind: row.try_get("kind")?,
-        task_id: row.try_get("task_id")?,
-        daemon_id: row.try_get("daemon_id")?,
+        id: row.get("id")?,
+        kind: row.get("kind")?,
+        task_id: row.get("task_id")?,
+        daemon_id: row.get("daemon_id")?,
         data: serde_json::from_str(&data)
             .map_err(|e| StoreError::Corrupt(format!("event data: {e}")))?,
-        at: rfc3339(row.try_get("at")?),
+        at: rfc3339(row.get("at")?),
     })
 }
 
-async fn insert_event(
-    tx: &mut Transaction<'_, Sqlite>,
+fn insert_event(
+    conn: &Connection,
     kind: &str,
     task_id: Option<&str>,
     daemon_id: Option<&str>,
     data: serde_json::Value,
     now: Millis,
 ) -> Result<Event> {
-    let id: i64 = sqlx::query_scalar(
-        "INSERT INTO events (kind, task_id, daemon_id, data, at) VALUES (?, ?, ?, ?, ?) RETURNING id",
-    )
-    .bind(kind)
-    .bind(task_id)
-    .bind(daemon_id)
-    .bind(to_json(&data))
-    .bind(now)
-    .fetch_one(&mut **tx)
-    .await?;
+    conn.prepare_cached(
+        "INSERT INTO events (kind, task_id, daemon_id, data, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![kind, task_id, daemon_id, to_json(&data), now])?;
     Ok(Event {
-        id,
+        id: conn.last_insert_rowid(),
         kind: kind.to_string(),
         task_id: task_id.map(str::to_string),
         daemon_id: daemon_id.map(str::to_string),
         data,
         at: rfc3339(now),
     })
-}
-
-async fn load_task(tx: &mut Transaction<'_, Sqlite>, id: &str) -> Result<Option<Task>> {
-    let row = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"))
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await?;
-    row.map(|r| task_from_row(&r).map(|q| q.task)).transpose()
 }
 
 /// The `task.status` event every task state change writes.
@@ -230,28 +300,19 @@ fn status_event_data(task: &Task) -> serde_json::Value {
     })
 }
 
-async fn task_status_event(
-    tx: &mut Transaction<'_, Sqlite>,
-    task: &Task,
-    now: Millis,
-) -> Result<Event> {
+fn task_status_event(conn: &Connection, task: &Task, now: Millis) -> Result<Event> {
     insert_event(
-        tx,
+        conn,
         "task.status",
         Some(&task.id),
         task.daemon_id.as_deref(),
         status_event_data(task),
         now,
     )
-    .await
 }
 
-/// Ends an attempt inside `tx`; see [`Store::end_attempt`].
-async fn end_attempt_tx(
-    tx: &mut Transaction<'_, Sqlite>,
-    end: &EndAttempt<'_>,
-    now: Millis,
-) -> Result<Option<Ended>> {
+/// Ends an attempt; see [`Store::end_attempt`].
+fn end_attempt_tx(conn: &Connection, end: &EndAttempt<'_>, now: Millis) -> Result<Option<Ended>> {
     let EndAttempt {
         task_id,
         attempt,
@@ -260,32 +321,34 @@ async fn end_attempt_tx(
         retry,
         terminal,
     } = *end;
-    let Some(task) = load_task(tx, task_id).await? else {
+    let Some(task) = load_task(conn, task_id)? else {
         return Ok(None);
     };
     if task.attempt != attempt || !task.status.is_active() {
         return Ok(None);
     }
-    sqlx::query(
-        "UPDATE attempts SET status = ?, finished_at = ?, error = ? WHERE task_id = ? AND attempt = ?",
-    )
-    .bind(status.as_str())
-    .bind(now)
-    .bind(reason)
-    .bind(task_id)
-    .bind(attempt as i64)
-    .execute(&mut **tx)
-    .await?;
+    conn.prepare_cached(
+        "UPDATE attempts SET status = ?1, finished_at = ?2, error = ?3 \
+         WHERE task_id = ?4 AND attempt = ?5",
+    )?
+    .execute(params![
+        status.as_str(),
+        now,
+        reason,
+        task_id,
+        attempt as i64
+    ])?;
     let requeue = retry && task.attempt < task.max_attempts;
-    if requeue {
-        sqlx::query(
-            "UPDATE tasks SET status = 'queued', daemon_id = NULL, updated_at = ?, error = ? WHERE id = ?",
-        )
-        .bind(now)
-        .bind(reason)
-        .bind(task_id)
-        .execute(&mut **tx)
-        .await?;
+    let task = if requeue {
+        query_task(
+            conn,
+            concat!(
+                "UPDATE tasks SET status = 'queued', daemon_id = NULL, updated_at = ?1, \
+                 error = ?2 WHERE id = ?3 RETURNING ",
+                task_columns!()
+            ),
+            &[&now, &reason, &task_id],
+        )?
     } else {
         let error = if retry {
             format!(
@@ -295,46 +358,50 @@ async fn end_attempt_tx(
         } else {
             reason.to_string()
         };
-        sqlx::query(
-            "UPDATE tasks SET status = ?, updated_at = ?, finished_at = ?, error = ? WHERE id = ?",
-        )
-        .bind(terminal.as_str())
-        .bind(now)
-        .bind(now)
-        .bind(error)
-        .bind(task_id)
-        .execute(&mut **tx)
-        .await?;
-    }
-    let Some(task) = load_task(tx, task_id).await? else {
+        query_task(
+            conn,
+            concat!(
+                "UPDATE tasks SET status = ?1, updated_at = ?2, finished_at = ?2, error = ?3 \
+                 WHERE id = ?4 RETURNING ",
+                task_columns!()
+            ),
+            &[&terminal.as_str(), &now, &error, &task_id],
+        )?
+    };
+    let Some(task) = task else {
         return Ok(None);
     };
-    let ev = task_status_event(tx, &task, now).await?;
+    let ev = task_status_event(conn, &task, now)?;
     Ok(Some(Ended {
         task,
         events: vec![ev],
     }))
 }
 
-/// Applies one report inside `tx`.
-async fn apply_one(tx: &mut Transaction<'_, Sqlite>, r: &Report, now: Millis) -> Result<Applied> {
-    let row = sqlx::query(
-        "SELECT a.daemon_id, a.status, a.last_seq, t.attempt AS current FROM attempts a \
-         JOIN tasks t ON t.id = a.task_id WHERE a.task_id = ? AND a.attempt = ?",
-    )
-    .bind(&r.task_id)
-    .bind(r.attempt as i64)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some(row) = row else {
+/// Applies one report.
+fn apply_one(conn: &Connection, r: &Report, now: Millis) -> Result<Applied> {
+    let row = conn
+        .prepare_cached(
+            "SELECT a.daemon_id, a.status, a.last_seq, t.attempt FROM attempts a \
+             JOIN tasks t ON t.id = a.task_id WHERE a.task_id = ?1 AND a.attempt = ?2",
+        )?
+        .query_row(params![r.task_id, r.attempt as i64], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, i64>(2)?,
+                row.get::<_, i64>(3)?,
+            ))
+        })
+        .optional()?;
+    let Some((holder, att_status, last_seq, current)) = row else {
         return Ok(Applied::Stale {
             reason: format!("task {} has no attempt {}", r.task_id, r.attempt),
         });
     };
-    let holder: String = row.try_get("daemon_id")?;
-    let att_status: AttemptStatus = status(row.try_get("status")?)?;
-    let last_seq = row.try_get::<i64, _>("last_seq")? as u64;
-    let current = row.try_get::<i64, _>("current")? as u32;
+    let att_status: AttemptStatus = status(&att_status)?;
+    let last_seq = last_seq as u64;
+    let current = current as u32;
     if holder != r.daemon_id {
         return Ok(Applied::Stale {
             reason: format!(
@@ -359,12 +426,8 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, r: &Report, now: Millis) ->
             expected: last_seq + 1,
         });
     }
-    sqlx::query("UPDATE attempts SET last_seq = ? WHERE task_id = ? AND attempt = ?")
-        .bind(r.seq as i64)
-        .bind(&r.task_id)
-        .bind(r.attempt as i64)
-        .execute(&mut **tx)
-        .await?;
+    let seq = r.seq as i64;
+    let attempt = r.attempt as i64;
 
     let mut events = Vec::new();
     let mut changed = None;
@@ -374,19 +437,43 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, r: &Report, now: Millis) ->
             output,
             is_partial,
         } => {
-            insert_output(tx, r, *stream, output, *is_partial, now).await?;
+            record_seq(conn, r)?;
+            insert_output(conn, r, *stream, output, *is_partial, now)?;
         }
         Effect::Progress { summary, detail } => {
+            record_seq(conn, r)?;
             let text = match detail {
                 Some(d) => to_json(&serde_json::json!({"summary": summary, "detail": d})),
                 None => to_json(&serde_json::json!({ "summary": summary })),
             };
-            insert_output(tx, r, OutputStream::Progress, &text, false, now).await?;
+            insert_output(conn, r, OutputStream::Progress, &text, false, now)?;
         }
         Effect::Accepted => {
             if att_status == AttemptStatus::Dispatched {
-                set_live_status(tx, r, "running", now, true).await?;
-                changed = load_task(tx, &r.task_id).await?;
+                changed = set_live_status(conn, r, "running", now, true)?;
+            } else {
+                record_seq(conn, r)?;
+            }
+        }
+        Effect::StatusChange { new_status } if new_status == "lost" => {
+            // The daemon lost the agent's process (it crashed and restarted): like a vanished
+            // daemon, the attempt ends as lost and the task is retried while attempts remain.
+            record_seq(conn, r)?;
+            let reason = format!(
+                "daemon {} lost the agent's process (the daemon restarted mid-task)",
+                r.daemon_id
+            );
+            let end = EndAttempt {
+                task_id: &r.task_id,
+                attempt: r.attempt,
+                status: AttemptStatus::Lost,
+                reason: &reason,
+                retry: true,
+                terminal: TaskStatus::Lost,
+            };
+            if let Some(ended) = end_attempt_tx(conn, &end, now)? {
+                events.extend(ended.events);
+                changed = Some(ended.task);
             }
         }
         Effect::StatusChange { new_status } => {
@@ -395,14 +482,15 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, r: &Report, now: Millis) ->
                 "running" => Some("running"),
                 _ => None,
             };
-            if let Some(target) = target {
-                if att_status.as_str() != target {
-                    set_live_status(tx, r, target, now, false).await?;
-                    changed = load_task(tx, &r.task_id).await?;
+            match target {
+                Some(target) if att_status.as_str() != target => {
+                    changed = set_live_status(conn, r, target, now, false)?;
                 }
+                _ => record_seq(conn, r)?,
             }
         }
         Effect::Rejected { reason } => {
+            record_seq(conn, r)?;
             let reason = format!("rejected by daemon {}: {reason}", r.daemon_id);
             let end = EndAttempt {
                 task_id: &r.task_id,
@@ -412,7 +500,7 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, r: &Report, now: Millis) ->
                 retry: true,
                 terminal: TaskStatus::Failed,
             };
-            if let Some(ended) = end_attempt_tx(tx, &end, now).await? {
+            if let Some(ended) = end_attempt_tx(conn, &end, now)? {
                 events.extend(ended.events);
                 changed = Some(ended.task);
             }
@@ -424,43 +512,27 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, r: &Report, now: Millis) ->
             branch,
             commit,
         } => {
-            let (att, task_status) = if *success {
-                ("completed", "completed")
-            } else {
-                ("failed", "failed")
-            };
-            sqlx::query(
-                "UPDATE attempts SET status = ?, finished_at = ?, error = ?, \
-                 started_at = COALESCE(started_at, ?) WHERE task_id = ? AND attempt = ?",
-            )
-            .bind(att)
-            .bind(now)
-            .bind(error)
-            .bind(now)
-            .bind(&r.task_id)
-            .bind(r.attempt as i64)
-            .execute(&mut **tx)
-            .await?;
-            sqlx::query(
-                "UPDATE tasks SET status = ?, updated_at = ?, finished_at = ?, error = ?, \
-                 exit_code = ?, branch = ?, commit_sha = ? WHERE id = ?",
-            )
-            .bind(task_status)
-            .bind(now)
-            .bind(now)
-            .bind(error)
-            .bind(exit_code)
-            .bind(branch)
-            .bind(commit)
-            .bind(&r.task_id)
-            .execute(&mut **tx)
-            .await?;
-            changed = load_task(tx, &r.task_id).await?;
+            let outcome = if *success { "completed" } else { "failed" };
+            conn.prepare_cached(
+                "UPDATE attempts SET last_seq = ?1, status = ?2, finished_at = ?3, error = ?4, \
+                 started_at = COALESCE(started_at, ?3) WHERE task_id = ?5 AND attempt = ?6",
+            )?
+            .execute(params![seq, outcome, now, error, r.task_id, attempt])?;
+            changed = query_task(
+                conn,
+                concat!(
+                    "UPDATE tasks SET status = ?1, updated_at = ?2, finished_at = ?2, \
+                     error = ?3, exit_code = ?4, branch = ?5, commit_sha = ?6 WHERE id = ?7 \
+                     RETURNING ",
+                    task_columns!()
+                ),
+                &[&outcome, &now, error, exit_code, branch, commit, &r.task_id],
+            )?;
         }
     }
     if let Some(task) = &changed {
         if events.is_empty() {
-            events.push(task_status_event(tx, task, now).await?);
+            events.push(task_status_event(conn, task, now)?);
         }
     }
     Ok(Applied::Done {
@@ -469,54 +541,65 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, r: &Report, now: Millis) ->
     })
 }
 
-async fn set_live_status(
-    tx: &mut Transaction<'_, Sqlite>,
+/// Records that the report's seq is applied (exactly-once).
+fn record_seq(conn: &Connection, r: &Report) -> Result<()> {
+    conn.prepare_cached("UPDATE attempts SET last_seq = ?1 WHERE task_id = ?2 AND attempt = ?3")?
+        .execute(params![r.seq as i64, r.task_id, r.attempt as i64])?;
+    Ok(())
+}
+
+/// Moves a live attempt and its task to `target` and records the report's seq; returns the
+/// task after the change.
+fn set_live_status(
+    conn: &Connection,
     r: &Report,
     target: &str,
     now: Millis,
     started: bool,
-) -> Result<()> {
+) -> Result<Option<Task>> {
     let started_at = started.then_some(now);
-    sqlx::query(
-        "UPDATE attempts SET status = ?, started_at = COALESCE(started_at, ?) \
-         WHERE task_id = ? AND attempt = ?",
+    conn.prepare_cached(
+        "UPDATE attempts SET last_seq = ?1, status = ?2, started_at = COALESCE(started_at, ?3) \
+         WHERE task_id = ?4 AND attempt = ?5",
+    )?
+    .execute(params![
+        r.seq as i64,
+        target,
+        started_at,
+        r.task_id,
+        r.attempt as i64
+    ])?;
+    query_task(
+        conn,
+        concat!(
+            "UPDATE tasks SET status = ?1, updated_at = ?2 WHERE id = ?3 RETURNING ",
+            task_columns!()
+        ),
+        &[&target, &now, &r.task_id],
     )
-    .bind(target)
-    .bind(started_at)
-    .bind(&r.task_id)
-    .bind(r.attempt as i64)
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query("UPDATE tasks SET status = ?, updated_at = ? WHERE id = ?")
-        .bind(target)
-        .bind(now)
-        .bind(&r.task_id)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
 }
 
-async fn insert_output(
-    tx: &mut Transaction<'_, Sqlite>,
+fn insert_output(
+    conn: &Connection,
     r: &Report,
     stream: OutputStream,
     output: &str,
     is_partial: bool,
     now: Millis,
 ) -> Result<()> {
-    sqlx::query(
+    conn.prepare_cached(
         "INSERT INTO task_output (task_id, attempt, seq, stream, output, is_partial, at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&r.task_id)
-    .bind(r.attempt as i64)
-    .bind(r.seq as i64)
-    .bind(stream.as_str())
-    .bind(output)
-    .bind(is_partial)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        r.task_id,
+        r.attempt as i64,
+        r.seq as i64,
+        stream.as_str(),
+        output,
+        is_partial,
+        now
+    ])?;
     Ok(())
 }
 
@@ -527,151 +610,174 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.reader).await?;
-        Ok(())
+        self.read(|conn| {
+            conn.prepare_cached("SELECT 1")?
+                .query_row([], |row| row.get::<_, i64>(0))?;
+            Ok(())
+        })
+        .await
     }
 
     async fn create_task(&self, t: NewTask, now: Millis) -> Result<(QueuedTask, Event)> {
-        let mut tx = self.writer.begin().await?;
-        let order: i64 = sqlx::query_scalar(
-            "INSERT INTO tasks (id, name, prompt, repo_url, base_branch, agent, labels, priority, env, \
-             timeout_secs, max_attempts, status, attempt, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?) RETURNING seq",
-        )
-        .bind(&t.id)
-        .bind(&t.name)
-        .bind(&t.prompt)
-        .bind(t.repo.as_ref().map(|r| r.url.as_str()))
-        .bind(t.repo.as_ref().map(|r| r.base_branch.as_str()))
-        .bind(&t.agent)
-        .bind(to_json(&t.labels))
-        .bind(t.priority)
-        .bind(to_json(&t.env))
-        .bind(t.timeout_secs.map(|v| v as i64))
-        .bind(t.max_attempts as i64)
-        .bind(now)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await?;
-        let task = Task {
-            id: t.id,
-            name: t.name,
-            prompt: t.prompt,
-            repo: t.repo,
-            agent: t.agent,
-            labels: t.labels,
-            priority: t.priority,
-            env: t.env,
-            timeout_secs: t.timeout_secs,
-            max_attempts: t.max_attempts,
-            status: TaskStatus::Queued,
-            attempt: 0,
-            daemon_id: None,
-            created_at: rfc3339(now),
-            updated_at: rfc3339(now),
-            finished_at: None,
-            error: None,
-            exit_code: None,
-            branch: None,
-            commit: None,
-        };
-        let ev = insert_event(
-            &mut tx,
-            "task.created",
-            Some(&task.id),
-            None,
-            serde_json::json!({"status": "queued", "name": task.name, "priority": task.priority}),
-            now,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok((QueuedTask { order, task }, ev))
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO tasks (id, name, prompt, repo_url, base_branch, agent, labels, \
+                 priority, env, timeout_secs, max_attempts, status, attempt, created_at, \
+                 updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'queued', 0, \
+                 ?12, ?12)",
+            )?
+            .execute(params![
+                t.id,
+                t.name,
+                t.prompt,
+                t.repo.as_ref().map(|r| r.url.as_str()),
+                t.repo.as_ref().map(|r| r.base_branch.as_str()),
+                t.agent,
+                to_json(&t.labels),
+                t.priority,
+                to_json(&t.env),
+                t.timeout_secs.map(|v| v as i64),
+                t.max_attempts as i64,
+                now,
+            ])?;
+            // `seq` is the rowid.
+            let order = conn.last_insert_rowid();
+            let task = Task {
+                id: t.id,
+                name: t.name,
+                prompt: t.prompt,
+                repo: t.repo,
+                agent: t.agent,
+                labels: t.labels,
+                priority: t.priority,
+                env: t.env,
+                timeout_secs: t.timeout_secs,
+                max_attempts: t.max_attempts,
+                status: TaskStatus::Queued,
+                attempt: 0,
+                daemon_id: None,
+                created_at: rfc3339(now),
+                updated_at: rfc3339(now),
+                finished_at: None,
+                error: None,
+                exit_code: None,
+                branch: None,
+                commit: None,
+            };
+            let ev = insert_event(
+                conn,
+                "task.created",
+                Some(&task.id),
+                None,
+                serde_json::json!({"status": "queued", "name": task.name, "priority": task.priority}),
+                now,
+            )?;
+            Ok((QueuedTask { order, task }, ev))
+        })
+        .await
     }
 
     async fn get_task(&self, id: &str) -> Result<Option<Task>> {
-        let row = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"))
-            .bind(id)
-            .fetch_optional(&self.reader)
-            .await?;
-        row.map(|r| task_from_row(&r).map(|q| q.task)).transpose()
+        let id = id.to_string();
+        self.read(move |conn| load_task(conn, &id)).await
     }
 
     async fn list_tasks(&self, f: &TaskFilter) -> Result<Vec<QueuedTask>> {
-        let mut sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE 1=1");
-        if f.status.is_some() {
-            sql.push_str(" AND status = ?");
-        }
-        if f.daemon_id.is_some() {
-            sql.push_str(" AND daemon_id = ?");
-        }
-        if f.before.is_some() {
-            sql.push_str(" AND seq < ?");
-        }
-        sql.push_str(" ORDER BY seq DESC LIMIT ?");
-        let mut q = sqlx::query(&sql);
-        if let Some(s) = f.status {
-            q = q.bind(s.as_str());
-        }
-        if let Some(d) = &f.daemon_id {
-            q = q.bind(d);
-        }
-        if let Some(b) = f.before {
-            q = q.bind(b);
-        }
-        let rows = q.bind(f.limit as i64).fetch_all(&self.reader).await?;
-        rows.iter().map(task_from_row).collect()
+        let f = f.clone();
+        self.read(move |conn| {
+            let mut sql =
+                String::from(concat!("SELECT ", task_columns!(), " FROM tasks WHERE 1=1"));
+            let status = f.status.map(|s| s.as_str());
+            let limit = f.limit as i64;
+            let mut args: Vec<&dyn ToSql> = Vec::new();
+            if let Some(s) = &status {
+                sql.push_str(" AND status = ?");
+                args.push(s);
+            }
+            if let Some(d) = &f.daemon_id {
+                sql.push_str(" AND daemon_id = ?");
+                args.push(d);
+            }
+            if let Some(b) = &f.before {
+                sql.push_str(" AND seq < ?");
+                args.push(b);
+            }
+            sql.push_str(" ORDER BY seq DESC LIMIT ?");
+            args.push(&limit);
+            query_tasks(conn, &sql, &args)
+        })
+        .await
     }
 
     async fn list_attempts(&self, task_id: &str) -> Result<Vec<Attempt>> {
-        let rows = sqlx::query("SELECT * FROM attempts WHERE task_id = ? ORDER BY attempt")
-            .bind(task_id)
-            .fetch_all(&self.reader)
-            .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(Attempt {
-                    attempt: row.try_get::<i64, _>("attempt")? as u32,
-                    daemon_id: row.try_get("daemon_id")?,
-                    status: status(row.try_get("status")?)?,
-                    dispatched_at: rfc3339(row.try_get("dispatched_at")?),
-                    started_at: row.try_get::<Option<i64>, _>("started_at")?.map(rfc3339),
-                    finished_at: row.try_get::<Option<i64>, _>("finished_at")?.map(rfc3339),
-                    error: row.try_get("error")?,
-                })
-            })
-            .collect()
+        let task_id = task_id.to_string();
+        self.read(move |conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT * FROM attempts WHERE task_id = ?1 ORDER BY attempt")?;
+            let mut rows = stmt.query([&task_id])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                let st: String = row.get("status")?;
+                out.push(Attempt {
+                    attempt: row.get::<_, i64>("attempt")? as u32,
+                    daemon_id: row.get("daemon_id")?,
+                    status: status(&st)?,
+                    dispatched_at: rfc3339(row.get("dispatched_at")?),
+                    started_at: row.get::<_, Option<i64>>("started_at")?.map(rfc3339),
+                    finished_at: row.get::<_, Option<i64>>("finished_at")?.map(rfc3339),
+                    error: row.get("error")?,
+                });
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn queued_tasks(&self) -> Result<Vec<QueuedTask>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {TASK_COLUMNS} FROM tasks WHERE status = 'queued' ORDER BY seq"
-        ))
-        .fetch_all(&self.writer)
-        .await?;
-        rows.iter().map(task_from_row).collect()
+        // On the writer: sees every write answered before, with no reader lag to reason about.
+        self.write(|conn| {
+            query_tasks(
+                conn,
+                concat!(
+                    "SELECT ",
+                    task_columns!(),
+                    " FROM tasks WHERE status = 'queued' ORDER BY seq"
+                ),
+                &[],
+            )
+        })
+        .await
     }
 
     async fn active_tasks(&self) -> Result<Vec<Task>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {TASK_COLUMNS} FROM tasks WHERE status IN ('dispatched','running','paused') ORDER BY seq"
-        ))
-        .fetch_all(&self.writer)
-        .await?;
-        rows.iter()
-            .map(|r| task_from_row(r).map(|q| q.task))
-            .collect()
+        self.write(|conn| {
+            let tasks = query_tasks(
+                conn,
+                concat!(
+                    "SELECT ",
+                    task_columns!(),
+                    " FROM tasks WHERE status IN ('dispatched','running','paused') ORDER BY seq"
+                ),
+                &[],
+            )?;
+            Ok(tasks.into_iter().map(|q| q.task).collect())
+        })
+        .await
     }
 
     async fn count_tasks(&self) -> Result<BTreeMap<TaskStatus, u64>> {
-        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM tasks GROUP BY status")
-            .fetch_all(&self.reader)
-            .await?;
-        let mut out = BTreeMap::new();
-        for row in rows {
-            let st: TaskStatus = status(row.try_get("status")?)?;
-            out.insert(st, row.try_get::<i64, _>("n")? as u64);
-        }
-        Ok(out)
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT status, COUNT(*) FROM tasks GROUP BY status")?;
+            let mut rows = stmt.query([])?;
+            let mut out = BTreeMap::new();
+            while let Some(row) = rows.next()? {
+                let st: String = row.get(0)?;
+                out.insert(status(&st)?, row.get::<_, i64>(1)? as u64);
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn dispatch(
@@ -679,87 +785,85 @@ impl Store for SqliteStore {
         batch: &[Dispatch],
         now: Millis,
     ) -> Result<Vec<Option<(Task, Event)>>> {
-        let mut tx = self.writer.begin().await?;
-        let mut out = Vec::with_capacity(batch.len());
-        for d in batch {
-            let updated = sqlx::query(
-                "UPDATE tasks SET status = 'dispatched', attempt = ?, daemon_id = ?, updated_at = ?, \
-                 error = NULL WHERE id = ? AND status = 'queued' AND attempt = ?",
-            )
-            .bind(d.attempt as i64)
-            .bind(&d.daemon_id)
-            .bind(now)
-            .bind(&d.task_id)
-            .bind(d.attempt as i64 - 1)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if updated == 0 {
-                out.push(None);
-                continue;
+        let batch = batch.to_vec();
+        self.write(move |conn| {
+            let mut out = Vec::with_capacity(batch.len());
+            for d in &batch {
+                let attempt = d.attempt as i64;
+                let task = query_task(
+                    conn,
+                    concat!(
+                        "UPDATE tasks SET status = 'dispatched', attempt = ?1, daemon_id = ?2, \
+                         updated_at = ?3, error = NULL \
+                         WHERE id = ?4 AND status = 'queued' AND attempt = ?5 RETURNING ",
+                        task_columns!()
+                    ),
+                    &[&attempt, &d.daemon_id, &now, &d.task_id, &(attempt - 1)],
+                )?;
+                let Some(task) = task else {
+                    out.push(None);
+                    continue;
+                };
+                conn.prepare_cached(
+                    "INSERT INTO attempts (task_id, attempt, daemon_id, status, dispatched_at) \
+                     VALUES (?1, ?2, ?3, 'dispatched', ?4)",
+                )?
+                .execute(params![d.task_id, attempt, d.daemon_id, now])?;
+                let ev = task_status_event(conn, &task, now)?;
+                out.push(Some((task, ev)));
             }
-            sqlx::query(
-                "INSERT INTO attempts (task_id, attempt, daemon_id, status, dispatched_at) \
-                 VALUES (?, ?, ?, 'dispatched', ?)",
-            )
-            .bind(&d.task_id)
-            .bind(d.attempt as i64)
-            .bind(&d.daemon_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            let Some(task) = load_task(&mut tx, &d.task_id).await? else {
-                out.push(None);
-                continue;
-            };
-            let ev = task_status_event(&mut tx, &task, now).await?;
-            out.push(Some((task, ev)));
-        }
-        tx.commit().await?;
-        Ok(out)
+            Ok(out)
+        })
+        .await
     }
 
     async fn apply(&self, batch: &[Report], now: Millis) -> Result<Vec<Applied>> {
-        let mut tx = self.writer.begin().await?;
-        let mut out = Vec::with_capacity(batch.len());
-        for r in batch {
-            out.push(apply_one(&mut tx, r, now).await?);
-        }
-        tx.commit().await?;
-        Ok(out)
+        let batch = batch.to_vec();
+        self.write(move |conn| batch.iter().map(|r| apply_one(conn, r, now)).collect())
+            .await
     }
 
     async fn end_attempt(&self, end: &EndAttempt<'_>, now: Millis) -> Result<Option<Ended>> {
-        let mut tx = self.writer.begin().await?;
-        let ended = end_attempt_tx(&mut tx, end, now).await?;
-        tx.commit().await?;
-        Ok(ended)
+        let task_id = end.task_id.to_string();
+        let reason = end.reason.to_string();
+        let (attempt, status, retry, terminal) = (end.attempt, end.status, end.retry, end.terminal);
+        self.write(move |conn| {
+            let end = EndAttempt {
+                task_id: &task_id,
+                attempt,
+                status,
+                reason: &reason,
+                retry,
+                terminal,
+            };
+            end_attempt_tx(conn, &end, now)
+        })
+        .await
     }
 
     async fn cancel_queued(&self, task_id: &str, now: Millis) -> Result<Option<Ended>> {
-        let mut tx = self.writer.begin().await?;
-        let n = sqlx::query(
-            "UPDATE tasks SET status = 'cancelled', updated_at = ?, finished_at = ?, \
-             error = 'cancelled before it ran' WHERE id = ? AND status = 'queued'",
-        )
-        .bind(now)
-        .bind(now)
-        .bind(task_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n == 0 {
-            return Ok(None);
-        }
-        let Some(task) = load_task(&mut tx, task_id).await? else {
-            return Ok(None);
-        };
-        let ev = task_status_event(&mut tx, &task, now).await?;
-        tx.commit().await?;
-        Ok(Some(Ended {
-            task,
-            events: vec![ev],
-        }))
+        let task_id = task_id.to_string();
+        self.write(move |conn| {
+            let task = query_task(
+                conn,
+                concat!(
+                    "UPDATE tasks SET status = 'cancelled', updated_at = ?1, finished_at = ?1, \
+                     error = 'cancelled before it ran' WHERE id = ?2 AND status = 'queued' \
+                     RETURNING ",
+                    task_columns!()
+                ),
+                &[&now, &task_id],
+            )?;
+            let Some(task) = task else {
+                return Ok(None);
+            };
+            let ev = task_status_event(conn, &task, now)?;
+            Ok(Some(Ended {
+                task,
+                events: vec![ev],
+            }))
+        })
+        .await
     }
 
     async fn set_paused(
@@ -774,36 +878,31 @@ impl Store for SqliteStore {
         } else {
             ("paused", "running")
         };
-        let mut tx = self.writer.begin().await?;
-        let n = sqlx::query(
-            "UPDATE tasks SET status = ?, updated_at = ? WHERE id = ? AND attempt = ? AND status = ?",
-        )
-        .bind(to)
-        .bind(now)
-        .bind(task_id)
-        .bind(attempt as i64)
-        .bind(from)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n == 0 {
-            return Ok(None);
-        }
-        sqlx::query("UPDATE attempts SET status = ? WHERE task_id = ? AND attempt = ?")
-            .bind(to)
-            .bind(task_id)
-            .bind(attempt as i64)
-            .execute(&mut *tx)
-            .await?;
-        let Some(task) = load_task(&mut tx, task_id).await? else {
-            return Ok(None);
-        };
-        let ev = task_status_event(&mut tx, &task, now).await?;
-        tx.commit().await?;
-        Ok(Some(Ended {
-            task,
-            events: vec![ev],
-        }))
+        let task_id = task_id.to_string();
+        self.write(move |conn| {
+            let task = query_task(
+                conn,
+                concat!(
+                    "UPDATE tasks SET status = ?1, updated_at = ?2 \
+                     WHERE id = ?3 AND attempt = ?4 AND status = ?5 RETURNING ",
+                    task_columns!()
+                ),
+                &[&to, &now, &task_id, &(attempt as i64), &from],
+            )?;
+            let Some(task) = task else {
+                return Ok(None);
+            };
+            conn.prepare_cached(
+                "UPDATE attempts SET status = ?1 WHERE task_id = ?2 AND attempt = ?3",
+            )?
+            .execute(params![to, task_id, attempt as i64])?;
+            let ev = task_status_event(conn, &task, now)?;
+            Ok(Some(Ended {
+                task,
+                events: vec![ev],
+            }))
+        })
+        .await
     }
 
     async fn task_output(
@@ -813,31 +912,35 @@ impl Store for SqliteStore {
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<OutputChunk>> {
-        let rows = sqlx::query(
-            "SELECT seq, stream, output, is_partial, at FROM task_output \
-             WHERE task_id = ? AND attempt = ? AND seq > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(task_id)
-        .bind(attempt as i64)
-        .bind(after_seq as i64)
-        .bind(limit as i64)
-        .fetch_all(&self.reader)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let stream: String = row.try_get("stream")?;
-                Ok(OutputChunk {
-                    task_id: task_id.to_string(),
+        let task_id = task_id.to_string();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, stream, output, is_partial, at FROM task_output \
+                 WHERE task_id = ?1 AND attempt = ?2 AND seq > ?3 ORDER BY seq LIMIT ?4",
+            )?;
+            let mut rows = stmt.query(params![
+                task_id,
+                attempt as i64,
+                after_seq as i64,
+                limit as i64
+            ])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                let stream: String = row.get(1)?;
+                out.push(OutputChunk {
+                    task_id: task_id.clone(),
                     attempt,
-                    seq: row.try_get::<i64, _>("seq")? as u64,
+                    seq: row.get::<_, i64>(0)? as u64,
                     stream: OutputStream::parse(&stream)
                         .ok_or_else(|| StoreError::Corrupt(format!("output stream `{stream}`")))?,
-                    output: row.try_get("output")?,
-                    is_partial: row.try_get("is_partial")?,
-                    at: rfc3339(row.try_get("at")?),
-                })
-            })
-            .collect()
+                    output: row.get(2)?,
+                    is_partial: row.get(3)?,
+                    at: rfc3339(row.get(4)?),
+                });
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn daemon_connected(
@@ -846,57 +949,54 @@ impl Store for SqliteStore {
         h: &DaemonHello,
         now: Millis,
     ) -> Result<(Daemon, Event)> {
-        let mut tx = self.writer.begin().await?;
-        sqlx::query(
-            "INSERT INTO daemons (id, machine_id, hostname, max_concurrent_tasks, labels, agents, version, \
-             protocol_version, connected, connected_at, last_seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?) \
-             ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, \
-             max_concurrent_tasks = excluded.max_concurrent_tasks, labels = excluded.labels, \
-             agents = excluded.agents, version = excluded.version, \
-             protocol_version = excluded.protocol_version, connected = 1, \
-             connected_at = excluded.connected_at, last_seen_at = excluded.last_seen_at",
-        )
-        .bind(daemon_id)
-        .bind(&h.machine_id)
-        .bind(&h.hostname)
-        .bind(h.max_concurrent_tasks as i64)
-        .bind(to_json(&h.labels))
-        .bind(to_json(&h.agents))
-        .bind(&h.version)
-        .bind(h.protocol_version as i64)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO daemon_sessions (daemon_id, remote_addr, connected_at) VALUES (?, ?, ?)",
-        )
-        .bind(daemon_id)
-        .bind(&h.remote_addr)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        let ev = insert_event(
-            &mut tx,
-            "daemon.connected",
-            None,
-            Some(daemon_id),
-            serde_json::json!({
-                "hostname": h.hostname,
-                "machineId": h.machine_id,
-                "maxConcurrentTasks": h.max_concurrent_tasks,
-                "agents": h.agents,
-            }),
-            now,
-        )
-        .await?;
-        let row = sqlx::query(&format!("{DAEMON_SELECT} WHERE d.id = ?"))
-            .bind(daemon_id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let daemon = daemon_from_row(&row)?;
-        tx.commit().await?;
-        Ok((daemon, ev))
+        let daemon_id = daemon_id.to_string();
+        let h = h.clone();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO daemons (id, machine_id, hostname, max_concurrent_tasks, labels, \
+                 agents, version, protocol_version, connected, connected_at, last_seen_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, ?9, ?9) \
+                 ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, \
+                 max_concurrent_tasks = excluded.max_concurrent_tasks, labels = excluded.labels, \
+                 agents = excluded.agents, version = excluded.version, \
+                 protocol_version = excluded.protocol_version, connected = 1, \
+                 connected_at = excluded.connected_at, last_seen_at = excluded.last_seen_at",
+            )?
+            .execute(params![
+                daemon_id,
+                h.machine_id,
+                h.hostname,
+                h.max_concurrent_tasks as i64,
+                to_json(&h.labels),
+                to_json(&h.agents),
+                h.version,
+                h.protocol_version as i64,
+                now,
+            ])?;
+            conn.prepare_cached(
+                "INSERT INTO daemon_sessions (daemon_id, remote_addr, connected_at) \
+                 VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![daemon_id, h.remote_addr, now])?;
+            let ev = insert_event(
+                conn,
+                "daemon.connected",
+                None,
+                Some(&daemon_id),
+                serde_json::json!({
+                    "hostname": h.hostname,
+                    "machineId": h.machine_id,
+                    "maxConcurrentTasks": h.max_concurrent_tasks,
+                    "agents": h.agents,
+                }),
+                now,
+            )?;
+            let daemon = load_daemon(conn, &daemon_id)?.ok_or_else(|| {
+                StoreError::Corrupt(format!("daemon {daemon_id} vanished while it was stored"))
+            })?;
+            Ok((daemon, ev))
+        })
+        .await
     }
 
     async fn daemon_disconnected(
@@ -905,41 +1005,38 @@ impl Store for SqliteStore {
         reason: &str,
         now: Millis,
     ) -> Result<Event> {
-        let mut tx = self.writer.begin().await?;
-        sqlx::query("UPDATE daemons SET connected = 0, last_seen_at = ? WHERE id = ?")
-            .bind(now)
-            .bind(daemon_id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "UPDATE daemon_sessions SET disconnected_at = ?, reason = ? \
-             WHERE daemon_id = ? AND disconnected_at IS NULL",
-        )
-        .bind(now)
-        .bind(reason)
-        .bind(daemon_id)
-        .execute(&mut *tx)
-        .await?;
-        let ev = insert_event(
-            &mut tx,
-            "daemon.disconnected",
-            None,
-            Some(daemon_id),
-            serde_json::json!({ "reason": reason }),
-            now,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(ev)
+        let daemon_id = daemon_id.to_string();
+        let reason = reason.to_string();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE daemons SET connected = 0, last_seen_at = ?1 WHERE id = ?2",
+            )?
+            .execute(params![now, daemon_id])?;
+            conn.prepare_cached(
+                "UPDATE daemon_sessions SET disconnected_at = ?1, reason = ?2 \
+                 WHERE daemon_id = ?3 AND disconnected_at IS NULL",
+            )?
+            .execute(params![now, reason, daemon_id])?;
+            insert_event(
+                conn,
+                "daemon.disconnected",
+                None,
+                Some(&daemon_id),
+                serde_json::json!({ "reason": reason }),
+                now,
+            )
+        })
+        .await
     }
 
     async fn daemon_seen(&self, daemon_id: &str, now: Millis) -> Result<()> {
-        sqlx::query("UPDATE daemons SET last_seen_at = ? WHERE id = ?")
-            .bind(now)
-            .bind(daemon_id)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        let daemon_id = daemon_id.to_string();
+        self.write(move |conn| {
+            conn.prepare_cached("UPDATE daemons SET last_seen_at = ?1 WHERE id = ?2")?
+                .execute(params![now, daemon_id])?;
+            Ok(())
+        })
+        .await
     }
 
     async fn set_draining(
@@ -948,133 +1045,141 @@ impl Store for SqliteStore {
         draining: bool,
         now: Millis,
     ) -> Result<Option<(Daemon, Event)>> {
-        let mut tx = self.writer.begin().await?;
-        let n = sqlx::query("UPDATE daemons SET draining = ? WHERE id = ?")
-            .bind(draining)
-            .bind(daemon_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if n == 0 {
-            return Ok(None);
-        }
-        let ev = insert_event(
-            &mut tx,
-            "daemon.draining",
-            None,
-            Some(daemon_id),
-            serde_json::json!({ "draining": draining }),
-            now,
-        )
-        .await?;
-        let row = sqlx::query(&format!("{DAEMON_SELECT} WHERE d.id = ?"))
-            .bind(daemon_id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let daemon = daemon_from_row(&row)?;
-        tx.commit().await?;
-        Ok(Some((daemon, ev)))
+        let daemon_id = daemon_id.to_string();
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached("UPDATE daemons SET draining = ?1 WHERE id = ?2")?
+                .execute(params![draining, daemon_id])?;
+            if n == 0 {
+                return Ok(None);
+            }
+            let ev = insert_event(
+                conn,
+                "daemon.draining",
+                None,
+                Some(&daemon_id),
+                serde_json::json!({ "draining": draining }),
+                now,
+            )?;
+            let daemon = load_daemon(conn, &daemon_id)?.ok_or_else(|| {
+                StoreError::Corrupt(format!("daemon {daemon_id} vanished while it was updated"))
+            })?;
+            Ok(Some((daemon, ev)))
+        })
+        .await
     }
 
     async fn get_daemon(&self, daemon_id: &str) -> Result<Option<Daemon>> {
-        let row = sqlx::query(&format!("{DAEMON_SELECT} WHERE d.id = ?"))
-            .bind(daemon_id)
-            .fetch_optional(&self.reader)
-            .await?;
-        row.as_ref().map(daemon_from_row).transpose()
+        let daemon_id = daemon_id.to_string();
+        self.read(move |conn| load_daemon(conn, &daemon_id)).await
     }
 
     async fn daemon_by_machine(&self, machine_id: &str) -> Result<Option<Daemon>> {
-        let row = sqlx::query(&format!("{DAEMON_SELECT} WHERE d.machine_id = ?"))
-            .bind(machine_id)
-            .fetch_optional(&self.writer)
-            .await?;
-        row.as_ref().map(daemon_from_row).transpose()
+        let machine_id = machine_id.to_string();
+        // On the writer: a daemon registered a moment ago must be found, not registered twice.
+        self.write(move |conn| {
+            Ok(query_daemons(
+                conn,
+                concat!(daemon_select!(), " WHERE d.machine_id = ?1"),
+                &[&machine_id],
+            )?
+            .pop())
+        })
+        .await
     }
 
     async fn list_daemons(&self) -> Result<Vec<Daemon>> {
-        let rows = sqlx::query(&format!("{DAEMON_SELECT} ORDER BY d.hostname, d.id"))
-            .fetch_all(&self.reader)
-            .await?;
-        rows.iter().map(daemon_from_row).collect()
+        self.read(|conn| {
+            query_daemons(
+                conn,
+                concat!(daemon_select!(), " ORDER BY d.hostname, d.id"),
+                &[],
+            )
+        })
+        .await
     }
 
     async fn reset_connections(&self, now: Millis) -> Result<()> {
-        let mut tx = self.writer.begin().await?;
-        sqlx::query("UPDATE daemons SET connected = 0 WHERE connected = 1")
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "UPDATE daemon_sessions SET disconnected_at = ?, reason = 'coordinator restarted' \
-             WHERE disconnected_at IS NULL",
-        )
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        self.write(move |conn| {
+            conn.prepare_cached("UPDATE daemons SET connected = 0 WHERE connected = 1")?
+                .execute([])?;
+            conn.prepare_cached(
+                "UPDATE daemon_sessions SET disconnected_at = ?1, \
+                 reason = 'coordinator restarted' WHERE disconnected_at IS NULL",
+            )?
+            .execute([now])?;
+            Ok(())
+        })
+        .await
     }
 
     async fn insert_key(&self, key: &KeyRecord) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO api_keys (id, name, hash, scopes, created_at) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(&key.info.id)
-        .bind(&key.info.name)
-        .bind(&key.hash)
-        .bind(to_json(&key.info.scopes))
-        .bind(now_from_rfc3339(&key.info.created_at))
-        .execute(&self.writer)
-        .await?;
-        Ok(())
+        let key = key.clone();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO api_keys (id, name, hash, scopes, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                key.info.id,
+                key.info.name,
+                key.hash,
+                to_json(&key.info.scopes),
+                now_from_rfc3339(&key.info.created_at),
+            ])?;
+            Ok(())
+        })
+        .await
     }
 
     async fn find_key(&self, id: &str) -> Result<Option<KeyRecord>> {
-        let row = sqlx::query("SELECT * FROM api_keys WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.reader)
-            .await?;
-        row.as_ref().map(key_from_row).transpose()
+        let id = id.to_string();
+        self.read(move |conn| {
+            Ok(query_keys(conn, "SELECT * FROM api_keys WHERE id = ?1", &[&id])?.pop())
+        })
+        .await
     }
 
     async fn list_keys(&self) -> Result<Vec<ApiKey>> {
-        let rows = sqlx::query("SELECT * FROM api_keys ORDER BY created_at, id")
-            .fetch_all(&self.reader)
-            .await?;
-        rows.iter()
-            .map(|r| key_from_row(r).map(|k| k.info))
-            .collect()
+        self.read(|conn| {
+            let keys = query_keys(conn, "SELECT * FROM api_keys ORDER BY created_at, id", &[])?;
+            Ok(keys.into_iter().map(|k| k.info).collect())
+        })
+        .await
     }
 
     async fn revoke_key(&self, id: &str, now: Millis) -> Result<Option<ApiKey>> {
-        sqlx::query("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
-            .bind(now)
-            .bind(id)
-            .execute(&self.writer)
-            .await?;
-        let row = sqlx::query("SELECT * FROM api_keys WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.writer)
-            .await?;
-        row.as_ref()
-            .map(|r| key_from_row(r).map(|k| k.info))
-            .transpose()
+        let id = id.to_string();
+        self.write(move |conn| {
+            let keys = query_keys(
+                conn,
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?1) WHERE id = ?2 \
+                 RETURNING *",
+                &[&now, &id],
+            )?;
+            Ok(keys.into_iter().next().map(|k| k.info))
+        })
+        .await
     }
 
     async fn touch_key(&self, id: &str, now: Millis) -> Result<()> {
-        sqlx::query("UPDATE api_keys SET last_used_at = ? WHERE id = ?")
-            .bind(now)
-            .bind(id)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        let id = id.to_string();
+        self.write(move |conn| {
+            conn.prepare_cached("UPDATE api_keys SET last_used_at = ?1 WHERE id = ?2")?
+                .execute(params![now, id])?;
+            Ok(())
+        })
+        .await
     }
 
     async fn count_keys(&self) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
-            .fetch_one(&self.writer)
-            .await?;
-        Ok(n as u64)
+        self.write(|conn| {
+            let n: i64 = conn
+                .prepare_cached("SELECT COUNT(*) FROM api_keys")?
+                .query_row([], |row| row.get(0))?;
+            Ok(n as u64)
+        })
+        .await
     }
 
     async fn record_event(
@@ -1085,19 +1190,34 @@ impl Store for SqliteStore {
         data: serde_json::Value,
         now: Millis,
     ) -> Result<Event> {
-        let mut tx = self.writer.begin().await?;
-        let ev = insert_event(&mut tx, kind, task_id, daemon_id, data, now).await?;
-        tx.commit().await?;
-        Ok(ev)
+        let kind = kind.to_string();
+        let task_id = task_id.map(str::to_string);
+        let daemon_id = daemon_id.map(str::to_string);
+        self.write(move |conn| {
+            insert_event(
+                conn,
+                &kind,
+                task_id.as_deref(),
+                daemon_id.as_deref(),
+                data,
+                now,
+            )
+        })
+        .await
     }
 
     async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<Event>> {
-        let rows = sqlx::query("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?")
-            .bind(after_id)
-            .bind(limit as i64)
-            .fetch_all(&self.reader)
-            .await?;
-        rows.iter().map(event_from_row).collect()
+        self.read(move |conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT * FROM events WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+            let mut rows = stmt.query(params![after_id, limit as i64])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                out.push(event_from_row(row)?);
+            }
+            Ok(out)
+        })
+        .await
     }
 }
 

@@ -162,7 +162,7 @@ impl Link {
         let (ws, _) = within(
             CONNECT_DEADLINE,
             "the WebSocket connection",
-            tokio_tungstenite::connect_async(ws_url),
+            tokio_tungstenite::connect_async_with_config(ws_url, None, true),
         )
         .await?
         .with_context(|| format!("failed to connect to {ws_url}"))?;

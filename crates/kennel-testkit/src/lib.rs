@@ -7,15 +7,21 @@
 //! crate must not reach into the server's internals; it speaks only the public protocol and
 //! API, as a user or a third-party daemon would.
 
+pub mod anthropic;
 pub mod api;
 pub mod daemon;
 pub mod deadline;
+pub mod git;
 pub mod server;
 pub mod sse;
+pub mod worker;
 
+pub use anthropic::ScriptedAnthropic;
 pub use api::Api;
 pub use daemon::{DaemonOpts, SeqCounters, TestDaemon, WsMessage, ABNORMAL_CLOSE, NO_STATUS_CLOSE};
 pub use deadline::within;
+pub use git::GitFixture;
 pub use reqwest::{Method, StatusCode};
 pub use server::KennelServer;
 pub use sse::{is_task_status, wait_task_status, EventStream, SseMsg};
+pub use worker::KennelDaemon;

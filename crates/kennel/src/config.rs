@@ -18,6 +18,8 @@ pub struct Config {
     pub log: Option<String>,
     /// The coordinator (`kennel server`).
     pub server: ServerConfig,
+    /// The worker (`kennel daemon`, and the local daemon of `kennel up`).
+    pub daemon: kennel_daemon::config::DaemonConfig,
     /// How the CLI reaches a coordinator.
     pub client: ClientConfig,
 }

@@ -45,8 +45,12 @@ pub struct Global {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the coordinator and a local daemon in one process (the one-machine default).
+    Up(commands::up::UpArgs),
     /// Run the coordinator: task queue, daemon hub, REST API and events.
     Server(commands::server::ServerArgs),
+    /// Run a worker that executes agents in git worktrees, or show its state.
+    Daemon(commands::daemon::DaemonArgs),
     /// Submit and manage tasks.
     #[command(subcommand)]
     Task(commands::task::TaskCmd),

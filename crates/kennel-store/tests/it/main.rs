@@ -81,7 +81,10 @@ async fn dispatched(store: &dyn Store, task: &str, attempt: u32, daemon: &str) {
         )
         .await
         .expect("dispatch");
-    assert!(r[0].is_some(), "dispatch of {task} attempt {attempt} applied");
+    assert!(
+        r[0].is_some(),
+        "dispatch of {task} attempt {attempt} applied"
+    );
 }
 
 #[tokio::test]
@@ -89,7 +92,10 @@ async fn reports_apply_exactly_once_and_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir).await;
     store.create_task(new_task("t1", 3), NOW).await.unwrap();
-    store.daemon_connected("d1", &hello("m1"), NOW).await.unwrap();
+    store
+        .daemon_connected("d1", &hello("m1"), NOW)
+        .await
+        .unwrap();
     dispatched(store.as_ref(), "t1", 1, "d1").await;
 
     let batch = vec![
@@ -144,7 +150,13 @@ async fn reports_apply_exactly_once_and_in_order() {
     assert_eq!(task.branch.as_deref(), Some("kennel/t1"));
     // After completion, further reports of the attempt are stale (a replayed duplicate is not).
     let after = store
-        .apply(&[report("d1", "t1", 1, 4, out("dup")), report("d1", "t1", 1, 5, out("late"))], NOW)
+        .apply(
+            &[
+                report("d1", "t1", 1, 4, out("dup")),
+                report("d1", "t1", 1, 5, out("late")),
+            ],
+            NOW,
+        )
         .await
         .unwrap();
     assert_eq!(after[0], Applied::Duplicate { last_seq: 4 });
@@ -179,13 +191,33 @@ async fn dispatch_is_conditional_and_attempts_end_with_retry_or_terminal_state()
         retry: true,
         terminal: TaskStatus::Lost,
     };
-    let ended = store.end_attempt(&end(1, AttemptStatus::Lost), NOW).await.unwrap().unwrap();
-    assert_eq!(ended.task.status, TaskStatus::Queued, "attempts remain: requeued");
-    assert!(store.end_attempt(&end(1, AttemptStatus::Lost), NOW).await.unwrap().is_none());
+    let ended = store
+        .end_attempt(&end(1, AttemptStatus::Lost), NOW)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ended.task.status,
+        TaskStatus::Queued,
+        "attempts remain: requeued"
+    );
+    assert!(store
+        .end_attempt(&end(1, AttemptStatus::Lost), NOW)
+        .await
+        .unwrap()
+        .is_none());
     dispatched(store.as_ref(), "t1", 2, "d2").await;
-    let ended = store.end_attempt(&end(2, AttemptStatus::Lost), NOW).await.unwrap().unwrap();
+    let ended = store
+        .end_attempt(&end(2, AttemptStatus::Lost), NOW)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(ended.task.status, TaskStatus::Lost, "no attempts left");
-    assert!(ended.task.error.unwrap_or_default().contains("no attempts left (2 of 2)"));
+    assert!(ended
+        .task
+        .error
+        .unwrap_or_default()
+        .contains("no attempts left (2 of 2)"));
     let attempts = store.list_attempts("t1").await.unwrap();
     let statuses: Vec<_> = attempts.iter().map(|a| a.status).collect();
     assert_eq!(statuses, vec![AttemptStatus::Lost, AttemptStatus::Lost]);
@@ -204,7 +236,10 @@ async fn state_and_events_survive_reopening_in_commit_order() {
     {
         let store = open(&dir).await;
         for i in 0..5 {
-            store.create_task(new_task(&format!("t{i}"), 1), NOW + i).await.unwrap();
+            store
+                .create_task(new_task(&format!("t{i}"), 1), NOW + i)
+                .await
+                .unwrap();
         }
         dispatched(store.as_ref(), "t0", 1, "d1").await;
     }
@@ -256,7 +291,11 @@ async fn keys_are_stored_hashed_and_revocable() {
     assert_eq!(found.hash, vec![7; 32]);
     assert_eq!(found.info.scopes, vec![Scope::Client, Scope::Daemon]);
     assert_eq!(store.count_keys().await.unwrap(), 1);
-    let revoked = store.revoke_key("0123456789ab", NOW).await.unwrap().unwrap();
+    let revoked = store
+        .revoke_key("0123456789ab", NOW)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(revoked.revoked_at.is_some());
     assert!(store.revoke_key("nope", NOW).await.unwrap().is_none());
 }

@@ -25,6 +25,7 @@ pub fn run(g: &Global, cmd: ConfigCmd) -> anyhow::Result<ExitCode> {
             redact(&mut cfg.server.auth.admin_key);
             redact(&mut cfg.server.auth.hash_key);
             redact(&mut cfg.client.api_key);
+            redact(&mut cfg.daemon.api_key);
             if g.json {
                 crate::commands::print_json(&cfg)?;
             } else {

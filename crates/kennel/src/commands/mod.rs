@@ -2,10 +2,12 @@
 //! prints the result as a table or, with `--json`, as JSON.
 
 pub mod config_cmd;
+pub mod daemon;
 pub mod daemons;
 pub mod keys;
 pub mod server;
 pub mod task;
+pub mod up;
 
 use std::process::ExitCode;
 
@@ -17,7 +19,9 @@ use crate::{Cli, Command, Global};
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let g = cli.global;
     match cli.command {
+        Command::Up(args) => up::run(&g, args).await,
         Command::Server(args) => server::run(&g, args).await,
+        Command::Daemon(args) => daemon::run(&g, args).await,
         Command::Task(cmd) => task::run(&client(&g)?, &g, cmd).await,
         Command::Daemons(args) => daemons::run(&client(&g)?, &g, args).await,
         Command::Keys(cmd) => keys::run(&client(&g)?, &g, cmd).await,

@@ -2,10 +2,12 @@
 //! protocol-level test daemons, the REST API, server-sent events and the CLI.
 
 mod api;
+mod claude;
 mod cli;
 mod protocol;
 mod resilience;
 mod scheduling;
+mod worker;
 
 use std::path::Path;
 use std::time::Duration;

@@ -1,0 +1,220 @@
+//! The daemon's typed configuration (`[daemon]` in kennel.toml), parsed once at start.
+//! Unknown keys are refused; [`DaemonConfig::validate`] checks what serde cannot.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::AgentProfile;
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Coordinator or relay to connect to: `ws(s)://host:port[/ws/daemon]` or `http(s)://…`
+    /// (normalised to the `/ws/daemon` endpoint).
+    pub server: String,
+    /// API key with the `daemon` scope.
+    pub api_key: Option<String>,
+    /// Directory for the outbox, repository caches, worktrees and status. Default:
+    /// `<server.data_dir>/daemon`.
+    pub data_dir: Option<PathBuf>,
+    /// Stable identity; default: generated once and kept in `<data_dir>/machine-id`.
+    pub machine_id: Option<String>,
+    /// Name shown in lists; default: the host's name.
+    pub hostname: Option<String>,
+    /// Agents run at once.
+    pub max_concurrent_tasks: u32,
+    /// Labels tasks can require (`gpu = "a100"`).
+    pub labels: BTreeMap<String, String>,
+    /// Agent profiles by name; the defaults (claude, codex, aider) are added unless replaced.
+    pub agents: BTreeMap<String, AgentProfile>,
+    /// Per-repository setup, keyed by the repository URL as tasks give it.
+    pub repos: BTreeMap<String, RepoSetup>,
+    pub git: GitConfig,
+    /// Keep worktrees after the task ends (for debugging).
+    pub keep_worktrees: bool,
+    /// Hours after which the sweep removes leftover worktrees.
+    pub worktree_retention_hours: u64,
+    /// Longest output line sent in one piece, in bytes; longer lines go in partial chunks.
+    pub max_line_bytes: usize,
+    /// Seconds between SIGINT, SIGTERM and SIGKILL when a task is interrupted or times out.
+    pub interrupt_grace_secs: u64,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            server: "ws://127.0.0.1:7070/ws/daemon".into(),
+            api_key: None,
+            data_dir: None,
+            machine_id: None,
+            hostname: None,
+            max_concurrent_tasks: 2,
+            labels: BTreeMap::new(),
+            agents: BTreeMap::new(),
+            repos: BTreeMap::new(),
+            git: GitConfig::default(),
+            keep_worktrees: false,
+            worktree_retention_hours: 24,
+            max_line_bytes: 16 * 1024,
+            interrupt_grace_secs: 10,
+        }
+    }
+}
+
+impl std::fmt::Debug for DaemonConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonConfig")
+            .field("server", &self.server)
+            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .field("data_dir", &self.data_dir)
+            .field("machine_id", &self.machine_id)
+            .field("max_concurrent_tasks", &self.max_concurrent_tasks)
+            .field("labels", &self.labels)
+            .field("agents", &self.agents.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Files and a command to prepare a fresh worktree of one repository.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RepoSetup {
+    /// `[source, destination]` pairs: an absolute file copied to a path inside the worktree.
+    pub copy: Vec<(PathBuf, PathBuf)>,
+    /// Command (argument vector) run in the worktree before the agent.
+    pub setup: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GitConfig {
+    /// Branches are named `<prefix><task id>`.
+    pub branch_prefix: String,
+    pub author_name: String,
+    pub author_email: String,
+    /// Commit message for uncommitted changes; `{task_id}` and `{task_name}` are replaced.
+    pub commit_message: String,
+}
+
+impl Default for GitConfig {
+    fn default() -> Self {
+        GitConfig {
+            branch_prefix: "kennel/".into(),
+            author_name: "kennel".into(),
+            author_email: "kennel@localhost".into(),
+            commit_message: "kennel: {task_name}\n\nTask {task_id}".into(),
+        }
+    }
+}
+
+/// A value the daemon cannot work with.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {key} {problem}")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl DaemonConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, problem: &str| {
+            Err(ConfigError {
+                key: key.to_string(),
+                problem: problem.to_string(),
+            })
+        };
+        if normalize_url(&self.server).is_none() {
+            return bad(
+                "daemon.server",
+                "must be a ws://, wss://, http:// or https:// URL",
+            );
+        }
+        if self.max_concurrent_tasks == 0 || self.max_concurrent_tasks > 1000 {
+            return bad("daemon.max_concurrent_tasks", "must be between 1 and 1000");
+        }
+        if let Some(m) = &self.machine_id {
+            if kennel_proto::validate_id("machine id", m).is_err() {
+                return bad(
+                    "daemon.machine_id",
+                    "must be letters, digits, `-`, `_`, `.` (at most 128)",
+                );
+            }
+        }
+        for (name, profile) in &self.agents {
+            if kennel_proto::validate_id("agent", name).is_err() {
+                return bad(
+                    &format!("daemon.agents.{name}"),
+                    "has an invalid profile name",
+                );
+            }
+            if let Err(problem) = profile.validate(name) {
+                return bad(&format!("daemon.agents.{name}"), &problem);
+            }
+        }
+        if kennel_proto::validate_branch_name(&format!("{}x", self.git.branch_prefix)).is_err() {
+            return bad(
+                "daemon.git.branch_prefix",
+                "does not make valid branch names",
+            );
+        }
+        if self.max_line_bytes < 256 {
+            return bad("daemon.max_line_bytes", "must be at least 256");
+        }
+        Ok(())
+    }
+
+    /// The profiles in effect: the built-in defaults, replaced or extended by config.
+    pub fn profiles(&self) -> BTreeMap<String, AgentProfile> {
+        let mut all = crate::agent::default_profiles();
+        for (k, v) in &self.agents {
+            all.insert(k.clone(), v.clone());
+        }
+        all
+    }
+}
+
+/// Turns what users write into the daemon endpoint URL: `http(s)` becomes `ws(s)`, and
+/// `/ws/daemon` is appended when no path is given.
+pub fn normalize_url(url: &str) -> Option<String> {
+    let url = url.trim().trim_end_matches('/');
+    let (scheme, rest) = url.split_once("://")?;
+    let scheme = match scheme {
+        "ws" | "http" => "ws",
+        "wss" | "https" => "wss",
+        _ => return None,
+    };
+    if rest.is_empty() {
+        return None;
+    }
+    let with_path = if rest.contains('/') {
+        rest.to_string()
+    } else {
+        format!("{rest}/ws/daemon")
+    };
+    Some(format!("{scheme}://{with_path}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_normalised() {
+        assert_eq!(
+            normalize_url("http://h:7070").as_deref(),
+            Some("ws://h:7070/ws/daemon")
+        );
+        assert_eq!(
+            normalize_url("https://h/").as_deref(),
+            Some("wss://h/ws/daemon")
+        );
+        assert_eq!(
+            normalize_url("ws://h:1/ws/daemon").as_deref(),
+            Some("ws://h:1/ws/daemon")
+        );
+        assert_eq!(normalize_url("ftp://h"), None);
+        assert_eq!(normalize_url("h:7070"), None);
+    }
+}

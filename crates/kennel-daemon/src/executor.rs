@@ -1,0 +1,638 @@
+//! Runs task attempts: checks a `spawnTask`, accepts or rejects it, prepares the worktree,
+//! runs the agent in its own process group, streams its output, obeys pause / resume /
+//! interrupt / messages, and finally commits, pushes and reports `taskComplete`.
+//!
+//! Every message it produces goes through the [`Outbox`] first (numbered and stored), then to
+//! the link; it never talks to the network itself.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use kennel_proto::link::{
+    OutputStream, SpawnTask, TaskAccepted, TaskComplete, TaskOutput, TaskProgress, TaskRejected,
+    TaskStatusChange,
+};
+use kennel_proto::{validate_id, DaemonMessage};
+use tokio::sync::mpsc;
+
+use crate::agent::{self, AgentKind, AgentProfile};
+use crate::config::DaemonConfig;
+use crate::outbox::{Outbox, Pending};
+use crate::process::{self, AgentProcess, Line, SpawnSpec};
+use crate::worktree::{Finished, GitSettings, RepoCache};
+
+/// A command for a running attempt.
+#[derive(Debug)]
+pub enum Control {
+    Pause,
+    Resume,
+    Interrupt {
+        grace: Duration,
+    },
+    Message(String),
+    /// The upstream refused the attempt as stale: stop at once, report nothing more.
+    Drop,
+}
+
+struct Running {
+    attempt: u32,
+    control: mpsc::UnboundedSender<Control>,
+}
+
+/// What the daemon runs right now, for status and heartbeats.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunningInfo {
+    pub task_id: String,
+    pub attempt: u32,
+}
+
+pub struct Executor {
+    cfg: Arc<DaemonConfig>,
+    data_dir: PathBuf,
+    outbox: Arc<Outbox>,
+    cache: RepoCache,
+    profiles: BTreeMap<String, AgentProfile>,
+    running: Mutex<HashMap<String, Running>>,
+    dropped: Mutex<HashSet<(String, u32)>>,
+    out: mpsc::UnboundedSender<Pending>,
+}
+
+impl Executor {
+    pub fn new(
+        cfg: Arc<DaemonConfig>,
+        data_dir: PathBuf,
+        outbox: Arc<Outbox>,
+        out: mpsc::UnboundedSender<Pending>,
+    ) -> Arc<Self> {
+        let settings = GitSettings {
+            branch_prefix: cfg.git.branch_prefix.clone(),
+            author_name: cfg.git.author_name.clone(),
+            author_email: cfg.git.author_email.clone(),
+            commit_message: cfg.git.commit_message.clone(),
+        };
+        Arc::new(Executor {
+            cache: RepoCache::new(&data_dir, settings),
+            profiles: cfg.profiles(),
+            cfg,
+            data_dir,
+            outbox,
+            running: Mutex::new(HashMap::new()),
+            dropped: Mutex::new(HashSet::new()),
+            out,
+        })
+    }
+
+    fn running(&self) -> MutexGuard<'_, HashMap<String, Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn cache(&self) -> &RepoCache {
+        &self.cache
+    }
+
+    /// Attempts running now.
+    pub fn running_now(&self) -> Vec<RunningInfo> {
+        let mut v: Vec<_> = self
+            .running()
+            .iter()
+            .map(|(t, r)| RunningInfo {
+                task_id: t.clone(),
+                attempt: r.attempt,
+            })
+            .collect();
+        v.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        v
+    }
+
+    /// Profiles whose binary is present, checked once at start; the daemon advertises these.
+    pub async fn preflight_all(&self) -> Vec<String> {
+        let mut ok = Vec::new();
+        for (name, profile) in &self.profiles {
+            match agent::preflight(name, profile).await {
+                Ok(p) => {
+                    tracing::info!(agent = %name, binary = %p.binary.display(), version = %p.version, "agent available");
+                    ok.push(name.clone());
+                }
+                Err(reason) => tracing::info!(agent = %name, "agent not offered: {reason}"),
+            }
+        }
+        ok
+    }
+
+    /// Stores and sends one message of an attempt, unless the attempt was dropped.
+    fn emit(&self, task_id: &str, attempt: u32, make: impl FnOnce(u64) -> DaemonMessage) {
+        let dropped = self
+            .dropped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(task_id.to_string(), attempt));
+        if dropped {
+            return;
+        }
+        match self.outbox.push(task_id, attempt, make) {
+            // A send error means the link task is gone (shutdown); the outbox keeps it.
+            Ok(p) => {
+                let _ = self.out.send(p);
+            }
+            Err(e) => {
+                tracing::error!(task_id, attempt, error = %e, "failed to store a task message; it cannot be delivered")
+            }
+        }
+    }
+
+    fn output(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        stream: OutputStream,
+        text: String,
+        partial: bool,
+    ) {
+        self.emit(task_id, attempt, |seq| {
+            DaemonMessage::TaskOutput(TaskOutput {
+                task_id: task_id.to_string(),
+                attempt,
+                seq,
+                stream,
+                output: text,
+                is_partial: partial,
+            })
+        });
+    }
+
+    /// A note from kennel itself in the task's output (on stderr, prefixed).
+    fn note(&self, task_id: &str, attempt: u32, text: &str) {
+        self.output(
+            task_id,
+            attempt,
+            OutputStream::Stderr,
+            format!("kennel: {text}"),
+            false,
+        );
+    }
+
+    fn status_change(&self, task_id: &str, attempt: u32, old: &str, new: &str) {
+        self.emit(task_id, attempt, |seq| {
+            DaemonMessage::TaskStatusChange(TaskStatusChange {
+                task_id: task_id.to_string(),
+                attempt,
+                seq,
+                old_status: old.to_string(),
+                new_status: new.to_string(),
+            })
+        });
+    }
+
+    fn reject(&self, spawn: &SpawnTask, reason: String) {
+        tracing::warn!(task_id = %spawn.task_id, attempt = spawn.attempt, "rejecting task: {reason}");
+        self.emit(&spawn.task_id, spawn.attempt, |seq| {
+            DaemonMessage::TaskRejected(TaskRejected {
+                task_id: spawn.task_id.clone(),
+                attempt: spawn.attempt,
+                seq,
+                reason,
+            })
+        });
+        if let Err(e) = self.outbox.finish(&spawn.task_id, spawn.attempt) {
+            tracing::error!(error = %e, "outbox failed");
+        }
+    }
+
+    /// Handles `spawnTask`: accept and start, or reject with a reason.
+    pub async fn spawn(self: &Arc<Self>, spawn: SpawnTask) {
+        if let Err(e) = validate_id("task id", &spawn.task_id) {
+            // Not a task id we can use anywhere, not even as an outbox key for a reply.
+            tracing::warn!("ignoring spawnTask: {e}");
+            return;
+        }
+        let (profile, full) = {
+            let running = self.running();
+            if let Some(r) = running.get(&spawn.task_id) {
+                if r.attempt == spawn.attempt {
+                    return; // already running this attempt
+                }
+            }
+            let full = running.len() as u32 >= self.cfg.max_concurrent_tasks;
+            (self.profiles.get(&spawn.agent).cloned(), full)
+        };
+        if let Err(e) = self.outbox.hold(&spawn.task_id, spawn.attempt) {
+            tracing::error!(error = %e, "outbox failed; cannot take the task");
+            return;
+        }
+        if full {
+            let n = self.cfg.max_concurrent_tasks;
+            return self.reject(
+                &spawn,
+                format!("daemon at capacity ({n} of {n} tasks running)"),
+            );
+        }
+        let Some(profile) = profile else {
+            let names: Vec<_> = self.profiles.keys().cloned().collect();
+            return self.reject(
+                &spawn,
+                format!(
+                    "agent profile `{}` is not configured on this daemon (configured: {})",
+                    spawn.agent,
+                    names.join(", ")
+                ),
+            );
+        };
+        if let Err(reason) = agent::locate(&spawn.agent, &profile) {
+            return self.reject(&spawn, reason);
+        }
+        if let Some(repo) = &spawn.repo {
+            if let Err(e) = kennel_proto::validate_branch_name(&repo.base_branch) {
+                return self.reject(&spawn, e.to_string());
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let previous = self.running().insert(
+            spawn.task_id.clone(),
+            Running {
+                attempt: spawn.attempt,
+                control: tx,
+            },
+        );
+        if let Some(old) = previous {
+            let _ = old.control.send(Control::Drop);
+        }
+        self.emit(&spawn.task_id, spawn.attempt, |seq| {
+            DaemonMessage::TaskAccepted(TaskAccepted {
+                task_id: spawn.task_id.clone(),
+                attempt: spawn.attempt,
+                seq,
+            })
+        });
+        let me = self.clone();
+        tokio::spawn(async move {
+            let (task_id, attempt) = (spawn.task_id.clone(), spawn.attempt);
+            me.run(spawn, profile, rx).await;
+            if let Err(e) = me.outbox.finish(&task_id, attempt) {
+                tracing::error!(error = %e, "outbox failed");
+            }
+            let mut running = me.running();
+            if running.get(&task_id).is_some_and(|r| r.attempt == attempt) {
+                running.remove(&task_id);
+            }
+        });
+    }
+
+    /// Routes a command to the attempt it names; unknown or stale attempts are ignored.
+    pub fn control(&self, task_id: &str, attempt: u32, c: Control) {
+        if matches!(c, Control::Drop) {
+            self.dropped
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((task_id.to_string(), attempt));
+        }
+        let running = self.running();
+        match running.get(task_id) {
+            Some(r) if r.attempt == attempt => {
+                let _ = r.control.send(c);
+            }
+            _ => tracing::debug!(task_id, attempt, "command for an attempt not running here"),
+        }
+    }
+
+    fn complete(&self, spawn: &SpawnTask, result: Outcome) {
+        self.emit(&spawn.task_id, spawn.attempt, |seq| {
+            DaemonMessage::TaskComplete(TaskComplete {
+                task_id: spawn.task_id.clone(),
+                attempt: spawn.attempt,
+                seq,
+                success: result.success,
+                error: result.error,
+                exit_code: result.exit_code,
+                branch: result.branch,
+                commit: result.commit,
+            })
+        });
+    }
+
+    /// One attempt, start to finish.
+    async fn run(
+        self: &Arc<Self>,
+        spawn: SpawnTask,
+        profile: AgentProfile,
+        mut control: mpsc::UnboundedReceiver<Control>,
+    ) {
+        let (tid, att) = (spawn.task_id.as_str(), spawn.attempt);
+        // Where the agent works: a fresh worktree of the repository, or a scratch directory.
+        let worktree = match &spawn.repo {
+            Some(repo) => match self.cache.prepare(repo, tid, att).await {
+                Ok(wt) => Some(wt),
+                Err(e) => {
+                    self.note(tid, att, &format!("failed to prepare the worktree: {e}"));
+                    return self.complete(
+                        &spawn,
+                        Outcome::failed(format!("failed to prepare the worktree: {e}")),
+                    );
+                }
+            },
+            None => None,
+        };
+        let workdir = match &worktree {
+            Some(wt) => wt.path.clone(),
+            None => {
+                let dir = self.data_dir.join("scratch").join(format!("{tid}-{att}"));
+                if let Err(e) = std::fs::create_dir_all(&dir) {
+                    return self.complete(
+                        &spawn,
+                        Outcome::failed(format!("failed to create {}: {e}", dir.display())),
+                    );
+                }
+                dir
+            }
+        };
+        if let (Some(wt), Some(repo)) = (&worktree, &spawn.repo) {
+            if let Some(setup) = self.cfg.repos.get(&repo.url) {
+                if let Err(e) = wt.setup(&setup.copy, setup.setup.as_deref()).await {
+                    self.note(tid, att, &format!("repository setup failed: {e}"));
+                    return self.complete(
+                        &spawn,
+                        Outcome::failed(format!("repository setup failed: {e}")),
+                    );
+                }
+            }
+        }
+
+        let outcome = self
+            .run_agent(&spawn, &profile, &workdir, &mut control)
+            .await;
+        let outcome = match outcome {
+            AgentEnd::Dropped => return,
+            AgentEnd::Done(o) => o,
+        };
+        let outcome = match (&worktree, outcome.success) {
+            (Some(wt), true) => match wt.finish(tid, &spawn.task_name, att).await {
+                Ok(Finished::Pushed { branch, commit }) => {
+                    self.note(tid, att, &format!("pushed {branch} at {commit}"));
+                    Outcome {
+                        branch: Some(branch),
+                        commit: Some(commit),
+                        ..outcome
+                    }
+                }
+                Ok(Finished::NoChanges) => {
+                    self.note(
+                        tid,
+                        att,
+                        "the agent made no changes; nothing to commit or push",
+                    );
+                    outcome
+                }
+                Err(e) => {
+                    self.note(tid, att, &format!("failed to commit or push: {e}"));
+                    Outcome {
+                        success: false,
+                        error: Some(format!("failed to commit or push: {e}")),
+                        ..outcome
+                    }
+                }
+            },
+            _ => outcome,
+        };
+        self.complete(&spawn, outcome);
+        match worktree {
+            Some(wt) if !self.cfg.keep_worktrees => match wt.remove().await {
+                Ok(bytes) => tracing::debug!(task_id = tid, bytes, "worktree removed"),
+                Err(e) => {
+                    tracing::warn!(task_id = tid, error = %e, "failed to remove worktree; the sweep will retry")
+                }
+            },
+            _ => {}
+        }
+        if worktree_is_scratch(&spawn) && !self.cfg.keep_worktrees {
+            let _ = std::fs::remove_dir_all(&workdir);
+        }
+    }
+
+    async fn run_agent(
+        &self,
+        spawn: &SpawnTask,
+        profile: &AgentProfile,
+        workdir: &std::path::Path,
+        control: &mut mpsc::UnboundedReceiver<Control>,
+    ) -> AgentEnd {
+        let (tid, att) = (spawn.task_id.as_str(), spawn.attempt);
+        let argv = agent::render_argv(profile, &spawn.prompt, tid, workdir);
+        let mut env = profile.env.clone();
+        env.extend(spawn.env.clone());
+        env.insert("KENNEL_TASK_ID".into(), tid.to_string());
+        env.insert("KENNEL_ATTEMPT".into(), att.to_string());
+        let wants_stdin = profile.stream_input || profile.kind != AgentKind::Claude;
+        let (lines_tx, mut lines) = mpsc::channel::<Line>(1024);
+        let spec = SpawnSpec {
+            argv: &argv,
+            cwd: workdir,
+            env: &env,
+            stdin: wants_stdin,
+        };
+        let mut proc = match AgentProcess::spawn(&spec, self.cfg.max_line_bytes, lines_tx) {
+            Ok(p) => p,
+            Err(e) => {
+                self.note(tid, att, &format!("failed to start the agent: {e}"));
+                return AgentEnd::Done(Outcome::failed(format!("failed to start the agent: {e}")));
+            }
+        };
+        if let Err(e) = self.outbox.set_pgid(tid, att, proc.pid() as i32) {
+            tracing::warn!(error = %e, "outbox failed to record the process group");
+        }
+        if profile.prompt_on_stdin() {
+            let first = agent::claude_user_message(&spawn.prompt);
+            if let Err(e) = proc.write_stdin(&first).await {
+                self.note(tid, att, &format!("failed to send the prompt: {e}"));
+            }
+        }
+        let limit = spawn.limits.timeout_secs.or(profile.timeout_secs);
+        let deadline = async {
+            match limit {
+                Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
+        let grace = Duration::from_secs(self.cfg.interrupt_grace_secs);
+        let claude = profile.kind == AgentKind::Claude;
+        let mut paused = false;
+        // Why the agent is being stopped, if it is.
+        let mut stopping: Option<(String, Duration)> = None;
+        loop {
+            if let Some((_, g)) = &stopping {
+                let g = *g;
+                let status = {
+                    let stop = proc.interrupt(g);
+                    tokio::pin!(stop);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            Some(line) = lines.recv() => self.line(tid, att, claude, line),
+                            r = &mut stop => break r,
+                        }
+                    }
+                };
+                while let Ok(line) = lines.try_recv() {
+                    self.line(tid, att, claude, line);
+                }
+                let why = stopping.take().map(|(w, _)| w).unwrap_or_default();
+                let code = status.as_ref().ok().map(process::exit_code);
+                if why == "dropped" {
+                    return AgentEnd::Dropped;
+                }
+                self.note(tid, att, &why);
+                return AgentEnd::Done(Outcome {
+                    success: false,
+                    error: Some(why),
+                    exit_code: code,
+                    branch: None,
+                    commit: None,
+                });
+            }
+            tokio::select! {
+                biased;
+                Some(line) = lines.recv() => self.line(tid, att, claude, line),
+                c = control.recv() => match c {
+                    Some(Control::Pause) if !paused => match proc.pause() {
+                        Ok(()) => {
+                            paused = true;
+                            self.note(tid, att, "paused (SIGSTOP to the agent's process group)");
+                            self.status_change(tid, att, "running", "paused");
+                        }
+                        Err(e) => self.note(tid, att, &format!("failed to pause: {e}")),
+                    },
+                    Some(Control::Resume) if paused => match proc.resume() {
+                        Ok(()) => {
+                            paused = false;
+                            self.note(tid, att, "resumed (SIGCONT)");
+                            self.status_change(tid, att, "paused", "running");
+                        }
+                        Err(e) => self.note(tid, att, &format!("failed to resume: {e}")),
+                    },
+                    Some(Control::Pause) | Some(Control::Resume) => {}
+                    Some(Control::Message(m)) => {
+                        if !wants_stdin {
+                            self.note(tid, att, "this agent profile takes no input while running (enable stream_input); message dropped");
+                        } else {
+                            let text = if claude { agent::claude_user_message(&m) } else { m };
+                            if let Err(e) = proc.write_stdin(&text).await {
+                                self.note(tid, att, &format!("failed to deliver the message: {e}"));
+                            }
+                        }
+                    }
+                    Some(Control::Interrupt { grace }) => stopping = Some(("interrupted by request".into(), grace)),
+                    Some(Control::Drop) => stopping = Some(("dropped".into(), Duration::ZERO)),
+                    None => stopping = Some(("the daemon is shutting down".into(), grace)),
+                },
+                () = &mut deadline => {
+                    let secs = limit.unwrap_or_default();
+                    stopping = Some((format!("timed out after {secs}s"), grace));
+                }
+                status = proc.wait() => {
+                    while let Some(line) = lines.recv().await {
+                        self.line(tid, att, claude, line);
+                    }
+                    return AgentEnd::Done(match status {
+                        Ok(s) => {
+                            let code = process::exit_code(&s);
+                            Outcome {
+                                success: s.success(),
+                                error: (!s.success()).then(|| format!("the agent exited with code {code}")),
+                                exit_code: Some(code),
+                                branch: None,
+                                commit: None,
+                            }
+                        }
+                        Err(e) => Outcome::failed(format!("failed to wait for the agent: {e}")),
+                    });
+                }
+            }
+        }
+    }
+
+    fn line(&self, tid: &str, att: u32, claude: bool, line: Line) {
+        if claude && !line.partial {
+            if let Some(p) = agent::claude_progress(&line.text) {
+                self.emit(tid, att, |seq| {
+                    DaemonMessage::TaskProgress(TaskProgress {
+                        task_id: tid.to_string(),
+                        attempt: att,
+                        seq,
+                        summary: p.summary,
+                        detail: Some(p.detail),
+                    })
+                });
+            }
+        }
+        self.output(tid, att, line.stream, line.text, line.partial);
+    }
+
+    /// After a restart: attempts whose agent was running died with the old daemon. Kill any
+    /// leftover process group and report each attempt as lost, so the coordinator retries it
+    /// once the outbox (with all output produced before the crash) has been delivered.
+    pub fn recover(&self) {
+        let held = match self.outbox.held() {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(error = %e, "failed to read the outbox");
+                return;
+            }
+        };
+        for h in held.into_iter().filter(|h| !h.finished) {
+            if let Some(pgid) = h.pgid {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pgid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            self.note(
+                &h.task_id,
+                h.attempt,
+                "the daemon restarted while this attempt ran; its agent process was lost",
+            );
+            self.status_change(&h.task_id, h.attempt, "running", "lost");
+            if let Err(e) = self.outbox.finish(&h.task_id, h.attempt) {
+                tracing::error!(error = %e, "outbox failed");
+            }
+        }
+    }
+
+    /// Stops every running attempt (daemon shutdown).
+    pub fn interrupt_all(&self) {
+        let grace = Duration::from_secs(self.cfg.interrupt_grace_secs);
+        for r in self.running().values() {
+            let _ = r.control.send(Control::Interrupt { grace });
+        }
+    }
+}
+
+fn worktree_is_scratch(spawn: &SpawnTask) -> bool {
+    spawn.repo.is_none()
+}
+
+enum AgentEnd {
+    Done(Outcome),
+    Dropped,
+}
+
+struct Outcome {
+    success: bool,
+    error: Option<String>,
+    exit_code: Option<i32>,
+    branch: Option<String>,
+    commit: Option<String>,
+}
+
+impl Outcome {
+    fn failed(error: String) -> Self {
+        Outcome {
+            success: false,
+            error: Some(error),
+            exit_code: None,
+            branch: None,
+            commit: None,
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! [`KennelDaemon`]: the real `kennel daemon` binary as a child process, connected to a
+//! [`KennelServer`](crate::KennelServer) with a daemon-scoped key and its own data directory.
+//!
+//! Readiness is the line the daemon prints when its link comes up, never a sleep. The child is killed on drop and by
+//! [`KennelDaemon::kill9`]; [`KennelDaemon::restart`] starts it again on the same data
+//! directory, as an operator restarting a crashed daemon would.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use kennel_proto::api::Scope;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::server::{config_file, KennelServer};
+
+/// How long a daemon may take to connect after it starts.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
+/// What the daemon prints when its link to the coordinator comes up.
+const CONNECTED_PREFIX: &str = "kennel: connected to ";
+
+pub struct KennelDaemon {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    config: tempfile::NamedTempFile,
+    ws_url: String,
+    key: String,
+    machine_id: String,
+    child: Option<Child>,
+}
+
+impl KennelDaemon {
+    /// Starts `kennel daemon` against `server` with `toml` as its config file (agent
+    /// profiles, limits). Returns once the coordinator has seen it connect.
+    pub async fn start(bin: &Path, server: &KennelServer, toml: &str) -> anyhow::Result<Self> {
+        let key = server
+            .api()
+            .create_key("test daemon", &[Scope::Daemon])
+            .await
+            .context("failed to create a daemon key")?
+            .key;
+        let dir = tempfile::Builder::new()
+            .prefix("kennel-test-daemon-")
+            .tempdir()
+            .context("failed to create the daemon's data directory")?;
+        let machine_id = format!(
+            "test-daemon-{}",
+            dir.path()
+                .file_name()
+                .map(|n| n
+                    .to_string_lossy()
+                    .replace(|c: char| !c.is_ascii_alphanumeric(), ""))
+                .unwrap_or_default()
+        );
+        let mut d = KennelDaemon {
+            bin: bin.to_path_buf(),
+            dir,
+            config: config_file(toml)?,
+            ws_url: server.ws_url(),
+            key,
+            machine_id,
+            child: None,
+        };
+        d.launch().await?;
+        Ok(d)
+    }
+
+    async fn launch(&mut self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--config")
+            .arg(self.config.path())
+            .arg("daemon")
+            .arg("--data-dir")
+            .arg(self.dir.path());
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("KENNEL_") {
+                cmd.env_remove(&name);
+            }
+        }
+        let log = std::env::var("KENNEL_TEST_LOG").unwrap_or_else(|_| "warn".to_string());
+        cmd.env("KENNEL_DAEMON__SERVER", &self.ws_url)
+            .env("KENNEL_DAEMON__API_KEY", &self.key)
+            .env("KENNEL_DAEMON__MACHINE_ID", &self.machine_id)
+            .env("RUST_LOG", log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("failed to start {} daemon", self.bin.display()))?;
+        let out = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("the daemon's stdout was not captured"))?;
+        self.child = Some(child);
+        // The daemon prints `kennel: connected to ... as <id>` each time its link comes up.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("[kennel daemon stdout] {line}");
+                if line.starts_with(CONNECTED_PREFIX) {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        tokio::time::timeout(CONNECT_DEADLINE, rx.recv())
+            .await
+            .map_err(|_| anyhow!("the daemon did not connect within {CONNECT_DEADLINE:?}"))?
+            .ok_or_else(|| anyhow!("the daemon exited before it connected; its log is above"))?;
+        Ok(())
+    }
+
+    pub fn machine_id(&self) -> &str {
+        &self.machine_id
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// SIGKILL, as a crash would; waits until it is gone.
+    pub async fn kill9(&mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let _ = child.start_kill();
+        tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .map_err(|_| anyhow!("kennel daemon did not exit within 10s of SIGKILL"))??;
+        Ok(())
+    }
+
+    /// Kills the daemon if it runs and starts it again on the same data directory.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9().await?;
+        self.launch().await
+    }
+
+    /// Runs `kennel daemon status` on this daemon's data directory; returns stdout.
+    pub async fn status(&self, json: bool) -> anyhow::Result<String> {
+        let mut cmd = Command::new(&self.bin);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd
+            .args(["daemon", "status", "--data-dir"])
+            .arg(self.dir.path())
+            .output()
+            .await?;
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+}
+
+impl Drop for KennelDaemon {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+    }
+}
