@@ -538,3 +538,58 @@ async fn kennel_up_runs_a_task_end_to_end() -> anyhow::Result<()> {
     assert!(rest.iter().any(|l| l == "kennel: stopped"), "{rest:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_task_past_its_timeout_is_stopped_and_fails() -> anyhow::Result<()> {
+    let (srv, _d) = setup().await?;
+    let mut t = sh("slow", "echo begin; sleep 1000", None);
+    t.timeout_secs = Some(1);
+    let t = srv.api().submit(&t).await?;
+    let failed =
+        wait_task_status(&srv.url(), srv.admin_key(), &t.id, TaskStatus::Failed, SLOW).await?;
+    assert!(
+        failed
+            .error
+            .unwrap_or_default()
+            .contains("timed out after 1s"),
+        "the error says why"
+    );
+    assert_eq!(stdout_of(&srv, &t.id, 1).await?, vec!["begin"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn messages_reach_the_agent_on_stdin() -> anyhow::Result<()> {
+    let (srv, _d) = setup().await?;
+    let api = srv.api();
+    let t = api
+        .submit(&sh(
+            "chat",
+            "echo ready; read line; echo \"got: $line\"",
+            None,
+        ))
+        .await?;
+    wait_output(&srv, &t.id, "ready").await?;
+    let (status, body) = api
+        .raw(
+            kennel_testkit::Method::POST,
+            &format!("/api/v1/tasks/{}/messages", t.id),
+            Some(srv.admin_key()),
+            Some(r#"{"message":"add tests too"}"#.into()),
+        )
+        .await?;
+    assert_eq!(status, kennel_testkit::StatusCode::ACCEPTED, "{body}");
+    wait_task_status(
+        &srv.url(),
+        srv.admin_key(),
+        &t.id,
+        TaskStatus::Completed,
+        SLOW,
+    )
+    .await?;
+    assert_eq!(
+        stdout_of(&srv, &t.id, 1).await?,
+        vec!["ready", "got: add tests too"]
+    );
+    Ok(())
+}
