@@ -128,6 +128,29 @@ impl State {
         self.queue.remove(&key)
     }
 
+    /// Mirrors a task's new state from the store: requeued tasks go back in the queue,
+    /// finished ones free their slot, running ones have their lease satisfied.
+    fn observe(&mut self, task: &Task) {
+        match task.status {
+            TaskStatus::Queued => {
+                self.release(&task.id);
+                if !self.queued.contains_key(&task.id) {
+                    self.enqueue(task.clone());
+                }
+            }
+            TaskStatus::Completed
+            | TaskStatus::Failed
+            | TaskStatus::Cancelled
+            | TaskStatus::Lost => self.release(&task.id),
+            TaskStatus::Running | TaskStatus::Paused => {
+                if let Some(l) = self.live.get_mut(&task.id) {
+                    l.accepted = true;
+                }
+            }
+            TaskStatus::Dispatched => {}
+        }
+    }
+
     fn release(&mut self, task_id: &str) {
         if let Some(live) = self.live.remove(task_id) {
             if let Some(d) = self.daemons.get_mut(&live.daemon_id) {
@@ -458,24 +481,9 @@ impl Coordinator {
 
     /// Mirrors a store change of one task into memory and publishes its events.
     fn mirror(&self, ended: Ended) {
-        let task = ended.task;
         {
             let mut st = self.lock();
-            match task.status {
-                TaskStatus::Queued => {
-                    st.release(&task.id);
-                    if !st.queued.contains_key(&task.id) {
-                        st.enqueue(task);
-                    }
-                }
-                s if s.is_terminal() => st.release(&task.id),
-                TaskStatus::Running | TaskStatus::Paused => {
-                    if let Some(l) = st.live.get_mut(&task.id) {
-                        l.accepted = true;
-                    }
-                }
-                _ => {}
-            }
+            st.observe(&ended.task);
             st.update_gauges();
         }
         self.publish(ended.events);
@@ -948,20 +956,7 @@ impl Coordinator {
                 events.extend(evs.iter().cloned());
                 let Some(task) = task else { continue };
                 changed = true;
-                match task.status {
-                    TaskStatus::Queued => {
-                        st.release(&task.id);
-                        if !st.queued.contains_key(&task.id) {
-                            st.enqueue((**task).clone());
-                        }
-                    }
-                    s if s.is_terminal() => st.release(&task.id),
-                    _ => {
-                        if let Some(l) = st.live.get_mut(&task.id) {
-                            l.accepted = true;
-                        }
-                    }
-                }
+                st.observe(task);
             }
             if changed {
                 st.update_gauges();

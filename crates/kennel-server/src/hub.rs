@@ -71,13 +71,16 @@ fn error_frame(code: ErrorCode, message: String) -> Outbound {
     Outbound::Msg(ServerMessage::error(code, message))
 }
 
+/// A close frame; reasons are cut to fit the 123-byte limit of the WebSocket protocol.
+fn close_message(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(truncate(reason, 120)),
+    }))
+}
+
 async fn close_now(socket: &mut WebSocket, code: u16, reason: &str) {
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: Utf8Bytes::from(reason),
-        })))
-        .await;
+    let _ = socket.send(close_message(code, reason)).await;
 }
 
 async fn send_now(socket: &mut WebSocket, m: ServerMessage) {
@@ -127,14 +130,14 @@ impl Connection {
                     ServerMessage::error(ErrorCode::NotAuthenticated, &msg),
                 )
                 .await;
-                close_now(&mut socket, close::PROTOCOL, &truncate(&msg, 120)).await;
+                close_now(&mut socket, close::PROTOCOL, &msg).await;
                 return;
             }
         };
         if let Err((code, close_code, msg)) = Self::check_hello(&app, &hello).await {
             tracing::warn!(machine_id = %hello.machine_id, "daemon refused: {msg}");
             send_now(&mut socket, ServerMessage::error(code, &msg)).await;
-            close_now(&mut socket, close_code, &truncate(&msg, 120)).await;
+            close_now(&mut socket, close_code, &msg).await;
             return;
         }
         let version = negotiate_version(hello.protocol_version, hello.min_protocol_version)
@@ -506,12 +509,7 @@ async fn write_loop(
                         }
                         Outbound::Close(code, reason) => {
                             let _ = sink.flush().await;
-                            let _ = sink
-                                .send(Message::Close(Some(CloseFrame {
-                                    code,
-                                    reason: Utf8Bytes::from(truncate(&reason, 120)),
-                                })))
-                                .await;
+                            let _ = sink.send(close_message(code, &reason)).await;
                             return;
                         }
                     }
@@ -521,12 +519,7 @@ async fn write_loop(
                 }
             }
             Outbound::Close(code, reason) => {
-                let _ = sink
-                    .send(Message::Close(Some(CloseFrame {
-                        code,
-                        reason: Utf8Bytes::from(truncate(&reason, 120)),
-                    })))
-                    .await;
+                let _ = sink.send(close_message(code, &reason)).await;
                 return;
             }
         }

@@ -29,6 +29,13 @@ const PAGE: u32 = 500;
 
 type SseStream = axum::response::Response;
 
+/// An SSE response fed by a channel, with keep-alive comments so proxies keep it open.
+fn sse_response(rx: mpsc::Receiver<Result<SseEvent, Infallible>>) -> SseStream {
+    Sse::new(ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct OutputQuery {
@@ -119,9 +126,7 @@ pub async fn task_output_stream(
                 .await;
         }
     });
-    Ok(Sse::new(ReceiverStream::new(rx))
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response())
+    Ok(sse_response(rx))
 }
 
 /// Sends output from the store until the task ends or the client leaves.
@@ -228,9 +233,7 @@ pub async fn events(
                 .await;
         }
     });
-    Ok(Sse::new(ReceiverStream::new(rx))
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response())
+    Ok(sse_response(rx))
 }
 
 async fn follow_events(
