@@ -1,6 +1,7 @@
 //! The embedded SQLite store: one file in WAL mode, one writer thread that owns the only
-//! read-write connection (so writers never race for the lock) and a small pool of read-only
-//! connections that never block it.
+//! read-write connection (so writers never race for the lock), a small pool of read-only
+//! connections that never block it, and a thread that flushes the WAL in the background so the
+//! writer's checkpoints stay short (see [`wal_flusher`]).
 //!
 //! Writes are closures run by the writer thread with group commit (see [`writer`]): concurrent
 //! callers share one transaction and one commit, each in its own savepoint, and a caller gets
@@ -8,9 +9,9 @@
 //! loses nothing. This module holds the SQL; it must keep each trait method's effects in one
 //! job, so they commit or roll back together with the events they write.
 
-mod checkpointer;
 mod readers;
 mod schema;
+mod wal_flusher;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -25,8 +26,8 @@ use kennel_proto::{AttemptStatus, TaskStatus};
 use rusqlite::types::ToSql;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use self::checkpointer::Checkpointer;
 use self::readers::Readers;
+use self::wal_flusher::WalFlusher;
 use self::writer::Writer;
 use crate::{
     parse_scopes, rfc3339, Applied, DaemonHello, Dispatch, Effect, EndAttempt, Ended, KeyRecord,
@@ -79,10 +80,8 @@ impl SqliteStore {
         let mut conn = schema::open_writer(path).map_err(|e| open_err(e.into()))?;
         schema::migrate(&mut conn)?;
         let first_reader = schema::open_reader(path).map_err(|e| open_err(e.into()))?;
-        let checkpoints = schema::open_checkpointer(path)
-            .map_err(|e| open_err(e.into()))
-            .and_then(|c| Checkpointer::start(c).map_err(|e| open_err(e.into())))?;
-        let writer = Writer::start(conn, checkpoints).map_err(|e| open_err(e.into()))?;
+        let flusher = WalFlusher::start(path.to_path_buf()).map_err(|e| open_err(e.into()))?;
+        let writer = Writer::start(conn, flusher).map_err(|e| open_err(e.into()))?;
         Ok(SqliteStore {
             writer,
             readers: Arc::new(Readers::new(path.to_path_buf(), first_reader)),

@@ -17,7 +17,7 @@ use std::sync::{mpsc, Arc};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
-use super::checkpointer::Checkpointer;
+use super::wal_flusher::WalFlusher;
 use crate::{Result, StoreError};
 
 /// Most jobs committed together; bounds the time the first of them waits for its answer.
@@ -31,13 +31,13 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer thread on `conn`, already migrated; it pokes `checkpoints` after
-    /// its commits.
-    pub(super) fn start(conn: Connection, checkpoints: Checkpointer) -> std::io::Result<Writer> {
+    /// Starts the writer thread on `conn`, already migrated; it pokes `flusher` after its
+    /// commits.
+    pub(super) fn start(conn: Connection, flusher: WalFlusher) -> std::io::Result<Writer> {
         let (jobs, queue) = mpsc::channel();
         std::thread::Builder::new()
             .name("kennel-store-writer".into())
-            .spawn(move || run(&conn, &queue, &checkpoints))?;
+            .spawn(move || run(&conn, &queue, &flusher))?;
         Ok(Writer { jobs })
     }
 
@@ -134,7 +134,7 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
 }
 
 /// The writer thread: one group commit per wake-up until every handle is gone.
-fn run(conn: &Connection, queue: &mpsc::Receiver<Box<dyn Job>>, checkpoints: &Checkpointer) {
+fn run(conn: &Connection, queue: &mpsc::Receiver<Box<dyn Job>>, flusher: &WalFlusher) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     let mut ran = Vec::with_capacity(MAX_GROUP);
     while let Ok(first) = queue.recv() {
@@ -146,7 +146,7 @@ fn run(conn: &Connection, queue: &mpsc::Receiver<Box<dyn Job>>, checkpoints: &Ch
             }
         }
         commit_group(conn, &mut group, &mut ran);
-        checkpoints.poke();
+        flusher.poke();
     }
     tracing::debug!("store writer stopped: every store handle is gone");
 }
@@ -243,15 +243,13 @@ mod tests {
     use super::*;
 
     fn writer() -> (tempfile::TempDir, Writer) {
-        use super::super::schema::{open_checkpointer, open_writer};
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("w.db");
-        let conn = open_writer(&path).expect("open");
+        let conn = super::super::schema::open_writer(&path).expect("open");
         conn.execute_batch("CREATE TABLE t (v INTEGER NOT NULL UNIQUE)")
             .expect("table");
-        let checkpoints =
-            Checkpointer::start(open_checkpointer(&path).expect("open")).expect("start");
-        (dir, Writer::start(conn, checkpoints).expect("start"))
+        let flusher = WalFlusher::start(path).expect("start flusher");
+        (dir, Writer::start(conn, flusher).expect("start"))
     }
 
     fn insert(v: i64) -> impl FnOnce(&Connection) -> Result<()> + Send + 'static {
