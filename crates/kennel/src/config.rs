@@ -118,6 +118,33 @@ mod tests {
     }
 
     #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("kennel-cfg-prec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("k.toml");
+        std::fs::write(
+            &file,
+            "[server]\nlisten = \"127.0.0.1:1111\"\n[server.scheduler]\ndefault_agent = \"codex\"\n",
+        )
+        .unwrap();
+        let (cfg, path) = load(Some(&file), &[]).unwrap();
+        assert_eq!(path.as_deref(), Some(file.as_path()));
+        assert_eq!(cfg.server.listen.port(), 1111);
+        assert_eq!(cfg.server.scheduler.default_agent, "codex");
+        let over = [(
+            "server.listen",
+            figment::value::Value::from("127.0.0.1:2222"),
+        )];
+        let (cfg, _) = load(Some(&file), &over).unwrap();
+        assert_eq!(cfg.server.listen.port(), 2222, "a flag beats the file");
+        assert_eq!(
+            cfg.server.scheduler.default_agent, "codex",
+            "the rest of the file stays"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn missing_explicit_file_is_an_error() {
         let err = load(Some(Path::new("/nonexistent/kennel.toml")), &[])
             .unwrap_err()

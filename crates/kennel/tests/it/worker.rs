@@ -329,13 +329,27 @@ async fn a_daemon_killed_mid_task_replays_its_outbox_without_gaps_or_duplicates(
     let api = srv.api();
     let mut t = sh(
         "crash",
-        "i=1; while [ $i -le 60 ]; do echo line $i; i=$((i+1)); sleep 0.01; done; sleep 1000",
+        "echo pid $$; i=1; while [ $i -le 60 ]; do echo line $i; i=$((i+1)); sleep 0.01; done; sleep 1000",
         None,
     );
     t.max_attempts = Some(2);
     let t = api.submit(&t).await?;
     wait_output(&srv, &t.id, "line 20").await?;
+    let agent: i32 = stdout_of(&srv, &t.id, 1).await?[0]
+        .strip_prefix("pid ")
+        .unwrap_or_default()
+        .parse()?;
+    assert!(!gone(agent), "the agent runs before the crash");
     d.kill9().await?;
+    // The agent dies with its daemon (parent-death signal), before any restart cleans up.
+    let deadline = tokio::time::Instant::now() + SLOW;
+    while !gone(agent) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent {agent} outlived its daemon"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     d.restart().await?;
     // The restarted daemon delivers what it had and reports the attempt lost; it is retried.
     let url = format!("{}/api/v1/events?task={}", srv.url(), t.id);
