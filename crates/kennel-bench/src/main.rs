@@ -30,6 +30,8 @@ struct Cli {
 }
 
 mod daemon_bench;
+mod gateway_bench;
+mod relay_bench;
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
@@ -39,6 +41,10 @@ enum Cmd {
     Spawn(daemon_bench::SpawnArgs),
     /// Daemon: worktree creation time for a large repository.
     Worktree(daemon_bench::WorktreeArgs),
+    /// Gateway: latency added over calling the upstream directly.
+    Gateway(gateway_bench::GatewayArgs),
+    /// Relay: latency and throughput a `kennel relay` adds to the daemon link.
+    Relay(relay_bench::RelayArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -399,6 +405,8 @@ fn main() -> std::process::ExitCode {
             Cmd::Dispatch(a) => dispatch(a).await,
             Cmd::Spawn(a) => daemon_bench::spawn(a).await,
             Cmd::Worktree(a) => daemon_bench::worktree(a).await,
+            Cmd::Gateway(a) => gateway_bench::run(a).await,
+            Cmd::Relay(a) => relay_bench::run(a).await,
         }
     });
     match r {

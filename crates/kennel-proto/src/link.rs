@@ -183,6 +183,18 @@ pub struct TaskComplete {
     pub commit: Option<String>,
 }
 
+/// A new capacity offer from a connected daemon: a relay sends it when its downstream daemons
+/// come and go, so the coordinator schedules it like one daemon of that size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Capacity {
+    pub max_concurrent_tasks: u32,
+    #[serde(default)]
+    pub agents: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
 /// Everything a daemon (or a relay acting as one) sends upstream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
@@ -195,6 +207,7 @@ pub enum DaemonMessage {
     TaskProgress(TaskProgress),
     TaskStatusChange(TaskStatusChange),
     TaskComplete(TaskComplete),
+    Capacity(Capacity),
 }
 
 /// The (task, attempt, seq) header of a task-scoped daemon message.
@@ -216,13 +229,16 @@ impl DaemonMessage {
             DaemonMessage::TaskProgress(_) => "taskProgress",
             DaemonMessage::TaskStatusChange(_) => "taskStatusChange",
             DaemonMessage::TaskComplete(_) => "taskComplete",
+            DaemonMessage::Capacity(_) => "capacity",
         }
     }
 
     /// The sequencing header, for task-scoped messages.
     pub fn seq_header(&self) -> Option<SeqHeader<'_>> {
         let (task_id, attempt, seq) = match self {
-            DaemonMessage::Authenticate(_) | DaemonMessage::Heartbeat(_) => return None,
+            DaemonMessage::Authenticate(_)
+            | DaemonMessage::Heartbeat(_)
+            | DaemonMessage::Capacity(_) => return None,
             DaemonMessage::TaskAccepted(m) => (&m.task_id, m.attempt, m.seq),
             DaemonMessage::TaskRejected(m) => (&m.task_id, m.attempt, m.seq),
             DaemonMessage::TaskOutput(m) => (&m.task_id, m.attempt, m.seq),
@@ -261,6 +277,17 @@ impl DaemonMessage {
             DaemonMessage::Heartbeat(h) => {
                 for t in &h.active_tasks {
                     validate_id("task id", &t.task_id)?;
+                }
+                Ok(())
+            }
+            DaemonMessage::Capacity(c) => {
+                if c.max_concurrent_tasks == 0 || c.max_concurrent_tasks > 10_000 {
+                    return Err(FrameError::invalid(
+                        "maxConcurrentTasks must be between 1 and 10000",
+                    ));
+                }
+                if c.labels.len() > 64 || c.agents.len() > 64 {
+                    return Err(FrameError::invalid("at most 64 labels and 64 agents"));
                 }
                 Ok(())
             }
@@ -540,7 +567,7 @@ struct TypeOnly {
     type_name: String,
 }
 
-const DAEMON_TYPES: [&str; 8] = [
+const DAEMON_TYPES: [&str; 9] = [
     "authenticate",
     "heartbeat",
     "taskAccepted",
@@ -549,6 +576,7 @@ const DAEMON_TYPES: [&str; 8] = [
     "taskProgress",
     "taskStatusChange",
     "taskComplete",
+    "capacity",
 ];
 
 const SERVER_TYPES: [&str; 8] = [

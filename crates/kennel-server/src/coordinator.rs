@@ -737,6 +737,13 @@ impl Coordinator {
                 d.connected = slot.conn.is_some();
                 d.active_tasks = slot.held.len() as u32;
                 d.draining = slot.draining;
+                if slot.conn.is_some() {
+                    // A `capacity` message may have changed these since the store saw them.
+                    d.max_concurrent_tasks = slot.max;
+                    d.agents = slot.agents.iter().cloned().collect();
+                    d.agents.sort();
+                    d.labels = slot.labels.clone();
+                }
             }
             None => d.connected = false,
         }
@@ -967,6 +974,23 @@ impl Coordinator {
             self.wake.notify_one();
         }
         Ok(results)
+    }
+
+    /// A connected daemon (a relay, usually) offers a new capacity: what it may hold and which
+    /// agents and labels it serves from now on. Tasks it already holds are kept.
+    pub fn set_capacity(&self, daemon_id: &str, c: kennel_proto::link::Capacity) {
+        {
+            let mut st = self.lock();
+            let Some(slot) = st.daemons.get_mut(daemon_id) else {
+                return;
+            };
+            slot.max = c.max_concurrent_tasks;
+            slot.agents = c.agents.into_iter().collect();
+            slot.labels = c.labels;
+            st.update_gauges();
+        }
+        tracing::info!(daemon_id, "daemon capacity changed");
+        self.wake.notify_one();
     }
 
     pub async fn heartbeat(&self, daemon_id: &str) {

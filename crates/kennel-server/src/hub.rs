@@ -314,6 +314,7 @@ impl Connection {
                     "already authenticated on this connection".into(),
                 ),
                 DaemonMessage::Heartbeat(_) => heartbeat = true,
+                DaemonMessage::Capacity(c) => self.app.coord.set_capacity(&self.daemon_id, c),
                 other => {
                     if let Some(r) = to_report(&self.daemon_id, other) {
                         reports.push(r);
@@ -476,7 +477,9 @@ fn to_report(daemon_id: &str, m: DaemonMessage) -> Option<Report> {
                 commit: m.commit,
             },
         ),
-        DaemonMessage::Authenticate(_) | DaemonMessage::Heartbeat(_) => return None,
+        DaemonMessage::Authenticate(_)
+        | DaemonMessage::Heartbeat(_)
+        | DaemonMessage::Capacity(_) => return None,
     };
     Some(Report {
         daemon_id: daemon_id.to_string(),

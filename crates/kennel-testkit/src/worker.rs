@@ -67,6 +67,32 @@ impl KennelDaemon {
         Ok(d)
     }
 
+    /// Starts `kennel daemon` against any upstream (a relay, say) at `ws_url` with `key`.
+    /// Returns once the daemon says its link is up.
+    pub async fn start_at(
+        bin: &Path,
+        ws_url: &str,
+        key: &str,
+        machine_id: &str,
+        toml: &str,
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("kennel-test-daemon-")
+            .tempdir()
+            .context("failed to create the daemon's data directory")?;
+        let mut d = KennelDaemon {
+            bin: bin.to_path_buf(),
+            dir,
+            config: config_file(toml)?,
+            ws_url: ws_url.to_string(),
+            key: key.to_string(),
+            machine_id: machine_id.to_string(),
+            child: None,
+        };
+        d.launch().await?;
+        Ok(d)
+    }
+
     async fn launch(&mut self) -> anyhow::Result<()> {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("--config")

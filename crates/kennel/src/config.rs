@@ -20,8 +20,12 @@ pub struct Config {
     pub server: ServerConfig,
     /// The worker (`kennel daemon`, and the local daemon of `kennel up`).
     pub daemon: kennel_daemon::config::DaemonConfig,
+    /// The LLM gateway (`kennel gateway`).
+    pub gateway: kennel_gateway::GatewayConfig,
     /// How the CLI reaches a coordinator.
     pub client: ClientConfig,
+    /// The edge relay (`kennel relay`).
+    pub relay: kennel_relay::RelayConfig,
 }
 
 #[derive(Clone, Default, Serialize, Deserialize)]

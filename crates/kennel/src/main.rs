@@ -51,6 +51,10 @@ pub enum Command {
     Server(commands::server::ServerArgs),
     /// Run a worker that executes agents in git worktrees, or show its state.
     Daemon(commands::daemon::DaemonArgs),
+    /// Run the LLM gateway: an OpenAI- and Anthropic-compatible router with failover.
+    Gateway(commands::gateway::GatewayArgs),
+    /// Run an edge relay: one upstream link shared by many daemons.
+    Relay(commands::relay::RelayArgs),
     /// Submit and manage tasks.
     #[command(subcommand)]
     Task(commands::task::TaskCmd),

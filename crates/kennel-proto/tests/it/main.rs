@@ -78,6 +78,11 @@ const DAEMON_SHAPES: &[Shape] = &[
         required: &["taskId", "attempt", "seq", "success"],
         optional: &["error", "exitCode", "branch", "commit"],
     },
+    Shape {
+        name: "capacity",
+        required: &["maxConcurrentTasks"],
+        optional: &["agents", "labels"],
+    },
 ];
 
 const SERVER_SHAPES: &[Shape] = &[
@@ -136,6 +141,7 @@ fn daemon_variant(m: &DaemonMessage) -> &'static str {
         DaemonMessage::TaskProgress(_) => "taskProgress",
         DaemonMessage::TaskStatusChange(_) => "taskStatusChange",
         DaemonMessage::TaskComplete(_) => "taskComplete",
+        DaemonMessage::Capacity(_) => "capacity",
     }
 }
 
@@ -317,10 +323,15 @@ fn each_fixture_directory_holds_exactly_one_file_per_message_type() {
             .map(|s| format!("{}.json", s.name))
             .collect();
         assert_eq!(found, expected, "{side:?} fixtures");
+        let types = match side {
+            // `capacity` joined v1 for relays; older daemons never send it.
+            Side::Daemon => 9,
+            Side::Server => 8,
+        };
         assert_eq!(
             expected.len(),
-            8,
-            "{side:?}: protocol v1 has 8 message types"
+            types,
+            "{side:?}: protocol v1 has {types} message types"
         );
     }
 }
@@ -839,7 +850,7 @@ fn the_protocol_document_examples_decode() {
         blocks += 1;
         rest = &body[end..];
     }
-    assert_eq!(blocks, 16, "one example per message type");
+    assert_eq!(blocks, 17, "one example per message type");
 
     let (mut up, mut down) = (0, 0);
     for line in doc.lines() {

@@ -26,6 +26,15 @@ pub fn run(g: &Global, cmd: ConfigCmd) -> anyhow::Result<ExitCode> {
             redact(&mut cfg.server.auth.hash_key);
             redact(&mut cfg.client.api_key);
             redact(&mut cfg.daemon.api_key);
+            redact(&mut cfg.relay.api_key);
+            for k in cfg
+                .relay
+                .daemon_keys
+                .iter_mut()
+                .chain(cfg.relay.admin_keys.iter_mut())
+            {
+                *k = "<redacted>".into();
+            }
             if g.json {
                 crate::commands::print_json(&cfg)?;
             } else {

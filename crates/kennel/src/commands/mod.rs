@@ -4,7 +4,9 @@
 pub mod config_cmd;
 pub mod daemon;
 pub mod daemons;
+pub mod gateway;
 pub mod keys;
+pub mod relay;
 pub mod server;
 pub mod task;
 pub mod up;
@@ -22,6 +24,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up(args) => up::run(&g, args).await,
         Command::Server(args) => server::run(&g, args).await,
         Command::Daemon(args) => daemon::run(&g, args).await,
+        Command::Gateway(args) => gateway::run(&g, args).await,
+        Command::Relay(args) => relay::run(&g, args).await,
         Command::Task(cmd) => task::run(&client(&g)?, &g, cmd).await,
         Command::Daemons(args) => daemons::run(&client(&g)?, &g, args).await,
         Command::Keys(cmd) => keys::run(&client(&g)?, &g, cmd).await,

@@ -83,6 +83,7 @@ pub async fn run(g: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     let serving = tokio::spawn(server.serve(async {
         let _ = stop_rx.await;
     }));
+    let gateway = crate::commands::gateway::embedded(&cfg, state.store.clone()).await?;
     let daemon = kennel_daemon::daemon::start(cfg.daemon.clone(), daemon_dir)
         .await
         .context("failed to start the local daemon")?;
@@ -99,6 +100,10 @@ pub async fn run(g: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         .await;
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), serving).await;
+    if let Some((stop, serving)) = gateway {
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), serving).await;
+    }
     println!("kennel: stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -4,7 +4,9 @@
 mod api;
 mod claude;
 mod cli;
+mod gateway;
 mod protocol;
+mod relay;
 mod resilience;
 mod scheduling;
 mod worker;

@@ -1,0 +1,467 @@
+//! Forwarding one client request: pick candidates, try them in order until one answers, and
+//! pass the answer through. Streams are relayed chunk by chunk as they arrive, never
+//! buffered. Failover happens only while nothing has reached the client; once the first byte
+//! is sent, a stall or break ends the stream with an error event in the client's format.
+//!
+//! This module must not hold routing policy (see `health`) or log secrets: neither the
+//! client's kennel key nor the upstream's key is ever written anywhere.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::{Stream, StreamExt};
+use serde_json::Value;
+
+use crate::config::UpstreamKind;
+use crate::error::{ApiFormat, GatewayError};
+use crate::health::{candidates, parse_retry_after, FailureClass};
+use crate::{Shared, Upstream};
+
+/// Client request headers passed on to upstreams (never the client's credentials).
+const FORWARDED: [&str; 5] = [
+    "accept",
+    "anthropic-version",
+    "anthropic-beta",
+    "openai-beta",
+    "user-agent",
+];
+/// Upstream response headers not passed back (hop-by-hop, or recomputed).
+const DROPPED: [&str; 4] = [
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+];
+/// Anthropic requires a version header; sent when the client gave none.
+const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// How one attempt ended, when it did not produce the client's response.
+struct Failed {
+    class: FailureClass,
+    retry_after: Option<Duration>,
+    /// The upstream's own error response, returned unchanged if no other upstream succeeds.
+    response: Option<(StatusCode, HeaderMap, Bytes)>,
+    message: String,
+}
+
+enum Attempt {
+    Answered(Response),
+    Failed(Failed),
+}
+
+/// `POST /v1/chat/completions`, `POST /v1/messages` and `POST /v1/messages/count_tokens`;
+/// `path` is what is appended to an upstream's base URL.
+pub async fn forward(
+    shared: Arc<Shared>,
+    format: ApiFormat,
+    path: &'static str,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, GatewayError> {
+    let started = Instant::now();
+    shared.authorize(&headers, format, false).await?;
+    shared.metrics.request(format.as_str());
+    {
+        let mut s = shared.state.lock();
+        s.totals.requests += 1;
+        shared.state.mark_totals(&mut s);
+    }
+    let limit = shared.cfg.max_body_bytes;
+    let too_large = || {
+        GatewayError::new(
+            format,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!(
+                "the request body is larger than the gateway's limit of {limit} bytes; send a \
+                 smaller request or raise gateway.max_body_bytes"
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| too_large())?;
+    let mut json: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        GatewayError::bad_request(
+            format,
+            format!("the request body is not valid JSON ({e}); send a JSON object"),
+        )
+    })?;
+    let model = json
+        .get("model")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| {
+            GatewayError::bad_request(
+                format,
+                "the request body has no \"model\" string; name the model to use",
+            )
+        })?;
+    let stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let kind = match format {
+        ApiFormat::Openai => UpstreamKind::Openai,
+        ApiFormat::Anthropic => UpstreamKind::Anthropic,
+    };
+    let eligible: Vec<&Upstream> = shared
+        .upstreams
+        .iter()
+        .filter(|u| u.cfg.kind == kind && u.cfg.serves(&model))
+        .collect();
+    if eligible.is_empty() {
+        return Err(GatewayError::new(
+            format,
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            format!(
+                "no {} upstream serves model {model:?}; add it to an upstream's models or \
+                 renames under [[gateway.upstreams]]",
+                kind.as_str()
+            ),
+        ));
+    }
+    let order: Vec<String> = {
+        let cfgs: Vec<_> = eligible.iter().map(|u| &u.cfg).collect();
+        let s = shared.state.lock();
+        candidates(&cfgs, &s.health, shared.clock.now_ms())
+            .into_iter()
+            .map(|u| u.name.clone())
+            .collect()
+    };
+    let mut last: Option<(String, Failed)> = None;
+    let mut upstream_time = Duration::ZERO;
+    let mut attempts = 0u32;
+    for name in order.iter().take(shared.cfg.max_attempts as usize) {
+        let Some(up) = eligible.iter().find(|u| &u.cfg.name == name) else {
+            continue;
+        };
+        attempts += 1;
+        if attempts > 1 {
+            shared.metrics.failover();
+            let mut s = shared.state.lock();
+            s.totals.failovers += 1;
+            shared.state.mark_totals(&mut s);
+        }
+        let upstream_model = up.cfg.upstream_model(&model).to_string();
+        let body = if upstream_model != model {
+            if let Some(m) = json.get_mut("model") {
+                *m = Value::String(upstream_model);
+            }
+            let b = Bytes::from(json.to_string());
+            if let Some(m) = json.get_mut("model") {
+                *m = Value::String(model.clone());
+            }
+            b
+        } else {
+            bytes.clone()
+        };
+        let t0 = Instant::now();
+        let outcome = attempt(&shared, up, format, path, &headers, body, stream).await;
+        upstream_time += t0.elapsed();
+        match outcome {
+            Attempt::Answered(mut resp) => {
+                tag(&mut resp, name, attempts);
+                shared
+                    .metrics
+                    .added_latency(started.elapsed().saturating_sub(upstream_time));
+                return Ok(resp);
+            }
+            Attempt::Failed(f) => {
+                tracing::warn!(
+                    upstream = %name,
+                    class = f.class.as_str(),
+                    error = %f.message,
+                    "upstream attempt failed"
+                );
+                shared.record_failure(name, f.class, f.retry_after);
+                last = Some((name.clone(), f));
+            }
+        }
+    }
+    let Some((name, f)) = last else {
+        return Err(GatewayError::new(
+            format,
+            StatusCode::BAD_GATEWAY,
+            "api_error",
+            "no upstream could be tried; check [[gateway.upstreams]]",
+        ));
+    };
+    if let Some((status, hdrs, body)) = f.response {
+        let mut resp = (status, body).into_response();
+        copy_headers(&hdrs, resp.headers_mut());
+        tag(&mut resp, &name, attempts);
+        return Ok(resp);
+    }
+    let status = match f.class {
+        FailureClass::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    let mut resp = GatewayError::new(
+        format,
+        status,
+        "api_error",
+        format!(
+            "all {attempts} upstream attempt(s) failed; the last, {name}, failed with: {}. \
+             Retry later, or see GET /health for cooldowns",
+            f.message
+        ),
+    )
+    .into_response();
+    tag(&mut resp, &name, attempts);
+    Ok(resp)
+}
+
+/// Sends the request to one upstream and decides what its answer means.
+async fn attempt(
+    shared: &Arc<Shared>,
+    up: &Upstream,
+    format: ApiFormat,
+    path: &str,
+    client_headers: &HeaderMap,
+    body: Bytes,
+    stream: bool,
+) -> Attempt {
+    let name = up.cfg.name.clone();
+    {
+        let mut s = shared.state.lock();
+        let h = s.health.entry(name.clone()).or_default();
+        h.requests += 1;
+    }
+    let url = format!("{}{path}", up.cfg.base_url.trim_end_matches('/'));
+    let mut rb = up
+        .client
+        .post(url)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body);
+    for h in FORWARDED {
+        if let Some(v) = client_headers.get(h) {
+            rb = rb.header(h, v);
+        }
+    }
+    match up.cfg.kind {
+        UpstreamKind::Openai => {
+            if let Some(k) = &up.key {
+                rb = rb.bearer_auth(k);
+            }
+        }
+        UpstreamKind::Anthropic => {
+            if let Some(k) = &up.key {
+                rb = rb.header("x-api-key", k);
+            }
+            if !client_headers.contains_key("anthropic-version") {
+                rb = rb.header("anthropic-version", DEFAULT_ANTHROPIC_VERSION);
+            }
+        }
+    }
+    let t0 = Instant::now();
+    let first_byte = up.cfg.first_byte_timeout();
+    let resp = match tokio::time::timeout(first_byte, rb.send()).await {
+        Err(_) => return timeout_failure(format!("no response headers within {first_byte:?}")),
+        Ok(Err(e)) => return send_failure(&e),
+        Ok(Ok(r)) => r,
+    };
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    if let Some(class) = FailureClass::of_status(status.as_u16()) {
+        let retry_after = headers
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, shared.clock.now_ms()));
+        let body = tokio::time::timeout(first_byte, resp.bytes())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        return Attempt::Failed(Failed {
+            class,
+            retry_after,
+            response: Some((status, headers, body)),
+            message: format!("HTTP {status}"),
+        });
+    }
+    if !status.is_success() {
+        // The client's own mistake (4xx): returned unchanged, no cooldown, no failover.
+        let body = match tokio::time::timeout(up.cfg.total_timeout(), resp.bytes()).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => return send_failure(&e),
+            Err(_) => return timeout_failure("the error body did not arrive in time".into()),
+        };
+        shared.record_neutral(&name);
+        let mut r = (status, body).into_response();
+        copy_headers(&headers, r.headers_mut());
+        return Attempt::Answered(r);
+    }
+    if !stream {
+        let remaining = up.cfg.total_timeout().saturating_sub(t0.elapsed());
+        let body = match tokio::time::timeout(remaining, resp.bytes()).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => return send_failure(&e),
+            Err(_) => {
+                return timeout_failure(format!(
+                    "the response did not complete within {:?}",
+                    up.cfg.total_timeout()
+                ))
+            }
+        };
+        shared.record_success(&name, t0.elapsed());
+        let mut r = (status, body).into_response();
+        copy_headers(&headers, r.headers_mut());
+        return Attempt::Answered(r);
+    }
+    // Streaming: wait for the first chunk before committing, so a stall right after the
+    // headers can still fail over.
+    let mut chunks: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>> =
+        Box::pin(resp.bytes_stream());
+    let remaining = first_byte.saturating_sub(t0.elapsed());
+    let first = match tokio::time::timeout(remaining, chunks.next()).await {
+        Err(_) => {
+            return timeout_failure(format!("no first byte of the stream within {first_byte:?}"))
+        }
+        Ok(Some(Err(e))) => return send_failure(&e),
+        Ok(Some(Ok(b))) => Some(b),
+        Ok(None) => None,
+    };
+    shared.record_success(&name, t0.elapsed());
+    let relay = Relay {
+        first,
+        chunks,
+        idle: first_byte,
+        format,
+        shared: shared.clone(),
+        upstream: name,
+        tail: [0, 0],
+        ended: false,
+    };
+    let body = Body::from_stream(futures_util::stream::unfold(relay, Relay::step));
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    copy_headers(&headers, r.headers_mut());
+    Attempt::Answered(r)
+}
+
+/// Relays an upstream stream to the client, ending it with an error event if it stalls or
+/// breaks.
+struct Relay {
+    first: Option<Bytes>,
+    chunks: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    /// Longest silence allowed between chunks.
+    idle: Duration,
+    format: ApiFormat,
+    shared: Arc<Shared>,
+    upstream: String,
+    /// The last two bytes sent, to close a half-sent event before the error event.
+    tail: [u8; 2],
+    ended: bool,
+}
+
+impl Relay {
+    async fn step(mut self) -> Option<(Result<Bytes, Infallible>, Self)> {
+        if self.ended {
+            return None;
+        }
+        if let Some(b) = self.first.take() {
+            self.note(&b);
+            return Some((Ok(b), self));
+        }
+        let problem = match tokio::time::timeout(self.idle, self.chunks.next()).await {
+            Ok(Some(Ok(b))) => {
+                self.note(&b);
+                return Some((Ok(b), self));
+            }
+            Ok(None) => return None,
+            Ok(Some(Err(e))) => format!("the upstream stream broke: {}", chain(&e)),
+            Err(_) => format!(
+                "the upstream stream stalled: no data for {} ms",
+                self.idle.as_millis()
+            ),
+        };
+        tracing::warn!(upstream = %self.upstream, error = %problem, "stream ended early");
+        self.shared
+            .record_failure(&self.upstream, FailureClass::StreamBroken, None);
+        self.ended = true;
+        let close = match self.tail {
+            [b'\n', b'\n'] => "",
+            [_, b'\n'] => "\n",
+            _ => "\n\n",
+        };
+        let msg = format!(
+            "{problem} (upstream {}); the response is incomplete, retry the request",
+            self.upstream
+        );
+        let event = format!("{close}{}", self.format.stream_error_event(&msg));
+        Some((Ok(Bytes::from(event)), self))
+    }
+
+    fn note(&mut self, b: &Bytes) {
+        match b.len() {
+            0 => {}
+            1 => self.tail = [self.tail[1], b[0]],
+            n => self.tail = [b[n - 2], b[n - 1]],
+        }
+    }
+}
+
+fn timeout_failure(message: String) -> Attempt {
+    Attempt::Failed(Failed {
+        class: FailureClass::Timeout,
+        retry_after: None,
+        response: None,
+        message,
+    })
+}
+
+fn send_failure(e: &reqwest::Error) -> Attempt {
+    let class = if e.is_timeout() {
+        FailureClass::Timeout
+    } else {
+        FailureClass::Network
+    };
+    Attempt::Failed(Failed {
+        class,
+        retry_after: None,
+        response: None,
+        message: chain(e),
+    })
+}
+
+/// An error with its causes (connection refused etc.); reqwest errors carry no secrets.
+fn chain(e: &reqwest::Error) -> String {
+    let mut message = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        src = s.source();
+    }
+    message
+}
+
+fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    for (k, v) in from {
+        if !DROPPED.contains(&k.as_str()) {
+            to.insert(k.clone(), v.clone());
+        }
+    }
+}
+
+fn tag(resp: &mut Response, upstream: &str, attempts: u32) {
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(upstream) {
+        h.insert(HeaderName::from_static("x-kennel-upstream"), v);
+    }
+    h.insert(
+        HeaderName::from_static("x-kennel-attempts"),
+        HeaderValue::from(attempts),
+    );
+}

@@ -1,0 +1,199 @@
+//! `[relay]` configuration: where the upstream is, who may connect downstream, where the
+//! relay keeps its history. Parsed once at start, then [`RelayConfig::validate`]d; it holds
+//! keys, so its `Debug` never prints them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The path every daemon link lives at, on coordinators and relays alike.
+pub const DAEMON_PATH: &str = "/ws/daemon";
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// The coordinator (or parent relay) to connect to; normalised to `ws(s)://…/ws/daemon`.
+    pub upstream: String,
+    /// Key presented upstream; needs the daemon or relay scope there.
+    pub api_key: Option<String>,
+    /// Name (and machine id) the relay uses upstream; the coordinator lists it under this.
+    pub agent_name: String,
+    /// Address for the downstream hub and the admin endpoints.
+    pub listen: SocketAddr,
+    /// Directory for `relay.db` (history, queue, buffered messages, connection log).
+    pub data_dir: PathBuf,
+    /// Keys downstream daemons must present in `authenticate`.
+    pub daemon_keys: Vec<String>,
+    /// Keys that open the admin endpoints and `/metrics` (everything but `/health`).
+    pub admin_keys: Vec<String>,
+    /// Labels advertised upstream for the whole relay.
+    pub labels: BTreeMap<String, String>,
+    /// Seconds a downstream daemon has to send `authenticate`.
+    pub auth_timeout_secs: u64,
+    /// Heartbeat interval announced to downstream daemons, in seconds; three missed end a link.
+    pub heartbeat_interval_secs: u64,
+    /// Seconds a vanished daemon has to come back before its attempts are reported lost.
+    pub reattach_grace_secs: u64,
+    /// Largest frame accepted from a downstream daemon, in bytes.
+    pub max_frame_bytes: usize,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            upstream: "ws://127.0.0.1:7070/ws/daemon".to_string(),
+            api_key: None,
+            agent_name: "kennel-relay".to_string(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7072)),
+            data_dir: PathBuf::from("kennel-relay-data"),
+            daemon_keys: Vec::new(),
+            admin_keys: Vec::new(),
+            labels: BTreeMap::new(),
+            auth_timeout_secs: 10,
+            heartbeat_interval_secs: 10,
+            reattach_grace_secs: 30,
+            max_frame_bytes: kennel_proto::link::DEFAULT_MAX_FRAME_BYTES,
+        }
+    }
+}
+
+impl std::fmt::Debug for RelayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayConfig")
+            .field("upstream", &self.upstream)
+            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .field("agent_name", &self.agent_name)
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("daemon_keys", &format!("{} keys", self.daemon_keys.len()))
+            .field("admin_keys", &format!("{} keys", self.admin_keys.len()))
+            .field("labels", &self.labels)
+            .field("auth_timeout_secs", &self.auth_timeout_secs)
+            .field("heartbeat_interval_secs", &self.heartbeat_interval_secs)
+            .field("reattach_grace_secs", &self.reattach_grace_secs)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .finish()
+    }
+}
+
+/// A setting that cannot work, with the key to fix.
+#[derive(Debug, thiserror::Error)]
+#[error("relay.{key}: {message}")]
+pub struct ConfigError {
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl RelayConfig {
+    /// Checks what serde cannot; also normalises `upstream`.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        self.upstream = normalise_upstream(&self.upstream).map_err(|message| ConfigError {
+            key: "upstream",
+            message,
+        })?;
+        kennel_proto::validate_id("agent name", &self.agent_name).map_err(|e| ConfigError {
+            key: "agent_name",
+            message: format!("{e}; use letters, digits, `-` and `_`"),
+        })?;
+        if self.api_key.as_deref().is_none_or(str::is_empty) {
+            return Err(ConfigError {
+                key: "api_key",
+                message: "missing: set relay.api_key (or KENNEL_RELAY__API_KEY / MAKIMA_API_KEY) to a key with the daemon or relay scope".into(),
+            });
+        }
+        if self.daemon_keys.iter().any(String::is_empty) || self.daemon_keys.is_empty() {
+            return Err(ConfigError {
+                key: "daemon_keys",
+                message: "downstream daemons need a key: list at least one non-empty key in relay.daemon_keys".into(),
+            });
+        }
+        if self.admin_keys.iter().any(String::is_empty) {
+            return Err(ConfigError {
+                key: "admin_keys",
+                message: "empty keys are not allowed; remove them".into(),
+            });
+        }
+        for (key, value) in [
+            ("auth_timeout_secs", self.auth_timeout_secs),
+            ("heartbeat_interval_secs", self.heartbeat_interval_secs),
+        ] {
+            if value == 0 {
+                return Err(ConfigError {
+                    key,
+                    message: "must be at least 1".into(),
+                });
+            }
+        }
+        if self.max_frame_bytes < 1024 {
+            return Err(ConfigError {
+                key: "max_frame_bytes",
+                message: "must be at least 1024".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `http://host:port` → `ws://host:port/ws/daemon`; `https` → `wss`; a URL already ending in
+/// `/ws/daemon` is kept.
+pub fn normalise_upstream(url: &str) -> Result<String, String> {
+    let url = url.trim().trim_end_matches('/');
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("`{url}` is not a URL; use ws://host:port or http://host:port"))?;
+    let scheme = match scheme {
+        "ws" | "http" => "ws",
+        "wss" | "https" => "wss",
+        other => {
+            return Err(format!(
+                "unsupported scheme `{other}`; use ws, wss, http or https"
+            ))
+        }
+    };
+    if rest.is_empty() {
+        return Err(format!("`{url}` has no host"));
+    }
+    let rest = if rest.ends_with(DAEMON_PATH) {
+        rest.to_string()
+    } else {
+        format!("{rest}{DAEMON_PATH}")
+    };
+    Ok(format!("{scheme}://{rest}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_urls_are_normalised() {
+        for (given, want) in [
+            ("http://a:7070", "ws://a:7070/ws/daemon"),
+            ("https://a/", "wss://a/ws/daemon"),
+            ("ws://a:1/ws/daemon", "ws://a:1/ws/daemon"),
+            ("wss://a/base", "wss://a/base/ws/daemon"),
+        ] {
+            assert_eq!(normalise_upstream(given).unwrap(), want);
+        }
+        assert!(normalise_upstream("ftp://a").is_err());
+        assert!(normalise_upstream("a:7070").is_err());
+    }
+
+    #[test]
+    fn keys_are_required_and_not_printed() {
+        let mut c = RelayConfig::default();
+        assert!(c.validate().unwrap_err().to_string().contains("api_key"));
+        c.api_key = Some("kn_secret".into());
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("daemon_keys"));
+        c.daemon_keys = vec!["dk_secret".into()];
+        c.validate().unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("secret"), "{dbg}");
+    }
+}

@@ -1,0 +1,322 @@
+//! `WS /ws/daemon` on the relay: the same protocol as the coordinator's hub. A daemon must
+//! `authenticate` first, within the deadline, with one of `relay.daemon_keys`; then its
+//! task-scoped messages go to the [`Relay`] core, which relays them upstream. A bad frame gets
+//! an `error` and the connection carries on; silence past three heartbeats ends it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use kennel_proto::link::{negotiate_version, Authenticated, ErrorCode};
+use kennel_proto::{decode_daemon_frame, DaemonMessage, Decoded, ServerMessage};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::mpsc;
+
+use crate::relay::{Outbound, Refusal, Relay};
+
+/// Close codes, as on the coordinator.
+pub mod close {
+    pub const PROTOCOL: u16 = 4000;
+    pub const UNAUTHORIZED: u16 = 4001;
+    pub const UNSUPPORTED_VERSION: u16 = 4002;
+    pub const AUTH_TIMEOUT: u16 = 4003;
+    pub const SILENT: u16 = 4005;
+}
+
+/// True when `given` is one of `keys`. Compares SHA-256 digests in constant time, so neither
+/// the key nor its length leaks through timing.
+pub fn key_matches(keys: &[String], given: &str) -> bool {
+    let g = Sha256::digest(given.as_bytes());
+    let mut ok = subtle::Choice::from(0);
+    for k in keys {
+        ok |= Sha256::digest(k.as_bytes()).ct_eq(&g);
+    }
+    bool::from(ok) && !given.is_empty()
+}
+
+pub async fn ws_daemon(ws: WebSocketUpgrade, State(relay): State<Arc<Relay>>) -> Response {
+    let cap = relay.cfg.max_frame_bytes.saturating_mul(8).max(16 << 20);
+    ws.max_message_size(cap)
+        .max_frame_size(cap)
+        .on_upgrade(move |socket| run(relay, socket))
+}
+
+fn close_message(code: u16, reason: &str) -> Message {
+    let mut end = reason.len().min(120);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(&reason[..end]),
+    }))
+}
+
+async fn refuse(socket: &mut WebSocket, code: ErrorCode, close: u16, msg: &str) {
+    let _ = socket
+        .send(Message::Text(
+            ServerMessage::error(code, msg).to_json().into(),
+        ))
+        .await;
+    let _ = socket.send(close_message(close, msg)).await;
+}
+
+#[tracing::instrument(name = "relay_downstream", skip_all)]
+async fn run(relay: Arc<Relay>, mut socket: WebSocket) {
+    let cfg = &relay.cfg;
+    let first =
+        match tokio::time::timeout(Duration::from_secs(cfg.auth_timeout_secs), socket.recv()).await
+        {
+            Err(_) => {
+                let reason = format!("no authenticate frame within {}s", cfg.auth_timeout_secs);
+                let _ = socket
+                    .send(close_message(close::AUTH_TIMEOUT, &reason))
+                    .await;
+                return;
+            }
+            Ok(None) | Ok(Some(Err(_))) => return,
+            Ok(Some(Ok(m))) => m,
+        };
+    let Message::Text(text) = first else {
+        let _ = socket
+            .send(close_message(
+                close::PROTOCOL,
+                "expected an authenticate text frame first",
+            ))
+            .await;
+        return;
+    };
+    let hello = match decode_daemon_frame(text.as_str(), cfg.max_frame_bytes) {
+        Ok(Decoded::Known(DaemonMessage::Authenticate(a))) => a,
+        Ok(_) => {
+            let msg = "the first frame must be `authenticate`";
+            refuse(
+                &mut socket,
+                ErrorCode::NotAuthenticated,
+                close::PROTOCOL,
+                msg,
+            )
+            .await;
+            return;
+        }
+        Err(e) => {
+            let msg = format!("the first frame must be a valid `authenticate`: {e}");
+            refuse(
+                &mut socket,
+                ErrorCode::NotAuthenticated,
+                close::PROTOCOL,
+                &msg,
+            )
+            .await;
+            return;
+        }
+    };
+    if !key_matches(&cfg.daemon_keys, hello.api_key.expose()) {
+        let msg = "invalid API key: use one of the relay's daemon_keys";
+        relay.log(
+            "error",
+            &format!("daemon {} refused: invalid API key", hello.machine_id),
+        );
+        refuse(
+            &mut socket,
+            ErrorCode::Unauthorized,
+            close::UNAUTHORIZED,
+            msg,
+        )
+        .await;
+        return;
+    }
+    let Some(version) = negotiate_version(hello.protocol_version, hello.min_protocol_version)
+    else {
+        let msg = format!(
+            "no common protocol version: daemon speaks {}..={}, relay speaks {}..={}",
+            hello.min_protocol_version.unwrap_or(hello.protocol_version),
+            hello.protocol_version,
+            kennel_proto::MIN_PROTOCOL_VERSION,
+            kennel_proto::PROTOCOL_VERSION
+        );
+        refuse(
+            &mut socket,
+            ErrorCode::UnsupportedVersion,
+            close::UNSUPPORTED_VERSION,
+            &msg,
+        )
+        .await;
+        return;
+    };
+    let machine = hello.machine_id.clone();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let authenticated = ServerMessage::Authenticated(Authenticated {
+        daemon_id: machine.clone(),
+        heartbeat_interval_secs: cfg.heartbeat_interval_secs,
+        protocol_version: version,
+        max_frame_bytes: cfg.max_frame_bytes,
+    });
+    let conn_id = relay.attach(&hello, tx.clone(), authenticated);
+    let (sink, stream) = socket.split();
+    let writer = tokio::spawn(write_loop(sink, rx));
+    let (code, reason) = read_loop(&relay, &machine, &tx, stream).await;
+    let _ = tx.send(Outbound::Close(code, reason.clone()));
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    relay.detach(&machine, conn_id, &reason);
+}
+
+/// Most frames read ahead and relayed under one lock and one history transaction.
+const BATCH: usize = 128;
+
+async fn read_loop(
+    relay: &Arc<Relay>,
+    machine: &str,
+    tx: &mpsc::UnboundedSender<Outbound>,
+    mut stream: futures_util::stream::SplitStream<WebSocket>,
+) -> (u16, String) {
+    let silence = Duration::from_secs(relay.cfg.heartbeat_interval_secs.saturating_mul(3));
+    loop {
+        let first = match tokio::time::timeout(silence, stream.next()).await {
+            Err(_) => {
+                return (
+                    close::SILENT,
+                    format!("no frame for {}s (heartbeats missed)", silence.as_secs()),
+                )
+            }
+            Ok(None) => return (1000, "connection closed".into()),
+            Ok(Some(Err(e))) => return (1002, format!("transport error: {e}")),
+            Ok(Some(Ok(m))) => m,
+        };
+        let mut frames = vec![first];
+        // Whatever else already arrived is relayed together.
+        while frames.len() < BATCH {
+            match stream.next().now_or_never() {
+                Some(Some(Ok(m))) => frames.push(m),
+                _ => break,
+            }
+        }
+        if let Some(end) = handle_batch(relay, machine, tx, frames) {
+            return end;
+        }
+    }
+}
+
+fn handle_batch(
+    relay: &Arc<Relay>,
+    machine: &str,
+    tx: &mpsc::UnboundedSender<Outbound>,
+    frames: Vec<Message>,
+) -> Option<(u16, String)> {
+    let err = |code: ErrorCode, message: String| {
+        let _ = tx.send(Outbound::Text(
+            ServerMessage::error(code, message).to_json(),
+        ));
+    };
+    let mut texts = Vec::with_capacity(frames.len());
+    for frame in frames {
+        match frame {
+            Message::Text(t) => texts.push(t),
+            Message::Binary(_) => err(
+                ErrorCode::MalformedFrame,
+                "binary frames are not part of the protocol; send JSON text frames".into(),
+            ),
+            Message::Close(_) => return Some((1000, "daemon closed the connection".into())),
+            Message::Ping(_) | Message::Pong(_) => {}
+        }
+    }
+    let mut reports: Vec<(DaemonMessage, &str)> = Vec::new();
+    // Reports are relayed in order; anything else flushes the reports before it.
+    let flush = |reports: &mut Vec<(DaemonMessage, &str)>| {
+        if reports.is_empty() {
+            return;
+        }
+        for Refusal::Stale(e) in relay.from_daemon(machine, reports) {
+            tracing::warn!(machine, task_id = ?e.task_id, "refused a report on a task this daemon does not hold");
+            let _ = tx.send(Outbound::Text(ServerMessage::Error(e).to_json()));
+        }
+        reports.clear();
+    };
+    for text in &texts {
+        let msg = match decode_daemon_frame(text.as_str(), relay.cfg.max_frame_bytes) {
+            Ok(Decoded::Known(m)) => m,
+            Ok(Decoded::Unknown { type_name }) => {
+                // Forward compatibility: relays pass unknown daemon messages on.
+                tracing::debug!(machine, type_name, "forwarding an unknown message type");
+                flush(&mut reports);
+                relay.forward_unknown(text.as_str());
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(machine, error = %e, "bad frame");
+                err(e.code(), e.to_string());
+                continue;
+            }
+        };
+        match msg {
+            DaemonMessage::Authenticate(_) => err(
+                ErrorCode::NotAuthenticated,
+                "already authenticated on this connection".into(),
+            ),
+            DaemonMessage::Heartbeat(_) => relay.heartbeat(machine),
+            DaemonMessage::Capacity(c) => {
+                flush(&mut reports);
+                relay.set_daemon_capacity(machine, &c)
+            }
+            other => reports.push((other, text.as_str())),
+        }
+    }
+    flush(&mut reports);
+    None
+}
+
+async fn write_loop(
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
+) {
+    while let Some(out) = rx.recv().await {
+        match out {
+            Outbound::Text(t) => {
+                // Feed what is queued, flush once: fewer syscalls under load.
+                if sink.feed(Message::Text(t.into())).await.is_err() {
+                    return;
+                }
+                while let Ok(next) = rx.try_recv() {
+                    match next {
+                        Outbound::Text(t) => {
+                            if sink.feed(Message::Text(t.into())).await.is_err() {
+                                return;
+                            }
+                        }
+                        Outbound::Close(code, reason) => {
+                            let _ = sink.flush().await;
+                            let _ = sink.send(close_message(code, &reason)).await;
+                            return;
+                        }
+                    }
+                }
+                if sink.flush().await.is_err() {
+                    return;
+                }
+            }
+            Outbound::Close(code, reason) => {
+                let _ = sink.send(close_message(code, &reason)).await;
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_match_exactly() {
+        let keys = vec!["dk_one".to_string(), "dk_two".to_string()];
+        assert!(key_matches(&keys, "dk_two"));
+        assert!(!key_matches(&keys, "dk_tw"));
+        assert!(!key_matches(&keys, ""));
+        assert!(!key_matches(&[], "dk_one"));
+    }
+}

@@ -1,0 +1,428 @@
+//! The relay's own durable state in `relay.db` (SQLite, WAL): task history (received,
+//! dispatched, completed, failed — with daemon and times), which attempt each daemon holds,
+//! the queue of tasks no daemon could take yet, daemon messages not yet acknowledged upstream,
+//! and the connection log (the last 200 entries). It survives `kill -9`; it sends nothing.
+
+use std::path::Path;
+
+use kennel_proto::link::SpawnTask;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+/// Entries kept in the connection log.
+pub const LOG_KEEP: i64 = 200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("failed to open the relay database at {path}: {source} (check that the data directory is writable)")]
+    Open {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("failed to create the data directory {path}: {source}")]
+    Dir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("relay database error: {0}")]
+    Db(#[from] rusqlite::Error),
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id       TEXT NOT NULL,
+    attempt       INTEGER NOT NULL,
+    name          TEXT NOT NULL,
+    agent         TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    daemon        TEXT,
+    last_seq      INTEGER NOT NULL DEFAULT 0,
+    received_ms   INTEGER NOT NULL,
+    dispatched_ms INTEGER,
+    finished_ms   INTEGER,
+    error         TEXT,
+    spawn         TEXT NOT NULL,
+    PRIMARY KEY (task_id, attempt)
+);
+CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status);
+CREATE TABLE IF NOT EXISTS buffer (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    seq     INTEGER NOT NULL,
+    frame   TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS buffer_attempt ON buffer(task_id, attempt, seq);
+CREATE TABLE IF NOT EXISTS log (
+    id    INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    kind  TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+";
+
+/// One row of task history, as `GET /tasks` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskRecord {
+    pub task_id: String,
+    pub attempt: u32,
+    pub name: String,
+    pub agent: String,
+    /// `queued`, `dispatched`, `running`, `completed`, `failed`, `rejected`, `lost` or `stale`.
+    pub status: String,
+    /// Machine id of the downstream daemon that got it.
+    pub daemon: Option<String>,
+    pub received_ms: i64,
+    pub dispatched_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+    pub error: Option<String>,
+}
+
+/// One connection-log entry.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogEntry {
+    pub at_ms: i64,
+    /// `connect`, `disconnect` or `error`.
+    pub kind: String,
+    pub message: String,
+}
+
+/// An attempt a downstream daemon holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Held {
+    pub task_id: String,
+    pub attempt: u32,
+    pub daemon: String,
+    pub last_seq: u64,
+}
+
+pub struct History {
+    conn: Connection,
+}
+
+impl History {
+    pub fn open(dir: &Path) -> Result<Self, HistoryError> {
+        std::fs::create_dir_all(dir).map_err(|source| HistoryError::Dir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let path = dir.join("relay.db");
+        let open = |p: &Path| -> rusqlite::Result<Connection> {
+            let c = Connection::open(p)?;
+            c.pragma_update(None, "journal_mode", "WAL")?;
+            c.pragma_update(None, "synchronous", "NORMAL")?;
+            c.busy_timeout(std::time::Duration::from_secs(5))?;
+            c.execute_batch(SCHEMA)?;
+            Ok(c)
+        };
+        let conn = open(&path).map_err(|source| HistoryError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(History { conn })
+    }
+
+    /// Records a `spawnTask` as received and queued. A repeat of the same attempt is ignored;
+    /// returns whether it was new.
+    pub fn received(&self, s: &SpawnTask, frame: &str, now: i64) -> Result<bool, HistoryError> {
+        let n = self.conn.execute(
+            "INSERT OR IGNORE INTO tasks (task_id, attempt, name, agent, status, received_ms, spawn)
+             VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6)",
+            params![s.task_id, s.attempt, s.task_name, s.agent, now, frame],
+        )?;
+        Ok(n == 1)
+    }
+
+    pub fn dispatched(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        daemon: &str,
+        now: i64,
+    ) -> Result<(), HistoryError> {
+        self.conn.execute(
+            "UPDATE tasks SET status = 'dispatched', daemon = ?3, dispatched_ms = ?4
+             WHERE task_id = ?1 AND attempt = ?2",
+            params![task_id, attempt, daemon, now],
+        )?;
+        Ok(())
+    }
+
+    /// Sets a status; `finished` also stamps the end time.
+    pub fn set_status(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        status: &str,
+        error: Option<&str>,
+        finished: Option<i64>,
+    ) -> Result<(), HistoryError> {
+        self.conn.execute(
+            "UPDATE tasks SET status = ?3, error = COALESCE(?4, error),
+                 finished_ms = COALESCE(?5, finished_ms)
+             WHERE task_id = ?1 AND attempt = ?2",
+            params![task_id, attempt, status, error, finished],
+        )?;
+        Ok(())
+    }
+
+    /// Ends every open attempt of `task_id` older than `attempt` (the upstream moved on).
+    pub fn supersede(&self, task_id: &str, attempt: u32, now: i64) -> Result<(), HistoryError> {
+        self.conn.execute(
+            "UPDATE tasks SET status = 'stale', finished_ms = ?3
+             WHERE task_id = ?1 AND attempt < ?2 AND status IN ('queued', 'dispatched', 'running')",
+            params![task_id, attempt, now],
+        )?;
+        Ok(())
+    }
+
+    /// Queued `spawnTask` frames, oldest first.
+    pub fn queued(&self) -> Result<Vec<String>, HistoryError> {
+        let mut st = self.conn.prepare(
+            "SELECT spawn FROM tasks WHERE status = 'queued' ORDER BY received_ms, rowid",
+        )?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Attempts downstream daemons hold.
+    pub fn held(&self) -> Result<Vec<Held>, HistoryError> {
+        let mut st = self.conn.prepare(
+            "SELECT task_id, attempt, daemon, last_seq FROM tasks
+             WHERE status IN ('dispatched', 'running') AND daemon IS NOT NULL",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(Held {
+                task_id: r.get(0)?,
+                attempt: r.get(1)?,
+                daemon: r.get(2)?,
+                last_seq: r.get::<_, i64>(3)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The daemon an attempt was given to, if any.
+    pub fn daemon_of(&self, task_id: &str, attempt: u32) -> Result<Option<String>, HistoryError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT daemon FROM tasks WHERE task_id = ?1 AND attempt = ?2",
+                params![task_id, attempt],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
+    /// Stores a daemon message until the upstream acks it, and notes its seq.
+    pub fn buffer(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        seq: u64,
+        frame: &str,
+    ) -> Result<(), HistoryError> {
+        self.conn.execute(
+            "INSERT INTO buffer (task_id, attempt, seq, frame) VALUES (?1, ?2, ?3, ?4)",
+            params![task_id, attempt, seq as i64, frame],
+        )?;
+        self.conn.execute(
+            "UPDATE tasks SET last_seq = MAX(last_seq, ?3) WHERE task_id = ?1 AND attempt = ?2",
+            params![task_id, attempt, seq as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Stores daemon messages (task, attempt, seq, frame) in one transaction, and notes the
+    /// highest seq of each attempt.
+    pub fn buffer_all(&self, items: &[(&str, u32, u64, &str)]) -> Result<(), HistoryError> {
+        let tx = self.conn.unchecked_transaction()?;
+        {
+            let mut ins = tx.prepare_cached(
+                "INSERT INTO buffer (task_id, attempt, seq, frame) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            let mut upd = tx.prepare_cached(
+                "UPDATE tasks SET last_seq = MAX(last_seq, ?3) WHERE task_id = ?1 AND attempt = ?2",
+            )?;
+            let mut top: Vec<(&str, u32, u64)> = Vec::new();
+            for (task_id, attempt, seq, frame) in items {
+                ins.execute(params![task_id, attempt, *seq as i64, frame])?;
+                match top
+                    .iter_mut()
+                    .find(|(t, a, _)| t == task_id && a == attempt)
+                {
+                    Some(e) => e.2 = e.2.max(*seq),
+                    None => top.push((task_id, *attempt, *seq)),
+                }
+            }
+            for (task_id, attempt, seq) in top {
+                upd.execute(params![task_id, attempt, seq as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// [`History::acked`] for several acks, in one transaction.
+    pub fn acked_all(&self, acks: &[(String, u32, u64)]) -> Result<(), HistoryError> {
+        let tx = self.conn.unchecked_transaction()?;
+        {
+            let mut del = tx.prepare_cached(
+                "DELETE FROM buffer WHERE task_id = ?1 AND attempt = ?2 AND seq <= ?3",
+            )?;
+            for (task_id, attempt, seq) in acks {
+                del.execute(params![task_id, attempt, *seq as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The upstream applied everything of (task, attempt) up to `seq`.
+    pub fn acked(&self, task_id: &str, attempt: u32, seq: u64) -> Result<(), HistoryError> {
+        self.conn.execute(
+            "DELETE FROM buffer WHERE task_id = ?1 AND attempt = ?2 AND seq <= ?3",
+            params![task_id, attempt, seq as i64],
+        )?;
+        Ok(())
+    }
+
+    /// The upstream refused the attempt: its messages will never be applied.
+    pub fn drop_attempt(&self, task_id: &str, attempt: u32) -> Result<(), HistoryError> {
+        self.conn.execute(
+            "DELETE FROM buffer WHERE task_id = ?1 AND attempt = ?2",
+            params![task_id, attempt],
+        )?;
+        Ok(())
+    }
+
+    /// Every unacknowledged message, in the order it arrived.
+    pub fn buffered(&self) -> Result<Vec<String>, HistoryError> {
+        let mut st = self.conn.prepare("SELECT frame FROM buffer ORDER BY id")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn buffered_count(&self) -> Result<u64, HistoryError> {
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM buffer", [], |r| r.get::<_, i64>(0))?
+            as u64)
+    }
+
+    pub fn tasks(&self, limit: u32, offset: u32) -> Result<Vec<TaskRecord>, HistoryError> {
+        let mut st = self.conn.prepare(
+            "SELECT task_id, attempt, name, agent, status, daemon, received_ms, dispatched_ms,
+                    finished_ms, error
+             FROM tasks ORDER BY received_ms DESC, rowid DESC LIMIT ?1 OFFSET ?2",
+        )?;
+        let rows = st.query_map(params![limit, offset], |r| {
+            Ok(TaskRecord {
+                task_id: r.get(0)?,
+                attempt: r.get(1)?,
+                name: r.get(2)?,
+                agent: r.get(3)?,
+                status: r.get(4)?,
+                daemon: r.get(5)?,
+                received_ms: r.get(6)?,
+                dispatched_ms: r.get(7)?,
+                finished_ms: r.get(8)?,
+                error: r.get(9)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// (all task attempts, finished ones: completed or failed).
+    pub fn counts(&self) -> Result<(u64, u64), HistoryError> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(status IN ('completed', 'failed')), 0) FROM tasks",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?)
+    }
+
+    pub fn log(&self, kind: &str, message: &str, now: i64) -> Result<(), HistoryError> {
+        self.conn.execute(
+            "INSERT INTO log (at_ms, kind, message) VALUES (?1, ?2, ?3)",
+            params![now, kind, message],
+        )?;
+        self.conn.execute(
+            "DELETE FROM log WHERE id <= (SELECT MAX(id) FROM log) - ?1",
+            params![LOG_KEEP],
+        )?;
+        Ok(())
+    }
+
+    /// The newest `limit` log entries, newest first.
+    pub fn logs(&self, limit: u32) -> Result<Vec<LogEntry>, HistoryError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT at_ms, kind, message FROM log ORDER BY id DESC LIMIT ?1")?;
+        let rows = st.query_map(params![limit], |r| {
+            Ok(LogEntry {
+                at_ms: r.get(0)?,
+                kind: r.get(1)?,
+                message: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spawn(id: &str, attempt: u32) -> SpawnTask {
+        SpawnTask {
+            task_id: id.into(),
+            attempt,
+            task_name: id.into(),
+            prompt: "p".into(),
+            repo: None,
+            agent: "command".into(),
+            env: Default::default(),
+            limits: Default::default(),
+        }
+    }
+
+    #[test]
+    fn history_queue_and_buffer_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let h = History::open(dir.path()).unwrap();
+            assert!(h.received(&spawn("t1", 1), "{\"a\":1}", 1).unwrap());
+            assert!(!h.received(&spawn("t1", 1), "{\"a\":1}", 2).unwrap());
+            assert!(h.received(&spawn("t2", 1), "{\"b\":1}", 3).unwrap());
+            h.dispatched("t1", 1, "m1", 4).unwrap();
+            h.buffer("t1", 1, 1, "f1").unwrap();
+            h.buffer("t1", 1, 2, "f2").unwrap();
+            h.acked("t1", 1, 1).unwrap();
+            for i in 0..250 {
+                h.log("connect", &format!("n{i}"), i).unwrap();
+            }
+        }
+        let h = History::open(dir.path()).unwrap();
+        assert_eq!(h.queued().unwrap(), vec!["{\"b\":1}".to_string()]);
+        assert_eq!(
+            h.held().unwrap(),
+            vec![Held {
+                task_id: "t1".into(),
+                attempt: 1,
+                daemon: "m1".into(),
+                last_seq: 2
+            }]
+        );
+        assert_eq!(h.buffered().unwrap(), vec!["f2".to_string()]);
+        let logs = h.logs(500).unwrap();
+        assert_eq!(logs.len(), 200);
+        assert_eq!(logs[0].message, "n249");
+        assert_eq!(h.tasks(1, 1).unwrap()[0].task_id, "t1");
+    }
+}

@@ -1,0 +1,141 @@
+//! The relay's HTTP side: the downstream hub at `/ws/daemon` and the admin endpoints
+//! (`/`, `/status`, `/tasks`, `/logs`, `/reconnect`, `/metrics`). Everything but `/health`
+//! and the hub (which checks daemon keys itself) needs one of `relay.admin_keys`, as
+//! `Authorization: Bearer <key>` or `x-api-key`. CORS is open so a browser dashboard can call it.
+
+use std::sync::Arc;
+
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use tower_http::cors::{Any, CorsLayer};
+
+use crate::downstream::{key_matches, ws_daemon};
+use crate::relay::Relay;
+
+pub fn router(relay: Arc<Relay>) -> Router {
+    let admin = Router::new()
+        .route("/", get(status))
+        .route("/status", get(status))
+        .route("/tasks", get(tasks))
+        .route("/logs", get(logs))
+        .route("/reconnect", post(reconnect))
+        .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            relay.clone(),
+            require_admin,
+        ));
+    Router::new()
+        .route("/health", get(health))
+        .route("/ws/daemon", get(ws_daemon))
+        .merge(admin)
+        .layer(
+            CorsLayer::new()
+                .allow_origin(Any)
+                .allow_methods([Method::GET, Method::POST])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
+        )
+        .with_state(relay)
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+}
+
+async fn require_admin(State(relay): State<Arc<Relay>>, req: Request, next: Next) -> Response {
+    if req.method() == Method::OPTIONS {
+        return next.run(req).await;
+    }
+    match presented_key(req.headers()) {
+        None => error(
+            StatusCode::UNAUTHORIZED,
+            "missing API key: send `Authorization: Bearer <key>` with one of relay.admin_keys",
+        ),
+        Some(k) if key_matches(&relay.cfg.admin_keys, k) => next.run(req).await,
+        Some(_) => error(
+            StatusCode::UNAUTHORIZED,
+            "invalid API key: use one of relay.admin_keys",
+        ),
+    }
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn status(State(relay): State<Arc<Relay>>) -> Response {
+    Json(relay.status()).into_response()
+}
+
+#[derive(Deserialize)]
+struct Page {
+    limit: Option<i64>,
+    offset: Option<i64>,
+}
+
+/// Clamps `limit` to 1..=`max` (default `default`) and `offset` to 0..=1,000,000.
+fn clamp(p: &Page, default: i64, max: i64) -> (u32, u32) {
+    let limit = p.limit.unwrap_or(default).clamp(1, max) as u32;
+    let offset = p.offset.unwrap_or(0).clamp(0, 1_000_000) as u32;
+    (limit, offset)
+}
+
+async fn tasks(State(relay): State<Arc<Relay>>, Query(p): Query<Page>) -> Response {
+    let (limit, offset) = clamp(&p, 50, 500);
+    match relay.tasks(limit, offset) {
+        Ok(tasks) => {
+            Json(json!({ "tasks": tasks, "limit": limit, "offset": offset })).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+async fn logs(State(relay): State<Arc<Relay>>, Query(p): Query<Page>) -> Response {
+    let (limit, _) = clamp(&p, 50, crate::history::LOG_KEEP);
+    match relay.logs(limit) {
+        Ok(logs) => Json(json!({ "logs": logs, "limit": limit })).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+async fn reconnect(State(relay): State<Arc<Relay>>) -> Response {
+    relay.log("connect", "upstream reconnect requested over HTTP");
+    relay.reconnect.notify_one();
+    (StatusCode::ACCEPTED, Json(json!({ "reconnecting": true }))).into_response()
+}
+
+async fn metrics(State(relay): State<Arc<Relay>>) -> Response {
+    let s = relay.status();
+    let body = format!(
+        "# TYPE kennel_relay_upstream_connected gauge\nkennel_relay_upstream_connected {}\n\
+         # TYPE kennel_relay_daemons_connected gauge\nkennel_relay_daemons_connected {}\n\
+         # TYPE kennel_relay_tasks_active gauge\nkennel_relay_tasks_active {}\n\
+         # TYPE kennel_relay_tasks_queued gauge\nkennel_relay_tasks_queued {}\n\
+         # TYPE kennel_relay_tasks_received_total counter\nkennel_relay_tasks_received_total {}\n\
+         # TYPE kennel_relay_tasks_processed_total counter\nkennel_relay_tasks_processed_total {}\n\
+         # TYPE kennel_relay_messages_buffered gauge\nkennel_relay_messages_buffered {}\n\
+         # TYPE kennel_relay_messages_forwarded_total counter\nkennel_relay_messages_forwarded_total {}\n",
+        u8::from(s.upstream_connected),
+        s.connected_daemons.len(),
+        s.active_tasks,
+        s.queued_tasks,
+        s.total_received,
+        s.total_processed,
+        s.buffered_messages,
+        s.messages_forwarded,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}

@@ -1,0 +1,1037 @@
+//! The relay's routing core: which downstream daemons are connected, which attempt each
+//! holds, the queue, and the upstream sender. Every decision happens under one lock, with the
+//! history written in the same critical section, so what the relay persists and what it sends
+//! are always in the same order. It does no network I/O itself: connections hand it frames and
+//! drain the channels it fills.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kennel_proto::link::{
+    Authenticate, Capacity, ErrorCode, ErrorFrame, SpawnTask, TaskRef, TaskStatusChange,
+};
+use kennel_proto::{DaemonMessage, ServerMessage};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::config::RelayConfig;
+use crate::history::{History, HistoryError};
+
+/// A frame (or a close) for one downstream connection's writer.
+#[derive(Debug)]
+pub enum Outbound {
+    Text(String),
+    Close(u16, String),
+}
+
+/// One connected downstream daemon.
+struct Down {
+    conn_id: u64,
+    tx: mpsc::UnboundedSender<Outbound>,
+    hostname: String,
+    max: u32,
+    agents: BTreeSet<String>,
+    connected_ms: i64,
+    last_heartbeat_ms: i64,
+    /// Dispatch counter at its last dispatch (tie-break: longest idle first).
+    last_pick: u64,
+}
+
+/// An attempt a downstream daemon holds.
+struct Hold {
+    attempt: u32,
+    daemon: String,
+    last_seq: u64,
+}
+
+#[derive(Default)]
+struct State {
+    daemons: HashMap<String, Down>,
+    holds: HashMap<String, Hold>,
+    /// Queued `spawnTask`s, oldest first.
+    queue: VecDeque<SpawnTask>,
+    upstream: Option<mpsc::UnboundedSender<String>>,
+    upstream_daemon_id: Option<String>,
+    last_upstream_heartbeat_ms: Option<i64>,
+    /// Bumped on every connect and disconnect of a machine, so a stale grace timer does nothing.
+    generations: HashMap<String, u64>,
+    next_conn: u64,
+    picks: u64,
+}
+
+/// A downstream daemon as `/status` shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DownInfo {
+    pub id: String,
+    pub hostname: String,
+    pub max_concurrent_tasks: u32,
+    pub active_tasks: u32,
+    pub agents: Vec<String>,
+    pub connected_ms: i64,
+    pub last_heartbeat_ms: i64,
+}
+
+/// What `GET /status` reports.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// `ok` (upstream up, daemons connected), `degraded` (one of them missing) or
+    /// `disconnected` (no upstream).
+    pub status: &'static str,
+    pub agent_name: String,
+    pub upstream: String,
+    pub upstream_connected: bool,
+    /// The id the upstream gave this relay.
+    pub daemon_id: Option<String>,
+    /// When the last heartbeat went upstream, in ms since the epoch.
+    pub last_heartbeat_ms: Option<i64>,
+    pub connected_daemons: Vec<DownInfo>,
+    pub active_tasks: u32,
+    pub queued_tasks: u32,
+    pub total_received: u64,
+    pub total_processed: u64,
+    pub buffered_messages: u64,
+    pub messages_forwarded: u64,
+}
+
+/// Why a daemon's message was refused.
+pub enum Refusal {
+    Stale(ErrorFrame),
+}
+
+pub struct Relay {
+    pub cfg: RelayConfig,
+    state: Mutex<State>,
+    history: Mutex<History>,
+    /// Ends the current upstream session so it reconnects now (`POST /reconnect`).
+    pub reconnect: Notify,
+    forwarded: AtomicU64,
+    /// The id the upstream gave this relay while the link is up, `None` while it is down.
+    link: watch::Sender<Option<String>>,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn stale_error(task_id: &str, attempt: u32, message: String) -> ErrorFrame {
+    ErrorFrame {
+        code: ErrorCode::StaleAttempt,
+        message,
+        task_id: Some(task_id.to_string()),
+        attempt: Some(attempt),
+        expected_seq: None,
+    }
+}
+
+impl Relay {
+    /// Opens the history and restores holds and the queue from it.
+    pub fn open(cfg: RelayConfig) -> Result<Arc<Self>, HistoryError> {
+        let history = History::open(&cfg.data_dir)?;
+        let mut st = State::default();
+        for h in history.held()? {
+            st.holds.insert(
+                h.task_id,
+                Hold {
+                    attempt: h.attempt,
+                    daemon: h.daemon,
+                    last_seq: h.last_seq,
+                },
+            );
+        }
+        for frame in history.queued()? {
+            match serde_json::from_str::<ServerMessage>(&frame) {
+                Ok(ServerMessage::SpawnTask(s)) => st.queue.push_back(s),
+                _ => tracing::warn!("ignoring an unreadable queued task in the relay database"),
+            }
+        }
+        let relay = Arc::new(Relay {
+            cfg,
+            state: Mutex::new(st),
+            history: Mutex::new(history),
+            reconnect: Notify::new(),
+            forwarded: AtomicU64::new(0),
+            link: watch::channel(None).0,
+        });
+        relay.log("connect", "relay started");
+        Ok(relay)
+    }
+
+    /// Starts grace timers for daemons that held attempts before a restart.
+    pub fn start_restored_graces(self: &Arc<Self>) {
+        let machines: HashSet<String> = {
+            let st = self.lock();
+            st.holds.values().map(|h| h.daemon.clone()).collect()
+        };
+        for m in machines {
+            self.start_grace(m, 0);
+        }
+    }
+
+    /// Watches the upstream link: the relay's upstream daemon id while connected.
+    pub fn subscribe_link(&self) -> watch::Receiver<Option<String>> {
+        self.link.subscribe()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; carry on with it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn db(&self) -> MutexGuard<'_, History> {
+        self.history.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the history, logging (not propagating) a failure: the relay keeps routing.
+    fn with_db<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&History) -> Result<T, HistoryError>,
+    ) -> Option<T> {
+        match f(&self.db()) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::error!(error = %e, "failed to {what}");
+                None
+            }
+        }
+    }
+
+    /// Adds a connection-log entry (and traces it).
+    pub fn log(&self, kind: &str, message: &str) {
+        tracing::info!(kind, "{message}");
+        self.with_db("write the connection log", |h| {
+            h.log(kind, message, now_ms())
+        });
+    }
+
+    pub fn logs(&self, limit: u32) -> Result<Vec<crate::history::LogEntry>, HistoryError> {
+        self.db().logs(limit)
+    }
+
+    pub fn tasks(
+        &self,
+        limit: u32,
+        offset: u32,
+    ) -> Result<Vec<crate::history::TaskRecord>, HistoryError> {
+        self.db().tasks(limit, offset)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // upstream side
+
+    /// What the relay offers upstream: the sum of its daemons' slots (at least 1, as the
+    /// protocol requires) and the union of their agents.
+    fn capacity_of(&self, st: &State) -> Capacity {
+        let max: u32 = st.daemons.values().map(|d| d.max).sum();
+        let agents: BTreeSet<String> = st
+            .daemons
+            .values()
+            .flat_map(|d| d.agents.iter().cloned())
+            .collect();
+        Capacity {
+            max_concurrent_tasks: max.clamp(1, 10_000),
+            agents: agents.into_iter().take(64).collect(),
+            labels: self.cfg.labels.clone(),
+        }
+    }
+
+    /// Attempts the relay is responsible for: held and queued.
+    fn running_of(st: &State) -> Vec<TaskRef> {
+        let mut v: Vec<TaskRef> = st
+            .holds
+            .iter()
+            .map(|(t, h)| TaskRef {
+                task_id: t.clone(),
+                attempt: h.attempt,
+            })
+            .chain(st.queue.iter().map(|s| TaskRef {
+                task_id: s.task_id.clone(),
+                attempt: s.attempt,
+            }))
+            .collect();
+        v.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        v
+    }
+
+    /// The `authenticate` frame for a new upstream session.
+    pub fn hello(&self) -> DaemonMessage {
+        let st = self.lock();
+        let c = self.capacity_of(&st);
+        DaemonMessage::Authenticate(Authenticate {
+            api_key: kennel_proto::link::Secret(self.cfg.api_key.clone().unwrap_or_default()),
+            machine_id: self.cfg.agent_name.clone(),
+            hostname: self.cfg.agent_name.clone(),
+            max_concurrent_tasks: c.max_concurrent_tasks,
+            protocol_version: kennel_proto::PROTOCOL_VERSION,
+            min_protocol_version: Some(kennel_proto::MIN_PROTOCOL_VERSION),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            labels: c.labels,
+            agents: c.agents,
+            running_tasks: Self::running_of(&st),
+        })
+    }
+
+    /// The upstream session is authenticated: replay what it has not acked, in order, then
+    /// send new messages as they come. Both happen under the lock, so nothing overtakes.
+    pub fn upstream_up(&self, daemon_id: &str, tx: mpsc::UnboundedSender<String>) {
+        {
+            let mut st = self.lock();
+            let buffered = self
+                .with_db("read the buffered messages", |h| h.buffered())
+                .unwrap_or_default();
+            let n = buffered.len();
+            for f in buffered {
+                let _ = tx.send(f);
+            }
+            // Capacity may have changed between `authenticate` and now.
+            let _ = tx.send(DaemonMessage::Capacity(self.capacity_of(&st)).to_json());
+            st.upstream = Some(tx);
+            st.upstream_daemon_id = Some(daemon_id.to_string());
+            if n > 0 {
+                tracing::info!(n, "replayed buffered daemon messages upstream");
+            }
+        }
+        self.log("connect", &format!("upstream connected as {daemon_id}"));
+        self.link.send_replace(Some(daemon_id.to_string()));
+    }
+
+    pub fn upstream_down(&self, reason: &str) {
+        let was = self.lock().upstream.take().is_some();
+        self.link.send_replace(None);
+        if was {
+            self.log("disconnect", &format!("upstream disconnected: {reason}"));
+        }
+    }
+
+    /// A heartbeat for the upstream, noting when it went.
+    pub fn upstream_heartbeat(&self) -> DaemonMessage {
+        let mut st = self.lock();
+        st.last_upstream_heartbeat_ms = Some(now_ms());
+        DaemonMessage::Heartbeat(kennel_proto::link::Heartbeat {
+            active_tasks: Self::running_of(&st),
+        })
+    }
+
+    fn send_capacity(&self, st: &State) {
+        if let Some(up) = &st.upstream {
+            let _ = up.send(DaemonMessage::Capacity(self.capacity_of(st)).to_json());
+        }
+    }
+
+    /// Sends (or, with the upstream down, only keeps) a task-scoped message for upstream.
+    fn forward_up(&self, st: &mut State, task_id: &str, attempt: u32, seq: u64, frame: &str) {
+        self.with_db("buffer a daemon message", |h| {
+            h.buffer(task_id, attempt, seq, frame)
+        });
+        if let Some(h) = st.holds.get_mut(task_id) {
+            if h.attempt == attempt {
+                h.last_seq = h.last_seq.max(seq);
+            }
+        }
+        if let Some(up) = &st.upstream {
+            let _ = up.send(frame.to_string());
+            self.forwarded.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One command from the upstream.
+    pub fn from_upstream(self: &Arc<Self>, msg: ServerMessage, frame: &str) {
+        match msg {
+            ServerMessage::SpawnTask(s) => self.spawn(s, frame),
+            ServerMessage::PauseTask(c) | ServerMessage::ResumeTask(c) => {
+                self.to_holder(&c.task_id, c.attempt, frame)
+            }
+            ServerMessage::InterruptTask(c) => {
+                if !self.unqueue(&c.task_id, c.attempt) {
+                    self.to_holder(&c.task_id, c.attempt, frame)
+                }
+            }
+            ServerMessage::SendMessage(c) => self.to_holder(&c.task_id, c.attempt, frame),
+            ServerMessage::Ack(a) => self.acks(&[(a, frame)]),
+            ServerMessage::Error(e) => self.upstream_error(e, frame),
+            ServerMessage::Authenticated(_) => {
+                tracing::warn!("ignoring a second `authenticated` from upstream")
+            }
+        }
+    }
+
+    /// Unknown upstream commands go to every daemon (forward compatibility).
+    pub fn broadcast(&self, frame: &str) {
+        let st = self.lock();
+        for d in st.daemons.values() {
+            let _ = d.tx.send(Outbound::Text(frame.to_string()));
+        }
+    }
+
+    fn upstream_error(self: &Arc<Self>, e: ErrorFrame, frame: &str) {
+        let (Some(task_id), Some(attempt)) = (e.task_id.clone(), e.attempt) else {
+            self.log(
+                "error",
+                &format!("upstream error {}: {}", e.code.as_str(), e.message),
+            );
+            return;
+        };
+        let mut st = self.lock();
+        let daemon = st
+            .holds
+            .get(&task_id)
+            .filter(|h| h.attempt == attempt)
+            .map(|h| h.daemon.clone())
+            .or_else(|| {
+                self.with_db("look up a task's daemon", |h| {
+                    h.daemon_of(&task_id, attempt)
+                })
+                .flatten()
+            });
+        if e.code == ErrorCode::StaleAttempt {
+            // The upstream will never apply this attempt's messages: stop keeping them.
+            self.with_db("drop a stale attempt", |h| {
+                h.drop_attempt(&task_id, attempt)?;
+                h.set_status(&task_id, attempt, "stale", Some(&e.message), Some(now_ms()))
+            });
+            if st.holds.get(&task_id).is_some_and(|h| h.attempt == attempt) {
+                st.holds.remove(&task_id);
+            }
+            st.queue
+                .retain(|s| !(s.task_id == task_id && s.attempt == attempt));
+        }
+        if let Some(d) = daemon.and_then(|d| st.daemons.get(&d)) {
+            let _ = d.tx.send(Outbound::Text(frame.to_string()));
+        }
+        if e.code == ErrorCode::StaleAttempt {
+            self.dispatch(&mut st);
+        }
+    }
+
+    fn to_holder(&self, task_id: &str, attempt: u32, frame: &str) {
+        let st = self.lock();
+        let Some(h) = st.holds.get(task_id).filter(|h| h.attempt == attempt) else {
+            tracing::info!(
+                task_id,
+                attempt,
+                "no daemon holds this attempt; command dropped"
+            );
+            return;
+        };
+        if let Some(d) = st.daemons.get(&h.daemon) {
+            let _ = d.tx.send(Outbound::Text(frame.to_string()));
+        }
+    }
+
+    /// Removes a queued attempt (interrupted before any daemon got it).
+    fn unqueue(&self, task_id: &str, attempt: u32) -> bool {
+        let mut st = self.lock();
+        let before = st.queue.len();
+        st.queue
+            .retain(|s| !(s.task_id == task_id && s.attempt == attempt));
+        if st.queue.len() == before {
+            return false;
+        }
+        self.with_db("record a cancelled task", |h| {
+            h.set_status(task_id, attempt, "cancelled", None, Some(now_ms()))
+        });
+        true
+    }
+
+    fn spawn(self: &Arc<Self>, s: SpawnTask, frame: &str) {
+        if let Err(e) = kennel_proto::validate_id("task id", &s.task_id) {
+            self.log(
+                "error",
+                &format!("upstream sent a spawnTask with a bad id: {e}"),
+            );
+            return;
+        }
+        let mut st = self.lock();
+        if let Some(h) = st.holds.get(&s.task_id) {
+            if h.attempt >= s.attempt {
+                return; // a repeat; the holder has it already
+            }
+            st.holds.remove(&s.task_id);
+        }
+        if st
+            .queue
+            .iter()
+            .any(|q| q.task_id == s.task_id && q.attempt >= s.attempt)
+        {
+            return;
+        }
+        st.queue.retain(|q| q.task_id != s.task_id);
+        let now = now_ms();
+        let fresh = self
+            .with_db("record a received task", |h| {
+                h.supersede(&s.task_id, s.attempt, now)?;
+                h.received(&s, frame, now)
+            })
+            .unwrap_or(true);
+        if !fresh {
+            // Already recorded (and maybe finished) before a restart: nothing to do.
+            return;
+        }
+        st.queue.push_back(s);
+        self.dispatch(&mut st);
+    }
+
+    /// Hands queued tasks to the least-loaded daemon that has a free slot and the agent.
+    fn dispatch(&self, st: &mut State) {
+        let mut active: HashMap<String, u32> = HashMap::new();
+        for h in st.holds.values() {
+            *active.entry(h.daemon.clone()).or_default() += 1;
+        }
+        let mut left = VecDeque::new();
+        while let Some(s) = st.queue.pop_front() {
+            let pick = st
+                .daemons
+                .iter()
+                .filter(|(id, d)| {
+                    active.get(*id).copied().unwrap_or(0) < d.max && d.agents.contains(&s.agent)
+                })
+                .min_by_key(|(id, d)| (active.get(*id).copied().unwrap_or(0), d.last_pick))
+                .map(|(id, _)| id.clone());
+            let Some(id) = pick else {
+                left.push_back(s);
+                continue;
+            };
+            st.picks += 1;
+            let picks = st.picks;
+            let Some(d) = st.daemons.get_mut(&id) else {
+                left.push_back(s);
+                continue;
+            };
+            d.last_pick = picks;
+            let _ = d.tx.send(Outbound::Text(
+                ServerMessage::SpawnTask(s.clone()).to_json(),
+            ));
+            *active.entry(id.clone()).or_default() += 1;
+            self.with_db("record a dispatch", |h| {
+                h.dispatched(&s.task_id, s.attempt, &id, now_ms())
+            });
+            tracing::info!(task_id = %s.task_id, attempt = s.attempt, daemon = %id, "dispatched");
+            st.holds.insert(
+                s.task_id,
+                Hold {
+                    attempt: s.attempt,
+                    daemon: id,
+                    last_seq: 0,
+                },
+            );
+        }
+        st.queue = left;
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // downstream side
+
+    /// Registers an authenticated daemon (replacing an older connection of the same machine)
+    /// and settles the attempts it says it still runs. Returns the connection id.
+    pub fn attach(
+        self: &Arc<Self>,
+        hello: &Authenticate,
+        tx: mpsc::UnboundedSender<Outbound>,
+        authenticated: ServerMessage,
+    ) -> u64 {
+        let machine = hello.machine_id.clone();
+        let now = now_ms();
+        let mut lost = Vec::new();
+        let conn_id = {
+            let mut st = self.lock();
+            st.next_conn += 1;
+            let conn_id = st.next_conn;
+            *st.generations.entry(machine.clone()).or_default() += 1;
+            let _ = tx.send(Outbound::Text(authenticated.to_json()));
+            let old = st.daemons.insert(
+                machine.clone(),
+                Down {
+                    conn_id,
+                    tx: tx.clone(),
+                    hostname: hello.hostname.clone(),
+                    max: hello.max_concurrent_tasks,
+                    agents: hello.agents.iter().cloned().collect(),
+                    connected_ms: now,
+                    last_heartbeat_ms: now,
+                    last_pick: 0,
+                },
+            );
+            if let Some(old) = old {
+                let _ = old.tx.send(Outbound::Close(
+                    4004,
+                    "replaced by a newer connection from the same machine".into(),
+                ));
+            }
+            for (task_id, h) in &st.holds {
+                if h.daemon == machine
+                    && !hello
+                        .running_tasks
+                        .iter()
+                        .any(|r| &r.task_id == task_id && r.attempt == h.attempt)
+                {
+                    lost.push(task_id.clone());
+                }
+            }
+            for r in &hello.running_tasks {
+                let ours = st
+                    .holds
+                    .get(&r.task_id)
+                    .is_some_and(|h| h.attempt == r.attempt && h.daemon == machine);
+                if !ours {
+                    let e = stale_error(
+                        &r.task_id,
+                        r.attempt,
+                        format!(
+                            "attempt {} of task {} is not yours; stop it and drop its messages",
+                            r.attempt, r.task_id
+                        ),
+                    );
+                    let _ = tx.send(Outbound::Text(ServerMessage::Error(e).to_json()));
+                }
+            }
+            let reason = format!("daemon {machine} reconnected without it");
+            for task_id in lost {
+                self.report_lost(&mut st, &task_id, &reason);
+            }
+            self.send_capacity(&st);
+            self.dispatch(&mut st);
+            conn_id
+        };
+        self.log(
+            "connect",
+            &format!(
+                "daemon {machine} ({}) connected with {} slots",
+                hello.hostname, hello.max_concurrent_tasks
+            ),
+        );
+        conn_id
+    }
+
+    /// A connection ended. Its attempts wait out the grace, then are reported lost.
+    pub fn detach(self: &Arc<Self>, machine: &str, conn_id: u64, reason: &str) {
+        let generation = {
+            let mut st = self.lock();
+            if st.daemons.get(machine).map(|d| d.conn_id) != Some(conn_id) {
+                return; // replaced already
+            }
+            st.daemons.remove(machine);
+            let g = st.generations.entry(machine.to_string()).or_default();
+            *g += 1;
+            let g = *g;
+            self.send_capacity(&st);
+            g
+        };
+        self.log(
+            "disconnect",
+            &format!("daemon {machine} disconnected: {reason}"),
+        );
+        self.start_grace(machine.to_string(), generation);
+    }
+
+    fn start_grace(self: &Arc<Self>, machine: String, generation: u64) {
+        let me = self.clone();
+        let grace = Duration::from_secs(self.cfg.reattach_grace_secs);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let mut st = me.lock();
+            let current = st.generations.get(&machine).copied().unwrap_or(0);
+            if current != generation || st.daemons.contains_key(&machine) {
+                return;
+            }
+            let held: Vec<String> = st
+                .holds
+                .iter()
+                .filter(|(_, h)| h.daemon == machine)
+                .map(|(t, _)| t.clone())
+                .collect();
+            let reason = format!(
+                "daemon {machine} disconnected and did not return within {}s",
+                me.cfg.reattach_grace_secs
+            );
+            for task_id in held {
+                me.report_lost(&mut st, &task_id, &reason);
+            }
+            me.dispatch(&mut st);
+        });
+    }
+
+    /// Tells the upstream an attempt is lost (seq = last seen + 1) and frees its slot.
+    fn report_lost(&self, st: &mut State, task_id: &str, reason: &str) {
+        let Some(h) = st.holds.get(task_id) else {
+            return;
+        };
+        let (attempt, seq) = (h.attempt, h.last_seq + 1);
+        tracing::warn!(task_id, attempt, "attempt lost: {reason}");
+        let m = DaemonMessage::TaskStatusChange(TaskStatusChange {
+            task_id: task_id.to_string(),
+            attempt,
+            seq,
+            old_status: "running".into(),
+            new_status: "lost".into(),
+        });
+        self.forward_up(st, task_id, attempt, seq, &m.to_json());
+        st.holds.remove(task_id);
+        self.with_db("record a lost attempt", |h| {
+            h.set_status(task_id, attempt, "lost", Some(reason), Some(now_ms()))
+        });
+    }
+
+    pub fn heartbeat(&self, machine: &str) {
+        if let Some(d) = self.lock().daemons.get_mut(machine) {
+            d.last_heartbeat_ms = now_ms();
+        }
+    }
+
+    /// Task-scoped messages from a daemon, in arrival order: each is relayed upstream
+    /// unchanged if the daemon holds its attempt, refused otherwise (the refusals are
+    /// returned). One lock and one history transaction for the whole batch.
+    pub fn from_daemon(
+        self: &Arc<Self>,
+        machine: &str,
+        batch: &[(DaemonMessage, &str)],
+    ) -> Vec<Refusal> {
+        let mut refused = Vec::new();
+        let mut forward: Vec<(&str, u32, u64, &str)> = Vec::new();
+        let mut ended_any = false;
+        let mut st = self.lock();
+        let now = now_ms();
+        for (msg, frame) in batch {
+            let Some(hdr) = msg.seq_header() else {
+                continue;
+            };
+            let holds = st
+                .holds
+                .get(hdr.task_id)
+                .is_some_and(|h| h.attempt == hdr.attempt && h.daemon == machine);
+            if !holds {
+                refused.push(Refusal::Stale(stale_error(
+                    hdr.task_id,
+                    hdr.attempt,
+                    format!(
+                        "this relay did not give attempt {} of task {} to you; stop it and drop its messages",
+                        hdr.attempt, hdr.task_id
+                    ),
+                )));
+                continue;
+            }
+            if let Some(h) = st.holds.get_mut(hdr.task_id) {
+                h.last_seq = h.last_seq.max(hdr.seq);
+            }
+            forward.push((hdr.task_id, hdr.attempt, hdr.seq, frame));
+            let ended = match msg {
+                DaemonMessage::TaskAccepted(_) => {
+                    self.with_db("record an accepted task", |h| {
+                        h.set_status(hdr.task_id, hdr.attempt, "running", None, None)
+                    });
+                    false
+                }
+                DaemonMessage::TaskRejected(m) => {
+                    self.with_db("record a rejected task", |h| {
+                        h.set_status(
+                            hdr.task_id,
+                            hdr.attempt,
+                            "rejected",
+                            Some(&m.reason),
+                            Some(now),
+                        )
+                    });
+                    true
+                }
+                DaemonMessage::TaskComplete(m) => {
+                    let status = if m.success { "completed" } else { "failed" };
+                    self.with_db("record a finished task", |h| {
+                        h.set_status(
+                            hdr.task_id,
+                            hdr.attempt,
+                            status,
+                            m.error.as_deref(),
+                            Some(now),
+                        )
+                    });
+                    true
+                }
+                DaemonMessage::TaskStatusChange(m) if m.new_status == "lost" => {
+                    self.with_db("record a lost task", |h| {
+                        h.set_status(hdr.task_id, hdr.attempt, "lost", None, Some(now))
+                    });
+                    true
+                }
+                _ => false,
+            };
+            if ended {
+                st.holds.remove(hdr.task_id);
+                ended_any = true;
+            }
+        }
+        if !forward.is_empty() {
+            // Stored before it is sent, so an ack can never overtake the row it deletes.
+            self.with_db("buffer daemon messages", |h| h.buffer_all(&forward));
+            if let Some(up) = &st.upstream {
+                for (_, _, _, frame) in &forward {
+                    let _ = up.send(frame.to_string());
+                }
+                self.forwarded
+                    .fetch_add(forward.len() as u64, Ordering::Relaxed);
+            }
+        }
+        if ended_any {
+            self.dispatch(&mut st);
+        }
+        refused
+    }
+
+    /// Cumulative acks from upstream: drop what they cover from the buffer (one transaction)
+    /// and pass each to the daemon holding the attempt.
+    pub fn acks(&self, acks: &[(kennel_proto::link::Ack, &str)]) {
+        let rows: Vec<(String, u32, u64)> = acks
+            .iter()
+            .map(|(a, _)| (a.task_id.clone(), a.attempt, a.seq))
+            .collect();
+        self.with_db("drop acknowledged messages", |h| h.acked_all(&rows));
+        let st = self.lock();
+        for (a, frame) in acks {
+            let daemon = match st.holds.get(&a.task_id).filter(|h| h.attempt == a.attempt) {
+                Some(h) => Some(h.daemon.clone()),
+                // Finished attempts (the ack of `taskComplete`) are no longer held.
+                None => self
+                    .with_db("look up a task's daemon", |h| {
+                        h.daemon_of(&a.task_id, a.attempt)
+                    })
+                    .flatten(),
+            };
+            if let Some(down) = daemon.and_then(|d| st.daemons.get(&d)) {
+                let _ = down.tx.send(Outbound::Text(frame.to_string()));
+            }
+        }
+    }
+
+    /// A daemon offers a new capacity over its own link.
+    pub fn set_daemon_capacity(&self, machine: &str, c: &Capacity) {
+        let mut st = self.lock();
+        if let Some(d) = st.daemons.get_mut(machine) {
+            d.max = c.max_concurrent_tasks;
+            d.agents = c.agents.iter().cloned().collect();
+        }
+        self.send_capacity(&st);
+        self.dispatch(&mut st);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // reporting
+
+    pub fn status(&self) -> Status {
+        let (counts, buffered) = {
+            let h = self.db();
+            (
+                h.counts().unwrap_or_default(),
+                h.buffered_count().unwrap_or(0),
+            )
+        };
+        let st = self.lock();
+        let mut active: BTreeMap<&str, u32> = BTreeMap::new();
+        for h in st.holds.values() {
+            *active.entry(h.daemon.as_str()).or_default() += 1;
+        }
+        let mut daemons: Vec<DownInfo> = st
+            .daemons
+            .iter()
+            .map(|(id, d)| DownInfo {
+                id: id.clone(),
+                hostname: d.hostname.clone(),
+                max_concurrent_tasks: d.max,
+                active_tasks: active.get(id.as_str()).copied().unwrap_or(0),
+                agents: d.agents.iter().cloned().collect(),
+                connected_ms: d.connected_ms,
+                last_heartbeat_ms: d.last_heartbeat_ms,
+            })
+            .collect();
+        daemons.sort_by(|a, b| a.id.cmp(&b.id));
+        let up = st.upstream.is_some();
+        Status {
+            status: match (up, daemons.is_empty()) {
+                (false, _) => "disconnected",
+                (true, true) => "degraded",
+                (true, false) => "ok",
+            },
+            agent_name: self.cfg.agent_name.clone(),
+            upstream: self.cfg.upstream.clone(),
+            upstream_connected: up,
+            daemon_id: st.upstream_daemon_id.clone(),
+            last_heartbeat_ms: st.last_upstream_heartbeat_ms,
+            connected_daemons: daemons,
+            active_tasks: st.holds.len() as u32,
+            queued_tasks: st.queue.len() as u32,
+            total_received: counts.0,
+            total_processed: counts.1,
+            buffered_messages: buffered,
+            messages_forwarded: self.forwarded.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Relay {
+    /// Unknown daemon message types go upstream as they are (not buffered: they carry no seq).
+    pub fn forward_unknown(&self, frame: &str) {
+        let st = self.lock();
+        if let Some(up) = &st.upstream {
+            let _ = up.send(frame.to_string());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kennel_proto::link::{Secret, TaskAccepted};
+
+    fn cfg(dir: &std::path::Path) -> RelayConfig {
+        RelayConfig {
+            data_dir: dir.to_path_buf(),
+            reattach_grace_secs: 0,
+            ..RelayConfig::default()
+        }
+    }
+
+    fn hello(machine: &str, slots: u32, agents: &[&str]) -> Authenticate {
+        Authenticate {
+            api_key: Secret(String::new()),
+            machine_id: machine.into(),
+            hostname: machine.into(),
+            max_concurrent_tasks: slots,
+            protocol_version: 1,
+            min_protocol_version: None,
+            version: String::new(),
+            labels: BTreeMap::new(),
+            agents: agents.iter().map(|a| a.to_string()).collect(),
+            running_tasks: Vec::new(),
+        }
+    }
+
+    fn spawn(id: &str, agent: &str) -> (ServerMessage, String) {
+        let m = ServerMessage::SpawnTask(SpawnTask {
+            task_id: id.into(),
+            attempt: 1,
+            task_name: id.into(),
+            prompt: "p".into(),
+            repo: None,
+            agent: agent.into(),
+            env: BTreeMap::new(),
+            limits: Default::default(),
+        });
+        let f = m.to_json();
+        (m, f)
+    }
+
+    fn attach(
+        r: &Arc<Relay>,
+        machine: &str,
+        slots: u32,
+        agents: &[&str],
+    ) -> (u64, mpsc::UnboundedReceiver<Outbound>) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let id = r.attach(
+            &hello(machine, slots, agents),
+            tx,
+            ServerMessage::error(ErrorCode::Internal, "hello"),
+        );
+        let _ = rx.try_recv(); // the `authenticated` stand-in
+        (id, rx)
+    }
+
+    fn spawned(rx: &mut mpsc::UnboundedReceiver<Outbound>) -> Vec<String> {
+        let mut v = Vec::new();
+        while let Ok(Outbound::Text(t)) = rx.try_recv() {
+            if let Ok(ServerMessage::SpawnTask(s)) = serde_json::from_str(&t) {
+                v.push(s.task_id);
+            }
+        }
+        v
+    }
+
+    #[tokio::test]
+    async fn least_loaded_then_queue_then_capacity_upstream() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Relay::open(cfg(dir.path())).unwrap();
+        let (up_tx, mut up_rx) = mpsc::unbounded_channel();
+        r.upstream_up("d-1", up_tx);
+        let (_, mut a) = attach(&r, "a", 2, &["command"]);
+        let (_, mut b) = attach(&r, "b", 1, &["command", "claude"]);
+        for id in ["t1", "t2", "t3", "t4"] {
+            let (m, f) = spawn(id, "command");
+            r.from_upstream(m, &f);
+        }
+        let (ga, gb) = (spawned(&mut a), spawned(&mut b));
+        assert_eq!(ga.len() + gb.len(), 3, "three slots: {ga:?} {gb:?}");
+        assert_eq!((ga.len(), gb.len()), (2, 1));
+        assert_eq!(r.status().queued_tasks, 1);
+
+        // The last capacity sent upstream is the sum of slots and the union of agents.
+        let mut last = None;
+        while let Ok(f) = up_rx.try_recv() {
+            if let Ok(DaemonMessage::Capacity(c)) = serde_json::from_str(&f) {
+                last = Some(c);
+            }
+        }
+        let c = last.unwrap();
+        assert_eq!(c.max_concurrent_tasks, 3);
+        assert_eq!(c.agents, vec!["claude".to_string(), "command".to_string()]);
+
+        // b finishes its task: the queued one goes to b.
+        let done = gb[0].clone();
+        let m = DaemonMessage::TaskComplete(kennel_proto::link::TaskComplete {
+            task_id: done.clone(),
+            attempt: 1,
+            seq: 1,
+            success: true,
+            error: None,
+            exit_code: None,
+            branch: None,
+            commit: None,
+        });
+        let f = m.to_json();
+        assert!(r.from_daemon("b", &[(m, &f)]).is_empty());
+        assert_eq!(spawned(&mut b), vec!["t4".to_string()]);
+        assert_eq!(r.status().total_processed, 1);
+    }
+
+    #[tokio::test]
+    async fn reports_on_foreign_attempts_are_refused_and_lost_ones_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Relay::open(cfg(dir.path())).unwrap();
+        let (_, mut a) = attach(&r, "a", 1, &["command"]);
+        let (_, _b) = attach(&r, "b", 1, &["command"]);
+        let (m, f) = spawn("t1", "command");
+        r.from_upstream(m, &f);
+        let holder = if spawned(&mut a).is_empty() { "b" } else { "a" };
+        let other = if holder == "a" { "b" } else { "a" };
+        let acc = DaemonMessage::TaskAccepted(TaskAccepted {
+            task_id: "t1".into(),
+            attempt: 1,
+            seq: 1,
+        });
+        let f = acc.to_json();
+        assert_eq!(r.from_daemon(other, &[(acc.clone(), &f)]).len(), 1);
+        assert!(r.from_daemon(holder, &[(acc, &f)]).is_empty());
+
+        // Upstream down: the report is kept. The holder comes back without the attempt (it
+        // restarted): the relay reports it lost at once, and keeps that too.
+        let _again = attach(&r, holder, 1, &["command"]);
+        assert_eq!(r.status().active_tasks, 0);
+        let buffered = r.db().buffered().unwrap();
+        assert_eq!(buffered.len(), 2, "{buffered:?}");
+        let lost: DaemonMessage = serde_json::from_str(&buffered[1]).unwrap();
+        match lost {
+            DaemonMessage::TaskStatusChange(s) => {
+                assert_eq!((s.seq, s.new_status.as_str()), (2, "lost"))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Reconnecting upstream replays both, in order.
+        let (up_tx, mut up_rx) = mpsc::unbounded_channel();
+        r.upstream_up("d-1", up_tx);
+        assert_eq!(up_rx.try_recv().unwrap(), buffered[0]);
+        assert_eq!(up_rx.try_recv().unwrap(), buffered[1]);
+    }
+}

@@ -1,0 +1,723 @@
+//! `kennel gateway` end to end: the real binary on a free port in front of scripted LLM
+//! upstreams on loopback ([`ScriptedLlm`]), driven over real HTTP, and by the official
+//! `openai` and `anthropic` Python SDKs.
+
+use std::time::Duration;
+
+use kennel_proto::api::Scope;
+use kennel_testkit::{refused_addr, within, Behavior, KennelGateway, ScriptedLlm};
+use serde_json::{json, Value};
+
+use crate::{bin, WAIT};
+
+/// One upstream in a test config.
+struct Up<'a> {
+    name: &'a str,
+    kind: &'a str,
+    base: String,
+    priority: i32,
+    extra: &'a str,
+}
+
+fn up<'a>(name: &'a str, llm: &ScriptedLlm, priority: i32) -> Up<'a> {
+    Up {
+        name,
+        kind: "openai",
+        base: llm.openai_base(),
+        priority,
+        extra: "",
+    }
+}
+
+fn config(ups: &[Up<'_>], gateway_extra: &str) -> String {
+    let mut s = format!(
+        "[gateway]\nmax_attempts = 3\nmax_body_bytes = 4096\n{gateway_extra}\n\
+         [gateway.rate_limit]\nper_minute = 100000\nburst = 1000\n"
+    );
+    for u in ups {
+        s.push_str(&format!(
+            "[[gateway.upstreams]]\nname = \"{}\"\nkind = \"{}\"\nbase_url = \"{}\"\n\
+             priority = {}\nfirst_byte_timeout_ms = 1500\n{}\n",
+            u.name, u.kind, u.base, u.priority, u.extra
+        ));
+    }
+    s
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+}
+
+impl Client {
+    fn new(gw: &KennelGateway) -> Self {
+        Client {
+            http: reqwest::Client::new(),
+            base: gw.url(),
+            key: gw.admin_key().to_string(),
+        }
+    }
+
+    async fn chat(&self, model: &str, stream: bool) -> anyhow::Result<reqwest::Response> {
+        let body = json!({"model": model, "stream": stream,
+                          "messages": [{"role": "user", "content": "hi"}]});
+        Ok(self
+            .http
+            .post(format!("{}/v1/chat/completions", self.base))
+            .bearer_auth(&self.key)
+            .json(&body)
+            .send()
+            .await?)
+    }
+
+    async fn messages(&self, model: &str, stream: bool) -> anyhow::Result<reqwest::Response> {
+        let body = json!({"model": model, "stream": stream, "max_tokens": 16,
+                          "messages": [{"role": "user", "content": "hi"}]});
+        Ok(self
+            .http
+            .post(format!("{}/v1/messages", self.base))
+            .header("x-api-key", &self.key)
+            .json(&body)
+            .send()
+            .await?)
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "GET {path}: {}", r.status());
+        Ok(r.json().await?)
+    }
+
+    async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .json(&body)
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "POST {path}: {}", r.status());
+        Ok(r.json().await?)
+    }
+
+    /// The health record of upstream `name`.
+    async fn health(&self, name: &str) -> anyhow::Result<Value> {
+        let h = self.get("/health").await?;
+        h["upstreams"]
+            .as_array()
+            .and_then(|a| a.iter().find(|u| u["name"] == name))
+            .map(|u| u["health"].clone())
+            .ok_or_else(|| anyhow::anyhow!("no upstream {name} in /health: {h}"))
+    }
+}
+
+fn header(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Cooldown length recorded for an upstream, in ms.
+fn cooldown_ms(h: &Value) -> i64 {
+    h["cooldownUntilMs"].as_i64().unwrap_or(0) - h["lastFailureMs"].as_i64().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn fails_over_on_refused_500_503_429_and_timeout() -> anyhow::Result<()> {
+    // (case, behaviour of the primary or None for a refused connection, class, cooldown ms)
+    let cases: [(&str, Option<Behavior>, &str, i64); 5] = [
+        ("refused", None, "network", 60_000),
+        (
+            "500",
+            Some(Behavior::Status {
+                status: 500,
+                retry_after: None,
+            }),
+            "server_error",
+            10_000,
+        ),
+        (
+            "503",
+            Some(Behavior::Status {
+                status: 503,
+                retry_after: None,
+            }),
+            "overloaded",
+            60_000,
+        ),
+        (
+            "429",
+            Some(Behavior::Status {
+                status: 429,
+                retry_after: Some("7".into()),
+            }),
+            "rate_limited",
+            7_000,
+        ),
+        ("hang", Some(Behavior::HangBeforeHeaders), "timeout", 60_000),
+    ];
+    for (case, behavior, class, cooldown) in cases {
+        let a = ScriptedLlm::start("a").await?;
+        let b = ScriptedLlm::start("b").await?;
+        let mut primary = up("a", &a, 0);
+        match behavior {
+            Some(beh) => a.script([beh]),
+            None => primary.base = format!("http://{}/v1", refused_addr().await?),
+        }
+        let gw = KennelGateway::start(bin(), &config(&[primary, up("b", &b, 1)], ""), &[]).await?;
+        let c = Client::new(&gw);
+        let r = c.chat("m", false).await?;
+        assert_eq!(r.status(), 200, "{case}");
+        assert_eq!(header(&r, "x-kennel-upstream"), "b", "{case}");
+        assert_eq!(header(&r, "x-kennel-attempts"), "2", "{case}");
+        let body: Value = r.json().await?;
+        assert_eq!(
+            body["choices"][0]["message"]["content"], "reply from b",
+            "{case}"
+        );
+        let h = c.health("a").await?;
+        assert_eq!(h["lastFailureClass"], class, "{case}: {h}");
+        assert_eq!(h["consecutiveFailures"], 1, "{case}: {h}");
+        assert_eq!(cooldown_ms(&h), cooldown, "{case}: {h}");
+        // While a cools down, b is tried first and alone.
+        let r = c.chat("m", false).await?;
+        assert_eq!(header(&r, "x-kennel-upstream"), "b", "{case}");
+        assert_eq!(header(&r, "x-kennel-attempts"), "1", "{case}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn no_failover_after_the_first_streamed_byte() -> anyhow::Result<()> {
+    let a = ScriptedLlm::start("a").await?;
+    let b = ScriptedLlm::start("b").await?;
+    let first_event = kennel_testkit::llm::stream_text(false, "m", "reply from a")
+        .find("\n\n")
+        .map(|i| i + 2)
+        .unwrap_or(0);
+    // Breaks in the middle of the second event.
+    a.script([Behavior::StreamThenBreak {
+        bytes: first_event + 10,
+    }]);
+    let gw =
+        KennelGateway::start(bin(), &config(&[up("a", &a, 0), up("b", &b, 1)], ""), &[]).await?;
+    let c = Client::new(&gw);
+    let r = c.chat("m", true).await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-kennel-upstream"), "a");
+    let text = within(WAIT, "the broken stream to end", r.text()).await??;
+    assert!(text.starts_with("data: {"), "{text}");
+    assert!(text.contains("\"role\":\"assistant\""), "{text}");
+    let tail = text.rsplit("\n\n").find(|s| !s.is_empty()).unwrap_or("");
+    assert!(tail.starts_with("data: {\"error\""), "{text}");
+    let err: Value = serde_json::from_str(tail.trim_start_matches("data: "))?;
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("incomplete"),
+        "{err}"
+    );
+    assert!(b.requests().is_empty(), "no failover after the first byte");
+    let h = c.health("a").await?;
+    assert_eq!(h["lastFailureClass"], "stream_broken", "{h}");
+
+    // Anthropic format, a stall: ended with `event: error` after the idle timeout.
+    let x = ScriptedLlm::start("x").await?;
+    x.script([Behavior::StreamThenStall { bytes: 300 }]);
+    let ups = [Up {
+        name: "x",
+        kind: "anthropic",
+        base: x.anthropic_base(),
+        priority: 0,
+        extra: "",
+    }];
+    let gw = KennelGateway::start(bin(), &config(&ups, ""), &[]).await?;
+    let c = Client::new(&gw);
+    let r = c.messages("claude", true).await?;
+    assert_eq!(r.status(), 200);
+    let text = within(WAIT, "the stalled stream to end", r.text()).await??;
+    assert!(text.starts_with("event: message_start"), "{text}");
+    assert!(text.contains("\n\nevent: error\ndata: {"), "{text}");
+    assert!(text.contains("stalled"), "{text}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn cooldown_doubles_and_the_upstream_recovers() -> anyhow::Result<()> {
+    let a = ScriptedLlm::start("a").await?;
+    let b = ScriptedLlm::start("b").await?;
+    let overloaded = Behavior::Status {
+        status: 503,
+        retry_after: None,
+    };
+    a.script([overloaded.clone(), overloaded]);
+    let gw = KennelGateway::start(
+        bin(),
+        &config(
+            &[up("a", &a, 0), up("b", &b, 1)],
+            "[gateway.cooldowns]\noverload_base_ms = 400\n",
+        ),
+        &[],
+    )
+    .await?;
+    let c = Client::new(&gw);
+    let mut expected = 400;
+    for _ in 0..2 {
+        let r = c.chat("m", false).await?;
+        assert_eq!(header(&r, "x-kennel-upstream"), "b");
+        let h = c.health("a").await?;
+        assert_eq!(cooldown_ms(&h), expected, "{h}");
+        // Waiting out the cooldown is the behaviour under test; wait exactly until it ends.
+        let until = h["cooldownUntilMs"].as_i64().unwrap_or(0);
+        wait_until_ms(until).await;
+        expected *= 2;
+    }
+    let r = c.chat("m", false).await?;
+    assert_eq!(header(&r, "x-kennel-upstream"), "a", "recovered");
+    assert_eq!(header(&r, "x-kennel-attempts"), "1");
+    let h = c.health("a").await?;
+    assert_eq!(h["consecutiveFailures"], 0, "{h}");
+    assert!(h["cooldownUntilMs"].is_null(), "{h}");
+    Ok(())
+}
+
+async fn wait_until_ms(until: i64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    if until > now {
+        tokio::time::sleep(Duration::from_millis((until - now) as u64 + 20)).await;
+    }
+}
+
+#[tokio::test]
+async fn when_all_cool_down_the_one_ending_first_is_tried() -> anyhow::Result<()> {
+    let a = ScriptedLlm::start("a").await?;
+    let b = ScriptedLlm::start("b").await?;
+    a.script([Behavior::Status {
+        status: 429,
+        retry_after: Some("30".into()),
+    }]);
+    b.script([Behavior::Status {
+        status: 503,
+        retry_after: None,
+    }]);
+    let gw = KennelGateway::start(
+        bin(),
+        &config(
+            &[up("a", &a, 0), up("b", &b, 1)],
+            "[gateway.cooldowns]\noverload_base_ms = 5000\n",
+        ),
+        &[],
+    )
+    .await?;
+    let c = Client::new(&gw);
+    let r = c.chat("m", false).await?;
+    // Every attempt failed: the last upstream's own error comes back unchanged.
+    assert_eq!(r.status(), 503);
+    assert_eq!(header(&r, "x-kennel-attempts"), "2");
+    assert_eq!(header(&r, "x-kennel-upstream"), "b");
+    let body: Value = r.json().await?;
+    assert_eq!(body["error"]["message"], "scripted 503 from b");
+    // Both cooling: b's cooldown (5 s) ends before a's (30 s), so only b is tried.
+    let r = c.chat("m", false).await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-kennel-upstream"), "b");
+    assert_eq!(header(&r, "x-kennel-attempts"), "1");
+    assert_eq!(a.requests().len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn renames_models_and_passes_4xx_back_unchanged() -> anyhow::Result<()> {
+    let a = ScriptedLlm::start("a").await?;
+    let b = ScriptedLlm::start("b").await?;
+    let mut primary = up("a", &a, 0);
+    primary.extra = "models = [\"small\"]\nrenames = { \"gpt-x\" = \"real-model\" }";
+    let gw = KennelGateway::start(bin(), &config(&[primary, up("b", &b, 1)], ""), &[]).await?;
+    let c = Client::new(&gw);
+    let r = c.chat("gpt-x", false).await?;
+    assert_eq!(header(&r, "x-kennel-upstream"), "a");
+    let body: Value = r.json().await?;
+    assert_eq!(body["model"], "real-model");
+    assert_eq!(a.requests()[0].body["model"], "real-model");
+    // b has no allow-list; a model a does not serve goes to b only.
+    let r = c.chat("other", false).await?;
+    assert_eq!(header(&r, "x-kennel-upstream"), "b");
+    let models = c.get("/v1/models").await?;
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|m| m["id"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, ["gpt-x", "small"]);
+
+    a.script([Behavior::Status {
+        status: 400,
+        retry_after: None,
+    }]);
+    let r = c.chat("small", false).await?;
+    assert_eq!(r.status(), 400);
+    assert_eq!(header(&r, "x-kennel-attempts"), "1");
+    let body: Value = r.json().await?;
+    assert_eq!(
+        body,
+        json!({"error": {"message": "scripted 400 from a", "type": "api_error", "code": 400}})
+    );
+    let h = c.health("a").await?;
+    assert_eq!(h["consecutiveFailures"], 0, "a 4xx is no failure: {h}");
+    assert_eq!(b.requests().len(), 1, "no failover on a 4xx");
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_json_oversized_bodies_and_missing_keys_get_clear_4xx() -> anyhow::Result<()> {
+    let a = ScriptedLlm::start("a").await?;
+    let gw = KennelGateway::start(bin(), &config(&[up("a", &a, 0)], ""), &[]).await?;
+    let c = Client::new(&gw);
+    let post = |path: &str, body: Vec<u8>, key: Option<&str>| {
+        let mut rb = c
+            .http
+            .post(format!("{}{path}", c.base))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(k) = key {
+            rb = rb.bearer_auth(k);
+        }
+        rb.send()
+    };
+    let r = post("/v1/chat/completions", b"{not json".to_vec(), Some(&c.key)).await?;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await?;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not valid JSON"),
+        "{v}"
+    );
+    let r = post("/v1/messages", b"[1,".to_vec(), Some(&c.key)).await?;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await?;
+    assert_eq!(v["type"], "error", "anthropic error shape: {v}");
+    let big = format!("{{\"model\":\"m\",\"pad\":\"{}\"}}", "x".repeat(8000));
+    let r = post("/v1/chat/completions", big.into_bytes(), Some(&c.key)).await?;
+    assert_eq!(r.status(), 413);
+    let v: Value = r.json().await?;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("max_body_bytes"),
+        "{v}"
+    );
+    let r = post("/v1/chat/completions", b"{}".to_vec(), None).await?;
+    assert_eq!(r.status(), 401);
+    let r = post(
+        "/v1/chat/completions",
+        b"{}".to_vec(),
+        Some("kn_000000000000_nope"),
+    )
+    .await?;
+    assert_eq!(r.status(), 401);
+    assert!(a.requests().is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn state_survives_a_restart_and_silence_is_a_downtime_incident() -> anyhow::Result<()> {
+    let a = ScriptedLlm::start("a").await?;
+    let b = ScriptedLlm::start("b").await?;
+    a.script([Behavior::Status {
+        status: 500,
+        retry_after: None,
+    }]);
+    let mut gw = KennelGateway::start(
+        bin(),
+        &config(
+            &[up("a", &a, 0), up("b", &b, 1)],
+            "[gateway.heartbeat]\ntakeover_after_ms = 300\n",
+        ),
+        &[],
+    )
+    .await?;
+    let c = Client::new(&gw);
+    assert_eq!(c.chat("m", false).await?.status(), 200);
+    c.post(
+        "/heartbeat",
+        json!({"timestamp": 1, "hostname": "box", "pid": 42, "status": "ok",
+               "memory": 1024, "uptime": 5, "version": "1.0"}),
+    )
+    .await?;
+    c.post(
+        "/gateway/incident",
+        json!({"kind": "manual", "message": "disk full"}),
+    )
+    .await?;
+    // No heartbeat follows: the watch records a downtime incident.
+    let downtime = within(WAIT, "a downtime incident", async {
+        loop {
+            let s = c.get("/state").await?;
+            if s["incidents"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|i| i["kind"] == "downtime"))
+            {
+                return Ok::<_, anyhow::Error>(s);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await??;
+    assert_eq!(downtime["down"], true);
+    assert_eq!(downtime["totals"]["takeovers"], 1);
+    let metrics = c
+        .http
+        .get(format!("{}/metrics", c.base))
+        .bearer_auth(&c.key)
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains("kennel_gateway_takeovers_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kennel_gateway_failures_total{upstream=\"a\",class=\"server_error\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kennel_gateway_failovers_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kennel_gateway_added_latency_seconds_count"),
+        "{metrics}"
+    );
+    // A heartbeat makes everything queued before it durable (one ordered writer).
+    c.post("/heartbeat", json!({"hostname": "box"})).await?;
+
+    gw.restart().await?;
+    let c = Client::new(&gw);
+    let s = c.get("/state").await?;
+    assert_eq!(s["heartbeats"].as_array().map(Vec::len), Some(2), "{s}");
+    assert_eq!(s["heartbeats"][0]["pid"], 42, "{s}");
+    let kinds: Vec<&str> = s["incidents"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|i| i["kind"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(kinds, ["recovered", "downtime", "manual"], "{s}");
+    assert_eq!(s["totals"]["requests"], 1, "{s}");
+    assert_eq!(s["totals"]["failovers"], 1, "{s}");
+    let h = c.health("a").await?;
+    assert_eq!(h["lastFailureClass"], "server_error", "{h}");
+    assert_eq!(h["requests"], 1, "{h}");
+
+    c.post("/gateway/incidents/clear", json!({})).await?;
+    assert_eq!(c.get("/gateway/incidents").await?["incidents"], json!([]));
+    c.post("/state/reset", json!({})).await?;
+    let s = c.get("/state").await?;
+    assert_eq!(s["heartbeats"], json!([]));
+    assert!(s["lastSeenMs"].is_null());
+    c.post("/reset", json!({})).await?;
+    assert!(c.health("a").await?["cooldownUntilMs"].is_null());
+    Ok(())
+}
+
+#[tokio::test]
+async fn kennel_keys_with_the_gateway_scope_work_and_others_are_refused() -> anyhow::Result<()> {
+    let srv = crate::server().await?;
+    let api = srv.api();
+    let gw_key = api.create_key("agents", &[Scope::Gateway]).await?.key;
+    let client_key = api.create_key("cli", &[Scope::Client]).await?.key;
+    let a = ScriptedLlm::start("a").await?;
+    let gw =
+        KennelGateway::start_in(bin(), &config(&[up("a", &a, 0)], ""), &[], srv.data_dir()).await?;
+    let mut c = Client::new(&gw);
+    c.key = gw_key;
+    let r = c.chat("m", false).await?;
+    assert_eq!(r.status(), 200);
+    // A gateway key is not an admin key.
+    let r = c
+        .http
+        .post(format!("{}/reset", c.base))
+        .bearer_auth(&c.key)
+        .send()
+        .await?;
+    assert_eq!(r.status(), 403);
+    c.key = client_key;
+    let r = c.chat("m", false).await?;
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await?;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("gateway"),
+        "{v}"
+    );
+    assert_eq!(a.requests().len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_key_over_its_rate_limit_gets_429() -> anyhow::Result<()> {
+    let a = ScriptedLlm::start("a").await?;
+    let toml = config(&[up("a", &a, 0)], "").replace(
+        "per_minute = 100000\nburst = 1000",
+        "per_minute = 1\nburst = 2",
+    );
+    let gw = KennelGateway::start(bin(), &toml, &[]).await?;
+    let c = Client::new(&gw);
+    assert_eq!(c.chat("m", false).await?.status(), 200);
+    assert_eq!(c.chat("m", false).await?.status(), 200);
+    let r = c.chat("m", false).await?;
+    assert_eq!(r.status(), 429);
+    assert!(!header(&r, "retry-after").is_empty());
+    assert_eq!(a.requests().len(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn kennel_up_runs_the_gateway_when_upstreams_are_configured() -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let a = ScriptedLlm::start("a").await?;
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("kennel.toml");
+    let toml = config(&[up("a", &a, 0)], "listen = \"127.0.0.1:0\"");
+    std::fs::write(&cfg, toml)?;
+    let data = dir.path().join("data");
+    let mut child = tokio::process::Command::new(bin())
+        .args([
+            "--config",
+            &cfg.display().to_string(),
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("stdout not captured"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let url = within(WAIT, "kennel up to print the gateway's address", async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(u) = line.strip_prefix("kennel: gateway listening on ") {
+                return anyhow::Ok(u.to_string());
+            }
+        }
+        anyhow::bail!("kennel up exited without starting the gateway")
+    })
+    .await??;
+    let key = std::fs::read_to_string(data.join("admin.key"))?
+        .trim()
+        .to_string();
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&json!({"model": "m", "messages": []}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-kennel-upstream"), "a");
+    Ok(())
+}
+
+/// The Python SDK script: non-streaming and streaming calls through the gateway; prints the
+/// texts it got, one per line.
+const PY_SDKS: &str = r#"
+import sys, openai, anthropic
+base, key = sys.argv[1], sys.argv[2]
+o = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+r = o.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "hi"}])
+print("openai:" + r.choices[0].message.content)
+s = o.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "hi"}], stream=True)
+print("openai-stream:" + "".join((c.choices[0].delta.content or "") for c in s if c.choices))
+a = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0)
+m = a.messages.create(model="claude-x", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
+print("anthropic:" + m.content[0].text)
+n = a.messages.count_tokens(model="claude-x", messages=[{"role": "user", "content": "hi"}])
+print("anthropic-count:" + str(n.input_tokens))
+with a.messages.stream(model="claude-x", max_tokens=16, messages=[{"role": "user", "content": "hi"}]) as st:
+    print("anthropic-stream:" + "".join(st.text_stream))
+"#;
+
+#[tokio::test]
+async fn official_python_sdks_work_through_the_gateway() -> anyhow::Result<()> {
+    let probe = tokio::process::Command::new("python3")
+        .args(["-c", "import openai, anthropic"])
+        .output()
+        .await;
+    anyhow::ensure!(
+        probe.as_ref().is_ok_and(|o| o.status.success()),
+        "this test runs the official SDKs: install them with `pip install openai anthropic` \
+         (.ci/run does)"
+    );
+    let o = ScriptedLlm::start("o").await?;
+    let an = ScriptedLlm::start("an").await?;
+    let dead = refused_addr().await?;
+    let ups = [
+        Up {
+            name: "dead",
+            kind: "openai",
+            base: format!("http://{dead}/v1"),
+            priority: 0,
+            extra: "",
+        },
+        up("o", &o, 1),
+        Up {
+            name: "an",
+            kind: "anthropic",
+            base: an.anthropic_base(),
+            priority: 0,
+            extra: "",
+        },
+    ];
+    let gw = KennelGateway::start(bin(), &config(&ups, ""), &[]).await?;
+    let out = within(
+        Duration::from_secs(120),
+        "the Python SDK script",
+        tokio::process::Command::new("python3")
+            .args(["-c", PY_SDKS, &gw.url(), gw.admin_key()])
+            .output(),
+    )
+    .await??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python failed: {}\nstdout: {stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "openai:reply from o",
+            "openai-stream:reply from o",
+            "anthropic:reply from an",
+            "anthropic-count:3",
+            "anthropic-stream:reply from an",
+        ]
+    );
+    // The gateway's kennel key never reaches an upstream.
+    assert!(o.requests().iter().chain(an.requests().iter()).all(|r| r
+        .credential
+        .as_deref()
+        .is_none_or(|c| !c.contains(gw.admin_key()))));
+    Ok(())
+}

@@ -1,0 +1,572 @@
+//! `kennel relay` between a coordinator and protocol-level daemons: least-loaded dispatch,
+//! capacity offered upstream, queueing, lost daemons, restarts on either side, keys, and the
+//! admin endpoints. Every wait is on a message or a printed line, with a deadline.
+
+use std::collections::BTreeMap;
+
+use kennel_proto::link::{Capacity, ErrorCode, TaskRef};
+use kennel_proto::{DaemonMessage, ServerMessage, TaskStatus};
+use kennel_testkit::{
+    wait_task_status, DaemonOpts, KennelRelay, KennelServer, Method, StatusCode, TestDaemon,
+    RELAY_DAEMON_KEY,
+};
+
+use crate::{bin, daemon, server, server_with, task, WAIT};
+
+async fn relay(srv: &KennelServer, extra: &str) -> anyhow::Result<KennelRelay> {
+    let mut r = KennelRelay::start(bin(), srv, extra).await?;
+    r.wait_upstream(WAIT).await?;
+    Ok(r)
+}
+
+fn opts(machine: &str, slots: u32, agents: &[&str]) -> DaemonOpts {
+    DaemonOpts {
+        machine_id: machine.to_string(),
+        hostname: machine.to_string(),
+        max_concurrent_tasks: slots,
+        agents: agents.iter().map(|a| a.to_string()).collect(),
+        ..DaemonOpts::with_key(RELAY_DAEMON_KEY)
+    }
+}
+
+async fn down(r: &KennelRelay, machine: &str, slots: u32) -> anyhow::Result<TestDaemon> {
+    TestDaemon::connect(&r.ws_url(), opts(machine, slots, &["command"])).await
+}
+
+/// Texts of the stored output of one attempt.
+async fn output_of(srv: &KennelServer, id: &str, attempt: u32) -> anyhow::Result<Vec<String>> {
+    let page = srv.api().output(id, Some(attempt), 0).await?;
+    Ok(page.items.into_iter().map(|c| c.output).collect())
+}
+
+#[tokio::test]
+async fn tasks_go_to_the_least_loaded_daemon_and_reports_flow_end_to_end() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let api = srv.api();
+    let r = relay(&srv, "").await?;
+    let mut ds = [
+        down(&r, "edge-a", 2).await?,
+        down(&r, "edge-b", 2).await?,
+        down(&r, "edge-c", 2).await?,
+    ];
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(api.submit(&task(&format!("r{i}"))).await?.id);
+    }
+    // Three idle daemons, three tasks: one each.
+    let mut got = Vec::new();
+    let mut held = Vec::new();
+    for d in ds.iter_mut() {
+        let s = d.expect_spawn(WAIT).await?;
+        d.accept(&s.task_id, s.attempt).await?;
+        d.output(
+            &s.task_id,
+            s.attempt,
+            &format!("hello from {}", d.machine_id()),
+        )
+        .await?;
+        // The coordinator's acks come back through the relay.
+        d.expect_ack(&s.task_id, s.attempt, 2, WAIT).await?;
+        held.push(s.task_id.clone());
+        got.push(s.task_id);
+    }
+    got.sort();
+    ids.sort();
+    assert_eq!(got, ids, "each daemon got one of the three tasks");
+
+    // a finishes; the next task goes to a (0 active) rather than b or c (1 active each).
+    let done_id = held[0].clone();
+    ds[0].complete(&done_id, 1, true).await?;
+    ds[0].expect_ack(&done_id, 1, 3, WAIT).await?;
+    wait_task_status(
+        &srv.url(),
+        srv.admin_key(),
+        &done_id,
+        TaskStatus::Completed,
+        WAIT,
+    )
+    .await?;
+    assert_eq!(
+        output_of(&srv, &done_id, 1).await?,
+        vec!["hello from edge-a".to_string()]
+    );
+    let t4 = api.submit(&task("r4")).await?;
+    let s4 = ds[0].expect_spawn(WAIT).await?;
+    assert_eq!(
+        s4.task_id, t4.id,
+        "the least-loaded daemon gets the next task"
+    );
+    assert!(crate::only_acks_pending(&mut ds[1]));
+    assert!(crate::only_acks_pending(&mut ds[2]));
+
+    // The coordinator sees the relay as one daemon with the sum of the slots.
+    let daemons: Vec<kennel_proto::api::Daemon> = api.get("/api/v1/daemons").await?;
+    let me = daemons
+        .iter()
+        .find(|d| d.machine_id.starts_with("test-relay-"))
+        .ok_or_else(|| anyhow::anyhow!("relay not listed: {daemons:?}"))?;
+    assert!(me.connected);
+    assert_eq!(me.max_concurrent_tasks, 6);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_task_no_daemon_can_take_is_queued_then_dispatched() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let api = srv.api();
+    let r = relay(&srv, "").await?;
+    // The relay offers 2 slots and both agents; only `a` runs `command`.
+    let mut a = TestDaemon::connect(&r.ws_url(), opts("q-a", 1, &["command"])).await?;
+    let mut b = TestDaemon::connect(&r.ws_url(), opts("q-b", 1, &["claude"])).await?;
+    let t1 = api.submit(&task("q1")).await?;
+    let s1 = a.expect_spawn(WAIT).await?;
+    assert_eq!(s1.task_id, t1.id);
+    a.accept(&t1.id, 1).await?;
+    a.expect_ack(&t1.id, 1, 1, WAIT).await?;
+    let t2 = api.submit(&task("q2")).await?;
+    // The coordinator hands t2 to the relay; the relay holds it until a has room.
+    wait_relay(&r, |s| s["queuedTasks"] == 1).await?;
+    a.complete(&t1.id, 1, true).await?;
+    let s2 = a.expect_spawn(WAIT).await?;
+    assert_eq!(
+        s2.task_id, t2.id,
+        "the queued task went out once a slot freed"
+    );
+    assert!(
+        crate::only_acks_pending(&mut b),
+        "b does not offer `command`"
+    );
+    let tasks = r.api().get::<serde_json::Value>("/tasks").await?;
+    let t2row = tasks["tasks"]
+        .as_array()
+        .and_then(|v| v.iter().find(|t| t["taskId"] == t2.id.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(t2row["daemon"], "q-a");
+    assert_eq!(t2row["status"], "dispatched");
+    Ok(())
+}
+
+#[tokio::test]
+async fn wrong_keys_and_foreign_tasks_are_refused() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let api = srv.api();
+    let r = relay(&srv, "").await?;
+    let hello = serde_json::json!({
+        "type": "authenticate", "apiKey": "not-a-relay-key", "machineId": "intruder",
+        "hostname": "intruder", "maxConcurrentTasks": 1, "protocolVersion": 1,
+    });
+    let (first, close) = TestDaemon::connect_raw(&r.ws_url(), hello.to_string()).await?;
+    match first {
+        Some(ServerMessage::Error(e)) => assert_eq!(e.code, ErrorCode::Unauthorized),
+        other => panic!("expected unauthorized, got {other:?}"),
+    }
+    let (code, reason) = close.unwrap_or_default();
+    assert_eq!(code, 4001, "{reason}");
+    assert!(reason.contains("daemon_keys"), "{reason}");
+
+    let mut a = down(&r, "own-a", 1).await?;
+    let mut b = down(&r, "own-b", 1).await?;
+    let t = api.submit(&task("mine")).await?;
+    // Whoever got it, the other claims it.
+    let (holder, other) = tokio::select! {
+        s = a.expect_spawn(WAIT) => { s?; (&mut a, &mut b) }
+        s = b.expect_spawn(WAIT) => { s?; (&mut b, &mut a) }
+    };
+    other.output(&t.id, 1, "not mine").await?;
+    let e = other.expect_error(WAIT).await?;
+    assert_eq!(e.code, ErrorCode::StaleAttempt);
+    assert_eq!(e.task_id.as_deref(), Some(t.id.as_str()));
+    holder.accept(&t.id, 1).await?;
+    holder.expect_ack(&t.id, 1, 1, WAIT).await?;
+    assert!(
+        output_of(&srv, &t.id, 1).await?.is_empty(),
+        "nothing forwarded"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_vanished_daemon_s_task_is_lost_and_retried_elsewhere() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let api = srv.api();
+    let r = relay(&srv, "reattach_grace_secs = 0").await?;
+    let mut a = down(&r, "gone-a", 1).await?;
+    let t = api.submit(&task("lose")).await?;
+    let s = a.expect_spawn(WAIT).await?;
+    a.accept(&s.task_id, 1).await?;
+    a.output(&t.id, 1, "one").await?;
+    a.output(&t.id, 1, "two").await?;
+    a.expect_ack(&t.id, 1, 3, WAIT).await?;
+    // b arrives with a free slot; a dies mid-task.
+    let mut b = down(&r, "gone-b", 1).await?;
+    a.drop_connection().await;
+    let s2 = b.expect_spawn(WAIT).await?;
+    assert_eq!((s2.task_id.as_str(), s2.attempt), (t.id.as_str(), 2));
+    b.accept(&t.id, 2).await?;
+    b.output(&t.id, 2, "three").await?;
+    b.complete(&t.id, 2, true).await?;
+    b.expect_ack(&t.id, 2, 3, WAIT).await?;
+    wait_task_status(
+        &srv.url(),
+        srv.admin_key(),
+        &t.id,
+        TaskStatus::Completed,
+        WAIT,
+    )
+    .await?;
+    assert_eq!(output_of(&srv, &t.id, 1).await?, vec!["one", "two"]);
+    assert_eq!(output_of(&srv, &t.id, 2).await?, vec!["three"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_relay_survives_an_upstream_restart_and_replays_what_it_buffered() -> anyhow::Result<()>
+{
+    let mut srv = server_with("[server.scheduler]\nreattach_grace_secs = 60\n").await?;
+    let mut r = relay(&srv, "").await?;
+    let mut a = down(&r, "up-a", 1).await?;
+    let t = srv.api().submit(&task("survive")).await?;
+    let s = a.expect_spawn(WAIT).await?;
+    a.accept(&s.task_id, 1).await?;
+    a.output(&t.id, 1, "before").await?;
+    a.expect_ack(&t.id, 1, 2, WAIT).await?;
+
+    srv.kill9().await?;
+    // Reports made while the upstream is down are kept by the relay...
+    a.output(&t.id, 1, "during").await?;
+    srv.restart().await?;
+    r.wait_upstream(WAIT).await?;
+    // ...and replayed once it is back; the coordinator applies and acks them.
+    a.expect_ack(&t.id, 1, 3, WAIT).await?;
+    a.output(&t.id, 1, "after").await?;
+    a.complete(&t.id, 1, true).await?;
+    a.expect_ack(&t.id, 1, 5, WAIT).await?;
+    wait_task_status(
+        &srv.url(),
+        srv.admin_key(),
+        &t.id,
+        TaskStatus::Completed,
+        WAIT,
+    )
+    .await?;
+    assert_eq!(
+        output_of(&srv, &t.id, 1).await?,
+        vec!["before", "during", "after"]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_killed_relay_restarts_with_its_history_queue_and_daemons() -> anyhow::Result<()> {
+    let srv = server_with("[server.scheduler]\nreattach_grace_secs = 60\n").await?;
+    let api = srv.api();
+    let mut r = relay(&srv, "").await?;
+    let mut a = TestDaemon::connect(&r.ws_url(), opts("k-a", 1, &["command"])).await?;
+    let _b = TestDaemon::connect(&r.ws_url(), opts("k-b", 1, &["claude"])).await?;
+    let t1 = api.submit(&task("k1")).await?;
+    let s1 = a.expect_spawn(WAIT).await?;
+    a.accept(&s1.task_id, 1).await?;
+    a.expect_ack(&t1.id, 1, 1, WAIT).await?;
+    // t2 waits in the relay's queue: a is full, b does not run `command`.
+    let t2 = api.submit(&task("k2")).await?;
+    let queued = wait_relay(&r, |s| s["queuedTasks"] == 1).await?;
+    assert_eq!(queued["activeTasks"], 1);
+
+    r.restart().await?;
+    r.wait_upstream(WAIT).await?;
+    let st = r.api().get::<serde_json::Value>("/status").await?;
+    assert_eq!(st["queuedTasks"], 1, "the queue survived: {st}");
+    assert_eq!(st["activeTasks"], 1, "the held attempt survived: {st}");
+    a.reconnect(vec![TaskRef {
+        task_id: t1.id.clone(),
+        attempt: 1,
+    }])
+    .await?;
+    a.output(&t1.id, 1, "still here").await?;
+    a.complete(&t1.id, 1, true).await?;
+    a.expect_ack(&t1.id, 1, 3, WAIT).await?;
+    let s2 = a.expect_spawn(WAIT).await?;
+    assert_eq!((s2.task_id.as_str(), s2.attempt), (t2.id.as_str(), 1));
+    wait_task_status(
+        &srv.url(),
+        srv.admin_key(),
+        &t1.id,
+        TaskStatus::Completed,
+        WAIT,
+    )
+    .await?;
+    let tasks = r.api().get::<serde_json::Value>("/tasks").await?;
+    let rows = tasks["tasks"].as_array().cloned().unwrap_or_default();
+    assert_eq!(rows.len(), 2, "history intact: {tasks}");
+    Ok(())
+}
+
+/// Reads the relay's `/status` until `ok` holds for it (each read answers a real request).
+async fn wait_relay(
+    r: &KennelRelay,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<serde_json::Value> {
+    let until = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = r.api().get::<serde_json::Value>("/status").await?;
+        if ok(&s) {
+            return Ok(s);
+        }
+        if tokio::time::Instant::now() > until {
+            anyhow::bail!("relay status never matched; last: {s}");
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn the_admin_endpoints_answer_as_documented() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let mut r = relay(&srv, "").await?;
+    let _a = down(&r, "http-a", 3).await?;
+    let anon = r.api().with_key(None);
+    let (code, body) = anon.raw(Method::GET, "/health", None, None).await?;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    for path in ["/", "/status", "/tasks", "/logs", "/metrics"] {
+        let (code, body) = anon.raw(Method::GET, path, None, None).await?;
+        assert_eq!(code, StatusCode::UNAUTHORIZED, "{path}: {body}");
+        let (code, _) = anon.raw(Method::GET, path, Some("wrong"), None).await?;
+        assert_eq!(code, StatusCode::UNAUTHORIZED, "{path}");
+    }
+    let st = wait_relay(&r, |s| {
+        s["connectedDaemons"]
+            .as_array()
+            .is_some_and(|d| d.len() == 1)
+    })
+    .await?;
+    assert_eq!(st["status"], "ok");
+    assert_eq!(st["upstreamConnected"], true);
+    assert!(st["daemonId"].is_string());
+    assert!(st["agentName"]
+        .as_str()
+        .is_some_and(|n| n.starts_with("test-relay-")));
+    assert_eq!(st["connectedDaemons"][0]["id"], "http-a");
+    assert_eq!(st["connectedDaemons"][0]["maxConcurrentTasks"], 3);
+    assert_eq!(st["totalProcessed"], 0);
+    let tasks = r
+        .api()
+        .get::<serde_json::Value>("/tasks?limit=100000&offset=-3")
+        .await?;
+    assert_eq!(
+        (tasks["limit"].clone(), tasks["offset"].clone()),
+        (500.into(), 0.into())
+    );
+    let logs = r.api().get::<serde_json::Value>("/logs?limit=1").await?;
+    assert_eq!(logs["logs"].as_array().map(Vec::len), Some(1));
+    let (code, metrics) = r
+        .api()
+        .raw(
+            Method::GET,
+            "/metrics",
+            Some(kennel_testkit::RELAY_ADMIN_KEY),
+            None,
+        )
+        .await?;
+    assert_eq!(code, StatusCode::OK);
+    assert!(
+        metrics.contains("kennel_relay_daemons_connected 1"),
+        "{metrics}"
+    );
+    let (code, _) = r
+        .api()
+        .raw(
+            Method::POST,
+            "/reconnect",
+            Some(kennel_testkit::RELAY_ADMIN_KEY),
+            None,
+        )
+        .await?;
+    assert_eq!(code, StatusCode::ACCEPTED);
+    r.wait_upstream(WAIT).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_refused_relay_keeps_retrying_and_says_why() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let r = KennelRelay::start_to(bin(), &srv.url(), "not-a-key-of-this-server", "").await?;
+    let logs = wait_relay_logs(&r, "upstream refused the relay").await?;
+    assert!(logs.contains("relay.api_key"), "{logs}");
+    assert!(
+        !logs.contains("not-a-key-of-this-server"),
+        "keys are never logged: {logs}"
+    );
+    let st = r.api().get::<serde_json::Value>("/status").await?;
+    assert_eq!(st["status"], "disconnected");
+    assert_eq!(st["upstreamConnected"], false);
+    Ok(())
+}
+
+/// Reads the relay's `/logs` until an entry contains `needle`; returns them all as text.
+async fn wait_relay_logs(r: &KennelRelay, needle: &str) -> anyhow::Result<String> {
+    let until = tokio::time::Instant::now() + WAIT;
+    loop {
+        let logs = r.api().get::<serde_json::Value>("/logs?limit=200").await?;
+        let text = logs.to_string();
+        if text.contains(needle) {
+            return Ok(text);
+        }
+        if tokio::time::Instant::now() > until {
+            anyhow::bail!("no log entry with `{needle}`; logs: {text}");
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn a_capacity_update_changes_what_the_coordinator_dispatches() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let api = srv.api();
+    let mut d = daemon(&srv, "grow", 1).await?;
+    let t1 = api.submit(&task("g1")).await?;
+    let t2 = api.submit(&task("g2")).await?;
+    let s1 = d.expect_spawn(WAIT).await?;
+    assert_eq!(s1.task_id, t1.id);
+    d.accept(&t1.id, 1).await?;
+    d.expect_ack(&t1.id, 1, 1, WAIT).await?;
+    assert!(crate::only_acks_pending(&mut d), "one slot only");
+    d.send(&DaemonMessage::Capacity(Capacity {
+        max_concurrent_tasks: 2,
+        agents: vec!["command".into()],
+        labels: BTreeMap::new(),
+    }))
+    .await?;
+    let s2 = d.expect_spawn(WAIT).await?;
+    assert_eq!(s2.task_id, t2.id, "the second slot is used at once");
+    Ok(())
+}
+
+#[tokio::test]
+async fn relays_chain_to_another_relay() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let api = srv.api();
+    let parent = relay(&srv, "").await?;
+    // The child presents one of the parent's daemon keys, as any daemon would.
+    let mut child = KennelRelay::start_to(bin(), &parent.url(), RELAY_DAEMON_KEY, "").await?;
+    child.wait_upstream(WAIT).await?;
+    let mut d = down(&child, "leaf", 2).await?;
+    let t = api.submit(&task("chained")).await?;
+    let s = d.expect_spawn(WAIT).await?;
+    assert_eq!(s.task_id, t.id);
+    d.accept(&t.id, 1).await?;
+    d.output(&t.id, 1, "two hops").await?;
+    d.complete(&t.id, 1, true).await?;
+    d.expect_ack(&t.id, 1, 3, WAIT).await?;
+    wait_task_status(
+        &srv.url(),
+        srv.admin_key(),
+        &t.id,
+        TaskStatus::Completed,
+        WAIT,
+    )
+    .await?;
+    assert_eq!(output_of(&srv, &t.id, 1).await?, vec!["two hops"]);
+    let st = wait_relay(&parent, |s| s["totalProcessed"] == 1).await?;
+    assert_eq!(st["connectedDaemons"][0]["maxConcurrentTasks"], 2, "{st}");
+    Ok(())
+}
+
+/// Real daemons behind the relay: `kill -9` of the one running a task; the task is retried on
+/// the other, and each attempt's output is stored once.
+#[tokio::test]
+async fn a_real_daemon_killed_mid_task_is_replaced_through_the_relay() -> anyhow::Result<()> {
+    use kennel_testkit::{EventStream, KennelDaemon};
+    const SLOW: std::time::Duration = std::time::Duration::from_secs(60);
+    const DAEMON: &str = "[daemon]\nmax_concurrent_tasks = 1\n\
+        [daemon.agents.sh]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"{prompt}\"]\n";
+    let srv = server().await?;
+    let api = srv.api();
+    let r = relay(&srv, "reattach_grace_secs = 0").await?;
+    let mut ds = [
+        KennelDaemon::start_at(bin(), &r.ws_url(), RELAY_DAEMON_KEY, "real-a", DAEMON).await?,
+        KennelDaemon::start_at(bin(), &r.ws_url(), RELAY_DAEMON_KEY, "real-b", DAEMON).await?,
+    ];
+    wait_relay(&r, |s| {
+        s["connectedDaemons"].as_array().map(Vec::len) == Some(2)
+    })
+    .await?;
+    let marker = tempfile::tempdir()?;
+    let flag = marker.path().join("first-ran");
+    let script = format!(
+        "if [ -e {f} ]; then echo second; else touch {f}; echo first; sleep 120; fi",
+        f = flag.display()
+    );
+    let t = api
+        .submit(&kennel_proto::api::CreateTask {
+            name: "crash".into(),
+            prompt: script,
+            agent: Some("sh".into()),
+            max_attempts: Some(2),
+            ..Default::default()
+        })
+        .await?;
+    let url = format!("{}/api/v1/tasks/{}/output/stream", srv.url(), t.id);
+    let mut s = EventStream::connect(&url, Some(srv.admin_key()), None).await?;
+    s.wait_for(SLOW, |m| m.event == "output" && m.data.contains("first"))
+        .await?;
+    let tasks = r.api().get::<serde_json::Value>("/tasks").await?;
+    let holder = tasks["tasks"][0]["daemon"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let victim = ds
+        .iter_mut()
+        .find(|d| d.machine_id() == holder)
+        .ok_or_else(|| anyhow::anyhow!("no daemon `{holder}`: {tasks}"))?;
+    victim.kill9().await?;
+    let done = wait_task_status(
+        &srv.url(),
+        srv.admin_key(),
+        &t.id,
+        TaskStatus::Completed,
+        SLOW,
+    )
+    .await?;
+    assert_eq!(done.attempt, 2);
+    assert_eq!(output_of(&srv, &t.id, 1).await?, vec!["first"]);
+    assert_eq!(output_of(&srv, &t.id, 2).await?, vec!["second"]);
+    let tasks = r.api().get::<serde_json::Value>("/tasks").await?;
+    let rows = tasks["tasks"].as_array().cloned().unwrap_or_default();
+    let statuses: Vec<(String, String)> = rows
+        .iter()
+        .map(|t| (t["status"].to_string(), t["daemon"].to_string()))
+        .collect();
+    assert_eq!(statuses.len(), 2, "{tasks}");
+    assert!(
+        statuses[0].0.contains("completed") && !statuses[0].1.contains(&holder),
+        "{tasks}"
+    );
+    assert!(
+        statuses[1].0.contains("lost") && statuses[1].1.contains(&holder),
+        "{tasks}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_frames_get_errors_and_silence_before_authenticate_is_closed() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let r = relay(&srv, "auth_timeout_secs = 1").await?;
+    let (first, close) =
+        TestDaemon::connect_raw_with(&r.ws_url(), Vec::new(), std::time::Duration::from_secs(10))
+            .await?;
+    assert!(first.is_none(), "{first:?}");
+    assert_eq!(close.map(|c| c.0), Some(4003));
+
+    let mut d = down(&r, "noisy", 1).await?;
+    d.send_raw_text("{not json".into()).await?;
+    assert_eq!(d.expect_error(WAIT).await?.code, ErrorCode::MalformedFrame);
+    d.send_raw_text(r#"{"type":"taskOutput","taskId":"t1"}"#.into())
+        .await?;
+    assert_eq!(d.expect_error(WAIT).await?.code, ErrorCode::InvalidMessage);
+    // Still connected and still dispatched to.
+    let t = srv.api().submit(&task("after-noise")).await?;
+    assert_eq!(d.expect_spawn(WAIT).await?.task_id, t.id);
+    Ok(())
+}
