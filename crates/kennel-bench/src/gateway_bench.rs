@@ -35,6 +35,53 @@ pub struct GatewayArgs {
     /// Seconds to wait after printing the upstream address, to start the peer against it.
     #[arg(long, default_value_t = 0)]
     peer_wait_secs: u64,
+    /// Fixed request rates (per second) to try, open loop, for the highest rate whose p99
+    /// added latency stays within 1 ms (empty: skip this phase).
+    #[arg(long, value_delimiter = ',')]
+    rates: Vec<u32>,
+    /// Length of each fixed-rate run, seconds.
+    #[arg(long, default_value_t = 5)]
+    rate_seconds: u64,
+}
+
+/// Sorted latencies in ms of requests sent at `rate` per second for `secs` seconds, each
+/// timed from its scheduled send time (so queueing in the client counts, open loop).
+async fn at_rate(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    rate: u32,
+    secs: u64,
+) -> anyhow::Result<Vec<f64>> {
+    let body =
+        json!({"model": "bench", "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let n = u64::from(rate) * secs;
+    let gap = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let at = start + gap.mul_f64(i as f64);
+        tokio::time::sleep_until(at).await;
+        let (http, url, key, body) = (http.clone(), url.to_string(), key.to_string(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = http
+                .post(&url)
+                .bearer_auth(&key)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await?;
+            anyhow::ensure!(r.status().is_success(), "{url}: HTTP {}", r.status());
+            r.bytes().await?;
+            anyhow::Ok(at.elapsed().as_secs_f64() * 1000.0)
+        }));
+    }
+    let mut all = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        all.push(t.await??);
+    }
+    all.sort_by(f64::total_cmp);
+    Ok(all)
 }
 
 /// Sorted latencies in ms of `n` requests from `conc` workers against `url`.
@@ -133,6 +180,28 @@ pub async fn run(a: GatewayArgs) -> anyhow::Result<()> {
             g50 - d50,
             g99 - d99
         );
+    }
+    if !a.rates.is_empty() {
+        println!();
+        println!("| rate/s | direct p99 | gateway p99 | added p99 |");
+        println!("|---|---|---|---|");
+        let mut best = None;
+        for &rate in &a.rates {
+            let d = at_rate(&http, &direct, "x", rate, a.rate_seconds).await?;
+            let g = at_rate(&http, &via, gw.admin_key(), rate, a.rate_seconds).await?;
+            let (d99, g99) = (percentile(&d, 0.99), percentile(&g, 0.99));
+            println!(
+                "| {rate} | {d99:.3} ms | {g99:.3} ms | {:.3} ms |",
+                g99 - d99
+            );
+            if g99 - d99 <= 1.0 {
+                best = Some(rate);
+            }
+        }
+        match best {
+            Some(r) => println!("highest rate with p99 added <= 1 ms: {r}/s"),
+            None => println!("no rate tried kept p99 added <= 1 ms"),
+        }
     }
     Ok(())
 }

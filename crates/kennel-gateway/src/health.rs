@@ -209,16 +209,11 @@ pub fn candidates<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::UpstreamKind;
 
     fn up(name: &str, priority: i32) -> UpstreamConfig {
         toml::from_str::<UpstreamConfig>(&format!(
             "name='{name}'\nkind='openai'\nbase_url='http://x'\npriority={priority}"
         ))
-        .map(|mut u| {
-            u.kind = UpstreamKind::Openai;
-            u
-        })
         .unwrap()
     }
 

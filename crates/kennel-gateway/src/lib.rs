@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -383,24 +383,26 @@ fn router(shared: Arc<Shared>) -> Router {
 
 type S = State<Arc<Shared>>;
 
-async fn chat_completions(State(s): S, headers: HeaderMap, body: Body) -> Response {
-    match proxy::forward(s, ApiFormat::Openai, "/chat/completions", headers, body).await {
+async fn chat_completions(State(s): S, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let path = "/chat/completions";
+    match proxy::forward(s, ApiFormat::Openai, path, uri.query(), headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn messages(State(s): S, headers: HeaderMap, body: Body) -> Response {
-    match proxy::forward(s, ApiFormat::Anthropic, "/v1/messages", headers, body).await {
+async fn messages(State(s): S, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let path = "/v1/messages";
+    match proxy::forward(s, ApiFormat::Anthropic, path, uri.query(), headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
 /// Claude Code asks for token counts; they go to Anthropic upstreams like messages do.
-async fn count_tokens(State(s): S, headers: HeaderMap, body: Body) -> Response {
+async fn count_tokens(State(s): S, uri: Uri, headers: HeaderMap, body: Body) -> Response {
     let path = "/v1/messages/count_tokens";
-    match proxy::forward(s, ApiFormat::Anthropic, path, headers, body).await {
+    match proxy::forward(s, ApiFormat::Anthropic, path, uri.query(), headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }

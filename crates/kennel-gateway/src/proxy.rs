@@ -49,17 +49,26 @@ struct Failed {
     message: String,
 }
 
+/// Where on an upstream a request goes: a path under its base URL and the client's query.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    path: &'static str,
+    query: Option<&'a str>,
+}
+
 enum Attempt {
     Answered(Response),
     Failed(Failed),
 }
 
 /// `POST /v1/chat/completions`, `POST /v1/messages` and `POST /v1/messages/count_tokens`;
-/// `path` is what is appended to an upstream's base URL.
+/// `path` is what is appended to an upstream's base URL, followed by the client's query
+/// string (Claude Code sends `?beta=true`).
 pub async fn forward(
     shared: Arc<Shared>,
     format: ApiFormat,
     path: &'static str,
+    query: Option<&str>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, GatewayError> {
@@ -167,7 +176,8 @@ pub async fn forward(
             bytes.clone()
         };
         let t0 = Instant::now();
-        let outcome = attempt(&shared, up, format, path, &headers, body, stream).await;
+        let target = Target { path, query };
+        let outcome = attempt(&shared, up, format, target, &headers, body, stream).await;
         upstream_time += t0.elapsed();
         match outcome {
             Attempt::Answered(mut resp) => {
@@ -227,7 +237,7 @@ async fn attempt(
     shared: &Arc<Shared>,
     up: &Upstream,
     format: ApiFormat,
-    path: &str,
+    target: Target<'_>,
     client_headers: &HeaderMap,
     body: Bytes,
     stream: bool,
@@ -238,7 +248,11 @@ async fn attempt(
         let h = s.health.entry(name.clone()).or_default();
         h.requests += 1;
     }
-    let url = format!("{}{path}", up.cfg.base_url.trim_end_matches('/'));
+    let mut url = format!("{}{}", up.cfg.base_url.trim_end_matches('/'), target.path);
+    if let Some(q) = target.query.filter(|q| !q.is_empty()) {
+        url.push('?');
+        url.push_str(q);
+    }
     let mut rb = up
         .client
         .post(url)

@@ -131,6 +131,9 @@ impl GatewayState {
             source,
         };
         let conn = Connection::open(path).map_err(open_err)?;
+        // Another process (a second gateway on the same data directory) may hold the lock.
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(open_err)?;
         conn.pragma_update(None, "synchronous", "NORMAL")

@@ -638,6 +638,99 @@ async fn kennel_up_runs_the_gateway_when_upstreams_are_configured() -> anyhow::R
     Ok(())
 }
 
+#[tokio::test]
+async fn zeptoclaw_environment_defines_a_single_upstream() -> anyhow::Result<()> {
+    let z = ScriptedLlm::start("z").await?;
+    let base = z.openai_base();
+    let gw = KennelGateway::start(
+        bin(),
+        "[gateway]\n",
+        &[
+            ("ZEPTOCLAW_GATEWAY_URL", base.as_str()),
+            ("ZEPTOCLAW_API_KEY", "sk-zepto"),
+        ],
+    )
+    .await?;
+    let c = Client::new(&gw);
+    let r = c.chat("any", false).await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-kennel-upstream"), "zeptoclaw");
+    // The upstream gets its own key, not the client's kennel key.
+    assert_eq!(
+        z.requests()[0].credential.as_deref(),
+        Some("Bearer sk-zepto")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn claude_code_runs_through_the_gateway_unchanged() -> anyhow::Result<()> {
+    use kennel_testkit::anthropic::Reply;
+    use kennel_testkit::ScriptedAnthropic;
+    anyhow::ensure!(
+        which("claude"),
+        "the Claude Code CLI (`claude`) is not on PATH; install it with \
+         `npm install -g @anthropic-ai/claude-code` (.ci/run does)"
+    );
+    let upstream = ScriptedAnthropic::start(std::sync::Arc::new(|_: &Value| {
+        Reply::text("hello via kennel")
+    }))
+    .await?;
+    let ups = [Up {
+        name: "anthropic",
+        kind: "anthropic",
+        base: upstream.url(),
+        priority: 0,
+        extra: "api_key_env = \"UPSTREAM_KEY\"",
+    }];
+    let toml = config(&ups, "max_body_bytes = 33554432").replace("max_body_bytes = 4096\n", "");
+    let gw = KennelGateway::start(bin(), &toml, &[("UPSTREAM_KEY", "sk-ant-upstream")]).await?;
+    let home = tempfile::Builder::new()
+        .prefix("kennel-test-claude-home-")
+        .tempdir()?;
+    let out = within(
+        Duration::from_secs(180),
+        "claude -p through the gateway",
+        tokio::process::Command::new("claude")
+            .args(["-p", "Say hello", "--output-format", "json"])
+            .current_dir(home.path())
+            .env("ANTHROPIC_BASE_URL", gw.url())
+            .env("ANTHROPIC_API_KEY", gw.admin_key())
+            .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+            .env("DISABLE_TELEMETRY", "1")
+            .env("DISABLE_AUTOUPDATER", "1")
+            .env("DISABLE_ERROR_REPORTING", "1")
+            .env("HOME", home.path())
+            .env("CLAUDE_CONFIG_DIR", home.path().join(".claude"))
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "claude failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.trim())?;
+    assert_eq!(v["result"], "hello via kennel", "{v}");
+    let recorded = upstream.recorded();
+    assert!(!recorded.is_empty());
+    for r in &recorded {
+        assert_eq!(
+            r.headers.get("x-api-key").map(String::as_str),
+            Some("sk-ant-upstream"),
+            "the upstream sees its own key, never the kennel key: {r:?}"
+        );
+    }
+    Ok(())
+}
+
+fn which(bin: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).any(|d| d.join(bin).is_file())
+}
+
 /// The Python SDK script: non-streaming and streaming calls through the gateway; prints the
 /// texts it got, one per line.
 const PY_SDKS: &str = r#"
