@@ -6,12 +6,11 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 /// How long the binary may take to print its listening line.
 const READY_DEADLINE: Duration = Duration::from_secs(30);
@@ -147,28 +146,16 @@ async fn spawn(
     env: &[(String, String)],
 ) -> anyhow::Result<(Child, SocketAddr)> {
     let listen = listen.map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string());
-    let mut cmd = Command::new(bin);
+    let mut cmd = crate::server::isolated_command(bin);
     cmd.arg("gateway")
         .arg("--config")
         .arg(config)
         .arg("--listen")
         .arg(&listen)
         .arg("--data-dir")
-        .arg(data_dir);
-    for (name, _) in std::env::vars_os() {
-        let n = name.to_string_lossy();
-        if n.starts_with("KENNEL_") || n.starts_with("ZEPTOCLAW_") {
-            cmd.env_remove(&name);
-        }
-    }
-    let log = std::env::var("KENNEL_TEST_LOG").unwrap_or_else(|_| "warn".to_string());
-    cmd.env("KENNEL_SERVER__AUTH__ADMIN_KEY", admin_key)
-        .env("RUST_LOG", log)
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
+        .arg(data_dir)
+        .env("KENNEL_SERVER__AUTH__ADMIN_KEY", admin_key)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let mut child = cmd
         .spawn()
         .with_context(|| format!("failed to start {}", bin.display()))?;

@@ -9,13 +9,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use kennel_proto::api::Scope;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::mpsc;
 
 use crate::api::Api;
@@ -96,7 +95,7 @@ impl KennelRelay {
         let listen = self
             .addr
             .map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string());
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = crate::server::isolated_command(&self.bin);
         cmd.arg("--config")
             .arg(self.config.path())
             .arg("relay")
@@ -104,18 +103,6 @@ impl KennelRelay {
             .arg(&listen)
             .arg("--data-dir")
             .arg(self.dir.path());
-        for (name, _) in std::env::vars_os() {
-            let n = name.to_string_lossy();
-            if n.starts_with("KENNEL_") || n.starts_with("MAKIMA_") {
-                cmd.env_remove(&name);
-            }
-        }
-        let log = std::env::var("KENNEL_TEST_LOG").unwrap_or_else(|_| "warn".to_string());
-        cmd.env("RUST_LOG", log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
         let mut child = cmd
             .spawn()
             .with_context(|| format!("failed to start {} relay", self.bin.display()))?;

@@ -213,6 +213,27 @@ impl Drop for KennelServer {
     }
 }
 
+/// A `kennel` command isolated from the developer's shell: no inherited `KENNEL_*`,
+/// `MAKIMA_*` or `ZEPTOCLAW_*` settings (tests must not pick them up), log level from
+/// `KENNEL_TEST_LOG` (default `warn`), stdout piped for readiness lines, stderr inherited so a
+/// failing test shows the process's log, and killed when dropped.
+pub fn isolated_command(bin: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    for (name, _) in std::env::vars_os() {
+        let n = name.to_string_lossy();
+        if n.starts_with("KENNEL_") || n.starts_with("MAKIMA_") || n.starts_with("ZEPTOCLAW_") {
+            cmd.env_remove(&name);
+        }
+    }
+    let log = std::env::var(LOG_OVERRIDE_ENV).unwrap_or_else(|_| "warn".to_string());
+    cmd.env("RUST_LOG", log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    cmd
+}
+
 /// Writes `toml` to a temporary `.toml` file, for `--config`. Keep the returned handle alive
 /// as long as the file is needed: dropping it deletes the file.
 pub fn config_file(toml: &str) -> anyhow::Result<tempfile::NamedTempFile> {
@@ -249,26 +270,14 @@ async fn spawn_ready(
     admin_key: &str,
 ) -> anyhow::Result<(Child, SocketAddr)> {
     let listen = listen.map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string());
-    let mut cmd = Command::new(bin);
+    let mut cmd = isolated_command(bin);
     cmd.arg("server")
         .arg("--listen")
         .arg(&listen)
         .arg("--data-dir")
         .arg(data_dir)
-        .args(extra_args);
-    // A developer's shell may carry KENNEL_* settings; tests must not pick them up.
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("KENNEL_") {
-            cmd.env_remove(&name);
-        }
-    }
-    let log = std::env::var(LOG_OVERRIDE_ENV).unwrap_or_else(|_| "warn".to_string());
-    cmd.env("KENNEL_SERVER__AUTH__ADMIN_KEY", admin_key)
-        .env("RUST_LOG", log)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
+        .args(extra_args)
+        .env("KENNEL_SERVER__AUTH__ADMIN_KEY", admin_key);
     let mut child = cmd
         .spawn()
         .with_context(|| format!("failed to start {}", bin.display()))?;

@@ -6,7 +6,6 @@
 //! directory, as an operator restarting a crashed daemon would.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
@@ -94,26 +93,15 @@ impl KennelDaemon {
     }
 
     async fn launch(&mut self) -> anyhow::Result<()> {
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = crate::server::isolated_command(&self.bin);
         cmd.arg("--config")
             .arg(self.config.path())
             .arg("daemon")
             .arg("--data-dir")
-            .arg(self.dir.path());
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("KENNEL_") {
-                cmd.env_remove(&name);
-            }
-        }
-        let log = std::env::var("KENNEL_TEST_LOG").unwrap_or_else(|_| "warn".to_string());
-        cmd.env("KENNEL_DAEMON__SERVER", &self.ws_url)
+            .arg(self.dir.path())
+            .env("KENNEL_DAEMON__SERVER", &self.ws_url)
             .env("KENNEL_DAEMON__API_KEY", &self.key)
-            .env("KENNEL_DAEMON__MACHINE_ID", &self.machine_id)
-            .env("RUST_LOG", log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
+            .env("KENNEL_DAEMON__MACHINE_ID", &self.machine_id);
         let mut child = cmd
             .spawn()
             .with_context(|| format!("failed to start {} daemon", self.bin.display()))?;
