@@ -39,7 +39,7 @@ pub use config::{GatewayConfig, UpstreamConfig, UpstreamKind};
 use error::{ApiFormat, GatewayError};
 use health::FailureClass;
 use metrics::Metrics;
-use state::{GatewayState, Heartbeat, Incident, RECENT_INCIDENTS};
+use state::{GatewayState, Heartbeat, Incident};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -502,13 +502,7 @@ async fn heartbeat(
 async fn get_state(State(s): S, headers: HeaderMap) -> Result<Json<Value>, GatewayError> {
     s.authorize(&headers, ApiFormat::Openai, false).await?;
     let st = s.state.lock();
-    let recent: Vec<_> = st
-        .incidents
-        .iter()
-        .rev()
-        .take(RECENT_INCIDENTS)
-        .cloned()
-        .collect();
+    let recent = st.recent_incidents();
     Ok(Json(json!({
         "lastSeenMs": st.last_seen_ms,
         "lastSeen": st.last_seen_ms.map(rfc3339),
@@ -563,13 +557,7 @@ async fn add_incident(
 async fn incidents(State(s): S, headers: HeaderMap) -> Result<Json<Value>, GatewayError> {
     s.authorize(&headers, ApiFormat::Openai, false).await?;
     let st = s.state.lock();
-    let recent: Vec<_> = st
-        .incidents
-        .iter()
-        .rev()
-        .take(RECENT_INCIDENTS)
-        .cloned()
-        .collect();
+    let recent = st.recent_incidents();
     Ok(Json(json!({"incidents": recent})))
 }
 

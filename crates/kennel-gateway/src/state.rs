@@ -93,6 +93,18 @@ pub struct Snapshot {
     dirty_totals: bool,
 }
 
+impl Snapshot {
+    /// The newest [`RECENT_INCIDENTS`] incidents, newest first.
+    pub fn recent_incidents(&self) -> Vec<Incident> {
+        self.incidents
+            .iter()
+            .rev()
+            .take(RECENT_INCIDENTS)
+            .cloned()
+            .collect()
+    }
+}
+
 enum Op {
     Put(String, String),
     Delete(String),

@@ -158,15 +158,25 @@ fn task_from_row(row: &Row<'_>) -> Result<QueuedTask> {
     })
 }
 
-/// Runs a statement returning [`task_columns!`] rows and collects them.
-fn query_tasks(conn: &Connection, sql: &str, args: &[&dyn ToSql]) -> Result<Vec<QueuedTask>> {
+/// Runs a cached statement and maps every row with `from_row`.
+fn query_all<T>(
+    conn: &Connection,
+    sql: &str,
+    args: &[&dyn ToSql],
+    from_row: impl Fn(&Row<'_>) -> Result<T>,
+) -> Result<Vec<T>> {
     let mut stmt = conn.prepare_cached(sql)?;
     let mut rows = stmt.query(args)?;
     let mut out = Vec::new();
     while let Some(row) = rows.next()? {
-        out.push(task_from_row(row)?);
+        out.push(from_row(row)?);
     }
     Ok(out)
+}
+
+/// Runs a statement returning [`task_columns!`] rows and collects them.
+fn query_tasks(conn: &Connection, sql: &str, args: &[&dyn ToSql]) -> Result<Vec<QueuedTask>> {
+    query_all(conn, sql, args, task_from_row)
 }
 
 /// Runs a statement returning at most one [`task_columns!`] row (a select by id or an
@@ -213,13 +223,7 @@ fn daemon_from_row(row: &Row<'_>) -> Result<Daemon> {
 }
 
 fn query_daemons(conn: &Connection, sql: &str, args: &[&dyn ToSql]) -> Result<Vec<Daemon>> {
-    let mut stmt = conn.prepare_cached(sql)?;
-    let mut rows = stmt.query(args)?;
-    let mut out = Vec::new();
-    while let Some(row) = rows.next()? {
-        out.push(daemon_from_row(row)?);
-    }
-    Ok(out)
+    query_all(conn, sql, args, daemon_from_row)
 }
 
 fn load_daemon(conn: &Connection, id: &str) -> Result<Option<Daemon>> {
@@ -242,13 +246,7 @@ fn key_from_row(row: &Row<'_>) -> Result<KeyRecord> {
 }
 
 fn query_keys(conn: &Connection, sql: &str, args: &[&dyn ToSql]) -> Result<Vec<KeyRecord>> {
-    let mut stmt = conn.prepare_cached(sql)?;
-    let mut rows = stmt.query(args)?;
-    let mut out = Vec::new();
-    while let Some(row) = rows.next()? {
-        out.push(key_from_row(row)?);
-    }
-    Ok(out)
+    query_all(conn, sql, args, key_from_row)
 }
 
 fn event_from_row(row: &Row<'_>) -> Result<Event> {

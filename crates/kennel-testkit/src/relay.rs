@@ -62,19 +62,7 @@ impl KennelRelay {
         key: &str,
         extra_toml: &str,
     ) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("kennel-test-relay-")
-            .tempdir()
-            .context("failed to create the relay's data directory")?;
-        let name = format!(
-            "test-relay-{}",
-            dir.path()
-                .file_name()
-                .map(|n| n
-                    .to_string_lossy()
-                    .replace(|c: char| !c.is_ascii_alphanumeric(), ""))
-                .unwrap_or_default()
-        );
+        let (dir, name) = crate::server::named_data_dir("kennel-test-relay-", "test-relay")?;
         let toml = format!(
             "[relay]\nupstream = \"{upstream}\"\napi_key = \"{key}\"\nagent_name = \"{name}\"\n\
              daemon_keys = [\"{RELAY_DAEMON_KEY}\"]\nadmin_keys = [\"{RELAY_ADMIN_KEY}\"]\n{extra_toml}\n"

@@ -234,6 +234,24 @@ pub fn isolated_command(bin: &Path) -> Command {
     cmd
 }
 
+/// A fresh temporary data directory `<prefix>XXXX` and a name unique to it (`<name>-XXXX`,
+/// letters and digits only), usable as a machine id or agent name.
+pub fn named_data_dir(prefix: &str, name: &str) -> anyhow::Result<(tempfile::TempDir, String)> {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .with_context(|| format!("failed to create a temporary directory for {name}"))?;
+    let suffix: String = dir
+        .path()
+        .file_name()
+        .map(|n| {
+            n.to_string_lossy()
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "")
+        })
+        .unwrap_or_default();
+    Ok((dir, format!("{name}-{suffix}")))
+}
+
 /// Writes `toml` to a temporary `.toml` file, for `--config`. Keep the returned handle alive
 /// as long as the file is needed: dropping it deletes the file.
 pub fn config_file(toml: &str) -> anyhow::Result<tempfile::NamedTempFile> {

@@ -40,19 +40,8 @@ impl KennelDaemon {
             .await
             .context("failed to create a daemon key")?
             .key;
-        let dir = tempfile::Builder::new()
-            .prefix("kennel-test-daemon-")
-            .tempdir()
-            .context("failed to create the daemon's data directory")?;
-        let machine_id = format!(
-            "test-daemon-{}",
-            dir.path()
-                .file_name()
-                .map(|n| n
-                    .to_string_lossy()
-                    .replace(|c: char| !c.is_ascii_alphanumeric(), ""))
-                .unwrap_or_default()
-        );
+        let (dir, machine_id) =
+            crate::server::named_data_dir("kennel-test-daemon-", "test-daemon")?;
         let mut d = KennelDaemon {
             bin: bin.to_path_buf(),
             dir,

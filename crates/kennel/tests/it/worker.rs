@@ -55,10 +55,15 @@ async fn stdout_of(srv: &KennelServer, id: &str, attempt: u32) -> anyhow::Result
         .collect())
 }
 
+/// The task's live output stream, from its first chunk.
+async fn output_stream(srv: &KennelServer, id: &str) -> anyhow::Result<EventStream> {
+    let url = format!("{}/api/v1/tasks/{id}/output/stream", srv.url());
+    EventStream::connect(&url, Some(srv.admin_key()), None).await
+}
+
 /// Waits for an output chunk containing `needle` on the task's live output stream.
 async fn wait_output(srv: &KennelServer, id: &str, needle: &str) -> anyhow::Result<()> {
-    let url = format!("{}/api/v1/tasks/{id}/output/stream", srv.url());
-    let mut s = EventStream::connect(&url, Some(srv.admin_key()), None).await?;
+    let mut s = output_stream(srv, id).await?;
     s.wait_for(SLOW, |m| m.event == "output" && m.data.contains(needle))
         .await?;
     Ok(())
@@ -200,8 +205,7 @@ async fn pause_stops_output_and_resume_continues_it() -> anyhow::Result<()> {
             None,
         ))
         .await?;
-    let url = format!("{}/api/v1/tasks/{}/output/stream", srv.url(), t.id);
-    let mut s = EventStream::connect(&url, Some(srv.admin_key()), None).await?;
+    let mut s = output_stream(&srv, &t.id).await?;
     s.wait_for(SLOW, |m| m.data.contains("tick 3")).await?;
     let paused: Task = api
         .post_empty(&format!("/api/v1/tasks/{}/pause", t.id))
@@ -255,8 +259,7 @@ async fn interrupt_kills_the_whole_process_group() -> anyhow::Result<()> {
         ))
         .await?;
     // Seq 1 is taskAccepted; the two `child` lines are seqs 2 and 3.
-    let url = format!("{}/api/v1/tasks/{}/output/stream", srv.url(), t.id);
-    let mut s = EventStream::connect(&url, Some(srv.admin_key()), None).await?;
+    let mut s = output_stream(&srv, &t.id).await?;
     s.wait_for(SLOW, |m| m.id == "1:3").await?;
     let pids: Vec<i32> = stdout_of(&srv, &t.id, 1)
         .await?
