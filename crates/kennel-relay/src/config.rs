@@ -38,6 +38,8 @@ pub struct RelayConfig {
     pub reattach_grace_secs: u64,
     /// Largest frame accepted from a downstream daemon, in bytes.
     pub max_frame_bytes: usize,
+    /// Days the history keeps an attempt after it ended (checked hourly); 0 keeps it forever.
+    pub history_retention_days: u64,
 }
 
 impl Default for RelayConfig {
@@ -55,6 +57,7 @@ impl Default for RelayConfig {
             heartbeat_interval_secs: 10,
             reattach_grace_secs: 30,
             max_frame_bytes: kennel_proto::link::DEFAULT_MAX_FRAME_BYTES,
+            history_retention_days: 30,
         }
     }
 }
@@ -74,6 +77,7 @@ impl std::fmt::Debug for RelayConfig {
             .field("heartbeat_interval_secs", &self.heartbeat_interval_secs)
             .field("reattach_grace_secs", &self.reattach_grace_secs)
             .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("history_retention_days", &self.history_retention_days)
             .finish()
     }
 }

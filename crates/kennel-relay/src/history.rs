@@ -1,7 +1,7 @@
 //! The relay's own durable state in `relay.db` (SQLite, WAL): task history (received,
 //! dispatched, completed, failed — with daemon and times), which attempt each daemon holds,
-//! the queue of tasks no daemon could take yet, daemon messages not yet acknowledged upstream,
-//! and the connection log (the last 200 entries). It survives `kill -9`; it sends nothing.
+//! the queue of tasks no daemon could take yet, daemon messages not yet acknowledged upstream
+//! that arrived or were pending while the upstream link was down, and the connection log (the last 200 entries). It survives `kill -9`; it sends nothing.
 
 use std::path::Path;
 
@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     agent         TEXT NOT NULL,
     status        TEXT NOT NULL,
     daemon        TEXT,
-    last_seq      INTEGER NOT NULL DEFAULT 0,
+    last_seq      INTEGER NOT NULL DEFAULT 0, -- no longer written; kept for older relay.db files
     received_ms   INTEGER NOT NULL,
     dispatched_ms INTEGER,
     finished_ms   INTEGER,
@@ -55,6 +55,10 @@ CREATE TABLE IF NOT EXISTS buffer (
     frame   TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS buffer_attempt ON buffer(task_id, attempt, seq);
+CREATE TABLE IF NOT EXISTS totals (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS log (
     id    INTEGER PRIMARY KEY AUTOINCREMENT,
     at_ms INTEGER NOT NULL,
@@ -97,7 +101,6 @@ pub struct Held {
     pub task_id: String,
     pub attempt: u32,
     pub daemon: String,
-    pub last_seq: u64,
 }
 
 pub struct History {
@@ -192,7 +195,7 @@ impl History {
     /// Attempts downstream daemons hold.
     pub fn held(&self) -> Result<Vec<Held>, HistoryError> {
         let mut st = self.conn.prepare(
-            "SELECT task_id, attempt, daemon, last_seq FROM tasks
+            "SELECT task_id, attempt, daemon FROM tasks
              WHERE status IN ('dispatched', 'running') AND daemon IS NOT NULL",
         )?;
         let rows = st.query_map([], |r| {
@@ -200,7 +203,6 @@ impl History {
                 task_id: r.get(0)?,
                 attempt: r.get(1)?,
                 daemon: r.get(2)?,
-                last_seq: r.get::<_, i64>(3)? as u64,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -219,86 +221,51 @@ impl History {
             .flatten())
     }
 
-    /// Stores a daemon message until the upstream acks it, and notes its seq.
-    pub fn buffer(
-        &self,
-        task_id: &str,
-        attempt: u32,
-        seq: u64,
-        frame: &str,
-    ) -> Result<(), HistoryError> {
-        self.conn.execute(
-            "INSERT INTO buffer (task_id, attempt, seq, frame) VALUES (?1, ?2, ?3, ?4)",
-            params![task_id, attempt, seq as i64, frame],
-        )?;
-        self.conn.execute(
-            "UPDATE tasks SET last_seq = MAX(last_seq, ?3) WHERE task_id = ?1 AND attempt = ?2",
-            params![task_id, attempt, seq as i64],
-        )?;
-        Ok(())
-    }
-
-    /// Stores daemon messages (task, attempt, seq, frame) in one transaction, and notes the
-    /// highest seq of each attempt.
+    /// Stores daemon messages (task, attempt, seq, frame) in one transaction.
     pub fn buffer_all(&self, items: &[(&str, u32, u64, &str)]) -> Result<(), HistoryError> {
         let tx = self.conn.unchecked_transaction()?;
         {
             let mut ins = tx.prepare_cached(
                 "INSERT INTO buffer (task_id, attempt, seq, frame) VALUES (?1, ?2, ?3, ?4)",
             )?;
-            let mut upd = tx.prepare_cached(
-                "UPDATE tasks SET last_seq = MAX(last_seq, ?3) WHERE task_id = ?1 AND attempt = ?2",
-            )?;
-            let mut top: Vec<(&str, u32, u64)> = Vec::new();
             for (task_id, attempt, seq, frame) in items {
                 ins.execute(params![task_id, attempt, *seq as i64, frame])?;
-                match top
-                    .iter_mut()
-                    .find(|(t, a, _)| t == task_id && a == attempt)
-                {
-                    Some(e) => e.2 = e.2.max(*seq),
-                    None => top.push((task_id, *attempt, *seq)),
-                }
-            }
-            for (task_id, attempt, seq) in top {
-                upd.execute(params![task_id, attempt, seq as i64])?;
             }
         }
         tx.commit()?;
         Ok(())
     }
 
-    /// [`History::acked`] for several acks, in one transaction.
-    pub fn acked_all(&self, acks: &[(String, u32, u64)]) -> Result<(), HistoryError> {
+    /// Drops what cumulative acks (task, attempt, seq) cover, in one transaction. Returns how many rows went.
+    pub fn acked_all(&self, acks: &[(String, u32, u64)]) -> Result<u64, HistoryError> {
         let tx = self.conn.unchecked_transaction()?;
+        let mut n = 0;
         {
             let mut del = tx.prepare_cached(
                 "DELETE FROM buffer WHERE task_id = ?1 AND attempt = ?2 AND seq <= ?3",
             )?;
             for (task_id, attempt, seq) in acks {
-                del.execute(params![task_id, attempt, *seq as i64])?;
+                n += del.execute(params![task_id, attempt, *seq as i64])? as u64;
             }
         }
         tx.commit()?;
-        Ok(())
+        Ok(n)
     }
 
-    /// The upstream applied everything of (task, attempt) up to `seq`.
-    pub fn acked(&self, task_id: &str, attempt: u32, seq: u64) -> Result<(), HistoryError> {
-        self.conn.execute(
-            "DELETE FROM buffer WHERE task_id = ?1 AND attempt = ?2 AND seq <= ?3",
+    /// Drops one buffered message of (task, attempt) by its seq. Returns how many rows went.
+    pub fn drop_seq(&self, task_id: &str, attempt: u32, seq: u64) -> Result<u64, HistoryError> {
+        Ok(self.conn.execute(
+            "DELETE FROM buffer WHERE task_id = ?1 AND attempt = ?2 AND seq = ?3",
             params![task_id, attempt, seq as i64],
-        )?;
-        Ok(())
+        )? as u64)
     }
 
     /// The upstream refused the attempt: its messages will never be applied.
-    pub fn drop_attempt(&self, task_id: &str, attempt: u32) -> Result<(), HistoryError> {
-        self.conn.execute(
+    pub fn drop_attempt(&self, task_id: &str, attempt: u32) -> Result<u64, HistoryError> {
+        Ok(self.conn.execute(
             "DELETE FROM buffer WHERE task_id = ?1 AND attempt = ?2",
             params![task_id, attempt],
-        )?;
-        Ok(())
+        )? as u64)
     }
 
     /// Every unacknowledged message, in the order it arrived.
@@ -339,12 +306,49 @@ impl History {
     }
 
     /// (all task attempts, finished ones: completed or failed).
+    /// (received, processed): every attempt ever recorded and those that completed or
+    /// failed, counting the ones pruned since.
     pub fn counts(&self) -> Result<(u64, u64), HistoryError> {
         Ok(self.conn.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(status IN ('completed', 'failed')), 0) FROM tasks",
+            "SELECT COUNT(*) + COALESCE((SELECT value FROM totals WHERE name = 'pruned_received'), 0),
+                    COALESCE(SUM(status IN ('completed', 'failed')), 0)
+                    + COALESCE((SELECT value FROM totals WHERE name = 'pruned_processed'), 0)
+             FROM tasks",
             [],
             |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
         )?)
+    }
+
+    /// Deletes history rows of attempts that ended before `before_ms` (the totals keep
+    /// counting them). Returns how many went.
+    pub fn prune(&self, before_ms: i64) -> Result<u64, HistoryError> {
+        const ENDED: &str =
+            "status IN ('completed', 'failed', 'rejected', 'lost', 'stale', 'cancelled')
+             AND finished_ms IS NOT NULL AND finished_ms < ?1";
+        let tx = self.conn.unchecked_transaction()?;
+        let (n, done): (i64, i64) = tx.query_row(
+            &format!(
+                "SELECT COUNT(*), COALESCE(SUM(status IN ('completed', 'failed')), 0)
+                 FROM tasks WHERE {ENDED}"
+            ),
+            params![before_ms],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        if n > 0 {
+            let mut add = tx.prepare_cached(
+                "INSERT INTO totals (name, value) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            )?;
+            add.execute(params!["pruned_received", n])?;
+            add.execute(params!["pruned_processed", done])?;
+            drop(add);
+            tx.execute(
+                &format!("DELETE FROM tasks WHERE {ENDED}"),
+                params![before_ms],
+            )?;
+        }
+        tx.commit()?;
+        Ok(n as u64)
     }
 
     pub fn log(&self, kind: &str, message: &str, now: i64) -> Result<(), HistoryError> {
@@ -401,9 +405,9 @@ mod tests {
             assert!(!h.received(&spawn("t1", 1), "{\"a\":1}", 2).unwrap());
             assert!(h.received(&spawn("t2", 1), "{\"b\":1}", 3).unwrap());
             h.dispatched("t1", 1, "m1", 4).unwrap();
-            h.buffer("t1", 1, 1, "f1").unwrap();
-            h.buffer("t1", 1, 2, "f2").unwrap();
-            h.acked("t1", 1, 1).unwrap();
+            h.buffer_all(&[("t1", 1, 1, "f1"), ("t1", 1, 2, "f2")])
+                .unwrap();
+            h.acked_all(&[("t1".into(), 1, 1)]).unwrap();
             for i in 0..250 {
                 h.log("connect", &format!("n{i}"), i).unwrap();
             }
@@ -416,7 +420,6 @@ mod tests {
                 task_id: "t1".into(),
                 attempt: 1,
                 daemon: "m1".into(),
-                last_seq: 2
             }]
         );
         assert_eq!(h.buffered().unwrap(), vec!["f2".to_string()]);
@@ -424,5 +427,32 @@ mod tests {
         assert_eq!(logs.len(), 200);
         assert_eq!(logs[0].message, "n249");
         assert_eq!(h.tasks(1, 1).unwrap()[0].task_id, "t1");
+    }
+
+    #[test]
+    fn pruning_drops_only_old_ended_attempts_and_keeps_the_totals() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = History::open(dir.path()).unwrap();
+        for (id, status, finished) in [
+            ("old-done", "completed", Some(10)),
+            ("old-lost", "lost", Some(20)),
+            ("new-done", "completed", Some(1_000)),
+            ("running", "running", None),
+        ] {
+            assert!(h.received(&spawn(id, 1), "{}", 1).unwrap());
+            h.set_status(id, 1, status, None, finished).unwrap();
+        }
+        assert_eq!(h.counts().unwrap(), (4, 2));
+        assert_eq!(h.prune(500).unwrap(), 2);
+        let left: Vec<String> = h
+            .tasks(10, 0)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.task_id)
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(left.contains(&"running".to_string()) && left.contains(&"new-done".to_string()));
+        assert_eq!(h.counts().unwrap(), (4, 2), "totals survive pruning");
+        assert_eq!(h.prune(500).unwrap(), 0);
     }
 }

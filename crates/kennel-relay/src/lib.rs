@@ -9,6 +9,7 @@ pub mod config;
 pub mod downstream;
 pub mod history;
 pub mod http;
+pub mod pending;
 pub mod relay;
 pub mod upstream;
 
@@ -81,6 +82,15 @@ impl RelayServer {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         self.relay.start_restored_graces();
         let link = tokio::spawn(upstream::run(self.relay.clone(), stop_rx));
+        let relay = self.relay.clone();
+        let prune = tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+            loop {
+                every.tick().await;
+                let r = relay.clone();
+                let _ = tokio::task::spawn_blocking(move || r.prune_history()).await;
+            }
+        });
         let app = http::router(self.relay.clone());
         let res = axum::serve(self.listener, app)
             .with_graceful_shutdown(async move {
@@ -89,6 +99,7 @@ impl RelayServer {
             })
             .await;
         let _ = link.await;
+        prune.abort();
         res
     }
 }

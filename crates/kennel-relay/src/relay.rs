@@ -18,6 +18,13 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::config::RelayConfig;
 use crate::history::{History, HistoryError};
+use crate::pending::Pending;
+
+/// The `seq` of a `lost` report for an attempt whose last seq the relay no longer knows (it
+/// held the attempt before a restart and the daemon never came back). It is certainly past
+/// the upstream's last applied seq, so the upstream answers `seqGap` with the seq it expects,
+/// and the relay sends the report again with that seq.
+const PROBE_SEQ: u64 = 1 << 53;
 
 /// A frame (or a close) for one downstream connection's writer.
 #[derive(Debug)]
@@ -43,7 +50,9 @@ struct Down {
 struct Hold {
     attempt: u32,
     daemon: String,
-    last_seq: u64,
+    /// The highest seq seen for this attempt; `None` when it was restored after a restart
+    /// (`relay.db` does not track every message).
+    last_seq: Option<u64>,
 }
 
 #[derive(Default)]
@@ -53,6 +62,13 @@ struct State {
     /// Queued `spawnTask`s, oldest first.
     queue: VecDeque<SpawnTask>,
     upstream: Option<mpsc::UnboundedSender<String>>,
+    /// Reports sent upstream and not acked yet (the link is up).
+    pending: Pending,
+    /// Reports waiting in `relay.db` (kept there while the link was down).
+    db_buffered: u64,
+    /// `lost` reports the relay made itself, by attempt, with their seq: resent with the
+    /// expected seq if the upstream answers `seqGap`.
+    own_lost: HashMap<(String, u32), u64>,
     upstream_daemon_id: Option<String>,
     last_upstream_heartbeat_ms: Option<i64>,
     /// Bumped on every connect and disconnect of a machine, so a stale grace timer does nothing.
@@ -134,14 +150,17 @@ impl Relay {
     /// Opens the history and restores holds and the queue from it.
     pub fn open(cfg: RelayConfig) -> Result<Arc<Self>, HistoryError> {
         let history = History::open(&cfg.data_dir)?;
-        let mut st = State::default();
+        let mut st = State {
+            db_buffered: history.buffered_count()?,
+            ..State::default()
+        };
         for h in history.held()? {
             st.holds.insert(
                 h.task_id,
                 Hold {
                     attempt: h.attempt,
                     daemon: h.daemon,
-                    last_seq: h.last_seq,
+                    last_seq: None,
                 },
             );
         }
@@ -209,6 +228,25 @@ impl Relay {
         self.with_db("write the connection log", |h| {
             h.log(kind, message, now_ms())
         });
+    }
+
+    /// Drops the history of attempts that ended more than `history_retention_days` ago.
+    pub fn prune_history(&self) {
+        let days = self.cfg.history_retention_days;
+        if days == 0 {
+            return;
+        }
+        let before =
+            now_ms().saturating_sub(i64::try_from(days).unwrap_or(i64::MAX / 2) * 86_400_000);
+        if let Some(n) = self.with_db("prune the task history", |h| h.prune(before)) {
+            if n > 0 {
+                tracing::info!(
+                    n,
+                    days,
+                    "pruned the history of attempts that ended long ago"
+                );
+            }
+        }
     }
 
     pub fn logs(&self, limit: u32) -> Result<Vec<crate::history::LogEntry>, HistoryError> {
@@ -283,9 +321,12 @@ impl Relay {
     pub fn upstream_up(&self, daemon_id: &str, tx: mpsc::UnboundedSender<String>) {
         {
             let mut st = self.lock();
-            let buffered = self
-                .with_db("read the buffered messages", |h| h.buffered())
-                .unwrap_or_default();
+            let buffered = if st.db_buffered > 0 {
+                self.with_db("read the buffered messages", |h| h.buffered())
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
             let n = buffered.len();
             for f in buffered {
                 let _ = tx.send(f);
@@ -302,8 +343,27 @@ impl Relay {
         self.link.send_replace(Some(daemon_id.to_string()));
     }
 
+    /// The upstream link ended: what it has not acked moves into `relay.db`, where it survives
+    /// a relay restart until the next session replays it.
     pub fn upstream_down(&self, reason: &str) {
-        let was = self.lock().upstream.take().is_some();
+        let was = {
+            let mut st = self.lock();
+            let was = st.upstream.take().is_some();
+            let items = st.pending.drain();
+            if !items.is_empty() {
+                let rows: Vec<(&str, u32, u64, &str)> = items
+                    .iter()
+                    .map(|i| (i.task_id.as_str(), i.attempt, i.seq, i.frame.as_str()))
+                    .collect();
+                if self
+                    .with_db("keep unacknowledged messages", |h| h.buffer_all(&rows))
+                    .is_some()
+                {
+                    st.db_buffered += rows.len() as u64;
+                }
+            }
+            was
+        };
         self.link.send_replace(None);
         if was {
             self.log("disconnect", &format!("upstream disconnected: {reason}"));
@@ -325,20 +385,46 @@ impl Relay {
         }
     }
 
-    /// Sends (or, with the upstream down, only keeps) a task-scoped message for upstream.
-    fn forward_up(&self, st: &mut State, task_id: &str, attempt: u32, seq: u64, frame: &str) {
-        self.with_db("buffer a daemon message", |h| {
-            h.buffer(task_id, attempt, seq, frame)
-        });
-        if let Some(h) = st.holds.get_mut(task_id) {
-            if h.attempt == attempt {
-                h.last_seq = h.last_seq.max(seq);
+    /// Sends task-scoped messages (task, attempt, seq, frame) upstream and keeps them in memory
+    /// until acked; with the link down, keeps them in `relay.db` for the next session.
+    fn send_up(&self, st: &mut State, items: &[(&str, u32, u64, &str)]) {
+        let State {
+            upstream,
+            pending,
+            db_buffered,
+            ..
+        } = st;
+        match upstream {
+            Some(up) => {
+                for (task_id, attempt, seq, frame) in items {
+                    pending.push(task_id, *attempt, *seq, frame);
+                    let _ = up.send(frame.to_string());
+                }
+                self.forwarded
+                    .fetch_add(items.len() as u64, Ordering::Relaxed);
+            }
+            None => {
+                if self
+                    .with_db("buffer daemon messages", |h| h.buffer_all(items))
+                    .is_some()
+                {
+                    *db_buffered += items.len() as u64;
+                }
             }
         }
-        if let Some(up) = &st.upstream {
-            let _ = up.send(frame.to_string());
-            self.forwarded.fetch_add(1, Ordering::Relaxed);
-        }
+    }
+
+    /// Reports an attempt lost on the relay's own account, with `seq`.
+    fn send_lost(&self, st: &mut State, task_id: &str, attempt: u32, seq: u64) {
+        let m = DaemonMessage::TaskStatusChange(TaskStatusChange {
+            task_id: task_id.to_string(),
+            attempt,
+            seq,
+            old_status: "running".into(),
+            new_status: "lost".into(),
+        });
+        self.send_up(st, &[(task_id, attempt, seq, &m.to_json())]);
+        st.own_lost.insert((task_id.to_string(), attempt), seq);
     }
 
     /// One command from the upstream.
@@ -379,6 +465,24 @@ impl Relay {
             return;
         };
         let mut st = self.lock();
+        if e.code == ErrorCode::SeqGap {
+            let own = st.own_lost.get(&(task_id.clone(), attempt)).copied();
+            if let (Some(sent), Some(expected)) = (own, e.expected_seq) {
+                // Our own `lost` report went out with a seq the upstream did not expect (the
+                // attempt was restored after a restart): send it again as asked.
+                tracing::info!(task_id, attempt, expected, "resending a lost report");
+                st.pending.remove_seq(&task_id, attempt, sent);
+                if st.db_buffered > 0 {
+                    if let Some(n) = self.with_db("drop a resent report", |h| {
+                        h.drop_seq(&task_id, attempt, sent)
+                    }) {
+                        st.db_buffered = st.db_buffered.saturating_sub(n);
+                    }
+                }
+                self.send_lost(&mut st, &task_id, attempt, expected);
+                return;
+            }
+        }
         let daemon = st
             .holds
             .get(&task_id)
@@ -392,10 +496,15 @@ impl Relay {
             });
         if e.code == ErrorCode::StaleAttempt {
             // The upstream will never apply this attempt's messages: stop keeping them.
-            self.with_db("drop a stale attempt", |h| {
-                h.drop_attempt(&task_id, attempt)?;
-                h.set_status(&task_id, attempt, "stale", Some(&e.message), Some(now_ms()))
-            });
+            st.pending.drop_attempt(&task_id, attempt);
+            st.own_lost.remove(&(task_id.clone(), attempt));
+            if let Some(n) = self.with_db("drop a stale attempt", |h| {
+                let n = h.drop_attempt(&task_id, attempt)?;
+                h.set_status(&task_id, attempt, "stale", Some(&e.message), Some(now_ms()))?;
+                Ok(n)
+            }) {
+                st.db_buffered = st.db_buffered.saturating_sub(n);
+            }
             if st.holds.get(&task_id).is_some_and(|h| h.attempt == attempt) {
                 st.holds.remove(&task_id);
             }
@@ -518,7 +627,7 @@ impl Relay {
                 Hold {
                     attempt: s.attempt,
                     daemon: id,
-                    last_seq: 0,
+                    last_seq: Some(0),
                 },
             );
         }
@@ -657,21 +766,16 @@ impl Relay {
         });
     }
 
-    /// Tells the upstream an attempt is lost (seq = last seen + 1) and frees its slot.
+    /// Tells the upstream an attempt is lost (seq = last seen + 1, or [`PROBE_SEQ`] when the
+    /// relay does not know it) and frees its slot.
     fn report_lost(&self, st: &mut State, task_id: &str, reason: &str) {
         let Some(h) = st.holds.get(task_id) else {
             return;
         };
-        let (attempt, seq) = (h.attempt, h.last_seq + 1);
+        let attempt = h.attempt;
+        let seq = h.last_seq.map_or(PROBE_SEQ, |s| s + 1);
         tracing::warn!(task_id, attempt, "attempt lost: {reason}");
-        let m = DaemonMessage::TaskStatusChange(TaskStatusChange {
-            task_id: task_id.to_string(),
-            attempt,
-            seq,
-            old_status: "running".into(),
-            new_status: "lost".into(),
-        });
-        self.forward_up(st, task_id, attempt, seq, &m.to_json());
+        self.send_lost(st, task_id, attempt, seq);
         st.holds.remove(task_id);
         self.with_db("record a lost attempt", |h| {
             h.set_status(task_id, attempt, "lost", Some(reason), Some(now_ms()))
@@ -717,7 +821,7 @@ impl Relay {
                 continue;
             }
             if let Some(h) = st.holds.get_mut(hdr.task_id) {
-                h.last_seq = h.last_seq.max(hdr.seq);
+                h.last_seq = Some(h.last_seq.map_or(hdr.seq, |s| s.max(hdr.seq)));
             }
             forward.push((hdr.task_id, hdr.attempt, hdr.seq, frame));
             let ended = match msg {
@@ -766,15 +870,8 @@ impl Relay {
             }
         }
         if !forward.is_empty() {
-            // Stored before it is sent, so an ack can never overtake the row it deletes.
-            self.with_db("buffer daemon messages", |h| h.buffer_all(&forward));
-            if let Some(up) = &st.upstream {
-                for (_, _, _, frame) in &forward {
-                    let _ = up.send(frame.to_string());
-                }
-                self.forwarded
-                    .fetch_add(forward.len() as u64, Ordering::Relaxed);
-            }
+            // Kept before it is sent, so an ack can never overtake what it drops.
+            self.send_up(&mut st, &forward);
         }
         if ended_any {
             self.dispatch(&mut st);
@@ -782,15 +879,27 @@ impl Relay {
         refused
     }
 
-    /// Cumulative acks from upstream: drop what they cover from the buffer (one transaction)
-    /// and pass each to the daemon holding the attempt.
+    /// Cumulative acks from upstream: drop what they cover from memory (and from `relay.db`,
+    /// in one transaction, if anything waits there) and pass each to the daemon holding the
+    /// attempt.
     pub fn acks(&self, acks: &[(kennel_proto::link::Ack, &str)]) {
-        let rows: Vec<(String, u32, u64)> = acks
-            .iter()
-            .map(|(a, _)| (a.task_id.clone(), a.attempt, a.seq))
-            .collect();
-        self.with_db("drop acknowledged messages", |h| h.acked_all(&rows));
-        let st = self.lock();
+        let mut st = self.lock();
+        for (a, _) in acks {
+            st.pending.ack(&a.task_id, a.attempt, a.seq);
+            let key = (a.task_id.clone(), a.attempt);
+            if st.own_lost.get(&key).is_some_and(|&s| a.seq >= s) {
+                st.own_lost.remove(&key);
+            }
+        }
+        if st.db_buffered > 0 {
+            let rows: Vec<(String, u32, u64)> = acks
+                .iter()
+                .map(|(a, _)| (a.task_id.clone(), a.attempt, a.seq))
+                .collect();
+            if let Some(n) = self.with_db("drop acknowledged messages", |h| h.acked_all(&rows)) {
+                st.db_buffered = st.db_buffered.saturating_sub(n);
+            }
+        }
         for (a, frame) in acks {
             let daemon = match st.holds.get(&a.task_id).filter(|h| h.attempt == a.attempt) {
                 Some(h) => Some(h.daemon.clone()),
@@ -822,14 +931,9 @@ impl Relay {
     // reporting
 
     pub fn status(&self) -> Status {
-        let (counts, buffered) = {
-            let h = self.db();
-            (
-                h.counts().unwrap_or_default(),
-                h.buffered_count().unwrap_or(0),
-            )
-        };
+        let counts = self.db().counts().unwrap_or_default();
         let st = self.lock();
+        let buffered = st.pending.len() as u64 + st.db_buffered;
         let mut active: BTreeMap<&str, u32> = BTreeMap::new();
         for h in st.holds.values() {
             *active.entry(h.daemon.as_str()).or_default() += 1;
@@ -1033,5 +1137,79 @@ mod tests {
         r.upstream_up("d-1", up_tx);
         assert_eq!(up_rx.try_recv().unwrap(), buffered[0]);
         assert_eq!(up_rx.try_recv().unwrap(), buffered[1]);
+    }
+
+    #[tokio::test]
+    async fn reports_stay_in_memory_while_up_and_move_to_disk_when_the_link_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Relay::open(cfg(dir.path())).unwrap();
+        let (up_tx, mut up_rx) = mpsc::unbounded_channel();
+        r.upstream_up("d-1", up_tx);
+        let (_, mut a) = attach(&r, "a", 1, &["command"]);
+        let (m, f) = spawn("t1", "command");
+        r.from_upstream(m, &f);
+        assert_eq!(spawned(&mut a), vec!["t1".to_string()]);
+        let out = |seq: u64| {
+            let m = DaemonMessage::TaskOutput(kennel_proto::link::TaskOutput {
+                task_id: "t1".into(),
+                attempt: 1,
+                seq,
+                stream: kennel_proto::link::OutputStream::Stdout,
+                output: format!("line {seq}"),
+                is_partial: false,
+            });
+            let f = m.to_json();
+            (m, f)
+        };
+        let batch: Vec<(DaemonMessage, String)> = (1..=3).map(out).collect();
+        let refs: Vec<(DaemonMessage, &str)> =
+            batch.iter().map(|(m, f)| (m.clone(), f.as_str())).collect();
+        assert!(r.from_daemon("a", &refs).is_empty());
+        let sent: Vec<String> = std::iter::from_fn(|| up_rx.try_recv().ok())
+            .filter(|f| f.contains("taskOutput"))
+            .collect();
+        assert_eq!(sent.len(), 3, "forwarded at once");
+        assert!(
+            r.db().buffered().unwrap().is_empty(),
+            "no disk write while up"
+        );
+        assert_eq!(r.status().buffered_messages, 3);
+
+        // seq 1 acked; the link drops: 2 and 3 go to disk.
+        let ack = |seq: u64| {
+            let a = kennel_proto::link::Ack {
+                task_id: "t1".into(),
+                attempt: 1,
+                seq,
+            };
+            let f = ServerMessage::Ack(a.clone()).to_json();
+            (a, f)
+        };
+        let (a1, f1) = ack(1);
+        r.acks(&[(a1, &f1)]);
+        r.upstream_down("test");
+        assert_eq!(
+            r.db().buffered().unwrap(),
+            vec![batch[1].1.clone(), batch[2].1.clone()]
+        );
+        // Reported while down: straight to disk, after the others.
+        let (m4, f4) = out(4);
+        assert!(r.from_daemon("a", &[(m4, &f4)]).is_empty());
+        assert_eq!(r.status().buffered_messages, 3);
+
+        // Up again: replayed in order; acks empty the disk buffer.
+        let (up_tx, mut up_rx) = mpsc::unbounded_channel();
+        r.upstream_up("d-1", up_tx);
+        let replayed: Vec<String> = std::iter::from_fn(|| up_rx.try_recv().ok())
+            .filter(|f| f.contains("taskOutput"))
+            .collect();
+        assert_eq!(
+            replayed,
+            vec![batch[1].1.clone(), batch[2].1.clone(), f4.clone()]
+        );
+        let (a4, f4) = ack(4);
+        r.acks(&[(a4, &f4)]);
+        assert!(r.db().buffered().unwrap().is_empty());
+        assert_eq!(r.status().buffered_messages, 0);
     }
 }

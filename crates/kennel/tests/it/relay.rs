@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use kennel_proto::link::{Capacity, ErrorCode, TaskRef};
-use kennel_proto::{DaemonMessage, ServerMessage, TaskStatus};
+use kennel_proto::{AttemptStatus, DaemonMessage, ServerMessage, TaskStatus};
 use kennel_testkit::{
     wait_task_status, DaemonOpts, KennelRelay, KennelServer, Method, StatusCode, TestDaemon,
     RELAY_DAEMON_KEY,
@@ -217,6 +217,63 @@ async fn a_vanished_daemon_s_task_is_lost_and_retried_elsewhere() -> anyhow::Res
     .await?;
     assert_eq!(output_of(&srv, &t.id, 1).await?, vec!["one", "two"]);
     assert_eq!(output_of(&srv, &t.id, 2).await?, vec!["three"]);
+    Ok(())
+}
+
+/// The relay crashes while a daemon holds an attempt, and that daemon never comes back. The
+/// restarted relay no longer knows the attempt's last seq (it does not write every report to
+/// disk), so its `lost` report goes out with a probe seq, the coordinator answers `seqGap`, and
+/// the relay sends it again with the expected seq: the task is retried, its output intact.
+#[tokio::test]
+async fn a_task_held_across_a_relay_crash_is_lost_and_retried_when_its_daemon_never_returns(
+) -> anyhow::Result<()> {
+    let srv = server_with("[server.scheduler]\nreattach_grace_secs = 60\n").await?;
+    let api = srv.api();
+    let mut r = relay(&srv, "reattach_grace_secs = 1").await?;
+    let mut a = down(&r, "crash-a", 1).await?;
+    let t = api.submit(&task("crash")).await?;
+    let s = a.expect_spawn(WAIT).await?;
+    a.accept(&s.task_id, 1).await?;
+    a.output(&t.id, 1, "one").await?;
+    a.output(&t.id, 1, "two").await?;
+    a.expect_ack(&t.id, 1, 3, WAIT).await?;
+
+    r.restart().await?;
+    r.wait_upstream(WAIT).await?;
+    // `a` never reconnects; `b` has a free slot for the retry.
+    let mut b = down(&r, "crash-b", 1).await?;
+    let s2 = b.expect_spawn(WAIT).await?;
+    assert_eq!((s2.task_id.as_str(), s2.attempt), (t.id.as_str(), 2));
+    b.accept(&t.id, 2).await?;
+    b.complete(&t.id, 2, true).await?;
+    b.expect_ack(&t.id, 2, 2, WAIT).await?;
+    wait_task_status(
+        &srv.url(),
+        srv.admin_key(),
+        &t.id,
+        TaskStatus::Completed,
+        WAIT,
+    )
+    .await?;
+    assert_eq!(output_of(&srv, &t.id, 1).await?, vec!["one", "two"]);
+    let task = api.task(&t.id).await?;
+    let first = task
+        .attempts
+        .iter()
+        .find(|x| x.attempt == 1)
+        .ok_or_else(|| anyhow::anyhow!("attempt 1 missing: {task:?}"))?;
+    assert_eq!(first.status, AttemptStatus::Lost, "{task:?}");
+    // The probe was answered with exactly one `seqGap`.
+    let (_, metrics) = api
+        .raw(Method::GET, "/metrics", Some(srv.admin_key()), None)
+        .await?;
+    let gaps = metrics
+        .lines()
+        .find(|l| l.starts_with("kennel_frame_errors_total") && l.contains("seqGap"));
+    assert!(
+        gaps.is_some_and(|l| l.ends_with(" 1")),
+        "expected one seqGap: {gaps:?}\n{metrics}"
+    );
     Ok(())
 }
 
