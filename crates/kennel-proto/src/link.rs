@@ -195,6 +195,18 @@ pub struct Capacity {
     pub labels: BTreeMap<String, String>,
 }
 
+/// A relay keeps an attempt in its own queue because none of its daemons can take it yet.
+/// The server stops that attempt's accept deadline: the attempt stays with the relay until it
+/// is accepted, rejected or lost. Not sequenced, not acknowledged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskQueued {
+    pub task_id: String,
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// Everything a daemon (or a relay acting as one) sends upstream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
@@ -208,6 +220,7 @@ pub enum DaemonMessage {
     TaskStatusChange(TaskStatusChange),
     TaskComplete(TaskComplete),
     Capacity(Capacity),
+    TaskQueued(TaskQueued),
 }
 
 /// The (task, attempt, seq) header of a task-scoped daemon message.
@@ -230,6 +243,7 @@ impl DaemonMessage {
             DaemonMessage::TaskStatusChange(_) => "taskStatusChange",
             DaemonMessage::TaskComplete(_) => "taskComplete",
             DaemonMessage::Capacity(_) => "capacity",
+            DaemonMessage::TaskQueued(_) => "taskQueued",
         }
     }
 
@@ -238,7 +252,8 @@ impl DaemonMessage {
         let (task_id, attempt, seq) = match self {
             DaemonMessage::Authenticate(_)
             | DaemonMessage::Heartbeat(_)
-            | DaemonMessage::Capacity(_) => return None,
+            | DaemonMessage::Capacity(_)
+            | DaemonMessage::TaskQueued(_) => return None,
             DaemonMessage::TaskAccepted(m) => (&m.task_id, m.attempt, m.seq),
             DaemonMessage::TaskRejected(m) => (&m.task_id, m.attempt, m.seq),
             DaemonMessage::TaskOutput(m) => (&m.task_id, m.attempt, m.seq),
@@ -288,6 +303,16 @@ impl DaemonMessage {
                 }
                 if c.labels.len() > 64 || c.agents.len() > 64 {
                     return Err(FrameError::invalid("at most 64 labels and 64 agents"));
+                }
+                Ok(())
+            }
+            DaemonMessage::TaskQueued(q) => {
+                validate_id("task id", &q.task_id)?;
+                if q.attempt == 0 {
+                    return Err(FrameError::invalid("attempt starts at 1"));
+                }
+                if q.reason.as_ref().is_some_and(|r| r.len() > 1024) {
+                    return Err(FrameError::invalid("reason is longer than 1024 bytes"));
                 }
                 Ok(())
             }
@@ -567,7 +592,7 @@ struct TypeOnly {
     type_name: String,
 }
 
-const DAEMON_TYPES: [&str; 9] = [
+const DAEMON_TYPES: [&str; 10] = [
     "authenticate",
     "heartbeat",
     "taskAccepted",
@@ -577,6 +602,7 @@ const DAEMON_TYPES: [&str; 9] = [
     "taskStatusChange",
     "taskComplete",
     "capacity",
+    "taskQueued",
 ];
 
 const SERVER_TYPES: [&str; 8] = [

@@ -263,6 +263,12 @@ fn handle_batch(
                 flush(&mut reports);
                 relay.set_daemon_capacity(machine, &c)
             }
+            DaemonMessage::TaskQueued(q) => {
+                flush(&mut reports);
+                if let Some(Refusal::Stale(e)) = relay.queued_below(machine, &q, text.as_str()) {
+                    let _ = tx.send(Outbound::Text(ServerMessage::Error(e).to_json()));
+                }
+            }
             other => reports.push((other, text.as_str())),
         }
     }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kennel_proto::link::{
-    Authenticate, Capacity, ErrorCode, ErrorFrame, SpawnTask, TaskRef, TaskStatusChange,
+    Authenticate, Capacity, ErrorCode, ErrorFrame, SpawnTask, TaskQueued, TaskRef, TaskStatusChange,
 };
 use kennel_proto::{DaemonMessage, ServerMessage};
 use serde::Serialize;
@@ -333,6 +333,10 @@ impl Relay {
             }
             // Capacity may have changed between `authenticate` and now.
             let _ = tx.send(DaemonMessage::Capacity(self.capacity_of(&st)).to_json());
+            // The upstream may have restarted: it must not time out what waits here.
+            for q in &st.queue {
+                let _ = tx.send(self.queued_message(q).to_json());
+            }
             st.upstream = Some(tx);
             st.upstream_daemon_id = Some(daemon_id.to_string());
             if n > 0 {
@@ -583,8 +587,54 @@ impl Relay {
             // Already recorded (and maybe finished) before a restart: nothing to do.
             return;
         }
+        let (task_id, attempt) = (s.task_id.clone(), s.attempt);
         st.queue.push_back(s);
         self.dispatch(&mut st);
+        if let Some(q) = st
+            .queue
+            .iter()
+            .find(|q| q.task_id == task_id && q.attempt == attempt)
+        {
+            // Upstream, the accept deadline would retry it while it waits here.
+            if let Some(up) = &st.upstream {
+                let _ = up.send(self.queued_message(q).to_json());
+            }
+        }
+    }
+
+    /// `taskQueued` for an attempt waiting in the relay's queue.
+    fn queued_message(&self, s: &SpawnTask) -> DaemonMessage {
+        DaemonMessage::TaskQueued(TaskQueued {
+            task_id: s.task_id.clone(),
+            attempt: s.attempt,
+            reason: Some(format!(
+                "no daemon behind relay {} has a free slot for agent {}",
+                self.cfg.agent_name, s.agent
+            )),
+        })
+    }
+
+    /// A relay below this one queued an attempt it was given: pass that on if it holds it.
+    pub fn queued_below(&self, machine: &str, q: &TaskQueued, frame: &str) -> Option<Refusal> {
+        let st = self.lock();
+        let holds = st
+            .holds
+            .get(&q.task_id)
+            .is_some_and(|h| h.attempt == q.attempt && h.daemon == machine);
+        if !holds {
+            return Some(Refusal::Stale(stale_error(
+                &q.task_id,
+                q.attempt,
+                format!(
+                    "this relay did not give attempt {} of task {} to you",
+                    q.attempt, q.task_id
+                ),
+            )));
+        }
+        if let Some(up) = &st.upstream {
+            let _ = up.send(frame.to_string());
+        }
+        None
     }
 
     /// Hands queued tasks to the least-loaded daemon that has a free slot and the agent.
@@ -1073,13 +1123,21 @@ mod tests {
 
         // The last capacity sent upstream is the sum of slots and the union of agents.
         let mut last = None;
+        let mut queued_upstream = Vec::new();
         while let Ok(f) = up_rx.try_recv() {
-            if let Ok(DaemonMessage::Capacity(c)) = serde_json::from_str(&f) {
-                last = Some(c);
+            match serde_json::from_str(&f) {
+                Ok(DaemonMessage::Capacity(c)) => last = Some(c),
+                Ok(DaemonMessage::TaskQueued(q)) => queued_upstream.push((q.task_id, q.attempt)),
+                _ => {}
             }
         }
         let c = last.unwrap();
         assert_eq!(c.max_concurrent_tasks, 3);
+        assert_eq!(
+            queued_upstream,
+            vec![("t4".to_string(), 1)],
+            "t4 waits: taskQueued"
+        );
         assert_eq!(c.agents, vec!["claude".to_string(), "command".to_string()]);
 
         // b finishes its task: the queued one goes to b.

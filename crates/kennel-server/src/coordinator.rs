@@ -61,6 +61,8 @@ struct Live {
     attempt: u32,
     daemon_id: String,
     accepted: bool,
+    /// A relay holds it in its queue (`taskQueued`): no accept deadline.
+    queued: bool,
 }
 
 struct DaemonSlot {
@@ -214,6 +216,7 @@ impl State {
                         attempt,
                         daemon_id: daemon_id.clone(),
                         accepted: false,
+                        queued: false,
                     },
                 );
                 let d = Dispatch {
@@ -328,6 +331,7 @@ impl Coordinator {
                     attempt: t.attempt,
                     daemon_id,
                     accepted: t.status != TaskStatus::Dispatched,
+                    queued: false,
                 },
             );
         }
@@ -422,7 +426,7 @@ impl Coordinator {
             let st = self.lock();
             st.live
                 .get(task_id)
-                .is_some_and(|l| l.attempt == attempt && !l.accepted)
+                .is_some_and(|l| l.attempt == attempt && !l.accepted && !l.queued)
         };
         if !pending {
             return;
@@ -991,6 +995,26 @@ impl Coordinator {
         }
         tracing::info!(daemon_id, "daemon capacity changed");
         self.wake.notify_one();
+    }
+
+    /// A relay keeps a dispatched attempt in its own queue: stop its accept deadline.
+    pub fn attempt_queued(&self, daemon_id: &str, q: &kennel_proto::link::TaskQueued) {
+        let mut st = self.lock();
+        match st.live.get_mut(&q.task_id) {
+            Some(l) if l.attempt == q.attempt && l.daemon_id == daemon_id && !l.accepted => {
+                l.queued = true;
+                tracing::info!(
+                    daemon_id,
+                    task_id = %q.task_id,
+                    attempt = q.attempt,
+                    reason = q.reason.as_deref().unwrap_or(""),
+                    "attempt queued by a relay; its accept deadline is off"
+                );
+            }
+            _ => {
+                tracing::debug!(daemon_id, task_id = %q.task_id, "ignoring taskQueued for an attempt it does not hold")
+            }
+        }
     }
 
     pub async fn heartbeat(&self, daemon_id: &str) {

@@ -315,6 +315,7 @@ impl Connection {
                 ),
                 DaemonMessage::Heartbeat(_) => heartbeat = true,
                 DaemonMessage::Capacity(c) => self.app.coord.set_capacity(&self.daemon_id, c),
+                DaemonMessage::TaskQueued(q) => self.app.coord.attempt_queued(&self.daemon_id, &q),
                 other => {
                     if let Some(r) = to_report(&self.daemon_id, other) {
                         reports.push(r);
@@ -479,7 +480,8 @@ fn to_report(daemon_id: &str, m: DaemonMessage) -> Option<Report> {
         ),
         DaemonMessage::Authenticate(_)
         | DaemonMessage::Heartbeat(_)
-        | DaemonMessage::Capacity(_) => return None,
+        | DaemonMessage::Capacity(_)
+        | DaemonMessage::TaskQueued(_) => return None,
     };
     Some(Report {
         daemon_id: daemon_id.to_string(),

@@ -83,6 +83,11 @@ const DAEMON_SHAPES: &[Shape] = &[
         required: &["maxConcurrentTasks"],
         optional: &["agents", "labels"],
     },
+    Shape {
+        name: "taskQueued",
+        required: &["taskId", "attempt"],
+        optional: &["reason"],
+    },
 ];
 
 const SERVER_SHAPES: &[Shape] = &[
@@ -142,6 +147,7 @@ fn daemon_variant(m: &DaemonMessage) -> &'static str {
         DaemonMessage::TaskStatusChange(_) => "taskStatusChange",
         DaemonMessage::TaskComplete(_) => "taskComplete",
         DaemonMessage::Capacity(_) => "capacity",
+        DaemonMessage::TaskQueued(_) => "taskQueued",
     }
 }
 
@@ -324,8 +330,8 @@ fn each_fixture_directory_holds_exactly_one_file_per_message_type() {
             .collect();
         assert_eq!(found, expected, "{side:?} fixtures");
         let types = match side {
-            // `capacity` joined v1 for relays; older daemons never send it.
-            Side::Daemon => 9,
+            // `capacity` and `taskQueued` joined v1 for relays; older daemons never send them.
+            Side::Daemon => 10,
             Side::Server => 8,
         };
         assert_eq!(
@@ -850,7 +856,7 @@ fn the_protocol_document_examples_decode() {
         blocks += 1;
         rest = &body[end..];
     }
-    assert_eq!(blocks, 17, "one example per message type");
+    assert_eq!(blocks, 18, "one example per message type");
 
     let (mut up, mut down) = (0, 0);
     for line in doc.lines() {

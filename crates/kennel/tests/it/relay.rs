@@ -110,9 +110,11 @@ async fn tasks_go_to_the_least_loaded_daemon_and_reports_flow_end_to_end() -> an
     Ok(())
 }
 
+/// A task the relay queues outlives the coordinator's accept deadline: the relay announces it
+/// with `taskQueued`, so the coordinator does not expire and retry it while it waits.
 #[tokio::test]
 async fn a_task_no_daemon_can_take_is_queued_then_dispatched() -> anyhow::Result<()> {
-    let srv = server().await?;
+    let srv = server_with("[server.scheduler]\naccept_timeout_secs = 1\n").await?;
     let api = srv.api();
     let r = relay(&srv, "").await?;
     // The relay offers 2 slots and both agents; only `a` runs `command`.
@@ -126,12 +128,45 @@ async fn a_task_no_daemon_can_take_is_queued_then_dispatched() -> anyhow::Result
     let t2 = api.submit(&task("q2")).await?;
     // The coordinator hands t2 to the relay; the relay holds it until a has room.
     wait_relay(&r, |s| s["queuedTasks"] == 1).await?;
+
+    // A clock made of events: a task dispatched after t2 to a direct daemon that never
+    // accepts. Its second attempt proves t2's accept deadline has passed as well.
+    let mut clock = TestDaemon::connect(
+        &srv.ws_url(),
+        DaemonOpts {
+            agents: vec!["probe".into()],
+            ..DaemonOpts::with_key(srv.admin_key())
+        },
+    )
+    .await?;
+    let probe = api
+        .submit(&kennel_proto::api::CreateTask {
+            agent: Some("probe".into()),
+            ..task("deadline-clock")
+        })
+        .await?;
+    assert_eq!(clock.expect_spawn(WAIT).await?.attempt, 1);
+    let again = clock.expect_spawn(WAIT).await?;
+    assert_eq!(
+        (again.task_id.as_str(), again.attempt),
+        (probe.id.as_str(), 2)
+    );
+
+    let t2_now = api.task(&t2.id).await?;
+    assert_eq!(
+        (t2_now.task.attempt, t2_now.attempts.len()),
+        (1, 1),
+        "t2 was not expired and retried: {t2_now:?}"
+    );
     a.complete(&t1.id, 1, true).await?;
     let s2 = a.expect_spawn(WAIT).await?;
     assert_eq!(
-        s2.task_id, t2.id,
-        "the queued task went out once a slot freed"
+        (s2.task_id.as_str(), s2.attempt),
+        (t2.id.as_str(), 1),
+        "the queued attempt went out once a slot freed"
     );
+    a.accept(&t2.id, 1).await?;
+    a.expect_ack(&t2.id, 1, 1, WAIT).await?;
     assert!(
         crate::only_acks_pending(&mut b),
         "b does not offer `command`"
@@ -143,7 +178,7 @@ async fn a_task_no_daemon_can_take_is_queued_then_dispatched() -> anyhow::Result
         .cloned()
         .unwrap_or_default();
     assert_eq!(t2row["daemon"], "q-a");
-    assert_eq!(t2row["status"], "dispatched");
+    assert_eq!(t2row["status"], "running");
     Ok(())
 }
 
