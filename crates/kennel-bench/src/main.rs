@@ -390,10 +390,17 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The gateway bench's load generator and upstream run on one thread, like `wrk -t1`: on
+    // two cores a second busy thread would take its CPU slices from the proxy under test.
+    let builder = match cli.cmd {
+        Cmd::Gateway(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    };
+    let rt = match builder {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kennel-bench: {e}");

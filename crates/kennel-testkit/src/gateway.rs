@@ -89,6 +89,11 @@ impl KennelGateway {
         &self.admin_key
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     pub fn data_dir(&self) -> &Path {
         self.data_dir.path()
     }

@@ -20,6 +20,16 @@ use crate::{Cli, Command, Global};
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let g = cli.global;
+    if matches!(
+        cli.command,
+        Command::Up(_)
+            | Command::Server(_)
+            | Command::Daemon(_)
+            | Command::Gateway(_)
+            | Command::Relay(_)
+    ) {
+        raise_open_files_limit();
+    }
     match cli.command {
         Command::Up(args) => up::run(&g, args).await,
         Command::Server(args) => server::run(&g, args).await,
@@ -31,6 +41,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys(cmd) => keys::run(&client(&g)?, &g, cmd).await,
         Command::Status => status(&client(&g)?, &g).await,
         Command::Config(cmd) => config_cmd::run(&g, cmd),
+    }
+}
+
+/// Long-running commands hold a socket per client, daemon and upstream connection: raise the
+/// soft limit on open files to the hard limit (often 1024 → 524288), as servers usually do, so
+/// a burst of connections does not end in "Too many open files".
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let want = hard.min(1 << 20);
+    if soft >= want {
+        return;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+        Ok(()) => tracing::debug!(from = soft, to = want, "raised the open files limit"),
+        Err(e) => tracing::warn!(
+            soft,
+            error = %e,
+            "could not raise the open files limit; many connections may fail with EMFILE"
+        ),
     }
 }
 
