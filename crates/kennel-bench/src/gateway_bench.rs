@@ -10,7 +10,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -65,10 +64,20 @@ pub struct GatewayArgs {
     /// Length of each fixed-rate run, seconds (split into the same rounds).
     #[arg(long, default_value_t = 6)]
     rate_seconds: u64,
+    /// Size of the user message in each request, bytes (coding agents send conversations of
+    /// tens to hundreds of kilobytes).
+    #[arg(long, default_value_t = 2)]
+    prompt_bytes: usize,
 }
 
-fn body() -> String {
-    json!({"model": "bench", "messages": [{"role": "user", "content": "hi"}]}).to_string()
+/// The request every path gets: a chat completion with a `prompt_bytes` user message.
+fn body(prompt_bytes: usize) -> String {
+    let content: String = "hi, please review this code. "
+        .chars()
+        .cycle()
+        .take(prompt_bytes.max(1))
+        .collect();
+    json!({"model": "bench", "messages": [{"role": "user", "content": content}]}).to_string()
 }
 
 /// One way to the upstream: a URL and the key it wants.
@@ -84,10 +93,11 @@ struct Route {
 async fn at_rate(
     http: &reqwest::Client,
     p: &Route,
+    body: &str,
     rate: u32,
     secs: f64,
 ) -> anyhow::Result<(Vec<f64>, f64)> {
-    let body = body();
+    let body = bytes::Bytes::from(body.to_string());
     let n = (f64::from(rate) * secs).round() as u64;
     let gap = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
     let start = tokio::time::Instant::now();
@@ -122,10 +132,11 @@ async fn at_rate(
 async fn measure(
     http: &reqwest::Client,
     p: &Route,
+    body: &str,
     conc: usize,
     n: usize,
 ) -> anyhow::Result<Vec<f64>> {
-    let body = Arc::new(body());
+    let body = bytes::Bytes::from(body.to_string());
     let per = n.div_ceil(conc).max(1);
     let mut tasks = Vec::new();
     for _ in 0..conc {
@@ -138,7 +149,7 @@ async fn measure(
                     .post(&url)
                     .bearer_auth(&key)
                     .header("content-type", "application/json")
-                    .body(body.as_str().to_string())
+                    .body(body.clone())
                     .send()
                     .await?;
                 anyhow::ensure!(r.status().is_success(), "{url}: HTTP {}", r.status());
@@ -197,6 +208,16 @@ fn pinned_wrapper(dir: &Path, bin: &Path) -> anyhow::Result<PathBuf> {
 struct Litellm {
     child: Child,
     url: String,
+}
+
+impl Litellm {
+    /// Sends a signal (`-STOP`, `-CONT`) to the proxy's process.
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(sig)
+            .arg(self.child.id().to_string())
+            .status();
+    }
 }
 
 impl Drop for Litellm {
@@ -289,6 +310,25 @@ fn cpu_secs(pid: Option<u32>) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// (p50, p99) of the direct path and of `via`, from `n` requests each at concurrency `c`, in
+/// `rounds` rounds that alternate the two.
+async fn interleaved(
+    http: &reqwest::Client,
+    direct: &Route,
+    via: &Route,
+    body: &str,
+    c: usize,
+    n: usize,
+    rounds: usize,
+) -> anyhow::Result<((f64, f64), (f64, f64))> {
+    let (mut d, mut v) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        d.extend(measure(http, direct, body, c, n / rounds).await?);
+        v.extend(measure(http, via, body, c, n / rounds).await?);
+    }
+    Ok((cols(&sorted(d)), cols(&sorted(v))))
+}
+
 fn cols(v: &[f64]) -> (f64, f64) {
     (percentile(v, 0.5), percentile(v, 0.99))
 }
@@ -367,38 +407,50 @@ pub async fn run(a: GatewayArgs) -> anyhow::Result<()> {
             url: format!("{}/chat/completions", p.trim_end_matches('/')),
             key: a.peer_key.clone(),
         });
+    let body = body(a.prompt_bytes);
+    println!("request body: {} bytes", body.len());
     // Warm up connections and caches on every path.
-    measure(&http, &direct, 4, 400).await?;
-    measure(&http, &via, 4, 400).await?;
+    measure(&http, &direct, &body, 4, 400).await?;
+    measure(&http, &via, &body, 4, 400).await?;
     if let Some(p) = &peer {
-        measure(&http, p, 4, 100).await?;
+        measure(&http, p, &body, 4, 100).await?;
     }
     println!(
         "{} requests per level and path ({} through the peer), in {} interleaved rounds",
         a.requests, a.peer_requests, a.rounds
     );
+    // The gateway first, with the peer frozen (SIGSTOP) so its background work takes no CPU
+    // from the gateway; then the peer, each against direct calls interleaved with it.
+    if let Some(l) = &litellm {
+        l.signal("-STOP");
+    }
+    let mut rows = Vec::new();
+    for &c in &a.concurrency {
+        rows.push(interleaved(&http, &direct, &via, &body, c, a.requests, a.rounds).await?);
+    }
+    let mut peer_rows = Vec::new();
+    if let Some(p) = &peer {
+        if let Some(l) = &litellm {
+            l.signal("-CONT");
+        }
+        for &c in &a.concurrency {
+            peer_rows
+                .push(interleaved(&http, &direct, p, &body, c, a.peer_requests, a.rounds).await?);
+        }
+    }
+    drop(litellm);
     println!();
     println!("| concurrency | direct p50 / p99 | gateway p50 / p99 | added p50 / p99 | peer p50 / p99 | peer added p50 / p99 |");
     println!("|---|---|---|---|---|---|");
-    for &c in &a.concurrency {
-        let (mut d, mut g, mut l) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..a.rounds {
-            d.extend(measure(&http, &direct, c, a.requests / a.rounds).await?);
-            g.extend(measure(&http, &via, c, a.requests / a.rounds).await?);
-            if let Some(p) = &peer {
-                l.extend(measure(&http, p, c, a.peer_requests / a.rounds).await?);
-            }
-        }
-        let ((d50, d99), (g50, g99)) = (cols(&sorted(d)), cols(&sorted(g)));
-        let peer_cols = if peer.is_some() {
-            let (l50, l99) = cols(&sorted(l));
-            format!(
+    for (k, &c) in a.concurrency.iter().enumerate() {
+        let ((d50, d99), (g50, g99)) = rows[k];
+        let peer_cols = match peer_rows.get(k) {
+            Some(&((pd50, pd99), (l50, l99))) => format!(
                 "{l50:.3} / {l99:.3} ms | {:.3} / {:.3} ms",
-                l50 - d50,
-                l99 - d99
-            )
-        } else {
-            "– | –".to_string()
+                l50 - pd50,
+                l99 - pd99
+            ),
+            None => "– | –".to_string(),
         };
         println!(
             "| {c} | {d50:.3} / {d99:.3} ms | {g50:.3} / {g99:.3} ms | {:.3} / {:.3} ms | {peer_cols} |",
@@ -419,11 +471,11 @@ pub async fn run(a: GatewayArgs) -> anyhow::Result<()> {
             let (mut dr, mut gr) = (0.0, 0.0);
             let (mut cpu, mut wall) = (0.0, 0.0);
             for _ in 0..a.rounds {
-                let (v, r) = at_rate(&http, &direct, rate, slice).await?;
+                let (v, r) = at_rate(&http, &direct, &body, rate, slice).await?;
                 d.extend(v);
                 dr += r / a.rounds as f64;
                 let (c0, t0) = (cpu_secs(gw.pid()), Instant::now());
-                let (v, r) = at_rate(&http, &via, rate, slice).await?;
+                let (v, r) = at_rate(&http, &via, &body, rate, slice).await?;
                 cpu += cpu_secs(gw.pid()) - c0;
                 wall += t0.elapsed().as_secs_f64();
                 g.extend(v);

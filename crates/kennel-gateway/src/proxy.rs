@@ -102,14 +102,26 @@ pub async fn forward(
     let bytes = axum::body::to_bytes(body, limit)
         .await
         .map_err(|_| too_large())?;
-    let mut json: Value = serde_json::from_slice(&bytes).map_err(|e| {
+    let object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    let peek: Peek = serde_json::from_slice(&bytes).map_err(|e| {
         GatewayError::bad_request(
             format,
-            format!("the request body is not valid JSON ({e}); send a JSON object"),
+            if e.classify() == serde_json::error::Category::Data {
+                format!("the request body must be a JSON object ({e}); send a JSON object")
+            } else {
+                format!("the request body is not valid JSON ({e}); send a JSON object")
+            },
         )
     })?;
-    let model = json
-        .get("model")
+    if !object {
+        return Err(GatewayError::bad_request(
+            format,
+            "the request body must be a JSON object with a \"model\" string",
+        ));
+    }
+    let model = peek
+        .model
+        .as_ref()
         .and_then(Value::as_str)
         .map(str::to_string)
         .ok_or_else(|| {
@@ -118,7 +130,11 @@ pub async fn forward(
                 "the request body has no \"model\" string; name the model to use",
             )
         })?;
-    let stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let stream = peek
+        .stream
+        .as_ref()
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let kind = match format {
         ApiFormat::Openai => UpstreamKind::Openai,
         ApiFormat::Anthropic => UpstreamKind::Anthropic,
@@ -162,16 +178,9 @@ pub async fn forward(
             s.totals.failovers += 1;
             shared.state.mark_totals(&mut s);
         }
-        let upstream_model = up.cfg.upstream_model(&model).to_string();
+        let upstream_model = up.cfg.upstream_model(&model);
         let body = if upstream_model != model {
-            if let Some(m) = json.get_mut("model") {
-                *m = Value::String(upstream_model);
-            }
-            let b = Bytes::from(json.to_string());
-            if let Some(m) = json.get_mut("model") {
-                *m = Value::String(model.clone());
-            }
-            b
+            renamed(&bytes, upstream_model, format)?
         } else {
             bytes.clone()
         };
@@ -230,6 +239,29 @@ pub async fn forward(
     .into_response();
     tag(&mut resp, &name, attempts);
     Ok(resp)
+}
+
+/// The two fields of a request body routing needs. Only they are built as values; the rest
+/// of the body (the conversation, often hundreds of kilobytes for a coding agent) is scanned
+/// and skipped, and forwarded as the bytes the client sent.
+#[derive(serde::Deserialize)]
+struct Peek {
+    model: Option<Value>,
+    stream: Option<Value>,
+}
+
+/// The body with `model` replaced, for an upstream that knows the model by another name.
+fn renamed(bytes: &Bytes, model: &str, format: ApiFormat) -> Result<Bytes, GatewayError> {
+    let mut json: Value = serde_json::from_slice(bytes).map_err(|e| {
+        GatewayError::bad_request(
+            format,
+            format!("the request body is not valid JSON ({e}); send a JSON object"),
+        )
+    })?;
+    if let Some(m) = json.get_mut("model") {
+        *m = Value::String(model.to_string());
+    }
+    Ok(Bytes::from(json.to_string()))
 }
 
 /// Sends the request to one upstream and decides what its answer means.

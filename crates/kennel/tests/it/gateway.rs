@@ -409,6 +409,21 @@ async fn bad_json_oversized_bodies_and_missing_keys_get_clear_4xx() -> anyhow::R
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await?;
     assert_eq!(v["type"], "error", "anthropic error shape: {v}");
+    // Valid JSON of the wrong shape, and an object without a model string.
+    for (body, says) in [
+        (&b"[1, 2]"[..], "must be a JSON object"),
+        (
+            &b"{\"model\": 7, \"messages\": []}"[..],
+            "no \"model\" string",
+        ),
+        (&b"{\"messages\": []}"[..], "no \"model\" string"),
+    ] {
+        let r = post("/v1/chat/completions", body.to_vec(), Some(&c.key)).await?;
+        assert_eq!(r.status(), 400);
+        let v: Value = r.json().await?;
+        let msg = v["error"]["message"].as_str().unwrap_or("");
+        assert!(msg.contains(says), "{}: {v}", String::from_utf8_lossy(body));
+    }
     let big = format!("{{\"model\":\"m\",\"pad\":\"{}\"}}", "x".repeat(8000));
     let r = post("/v1/chat/completions", big.into_bytes(), Some(&c.key)).await?;
     assert_eq!(r.status(), 413);
