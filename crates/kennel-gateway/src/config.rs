@@ -21,7 +21,7 @@ pub const ZEPTOCLAW_KEY_ENV: &str = "ZEPTOCLAW_API_KEY";
 pub struct GatewayConfig {
     /// Address the gateway's HTTP listener binds to.
     pub listen: SocketAddr,
-    /// Directory of the kennel store (API keys) and of `gateway.db`; default: the server's.
+    /// Directory of the kennel store (API keys and the gateway's state); default: the server's.
     pub data_dir: Option<PathBuf>,
     /// Upstreams tried per request, at most (first try included).
     pub max_attempts: u32,

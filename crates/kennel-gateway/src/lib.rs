@@ -317,7 +317,7 @@ impl Gateway {
             )),
             _ => None,
         };
-        let state = GatewayState::open(&data_dir.join("gateway.db"))?;
+        let state = GatewayState::open(store.clone()).await?;
         let shared = Arc::new(Shared {
             cfg: cfg.clone(),
             upstreams,

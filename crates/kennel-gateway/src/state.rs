@@ -1,16 +1,15 @@
 //! What the gateway remembers: upstream health, the local agent's heartbeats, incidents and
-//! totals. Held in memory for the request path and written through to `gateway.db` (SQLite in
-//! the data directory) by one writer thread, so it survives a restart without putting disk
-//! I/O on the request path. Nothing here decides routing; see `health`.
+//! totals. Held in memory for the request path and written through to the kennel store (the
+//! `gateway_*` tables of `kennel.db` by default) by one writer task, so it survives a restart
+//! without putting disk I/O on the request path. Nothing here decides routing; see `health`.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rusqlite::{params, Connection};
+use kennel_store::{GatewayOp, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::health::UpstreamHealth;
 
@@ -20,18 +19,12 @@ pub const MAX_HEARTBEATS: usize = 100;
 const MAX_INCIDENTS: usize = 1000;
 pub const RECENT_INCIDENTS: usize = 100;
 
-/// Why the gateway's own database failed.
+/// Why the gateway's stored state could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("failed to open the gateway database {path}: {source}; check that the data directory is writable")]
-    Open {
-        path: String,
-        #[source]
-        source: rusqlite::Error,
-    },
-    #[error("gateway database error: {0}")]
-    Db(#[from] rusqlite::Error),
-    #[error("stored gateway state is corrupt ({0}); delete gateway.db to start afresh")]
+    #[error("failed to read the gateway state from the kennel store: {0}")]
+    Store(#[from] StoreError),
+    #[error("stored gateway state is corrupt ({0}); delete the rows of the gateway_kv, gateway_heartbeats and gateway_incidents tables to start afresh")]
     Corrupt(#[from] serde_json::Error),
 }
 
@@ -106,19 +99,14 @@ impl Snapshot {
 }
 
 enum Op {
-    Put(String, String),
-    Delete(String),
-    Heartbeat(String),
-    Incident(String),
-    ClearIncidents,
-    ClearHeartbeats,
+    Write(GatewayOp),
     Flush(oneshot::Sender<()>),
 }
 
 /// The shared state and its write-through.
 pub struct GatewayState {
     inner: Mutex<Snapshot>,
-    writer: std::sync::mpsc::Sender<Op>,
+    writer: mpsc::UnboundedSender<Op>,
     /// Woken by each heartbeat, for the takeover watch.
     pub heartbeat_seen: Notify,
     /// Woken when something is marked dirty, for the debounced writer.
@@ -129,37 +117,15 @@ pub struct GatewayState {
 /// request path costs no disk write per request. Failures and resets are written at once.
 pub const WRITE_DELAY: std::time::Duration = std::time::Duration::from_millis(500);
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS heartbeats (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS incidents (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL);
-";
-
 impl GatewayState {
-    /// Opens (creating) `path` and loads what was stored.
-    pub fn open(path: &Path) -> Result<Arc<Self>, StateError> {
-        let open_err = |source| StateError::Open {
-            path: path.display().to_string(),
-            source,
-        };
-        let conn = Connection::open(path).map_err(open_err)?;
-        // Another process (a second gateway on the same data directory) may hold the lock.
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(open_err)?;
-        conn.execute_batch(SCHEMA).map_err(open_err)?;
-        let snap = load(&conn)?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("gateway-db".to_string())
-            .spawn(move || write_loop(conn, rx))
-            .map_err(|e| StateError::Open {
-                path: path.display().to_string(),
-                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
-            })?;
+    /// Loads what `store` holds and starts the writer task that persists changes to it.
+    pub async fn open(store: Arc<dyn Store>) -> Result<Arc<Self>, StateError> {
+        let rows = store
+            .gateway_state(MAX_HEARTBEATS as u32, MAX_INCIDENTS as u32)
+            .await?;
+        let snap = load(rows)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(store, rx));
         Ok(Arc::new(GatewayState {
             inner: Mutex::new(snap),
             writer: tx,
@@ -173,10 +139,14 @@ impl GatewayState {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn send(&self, op: Op) {
+    fn send(&self, op: GatewayOp) {
+        self.queue(Op::Write(op));
+    }
+
+    fn queue(&self, op: Op) {
         if self.writer.send(op).is_err() {
             tracing::error!(
-                "the gateway database writer stopped; state changes are no longer persisted"
+                "the gateway state writer stopped; state changes are no longer persisted"
             );
         }
     }
@@ -184,7 +154,7 @@ impl GatewayState {
     /// Persists the health of `name` (call after changing it).
     pub fn save_health(&self, name: &str, h: &UpstreamHealth) {
         if let Ok(json) = serde_json::to_string(h) {
-            self.send(Op::Put(format!("health:{name}"), json));
+            self.send(GatewayOp::Put(format!("health:{name}"), json));
         }
     }
 
@@ -226,16 +196,16 @@ impl GatewayState {
 
     pub fn save_totals(&self, t: &Totals) {
         if let Ok(json) = serde_json::to_string(t) {
-            self.send(Op::Put("totals".to_string(), json));
+            self.send(GatewayOp::Put("totals".to_string(), json));
         }
     }
 
     fn save_meta(&self, s: &Snapshot) {
         match s.last_seen_ms {
-            Some(ms) => self.send(Op::Put("last_seen".to_string(), ms.to_string())),
-            None => self.send(Op::Delete("last_seen".to_string())),
+            Some(ms) => self.send(GatewayOp::Put("last_seen".to_string(), ms.to_string())),
+            None => self.send(GatewayOp::Delete("last_seen".to_string())),
         }
-        self.send(Op::Put("down".to_string(), s.down.to_string()));
+        self.send(GatewayOp::Put("down".to_string(), s.down.to_string()));
     }
 
     /// Records a heartbeat; returns whether it ended an open downtime.
@@ -244,7 +214,10 @@ impl GatewayState {
         s.last_seen_ms = Some(hb.received_at_ms);
         let recovered = std::mem::take(&mut s.down);
         if let Ok(json) = serde_json::to_string(&hb) {
-            self.send(Op::Heartbeat(json));
+            self.send(GatewayOp::Heartbeat {
+                body: json,
+                keep: MAX_HEARTBEATS as u32,
+            });
         }
         s.heartbeats.push_back(hb);
         while s.heartbeats.len() > MAX_HEARTBEATS {
@@ -261,7 +234,10 @@ impl GatewayState {
     pub fn incident(&self, inc: Incident) {
         let mut s = self.lock();
         if let Ok(json) = serde_json::to_string(&inc) {
-            self.send(Op::Incident(json));
+            self.send(GatewayOp::Incident {
+                body: json,
+                keep: MAX_INCIDENTS as u32,
+            });
         }
         s.incidents.push_back(inc);
         while s.incidents.len() > MAX_INCIDENTS {
@@ -296,7 +272,7 @@ impl GatewayState {
 
     pub fn clear_incidents(&self) {
         self.lock().incidents.clear();
-        self.send(Op::ClearIncidents);
+        self.send(GatewayOp::ClearIncidents);
     }
 
     /// `POST /state/reset`: heartbeats, incidents, totals and last-seen are cleared.
@@ -307,8 +283,8 @@ impl GatewayState {
         s.totals = Totals::default();
         s.last_seen_ms = None;
         s.down = false;
-        self.send(Op::ClearHeartbeats);
-        self.send(Op::ClearIncidents);
+        self.send(GatewayOp::ClearHeartbeats);
+        self.send(GatewayOp::ClearIncidents);
         self.save_totals(&s.totals);
         self.save_meta(&s);
     }
@@ -317,17 +293,14 @@ impl GatewayState {
     pub async fn flush(&self) {
         self.write_dirty();
         let (tx, rx) = oneshot::channel();
-        self.send(Op::Flush(tx));
+        self.queue(Op::Flush(tx));
         let _ = rx.await;
     }
 }
 
-fn load(conn: &Connection) -> Result<Snapshot, StateError> {
+fn load(rows: kennel_store::GatewayRows) -> Result<Snapshot, StateError> {
     let mut s = Snapshot::default();
-    let mut stmt = conn.prepare("SELECT key, value FROM kv")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-    for row in rows {
-        let (k, v) = row?;
+    for (k, v) in rows.kv {
         if let Some(name) = k.strip_prefix("health:") {
             s.health.insert(name.to_string(), serde_json::from_str(&v)?);
         } else if k == "totals" {
@@ -338,68 +311,34 @@ fn load(conn: &Connection) -> Result<Snapshot, StateError> {
             s.down = v == "true";
         }
     }
-    let mut stmt = conn.prepare(
-        "SELECT body FROM (SELECT id, body FROM heartbeats ORDER BY id DESC LIMIT ?1) ORDER BY id",
-    )?;
-    for body in stmt.query_map([MAX_HEARTBEATS as i64], |r| r.get::<_, String>(0))? {
-        s.heartbeats.push_back(serde_json::from_str(&body?)?);
+    for body in rows.heartbeats {
+        s.heartbeats.push_back(serde_json::from_str(&body)?);
     }
-    let mut stmt = conn.prepare(
-        "SELECT body FROM (SELECT id, body FROM incidents ORDER BY id DESC LIMIT ?1) ORDER BY id",
-    )?;
-    for body in stmt.query_map([MAX_INCIDENTS as i64], |r| r.get::<_, String>(0))? {
-        s.incidents.push_back(serde_json::from_str(&body?)?);
+    for body in rows.incidents {
+        s.incidents.push_back(serde_json::from_str(&body)?);
     }
     Ok(s)
 }
 
-fn write_loop(conn: Connection, rx: std::sync::mpsc::Receiver<Op>) {
-    while let Ok(first) = rx.recv() {
-        // Apply everything already queued in one transaction.
-        let mut ops = vec![first];
-        ops.extend(rx.try_iter());
+/// Writes what is queued, everything already waiting in one transaction, and answers flushes
+/// once what was queued before them is committed. A failed write is logged; the state stays
+/// in memory and is written again with its next change.
+async fn write_loop(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Op>) {
+    while let Some(first) = rx.recv().await {
+        let mut ops = Vec::new();
         let mut acks = Vec::new();
-        let result = (|| -> rusqlite::Result<()> {
-            let tx = conn.unchecked_transaction()?;
-            for op in ops {
-                match op {
-                    Op::Put(k, v) => {
-                        tx.execute(
-                            "INSERT INTO kv (key, value) VALUES (?1, ?2)
-                             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                            params![k, v],
-                        )?;
-                    }
-                    Op::Delete(k) => {
-                        tx.execute("DELETE FROM kv WHERE key = ?1", params![k])?;
-                    }
-                    Op::Heartbeat(b) => {
-                        tx.execute("INSERT INTO heartbeats (body) VALUES (?1)", params![b])?;
-                        tx.execute(
-                            "DELETE FROM heartbeats WHERE id <= (SELECT MAX(id) FROM heartbeats) - ?1",
-                            params![MAX_HEARTBEATS as i64],
-                        )?;
-                    }
-                    Op::Incident(b) => {
-                        tx.execute("INSERT INTO incidents (body) VALUES (?1)", params![b])?;
-                        tx.execute(
-                            "DELETE FROM incidents WHERE id <= (SELECT MAX(id) FROM incidents) - ?1",
-                            params![MAX_INCIDENTS as i64],
-                        )?;
-                    }
-                    Op::ClearIncidents => {
-                        tx.execute("DELETE FROM incidents", [])?;
-                    }
-                    Op::ClearHeartbeats => {
-                        tx.execute("DELETE FROM heartbeats", [])?;
-                    }
-                    Op::Flush(ack) => acks.push(ack),
-                }
+        let mut next = Some(first);
+        while let Some(op) = next {
+            match op {
+                Op::Write(w) => ops.push(w),
+                Op::Flush(ack) => acks.push(ack),
             }
-            tx.commit()
-        })();
-        if let Err(e) = result {
-            tracing::error!(error = %e, "failed to persist gateway state");
+            next = rx.try_recv().ok();
+        }
+        if !ops.is_empty() {
+            if let Err(e) = store.gateway_write(ops).await {
+                tracing::error!(error = %e, "failed to persist gateway state");
+            }
         }
         for ack in acks {
             let _ = ack.send(());
@@ -413,10 +352,12 @@ mod tests {
 
     #[tokio::test]
     async fn state_survives_reopening() {
-        let dir = tempfile_dir();
-        let path = dir.join("gateway.db");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kennel.db");
         {
-            let st = GatewayState::open(&path).unwrap();
+            let store: Arc<dyn Store> =
+                Arc::new(kennel_store::SqliteStore::open(&path).await.unwrap());
+            let st = GatewayState::open(store).await.unwrap();
             st.heartbeat(Heartbeat {
                 hostname: Some("h".into()),
                 received_at_ms: 5,
@@ -430,24 +371,13 @@ mod tests {
             st.save_health("a", &h);
             st.flush().await;
         }
-        let st = GatewayState::open(&path).unwrap();
+        let store: Arc<dyn Store> = Arc::new(kennel_store::SqliteStore::open(&path).await.unwrap());
+        let st = GatewayState::open(store).await.unwrap();
         let s = st.lock();
         assert_eq!(s.heartbeats.len(), 1);
         assert_eq!(s.incidents[0].kind, "downtime");
         assert_eq!(s.health["a"].requests, 3);
         assert_eq!(s.totals.takeovers, 1);
         assert!(s.down);
-        drop(s);
-        let _ = std::fs::remove_dir_all(dir);
-    }
-
-    fn tempfile_dir() -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "kennel-gw-state-{}-{:?}",
-            std::process::id(),
-            std::time::SystemTime::now()
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        d
     }
 }

@@ -293,6 +293,39 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
     ) -> Result<Event>;
     async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<Event>>;
+
+    /// The LLM gateway's stored state: every key, and the newest `heartbeats` heartbeats and
+    /// `incidents` incidents, oldest first.
+    async fn gateway_state(&self, heartbeats: u32, incidents: u32) -> Result<GatewayRows>;
+    /// Applies changes to the gateway's state in order, in one transaction.
+    async fn gateway_write(&self, ops: Vec<GatewayOp>) -> Result<()>;
+}
+
+/// The LLM gateway's state as stored: JSON texts the gateway encodes and decodes itself.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GatewayRows {
+    pub kv: Vec<(String, String)>,
+    pub heartbeats: Vec<String>,
+    pub incidents: Vec<String>,
+}
+
+/// One change to the gateway's stored state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GatewayOp {
+    Put(String, String),
+    Delete(String),
+    /// Appends a heartbeat and drops all but the newest `keep`.
+    Heartbeat {
+        body: String,
+        keep: u32,
+    },
+    /// Appends an incident and drops all but the newest `keep`.
+    Incident {
+        body: String,
+        keep: u32,
+    },
+    ClearHeartbeats,
+    ClearIncidents,
 }
 
 /// Parses a scopes list as stored.

@@ -30,8 +30,9 @@ use self::readers::Readers;
 use self::wal_flusher::WalFlusher;
 use self::writer::Writer;
 use crate::{
-    parse_scopes, rfc3339, Applied, DaemonHello, Dispatch, Effect, EndAttempt, Ended, KeyRecord,
-    Millis, NewTask, QueuedTask, Report, Result, Store, StoreError, TaskFilter,
+    parse_scopes, rfc3339, Applied, DaemonHello, Dispatch, Effect, EndAttempt, Ended, GatewayOp,
+    GatewayRows, KeyRecord, Millis, NewTask, QueuedTask, Report, Result, Store, StoreError,
+    TaskFilter,
 };
 
 /// SQLite implementation of [`Store`]. Cloning shares the writer thread and the read pool.
@@ -1203,6 +1204,67 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn gateway_state(&self, heartbeats: u32, incidents: u32) -> Result<GatewayRows> {
+        self.read(move |conn| {
+            let mut rows = GatewayRows::default();
+            let mut stmt = conn.prepare_cached("SELECT key, value FROM gateway_kv ORDER BY key")?;
+            let kv = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            for row in kv {
+                rows.kv.push(row?);
+            }
+            for (table, keep, out) in [
+                ("gateway_heartbeats", heartbeats, &mut rows.heartbeats),
+                ("gateway_incidents", incidents, &mut rows.incidents),
+            ] {
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT body FROM (SELECT id, body FROM {table} ORDER BY id DESC LIMIT ?1) \
+                     ORDER BY id"
+                ))?;
+                for body in stmt.query_map([keep as i64], |r| r.get::<_, String>(0))? {
+                    out.push(body?);
+                }
+            }
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn gateway_write(&self, ops: Vec<GatewayOp>) -> Result<()> {
+        self.write(move |conn| {
+            for op in &ops {
+                match op {
+                    GatewayOp::Put(k, v) => {
+                        conn.prepare_cached(
+                            "INSERT INTO gateway_kv (key, value) VALUES (?1, ?2) \
+                             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                        )?
+                        .execute(params![k, v])?;
+                    }
+                    GatewayOp::Delete(k) => {
+                        conn.prepare_cached("DELETE FROM gateway_kv WHERE key = ?1")?
+                            .execute(params![k])?;
+                    }
+                    GatewayOp::Heartbeat { body, keep } => {
+                        append_capped(conn, "gateway_heartbeats", body, *keep)?
+                    }
+                    GatewayOp::Incident { body, keep } => {
+                        append_capped(conn, "gateway_incidents", body, *keep)?
+                    }
+                    GatewayOp::ClearHeartbeats => {
+                        conn.prepare_cached("DELETE FROM gateway_heartbeats")?
+                            .execute([])?;
+                    }
+                    GatewayOp::ClearIncidents => {
+                        conn.prepare_cached("DELETE FROM gateway_incidents")?
+                            .execute([])?;
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<Event>> {
         self.read(move |conn| {
             let mut stmt =
@@ -1216,6 +1278,17 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
+
+/// Appends `body` to a gateway log table and keeps only its newest `keep` rows.
+fn append_capped(conn: &Connection, table: &str, body: &str, keep: u32) -> rusqlite::Result<()> {
+    conn.prepare_cached(&format!("INSERT INTO {table} (body) VALUES (?1)"))?
+        .execute(params![body])?;
+    conn.prepare_cached(&format!(
+        "DELETE FROM {table} WHERE id <= (SELECT MAX(id) FROM {table}) - ?1"
+    ))?
+    .execute(params![keep as i64])?;
+    Ok(())
 }
 
 /// Key records carry RFC 3339 strings; the table wants milliseconds.

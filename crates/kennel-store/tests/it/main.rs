@@ -9,8 +9,8 @@ use kennel_proto::api::{ApiKey, Scope};
 use kennel_proto::link::OutputStream;
 use kennel_proto::{AttemptStatus, TaskStatus};
 use kennel_store::{
-    Applied, DaemonHello, Dispatch, Effect, EndAttempt, KeyRecord, NewTask, Report, SqliteStore,
-    Store, TaskFilter,
+    Applied, DaemonHello, Dispatch, Effect, EndAttempt, GatewayOp, KeyRecord, NewTask, Report,
+    SqliteStore, Store, TaskFilter,
 };
 
 const NOW: i64 = 1_790_000_000_000;
@@ -298,4 +298,59 @@ async fn keys_are_stored_hashed_and_revocable() {
         .unwrap();
     assert!(revoked.revoked_at.is_some());
     assert!(store.revoke_key("nope", NOW).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn gateway_state_round_trips_and_keeps_only_the_newest_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(&dir).await;
+        let mut ops = vec![
+            GatewayOp::Put("health:a".into(), "{\"requests\":1}".into()),
+            GatewayOp::Put("totals".into(), "{}".into()),
+            GatewayOp::Put("gone".into(), "x".into()),
+            GatewayOp::Delete("gone".into()),
+            GatewayOp::Put("health:a".into(), "{\"requests\":2}".into()),
+        ];
+        for i in 0..5 {
+            ops.push(GatewayOp::Heartbeat {
+                body: format!("hb{i}"),
+                keep: 3,
+            });
+        }
+        ops.push(GatewayOp::Incident {
+            body: "old".into(),
+            keep: 10,
+        });
+        ops.push(GatewayOp::ClearIncidents);
+        ops.push(GatewayOp::Incident {
+            body: "new".into(),
+            keep: 10,
+        });
+        store.gateway_write(ops).await.unwrap();
+    }
+    let store = open(&dir).await;
+    let rows = store.gateway_state(100, 100).await.unwrap();
+    assert_eq!(
+        rows.kv,
+        vec![
+            ("health:a".to_string(), "{\"requests\":2}".to_string()),
+            ("totals".to_string(), "{}".to_string()),
+        ]
+    );
+    assert_eq!(rows.heartbeats, vec!["hb2", "hb3", "hb4"]);
+    assert_eq!(rows.incidents, vec!["new"]);
+    // Asking for fewer gives the newest, still oldest first.
+    let few = store.gateway_state(2, 1).await.unwrap();
+    assert_eq!(few.heartbeats, vec!["hb3", "hb4"]);
+    store
+        .gateway_write(vec![GatewayOp::ClearHeartbeats])
+        .await
+        .unwrap();
+    assert!(store
+        .gateway_state(9, 9)
+        .await
+        .unwrap()
+        .heartbeats
+        .is_empty());
 }
