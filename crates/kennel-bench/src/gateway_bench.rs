@@ -490,10 +490,13 @@ pub async fn run(a: GatewayArgs) -> anyhow::Result<()> {
             );
             let first_d99 = *first_direct_p99.get_or_insert(d99);
             if stop.is_none() {
-                if g99 - d99 <= 1.0 {
+                // A stalled direct path makes the difference meaningless (even negative):
+                // such a rate ends the search as inconclusive, not as a pass.
+                let direct_degraded = d99 > 3.0 * first_d99;
+                if g99 - d99 <= 1.0 && !direct_degraded {
                     best = Some(rate);
                 } else {
-                    stop = Some((rate, d99 > 3.0 * first_d99, d99));
+                    stop = Some((rate, direct_degraded, d99));
                 }
             }
         }
@@ -506,8 +509,9 @@ pub async fn run(a: GatewayArgs) -> anyhow::Result<()> {
         if let Some((rate, direct_degraded, d99)) = stop {
             if direct_degraded {
                 println!(
-                    "at {rate}/s the direct path degraded too (p99 {d99:.3} ms): the load \
-                     generator's share of the machine, not only the gateway, was the limit"
+                    "at {rate}/s the direct path itself degraded (p99 {d99:.3} ms, over 3x \
+                     its p99 at the lowest rate): the load generator's share of the machine or \
+                     a stall of the machine, not only the gateway, limits what this run shows"
                 );
             }
         }
