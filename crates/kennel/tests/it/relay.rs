@@ -224,35 +224,62 @@ async fn wrong_keys_and_foreign_tasks_are_refused() -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_vanished_daemon_s_task_is_lost_and_retried_elsewhere() -> anyhow::Result<()> {
     let srv = server().await?;
-    let api = srv.api();
     let r = relay(&srv, "reattach_grace_secs = 0").await?;
     let mut a = down(&r, "gone-a", 1).await?;
-    let t = api.submit(&task("lose")).await?;
-    let s = a.expect_spawn(WAIT).await?;
-    a.accept(&s.task_id, 1).await?;
-    a.output(&t.id, 1, "one").await?;
-    a.output(&t.id, 1, "two").await?;
-    a.expect_ack(&t.id, 1, 3, WAIT).await?;
+    let t = running_with_two_lines(&srv, &mut a, "lose").await?;
     // b arrives with a free slot; a dies mid-task.
     let mut b = down(&r, "gone-b", 1).await?;
     a.drop_connection().await;
+    finish_second_attempt(&srv, &mut b, &t, Some("three")).await?;
+    assert_eq!(output_of(&srv, &t, 1).await?, vec!["one", "two"]);
+    assert_eq!(output_of(&srv, &t, 2).await?, vec!["three"]);
+    Ok(())
+}
+
+/// Submits a task, lets `a` (the relay's only free daemon) take it and report two lines, and
+/// waits for their ack. Returns the task id.
+async fn running_with_two_lines(
+    srv: &KennelServer,
+    a: &mut TestDaemon,
+    name: &str,
+) -> anyhow::Result<String> {
+    let t = srv.api().submit(&task(name)).await?;
+    let s = a.expect_spawn(WAIT).await?;
+    assert_eq!(s.task_id, t.id);
+    a.accept(&t.id, 1).await?;
+    a.output(&t.id, 1, "one").await?;
+    a.output(&t.id, 1, "two").await?;
+    a.expect_ack(&t.id, 1, 3, WAIT).await?;
+    Ok(t.id)
+}
+
+/// `b` gets attempt 2 of `task_id`, optionally reports a line, completes it, and the task ends
+/// completed.
+async fn finish_second_attempt(
+    srv: &KennelServer,
+    b: &mut TestDaemon,
+    task_id: &str,
+    line: Option<&str>,
+) -> anyhow::Result<()> {
     let s2 = b.expect_spawn(WAIT).await?;
-    assert_eq!((s2.task_id.as_str(), s2.attempt), (t.id.as_str(), 2));
-    b.accept(&t.id, 2).await?;
-    b.output(&t.id, 2, "three").await?;
-    b.complete(&t.id, 2, true).await?;
-    b.expect_ack(&t.id, 2, 3, WAIT).await?;
+    assert_eq!((s2.task_id.as_str(), s2.attempt), (task_id, 2));
+    b.accept(task_id, 2).await?;
+    let mut seq = 2;
+    if let Some(line) = line {
+        b.output(task_id, 2, line).await?;
+        seq += 1;
+    }
+    b.complete(task_id, 2, true).await?;
+    b.expect_ack(task_id, 2, seq, WAIT).await?;
     wait_task_status(
         &srv.url(),
         srv.admin_key(),
-        &t.id,
+        task_id,
         TaskStatus::Completed,
         WAIT,
     )
-    .await?;
-    assert_eq!(output_of(&srv, &t.id, 1).await?, vec!["one", "two"]);
-    assert_eq!(output_of(&srv, &t.id, 2).await?, vec!["three"]);
-    Ok(())
+    .await
+    .map(|_| ())
 }
 
 /// The relay crashes while a daemon holds an attempt, and that daemon never comes back. The
@@ -266,32 +293,15 @@ async fn a_task_held_across_a_relay_crash_is_lost_and_retried_when_its_daemon_ne
     let api = srv.api();
     let mut r = relay(&srv, "reattach_grace_secs = 1").await?;
     let mut a = down(&r, "crash-a", 1).await?;
-    let t = api.submit(&task("crash")).await?;
-    let s = a.expect_spawn(WAIT).await?;
-    a.accept(&s.task_id, 1).await?;
-    a.output(&t.id, 1, "one").await?;
-    a.output(&t.id, 1, "two").await?;
-    a.expect_ack(&t.id, 1, 3, WAIT).await?;
+    let t = running_with_two_lines(&srv, &mut a, "crash").await?;
 
     r.restart().await?;
     r.wait_upstream(WAIT).await?;
     // `a` never reconnects; `b` has a free slot for the retry.
     let mut b = down(&r, "crash-b", 1).await?;
-    let s2 = b.expect_spawn(WAIT).await?;
-    assert_eq!((s2.task_id.as_str(), s2.attempt), (t.id.as_str(), 2));
-    b.accept(&t.id, 2).await?;
-    b.complete(&t.id, 2, true).await?;
-    b.expect_ack(&t.id, 2, 2, WAIT).await?;
-    wait_task_status(
-        &srv.url(),
-        srv.admin_key(),
-        &t.id,
-        TaskStatus::Completed,
-        WAIT,
-    )
-    .await?;
-    assert_eq!(output_of(&srv, &t.id, 1).await?, vec!["one", "two"]);
-    let task = api.task(&t.id).await?;
+    finish_second_attempt(&srv, &mut b, &t, None).await?;
+    assert_eq!(output_of(&srv, &t, 1).await?, vec!["one", "two"]);
+    let task = api.task(&t).await?;
     let first = task
         .attempts
         .iter()
