@@ -40,6 +40,9 @@ pub struct RelayConfig {
     pub max_frame_bytes: usize,
     /// Days the history keeps an attempt after it ended (checked hourly); 0 keeps it forever.
     pub history_retention_days: u64,
+    /// Unacknowledged reports kept in memory while the upstream link is up; beyond this they
+    /// move to `relay.db` (an upstream that stays connected but stops acking).
+    pub max_pending_messages: usize,
 }
 
 impl Default for RelayConfig {
@@ -58,6 +61,7 @@ impl Default for RelayConfig {
             reattach_grace_secs: 30,
             max_frame_bytes: kennel_proto::link::DEFAULT_MAX_FRAME_BYTES,
             history_retention_days: 30,
+            max_pending_messages: 100_000,
         }
     }
 }
@@ -78,6 +82,7 @@ impl std::fmt::Debug for RelayConfig {
             .field("reattach_grace_secs", &self.reattach_grace_secs)
             .field("max_frame_bytes", &self.max_frame_bytes)
             .field("history_retention_days", &self.history_retention_days)
+            .field("max_pending_messages", &self.max_pending_messages)
             .finish()
     }
 }
@@ -129,6 +134,12 @@ impl RelayConfig {
                     message: "must be at least 1".into(),
                 });
             }
+        }
+        if self.max_pending_messages == 0 {
+            return Err(ConfigError {
+                key: "max_pending_messages",
+                message: "must be at least 1".into(),
+            });
         }
         if self.max_frame_bytes < 1024 {
             return Err(ConfigError {

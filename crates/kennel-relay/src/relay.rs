@@ -353,19 +353,7 @@ impl Relay {
         let was = {
             let mut st = self.lock();
             let was = st.upstream.take().is_some();
-            let items = st.pending.drain();
-            if !items.is_empty() {
-                let rows: Vec<(&str, u32, u64, &str)> = items
-                    .iter()
-                    .map(|i| (i.task_id.as_str(), i.attempt, i.seq, i.frame.as_str()))
-                    .collect();
-                if self
-                    .with_db("keep unacknowledged messages", |h| h.buffer_all(&rows))
-                    .is_some()
-                {
-                    st.db_buffered += rows.len() as u64;
-                }
-            }
+            self.spill(&mut st);
             was
         };
         self.link.send_replace(None);
@@ -389,8 +377,27 @@ impl Relay {
         }
     }
 
+    /// Moves the reports pending in memory into `relay.db`, after those already there.
+    fn spill(&self, st: &mut State) {
+        let items = st.pending.drain();
+        if items.is_empty() {
+            return;
+        }
+        let rows: Vec<(&str, u32, u64, &str)> = items
+            .iter()
+            .map(|i| (i.task_id.as_str(), i.attempt, i.seq, i.frame.as_str()))
+            .collect();
+        if self
+            .with_db("keep unacknowledged messages", |h| h.buffer_all(&rows))
+            .is_some()
+        {
+            st.db_buffered += rows.len() as u64;
+        }
+    }
+
     /// Sends task-scoped messages (task, attempt, seq, frame) upstream and keeps them in memory
-    /// until acked; with the link down, keeps them in `relay.db` for the next session.
+    /// until acked (in `relay.db` beyond `max_pending_messages`); with the link down, keeps
+    /// them in `relay.db` for the next session.
     fn send_up(&self, st: &mut State, items: &[(&str, u32, u64, &str)]) {
         let State {
             upstream,
@@ -406,6 +413,13 @@ impl Relay {
                 }
                 self.forwarded
                     .fetch_add(items.len() as u64, Ordering::Relaxed);
+                if pending.len() > self.cfg.max_pending_messages {
+                    tracing::warn!(
+                        pending = pending.len(),
+                        "the upstream is not acking; moving unacknowledged reports to relay.db"
+                    );
+                    self.spill(st);
+                }
             }
             None => {
                 if self
@@ -1267,6 +1281,42 @@ mod tests {
         );
         let (a4, f4) = ack(4);
         r.acks(&[(a4, &f4)]);
+        assert!(r.db().buffered().unwrap().is_empty());
+        assert_eq!(r.status().buffered_messages, 0);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_stops_acking_moves_reports_to_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Relay::open(RelayConfig {
+            max_pending_messages: 2,
+            ..cfg(dir.path())
+        })
+        .unwrap();
+        let (up_tx, _up_rx) = mpsc::unbounded_channel();
+        r.upstream_up("d-1", up_tx);
+        let (_, mut a) = attach(&r, "a", 1, &["command"]);
+        let (m, f) = spawn("t1", "command");
+        r.from_upstream(m, &f);
+        assert_eq!(spawned(&mut a), vec!["t1".to_string()]);
+        for seq in 1..=3 {
+            let m = DaemonMessage::TaskAccepted(TaskAccepted {
+                task_id: "t1".into(),
+                attempt: 1,
+                seq,
+            });
+            let f = m.to_json();
+            assert!(r.from_daemon("a", &[(m, &f)]).is_empty());
+        }
+        assert_eq!(r.db().buffered().unwrap().len(), 3, "over the cap: on disk");
+        assert_eq!(r.status().buffered_messages, 3);
+        let ack = kennel_proto::link::Ack {
+            task_id: "t1".into(),
+            attempt: 1,
+            seq: 3,
+        };
+        let f = ServerMessage::Ack(ack.clone()).to_json();
+        r.acks(&[(ack, &f)]);
         assert!(r.db().buffered().unwrap().is_empty());
         assert_eq!(r.status().buffered_messages, 0);
     }

@@ -389,7 +389,10 @@ async fn follow_logs(c: &Client, id: &str, attempt: Option<u32>) -> anyhow::Resu
                     print_chunk(&chunk, false)?;
                     last_id = Some(ev.id);
                 }
-                "attempt" => eprintln!("kennel: retry started (attempt {})", ev.data),
+                "attempt" => match ev.data.trim().parse::<u32>() {
+                    Ok(1) => eprintln!("kennel: attempt 1 started"),
+                    _ => eprintln!("kennel: retry started (attempt {})", ev.data.trim()),
+                },
                 "end" => {
                     let t: Task = serde_json::from_str(&ev.data)?;
                     eprintln!(
