@@ -334,6 +334,27 @@ impl DaemonMessage {
     }
 }
 
+/// WebSocket close codes a server (coordinator or relay) ends a daemon link with
+/// (docs/protocol.md, "Close codes").
+pub mod close {
+    /// A protocol violation before authentication.
+    pub const PROTOCOL: u16 = 4000;
+    /// The API key was refused.
+    pub const UNAUTHORIZED: u16 = 4001;
+    /// No protocol version in common.
+    pub const UNSUPPORTED_VERSION: u16 = 4002;
+    /// No `authenticate` within the deadline.
+    pub const AUTH_TIMEOUT: u16 = 4003;
+    /// A newer connection authenticated with the same machine id.
+    pub const REPLACED: u16 = 4004;
+    /// Nothing arrived for three heartbeat intervals.
+    pub const SILENT: u16 = 4005;
+    /// The server is shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The server could not record the daemon's messages; reconnect and replay.
+    pub const STORE_UNAVAILABLE: u16 = 1011;
+}
+
 // ---------------------------------------------------------------------------------------------
 // upstream → daemon
 

@@ -18,14 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::relay::{Outbound, Refusal, Relay};
 
-/// Close codes, as on the coordinator.
-pub mod close {
-    pub const PROTOCOL: u16 = 4000;
-    pub const UNAUTHORIZED: u16 = 4001;
-    pub const UNSUPPORTED_VERSION: u16 = 4002;
-    pub const AUTH_TIMEOUT: u16 = 4003;
-    pub const SILENT: u16 = 4005;
-}
+use kennel_proto::link::close;
 
 /// True when `given` is one of `keys`. Compares SHA-256 digests in constant time, so neither
 /// the key nor its length leaks through timing.

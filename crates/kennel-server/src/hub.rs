@@ -25,16 +25,8 @@ use tokio::sync::mpsc;
 use crate::coordinator::Outbound;
 use crate::AppState;
 
-/// Close codes (4000-4999 are free for applications).
-pub mod close {
-    pub const PROTOCOL: u16 = 4000;
-    pub const UNAUTHORIZED: u16 = 4001;
-    pub const UNSUPPORTED_VERSION: u16 = 4002;
-    pub const AUTH_TIMEOUT: u16 = 4003;
-    pub const REPLACED: u16 = 4004;
-    pub const SILENT: u16 = 4005;
-    pub const GOING_AWAY: u16 = 1001;
-}
+/// Close codes (the protocol's, in `kennel_proto`).
+pub use kennel_proto::link::close;
 
 /// Most frames read ahead and applied in one store transaction.
 const REPORT_BATCH: usize = 128;
@@ -147,7 +139,12 @@ impl Connection {
             Ok(id) => id,
             Err(e) => {
                 tracing::error!(error = %e, "failed to resolve daemon id");
-                close_now(&mut socket, 1011, "coordinator store unavailable; retry").await;
+                close_now(
+                    &mut socket,
+                    close::STORE_UNAVAILABLE,
+                    "coordinator store unavailable; retry",
+                )
+                .await;
                 return;
             }
         };
@@ -177,7 +174,12 @@ impl Connection {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(error = %e, "failed to register daemon");
-                close_now(&mut socket, 1011, "coordinator store unavailable; retry").await;
+                close_now(
+                    &mut socket,
+                    close::STORE_UNAVAILABLE,
+                    "coordinator store unavailable; retry",
+                )
+                .await;
                 return;
             }
         };
@@ -214,7 +216,7 @@ impl Connection {
                 tracing::error!(error = %e, "key check failed");
                 (
                     ErrorCode::Internal,
-                    1011,
+                    close::STORE_UNAVAILABLE,
                     "coordinator store unavailable; retry".to_string(),
                 )
             })?;
@@ -335,7 +337,7 @@ impl Connection {
                 tracing::error!(error = %e, "failed to apply daemon reports");
                 // Not acked: the daemon's outbox keeps them and replays after reconnecting.
                 return Some((
-                    1011,
+                    close::STORE_UNAVAILABLE,
                     "coordinator store failed; reconnect and replay".into(),
                 ));
             }
