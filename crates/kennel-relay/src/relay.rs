@@ -950,9 +950,11 @@ impl Relay {
         let mut st = self.lock();
         for (a, _) in acks {
             st.pending.ack(&a.task_id, a.attempt, a.seq);
-            let key = (a.task_id.clone(), a.attempt);
-            if st.own_lost.get(&key).is_some_and(|&s| a.seq >= s) {
-                st.own_lost.remove(&key);
+            if !st.own_lost.is_empty() {
+                let key = (a.task_id.clone(), a.attempt);
+                if st.own_lost.get(&key).is_some_and(|&s| a.seq >= s) {
+                    st.own_lost.remove(&key);
+                }
             }
         }
         if st.db_buffered > 0 {

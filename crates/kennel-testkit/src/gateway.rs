@@ -12,6 +12,8 @@ use anyhow::{anyhow, bail, Context};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
 
+use crate::server::DataDir;
+
 /// How long the binary may take to print its listening line.
 const READY_DEADLINE: Duration = Duration::from_secs(30);
 /// What the binary prints once it accepts connections; the address follows.
@@ -116,21 +118,6 @@ impl KennelGateway {
         self.addr = addr;
         self.child = Some(child);
         Ok(())
-    }
-}
-
-/// A temporary data directory this struct owns, or one the caller owns.
-enum DataDir {
-    Temp(tempfile::TempDir),
-    Given(PathBuf),
-}
-
-impl DataDir {
-    fn path(&self) -> &Path {
-        match self {
-            DataDir::Temp(t) => t.path(),
-            DataDir::Given(p) => p,
-        }
     }
 }
 

@@ -31,13 +31,13 @@ const LOG_OVERRIDE_ENV: &str = "KENNEL_TEST_LOG";
 /// Where the server keeps its state: a temporary directory this struct owns (and removes on
 /// drop), or a directory the caller owns (so it can outlive one server, e.g. for restarts in
 /// a new process).
-enum DataDir {
+pub(crate) enum DataDir {
     Temp(tempfile::TempDir),
     Given(PathBuf),
 }
 
 impl DataDir {
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         match self {
             DataDir::Temp(t) => t.path(),
             DataDir::Given(p) => p,

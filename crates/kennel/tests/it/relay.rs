@@ -409,14 +409,23 @@ async fn wait_relay(
     r: &KennelRelay,
     ok: impl Fn(&serde_json::Value) -> bool,
 ) -> anyhow::Result<serde_json::Value> {
+    wait_relay_at(r, "/status", ok).await
+}
+
+/// Reads `path` on the relay until `ok` holds for the answer, within [`WAIT`].
+async fn wait_relay_at(
+    r: &KennelRelay,
+    path: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<serde_json::Value> {
     let until = tokio::time::Instant::now() + WAIT;
     loop {
-        let s = r.api().get::<serde_json::Value>("/status").await?;
-        if ok(&s) {
-            return Ok(s);
+        let v = r.api().get::<serde_json::Value>(path).await?;
+        if ok(&v) {
+            return Ok(v);
         }
         if tokio::time::Instant::now() > until {
-            anyhow::bail!("relay status never matched; last: {s}");
+            anyhow::bail!("relay {path} never matched; last: {v}");
         }
         tokio::task::yield_now().await;
     }
@@ -507,18 +516,8 @@ async fn a_refused_relay_keeps_retrying_and_says_why() -> anyhow::Result<()> {
 
 /// Reads the relay's `/logs` until an entry contains `needle`; returns them all as text.
 async fn wait_relay_logs(r: &KennelRelay, needle: &str) -> anyhow::Result<String> {
-    let until = tokio::time::Instant::now() + WAIT;
-    loop {
-        let logs = r.api().get::<serde_json::Value>("/logs?limit=200").await?;
-        let text = logs.to_string();
-        if text.contains(needle) {
-            return Ok(text);
-        }
-        if tokio::time::Instant::now() > until {
-            anyhow::bail!("no log entry with `{needle}`; logs: {text}");
-        }
-        tokio::task::yield_now().await;
-    }
+    let logs = wait_relay_at(r, "/logs?limit=200", |v| v.to_string().contains(needle)).await?;
+    Ok(logs.to_string())
 }
 
 #[tokio::test]
