@@ -61,6 +61,12 @@ pub struct CooldownConfig {
     pub network_base_ms: u64,
     /// After any other 5xx, in milliseconds.
     pub server_error_ms: u64,
+    /// After a 401/403 (the provider refused the upstream's `api_key_env` key), in
+    /// milliseconds; flat, not doubled. Long, because waiting does not fix a key.
+    pub auth_ms: u64,
+    /// First cooldown of one model on one upstream after a 404, in milliseconds; doubles per
+    /// consecutive 404 of that model. The upstream keeps serving its other models.
+    pub not_found_base_ms: u64,
     /// Upper bound of every cooldown (exponential ones and `Retry-After`), in milliseconds.
     pub max_ms: u64,
 }
@@ -72,6 +78,8 @@ impl Default for CooldownConfig {
             overload_base_ms: 60_000,
             network_base_ms: 60_000,
             server_error_ms: 10_000,
+            auth_ms: 10 * 60_000,
+            not_found_base_ms: 60_000,
             max_ms: 15 * 60_000,
         }
     }
@@ -161,11 +169,13 @@ pub struct UpstreamConfig {
     /// TCP (and TLS) connect deadline, in milliseconds.
     #[serde(default = "default_connect_ms")]
     pub connect_timeout_ms: u64,
-    /// Deadline for the response headers and the first body byte, and the longest silence
-    /// allowed inside a stream, in milliseconds.
+    /// Streaming requests only: deadline for the response headers and the first body byte,
+    /// and the longest silence allowed inside the stream, in milliseconds.
     #[serde(default = "default_first_byte_ms")]
     pub first_byte_timeout_ms: u64,
-    /// Deadline for a whole non-streaming response, in milliseconds.
+    /// Deadline for a whole non-streaming response, headers included, in milliseconds.
+    /// Providers send the headers of a non-streamed completion only once it is finished, so
+    /// `first_byte_timeout_ms` does not apply to them.
     #[serde(default = "default_total_ms")]
     pub total_timeout_ms: u64,
 }

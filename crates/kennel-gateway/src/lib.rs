@@ -168,11 +168,12 @@ impl Shared {
         Ok(())
     }
 
-    pub(crate) fn record_success(&self, name: &str, latency: Duration) {
+    /// An answer from `name` for the client's `model`.
+    pub(crate) fn record_success(&self, name: &str, model: &str, latency: Duration) {
         let now = self.clock.now_ms();
         let mut s = self.state.lock();
         let h = s.health.entry(name.to_string()).or_default();
-        h.record_success(latency, now);
+        h.record_success(model, latency, now);
         self.state.mark_health(&mut s, name);
     }
 
@@ -182,21 +183,20 @@ impl Shared {
         self.state.mark_health(&mut s, name);
     }
 
-    pub(crate) fn record_failure(
-        &self,
-        name: &str,
-        class: FailureClass,
-        retry_after: Option<Duration>,
-    ) {
+    pub(crate) fn record_failure(&self, name: &str, failure: health::Failure<'_>) {
         let now = self.clock.now_ms();
-        self.metrics.failure(name, class);
+        self.metrics.failure(name, failure.class);
         let mut s = self.state.lock();
         let h = s.health.entry(name.to_string()).or_default();
-        let d = h.record_failure(&self.cfg.cooldowns, class, retry_after, now);
+        let d = h.record_failure(failure, &self.cfg.cooldowns, now);
         self.state.save_health(name, h);
         s.totals.failures += 1;
         self.state.save_totals(&s.totals);
-        tracing::info!(upstream = %name, class = class.as_str(), cooldown_ms = d.as_millis() as u64, "upstream cooling down");
+        if failure.class == FailureClass::NotFound {
+            tracing::info!(upstream = %name, model = %failure.model, cooldown_ms = d.as_millis() as u64, "upstream does not serve the model; skipping it for that model");
+        } else {
+            tracing::info!(upstream = %name, class = failure.class.as_str(), cooldown_ms = d.as_millis() as u64, "upstream cooling down");
+        }
     }
 }
 
@@ -424,7 +424,9 @@ async fn models(State(s): S, headers: HeaderMap) -> Result<Json<Value>, GatewayE
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
-/// `GET /health` (no auth): every upstream's health.
+/// `GET /health` (no auth): every upstream's health: whether it is cooling down, for how
+/// much longer (`cooldownRemainingMs`), and why (`health.lastFailureClass`, `lastError`,
+/// per-model 404 cooldowns in `modelCooldowns`).
 async fn health(State(s): S) -> Json<Value> {
     let now = s.clock.now_ms();
     let st = s.state.lock();
@@ -433,11 +435,16 @@ async fn health(State(s): S) -> Json<Value> {
         .iter()
         .map(|u| {
             let h = st.health.get(&u.cfg.name).cloned().unwrap_or_default();
+            let remaining = h
+                .cooldown_until_ms
+                .map(|t| t.saturating_sub(now))
+                .filter(|ms| *ms > 0);
             json!({
                 "name": u.cfg.name,
                 "kind": u.cfg.kind.as_str(),
                 "priority": u.cfg.priority,
                 "coolingDown": h.cooling(now),
+                "cooldownRemainingMs": remaining,
                 "health": h,
             })
         })

@@ -2,6 +2,9 @@
 //! pass the answer through. Streams are relayed chunk by chunk as they arrive, never
 //! buffered. Failover happens only while nothing has reached the client; once the first byte
 //! is sent, a stall or break ends the stream with an error event in the client's format.
+//! Every failed attempt is named in `x-kennel-failover`; when the last one was a provider
+//! refusing kennel's credentials, the client is told so (`x-kennel-refused-by: provider`)
+//! rather than handed a bare 401 it would take for its own key.
 //!
 //! This module must not hold routing policy (see `health`) or log secrets: neither the
 //! client's kennel key nor the upstream's key is ever written anywhere.
@@ -19,7 +22,7 @@ use serde_json::Value;
 
 use crate::config::UpstreamKind;
 use crate::error::{ApiFormat, GatewayError};
-use crate::health::{candidates, parse_retry_after, FailureClass};
+use crate::health::{candidates, parse_retry_after, Failure, FailureClass};
 use crate::{Shared, Upstream};
 
 /// Client request headers passed on to upstreams (never the client's credentials).
@@ -39,6 +42,14 @@ const DROPPED: [&str; 4] = [
 ];
 /// Anthropic requires a version header; sent when the client gave none.
 const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+/// Names every failed attempt of a request, in order: `NAME=CLASS`, with the upstream's
+/// HTTP status in parentheses when it answered with one (`a=auth(401), b=timeout`).
+const FAILOVER_HEADER: &str = "x-kennel-failover";
+/// Set to `provider` on an answer that relays a provider refusing kennel's own credentials
+/// for its upstreams, so neither a person nor a program takes it for a bad kennel key.
+const REFUSED_BY_HEADER: &str = "x-kennel-refused-by";
+/// Longest part of a provider's error message quoted back to the client, in characters.
+const MAX_QUOTED: usize = 300;
 
 /// How one attempt ended, when it did not produce the client's response.
 struct Failed {
@@ -49,11 +60,13 @@ struct Failed {
     message: String,
 }
 
-/// Where on an upstream a request goes: a path under its base URL and the client's query.
+/// Where on an upstream a request goes: a path under its base URL and the client's query,
+/// and the model the client asked for (health is kept per model for 404s).
 #[derive(Clone, Copy)]
 struct Target<'a> {
     path: &'static str,
     query: Option<&'a str>,
+    model: &'a str,
 }
 
 enum Attempt {
@@ -159,12 +172,16 @@ pub async fn forward(
     let order: Vec<String> = {
         let cfgs: Vec<_> = eligible.iter().map(|u| &u.cfg).collect();
         let s = shared.state.lock();
-        candidates(&cfgs, &s.health, shared.clock.now_ms())
+        candidates(&cfgs, &s.health, &model, shared.clock.now_ms())
             .into_iter()
             .map(|u| u.name.clone())
             .collect()
     };
     let mut last: Option<(String, Failed)> = None;
+    // Every failed attempt as `x-kennel-failover` names it, and those that were refusals of
+    // kennel's credentials (for the message if every upstream refuses).
+    let mut causes: Vec<String> = Vec::new();
+    let mut refusals: Vec<(String, StatusCode)> = Vec::new();
     let mut upstream_time = Duration::ZERO;
     let mut attempts = 0u32;
     for name in order.iter().take(shared.cfg.max_attempts as usize) {
@@ -185,12 +202,16 @@ pub async fn forward(
             bytes.clone()
         };
         let t0 = Instant::now();
-        let target = Target { path, query };
+        let target = Target {
+            path,
+            query,
+            model: &model,
+        };
         let outcome = attempt(&shared, up, format, target, &headers, body, stream).await;
         upstream_time += t0.elapsed();
         match outcome {
             Attempt::Answered(mut resp) => {
-                tag(&mut resp, name, attempts);
+                tag(&mut resp, name, attempts, &causes);
                 shared
                     .metrics
                     .added_latency(started.elapsed().saturating_sub(upstream_time));
@@ -203,7 +224,23 @@ pub async fn forward(
                     error = %f.message,
                     "upstream attempt failed"
                 );
-                shared.record_failure(name, f.class, f.retry_after);
+                shared.record_failure(
+                    name,
+                    Failure {
+                        class: f.class,
+                        model: &model,
+                        retry_after: f.retry_after,
+                        error: &f.message,
+                    },
+                );
+                let status = f.response.as_ref().map(|(st, _, _)| *st);
+                causes.push(match status {
+                    Some(st) => format!("{name}={}({})", f.class.as_str(), st.as_u16()),
+                    None => format!("{name}={}", f.class.as_str()),
+                });
+                if let (FailureClass::Auth, Some(st)) = (f.class, status) {
+                    refusals.push((name.clone(), st));
+                }
                 last = Some((name.clone(), f));
             }
         }
@@ -217,9 +254,14 @@ pub async fn forward(
         ));
     };
     if let Some((status, hdrs, body)) = f.response {
-        let mut resp = (status, body).into_response();
-        copy_headers(&hdrs, resp.headers_mut());
-        tag(&mut resp, &name, attempts);
+        let mut resp = if f.class == FailureClass::Auth {
+            refused(format, &refusals, status, &body)
+        } else {
+            let mut r = (status, body).into_response();
+            copy_headers(&hdrs, r.headers_mut());
+            r
+        };
+        tag(&mut resp, &name, attempts, &causes);
         return Ok(resp);
     }
     let status = match f.class {
@@ -237,8 +279,61 @@ pub async fn forward(
         ),
     )
     .into_response();
-    tag(&mut resp, &name, attempts);
+    tag(&mut resp, &name, attempts, &causes);
     Ok(resp)
+}
+
+/// The answer when the last upstream tried refused kennel's credentials for it (401/403):
+/// the provider's status is kept, so SDKs do not retry what waiting cannot fix, but the
+/// body says in the client's format that the refusal was the provider's and that the
+/// client's kennel key was fine, and `x-kennel-refused-by: provider` says it to programs.
+fn refused(
+    format: ApiFormat,
+    refusals: &[(String, StatusCode)],
+    status: StatusCode,
+    provider_body: &Bytes,
+) -> Response {
+    let mut message = match refusals {
+        [(name, st)] => format!(
+            "upstream {name} refused kennel's provider credentials ({}): check api_key_env \
+             for that upstream in [[gateway.upstreams]]; your kennel key was accepted",
+            st.as_u16()
+        ),
+        _ => format!(
+            "upstreams {} refused kennel's provider credentials: check api_key_env for \
+             those upstreams in [[gateway.upstreams]]; your kennel key was accepted",
+            refusals
+                .iter()
+                .map(|(n, st)| format!("{n} ({})", st.as_u16()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    if let Some(said) = provider_message(provider_body) {
+        message.push_str(&format!(". The provider said: {said}"));
+    }
+    let mut resp =
+        GatewayError::new(format, status, "provider_auth_error", message).into_response();
+    resp.headers_mut().insert(
+        HeaderName::from_static(REFUSED_BY_HEADER),
+        HeaderValue::from_static("provider"),
+    );
+    resp
+}
+
+/// The message of a provider's JSON error body (`{"error": {"message": ...}}` in both
+/// formats), shortened to [`MAX_QUOTED`] characters. The client saw the whole body before
+/// kennel marked refusals, so quoting it reveals nothing new.
+fn provider_message(body: &Bytes) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let m = v["error"]["message"]
+        .as_str()
+        .or_else(|| v["message"].as_str())?;
+    let mut out: String = m.chars().take(MAX_QUOTED).collect();
+    if out.len() < m.len() {
+        out.push('…');
+    }
+    Some(out)
 }
 
 /// The two fields of a request body routing needs. Only they are built as values; the rest
@@ -312,9 +407,19 @@ async fn attempt(
     }
     let t0 = Instant::now();
     let first_byte = up.cfg.first_byte_timeout();
-    let resp = match tokio::time::timeout(first_byte, rb.send()).await {
-        Err(_) => return timeout_failure(format!("no response headers within {first_byte:?}")),
-        Ok(Err(e)) => return send_failure(&e),
+    let total = up.cfg.total_timeout();
+    // Providers send the headers of a non-streamed completion only once it is finished, so
+    // only a stream has an early first byte to wait for; a non-streaming request gets its
+    // whole deadline for the headers too, or every long answer would be cut and re-sent.
+    let headers_within = if stream { first_byte } else { total };
+    let resp = match tokio::time::timeout(headers_within, rb.send()).await {
+        Err(_) if stream => {
+            return timeout_failure(format!("no response headers within {first_byte:?}"))
+        }
+        Err(_) => {
+            return timeout_failure(format!("the response did not complete within {total:?}"))
+        }
+        Ok(Err(e)) => return send_failure(e),
         Ok(Ok(r)) => r,
     };
     let status = resp.status();
@@ -340,7 +445,7 @@ async fn attempt(
         // The client's own mistake (4xx): returned unchanged, no cooldown, no failover.
         let body = match tokio::time::timeout(up.cfg.total_timeout(), resp.bytes()).await {
             Ok(Ok(b)) => b,
-            Ok(Err(e)) => return send_failure(&e),
+            Ok(Err(e)) => return send_failure(e),
             Err(_) => return timeout_failure("the error body did not arrive in time".into()),
         };
         shared.record_neutral(&name);
@@ -349,18 +454,15 @@ async fn attempt(
         return Attempt::Answered(r);
     }
     if !stream {
-        let remaining = up.cfg.total_timeout().saturating_sub(t0.elapsed());
+        let remaining = total.saturating_sub(t0.elapsed());
         let body = match tokio::time::timeout(remaining, resp.bytes()).await {
             Ok(Ok(b)) => b,
-            Ok(Err(e)) => return send_failure(&e),
+            Ok(Err(e)) => return send_failure(e),
             Err(_) => {
-                return timeout_failure(format!(
-                    "the response did not complete within {:?}",
-                    up.cfg.total_timeout()
-                ))
+                return timeout_failure(format!("the response did not complete within {total:?}"))
             }
         };
-        shared.record_success(&name, t0.elapsed());
+        shared.record_success(&name, target.model, t0.elapsed());
         let mut r = (status, body).into_response();
         copy_headers(&headers, r.headers_mut());
         return Attempt::Answered(r);
@@ -374,11 +476,11 @@ async fn attempt(
         Err(_) => {
             return timeout_failure(format!("no first byte of the stream within {first_byte:?}"))
         }
-        Ok(Some(Err(e))) => return send_failure(&e),
+        Ok(Some(Err(e))) => return send_failure(e),
         Ok(Some(Ok(b))) => Some(b),
         Ok(None) => None,
     };
-    shared.record_success(&name, t0.elapsed());
+    shared.record_success(&name, target.model, t0.elapsed());
     let relay = Relay {
         first,
         chunks,
@@ -386,6 +488,7 @@ async fn attempt(
         format,
         shared: shared.clone(),
         upstream: name,
+        model: target.model.to_string(),
         tail: [0, 0],
         ended: false,
     };
@@ -406,6 +509,8 @@ struct Relay {
     format: ApiFormat,
     shared: Arc<Shared>,
     upstream: String,
+    /// The client's model, for the upstream's health.
+    model: String,
     /// The last two bytes sent, to close a half-sent event before the error event.
     tail: [u8; 2],
     ended: bool,
@@ -426,15 +531,22 @@ impl Relay {
                 return Some((Ok(b), self));
             }
             Ok(None) => return None,
-            Ok(Some(Err(e))) => format!("the upstream stream broke: {}", chain(&e)),
+            Ok(Some(Err(e))) => format!("the upstream stream broke: {}", chain(&e.without_url())),
             Err(_) => format!(
                 "the upstream stream stalled: no data for {} ms",
                 self.idle.as_millis()
             ),
         };
         tracing::warn!(upstream = %self.upstream, error = %problem, "stream ended early");
-        self.shared
-            .record_failure(&self.upstream, FailureClass::StreamBroken, None);
+        self.shared.record_failure(
+            &self.upstream,
+            Failure {
+                class: FailureClass::StreamBroken,
+                model: &self.model,
+                retry_after: None,
+                error: &problem,
+            },
+        );
         self.ended = true;
         let close = match self.tail {
             [b'\n', b'\n'] => "",
@@ -467,7 +579,9 @@ fn timeout_failure(message: String) -> Attempt {
     })
 }
 
-fn send_failure(e: &reqwest::Error) -> Attempt {
+/// A transport failure. Its message leaves out the URL: it is shown in `/health`, which is
+/// open, and the upstream's name already says where.
+fn send_failure(e: reqwest::Error) -> Attempt {
     let class = if e.is_timeout() {
         FailureClass::Timeout
     } else {
@@ -477,7 +591,7 @@ fn send_failure(e: &reqwest::Error) -> Attempt {
         class,
         retry_after: None,
         response: None,
-        message: chain(e),
+        message: chain(&e.without_url()),
     })
 }
 
@@ -501,8 +615,17 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
     }
 }
 
-fn tag(resp: &mut Response, upstream: &str, attempts: u32) {
+/// Names the upstream that produced the answer, the attempts made, and (when any failed)
+/// why each failed attempt failed.
+fn tag(resp: &mut Response, upstream: &str, attempts: u32, causes: &[String]) {
     let h = resp.headers_mut();
+    if !causes.is_empty() {
+        // Upstream names are validated to letters, digits, '-', '_' and '.', so this is
+        // always a valid header value; a failure to build one only drops the header.
+        if let Ok(v) = HeaderValue::from_str(&causes.join(", ")) {
+            h.insert(HeaderName::from_static(FAILOVER_HEADER), v);
+        }
+    }
     if let Ok(v) = HeaderValue::from_str(upstream) {
         h.insert(HeaderName::from_static("x-kennel-upstream"), v);
     }
@@ -510,4 +633,57 @@ fn tag(resp: &mut Response, upstream: &str, attempts: u32) {
         HeaderName::from_static("x-kennel-attempts"),
         HeaderValue::from(attempts),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn message(resp: Response) -> Value {
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_refusal_names_the_upstreams_and_clears_the_kennel_key() {
+        let said = Bytes::from(r#"{"error":{"message":"invalid x-api-key"}}"#);
+        let one = [("a".to_string(), StatusCode::UNAUTHORIZED)];
+        let r = refused(ApiFormat::Anthropic, &one, StatusCode::UNAUTHORIZED, &said);
+        assert_eq!(r.status(), 401);
+        assert_eq!(r.headers()[REFUSED_BY_HEADER], "provider");
+        let v = message(r).await;
+        assert_eq!(v["type"], "error");
+        assert_eq!(
+            v["error"]["message"],
+            "upstream a refused kennel's provider credentials (401): check api_key_env for \
+             that upstream in [[gateway.upstreams]]; your kennel key was accepted. The \
+             provider said: invalid x-api-key"
+        );
+        let two = [
+            ("a".to_string(), StatusCode::UNAUTHORIZED),
+            ("b".to_string(), StatusCode::FORBIDDEN),
+        ];
+        let html = Bytes::from("<html>nope</html>");
+        let v = message(refused(
+            ApiFormat::Openai,
+            &two,
+            StatusCode::FORBIDDEN,
+            &html,
+        ))
+        .await;
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.starts_with("upstreams a (401), b (403) refused"), "{m}");
+        assert!(!m.contains("provider said"), "{m}");
+    }
+
+    #[test]
+    fn a_long_provider_message_is_shortened() {
+        let long = "é".repeat(MAX_QUOTED + 5);
+        let body = Bytes::from(serde_json::json!({"error": {"message": long}}).to_string());
+        let m = provider_message(&body).unwrap();
+        assert_eq!(m.chars().count(), MAX_QUOTED + 1);
+        assert!(m.ends_with('…'));
+    }
 }

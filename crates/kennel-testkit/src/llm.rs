@@ -3,7 +3,8 @@
 //! (`POST /v1/messages`, and `/v1/messages/count_tokens` with a fixed count), streaming and
 //! not, in the real wire formats. Each request takes the
 //! next [`Behavior`] from a queue (default: a normal answer), so a test can make an upstream
-//! fail in a precise way: an error status (with `Retry-After`), hanging before the headers, or
+//! fail in a precise way: an error status (with `Retry-After`), hanging before the headers,
+//! answering only after a delay (as providers do with a long non-streamed completion), or
 //! streaming some bytes and then stalling or breaking the connection. [`refused_addr`] gives
 //! an address where connections are refused.
 //!
@@ -37,6 +38,9 @@ pub enum Behavior {
     },
     /// Never sends the response headers.
     HangBeforeHeaders,
+    /// A normal answer whose headers are sent only after `delay`: how a provider answers a
+    /// non-streamed completion that takes that long to generate.
+    AnswerAfter { delay: std::time::Duration },
     /// Sends the headers and the first `bytes` bytes of a normal stream, then nothing more.
     StreamThenStall { bytes: usize },
     /// Sends the headers and the first `bytes` bytes of a normal stream, then (after
@@ -164,12 +168,17 @@ async fn handle(
         });
         inner.script.pop_front().unwrap_or(Behavior::Answer)
     };
+    if let Behavior::AnswerAfter { delay } = behavior {
+        tokio::time::sleep(delay).await;
+    }
     let model = body["model"].as_str().unwrap_or("unknown").to_string();
     let stream = body["stream"].as_bool().unwrap_or(false);
     let text = format!("reply from {}", shared.name);
     match behavior {
-        Behavior::Answer if stream => sse(stream_text(anthropic, &model, &text), None, false),
-        Behavior::Answer => {
+        Behavior::Answer | Behavior::AnswerAfter { .. } if stream => {
+            sse(stream_text(anthropic, &model, &text), None, false)
+        }
+        Behavior::Answer | Behavior::AnswerAfter { .. } => {
             let v = if anthropic {
                 json!({"id": "msg_1", "type": "message", "role": "assistant", "model": model,
                        "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",

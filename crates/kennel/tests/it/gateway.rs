@@ -35,9 +35,15 @@ fn config(ups: &[Up<'_>], gateway_extra: &str) -> String {
          [gateway.rate_limit]\nper_minute = 100000\nburst = 1000\n"
     );
     for u in ups {
+        // 1.5 s unless the test sets its own.
+        let first_byte = if u.extra.contains("first_byte_timeout_ms") {
+            ""
+        } else {
+            "first_byte_timeout_ms = 1500\n"
+        };
         s.push_str(&format!(
             "[[gateway.upstreams]]\nname = \"{}\"\nkind = \"{}\"\nbase_url = \"{}\"\n\
-             priority = {}\nfirst_byte_timeout_ms = 1500\n{}\n",
+             priority = {}\n{first_byte}{}\n",
             u.name, u.kind, u.base, u.priority, u.extra
         ));
     }
@@ -108,12 +114,29 @@ impl Client {
 
     /// The health record of upstream `name`.
     async fn health(&self, name: &str) -> anyhow::Result<Value> {
+        Ok(self.upstream(name).await?["health"].clone())
+    }
+
+    /// Upstream `name`'s entry in `/health` (`coolingDown`, `health`, ...).
+    async fn upstream(&self, name: &str) -> anyhow::Result<Value> {
         let h = self.get("/health").await?;
         h["upstreams"]
             .as_array()
             .and_then(|a| a.iter().find(|u| u["name"] == name))
-            .map(|u| u["health"].clone())
+            .cloned()
             .ok_or_else(|| anyhow::anyhow!("no upstream {name} in /health: {h}"))
+    }
+
+    /// The `/metrics` text.
+    async fn metrics(&self) -> anyhow::Result<String> {
+        let r = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .bearer_auth(&self.key)
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "GET /metrics: {}", r.status());
+        Ok(r.text().await?)
     }
 }
 
@@ -168,6 +191,8 @@ async fn fails_over_on_refused_500_503_429_and_timeout() -> anyhow::Result<()> {
         let a = ScriptedLlm::start("a").await?;
         let b = ScriptedLlm::start("b").await?;
         let mut primary = up("a", &a, 0);
+        // The hang is a non-streaming request: it is cut at the total deadline.
+        primary.extra = "total_timeout_ms = 1500";
         match behavior {
             Some(beh) => a.script([beh]),
             None => primary.base = format!("http://{}/v1", refused_addr().await?),
@@ -827,5 +852,283 @@ async fn official_python_sdks_work_through_the_gateway() -> anyhow::Result<()> {
         .credential
         .as_deref()
         .is_none_or(|c| !c.contains(gw.admin_key()))));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_slow_non_streaming_answer_is_awaited_up_to_the_total_timeout() -> anyhow::Result<()> {
+    let a = ScriptedLlm::start("a").await?;
+    let b = ScriptedLlm::start("b").await?;
+    // Providers send a non-streamed completion's headers when it is finished: here four
+    // times the first-byte deadline after the request, well inside the total one.
+    let slow = Behavior::AnswerAfter {
+        delay: Duration::from_millis(1200),
+    };
+    a.script([slow.clone()]);
+    let mut primary = up("a", &a, 0);
+    primary.extra = "first_byte_timeout_ms = 300\ntotal_timeout_ms = 20000";
+    let gw = KennelGateway::start(bin(), &config(&[primary, up("b", &b, 1)], ""), &[]).await?;
+    let c = Client::new(&gw);
+    let r = c.chat("m", false).await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-kennel-upstream"), "a");
+    assert_eq!(header(&r, "x-kennel-attempts"), "1");
+    assert_eq!(header(&r, "x-kennel-failover"), "");
+    let body: Value = r.json().await?;
+    assert_eq!(body["choices"][0]["message"]["content"], "reply from a");
+    assert_eq!(a.requests().len(), 1, "sent once");
+    assert!(b.requests().is_empty(), "never re-sent to b");
+    let h = c.health("a").await?;
+    assert!(h["lastFailureClass"].is_null(), "{h}");
+
+    // A stream still has to start within first_byte_timeout_ms.
+    a.script([slow]);
+    let r = c.chat("m", true).await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-kennel-upstream"), "b");
+    assert_eq!(header(&r, "x-kennel-failover"), "a=timeout");
+    let text = within(WAIT, "the stream from b", r.text()).await??;
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!(a.requests().len(), 2);
+    assert_eq!(c.health("a").await?["lastFailureClass"], "timeout");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_non_streaming_answer_slower_than_the_total_timeout_fails_over() -> anyhow::Result<()> {
+    let a = ScriptedLlm::start("a").await?;
+    let b = ScriptedLlm::start("b").await?;
+    a.script([Behavior::HangBeforeHeaders]);
+    let mut primary = up("a", &a, 0);
+    primary.extra = "first_byte_timeout_ms = 200\ntotal_timeout_ms = 1000";
+    let gw = KennelGateway::start(bin(), &config(&[primary, up("b", &b, 1)], ""), &[]).await?;
+    let c = Client::new(&gw);
+    let t0 = std::time::Instant::now();
+    let r = c.chat("m", false).await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-kennel-upstream"), "b");
+    assert_eq!(header(&r, "x-kennel-attempts"), "2");
+    assert_eq!(header(&r, "x-kennel-failover"), "a=timeout");
+    // a was given its whole total_timeout_ms, not cut at first_byte_timeout_ms.
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1000),
+        "{:?}",
+        t0.elapsed()
+    );
+    let h = c.health("a").await?;
+    assert_eq!(h["lastFailureClass"], "timeout", "{h}");
+    assert!(
+        h["lastError"]
+            .as_str()
+            .unwrap_or("")
+            .contains("did not complete within 1s"),
+        "{h}"
+    );
+
+    // With no other upstream the client gets a 504 in its format.
+    let x = ScriptedLlm::start("x").await?;
+    x.script([Behavior::HangBeforeHeaders]);
+    let ups = [Up {
+        name: "x",
+        kind: "anthropic",
+        base: x.anthropic_base(),
+        priority: 0,
+        extra: "first_byte_timeout_ms = 200\ntotal_timeout_ms = 1000",
+    }];
+    let gw = KennelGateway::start(bin(), &config(&ups, ""), &[]).await?;
+    let c = Client::new(&gw);
+    let r = c.messages("claude", false).await?;
+    assert_eq!(r.status(), 504);
+    assert_eq!(header(&r, "x-kennel-failover"), "x=timeout");
+    let v: Value = r.json().await?;
+    assert_eq!(v["type"], "error", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or("");
+    assert!(msg.contains("did not complete within 1s"), "{v}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_provider_refusing_kennels_key_fails_over_and_cools_down_long() -> anyhow::Result<()> {
+    // (status, extra [gateway] config, the auth cooldown expected, in ms)
+    let cases = [
+        (401, "", 10 * 60_000),
+        (403, "[gateway.cooldowns]\nauth_ms = 120000\n", 120_000),
+    ];
+    for (status, extra, cooldown) in cases {
+        let a = ScriptedLlm::start("a").await?;
+        let b = ScriptedLlm::start("b").await?;
+        a.script([Behavior::Status {
+            status,
+            retry_after: None,
+        }]);
+        let gw = KennelGateway::start(
+            bin(),
+            &config(&[up("a", &a, 0), up("b", &b, 1)], extra),
+            &[],
+        )
+        .await?;
+        let c = Client::new(&gw);
+        let r = c.chat("m", false).await?;
+        assert_eq!(r.status(), 200, "{status}");
+        assert_eq!(header(&r, "x-kennel-upstream"), "b", "{status}");
+        assert_eq!(header(&r, "x-kennel-attempts"), "2", "{status}");
+        assert_eq!(
+            header(&r, "x-kennel-failover"),
+            format!("a=auth({status})"),
+            "{status}"
+        );
+        assert_eq!(header(&r, "x-kennel-refused-by"), "", "b answered");
+        let body: Value = r.json().await?;
+        assert_eq!(body["choices"][0]["message"]["content"], "reply from b");
+
+        let u = c.upstream("a").await?;
+        let h = &u["health"];
+        assert_eq!(u["coolingDown"], true, "{u}");
+        assert_eq!(h["lastFailureClass"], "auth", "{u}");
+        assert!(
+            h["lastError"]
+                .as_str()
+                .unwrap_or("")
+                .contains(&status.to_string()),
+            "{u}"
+        );
+        assert_eq!(cooldown_ms(h), cooldown, "{u}");
+        assert!(u["cooldownRemainingMs"].as_i64().unwrap_or(0) > 0, "{u}");
+        let metrics = c.metrics().await?;
+        assert!(
+            metrics.contains("kennel_gateway_failures_total{upstream=\"a\",class=\"auth\"} 1"),
+            "{metrics}"
+        );
+        // While a cools down, b serves alone; a is not asked again.
+        let r = c.chat("m", false).await?;
+        assert_eq!(header(&r, "x-kennel-upstream"), "b");
+        assert_eq!(header(&r, "x-kennel-attempts"), "1");
+        assert_eq!(a.requests().len(), 1, "{status}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_404_for_a_model_fails_over_and_skips_only_that_model() -> anyhow::Result<()> {
+    let a = ScriptedLlm::start("a").await?;
+    let b = ScriptedLlm::start("b").await?;
+    let x = ScriptedLlm::start("x").await?;
+    let not_found = Behavior::Status {
+        status: 404,
+        retry_after: None,
+    };
+    a.script([not_found.clone()]);
+    x.script([not_found]);
+    let lone = Up {
+        name: "x",
+        kind: "anthropic",
+        base: x.anthropic_base(),
+        priority: 0,
+        extra: "",
+    };
+    let gw = KennelGateway::start(
+        bin(),
+        &config(&[up("a", &a, 0), up("b", &b, 1), lone], ""),
+        &[],
+    )
+    .await?;
+    let c = Client::new(&gw);
+    let r = c.chat("gone", false).await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-kennel-upstream"), "b");
+    assert_eq!(header(&r, "x-kennel-failover"), "a=not_found(404)");
+    let u = c.upstream("a").await?;
+    let h = &u["health"];
+    assert_eq!(h["lastFailureClass"], "not_found", "{u}");
+    assert_eq!(u["coolingDown"], false, "a still serves other models: {u}");
+    let until = h["modelCooldowns"]["gone"]["untilMs"].as_i64().unwrap_or(0);
+    assert_eq!(
+        until - h["lastFailureMs"].as_i64().unwrap_or(0),
+        60_000,
+        "{u}"
+    );
+    assert!(c
+        .metrics()
+        .await?
+        .contains("kennel_gateway_failures_total{upstream=\"a\",class=\"not_found\"} 1"));
+    // The model goes to b alone; another model still goes to a first.
+    let r = c.chat("gone", false).await?;
+    assert_eq!(header(&r, "x-kennel-upstream"), "b");
+    assert_eq!(header(&r, "x-kennel-attempts"), "1");
+    let r = c.chat("other", false).await?;
+    assert_eq!(header(&r, "x-kennel-upstream"), "a");
+    assert_eq!(header(&r, "x-kennel-attempts"), "1");
+    assert_eq!(a.requests().len(), 2);
+
+    // When no upstream serves the model, the provider's 404 reaches the client unchanged.
+    let r = c.messages("gone", false).await?;
+    assert_eq!(r.status(), 404);
+    assert_eq!(header(&r, "x-kennel-refused-by"), "");
+    let v: Value = r.json().await?;
+    assert_eq!(
+        v,
+        json!({"type": "error", "error": {"type": "api_error", "message": "scripted 404 from x"}})
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn when_every_provider_refuses_kennels_key_the_client_is_told_so() -> anyhow::Result<()> {
+    let a = ScriptedLlm::start("a").await?;
+    let b = ScriptedLlm::start("b").await?;
+    let x = ScriptedLlm::start("x").await?;
+    let refuse = |status| Behavior::Status {
+        status,
+        retry_after: None,
+    };
+    a.script([refuse(401)]);
+    b.script([refuse(403)]);
+    x.script([refuse(401)]);
+    let lone = Up {
+        name: "x",
+        kind: "anthropic",
+        base: x.anthropic_base(),
+        priority: 0,
+        extra: "",
+    };
+    let gw = KennelGateway::start(
+        bin(),
+        &config(&[up("a", &a, 0), up("b", &b, 1), lone], ""),
+        &[],
+    )
+    .await?;
+    let c = Client::new(&gw);
+    let r = c.chat("m", false).await?;
+    // The last provider's status, marked as the provider's refusal.
+    assert_eq!(r.status(), 403);
+    assert_eq!(header(&r, "x-kennel-refused-by"), "provider");
+    assert_eq!(header(&r, "x-kennel-attempts"), "2");
+    assert_eq!(header(&r, "x-kennel-failover"), "a=auth(401), b=auth(403)");
+    let v: Value = r.json().await?;
+    assert_eq!(v["error"]["type"], "provider_auth_error", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or("");
+    for says in [
+        "upstreams a (401), b (403) refused kennel's provider credentials",
+        "check api_key_env",
+        "your kennel key was accepted",
+        "scripted 403 from b",
+    ] {
+        assert!(msg.contains(says), "{says:?} missing from {v}");
+    }
+
+    let r = c.messages("claude", false).await?;
+    assert_eq!(r.status(), 401);
+    assert_eq!(header(&r, "x-kennel-refused-by"), "provider");
+    let v: Value = r.json().await?;
+    assert_eq!(v["type"], "error", "anthropic error shape: {v}");
+    let msg = v["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        msg.starts_with(
+            "upstream x refused kennel's provider credentials (401): check api_key_env for \
+             that upstream"
+        ),
+        "{v}"
+    );
+    assert!(msg.contains("your kennel key was accepted"), "{v}");
     Ok(())
 }
