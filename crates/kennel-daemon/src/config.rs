@@ -40,6 +40,9 @@ pub struct DaemonConfig {
     pub max_line_bytes: usize,
     /// Seconds between SIGINT, SIGTERM and SIGKILL when a task is interrupted or times out.
     pub interrupt_grace_secs: u64,
+    /// Seconds a clean stop (SIGINT/SIGTERM) gives running agents to finish before it
+    /// interrupts them and hands their attempts back to be retried elsewhere.
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for DaemonConfig {
@@ -59,6 +62,7 @@ impl Default for DaemonConfig {
             worktree_retention_hours: 24,
             max_line_bytes: 16 * 1024,
             interrupt_grace_secs: 10,
+            shutdown_grace_secs: 30,
         }
     }
 }

@@ -69,6 +69,9 @@ impl From<RunningInfo> for RunningStatus {
 /// A started daemon.
 pub struct DaemonHandle {
     shutdown: watch::Sender<bool>,
+    /// Set when a clean stop begins; the link then offers no capacity upstream.
+    stopping: watch::Sender<bool>,
+    outbox: Arc<Outbox>,
     link: JoinHandle<Result<(), LinkError>>,
     pub state: watch::Receiver<LinkState>,
     pub exec: Arc<Executor>,
@@ -76,14 +79,53 @@ pub struct DaemonHandle {
 }
 
 impl DaemonHandle {
-    /// Stops taking work, interrupts running agents (they report as interrupted), gives the
-    /// link a moment to deliver, then stops it.
-    pub async fn stop(self, drain: Duration) {
-        self.exec.interrupt_all();
-        let deadline = tokio::time::Instant::now() + drain;
-        while !self.exec.running_now().is_empty() && tokio::time::Instant::now() < deadline {
-            let mut st = self.state.clone();
-            let _ = tokio::time::timeout(Duration::from_millis(200), st.changed()).await;
+    /// A clean stop. Stops taking work (the upstream is told the daemon's capacity is 0, and
+    /// spawns that still arrive are refused as `shuttingDown`), gives running agents
+    /// `shutdown_grace_secs` to finish, then interrupts what is left and hands those attempts
+    /// back (`returned`), so the upstream retries them without charging the tasks. `again`
+    /// (a second signal) skips the wait and interrupts at once. Finally it waits briefly for
+    /// the upstream to acknowledge what was reported and closes the link with a Close frame.
+    pub async fn stop(self, again: impl std::future::Future<Output = ()>) {
+        let cfg = self.exec.config();
+        let grace = Duration::from_secs(cfg.shutdown_grace_secs);
+        let interrupt = Duration::from_secs(cfg.interrupt_grace_secs);
+        self.exec.begin_shutdown();
+        let _ = self.stopping.send(true);
+        tokio::pin!(again);
+        let mut forced = false;
+        let running = self.exec.running_now().len();
+        if running > 0 {
+            tracing::info!(
+                running,
+                "waiting up to {}s for running agents to finish (a second signal stops them now)",
+                grace.as_secs()
+            );
+            tokio::select! {
+                () = self.exec.idle() => {}
+                () = tokio::time::sleep(grace) => {}
+                () = &mut again => forced = true,
+            }
+        }
+        if !self.exec.running_now().is_empty() {
+            let grace = if forced { Duration::ZERO } else { interrupt };
+            tracing::info!(
+                running = self.exec.running_now().len(),
+                "interrupting running agents; their tasks go back to the queue"
+            );
+            self.exec.return_all(grace);
+            // SIGINT, SIGTERM and SIGKILL are `grace` apart; a little more for the reports.
+            let _ =
+                tokio::time::timeout(grace * 3 + Duration::from_secs(5), self.exec.idle()).await;
+        }
+        // Deliver what was reported, if the upstream is there to take it; the outbox keeps
+        // anything left for the next start.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut state = self.state.clone();
+        while state.borrow().connected
+            && self.outbox.depth().unwrap_or(0) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            let _ = tokio::time::timeout(Duration::from_millis(50), state.changed()).await;
         }
         let _ = self.shutdown.send(true);
         let _ = self.link.await;
@@ -172,7 +214,8 @@ pub async fn start(cfg: DaemonConfig, data_dir: PathBuf) -> Result<DaemonHandle,
         labels: cfg.labels.clone(),
         agents: agents.clone(),
     };
-    let (link, state) = Link::new(id, outbox.clone(), exec.clone(), out_rx);
+    let (stopping, stopping_rx) = watch::channel(false);
+    let (link, state) = Link::new(id, outbox.clone(), exec.clone(), out_rx, stopping_rx);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let link = tokio::spawn(link.run(shutdown_rx.clone()));
 
@@ -246,6 +289,8 @@ pub async fn start(cfg: DaemonConfig, data_dir: PathBuf) -> Result<DaemonHandle,
 
     Ok(DaemonHandle {
         shutdown,
+        stopping,
+        outbox,
         link,
         state,
         exec,

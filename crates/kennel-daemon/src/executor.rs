@@ -4,15 +4,21 @@
 //!
 //! Every message it produces goes through the [`Outbox`] first (numbered and stored), then to
 //! the link; it never talks to the network itself.
+//!
+//! Capacity rule: an attempt's slot is freed before its `taskComplete` (or hand-back) is
+//! emitted, so an upstream that frees the slot when that message arrives and dispatches the
+//! next task at once never finds this daemon full. Cleanup after it (worktree removal) holds
+//! no slot.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kennel_proto::link::{
-    OutputStream, SpawnTask, TaskAccepted, TaskComplete, TaskOutput, TaskProgress, TaskRejected,
-    TaskStatusChange,
+    OutputStream, RejectCode, SpawnTask, TaskAccepted, TaskComplete, TaskOutput, TaskProgress,
+    TaskRejected, TaskStatusChange, RETURNED,
 };
 use kennel_proto::{validate_id, DaemonMessage};
 use tokio::sync::mpsc;
@@ -34,6 +40,11 @@ pub enum Control {
     Message(String),
     /// The upstream refused the attempt as stale: stop at once, report nothing more.
     Drop,
+    /// The daemon is stopping: interrupt the agent and hand the attempt back (`returned`), so
+    /// the upstream retries it elsewhere without charging the task.
+    Return {
+        grace: Duration,
+    },
 }
 
 struct Running {
@@ -58,6 +69,10 @@ pub struct Executor {
     running: Mutex<HashMap<String, Running>>,
     dropped: Mutex<HashSet<(String, u32)>>,
     out: mpsc::UnboundedSender<Pending>,
+    /// Set when a clean stop begins: new spawns are refused as `shuttingDown`.
+    stopping: AtomicBool,
+    /// Woken whenever a slot is freed.
+    freed: tokio::sync::Notify,
 }
 
 impl Executor {
@@ -82,6 +97,8 @@ impl Executor {
             running: Mutex::new(HashMap::new()),
             dropped: Mutex::new(HashSet::new()),
             out,
+            stopping: AtomicBool::new(false),
+            freed: tokio::sync::Notify::new(),
         })
     }
 
@@ -91,6 +108,10 @@ impl Executor {
 
     pub fn cache(&self) -> &RepoCache {
         &self.cache
+    }
+
+    pub fn config(&self) -> &DaemonConfig {
+        &self.cfg
     }
 
     /// Attempts running now.
@@ -186,7 +207,7 @@ impl Executor {
         });
     }
 
-    fn reject(&self, spawn: &SpawnTask, reason: String) {
+    fn reject(&self, spawn: &SpawnTask, reason: String, code: Option<RejectCode>) {
         tracing::warn!(task_id = %spawn.task_id, attempt = spawn.attempt, "rejecting task: {reason}");
         self.emit(&spawn.task_id, spawn.attempt, |seq| {
             DaemonMessage::TaskRejected(TaskRejected {
@@ -194,6 +215,7 @@ impl Executor {
                 attempt: spawn.attempt,
                 seq,
                 reason,
+                code,
             })
         });
         if let Err(e) = self.outbox.finish(&spawn.task_id, spawn.attempt) {
@@ -222,11 +244,19 @@ impl Executor {
             tracing::error!(error = %e, "outbox failed; cannot take the task");
             return;
         }
+        if self.stopping.load(Ordering::SeqCst) {
+            return self.reject(
+                &spawn,
+                "the daemon is shutting down and takes no new work".into(),
+                Some(RejectCode::ShuttingDown),
+            );
+        }
         if full {
             let n = self.cfg.max_concurrent_tasks;
             return self.reject(
                 &spawn,
                 format!("daemon at capacity ({n} of {n} tasks running)"),
+                Some(RejectCode::AtCapacity),
             );
         }
         let Some(profile) = profile else {
@@ -238,14 +268,15 @@ impl Executor {
                     spawn.agent,
                     names.join(", ")
                 ),
+                None,
             );
         };
         if let Err(reason) = agent::locate(&spawn.agent, &profile) {
-            return self.reject(&spawn, reason);
+            return self.reject(&spawn, reason, None);
         }
         if let Some(repo) = &spawn.repo {
             if let Err(e) = kennel_proto::validate_branch_name(&repo.base_branch) {
-                return self.reject(&spawn, e.to_string());
+                return self.reject(&spawn, e.to_string(), None);
             }
         }
         let (tx, rx) = mpsc::unbounded_channel();
@@ -270,14 +301,50 @@ impl Executor {
         tokio::spawn(async move {
             let (task_id, attempt) = (spawn.task_id.clone(), spawn.attempt);
             me.run(spawn, profile, rx).await;
+            // Normally done before the last report already; this covers a dropped attempt.
+            me.free_slot(&task_id, attempt);
             if let Err(e) = me.outbox.finish(&task_id, attempt) {
                 tracing::error!(error = %e, "outbox failed");
             }
-            let mut running = me.running();
-            if running.get(&task_id).is_some_and(|r| r.attempt == attempt) {
-                running.remove(&task_id);
-            }
         });
+    }
+
+    /// Frees the attempt's slot, if it still holds one.
+    fn free_slot(&self, task_id: &str, attempt: u32) {
+        let mut running = self.running();
+        if running.get(task_id).is_some_and(|r| r.attempt == attempt) {
+            running.remove(task_id);
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// Resolves when no attempt holds a slot.
+    pub async fn idle(&self) {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.running().is_empty() {
+                return;
+            }
+            freed.await;
+        }
+    }
+
+    /// A clean stop begins: refuse new work from now on.
+    pub fn begin_shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Interrupts every running agent and hands its attempt back (clean stop, grace over).
+    pub fn return_all(&self, grace: Duration) {
+        for r in self.running().values() {
+            let _ = r.control.send(Control::Return { grace });
+        }
     }
 
     /// Routes a command to the attempt it names; unknown or stale attempts are ignored.
@@ -297,7 +364,9 @@ impl Executor {
         }
     }
 
+    /// Reports the attempt's end. The slot is freed first (see the module doc).
     fn complete(&self, spawn: &SpawnTask, result: Outcome) {
+        self.free_slot(&spawn.task_id, spawn.attempt);
         self.emit(&spawn.task_id, spawn.attempt, |seq| {
             DaemonMessage::TaskComplete(TaskComplete {
                 task_id: spawn.task_id.clone(),
@@ -364,6 +433,12 @@ impl Executor {
             .await;
         let outcome = match outcome {
             AgentEnd::Dropped => return,
+            AgentEnd::Returned => {
+                self.free_slot(tid, att);
+                self.status_change(tid, att, "running", RETURNED);
+                self.remove_workdir(worktree, &spawn, &workdir).await;
+                return;
+            }
             AgentEnd::Done(o) => o,
         };
         let outcome = match (&worktree, outcome.success) {
@@ -396,6 +471,17 @@ impl Executor {
             _ => outcome,
         };
         self.complete(&spawn, outcome);
+        self.remove_workdir(worktree, &spawn, &workdir).await;
+    }
+
+    /// Cleanup after the attempt's last report; it holds no slot.
+    async fn remove_workdir(
+        &self,
+        worktree: Option<crate::worktree::Worktree>,
+        spawn: &SpawnTask,
+        workdir: &std::path::Path,
+    ) {
+        let tid = spawn.task_id.as_str();
         match worktree {
             Some(wt) if !self.cfg.keep_worktrees => match wt.remove().await {
                 Ok(bytes) => tracing::debug!(task_id = tid, bytes, "worktree removed"),
@@ -405,8 +491,8 @@ impl Executor {
             },
             _ => {}
         }
-        if worktree_is_scratch(&spawn) && !self.cfg.keep_worktrees {
-            let _ = std::fs::remove_dir_all(&workdir);
+        if worktree_is_scratch(spawn) && !self.cfg.keep_worktrees {
+            let _ = std::fs::remove_dir_all(workdir);
         }
     }
 
@@ -482,6 +568,14 @@ impl Executor {
                 if why == "dropped" {
                     return AgentEnd::Dropped;
                 }
+                if why == RETURNED {
+                    self.note(
+                        tid,
+                        att,
+                        "the daemon is shutting down; the agent was interrupted and the task goes back to the queue",
+                    );
+                    return AgentEnd::Returned;
+                }
                 self.note(tid, att, &why);
                 return AgentEnd::Done(Outcome {
                     success: false,
@@ -524,7 +618,8 @@ impl Executor {
                     }
                     Some(Control::Interrupt { grace }) => stopping = Some(("interrupted by request".into(), grace)),
                     Some(Control::Drop) => stopping = Some(("dropped".into(), Duration::ZERO)),
-                    None => stopping = Some(("the daemon is shutting down".into(), grace)),
+                    Some(Control::Return { grace }) => stopping = Some((RETURNED.into(), grace)),
+                    None => stopping = Some((RETURNED.into(), grace)),
                 },
                 () = &mut deadline => {
                     let secs = limit.unwrap_or_default();
@@ -598,14 +693,6 @@ impl Executor {
             }
         }
     }
-
-    /// Stops every running attempt (daemon shutdown).
-    pub fn interrupt_all(&self) {
-        let grace = Duration::from_secs(self.cfg.interrupt_grace_secs);
-        for r in self.running().values() {
-            let _ = r.control.send(Control::Interrupt { grace });
-        }
-    }
 }
 
 fn worktree_is_scratch(spawn: &SpawnTask) -> bool {
@@ -615,6 +702,8 @@ fn worktree_is_scratch(spawn: &SpawnTask) -> bool {
 enum AgentEnd {
     Done(Outcome),
     Dropped,
+    /// Interrupted by a clean stop: hand the attempt back.
+    Returned,
 }
 
 struct Outcome {

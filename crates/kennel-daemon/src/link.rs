@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use backon::BackoffBuilder;
 use futures_util::{SinkExt, StreamExt};
-use kennel_proto::link::{Authenticate, ErrorCode, Heartbeat, Secret, TaskRef};
+use kennel_proto::link::{close, Authenticate, Capacity, ErrorCode, Heartbeat, Secret, TaskRef};
 use kennel_proto::{decode_server_frame, DaemonMessage, Decoded, ServerMessage};
 use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::executor::{Control, Executor};
@@ -55,6 +57,8 @@ pub struct Link {
     exec: Arc<Executor>,
     out: mpsc::UnboundedReceiver<Pending>,
     state: watch::Sender<LinkState>,
+    /// True once a clean stop began: offer no capacity upstream.
+    stopping: watch::Receiver<bool>,
 }
 
 enum End {
@@ -71,6 +75,7 @@ impl Link {
         outbox: Arc<Outbox>,
         exec: Arc<Executor>,
         out: mpsc::UnboundedReceiver<Pending>,
+        stopping: watch::Receiver<bool>,
     ) -> (Self, watch::Receiver<LinkState>) {
         let (state, rx) = watch::channel(LinkState::default());
         (
@@ -80,6 +85,7 @@ impl Link {
                 exec,
                 out,
                 state,
+                stopping,
             },
             rx,
         )
@@ -98,10 +104,7 @@ impl Link {
         };
         let mut delays = backoff();
         loop {
-            let end = tokio::select! {
-                e = self.session(&mut delays, &backoff) => e,
-                _ = shutdown.changed() => End::Shutdown,
-            };
+            let end = self.session(&mut delays, &backoff, &mut shutdown).await;
             self.state.send_modify(|s| s.connected = false);
             match end {
                 End::Shutdown => return Ok(()),
@@ -126,19 +129,36 @@ impl Link {
         }
     }
 
-    /// One connection, from connect to its end.
+    /// The `capacity` message of a daemon that is stopping: it offers nothing.
+    fn no_capacity(&self) -> Message {
+        let c = DaemonMessage::Capacity(Capacity {
+            max_concurrent_tasks: 0,
+            agents: self.id.agents.clone(),
+            labels: self.id.labels.clone(),
+        });
+        Message::Text(c.to_json().into())
+    }
+
+    /// One connection, from connect to its end. A shutdown during it closes the connection
+    /// with a Close frame (going away), so the upstream sees a clean stop.
     async fn session<B: Iterator<Item = Duration>>(
         &mut self,
         delays: &mut B,
         fresh: &impl Fn() -> B,
+        shutdown: &mut watch::Receiver<bool>,
     ) -> End {
-        let (ws, _) =
-            match tokio_tungstenite::connect_async_with_config(self.id.url.as_str(), None, true)
-                .await
-            {
+        if *shutdown.borrow() {
+            return End::Shutdown;
+        }
+        let connect =
+            tokio_tungstenite::connect_async_with_config(self.id.url.as_str(), None, true);
+        let (ws, _) = tokio::select! {
+            c = connect => match c {
                 Ok(c) => c,
                 Err(e) => return End::Retry(format!("cannot connect to {}: {e}", self.id.url)),
-            };
+            },
+            _ = shutdown.changed() => return End::Shutdown,
+        };
         let (mut sink, mut stream) = ws.split();
         let running = match self.outbox.running_tasks() {
             Ok(r) => r,
@@ -160,7 +180,14 @@ impl Link {
             return End::Retry(format!("failed to authenticate: {e}"));
         }
         let authenticated = loop {
-            let frame = match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+            let next = tokio::select! {
+                n = tokio::time::timeout(Duration::from_secs(10), stream.next()) => n,
+                _ = shutdown.changed() => {
+                    let _ = sink.send(going_away()).await;
+                    return End::Shutdown;
+                }
+            };
+            let frame = match next {
                 Err(_) => return End::Retry("no answer to authenticate within 10s".into()),
                 Ok(None) => return End::Retry("connection closed during authentication".into()),
                 Ok(Some(Err(e))) => return End::Retry(format!("connection failed: {e}")),
@@ -196,6 +223,12 @@ impl Link {
             s.daemon_id = Some(authenticated.daemon_id.clone());
         });
 
+        // Reconnected while stopping: offer nothing before anything else happens.
+        if *self.stopping.borrow() {
+            if let Err(e) = sink.send(self.no_capacity()).await {
+                return End::Retry(format!("send failed: {e}"));
+            }
+        }
         // Everything queued for the old connection is in the outbox; replay from there.
         while self.out.try_recv().is_ok() {}
         let pending = match self.outbox.pending() {
@@ -215,8 +248,35 @@ impl Link {
         let mut heartbeat =
             tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         let silence = interval * 3;
+        let mut stopping = self.stopping.clone();
         loop {
             tokio::select! {
+                _ = shutdown.changed() => {
+                    // Whatever the executor queued goes out before the Close frame.
+                    while let Ok(p) = self.out.try_recv() {
+                        if sink.feed(Message::Text(p.frame.into())).await.is_err() {
+                            return End::Shutdown;
+                        }
+                    }
+                    let _ = sink.send(going_away()).await;
+                    // Wait briefly for the upstream's Close reply, so the close is orderly.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        while let Some(Ok(f)) = stream.next().await {
+                            if matches!(f, Message::Close(_)) {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
+                    return End::Shutdown;
+                }
+                Ok(()) = stopping.changed() => {
+                    if *stopping.borrow_and_update() {
+                        if let Err(e) = sink.send(self.no_capacity()).await {
+                            return End::Retry(format!("send failed: {e}"));
+                        }
+                    }
+                }
                 frame = tokio::time::timeout(silence, stream.next()) => {
                     let frame = match frame {
                         Err(_) => return End::Retry(format!("upstream silent for {}s", silence.as_secs())),
@@ -324,4 +384,12 @@ impl Link {
         }
         None
     }
+}
+
+/// The Close frame of a clean stop.
+fn going_away() -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(close::GOING_AWAY),
+        reason: "daemon shutting down".into(),
+    }))
 }

@@ -70,6 +70,11 @@ pub struct Task {
     pub exit_code: Option<i32>,
     pub branch: Option<String>,
     pub commit: Option<String>,
+    /// Why a queued task is not being dispatched, when no connected daemon can run it (no
+    /// daemon offers its agent or labels, none is connected, all are draining). Absent while
+    /// it just waits for a free slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 /// One attempt of a task: one dispatch to one daemon.
@@ -282,6 +287,20 @@ pub struct ServerStatus {
     pub capacity_total: u32,
     pub capacity_used: u32,
     pub tasks: BTreeMap<String, u64>,
+    /// Queued tasks no connected daemon can run, grouped by why.
+    #[serde(default)]
+    pub waiting: Vec<WaitingTasks>,
+}
+
+/// Queued tasks that wait for the same reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct WaitingTasks {
+    pub reason: String,
+    pub tasks: u64,
+    /// The oldest of them.
+    pub example_task_id: String,
 }
 
 /// Every error the API returns has this body, with a matching HTTP status.

@@ -122,6 +122,8 @@ pub struct TaskAccepted {
     pub seq: u64,
 }
 
+/// The daemon will not run this attempt. `code` says whether that is the task's fault or the
+/// daemon's state: a refusal for capacity or shutdown is not charged to the task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskRejected {
@@ -129,6 +131,40 @@ pub struct TaskRejected {
     pub attempt: u32,
     pub seq: u64,
     pub reason: String,
+    /// Why, as a machine-readable code; absent means the task itself cannot run here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<RejectCode>,
+}
+
+/// Typed reasons for a `taskRejected`. Unknown codes from newer daemons decode as `other`,
+/// which is treated like an untyped refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RejectCode {
+    /// Every slot is busy. The upstream treats the daemon as full until it reports a free
+    /// slot (a `taskComplete`, a heartbeat with fewer active tasks, or `capacity`), and the
+    /// task goes back to the queue without using up an attempt.
+    AtCapacity,
+    /// The daemon is stopping and takes no new work; not charged to the task either.
+    ShuttingDown,
+    #[serde(other)]
+    Other,
+}
+
+impl RejectCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectCode::AtCapacity => "atCapacity",
+            RejectCode::ShuttingDown => "shuttingDown",
+            RejectCode::Other => "other",
+        }
+    }
+
+    /// Whether the refusal says something about the daemon rather than the task, so it must
+    /// not count against the task's attempts.
+    pub fn is_daemon_state(self) -> bool {
+        matches!(self, RejectCode::AtCapacity | RejectCode::ShuttingDown)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,6 +192,10 @@ pub struct TaskProgress {
     pub detail: Option<serde_json::Value>,
 }
 
+/// A live attempt changed state on the daemon. `newStatus` is `paused` or `running` (pause and
+/// resume), `lost` (the daemon restarted and the agent died with it: retried, charged) or
+/// [`RETURNED`] (the daemon stopped cleanly before the agent finished and hands the attempt
+/// back: retried, not charged).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskStatusChange {
@@ -165,6 +205,9 @@ pub struct TaskStatusChange {
     pub old_status: String,
     pub new_status: String,
 }
+
+/// `taskStatusChange.newStatus` of an attempt handed back by a daemon that is shutting down.
+pub const RETURNED: &str = "returned";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -184,7 +227,8 @@ pub struct TaskComplete {
 }
 
 /// A new capacity offer from a connected daemon: a relay sends it when its downstream daemons
-/// come and go, so the coordinator schedules it like one daemon of that size.
+/// come and go, so the coordinator schedules it like one daemon of that size; a daemon that
+/// begins a clean stop sends `maxConcurrentTasks: 0` so nothing new is dispatched to it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Capacity {
@@ -296,9 +340,10 @@ impl DaemonMessage {
                 Ok(())
             }
             DaemonMessage::Capacity(c) => {
-                if c.max_concurrent_tasks == 0 || c.max_concurrent_tasks > 10_000 {
+                // 0 is allowed: a daemon that is stopping, or a relay with no daemon behind it.
+                if c.max_concurrent_tasks > 10_000 {
                     return Err(FrameError::invalid(
-                        "maxConcurrentTasks must be between 1 and 10000",
+                        "maxConcurrentTasks must be between 0 and 10000",
                     ));
                 }
                 if c.labels.len() > 64 || c.agents.len() > 64 {
@@ -349,7 +394,8 @@ pub mod close {
     pub const REPLACED: u16 = 4004;
     /// Nothing arrived for three heartbeat intervals.
     pub const SILENT: u16 = 4005;
-    /// The server is shutting down.
+    /// The side that sends it is shutting down (a coordinator, a relay, or a daemon that
+    /// stops cleanly).
     pub const GOING_AWAY: u16 = 1001;
     /// The server could not record the daemon's messages; reconnect and replay.
     pub const STORE_UNAVAILABLE: u16 = 1011;

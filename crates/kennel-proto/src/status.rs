@@ -102,10 +102,13 @@ pub enum AttemptStatus {
     /// The daemon disappeared and did not come back within the reattach grace.
     Lost,
     Cancelled,
+    /// The daemon stopped cleanly before the agent finished and handed the attempt back; the
+    /// task is retried without using up an attempt.
+    Returned,
 }
 
 impl AttemptStatus {
-    pub const ALL: [AttemptStatus; 9] = [
+    pub const ALL: [AttemptStatus; 10] = [
         AttemptStatus::Dispatched,
         AttemptStatus::Running,
         AttemptStatus::Paused,
@@ -115,6 +118,7 @@ impl AttemptStatus {
         AttemptStatus::Expired,
         AttemptStatus::Lost,
         AttemptStatus::Cancelled,
+        AttemptStatus::Returned,
     ];
 
     pub fn is_live(self) -> bool {
@@ -135,6 +139,7 @@ impl AttemptStatus {
             AttemptStatus::Expired => "expired",
             AttemptStatus::Lost => "lost",
             AttemptStatus::Cancelled => "cancelled",
+            AttemptStatus::Returned => "returned",
         }
     }
 }

@@ -251,7 +251,7 @@ fn handle_batch(
                 ErrorCode::NotAuthenticated,
                 "already authenticated on this connection".into(),
             ),
-            DaemonMessage::Heartbeat(_) => relay.heartbeat(machine),
+            DaemonMessage::Heartbeat(h) => relay.heartbeat(machine, h.active_tasks.len()),
             DaemonMessage::Capacity(c) => {
                 flush(&mut reports);
                 relay.set_daemon_capacity(machine, &c)

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kennel_proto::link::{
-    Authenticate, Capacity, ErrorCode, ErrorFrame, SpawnTask, TaskQueued, TaskRef, TaskStatusChange,
+    Authenticate, Capacity, ErrorCode, ErrorFrame, SpawnTask, TaskQueued, TaskRef,
+    TaskStatusChange, RETURNED,
 };
 use kennel_proto::{DaemonMessage, ServerMessage};
 use serde::Serialize;
@@ -44,6 +45,9 @@ struct Down {
     last_heartbeat_ms: i64,
     /// Dispatch counter at its last dispatch (tie-break: longest idle first).
     last_pick: u64,
+    /// It refused a task for capacity: nothing more goes to it until it reports a free slot
+    /// (an attempt of its ends, a heartbeat with fewer active tasks, `capacity`, a reconnect).
+    full: bool,
 }
 
 /// An attempt a downstream daemon holds.
@@ -53,6 +57,9 @@ struct Hold {
     /// The highest seq seen for this attempt; `None` when it was restored after a restart
     /// (`relay.db` does not track every message).
     last_seq: Option<u64>,
+    /// The `spawnTask` it was given, to queue again if the daemon refuses it for capacity or
+    /// shutdown; `None` for holds restored after a restart.
+    spawn: Option<SpawnTask>,
 }
 
 #[derive(Default)]
@@ -161,6 +168,7 @@ impl Relay {
                     attempt: h.attempt,
                     daemon: h.daemon,
                     last_seq: None,
+                    spawn: None,
                 },
             );
         }
@@ -663,7 +671,9 @@ impl Relay {
                 .daemons
                 .iter()
                 .filter(|(id, d)| {
-                    active.get(*id).copied().unwrap_or(0) < d.max && d.agents.contains(&s.agent)
+                    !d.full
+                        && active.get(*id).copied().unwrap_or(0) < d.max
+                        && d.agents.contains(&s.agent)
                 })
                 .min_by_key(|(id, d)| (active.get(*id).copied().unwrap_or(0), d.last_pick))
                 .map(|(id, _)| id.clone());
@@ -687,11 +697,12 @@ impl Relay {
             });
             tracing::info!(task_id = %s.task_id, attempt = s.attempt, daemon = %id, "dispatched");
             st.holds.insert(
-                s.task_id,
+                s.task_id.clone(),
                 Hold {
                     attempt: s.attempt,
                     daemon: id,
                     last_seq: Some(0),
+                    spawn: Some(s),
                 },
             );
         }
@@ -729,6 +740,7 @@ impl Relay {
                     connected_ms: now,
                     last_heartbeat_ms: now,
                     last_pick: 0,
+                    full: false,
                 },
             );
             if let Some(old) = old {
@@ -846,9 +858,23 @@ impl Relay {
         });
     }
 
-    pub fn heartbeat(&self, machine: &str) {
-        if let Some(d) = self.lock().daemons.get_mut(machine) {
-            d.last_heartbeat_ms = now_ms();
+    /// A daemon's heartbeat with the number of tasks it runs; fewer than its maximum frees
+    /// it from a capacity refusal.
+    pub fn heartbeat(&self, machine: &str, active: usize) {
+        let mut st = self.lock();
+        let freed = match st.daemons.get_mut(machine) {
+            Some(d) => {
+                d.last_heartbeat_ms = now_ms();
+                let freed = d.full && (active as u32) < d.max;
+                if freed {
+                    d.full = false;
+                }
+                freed
+            }
+            None => false,
+        };
+        if freed {
+            self.dispatch(&mut st);
         }
     }
 
@@ -863,6 +889,7 @@ impl Relay {
         let mut refused = Vec::new();
         let mut forward: Vec<(&str, u32, u64, &str)> = Vec::new();
         let mut ended_any = false;
+        let mut requeued: Vec<SpawnTask> = Vec::new();
         let mut st = self.lock();
         let now = now_ms();
         for (msg, frame) in batch {
@@ -883,6 +910,35 @@ impl Relay {
                     ),
                 )));
                 continue;
+            }
+            if let DaemonMessage::TaskRejected(m) = msg {
+                if m.code.is_some_and(|c| c.is_daemon_state()) {
+                    if let Some(spawn) = st.holds.get(hdr.task_id).and_then(|h| h.spawn.clone()) {
+                        // The daemon is full or stopping, which says nothing about the task:
+                        // it waits here for another slot; upstream never hears of it.
+                        st.holds.remove(hdr.task_id);
+                        if let Some(d) = st.daemons.get_mut(machine) {
+                            d.full = true;
+                            let ack = ServerMessage::Ack(kennel_proto::link::Ack {
+                                task_id: hdr.task_id.to_string(),
+                                attempt: hdr.attempt,
+                                seq: hdr.seq,
+                            });
+                            let _ = d.tx.send(Outbound::Text(ack.to_json()));
+                        }
+                        tracing::info!(
+                            task_id = hdr.task_id,
+                            machine,
+                            "daemon refused a task ({}); queued again",
+                            m.reason
+                        );
+                        self.with_db("record a refused task", |h| {
+                            h.set_status(hdr.task_id, hdr.attempt, "queued", Some(&m.reason), None)
+                        });
+                        requeued.push(spawn);
+                        continue;
+                    }
+                }
             }
             if let Some(h) = st.holds.get_mut(hdr.task_id) {
                 h.last_seq = Some(h.last_seq.map_or(hdr.seq, |s| s.max(hdr.seq)));
@@ -920,9 +976,11 @@ impl Relay {
                     });
                     true
                 }
-                DaemonMessage::TaskStatusChange(m) if m.new_status == "lost" => {
+                DaemonMessage::TaskStatusChange(m)
+                    if m.new_status == "lost" || m.new_status == RETURNED =>
+                {
                     self.with_db("record a lost task", |h| {
-                        h.set_status(hdr.task_id, hdr.attempt, "lost", None, Some(now))
+                        h.set_status(hdr.task_id, hdr.attempt, &m.new_status, None, Some(now))
                     });
                     true
                 }
@@ -930,6 +988,10 @@ impl Relay {
             };
             if ended {
                 st.holds.remove(hdr.task_id);
+                // One of its slots is free again.
+                if let Some(d) = st.daemons.get_mut(machine) {
+                    d.full = false;
+                }
                 ended_any = true;
             }
         }
@@ -937,8 +999,24 @@ impl Relay {
             // Kept before it is sent, so an ack can never overtake what it drops.
             self.send_up(&mut st, &forward);
         }
-        if ended_any {
+        let back: HashSet<(String, u32)> = requeued
+            .iter()
+            .map(|s| (s.task_id.clone(), s.attempt))
+            .collect();
+        // Oldest first at the front, as they were before they went out.
+        for s in requeued.into_iter().rev() {
+            st.queue.push_front(s);
+        }
+        if ended_any || !back.is_empty() {
             self.dispatch(&mut st);
+        }
+        if let (false, Some(up)) = (back.is_empty(), st.upstream.clone()) {
+            // Those still waiting here must not run into the upstream's accept deadline.
+            for q in &st.queue {
+                if back.contains(&(q.task_id.clone(), q.attempt)) {
+                    let _ = up.send(self.queued_message(q).to_json());
+                }
+            }
         }
         refused
     }
@@ -988,6 +1066,7 @@ impl Relay {
         if let Some(d) = st.daemons.get_mut(machine) {
             d.max = c.max_concurrent_tasks;
             d.agents = c.agents.iter().cloned().collect();
+            d.full = false;
         }
         self.send_capacity(&st);
         self.dispatch(&mut st);

@@ -161,7 +161,10 @@ pub async fn list_tasks(
         None
     };
     Ok(Json(Page {
-        items: items.drain(..).map(|q| q.task).collect(),
+        items: items
+            .drain(..)
+            .map(|q| app.coord.overlay_task(q.task))
+            .collect(),
         next_cursor,
     }))
 }
@@ -363,6 +366,7 @@ pub async fn status(p: Principal, State(app): S) -> AppResult<Json<ServerStatus>
             .into_iter()
             .map(|s| (s.to_string(), counts.get(&s).copied().unwrap_or(0)))
             .collect(),
+        waiting: app.coord.waiting_summary(),
     }))
 }
 

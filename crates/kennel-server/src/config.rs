@@ -80,6 +80,10 @@ pub struct SchedulerConfig {
     pub default_agent: String,
     /// Seconds between SIGINT and SIGTERM asked of a daemon when a task is cancelled.
     pub cancel_grace_secs: u64,
+    /// Seconds a queued task may wait while no connected daemon can run it (no daemon offers
+    /// its agent or labels, none connected, all draining) before it fails with that reason.
+    /// 0 (the default) waits forever; the reason is shown meanwhile.
+    pub unschedulable_timeout_secs: u64,
 }
 
 impl Default for SchedulerConfig {
@@ -90,6 +94,7 @@ impl Default for SchedulerConfig {
             default_max_attempts: 3,
             default_agent: "claude".into(),
             cancel_grace_secs: 10,
+            unschedulable_timeout_secs: 0,
         }
     }
 }

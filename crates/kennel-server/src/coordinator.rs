@@ -13,14 +13,16 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use kennel_proto::api::WaitingTasks;
 use kennel_proto::api::{CreateTask, Daemon, Event, Task};
 use kennel_proto::link::{
-    ErrorCode, ErrorFrame, InterruptTask, SendMessage, ServerMessage, SpawnTask, TaskCommand,
-    TaskLimits, TaskRef,
+    ErrorCode, ErrorFrame, InterruptTask, RejectCode, SendMessage, ServerMessage, SpawnTask,
+    TaskCommand, TaskLimits, TaskRef,
 };
 use kennel_proto::{validate_id, AttemptStatus, TaskStatus};
 use kennel_store::{
-    Applied, DaemonHello, Dispatch, EndAttempt, Ended, NewTask, Report, Store, StoreError,
+    Applied, DaemonHello, Dispatch, Effect, EndAttempt, Ended, NewTask, Report, Retry, Store,
+    StoreError,
 };
 use tokio::sync::{broadcast, mpsc, Notify};
 
@@ -30,6 +32,11 @@ use crate::Clock;
 
 /// Most dispatches recorded in one store transaction.
 const DISPATCH_BATCH: usize = 256;
+
+/// How long a task must stay unschedulable before it is announced as waiting: long enough that
+/// daemons reconnecting after a coordinator restart do not flood the event stream, short
+/// enough that a user sees why within a second or two.
+const WAITING_SETTLE: Duration = Duration::from_millis(700);
 
 /// A frame (or a close) for one daemon connection's writer.
 #[derive(Debug)]
@@ -78,23 +85,50 @@ struct DaemonSlot {
     last_pick: u64,
     /// Bumped on every connect and disconnect, so a stale grace timer knows to do nothing.
     generation: u64,
+    /// It refused a task for capacity: nothing more goes to it until it reports a free slot
+    /// (an attempt of its ends, a heartbeat with fewer active tasks than its maximum, a
+    /// `capacity` message or a reconnect).
+    full: bool,
 }
 
 impl DaemonSlot {
     fn free(&self) -> u32 {
+        if self.full {
+            return 0;
+        }
         self.max.saturating_sub(self.held.len() as u32)
     }
 
-    fn can_take(&self, task: &Task) -> bool {
-        self.conn.is_some()
-            && !self.draining
-            && self.free() > 0
-            && self.agents.contains(&task.agent)
+    /// Whether it could ever run `task` as it is now (free slots aside).
+    fn serves(&self, task: &Task) -> bool {
+        self.agents.contains(&task.agent)
             && task
                 .labels
                 .iter()
                 .all(|(k, v)| self.labels.get(k) == Some(v))
     }
+
+    fn can_take(&self, task: &Task) -> bool {
+        self.conn.is_some() && !self.draining && self.free() > 0 && self.serves(task)
+    }
+}
+
+/// A queued task that no connected daemon can run, and why.
+struct Waiting {
+    reason: String,
+    since: Instant,
+    /// Published as a `task.waiting` event (after [`WAITING_SETTLE`]).
+    announced: bool,
+}
+
+/// What a task needs of a daemon: its agent and its labels.
+type Requirement = (String, Vec<(String, String)>);
+
+/// A change of a task's waiting reason, to publish.
+struct WaitingChange {
+    task_id: String,
+    /// `None`: it can be scheduled again.
+    reason: Option<String>,
 }
 
 /// Higher priority first; within one priority, older first (task ids are UUIDv7, which sort
@@ -110,11 +144,18 @@ struct State {
     live: HashMap<String, Live>,
     next_conn: u64,
     picks: u64,
+    /// Queued tasks no connected daemon can run.
+    waiting: HashMap<String, Waiting>,
+    /// Tasks queued since the last waiting check.
+    unchecked: Vec<String>,
+    /// Daemons came, went, drained or changed what they offer: check every queued task.
+    recheck_all: bool,
 }
 
 impl State {
     fn enqueue(&mut self, task: Task) {
         let key = (Reverse(task.priority), task.id.clone());
+        self.unchecked.push(task.id.clone());
         self.queued.insert(task.id.clone(), key.clone());
         self.queue.insert(
             key,
@@ -127,6 +168,7 @@ impl State {
 
     fn unqueue(&mut self, task_id: &str) -> Option<Pending> {
         let key = self.queued.remove(task_id)?;
+        self.unchecked.push(task_id.to_string());
         self.queue.remove(&key)
     }
 
@@ -157,8 +199,185 @@ impl State {
         if let Some(live) = self.live.remove(task_id) {
             if let Some(d) = self.daemons.get_mut(&live.daemon_id) {
                 d.held.remove(task_id);
+                // An attempt of its ended: it has a free slot again.
+                d.full = false;
             }
         }
+    }
+
+    /// Why no connected daemon can run `task` (free slots aside), or `None` if one can.
+    fn why_unschedulable(&self, task: &Task) -> Option<String> {
+        let mut connected: Vec<&DaemonSlot> =
+            self.daemons.values().filter(|d| d.conn.is_some()).collect();
+        if connected.is_empty() {
+            return Some(
+                "no daemon is connected (start one with `kennel daemon`, or check that yours \
+                 can reach the coordinator)"
+                    .into(),
+            );
+        }
+        if connected.iter().any(|d| !d.draining && d.serves(task)) {
+            return None;
+        }
+        connected.sort_by(|a, b| a.id.cmp(&b.id));
+        let serving: Vec<&str> = connected
+            .iter()
+            .filter(|d| d.serves(task))
+            .map(|d| d.id.as_str())
+            .collect();
+        if !serving.is_empty() {
+            return Some(format!(
+                "every daemon that can run it is draining ({}); `kennel daemons undrain ID` \
+                 lets one take work again",
+                serving.join(", ")
+            ));
+        }
+        let with_agent: Vec<&&DaemonSlot> = connected
+            .iter()
+            .filter(|d| d.agents.contains(&task.agent))
+            .collect();
+        if with_agent.is_empty() {
+            let offered: Vec<String> = connected
+                .iter()
+                .map(|d| {
+                    let mut agents: Vec<&str> = d.agents.iter().map(String::as_str).collect();
+                    agents.sort_unstable();
+                    let agents = if agents.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        agents.join(", ")
+                    };
+                    format!("{agents} on {}", d.id)
+                })
+                .collect();
+            return Some(format!(
+                "no connected daemon offers agent \"{}\" (offered: {})",
+                task.agent,
+                offered.join("; ")
+            ));
+        }
+        let want: Vec<String> = task
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let have: Vec<String> = with_agent
+            .iter()
+            .map(|d| {
+                let labels: Vec<String> =
+                    d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let labels = if labels.is_empty() {
+                    "no labels".to_string()
+                } else {
+                    labels.join(",")
+                };
+                format!("{}: {labels}", d.id)
+            })
+            .collect();
+        Some(format!(
+            "no connected daemon offering agent \"{}\" has the labels {} ({})",
+            task.agent,
+            want.join(","),
+            have.join("; ")
+        ))
+    }
+
+    /// Brings [`State::waiting`] up to date and returns what to announce: tasks that stayed
+    /// unschedulable for [`WAITING_SETTLE`], and announced ones that can run again.
+    fn refresh_waiting(&mut self, now: Instant) -> Vec<WaitingChange> {
+        let check: Vec<String> = if std::mem::take(&mut self.recheck_all) {
+            self.unchecked.clear();
+            self.queued.keys().cloned().collect()
+        } else {
+            std::mem::take(&mut self.unchecked)
+        };
+        let mut changes = Vec::new();
+        // Tasks with the same requirements get the same answer; ask once per requirement.
+        let mut answers: HashMap<Requirement, Option<String>> = HashMap::new();
+        for id in check {
+            let Some(key) = self.queued.get(&id) else {
+                if let Some(w) = self.waiting.remove(&id) {
+                    if w.announced {
+                        changes.push(WaitingChange {
+                            task_id: id,
+                            reason: None,
+                        });
+                    }
+                }
+                continue;
+            };
+            let Some(p) = self.queue.get(key) else {
+                continue;
+            };
+            let req = (
+                p.task.agent.clone(),
+                p.task
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            );
+            let reason = match answers.get(&req) {
+                Some(r) => r.clone(),
+                None => {
+                    let r = self.why_unschedulable(&p.task);
+                    answers.insert(req, r.clone());
+                    r
+                }
+            };
+            match (reason, self.waiting.get_mut(&id)) {
+                (None, Some(_)) => {
+                    if self.waiting.remove(&id).is_some_and(|w| w.announced) {
+                        changes.push(WaitingChange {
+                            task_id: id,
+                            reason: None,
+                        });
+                    }
+                }
+                (None, None) => {}
+                (Some(r), Some(w)) => {
+                    if w.reason != r {
+                        w.reason = r;
+                        w.announced = false;
+                    }
+                }
+                (Some(r), None) => {
+                    self.waiting.insert(
+                        id,
+                        Waiting {
+                            reason: r,
+                            since: now,
+                            announced: false,
+                        },
+                    );
+                }
+            }
+        }
+        // Dispatched or ended tasks leave the waiting set.
+        let gone: Vec<String> = self
+            .waiting
+            .keys()
+            .filter(|id| !self.queued.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            if self.waiting.remove(&id).is_some_and(|w| w.announced) {
+                changes.push(WaitingChange {
+                    task_id: id,
+                    reason: None,
+                });
+            }
+        }
+        for (id, w) in self.waiting.iter_mut() {
+            if !w.announced && now.duration_since(w.since) >= WAITING_SETTLE {
+                w.announced = true;
+                changes.push(WaitingChange {
+                    task_id: id.clone(),
+                    reason: Some(w.reason.clone()),
+                });
+            }
+        }
+        changes
     }
 
     fn update_gauges(&self) {
@@ -355,6 +574,131 @@ impl Coordinator {
         self.wake.notify_one();
     }
 
+    /// Announces tasks that no connected daemon can run (and those that can run again), and
+    /// fails them after `unschedulable_timeout_secs` when that is set. Runs until the process
+    /// ends; a tick does work only when tasks were queued or daemons changed since the last.
+    pub async fn run_waiting_watch(self: Arc<Self>) {
+        let timeout = match self.cfg.scheduler.unschedulable_timeout_secs {
+            0 => None,
+            s => Some(Duration::from_secs(s)),
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            let (changes, expired) = {
+                let mut st = self.lock();
+                let idle = !st.recheck_all
+                    && st.unchecked.is_empty()
+                    && st.waiting.values().all(|w| w.announced)
+                    && timeout.is_none();
+                if idle {
+                    continue;
+                }
+                let changes = st.refresh_waiting(now);
+                let expired: Vec<(String, String)> = match timeout {
+                    Some(t) => st
+                        .waiting
+                        .iter()
+                        .filter(|(_, w)| w.announced && now.duration_since(w.since) >= t)
+                        .map(|(id, w)| (id.clone(), w.reason.clone()))
+                        .collect(),
+                    None => Vec::new(),
+                };
+                (changes, expired)
+            };
+            for c in changes {
+                self.announce_waiting(c).await;
+            }
+            for (task_id, reason) in expired {
+                self.fail_unschedulable(&task_id, &reason).await;
+            }
+        }
+    }
+
+    async fn announce_waiting(&self, c: WaitingChange) {
+        match &c.reason {
+            Some(r) => tracing::info!(task_id = %c.task_id, "task waiting: {r}"),
+            None => tracing::debug!(task_id = %c.task_id, "task can be scheduled again"),
+        }
+        let data = serde_json::json!({ "reason": c.reason });
+        match self
+            .store
+            .record_event(
+                "task.waiting",
+                Some(&c.task_id),
+                None,
+                data,
+                self.clock.now_ms(),
+            )
+            .await
+        {
+            Ok(ev) => self.publish([ev]),
+            Err(e) => {
+                tracing::warn!(task_id = %c.task_id, error = %e, "failed to record a task.waiting event")
+            }
+        }
+    }
+
+    async fn fail_unschedulable(&self, task_id: &str, reason: &str) {
+        let secs = self.cfg.scheduler.unschedulable_timeout_secs;
+        let error = format!(
+            "no daemon could run it for {secs}s (server.scheduler.unschedulable_timeout_secs): {reason}"
+        );
+        match self
+            .store
+            .fail_queued(task_id, &error, self.clock.now_ms())
+            .await
+        {
+            Ok(Some(ended)) => {
+                tracing::warn!(task_id, "task failed: {error}");
+                {
+                    let mut st = self.lock();
+                    st.unqueue(task_id);
+                    st.waiting.remove(task_id);
+                }
+                self.mirror(ended);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(task_id, error = %e, "failed to fail an unschedulable task"),
+        }
+    }
+
+    /// The waiting reason of a queued task, if no connected daemon can run it.
+    fn waiting_reason(&self, task_id: &str) -> Option<String> {
+        self.lock().waiting.get(task_id).map(|w| w.reason.clone())
+    }
+
+    /// Adds what only memory knows (why a queued task waits) to a stored task.
+    pub fn overlay_task(&self, mut t: Task) -> Task {
+        if t.status == TaskStatus::Queued {
+            t.waiting = self.waiting_reason(&t.id);
+        }
+        t
+    }
+
+    /// Queued tasks no connected daemon can run, grouped by reason, oldest example first.
+    pub fn waiting_summary(&self) -> Vec<WaitingTasks> {
+        let st = self.lock();
+        let mut groups: BTreeMap<&str, (u64, &str)> = BTreeMap::new();
+        for (id, w) in &st.waiting {
+            let g = groups.entry(w.reason.as_str()).or_insert((0, id.as_str()));
+            g.0 += 1;
+            if id.as_str() < g.1 {
+                g.1 = id.as_str();
+            }
+        }
+        groups
+            .into_iter()
+            .map(|(reason, (tasks, example))| WaitingTasks {
+                reason: reason.to_string(),
+                tasks,
+                example_task_id: example.to_string(),
+            })
+            .collect()
+    }
+
     /// Runs the dispatch loop until the process ends.
     pub async fn run_scheduler(self: Arc<Self>) {
         loop {
@@ -442,7 +786,7 @@ impl Coordinator {
                 attempt,
                 status: AttemptStatus::Expired,
                 reason: &reason,
-                retry: true,
+                retry: Retry::Charged,
                 terminal: TaskStatus::Failed,
             },
             true,
@@ -501,9 +845,11 @@ impl Coordinator {
     pub async fn submit(&self, req: CreateTask) -> Result<Task, ApiError> {
         let new = self.validate_task(req)?;
         let (queued, ev) = self.store.create_task(new, self.clock.now_ms()).await?;
-        let task = queued.task.clone();
+        let mut task = queued.task.clone();
         {
             let mut st = self.lock();
+            // Said at once in the answer; announced as an event once it has settled.
+            task.waiting = st.why_unschedulable(&task);
             st.enqueue(queued.task);
             st.update_gauges();
         }
@@ -581,11 +927,12 @@ impl Coordinator {
 
     pub async fn task(&self, id: &str) -> Result<Task, ApiError> {
         validate_id("task id", id).map_err(|e| ApiError::invalid(e.to_string()))?;
-        self.store.get_task(id).await?.ok_or_else(|| {
+        let task = self.store.get_task(id).await?.ok_or_else(|| {
             ApiError::not_found(format!(
                 "no task `{id}`; `kennel task list` shows the tasks"
             ))
-        })
+        })?;
+        Ok(self.overlay_task(task))
     }
 
     pub async fn cancel(&self, id: &str) -> Result<Task, ApiError> {
@@ -610,7 +957,7 @@ impl Coordinator {
                         attempt: task.attempt,
                         status: AttemptStatus::Cancelled,
                         reason: "cancelled by request",
-                        retry: false,
+                        retry: Retry::Never,
                         terminal: TaskStatus::Cancelled,
                     },
                     true,
@@ -725,8 +1072,12 @@ impl Coordinator {
                 "no daemon `{daemon_id}`; `kennel daemons` lists them"
             )));
         };
-        if let Some(slot) = self.lock().daemons.get_mut(daemon_id) {
-            slot.draining = draining;
+        {
+            let mut st = self.lock();
+            if let Some(slot) = st.daemons.get_mut(daemon_id) {
+                slot.draining = draining;
+            }
+            st.recheck_all = true;
         }
         self.publish([ev]);
         self.wake.notify_one();
@@ -816,6 +1167,7 @@ impl Coordinator {
             slot.agents = hello.agents.iter().cloned().collect();
             slot.draining = daemon.draining;
             slot.generation += 1;
+            slot.full = false;
             // `authenticated` is queued before the connection becomes visible to the
             // scheduler, so it precedes any `spawnTask`, and a daemon that has read it is
             // already schedulable.
@@ -826,12 +1178,16 @@ impl Coordinator {
             });
             let held: Vec<String> = slot.held.iter().cloned().collect();
             for task_id in held {
-                let attempt = st.live.get(&task_id).map(|l| l.attempt).unwrap_or(0);
+                let (attempt, accepted) = st
+                    .live
+                    .get(&task_id)
+                    .map(|l| (l.attempt, l.accepted))
+                    .unwrap_or((0, false));
                 let still = running
                     .iter()
                     .any(|r| r.task_id == task_id && r.attempt == attempt);
                 if !still {
-                    lost.push((task_id, attempt));
+                    lost.push((task_id, attempt, accepted));
                 }
             }
             for r in &running {
@@ -843,6 +1199,7 @@ impl Coordinator {
                     stale.push(r.clone());
                 }
             }
+            st.recheck_all = true;
             st.update_gauges();
         }
         tracing::info!(daemon_id, hostname = %hello.hostname, "daemon connected");
@@ -859,15 +1216,28 @@ impl Coordinator {
                 expected_seq: None,
             })));
         }
-        for (task_id, attempt) in lost {
-            let reason = format!("daemon {daemon_id} reconnected without attempt {attempt}");
+        for (task_id, attempt, accepted) in lost {
+            let reason = if accepted {
+                format!("daemon {daemon_id} reconnected without attempt {attempt}")
+            } else {
+                format!(
+                    "daemon {daemon_id} reconnected without attempt {attempt}, which it never \
+                     received (not counted against the task)"
+                )
+            };
+            // An attempt the daemon never received never ran: not the task's doing.
+            let retry = if accepted {
+                Retry::Charged
+            } else {
+                Retry::Free
+            };
             self.end_attempt(
                 EndAttempt {
                     task_id: &task_id,
                     attempt,
                     status: AttemptStatus::Lost,
                     reason: &reason,
-                    retry: true,
+                    retry,
                     terminal: TaskStatus::Lost,
                 },
                 false,
@@ -891,6 +1261,7 @@ impl Coordinator {
             slot.conn = None;
             slot.generation += 1;
             let w = (!slot.held.is_empty()).then_some(slot.generation);
+            st.recheck_all = true;
             st.update_gauges();
             w
         };
@@ -943,7 +1314,7 @@ impl Coordinator {
                     attempt,
                     status: AttemptStatus::Lost,
                     reason: &reason,
-                    retry: true,
+                    retry: Retry::Charged,
                     terminal: TaskStatus::Lost,
                 },
                 false,
@@ -968,6 +1339,27 @@ impl Coordinator {
                 let Some(task) = task else { continue };
                 changed = true;
                 st.observe(task);
+                if let Effect::Rejected { code: Some(c), .. } = &r.effect {
+                    // Observed first: the release above clears `full`, this sets it.
+                    if let Some(slot) = st.daemons.get_mut(&r.daemon_id) {
+                        match c {
+                            RejectCode::AtCapacity => {
+                                tracing::info!(
+                                    daemon_id = %r.daemon_id,
+                                    task_id = %r.task_id,
+                                    "daemon refused a task for capacity; it gets nothing more until it reports a free slot"
+                                );
+                                slot.full = true;
+                            }
+                            RejectCode::ShuttingDown => {
+                                // Until it reconnects or offers capacity again.
+                                slot.max = 0;
+                                st.recheck_all = true;
+                            }
+                            RejectCode::Other => {}
+                        }
+                    }
+                }
             }
             if changed {
                 st.update_gauges();
@@ -991,6 +1383,8 @@ impl Coordinator {
             slot.max = c.max_concurrent_tasks;
             slot.agents = c.agents.into_iter().collect();
             slot.labels = c.labels;
+            slot.full = false;
+            st.recheck_all = true;
             st.update_gauges();
         }
         tracing::info!(daemon_id, "daemon capacity changed");
@@ -1017,7 +1411,23 @@ impl Coordinator {
         }
     }
 
-    pub async fn heartbeat(&self, daemon_id: &str) {
+    /// A heartbeat: liveness, and `active` tasks running, which frees a daemon marked full
+    /// after a capacity refusal once it runs fewer than its maximum.
+    pub async fn heartbeat(&self, daemon_id: &str, active: usize) {
+        let freed = {
+            let mut st = self.lock();
+            match st.daemons.get_mut(daemon_id) {
+                Some(slot) if slot.full && (active as u32) < slot.max => {
+                    slot.full = false;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if freed {
+            tracing::debug!(daemon_id, active, "daemon reports a free slot again");
+            self.wake.notify_one();
+        }
         if let Err(e) = self.store.daemon_seen(daemon_id, self.clock.now_ms()).await {
             tracing::warn!(daemon_id, error = %e, "failed to record heartbeat");
         }
@@ -1035,6 +1445,7 @@ fn slot_from(d: &Daemon) -> DaemonSlot {
         held: HashSet::new(),
         last_pick: 0,
         generation: 0,
+        full: false,
     }
 }
 
@@ -1082,6 +1493,7 @@ mod tests {
             exit_code: None,
             branch: None,
             commit: None,
+            waiting: None,
         }
     }
 
@@ -1102,6 +1514,7 @@ mod tests {
                 held: HashSet::new(),
                 last_pick: 0,
                 generation: 0,
+                full: false,
             },
         );
     }

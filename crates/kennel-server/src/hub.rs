@@ -284,7 +284,8 @@ impl Connection {
 
     async fn handle_batch(&self, frames: Vec<Message>) -> Option<(u16, String)> {
         let mut reports = Vec::new();
-        let mut heartbeat = false;
+        // Active tasks the newest heartbeat in the batch reported.
+        let mut heartbeat = None;
         for frame in frames {
             let text = match frame {
                 Message::Text(t) => t,
@@ -295,7 +296,7 @@ impl Connection {
                     );
                     continue;
                 }
-                Message::Close(_) => return Some((1000, "daemon closed the connection".into())),
+                Message::Close(frame) => return Some(closed_by_daemon(frame)),
                 Message::Ping(_) | Message::Pong(_) => continue,
             };
             metrics::counter!("kennel_frames_received_total").increment(1);
@@ -315,7 +316,7 @@ impl Connection {
                     ErrorCode::NotAuthenticated,
                     "already authenticated on this connection".into(),
                 ),
-                DaemonMessage::Heartbeat(_) => heartbeat = true,
+                DaemonMessage::Heartbeat(h) => heartbeat = Some(h.active_tasks.len()),
                 DaemonMessage::Capacity(c) => self.app.coord.set_capacity(&self.daemon_id, c),
                 DaemonMessage::TaskQueued(q) => self.app.coord.attempt_queued(&self.daemon_id, &q),
                 other => {
@@ -325,8 +326,8 @@ impl Connection {
                 }
             }
         }
-        if heartbeat {
-            self.app.coord.heartbeat(&self.daemon_id).await;
+        if let Some(active) = heartbeat {
+            self.app.coord.heartbeat(&self.daemon_id, active).await;
         }
         if reports.is_empty() {
             return None;
@@ -421,6 +422,28 @@ fn bump<'a>(
     }
 }
 
+/// The code and reason of a Close frame the daemon sent. 1001 (going away) is a clean stop.
+fn closed_by_daemon(frame: Option<CloseFrame>) -> (u16, String) {
+    match frame {
+        Some(f) if f.code == close::GOING_AWAY => (
+            f.code,
+            format!(
+                "daemon is shutting down (going away: {})",
+                f.reason.as_str()
+            ),
+        ),
+        Some(f) => (
+            f.code,
+            format!(
+                "daemon closed the connection ({} {})",
+                f.code,
+                f.reason.as_str()
+            ),
+        ),
+        None => (1000, "daemon closed the connection".into()),
+    }
+}
+
 fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
@@ -439,7 +462,10 @@ fn to_report(daemon_id: &str, m: DaemonMessage) -> Option<Report> {
             m.task_id,
             m.attempt,
             m.seq,
-            Effect::Rejected { reason: m.reason },
+            Effect::Rejected {
+                reason: m.reason,
+                code: m.code,
+            },
         ),
         DaemonMessage::TaskOutput(m) => (
             m.task_id,

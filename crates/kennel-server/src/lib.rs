@@ -149,6 +149,7 @@ impl Server {
         let coord = Coordinator::new(store.clone(), clock.clone(), cfg.clone());
         coord.restore().await?;
         tokio::spawn(coord.clone().run_scheduler());
+        tokio::spawn(coord.clone().run_waiting_watch());
 
         let state = Arc::new(AppState {
             coord,

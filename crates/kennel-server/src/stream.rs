@@ -89,7 +89,9 @@ fn last_event_id(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Live output of a task as SSE: `output` events (id `attempt:seq`), `attempt` when a retry
-/// starts, `end` with the final task when it finishes. Resumable with `Last-Event-ID`.
+/// starts, `waiting` with the reason while no connected daemon can run the queued task (empty
+/// when one can again), `end` with the final task when it finishes. Resumable with
+/// `Last-Event-ID`.
 #[utoipa::path(get, path = "/api/v1/tasks/{id}/output/stream", params(OutputStreamQuery), tag = "tasks",
     responses((status = 200, description = "text/event-stream"), (status = 404, body = ErrorBody)))]
 pub async fn task_output_stream(
@@ -139,10 +141,21 @@ async fn follow_output(
     mut wake: broadcast::Receiver<Arc<str>>,
     tx: &mpsc::Sender<Result<SseEvent, Infallible>>,
 ) -> Result<(), ApiError> {
+    let mut waiting: Option<String> = None;
     loop {
         let Some(task) = app.store.get_task(id).await? else {
             return Ok(());
         };
+        let task = app.coord.overlay_task(task);
+        if task.waiting != waiting {
+            waiting = task.waiting.clone();
+            let ev = SseEvent::default()
+                .event("waiting")
+                .data(waiting.clone().unwrap_or_default());
+            if tx.send(Ok(ev)).await.is_err() {
+                return Ok(());
+            }
+        }
         let chunks = app.store.task_output(id, attempt, after, PAGE).await?;
         let full = chunks.len() == PAGE as usize;
         for c in chunks {

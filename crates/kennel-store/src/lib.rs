@@ -106,6 +106,7 @@ pub enum Effect {
     Accepted,
     Rejected {
         reason: String,
+        code: Option<kennel_proto::link::RejectCode>,
     },
     Output {
         stream: OutputStream,
@@ -175,13 +176,26 @@ pub struct Ended {
 pub struct EndAttempt<'a> {
     pub task_id: &'a str,
     pub attempt: u32,
-    /// What the attempt becomes: expired, lost, rejected or cancelled.
+    /// What the attempt becomes: expired, lost, rejected, returned or cancelled.
     pub status: AttemptStatus,
     pub reason: &'a str,
-    /// Requeue the task when attempts remain.
-    pub retry: bool,
+    /// Whether the task goes back to the queue, and whether this attempt counts.
+    pub retry: Retry,
     /// The task's state when it is not requeued.
     pub terminal: TaskStatus,
+}
+
+/// What happens to a task whose attempt ends without completing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// The task ends in the terminal state (a cancel).
+    Never,
+    /// Requeued while attempts remain; this attempt counts against `max_attempts` (the task
+    /// may have caused it: the agent crashed its daemon, hung past the lease…).
+    Charged,
+    /// Always requeued, and not counted: the daemon was full or stopping, which says nothing
+    /// about the task.
+    Free,
 }
 
 /// Daemon registration data, from `authenticate`.
@@ -234,6 +248,8 @@ pub trait Store: Send + Sync + 'static {
     async fn end_attempt(&self, end: &EndAttempt<'_>, now: Millis) -> Result<Option<Ended>>;
     /// Cancels a queued task. `None` when it is not queued.
     async fn cancel_queued(&self, task_id: &str, now: Millis) -> Result<Option<Ended>>;
+    /// Fails a task that is still queued (nothing could run it in time), with `reason`.
+    async fn fail_queued(&self, task_id: &str, reason: &str, now: Millis) -> Result<Option<Ended>>;
     /// Sets `paused` / `running` on a task with a live attempt, as asked through the API.
     async fn set_paused(
         &self,

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use kennel_proto::api::{ApiKey, Attempt, Daemon, Event, OutputChunk, Task};
-use kennel_proto::link::{OutputStream, RepoSpec};
+use kennel_proto::link::{OutputStream, RepoSpec, RETURNED};
 use kennel_proto::{AttemptStatus, TaskStatus};
 use rusqlite::types::ToSql;
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -31,7 +31,7 @@ use self::wal_flusher::WalFlusher;
 use self::writer::Writer;
 use crate::{
     parse_scopes, rfc3339, Applied, DaemonHello, Dispatch, Effect, EndAttempt, Ended, GatewayOp,
-    GatewayRows, KeyRecord, Millis, NewTask, QueuedTask, Report, Result, Store, StoreError,
+    GatewayRows, KeyRecord, Millis, NewTask, QueuedTask, Report, Result, Retry, Store, StoreError,
     TaskFilter,
 };
 
@@ -155,6 +155,7 @@ fn task_from_row(row: &Row<'_>) -> Result<QueuedTask> {
             exit_code: row.get::<_, Option<i64>>(19)?.map(|v| v as i32),
             branch: row.get(20)?,
             commit: row.get(21)?,
+            waiting: None,
         },
     })
 }
@@ -325,6 +326,10 @@ fn end_attempt_tx(conn: &Connection, end: &EndAttempt<'_>, now: Millis) -> Resul
     if task.attempt != attempt || !task.status.is_active() {
         return Ok(None);
     }
+    let returned: i64 = conn
+        .prepare_cached("SELECT returned_attempts FROM tasks WHERE id = ?1")?
+        .query_row(params![task_id], |row| row.get(0))?;
+    let charged = i64::from(task.attempt) - returned;
     conn.prepare_cached(
         "UPDATE attempts SET status = ?1, finished_at = ?2, error = ?3 \
          WHERE task_id = ?4 AND attempt = ?5",
@@ -336,7 +341,17 @@ fn end_attempt_tx(conn: &Connection, end: &EndAttempt<'_>, now: Millis) -> Resul
         task_id,
         attempt as i64
     ])?;
-    let requeue = retry && task.attempt < task.max_attempts;
+    if retry == Retry::Free {
+        conn.prepare_cached(
+            "UPDATE tasks SET returned_attempts = returned_attempts + 1 WHERE id = ?1",
+        )?
+        .execute(params![task_id])?;
+    }
+    let requeue = match retry {
+        Retry::Never => false,
+        Retry::Charged => charged < i64::from(task.max_attempts),
+        Retry::Free => true,
+    };
     let task = if requeue {
         query_task(
             conn,
@@ -348,10 +363,10 @@ fn end_attempt_tx(conn: &Connection, end: &EndAttempt<'_>, now: Millis) -> Resul
             &[&now, &reason, &task_id],
         )?
     } else {
-        let error = if retry {
+        let error = if retry == Retry::Charged {
             format!(
-                "{reason}; no attempts left ({} of {})",
-                task.attempt, task.max_attempts
+                "{reason}; no attempts left ({charged} of {})",
+                task.max_attempts
             )
         } else {
             reason.to_string()
@@ -366,6 +381,33 @@ fn end_attempt_tx(conn: &Connection, end: &EndAttempt<'_>, now: Millis) -> Resul
             &[&terminal.as_str(), &now, &error, &task_id],
         )?
     };
+    let Some(task) = task else {
+        return Ok(None);
+    };
+    let ev = task_status_event(conn, &task, now)?;
+    Ok(Some(Ended {
+        task,
+        events: vec![ev],
+    }))
+}
+
+/// Ends a task that is still queued (never dispatched, or requeued): cancelled or failed.
+fn end_queued_tx(
+    conn: &Connection,
+    task_id: &str,
+    status: TaskStatus,
+    error: &str,
+    now: Millis,
+) -> Result<Option<Ended>> {
+    let task = query_task(
+        conn,
+        concat!(
+            "UPDATE tasks SET status = ?1, updated_at = ?2, finished_at = ?2, error = ?3 \
+             WHERE id = ?4 AND status = 'queued' RETURNING ",
+            task_columns!()
+        ),
+        &[&status.as_str(), &now, &error, &task_id],
+    )?;
     let Some(task) = task else {
         return Ok(None);
     };
@@ -466,8 +508,30 @@ fn apply_one(conn: &Connection, r: &Report, now: Millis) -> Result<Applied> {
                 attempt: r.attempt,
                 status: AttemptStatus::Lost,
                 reason: &reason,
-                retry: true,
+                retry: Retry::Charged,
                 terminal: TaskStatus::Lost,
+            };
+            if let Some(ended) = end_attempt_tx(conn, &end, now)? {
+                events.extend(ended.events);
+                changed = Some(ended.task);
+            }
+        }
+        Effect::StatusChange { new_status } if new_status == RETURNED => {
+            // The daemon stopped cleanly before the agent finished and hands the attempt
+            // back: the task is retried without using up an attempt.
+            record_seq(conn, r)?;
+            let reason = format!(
+                "daemon {} shut down before the agent finished; the task goes back to the queue \
+                 (not counted against its attempts)",
+                r.daemon_id
+            );
+            let end = EndAttempt {
+                task_id: &r.task_id,
+                attempt: r.attempt,
+                status: AttemptStatus::Returned,
+                reason: &reason,
+                retry: Retry::Free,
+                terminal: TaskStatus::Failed,
             };
             if let Some(ended) = end_attempt_tx(conn, &end, now)? {
                 events.extend(ended.events);
@@ -487,15 +551,20 @@ fn apply_one(conn: &Connection, r: &Report, now: Millis) -> Result<Applied> {
                 _ => record_seq(conn, r)?,
             }
         }
-        Effect::Rejected { reason } => {
+        Effect::Rejected { reason, code } => {
             record_seq(conn, r)?;
             let reason = format!("rejected by daemon {}: {reason}", r.daemon_id);
+            // A full or stopping daemon says nothing about the task: not charged.
+            let retry = match code {
+                Some(c) if c.is_daemon_state() => Retry::Free,
+                _ => Retry::Charged,
+            };
             let end = EndAttempt {
                 task_id: &r.task_id,
                 attempt: r.attempt,
                 status: AttemptStatus::Rejected,
                 reason: &reason,
-                retry: true,
+                retry,
                 terminal: TaskStatus::Failed,
             };
             if let Some(ended) = end_attempt_tx(conn, &end, now)? {
@@ -661,6 +730,7 @@ impl Store for SqliteStore {
                 exit_code: None,
                 branch: None,
                 commit: None,
+                waiting: None,
             };
             let ev = insert_event(
                 conn,
@@ -842,26 +912,21 @@ impl Store for SqliteStore {
     async fn cancel_queued(&self, task_id: &str, now: Millis) -> Result<Option<Ended>> {
         let task_id = task_id.to_string();
         self.write(move |conn| {
-            let task = query_task(
+            end_queued_tx(
                 conn,
-                concat!(
-                    "UPDATE tasks SET status = 'cancelled', updated_at = ?1, finished_at = ?1, \
-                     error = 'cancelled before it ran' WHERE id = ?2 AND status = 'queued' \
-                     RETURNING ",
-                    task_columns!()
-                ),
-                &[&now, &task_id],
-            )?;
-            let Some(task) = task else {
-                return Ok(None);
-            };
-            let ev = task_status_event(conn, &task, now)?;
-            Ok(Some(Ended {
-                task,
-                events: vec![ev],
-            }))
+                &task_id,
+                TaskStatus::Cancelled,
+                "cancelled before it ran",
+                now,
+            )
         })
         .await
+    }
+
+    async fn fail_queued(&self, task_id: &str, reason: &str, now: Millis) -> Result<Option<Ended>> {
+        let (task_id, reason) = (task_id.to_string(), reason.to_string());
+        self.write(move |conn| end_queued_tx(conn, &task_id, TaskStatus::Failed, &reason, now))
+            .await
     }
 
     async fn set_paused(

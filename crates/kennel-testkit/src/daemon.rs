@@ -650,12 +650,24 @@ impl TestDaemon {
         attempt: u32,
         reason: &str,
     ) -> anyhow::Result<u64> {
+        self.reject_with(task_id, attempt, reason, None).await
+    }
+
+    /// A `taskRejected` with a typed reason (`atCapacity`, `shuttingDown`).
+    pub async fn reject_with(
+        &mut self,
+        task_id: &str,
+        attempt: u32,
+        reason: &str,
+        code: Option<kennel_proto::link::RejectCode>,
+    ) -> anyhow::Result<u64> {
         self.send_seq(task_id, attempt, |seq| {
             DaemonMessage::TaskRejected(TaskRejected {
                 task_id: task_id.to_string(),
                 attempt,
                 seq,
                 reason: reason.to_string(),
+                code,
             })
         })
         .await

@@ -28,6 +28,34 @@ pub struct KennelDaemon {
     key: String,
     machine_id: String,
     child: Option<Child>,
+    /// Every line the daemon printed on stdout, across restarts.
+    stdout: std::sync::Arc<Lines>,
+}
+
+/// Lines a child printed, and a way to wait for one.
+#[derive(Default)]
+struct Lines {
+    seen: std::sync::Mutex<Vec<String>>,
+    added: tokio::sync::Notify,
+}
+
+impl Lines {
+    fn push(&self, line: String) {
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(line);
+        self.added.notify_waiters();
+    }
+
+    fn find(&self, pred: &impl Fn(&str) -> bool) -> Option<String> {
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|l| pred(l))
+            .cloned()
+    }
 }
 
 impl KennelDaemon {
@@ -50,6 +78,7 @@ impl KennelDaemon {
             key,
             machine_id,
             child: None,
+            stdout: Default::default(),
         };
         d.launch().await?;
         Ok(d)
@@ -76,6 +105,7 @@ impl KennelDaemon {
             key: key.to_string(),
             machine_id: machine_id.to_string(),
             child: None,
+            stdout: Default::default(),
         };
         d.launch().await?;
         Ok(d)
@@ -101,6 +131,7 @@ impl KennelDaemon {
         self.child = Some(child);
         // The daemon prints `kennel: connected to ... as <id>` each time its link comes up.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let log = self.stdout.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(out).lines();
             while let Ok(Some(line)) = lines.next_line().await {
@@ -108,6 +139,7 @@ impl KennelDaemon {
                 if line.starts_with(CONNECTED_PREFIX) {
                     let _ = tx.send(());
                 }
+                log.push(line);
             }
         });
         tokio::time::timeout(CONNECT_DEADLINE, rx.recv())
@@ -140,6 +172,69 @@ impl KennelDaemon {
             .await
             .map_err(|_| anyhow!("kennel daemon did not exit within 10s of SIGKILL"))??;
         Ok(())
+    }
+
+    /// The first line the daemon printed on stdout (since it was first started) for which
+    /// `pred` holds, waiting at most `deadline` for it.
+    pub async fn wait_line(
+        &self,
+        deadline: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<String> {
+        tokio::time::timeout(deadline, async {
+            loop {
+                let added = self.stdout.added.notified();
+                tokio::pin!(added);
+                added.as_mut().enable();
+                if let Some(l) = self.stdout.find(&pred) {
+                    return l;
+                }
+                added.await;
+            }
+        })
+        .await
+        .map_err(|_| anyhow!("the daemon printed no matching line within {deadline:?}"))
+    }
+
+    /// Sends SIGTERM, as an operator or a service manager stopping it cleanly would; does not
+    /// wait (see [`KennelDaemon::wait_exit`]).
+    pub fn sigterm(&self) -> anyhow::Result<()> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| anyhow!("the daemon is not running"))?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .context("failed to send SIGTERM to the daemon")
+    }
+
+    /// Waits until the daemon has exited and returns how it exited.
+    pub async fn wait_exit(
+        &mut self,
+        deadline: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            anyhow::bail!("the daemon is not running");
+        };
+        let status = tokio::time::timeout(deadline, child.wait())
+            .await
+            .map_err(|_| anyhow!("kennel daemon did not exit within {deadline:?}"))??;
+        Ok(status)
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub async fn terminate(
+        &mut self,
+        deadline: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        self.sigterm()?;
+        self.wait_exit(deadline).await
+    }
+
+    /// Starts the daemon again on the same data directory after it stopped.
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        self.launch().await
     }
 
     /// Kills the daemon if it runs and starts it again on the same data directory.

@@ -56,7 +56,7 @@ const DAEMON_SHAPES: &[Shape] = &[
     Shape {
         name: "taskRejected",
         required: &["taskId", "attempt", "seq", "reason"],
-        optional: &[],
+        optional: &["code"],
     },
     Shape {
         name: "taskOutput",

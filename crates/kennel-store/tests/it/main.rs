@@ -10,7 +10,7 @@ use kennel_proto::link::OutputStream;
 use kennel_proto::{AttemptStatus, TaskStatus};
 use kennel_store::{
     Applied, DaemonHello, Dispatch, Effect, EndAttempt, GatewayOp, KeyRecord, NewTask, Report,
-    SqliteStore, Store, TaskFilter,
+    Retry, SqliteStore, Store, TaskFilter,
 };
 
 const NOW: i64 = 1_790_000_000_000;
@@ -188,7 +188,7 @@ async fn dispatch_is_conditional_and_attempts_end_with_retry_or_terminal_state()
         attempt,
         status,
         reason: "daemon lost",
-        retry: true,
+        retry: Retry::Charged,
         terminal: TaskStatus::Lost,
     };
     let ended = store
@@ -222,12 +222,61 @@ async fn dispatch_is_conditional_and_attempts_end_with_retry_or_terminal_state()
     let statuses: Vec<_> = attempts.iter().map(|a| a.status).collect();
     assert_eq!(statuses, vec![AttemptStatus::Lost, AttemptStatus::Lost]);
 
+    // Attempts a daemon hands back (full or stopping) are retried however many there were,
+    // and do not use up the task's own attempts.
+    store.create_task(new_task("t3", 1), NOW).await.unwrap();
+    for attempt in 1..=3 {
+        dispatched(store.as_ref(), "t3", attempt, "d2").await;
+        let ended = store
+            .end_attempt(
+                &EndAttempt {
+                    task_id: "t3",
+                    attempt,
+                    status: AttemptStatus::Returned,
+                    reason: "daemon stopping",
+                    retry: Retry::Free,
+                    terminal: TaskStatus::Failed,
+                },
+                NOW,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ended.task.status, TaskStatus::Queued, "returned: requeued");
+    }
+    dispatched(store.as_ref(), "t3", 4, "d2").await;
+    let ended = store
+        .end_attempt(
+            &EndAttempt {
+                task_id: "t3",
+                attempt: 4,
+                status: AttemptStatus::Lost,
+                reason: "daemon lost",
+                retry: Retry::Charged,
+                terminal: TaskStatus::Lost,
+            },
+            NOW,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ended.task.status,
+        TaskStatus::Lost,
+        "the one charged attempt of 1 is used up"
+    );
+    assert!(ended
+        .task
+        .error
+        .unwrap_or_default()
+        .contains("no attempts left (1 of 1)"));
+
     store.create_task(new_task("t2", 3), NOW).await.unwrap();
     assert!(store.cancel_queued("t2", NOW).await.unwrap().is_some());
     assert!(store.cancel_queued("t2", NOW).await.unwrap().is_none());
     let counts = store.count_tasks().await.unwrap();
     assert_eq!(counts.get(&TaskStatus::Cancelled), Some(&1));
-    assert_eq!(counts.get(&TaskStatus::Lost), Some(&1));
+    assert_eq!(counts.get(&TaskStatus::Lost), Some(&2));
 }
 
 #[tokio::test]

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -87,8 +86,8 @@ pub async fn run(g: &Global, args: DaemonArgs) -> anyhow::Result<ExitCode> {
                     r?;
                 }
                 _ = crate::commands::server::shutdown_signal() => {
-                    println!("kennel: stopping; interrupting running agents");
-                    handle.stop(Duration::from_secs(cfg.daemon.interrupt_grace_secs * 3 + 5)).await;
+                    crate::commands::up::announce_stop(&handle, cfg.daemon.shutdown_grace_secs);
+                    handle.stop(crate::commands::server::shutdown_signal()).await;
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -110,5 +110,11 @@ async fn status(c: &Client, g: &Global) -> anyhow::Result<ExitCode> {
             counts.join(", ")
         }
     );
+    for w in &s.waiting {
+        println!(
+            "waiting    {} task(s) (e.g. {}): {}",
+            w.tasks, w.example_task_id, w.reason
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

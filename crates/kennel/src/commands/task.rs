@@ -150,8 +150,12 @@ pub async fn run(c: &Client, g: &Global, cmd: TaskCmd) -> anyhow::Result<ExitCod
                     println!("{}", task.id);
                 }
             }
+            warn_if_never_offered(c, &task.agent).await;
+            if let Some(w) = &task.waiting {
+                eprintln!("kennel: waiting: {w}");
+            }
             if follow {
-                return follow_logs(c, &task.id, None).await;
+                return follow_logs(c, &task.id, None, task.waiting).await;
             }
         }
         TaskCmd::List {
@@ -216,7 +220,7 @@ pub async fn run(c: &Client, g: &Global, cmd: TaskCmd) -> anyhow::Result<ExitCod
             attempt,
         } => {
             if follow {
-                return follow_logs(c, &id, attempt).await;
+                return follow_logs(c, &id, attempt, None).await;
             }
             let mut after = 0;
             loop {
@@ -274,6 +278,9 @@ fn show(d: &TaskDetail) {
     println!("id         {}", t.id);
     println!("name       {}", t.name);
     println!("status     {}", t.status);
+    if let Some(w) = &t.waiting {
+        println!("waiting    {w}");
+    }
     println!("agent      {}", t.agent);
     if let Some(r) = &t.repo {
         println!("repo       {} (from {})", r.url, r.base_branch);
@@ -354,8 +361,45 @@ fn print_chunk(chunk: &OutputChunk, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Streams output until the task ends; the exit code says how it ended.
-async fn follow_logs(c: &Client, id: &str, attempt: Option<u32>) -> anyhow::Result<ExitCode> {
+/// Warns when no daemon, connected or not, has ever offered `agent`: most likely a typo, or an
+/// agent CLI not installed where the daemons run. Best effort: a key without access to the
+/// daemon list just skips the check.
+async fn warn_if_never_offered(c: &Client, agent: &str) {
+    let Ok(daemons) = c
+        .get::<Vec<kennel_proto::api::Daemon>>("/api/v1/daemons")
+        .await
+    else {
+        return;
+    };
+    if daemons.iter().any(|d| d.agents.iter().any(|a| a == agent)) {
+        return;
+    }
+    let mut offered: Vec<&str> = daemons
+        .iter()
+        .flat_map(|d| d.agents.iter().map(String::as_str))
+        .collect();
+    offered.sort_unstable();
+    offered.dedup();
+    if daemons.is_empty() {
+        eprintln!(
+            "kennel: warning: no daemon has ever connected to this server; the task waits until one offering agent \"{agent}\" does"
+        );
+    } else {
+        eprintln!(
+            "kennel: warning: no daemon has ever offered agent \"{agent}\" (offered: {}); check the name, or install that agent where a daemon runs",
+            if offered.is_empty() { "none".to_string() } else { offered.join(", ") }
+        );
+    }
+}
+
+/// Streams output until the task ends; the exit code says how it ended. `waiting` is the
+/// waiting reason already printed, so it is not printed twice.
+async fn follow_logs(
+    c: &Client,
+    id: &str,
+    attempt: Option<u32>,
+    mut waiting: Option<String>,
+) -> anyhow::Result<ExitCode> {
     let mut path = format!("/api/v1/tasks/{id}/output/stream");
     if let Some(a) = attempt {
         path.push_str(&format!("?attempt={a}"));
@@ -388,6 +432,19 @@ async fn follow_logs(c: &Client, id: &str, attempt: Option<u32>) -> anyhow::Resu
                         .context("the server sent an output event that is not an output chunk")?;
                     print_chunk(&chunk, false)?;
                     last_id = Some(ev.id);
+                }
+                "waiting" => {
+                    let now = Some(ev.data.trim().to_string()).filter(|w| !w.is_empty());
+                    if now != waiting {
+                        match &now {
+                            Some(w) => eprintln!("kennel: waiting: {w}"),
+                            None if waiting.is_some() => {
+                                eprintln!("kennel: a daemon that can run it is available now")
+                            }
+                            None => {}
+                        }
+                        waiting = now;
+                    }
                 }
                 "attempt" => match ev.data.trim().parse::<u32>() {
                     Ok(1) => eprintln!("kennel: attempt 1 started"),

@@ -94,9 +94,9 @@ pub async fn run(g: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         "kennel: try `kennel task submit \"describe the repo\" --repo PATH --agent claude -f`"
     );
     crate::commands::server::shutdown_signal().await;
-    println!("kennel: stopping: interrupting running agents and draining the daemon");
+    announce_stop(&daemon, cfg.daemon.shutdown_grace_secs);
     daemon
-        .stop(Duration::from_secs(cfg.daemon.interrupt_grace_secs * 3 + 5))
+        .stop(crate::commands::server::shutdown_signal())
         .await;
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), serving).await;
@@ -106,4 +106,17 @@ pub async fn run(g: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     }
     println!("kennel: stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a clean stop is about to do, for the person who pressed Ctrl-C.
+pub fn announce_stop(daemon: &kennel_daemon::daemon::DaemonHandle, grace_secs: u64) {
+    let running = daemon.exec.running_now().len();
+    if running == 0 {
+        println!("kennel: stopping");
+    } else {
+        println!(
+            "kennel: stopping: no new work; waiting up to {grace_secs}s for {running} running \
+             agent(s) to finish, then their tasks go back to the queue (Ctrl-C again to stop now)"
+        );
+    }
 }

@@ -4,6 +4,7 @@
 mod api;
 mod claude;
 mod cli;
+mod delivery;
 mod gateway;
 mod protocol;
 mod relay;
