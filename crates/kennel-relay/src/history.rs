@@ -275,6 +275,15 @@ impl History {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Every (task, attempt) with a message in the buffer.
+    pub fn buffered_attempts(&self) -> Result<Vec<(String, u32)>, HistoryError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT DISTINCT task_id, attempt FROM buffer")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u32)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub fn buffered_count(&self) -> Result<u64, HistoryError> {
         Ok(self
             .conn

@@ -54,6 +54,15 @@ impl Pending {
         );
     }
 
+    /// Every (task, attempt) with a message waiting for its ack.
+    pub fn attempts(&self) -> impl Iterator<Item = (&str, u32)> + '_ {
+        self.by_attempt.iter().flat_map(|(t, by)| {
+            by.iter()
+                .filter(|(_, q)| !q.is_empty())
+                .map(move |(a, _)| (t.as_str(), *a))
+        })
+    }
+
     /// Drops everything of (task, attempt) up to and including `seq` (a cumulative ack).
     pub fn ack(&mut self, task_id: &str, attempt: u32, seq: u64) {
         self.remove_where(task_id, attempt, |s| s <= seq);

@@ -289,7 +289,17 @@ impl Relay {
     }
 
     /// Attempts the relay is responsible for: held and queued.
-    fn running_of(st: &State) -> Vec<TaskRef> {
+    /// Attempts to list in `runningTasks` upstream: held, queued, and finished ones whose
+    /// reports (a `taskComplete`, say) still wait for the upstream's ack, in memory or in
+    /// `relay.db`; without them the upstream would end those attempts as lost and refuse the
+    /// replayed reports as stale.
+    fn running_of(&self, st: &State) -> Vec<TaskRef> {
+        let buffered = if st.db_buffered > 0 {
+            self.with_db("list buffered attempts", |h| h.buffered_attempts())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let mut v: Vec<TaskRef> = st
             .holds
             .iter()
@@ -301,8 +311,18 @@ impl Relay {
                 task_id: s.task_id.clone(),
                 attempt: s.attempt,
             }))
+            .chain(st.pending.attempts().map(|(t, a)| TaskRef {
+                task_id: t.to_string(),
+                attempt: a,
+            }))
+            .chain(
+                buffered
+                    .into_iter()
+                    .map(|(task_id, attempt)| TaskRef { task_id, attempt }),
+            )
             .collect();
-        v.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        v.sort_by(|a, b| (&a.task_id, a.attempt).cmp(&(&b.task_id, b.attempt)));
+        v.dedup();
         v
     }
 
@@ -320,7 +340,7 @@ impl Relay {
             version: env!("CARGO_PKG_VERSION").to_string(),
             labels: c.labels,
             agents: c.agents,
-            running_tasks: Self::running_of(&st),
+            running_tasks: self.running_of(&st),
         })
     }
 
@@ -375,7 +395,7 @@ impl Relay {
         let mut st = self.lock();
         st.last_upstream_heartbeat_ms = Some(now_ms());
         DaemonMessage::Heartbeat(kennel_proto::link::Heartbeat {
-            active_tasks: Self::running_of(&st),
+            active_tasks: self.running_of(&st),
         })
     }
 

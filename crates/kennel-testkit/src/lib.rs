@@ -16,6 +16,7 @@ pub mod git;
 pub mod llm;
 pub mod relay;
 pub mod server;
+pub mod soak;
 pub mod sse;
 pub mod worker;
 

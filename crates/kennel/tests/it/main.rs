@@ -10,6 +10,7 @@ mod protocol;
 mod relay;
 mod resilience;
 mod scheduling;
+mod soak;
 mod worker;
 
 use std::path::Path;
