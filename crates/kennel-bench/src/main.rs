@@ -32,6 +32,7 @@ struct Cli {
 mod daemon_bench;
 mod gateway_bench;
 mod relay_bench;
+mod soak_bench;
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
@@ -45,6 +46,9 @@ enum Cmd {
     Gateway(gateway_bench::GatewayArgs),
     /// Relay: latency and throughput a `kennel relay` adds to the daemon link.
     Relay(relay_bench::RelayArgs),
+    /// Many tasks on real daemons with crashes and clean stops: throughput, start latency,
+    /// attempts per task, refusals.
+    Soak(soak_bench::SoakArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -414,6 +418,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Worktree(a) => daemon_bench::worktree(a).await,
             Cmd::Gateway(a) => gateway_bench::run(a).await,
             Cmd::Relay(a) => relay_bench::run(a).await,
+            Cmd::Soak(a) => soak_bench::run(a).await,
         }
     });
     match r {
