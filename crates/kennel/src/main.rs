@@ -72,6 +72,17 @@ pub enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let serves = matches!(
+        cli.command,
+        Command::Up(_)
+            | Command::Server(_)
+            | Command::Daemon(_)
+            | Command::Relay(_)
+            | Command::Gateway(_)
+    );
+    if !serves {
+        quiet_on_closed_pipe();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -88,5 +99,18 @@ fn main() -> ExitCode {
             eprintln!("kennel: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// A client command whose output is piped into a reader that stops early (`kennel task list |
+/// head`) ends quietly, as other command-line tools do, instead of panicking on the closed
+/// pipe. Long-running commands keep Rust's default (SIGPIPE ignored, errors returned).
+#[allow(unsafe_code)]
+fn quiet_on_closed_pipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: runs first thing in `main`, before any other thread exists, and only restores
+    // the default disposition of SIGPIPE; no handler code is installed.
+    unsafe {
+        let _ = signal(Signal::SIGPIPE, SigHandler::SigDfl);
     }
 }

@@ -286,7 +286,16 @@ fn show(d: &TaskDetail) {
         println!("repo       {} (from {})", r.url, r.base_branch);
     }
     println!("priority   {}", t.priority);
-    println!("attempt    {} of {}", t.attempt, t.max_attempts);
+    if t.attempt > t.max_attempts {
+        // Attempts a daemon handed back or refused for capacity do not count.
+        println!(
+            "attempt    {} ({} allowed; attempts returned by stopping daemons or refused for \
+             capacity do not count)",
+            t.attempt, t.max_attempts
+        );
+    } else {
+        println!("attempt    {} of {}", t.attempt, t.max_attempts);
+    }
     println!("daemon     {}", opt(&t.daemon_id));
     println!("created    {}", t.created_at);
     println!("finished   {}", opt(&t.finished_at));

@@ -184,3 +184,30 @@ async fn errors_say_what_to_do() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn output_into_a_closed_pipe_ends_quietly() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let api = srv.api();
+    for i in 0..30 {
+        api.submit(&crate::task(&format!("many-{i}"))).await?;
+    }
+    // `kennel task list | head -0`: the reader is gone before the table is written.
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let out = Command::new(bin())
+        .args(["task", "list"])
+        .env("KENNEL_URL", srv.url())
+        .env("KENNEL_API_KEY", srv.admin_key())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        // Not `output()`, which would replace stdout with a pipe of its own.
+        .spawn()?
+        .wait_with_output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(out.status.code(), Some(101), "no panic exit: {stderr}");
+    Ok(())
+}
