@@ -1593,4 +1593,83 @@ mod tests {
         assert!(picked(&mut st).is_empty());
         assert_eq!(st.queue.len(), 1);
     }
+    #[test]
+    fn a_daemon_marked_full_gets_nothing_until_it_frees_a_slot() {
+        let mut st = State::default();
+        slot(&mut st, "d", 2, &[]);
+        if let Some(d) = st.daemons.get_mut("d") {
+            d.full = true;
+        }
+        st.enqueue(task("t1", 0, "command", &[]));
+        assert!(picked(&mut st).is_empty(), "full: nothing dispatched");
+        if let Some(d) = st.daemons.get_mut("d") {
+            d.held.insert("t0".into());
+        }
+        st.live.insert(
+            "t0".into(),
+            Live {
+                attempt: 1,
+                daemon_id: "d".into(),
+                accepted: true,
+                queued: false,
+            },
+        );
+        st.release("t0");
+        assert_eq!(picked(&mut st), vec![("t1".into(), "d".into())]);
+    }
+
+    #[test]
+    fn the_waiting_reason_names_what_is_missing() {
+        let mut st = State::default();
+        let t = task("t1", 0, "nosuch", &[]);
+        assert!(st
+            .why_unschedulable(&t)
+            .is_some_and(|r| r.starts_with("no daemon is connected")));
+        slot(&mut st, "d-1", 1, &[("site", "a")]);
+        assert_eq!(
+            st.why_unschedulable(&t).as_deref(),
+            Some("no connected daemon offers agent \"nosuch\" (offered: command on d-1)")
+        );
+        let gpu = task("t2", 0, "command", &[("gpu", "yes")]);
+        assert_eq!(
+            st.why_unschedulable(&gpu).as_deref(),
+            Some("no connected daemon offering agent \"command\" has the labels gpu=yes (d-1: site=a)")
+        );
+        let plain = task("t3", 0, "command", &[]);
+        assert_eq!(st.why_unschedulable(&plain), None, "busy is not waiting");
+        if let Some(d) = st.daemons.get_mut("d-1") {
+            d.draining = true;
+        }
+        assert!(st
+            .why_unschedulable(&plain)
+            .is_some_and(|r| r.starts_with("every daemon that can run it is draining (d-1)")));
+    }
+
+    #[test]
+    fn waiting_is_announced_once_settled_and_cleared_when_a_daemon_can_run_it() {
+        let mut st = State::default();
+        slot(&mut st, "d-1", 1, &[]);
+        let mut typo = task("t1", 0, "nosuch", &[]);
+        typo.agent = "nosuch".into();
+        st.enqueue(typo);
+        let t0 = Instant::now();
+        assert!(st.refresh_waiting(t0).is_empty(), "not settled yet");
+        assert!(st.waiting.contains_key("t1"), "but known at once");
+        let later = t0 + WAITING_SETTLE;
+        let changes = st.refresh_waiting(later);
+        assert_eq!(changes.len(), 1);
+        assert!(changes[0].reason.is_some());
+        assert!(st.refresh_waiting(later).is_empty(), "announced once");
+        if let Some(d) = st.daemons.get_mut("d-1") {
+            d.agents.insert("nosuch".into());
+        }
+        st.recheck_all = true;
+        let changes = st.refresh_waiting(later);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(
+            (changes[0].task_id.as_str(), changes[0].reason.as_deref()),
+            ("t1", None)
+        );
+        assert!(st.waiting.is_empty());
+    }
 }
