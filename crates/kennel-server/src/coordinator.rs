@@ -30,6 +30,32 @@ use crate::config::ServerConfig;
 use crate::error::ApiError;
 use crate::Clock;
 
+/// Labels a task may require (a daemon advertises at most this many).
+const MAX_LABELS: usize = 64;
+/// Environment variables a task may set for its agent.
+const MAX_ENV_VARS: usize = 256;
+/// Room in a `spawnTask` frame for everything besides the submitter's fields: type, ids,
+/// attempt, agent, limits, JSON punctuation.
+const FRAME_MARGIN: usize = 4096;
+
+/// The size of a submitted value as it will be encoded in a frame.
+fn json_len<T: serde::Serialize + ?Sized>(v: &T) -> usize {
+    serde_json::to_vec(v).map_or(usize::MAX / 4, |v| v.len())
+}
+
+/// `1.5 MiB`, `12 KiB`, `900 B`.
+fn human_bytes(n: usize) -> String {
+    const KIB: f64 = 1024.0;
+    let f = n as f64;
+    if f >= KIB * KIB {
+        format!("{:.1} MiB", f / (KIB * KIB))
+    } else if f >= KIB {
+        format!("{:.1} KiB", f / KIB)
+    } else {
+        format!("{n} B")
+    }
+}
+
 /// Most dispatches recorded in one store transaction.
 const DISPATCH_BATCH: usize = 256;
 
@@ -872,6 +898,7 @@ impl Coordinator {
                 "`prompt` is longer than 512 KiB; put large context in the repository".into(),
             );
         }
+        self.check_fits_in_a_frame(&req)?;
         let agent = req
             .agent
             .unwrap_or_else(|| self.cfg.scheduler.default_agent.clone());
@@ -902,6 +929,18 @@ impl Coordinator {
                 ));
             }
         }
+        if req.labels.len() > MAX_LABELS {
+            return bad(format!(
+                "{} labels; at most {MAX_LABELS} (a daemon offers at most that many)",
+                req.labels.len()
+            ));
+        }
+        if req.env.len() > MAX_ENV_VARS {
+            return bad(format!(
+                "{} environment variables; at most {MAX_ENV_VARS}",
+                req.env.len()
+            ));
+        }
         let max_attempts = req
             .max_attempts
             .unwrap_or(self.cfg.scheduler.default_max_attempts);
@@ -923,6 +962,56 @@ impl Coordinator {
             timeout_secs: req.timeout_secs,
             max_attempts,
         })
+    }
+
+    /// The task goes to its daemon in one `spawnTask` frame, which must fit the frame limit
+    /// the daemon was told (`server.protocol.max_frame_bytes`) with room for the frame's own
+    /// fields; otherwise it could never be dispatched. Says which fields take the room.
+    fn check_fits_in_a_frame(&self, req: &CreateTask) -> Result<(), ApiError> {
+        let limit = self
+            .cfg
+            .protocol
+            .max_frame_bytes
+            .saturating_sub(FRAME_MARGIN);
+        let prompt = json_len(&req.prompt);
+        let env = json_len(&req.env);
+        let labels = json_len(&req.labels);
+        let repo = req.repo.as_ref().map_or(0, json_len);
+        let name = json_len(&req.name);
+        let total = prompt + env + labels + repo + name;
+        if total <= limit {
+            return Ok(());
+        }
+        let mut parts = [
+            ("prompt", prompt),
+            ("env", env),
+            ("labels", labels),
+            ("repo", repo),
+            ("name", name),
+        ];
+        parts.sort_by_key(|p| std::cmp::Reverse(p.1));
+        let shown: Vec<String> = parts
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(f, n)| format!("`{f}` {}", human_bytes(*n)))
+            .collect();
+        let biggest_env = req
+            .env
+            .iter()
+            .max_by_key(|(_, v)| v.len())
+            .filter(|_| parts[0].0 == "env")
+            .map(|(k, v)| format!("; the largest is `env.{k}` ({})", human_bytes(v.len())))
+            .unwrap_or_default();
+        Err(ApiError::invalid(format!(
+            "the task is too large to send to a daemon: {} in all ({}) is {} over the {} a \
+             spawnTask frame leaves for them (server.protocol.max_frame_bytes = {}){biggest_env}; \
+             put large inputs in the repository instead",
+            human_bytes(total),
+            shown.join(", "),
+            human_bytes(total - limit),
+            human_bytes(limit),
+            self.cfg.protocol.max_frame_bytes
+        )))
     }
 
     pub async fn task(&self, id: &str) -> Result<Task, ApiError> {

@@ -88,6 +88,29 @@ async fn bad_requests_get_clear_errors() -> anyhow::Result<()> {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {text}");
         assert!(text.contains(want), "{body}: {text}");
     }
+    // A task that could never be sent to a daemon in one frame is refused, naming the field.
+    let big_env = format!(
+        r#"{{"name":"x","prompt":"y","env":{{"BIG":"{}"}}}}"#,
+        "v".repeat(3 << 20)
+    );
+    let split = format!(
+        r#"{{"name":"x","prompt":"{}","env":{{"A":"{}"}}}}"#,
+        "p".repeat(400 << 10),
+        "v".repeat(700 << 10)
+    );
+    for (body, want) in [
+        (big_env, "the largest is `env.BIG` (3.0 MiB)"),
+        (split, "`env` 700.0 KiB, `prompt` 400.0 KiB"),
+    ] {
+        let (status, text) = api
+            .raw(Method::POST, "/api/v1/tasks", Some(&key), Some(body))
+            .await?;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+        assert!(
+            text.contains("too large to send to a daemon") && text.contains(want),
+            "{text}"
+        );
+    }
     let (status, text) = api
         .raw(Method::GET, "/api/v1/tasks/t-nope", Some(&key), None)
         .await?;
