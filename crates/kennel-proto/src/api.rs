@@ -162,6 +162,11 @@ pub struct Daemon {
     pub protocol_version: u32,
     pub connected_at: Option<String>,
     pub last_seen_at: Option<String>,
+    /// The id of the API key its machine id is bound to (the first daemon- or relay-scoped
+    /// key it authenticated with); no other key may connect as this machine until that key
+    /// is revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
 }
 
 /// What an API key may do.

@@ -35,7 +35,7 @@ const MAX_LABELS: usize = 64;
 /// Environment variables a task may set for its agent.
 const MAX_ENV_VARS: usize = 256;
 /// Room in a `spawnTask` frame for everything besides the submitter's fields: type, ids,
-/// attempt, agent, limits, JSON punctuation.
+/// attempt, agent, limits, JSON punctuation (a quarter of the frame when that is smaller).
 const FRAME_MARGIN: usize = 4096;
 
 /// The size of a submitted value as it will be encoded in a frame.
@@ -473,6 +473,20 @@ impl State {
             }
         }
         out
+    }
+}
+
+/// Why a daemon may not connect as the machine it names.
+#[derive(Debug)]
+pub enum IdentityRefused {
+    /// Another key owns the machine id; the message says what to do.
+    Taken(String),
+    Store(StoreError),
+}
+
+impl From<StoreError> for IdentityRefused {
+    fn from(e: StoreError) -> Self {
+        IdentityRefused::Store(e)
     }
 }
 
@@ -968,11 +982,8 @@ impl Coordinator {
     /// the daemon was told (`server.protocol.max_frame_bytes`) with room for the frame's own
     /// fields; otherwise it could never be dispatched. Says which fields take the room.
     fn check_fits_in_a_frame(&self, req: &CreateTask) -> Result<(), ApiError> {
-        let limit = self
-            .cfg
-            .protocol
-            .max_frame_bytes
-            .saturating_sub(FRAME_MARGIN);
+        let max = self.cfg.protocol.max_frame_bytes;
+        let limit = max.saturating_sub(FRAME_MARGIN.min(max / 4));
         let prompt = json_len(&req.prompt);
         let env = json_len(&req.env);
         let labels = json_len(&req.labels);
@@ -1207,6 +1218,43 @@ impl Coordinator {
 
     // -----------------------------------------------------------------------------------------
     // Daemon link
+
+    /// Whether `key` may connect as `machine_id`: a machine id is bound to the first daemon- or
+    /// relay-scoped key that authenticated as it, and no other key may pose as that machine
+    /// (receive its tasks, claim its attempts, report for it) until the bound key is revoked,
+    /// which frees the machine id for the next key. Admin keys may connect as any machine and
+    /// bind nothing. Returns the key id to bind.
+    pub async fn check_identity(
+        &self,
+        machine_id: &str,
+        key: &crate::auth::Principal,
+    ) -> Result<Option<String>, IdentityRefused> {
+        if key.scopes.contains(&kennel_proto::api::Scope::Admin) {
+            return Ok(None);
+        }
+        let mine = Some(key.key_id.clone());
+        let Some(d) = self.store.daemon_by_machine(machine_id).await? else {
+            return Ok(mine);
+        };
+        let Some(bound) = d.key_id.filter(|k| *k != key.key_id) else {
+            return Ok(mine);
+        };
+        let live = self
+            .store
+            .find_key(&bound)
+            .await?
+            .is_some_and(|k| k.info.revoked_at.is_none());
+        if !live {
+            tracing::info!(machine_id, old_key = %bound, new_key = %key.key_id, "machine id rebound to a new key (the old one is revoked)");
+            return Ok(mine);
+        }
+        Err(IdentityRefused::Taken(format!(
+            "machine id `{machine_id}` belongs to daemon {} and is bound to another API key \
+             (id {bound}); connect with that daemon's own key, choose another machine id \
+             (daemon.machine_id), or revoke key {bound} to let a new key take it over",
+            d.id
+        )))
+    }
 
     /// The stable id of the daemon on `machine_id`, reusing the one it had before.
     pub async fn resolve_daemon_id(&self, machine_id: &str) -> Result<String, StoreError> {

@@ -22,7 +22,8 @@ use kennel_proto::{decode_daemon_frame, DaemonMessage, Decoded, FrameError};
 use kennel_store::{Applied, DaemonHello, Effect, Report};
 use tokio::sync::mpsc;
 
-use crate::coordinator::Outbound;
+use crate::auth::Principal;
+use crate::coordinator::{IdentityRefused, Outbound};
 use crate::AppState;
 
 /// Close codes (the protocol's, in `kennel_proto`).
@@ -126,12 +127,42 @@ impl Connection {
                 return;
             }
         };
-        if let Err((code, close_code, msg)) = Self::check_hello(&app, &hello).await {
-            tracing::warn!(machine_id = %hello.machine_id, "daemon refused: {msg}");
-            send_now(&mut socket, ServerMessage::error(code, &msg)).await;
-            close_now(&mut socket, close_code, &msg).await;
-            return;
-        }
+        let principal = match Self::check_hello(&app, &hello).await {
+            Ok(p) => p,
+            Err((code, close_code, msg)) => {
+                tracing::warn!(machine_id = %hello.machine_id, "daemon refused: {msg}");
+                send_now(&mut socket, ServerMessage::error(code, &msg)).await;
+                close_now(&mut socket, close_code, &msg).await;
+                return;
+            }
+        };
+        let bind_key = match app
+            .coord
+            .check_identity(&hello.machine_id, &principal)
+            .await
+        {
+            Ok(k) => k,
+            Err(IdentityRefused::Store(e)) => {
+                tracing::error!(error = %e, "failed to check the daemon's identity");
+                close_now(
+                    &mut socket,
+                    close::STORE_UNAVAILABLE,
+                    "coordinator store unavailable; retry",
+                )
+                .await;
+                return;
+            }
+            Err(IdentityRefused::Taken(msg)) => {
+                tracing::warn!(machine_id = %hello.machine_id, key_id = %principal.key_id, "daemon refused: {msg}");
+                send_now(
+                    &mut socket,
+                    ServerMessage::error(ErrorCode::Unauthorized, &msg),
+                )
+                .await;
+                close_now(&mut socket, close::UNAUTHORIZED, &msg).await;
+                return;
+            }
+        };
         let version = negotiate_version(hello.protocol_version, hello.min_protocol_version)
             .unwrap_or(kennel_proto::PROTOCOL_VERSION);
 
@@ -165,6 +196,7 @@ impl Connection {
             version: hello.version,
             protocol_version: version,
             remote_addr: Some(addr.to_string()),
+            key_id: bind_key,
         };
         let attached = match app
             .coord
@@ -203,7 +235,7 @@ impl Connection {
     async fn check_hello(
         app: &AppState,
         hello: &Authenticate,
-    ) -> Result<(), (ErrorCode, u16, String)> {
+    ) -> Result<Principal, (ErrorCode, u16, String)> {
         let principal = app
             .keys
             .verify(
@@ -247,7 +279,7 @@ impl Connection {
                 ),
             ));
         }
-        Ok(())
+        Ok(p)
     }
 
     /// Reads until the daemon leaves; returns the close code and reason.

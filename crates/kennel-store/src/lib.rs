@@ -209,6 +209,9 @@ pub struct DaemonHello {
     pub version: String,
     pub protocol_version: u32,
     pub remote_addr: Option<String>,
+    /// The key it authenticated with, to bind its machine id to; `None` for an admin key,
+    /// which binds nothing.
+    pub key_id: Option<String>,
 }
 
 /// A stored API key: what authentication needs to check a presented key.

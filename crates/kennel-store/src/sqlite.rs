@@ -221,6 +221,7 @@ fn daemon_from_row(row: &Row<'_>) -> Result<Daemon> {
         protocol_version: row.get::<_, i64>("protocol_version")? as u32,
         connected_at: row.get::<_, Option<i64>>("connected_at")?.map(rfc3339),
         last_seen_at: row.get::<_, Option<i64>>("last_seen_at")?.map(rfc3339),
+        key_id: row.get("key_id")?,
     })
 }
 
@@ -1017,13 +1018,15 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             conn.prepare_cached(
                 "INSERT INTO daemons (id, machine_id, hostname, max_concurrent_tasks, labels, \
-                 agents, version, protocol_version, connected, connected_at, last_seen_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, ?9, ?9) \
+                 agents, version, protocol_version, connected, connected_at, last_seen_at, \
+                 key_id) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, ?9, ?9, ?10) \
                  ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, \
                  max_concurrent_tasks = excluded.max_concurrent_tasks, labels = excluded.labels, \
                  agents = excluded.agents, version = excluded.version, \
                  protocol_version = excluded.protocol_version, connected = 1, \
-                 connected_at = excluded.connected_at, last_seen_at = excluded.last_seen_at",
+                 connected_at = excluded.connected_at, last_seen_at = excluded.last_seen_at, \
+                 key_id = COALESCE(excluded.key_id, daemons.key_id)",
             )?
             .execute(params![
                 daemon_id,
@@ -1035,6 +1038,7 @@ impl Store for SqliteStore {
                 h.version,
                 h.protocol_version as i64,
                 now,
+                h.key_id,
             ])?;
             conn.prepare_cached(
                 "INSERT INTO daemon_sessions (daemon_id, remote_addr, connected_at) \

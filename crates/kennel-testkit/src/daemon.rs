@@ -95,7 +95,8 @@ impl DaemonOpts {
         }
     }
 
-    fn authenticate(&self) -> DaemonMessage {
+    /// The `authenticate` frame these options describe.
+    pub fn authenticate(&self) -> DaemonMessage {
         DaemonMessage::Authenticate(Authenticate {
             api_key: Secret(self.api_key.clone()),
             machine_id: self.machine_id.clone(),

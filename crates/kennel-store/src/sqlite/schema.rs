@@ -17,6 +17,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0001_init.sql"),
     include_str!("../../migrations/sqlite/0002_gateway.sql"),
     include_str!("../../migrations/sqlite/0003_returned_attempts.sql"),
+    include_str!("../../migrations/sqlite/0004_daemon_key.sql"),
 ];
 
 /// How long a connection waits for a lock another process holds before it reports busy.

@@ -40,6 +40,7 @@ fn new_task(id: &str, max_attempts: u32) -> NewTask {
 
 fn hello(machine: &str) -> DaemonHello {
     DaemonHello {
+        key_id: None,
         machine_id: machine.into(),
         hostname: machine.into(),
         max_concurrent_tasks: 2,

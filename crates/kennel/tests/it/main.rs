@@ -10,6 +10,7 @@ mod protocol;
 mod relay;
 mod resilience;
 mod scheduling;
+mod security;
 mod soak;
 mod worker;
 

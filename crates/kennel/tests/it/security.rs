@@ -1,0 +1,99 @@
+//! The coordinator as an attacker meets it: keys posing as other machines, revoked keys with
+//! live sessions, oversized and abusive input.
+
+use kennel_proto::api::{Daemon, Scope};
+use kennel_proto::{ErrorCode, ServerMessage, TaskStatus};
+use kennel_testkit::{wait_task_status, DaemonOpts, KennelServer, TestDaemon};
+
+use crate::{server, task, WAIT};
+
+async fn key(srv: &KennelServer, name: &str, scope: Scope) -> anyhow::Result<String> {
+    Ok(srv.api().create_key(name, &[scope]).await?.key)
+}
+
+fn opts(key: &str, machine: &str) -> DaemonOpts {
+    DaemonOpts {
+        machine_id: machine.to_string(),
+        hostname: machine.to_string(),
+        ..DaemonOpts::with_key(key)
+    }
+}
+
+#[tokio::test]
+async fn another_key_cannot_pose_as_a_daemon_and_the_victim_keeps_its_task() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let api = srv.api();
+    let victim_key = key(&srv, "victim", Scope::Daemon).await?;
+    let mut victim = TestDaemon::connect(&srv.ws_url(), opts(&victim_key, "victim-box")).await?;
+    let t = api.submit(&task("precious")).await?;
+    let s = victim.expect_spawn(WAIT).await?;
+    victim.accept(&s.task_id, 1).await?;
+    victim.expect_ack(&s.task_id, 1, 1, WAIT).await?;
+
+    // A daemon key and a relay key of someone else, each naming the victim's machine and
+    // claiming its attempt.
+    for (name, scope) in [("thief", Scope::Daemon), ("rogue relay", Scope::Relay)] {
+        let thief_key = key(&srv, name, scope).await?;
+        let mut o = opts(&thief_key, "victim-box");
+        o.running_tasks = vec![kennel_proto::link::TaskRef {
+            task_id: t.id.clone(),
+            attempt: 1,
+        }];
+        let (first, close) =
+            TestDaemon::connect_raw(&srv.ws_url(), o.authenticate().to_json()).await?;
+        match first {
+            Some(ServerMessage::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::Unauthorized);
+                assert!(
+                    e.message.contains("machine id `victim-box`")
+                        && e.message.contains("bound to another API key"),
+                    "{}",
+                    e.message
+                );
+            }
+            other => panic!("{name}: expected a refusal, got {other:?}"),
+        }
+        assert_eq!(close.map(|c| c.0), Some(4001), "{name}");
+    }
+
+    // The victim was not replaced and finishes its own task.
+    victim.output(&s.task_id, 1, "still mine").await?;
+    victim.complete(&s.task_id, 1, true).await?;
+    let done = wait_task_status(
+        &srv.url(),
+        srv.admin_key(),
+        &t.id,
+        TaskStatus::Completed,
+        WAIT,
+    )
+    .await?;
+    assert_eq!(done.daemon_id.as_deref(), Some(victim.daemon_id()));
+    let out = api.output(&t.id, Some(1), 0).await?;
+    assert_eq!(
+        out.items
+            .iter()
+            .map(|c| c.output.as_str())
+            .collect::<Vec<_>>(),
+        ["still mine"]
+    );
+    let daemons: Vec<Daemon> = api.get("/api/v1/daemons").await?;
+    let d = daemons
+        .iter()
+        .find(|d| d.machine_id == "victim-box")
+        .expect("listed");
+    assert!(d.connected);
+    assert!(d.key_id.as_deref().is_some_and(|k| victim_key.contains(k)));
+
+    // Rotating the key: once the bound key is revoked, a new key may take the machine over.
+    let bound = d.key_id.clone().unwrap_or_default();
+    api.delete::<serde_json::Value>(&format!("/api/v1/keys/{bound}"))
+        .await?;
+    let new_key = key(&srv, "rotated", Scope::Daemon).await?;
+    let rotated = TestDaemon::connect(&srv.ws_url(), opts(&new_key, "victim-box")).await?;
+    assert_eq!(
+        rotated.daemon_id(),
+        victim.daemon_id(),
+        "same daemon, new key"
+    );
+    Ok(())
+}
