@@ -344,6 +344,7 @@ pub async fn revoke_key(
             ApiError::not_found(format!("no API key `{id}`; `kennel keys list` shows them"))
         })?;
     app.keys.forget(&id);
+    app.coord.key_revoked(&id);
     tracing::info!(key_id = %id, "api key revoked");
     Ok(Json(key))
 }

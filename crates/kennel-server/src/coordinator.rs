@@ -76,6 +76,8 @@ pub enum Outbound {
 pub struct Conn {
     pub id: u64,
     pub tx: mpsc::UnboundedSender<Outbound>,
+    /// The API key it authenticated with; revoking it closes the connection.
+    pub key_id: Arc<str>,
 }
 
 impl Conn {
@@ -505,6 +507,8 @@ pub struct Coordinator {
     events: broadcast::Sender<Arc<Event>>,
     /// Task ids whose output or status changed: wakes output streams.
     output: broadcast::Sender<Arc<str>>,
+    /// Ids of API keys revoked on this coordinator: ends their live sessions.
+    revoked: broadcast::Sender<Arc<str>>,
     started: Instant,
 }
 
@@ -512,6 +516,7 @@ impl Coordinator {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, cfg: ServerConfig) -> Arc<Self> {
         let (events, _) = broadcast::channel(8192);
         let (output, _) = broadcast::channel(8192);
+        let (revoked, _) = broadcast::channel(64);
         Arc::new(Coordinator {
             store,
             clock,
@@ -520,6 +525,7 @@ impl Coordinator {
             wake: Notify::new(),
             events,
             output,
+            revoked,
             started: Instant::now(),
         })
     }
@@ -539,6 +545,47 @@ impl Coordinator {
 
     pub fn subscribe_output(&self) -> broadcast::Receiver<Arc<str>> {
         self.output.subscribe()
+    }
+
+    /// A key was revoked: its daemon connections close now (4001), and its event streams end
+    /// (see [`Coordinator::revocation_of`]).
+    pub fn key_revoked(&self, key_id: &str) {
+        let conns: Vec<(String, Conn)> = {
+            let st = self.lock();
+            st.daemons
+                .values()
+                .filter_map(|d| d.conn.clone().map(|c| (d.id.clone(), c)))
+                .filter(|(_, c)| &*c.key_id == key_id)
+                .collect()
+        };
+        for (daemon_id, c) in conns {
+            tracing::info!(
+                daemon_id,
+                key_id,
+                "closing a daemon link whose key was revoked"
+            );
+            let _ = c.tx.send(Outbound::Close(
+                kennel_proto::link::close::UNAUTHORIZED,
+                "API key revoked".into(),
+            ));
+        }
+        let _ = self.revoked.send(Arc::from(key_id));
+    }
+
+    /// Resolves when `key_id` is revoked on this coordinator. Subscribe before serving a
+    /// long-lived response, so a revoke while it runs ends it.
+    pub fn revocation_of(&self, key_id: &str) -> impl std::future::Future<Output = ()> + Send {
+        let mut rx = self.revoked.subscribe();
+        let key_id: Arc<str> = Arc::from(key_id);
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok(k) if k == key_id => return,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+                }
+            }
+        }
     }
 
     fn publish(&self, events: impl IntoIterator<Item = Event>) {
@@ -1275,6 +1322,7 @@ impl Coordinator {
         running: Vec<TaskRef>,
         tx: mpsc::UnboundedSender<Outbound>,
         authenticated: ServerMessage,
+        key_id: &str,
     ) -> Result<Attached, StoreError> {
         let (daemon, ev) = self
             .store
@@ -1312,6 +1360,7 @@ impl Coordinator {
             slot.conn = Some(Conn {
                 id: conn_id,
                 tx: tx.clone(),
+                key_id: Arc::from(key_id),
             });
             let held: Vec<String> = slot.held.iter().cloned().collect();
             for task_id in held {
@@ -1647,7 +1696,11 @@ mod tests {
                     .collect(),
                 agents: ["command".to_string()].into(),
                 draining: false,
-                conn: Some(Conn { id: 1, tx }),
+                conn: Some(Conn {
+                    id: 1,
+                    tx,
+                    key_id: Arc::from("k"),
+                }),
                 held: HashSet::new(),
                 last_pick: 0,
                 generation: 0,

@@ -200,7 +200,14 @@ impl Connection {
         };
         let attached = match app
             .coord
-            .attach(&daemon_id, info, running, tx.clone(), authenticated)
+            .attach(
+                &daemon_id,
+                info,
+                running,
+                tx.clone(),
+                authenticated,
+                &principal.key_id,
+            )
             .await
         {
             Ok(a) => a,

@@ -27,6 +27,9 @@ use crate::AppState;
 
 const PAGE: u32 = 500;
 
+/// Why a stream ends when its key is revoked.
+const KEY_REVOKED: &str = "the API key of this stream was revoked; the stream ends";
+
 type SseStream = axum::response::Response;
 
 /// An SSE response fed by a channel, with keep-alive comments so proxies keep it open.
@@ -120,8 +123,12 @@ pub async fn task_output_stream(
     }
     let follow_retries = q.attempt.is_none();
     let (tx, rx) = mpsc::channel(64);
+    let revoked = app.coord.revocation_of(&p.key_id);
     tokio::spawn(async move {
-        let r = follow_output(&app, &id, attempt, after, follow_retries, wake, &tx).await;
+        let r = tokio::select! {
+            r = follow_output(&app, &id, attempt, after, follow_retries, wake, &tx) => r,
+            () = revoked => Err(ApiError::unauthorized(KEY_REVOKED)),
+        };
         if let Err(e) = r {
             let _ = tx
                 .send(Ok(SseEvent::default().event("error").data(e.to_string())))
@@ -239,8 +246,13 @@ pub async fn events(
     }
     let live = app.coord.subscribe_events();
     let (tx, rx) = mpsc::channel(256);
+    let revoked = app.coord.revocation_of(&p.key_id);
     tokio::spawn(async move {
-        if let Err(e) = follow_events(&app, after, q.task, live, &tx).await {
+        let r = tokio::select! {
+            r = follow_events(&app, after, q.task, live, &tx) => r,
+            () = revoked => Err(ApiError::unauthorized(KEY_REVOKED)),
+        };
+        if let Err(e) = r {
             let _ = tx
                 .send(Ok(SseEvent::default().event("error").data(e.to_string())))
                 .await;

@@ -97,3 +97,46 @@ async fn another_key_cannot_pose_as_a_daemon_and_the_victim_keeps_its_task() -> 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn revoking_a_key_ends_its_live_sessions() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let api = srv.api();
+    let daemon_key = api.create_key("worker", &[Scope::Daemon]).await?;
+    let client_key = api.create_key("watcher", &[Scope::Client]).await?;
+    let mut d = TestDaemon::connect(&srv.ws_url(), opts(&daemon_key.key, "revoked-box")).await?;
+    let mut events = kennel_testkit::EventStream::connect(
+        &format!("{}/api/v1/events?after=0", srv.url()),
+        Some(&client_key.key),
+        None,
+    )
+    .await?;
+    let mut output = {
+        let t = api.submit(&task("watched")).await?;
+        kennel_testkit::EventStream::connect(
+            &format!("{}/api/v1/tasks/{}/output/stream", srv.url(), t.id),
+            Some(&client_key.key),
+            None,
+        )
+        .await?
+    };
+    let s = d.expect_spawn(WAIT).await?;
+    d.accept(&s.task_id, 1).await?;
+
+    api.delete::<serde_json::Value>(&format!("/api/v1/keys/{}", daemon_key.info.id))
+        .await?;
+    let (code, reason) = d.wait_closed(WAIT).await?;
+    assert_eq!((code, reason.as_str()), (4001, "API key revoked"));
+    // Work submitted now is not sent over the revoked link.
+    let later = api.submit(&task("after-revoke")).await?;
+    assert_eq!(api.task(&later.id).await?.task.status, TaskStatus::Queued);
+
+    api.delete::<serde_json::Value>(&format!("/api/v1/keys/{}", client_key.info.id))
+        .await?;
+    for stream in [&mut events, &mut output] {
+        let end = stream.wait_for(WAIT, |m| m.event == "error").await?;
+        assert!(end.data.contains("revoked"), "{}", end.data);
+        assert!(stream.next(WAIT).await.is_err(), "the stream has ended");
+    }
+    Ok(())
+}
