@@ -394,6 +394,8 @@ pub mod close {
     pub const REPLACED: u16 = 4004;
     /// Nothing arrived for three heartbeat intervals.
     pub const SILENT: u16 = 4005;
+    /// Too many frames were waiting to be sent to the daemon: it is not reading them.
+    pub const SLOW_READER: u16 = 4006;
     /// The side that sends it is shutting down (a coordinator, a relay, or a daemon that
     /// stops cleanly).
     pub const GOING_AWAY: u16 = 1001;

@@ -110,6 +110,9 @@ pub struct ProtocolConfig {
     pub missed_heartbeats: u32,
     /// Seconds a new connection has to send `authenticate`.
     pub auth_timeout_secs: u64,
+    /// Frames that may wait to be sent to one daemon (at least twice its slots); a daemon that
+    /// lets more pile up is not reading and is disconnected (close 4006).
+    pub max_queued_frames: usize,
 }
 
 impl Default for ProtocolConfig {
@@ -119,6 +122,7 @@ impl Default for ProtocolConfig {
             heartbeat_interval_secs: 10,
             missed_heartbeats: 3,
             auth_timeout_secs: 10,
+            max_queued_frames: 4096,
         }
     }
 }

@@ -24,10 +24,12 @@ use kennel_store::{
     Applied, DaemonHello, Dispatch, Effect, EndAttempt, Ended, NewTask, Report, Retry, Store,
     StoreError,
 };
-use tokio::sync::{broadcast, mpsc, Notify};
+use tokio::sync::{broadcast, Notify};
 
 use crate::config::ServerConfig;
 use crate::error::ApiError;
+use crate::outbound::LinkTx;
+pub use crate::outbound::Outbound;
 use crate::Clock;
 
 /// Labels a task may require (a daemon advertises at most this many).
@@ -64,18 +66,11 @@ const DISPATCH_BATCH: usize = 256;
 /// enough that a user sees why within a second or two.
 const WAITING_SETTLE: Duration = Duration::from_millis(700);
 
-/// A frame (or a close) for one daemon connection's writer.
-#[derive(Debug)]
-pub enum Outbound {
-    Msg(ServerMessage),
-    Close(u16, String),
-}
-
 /// The sending half of one daemon connection.
 #[derive(Clone)]
 pub struct Conn {
     pub id: u64,
-    pub tx: mpsc::UnboundedSender<Outbound>,
+    pub tx: LinkTx,
     /// The API key it authenticated with; revoking it closes the connection.
     pub key_id: Arc<str>,
 }
@@ -83,7 +78,7 @@ pub struct Conn {
 impl Conn {
     fn send(&self, m: ServerMessage) {
         // A closed channel means the connection is going away; its disconnect handles the rest.
-        let _ = self.tx.send(Outbound::Msg(m));
+        self.tx.msg(m);
     }
 }
 
@@ -564,7 +559,7 @@ impl Coordinator {
                 key_id,
                 "closing a daemon link whose key was revoked"
             );
-            let _ = c.tx.send(Outbound::Close(
+            c.tx.send(Outbound::Close(
                 kennel_proto::link::close::UNAUTHORIZED,
                 "API key revoked".into(),
             ));
@@ -1320,7 +1315,7 @@ impl Coordinator {
         daemon_id: &str,
         hello: DaemonHello,
         running: Vec<TaskRef>,
-        tx: mpsc::UnboundedSender<Outbound>,
+        tx: LinkTx,
         authenticated: ServerMessage,
         key_id: &str,
     ) -> Result<Attached, StoreError> {
@@ -1342,7 +1337,7 @@ impl Coordinator {
                 .entry(daemon_id.to_string())
                 .or_insert_with(|| slot_from(&daemon));
             if let Some(old) = slot.conn.take() {
-                let _ = old.tx.send(Outbound::Close(
+                old.tx.send(Outbound::Close(
                     4004,
                     "replaced by a newer connection from the same machine".into(),
                 ));
@@ -1356,7 +1351,7 @@ impl Coordinator {
             // `authenticated` is queued before the connection becomes visible to the
             // scheduler, so it precedes any `spawnTask`, and a daemon that has read it is
             // already schedulable.
-            let _ = tx.send(Outbound::Msg(authenticated));
+            tx.msg(authenticated);
             slot.conn = Some(Conn {
                 id: conn_id,
                 tx: tx.clone(),
@@ -1391,7 +1386,7 @@ impl Coordinator {
         tracing::info!(daemon_id, hostname = %hello.hostname, "daemon connected");
         self.publish([ev]);
         for r in stale {
-            let _ = tx.send(Outbound::Msg(ServerMessage::Error(ErrorFrame {
+            tx.msg(ServerMessage::Error(ErrorFrame {
                 code: ErrorCode::StaleAttempt,
                 message: format!(
                     "attempt {} of task {} is not yours any more; stop it and drop its messages",
@@ -1400,7 +1395,7 @@ impl Coordinator {
                 task_id: Some(r.task_id.clone()),
                 attempt: Some(r.attempt),
                 expected_seq: None,
-            })));
+            }));
         }
         for (task_id, attempt, accepted) in lost {
             let reason = if accepted {
@@ -1684,7 +1679,7 @@ mod tests {
     }
 
     fn slot(st: &mut State, id: &str, max: u32, labels: &[(&str, &str)]) {
-        let (tx, _rx) = mpsc::unbounded_channel();
+        let (tx, _rx) = crate::outbound::channel(16);
         st.daemons.insert(
             id.into(),
             DaemonSlot {

@@ -20,10 +20,10 @@ use kennel_proto::link::{
 };
 use kennel_proto::{decode_daemon_frame, DaemonMessage, Decoded, FrameError};
 use kennel_store::{Applied, DaemonHello, Effect, Report};
-use tokio::sync::mpsc;
 
 use crate::auth::Principal;
-use crate::coordinator::{IdentityRefused, Outbound};
+use crate::coordinator::IdentityRefused;
+use crate::outbound::{self, LinkRx, LinkTx, Outbound};
 use crate::AppState;
 
 /// Close codes (the protocol's, in `kennel_proto`).
@@ -55,10 +55,22 @@ pub async fn ws_daemon(
 
 struct Connection {
     app: Arc<AppState>,
-    tx: mpsc::UnboundedSender<Outbound>,
+    tx: LinkTx,
     daemon_id: String,
     max_frame: usize,
+    bad_frames: std::sync::Mutex<BadFrameLog>,
 }
+
+/// Bad frames are answered one by one but logged at most once per [`BAD_FRAME_LOG_EVERY`]
+/// per connection, with a count of those not logged: a daemon sending garbage must not fill
+/// the disk with warnings.
+#[derive(Debug, Default)]
+struct BadFrameLog {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+const BAD_FRAME_LOG_EVERY: Duration = Duration::from_secs(10);
 
 fn error_frame(code: ErrorCode, message: String) -> Outbound {
     Outbound::Msg(ServerMessage::error(code, message))
@@ -179,7 +191,10 @@ impl Connection {
                 return;
             }
         };
-        let (tx, rx) = mpsc::unbounded_channel();
+        let bound = cfg
+            .max_queued_frames
+            .max(2 * hello.max_concurrent_tasks as usize);
+        let (tx, rx) = outbound::channel(bound);
         let authenticated = ServerMessage::Authenticated(Authenticated {
             daemon_id: daemon_id.clone(),
             heartbeat_interval_secs: cfg.heartbeat_interval_secs,
@@ -229,11 +244,25 @@ impl Connection {
             tx,
             daemon_id: daemon_id.clone(),
             max_frame,
+            bad_frames: Default::default(),
         };
-        let reason = conn.read_loop(stream).await;
-        let _ = conn.tx.send(Outbound::Close(reason.0, reason.1.clone()));
+        let reason = tokio::select! {
+            r = conn.read_loop(stream) => r,
+            r = conn.tx.overflowed() => r,
+        };
+        if reason.0 == close::SLOW_READER {
+            tracing::warn!(daemon_id = %daemon_id, "disconnecting a daemon that does not read: {}", reason.1);
+        }
+        conn.tx.send(Outbound::Close(reason.0, reason.1.clone()));
         drop(conn);
-        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+        let mut writer = writer;
+        if tokio::time::timeout(Duration::from_secs(2), &mut writer)
+            .await
+            .is_err()
+        {
+            // Stuck writing to a peer that does not read: drop the socket.
+            writer.abort();
+        }
         app.coord
             .detach(&daemon_id, attached.conn_id, &reason.1)
             .await;
@@ -400,7 +429,7 @@ impl Connection {
                 }
                 Applied::Gap { expected } => {
                     metrics::counter!("kennel_frame_errors_total", "code" => "seqGap").increment(1);
-                    let _ = self.tx.send(Outbound::Msg(ServerMessage::Error(ErrorFrame {
+                    self.tx.msg(ServerMessage::Error(ErrorFrame {
                         code: ErrorCode::SeqGap,
                         message: format!(
                             "seq {} of task {} attempt {} is out of order; resend from seq {expected}",
@@ -409,40 +438,54 @@ impl Connection {
                         task_id: Some(r.task_id.clone()),
                         attempt: Some(r.attempt),
                         expected_seq: Some(expected),
-                    })));
+                    }));
                 }
                 Applied::Stale { reason } => {
                     metrics::counter!("kennel_frame_errors_total", "code" => "staleAttempt")
                         .increment(1);
-                    let _ = self.tx.send(Outbound::Msg(ServerMessage::Error(ErrorFrame {
+                    self.tx.msg(ServerMessage::Error(ErrorFrame {
                         code: ErrorCode::StaleAttempt,
                         message: format!("{reason}; stop this attempt and drop its messages"),
                         task_id: Some(r.task_id.clone()),
                         attempt: Some(r.attempt),
                         expected_seq: None,
-                    })));
+                    }));
                 }
             }
         }
         for key in order {
             if let Some(seq) = acks.get(&key) {
-                let _ = self.tx.send(Outbound::Msg(ServerMessage::Ack(Ack {
+                self.tx.msg(ServerMessage::Ack(Ack {
                     task_id: key.0.to_string(),
                     attempt: key.1,
                     seq: *seq,
-                })));
+                }));
             }
         }
     }
 
     fn frame_error(&self, e: &FrameError) {
         metrics::counter!("kennel_frame_errors_total", "code" => e.code().as_str()).increment(1);
-        tracing::warn!(daemon_id = %self.daemon_id, error = %e, "bad frame");
+        {
+            let mut log = self.bad_frames.lock().unwrap_or_else(|p| p.into_inner());
+            let due = log.last.is_none_or(|t| t.elapsed() >= BAD_FRAME_LOG_EVERY);
+            if due {
+                let suppressed = std::mem::take(&mut log.suppressed);
+                log.last = Some(std::time::Instant::now());
+                if suppressed > 0 {
+                    tracing::warn!(daemon_id = %self.daemon_id, error = %e, suppressed, "bad frame ({suppressed} more since the last report, not logged one by one)");
+                } else {
+                    tracing::warn!(daemon_id = %self.daemon_id, error = %e, "bad frame");
+                }
+            } else {
+                log.suppressed += 1;
+            }
+        }
         self.send_err(e.code(), truncate(&e.to_string(), 500));
     }
 
     fn send_err(&self, code: ErrorCode, message: String) {
-        let _ = self.tx.send(error_frame(code, message));
+        self.tx.send(error_frame(code, message));
     }
 }
 
@@ -559,11 +602,25 @@ fn to_report(daemon_id: &str, m: DaemonMessage) -> Option<Report> {
     })
 }
 
-async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
-    mut rx: mpsc::UnboundedReceiver<Outbound>,
-) {
-    while let Some(out) = rx.recv().await {
+async fn write_loop(mut sink: futures_util::stream::SplitSink<WebSocket, Message>, mut rx: LinkRx) {
+    let tripwire = rx.tripwire();
+    loop {
+        let out = tokio::select! {
+            biased;
+            (code, reason) = tripwire.overflowed() => {
+                // The peer is not reading; a close frame may not get through, so try briefly.
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    sink.send(close_message(code, &reason)),
+                )
+                .await;
+                return;
+            }
+            o = rx.recv() => match o {
+                Some(o) => o,
+                None => return,
+            },
+        };
         match out {
             Outbound::Msg(m) => {
                 metrics::counter!("kennel_frames_sent_total").increment(1);
@@ -572,7 +629,7 @@ async fn write_loop(
                 if sink.feed(Message::Text(text.into())).await.is_err() {
                     return;
                 }
-                while let Ok(next) = rx.try_recv() {
+                while let Some(next) = rx.try_recv() {
                     match next {
                         Outbound::Msg(m) => {
                             if sink.feed(Message::Text(m.to_json().into())).await.is_err() {

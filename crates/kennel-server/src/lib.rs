@@ -10,6 +10,7 @@ pub mod config;
 pub mod coordinator;
 pub mod error;
 pub mod hub;
+pub mod outbound;
 pub mod stream;
 
 use std::future::Future;

@@ -140,3 +140,72 @@ async fn revoking_a_key_ends_its_live_sessions() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The value of an unlabelled counter in Prometheus text, 0 if absent.
+fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name).map(str::trim))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_floods_without_reading_is_cut_off_and_memory_stays_flat(
+) -> anyhow::Result<()> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let srv = server().await?;
+    let api = srv.api();
+    let key = key(&srv, "flooder", Scope::Daemon).await?;
+    let (ws, _) = tokio_tungstenite::connect_async(srv.ws_url()).await?;
+    // Never read: the answers to the bad frames pile up on the server's side.
+    let (mut sink, _never_read) = futures_util::StreamExt::split(ws);
+    sink.send(Message::text(
+        opts(&key, "flooder").authenticate().to_json(),
+    ))
+    .await?;
+    let before = srv.rss_kib().unwrap_or_default();
+    let bad = r#"{"type":"taskOutput","taskId":"t-x"}"#;
+    let mut sent = 0u64;
+    let flood = async {
+        for _ in 0..400_000 {
+            if sink.feed(Message::text(bad)).await.is_err() {
+                break;
+            }
+            sent += 1;
+            if sent.is_multiple_of(1000) && sink.flush().await.is_err() {
+                break;
+            }
+        }
+    };
+    // The server cuts the link long before 400k frames; the deadline bounds a hang.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(60), flood).await;
+    let metrics: String = api
+        .raw(
+            kennel_testkit::Method::GET,
+            "/metrics",
+            Some(srv.admin_key()),
+            None,
+        )
+        .await?
+        .1;
+    assert_eq!(
+        counter(&metrics, "kennel_links_overflowed_total"),
+        1.0,
+        "the flooding link was closed for not reading (sent {sent} frames)"
+    );
+    assert!(
+        sent < 400_000,
+        "the connection was cut ({sent} frames sent)"
+    );
+    let after = srv.rss_kib().unwrap_or_default();
+    assert!(
+        after < before + 64 * 1024,
+        "server memory grew from {before} KiB to {after} KiB"
+    );
+    // The server carries on.
+    let t = api.submit(&task("after the flood")).await?;
+    assert_eq!(api.task(&t.id).await?.task.status, TaskStatus::Queued);
+    Ok(())
+}
