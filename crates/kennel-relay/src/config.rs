@@ -38,6 +38,10 @@ pub struct RelayConfig {
     pub reattach_grace_secs: u64,
     /// Largest frame accepted from a downstream daemon, in bytes.
     pub max_frame_bytes: usize,
+    /// Bytes a downstream daemon may send before it has authenticated; more ends the link.
+    pub max_auth_frame_bytes: usize,
+    /// Downstream links that may be waiting to authenticate at once; more get 503.
+    pub max_unauthenticated: usize,
     /// Days the history keeps an attempt after it ended (checked hourly); 0 keeps it forever.
     pub history_retention_days: u64,
     /// Unacknowledged reports kept in memory while the upstream link is up; beyond this they
@@ -60,6 +64,8 @@ impl Default for RelayConfig {
             heartbeat_interval_secs: 10,
             reattach_grace_secs: 30,
             max_frame_bytes: kennel_proto::link::DEFAULT_MAX_FRAME_BYTES,
+            max_auth_frame_bytes: 256 * 1024,
+            max_unauthenticated: 128,
             history_retention_days: 30,
             max_pending_messages: 100_000,
         }

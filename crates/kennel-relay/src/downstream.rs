@@ -6,15 +6,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
-use axum::response::Response;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use kennel_proto::link::{negotiate_version, Authenticated, ErrorCode};
 use kennel_proto::{decode_daemon_frame, DaemonMessage, Decoded, ServerMessage};
+use kennel_server::ws::{self, LinkSocket};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::relay::{Outbound, Refusal, Relay};
 
@@ -31,11 +33,27 @@ pub fn key_matches(keys: &[String], given: &str) -> bool {
     bool::from(ok) && !given.is_empty()
 }
 
-pub async fn ws_daemon(ws: WebSocketUpgrade, State(relay): State<Arc<Relay>>) -> Response {
-    let cap = relay.cfg.max_frame_bytes.saturating_mul(8).max(16 << 20);
-    ws.max_message_size(cap)
-        .max_frame_size(cap)
-        .on_upgrade(move |socket| run(relay, socket))
+pub async fn ws_daemon(State(relay): State<Arc<Relay>>, req: Request) -> Response {
+    let limits = ws::Limits {
+        pre_auth_bytes: relay.cfg.max_auth_frame_bytes,
+        max_message_bytes: relay.cfg.max_frame_bytes.saturating_mul(8).max(16 << 20),
+    };
+    // Held until the daemon has authenticated (or gone).
+    let slot = match relay.pre_auth.take() {
+        Ok(s) => s,
+        Err(busy) => return busy.into_response(),
+    };
+    match ws::upgrade(req, limits) {
+        Err(refused) => refused.into_response(),
+        Ok((switching, accepted)) => {
+            tokio::spawn(async move {
+                if let Some(a) = accepted.await {
+                    run(relay, a, slot).await;
+                }
+            });
+            switching
+        }
+    }
 }
 
 fn close_message(code: u16, reason: &str) -> Message {
@@ -44,12 +62,12 @@ fn close_message(code: u16, reason: &str) -> Message {
         end -= 1;
     }
     Message::Close(Some(CloseFrame {
-        code,
+        code: code.into(),
         reason: Utf8Bytes::from(&reason[..end]),
     }))
 }
 
-async fn refuse(socket: &mut WebSocket, code: ErrorCode, close: u16, msg: &str) {
+async fn refuse(socket: &mut LinkSocket, code: ErrorCode, close: u16, msg: &str) {
     let _ = socket
         .send(Message::Text(
             ServerMessage::error(code, msg).to_json().into(),
@@ -59,10 +77,15 @@ async fn refuse(socket: &mut WebSocket, code: ErrorCode, close: u16, msg: &str) 
 }
 
 #[tracing::instrument(name = "relay_downstream", skip_all)]
-async fn run(relay: Arc<Relay>, mut socket: WebSocket) {
+async fn run(
+    relay: Arc<Relay>,
+    accepted: ws::Accepted,
+    pre_auth_slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let ws::Accepted { mut socket, budget } = accepted;
     let cfg = &relay.cfg;
     let first =
-        match tokio::time::timeout(Duration::from_secs(cfg.auth_timeout_secs), socket.recv()).await
+        match tokio::time::timeout(Duration::from_secs(cfg.auth_timeout_secs), socket.next()).await
         {
             Err(_) => {
                 let reason = format!("no authenticate frame within {}s", cfg.auth_timeout_secs);
@@ -141,6 +164,9 @@ async fn run(relay: Arc<Relay>, mut socket: WebSocket) {
         .await;
         return;
     };
+    // Authenticated: no byte budget and no pre-authentication slot from here on.
+    budget.lift();
+    drop(pre_auth_slot);
     let machine = hello.machine_id.clone();
     let (tx, rx) = mpsc::unbounded_channel();
     let authenticated = ServerMessage::Authenticated(Authenticated {
@@ -166,7 +192,7 @@ async fn read_loop(
     relay: &Arc<Relay>,
     machine: &str,
     tx: &mpsc::UnboundedSender<Outbound>,
-    mut stream: futures_util::stream::SplitStream<WebSocket>,
+    mut stream: futures_util::stream::SplitStream<LinkSocket>,
 ) -> (u16, String) {
     let silence = Duration::from_secs(relay.cfg.heartbeat_interval_secs.saturating_mul(3));
     loop {
@@ -215,7 +241,7 @@ fn handle_batch(
                 "binary frames are not part of the protocol; send JSON text frames".into(),
             ),
             Message::Close(_) => return Some((1000, "daemon closed the connection".into())),
-            Message::Ping(_) | Message::Pong(_) => {}
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
         }
     }
     let mut reports: Vec<(DaemonMessage, &str)> = Vec::new();
@@ -270,7 +296,7 @@ fn handle_batch(
 }
 
 async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut sink: futures_util::stream::SplitSink<LinkSocket, Message>,
     mut rx: mpsc::UnboundedReceiver<Outbound>,
 ) {
     while let Some(out) = rx.recv().await {

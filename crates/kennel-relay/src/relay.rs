@@ -134,6 +134,8 @@ pub struct Relay {
     forwarded: AtomicU64,
     /// The id the upstream gave this relay while the link is up, `None` while it is down.
     link: watch::Sender<Option<String>>,
+    /// Downstream links that have not authenticated yet.
+    pub pre_auth: kennel_server::ws::PreAuthSlots,
 }
 
 pub fn now_ms() -> i64 {
@@ -178,6 +180,7 @@ impl Relay {
                 _ => tracing::warn!("ignoring an unreadable queued task in the relay database"),
             }
         }
+        let cfg_unauthenticated = cfg.max_unauthenticated;
         let relay = Arc::new(Relay {
             cfg,
             state: Mutex::new(st),
@@ -185,6 +188,7 @@ impl Relay {
             reconnect: Notify::new(),
             forwarded: AtomicU64::new(0),
             link: watch::channel(None).0,
+            pre_auth: kennel_server::ws::PreAuthSlots::new(cfg_unauthenticated),
         });
         relay.log("connect", "relay started");
         Ok(relay)

@@ -113,6 +113,11 @@ pub struct ProtocolConfig {
     /// Frames that may wait to be sent to one daemon (at least twice its slots); a daemon that
     /// lets more pile up is not reading and is disconnected (close 4006).
     pub max_queued_frames: usize,
+    /// Bytes a daemon link may send before it has authenticated (its `authenticate` frame,
+    /// whose `runningTasks` grows with the attempts it holds); more ends the connection.
+    pub max_auth_frame_bytes: usize,
+    /// Daemon links that may be waiting to authenticate at once; more are refused with 503.
+    pub max_unauthenticated: usize,
 }
 
 impl Default for ProtocolConfig {
@@ -123,6 +128,8 @@ impl Default for ProtocolConfig {
             missed_heartbeats: 3,
             auth_timeout_secs: 10,
             max_queued_frames: 4096,
+            max_auth_frame_bytes: 256 * 1024,
+            max_unauthenticated: 128,
         }
     }
 }

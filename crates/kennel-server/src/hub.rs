@@ -10,9 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, State};
-use axum::response::Response;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::response::{IntoResponse, Response};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use kennel_proto::api::Scope;
 use kennel_proto::link::{
@@ -24,7 +23,10 @@ use kennel_store::{Applied, DaemonHello, Effect, Report};
 use crate::auth::Principal;
 use crate::coordinator::IdentityRefused;
 use crate::outbound::{self, LinkRx, LinkTx, Outbound};
+use crate::ws::{self, LinkSocket};
 use crate::AppState;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 /// Close codes (the protocol's, in `kennel_proto`).
 pub use kennel_proto::link::close;
@@ -33,24 +35,34 @@ pub use kennel_proto::link::close;
 const REPORT_BATCH: usize = 128;
 
 pub async fn ws_daemon(
-    ws: WebSocketUpgrade,
     State(app): State<Arc<AppState>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    req: Request,
 ) -> Response {
+    let protocol = &app.coord.cfg.protocol;
     // Frames up to the hard cap are read and answered with `frameTooLarge`; beyond it the
     // WebSocket layer ends the connection.
-    let hard_cap = app
-        .coord
-        .cfg
-        .protocol
-        .max_frame_bytes
-        .saturating_mul(8)
-        .max(16 << 20);
-    ws.max_message_size(hard_cap)
-        .max_frame_size(hard_cap)
-        .on_upgrade(move |socket| async move {
-            Connection::run(app, socket, addr).await;
-        })
+    let hard_cap = protocol.max_frame_bytes.saturating_mul(8).max(16 << 20);
+    let limits = ws::Limits {
+        pre_auth_bytes: protocol.max_auth_frame_bytes,
+        max_message_bytes: hard_cap,
+    };
+    // Held until the daemon has authenticated (or gone).
+    let slot = match app.pre_auth.take() {
+        Ok(s) => s,
+        Err(busy) => return busy.into_response(),
+    };
+    match ws::upgrade(req, limits) {
+        Err(refused) => refused.into_response(),
+        Ok((switching, accepted)) => {
+            tokio::spawn(async move {
+                if let Some(a) = accepted.await {
+                    Connection::run(app, a, addr, slot).await;
+                }
+            });
+            switching
+        }
+    }
 }
 
 struct Connection {
@@ -79,32 +91,43 @@ fn error_frame(code: ErrorCode, message: String) -> Outbound {
 /// A close frame; reasons are cut to fit the 123-byte limit of the WebSocket protocol.
 fn close_message(code: u16, reason: &str) -> Message {
     Message::Close(Some(CloseFrame {
-        code,
+        code: code.into(),
         reason: Utf8Bytes::from(truncate(reason, 120)),
     }))
 }
 
-async fn close_now(socket: &mut WebSocket, code: u16, reason: &str) {
+async fn close_now(socket: &mut LinkSocket, code: u16, reason: &str) {
     let _ = socket.send(close_message(code, reason)).await;
 }
 
-async fn send_now(socket: &mut WebSocket, m: ServerMessage) {
+async fn send_now(socket: &mut LinkSocket, m: ServerMessage) {
     let _ = socket.send(Message::Text(m.to_json().into())).await;
 }
 
 impl Connection {
     #[tracing::instrument(name = "daemon_link", skip_all, fields(peer = %addr))]
-    async fn run(app: Arc<AppState>, mut socket: WebSocket, addr: SocketAddr) {
+    async fn run(
+        app: Arc<AppState>,
+        accepted: ws::Accepted,
+        addr: SocketAddr,
+        pre_auth_slot: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let ws::Accepted { mut socket, budget } = accepted;
         let cfg = &app.coord.cfg.protocol;
         let max_frame = cfg.max_frame_bytes;
         let auth_timeout = Duration::from_secs(cfg.auth_timeout_secs);
-        let first = match tokio::time::timeout(auth_timeout, socket.recv()).await {
+        let first = match tokio::time::timeout(auth_timeout, socket.next()).await {
             Err(_) => {
                 let reason = format!("no authenticate frame within {}s", cfg.auth_timeout_secs);
                 close_now(&mut socket, close::AUTH_TIMEOUT, &reason).await;
                 return;
             }
-            Ok(None) | Ok(Some(Err(_))) => return,
+            Ok(None) => return,
+            Ok(Some(Err(e))) => {
+                tracing::debug!(error = %e, "connection ended before authenticate");
+                metrics::counter!("kennel_links_refused_total", "reason" => "preAuth").increment(1);
+                return;
+            }
             Ok(Some(Ok(m))) => m,
         };
         let Message::Text(text) = first else {
@@ -140,7 +163,12 @@ impl Connection {
             }
         };
         let principal = match Self::check_hello(&app, &hello).await {
-            Ok(p) => p,
+            Ok(p) => {
+                // Authenticated: no byte budget and no pre-authentication slot from here on.
+                budget.lift();
+                drop(pre_auth_slot);
+                p
+            }
             Err((code, close_code, msg)) => {
                 tracing::warn!(machine_id = %hello.machine_id, "daemon refused: {msg}");
                 send_now(&mut socket, ServerMessage::error(code, &msg)).await;
@@ -321,7 +349,7 @@ impl Connection {
     /// Reads until the daemon leaves; returns the close code and reason.
     async fn read_loop(
         &self,
-        mut stream: futures_util::stream::SplitStream<WebSocket>,
+        mut stream: futures_util::stream::SplitStream<LinkSocket>,
     ) -> (u16, String) {
         let silence = self.app.coord.cfg.silence_limit();
         loop {
@@ -365,7 +393,7 @@ impl Connection {
                     continue;
                 }
                 Message::Close(frame) => return Some(closed_by_daemon(frame)),
-                Message::Ping(_) | Message::Pong(_) => continue,
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
             };
             metrics::counter!("kennel_frames_received_total").increment(1);
             let msg = match decode_daemon_frame(text.as_str(), self.max_frame) {
@@ -506,21 +534,14 @@ fn bump<'a>(
 
 /// The code and reason of a Close frame the daemon sent. 1001 (going away) is a clean stop.
 fn closed_by_daemon(frame: Option<CloseFrame>) -> (u16, String) {
-    match frame {
-        Some(f) if f.code == close::GOING_AWAY => (
-            f.code,
-            format!(
-                "daemon is shutting down (going away: {})",
-                f.reason.as_str()
-            ),
+    match frame.map(|f| (u16::from(f.code), f.reason)) {
+        Some((code, reason)) if code == close::GOING_AWAY => (
+            code,
+            format!("daemon is shutting down (going away: {})", reason.as_str()),
         ),
-        Some(f) => (
-            f.code,
-            format!(
-                "daemon closed the connection ({} {})",
-                f.code,
-                f.reason.as_str()
-            ),
+        Some((code, reason)) => (
+            code,
+            format!("daemon closed the connection ({code} {})", reason.as_str()),
         ),
         None => (1000, "daemon closed the connection".into()),
     }
@@ -602,7 +623,10 @@ fn to_report(daemon_id: &str, m: DaemonMessage) -> Option<Report> {
     })
 }
 
-async fn write_loop(mut sink: futures_util::stream::SplitSink<WebSocket, Message>, mut rx: LinkRx) {
+async fn write_loop(
+    mut sink: futures_util::stream::SplitSink<LinkSocket, Message>,
+    mut rx: LinkRx,
+) {
     let tripwire = rx.tripwire();
     loop {
         let out = tokio::select! {

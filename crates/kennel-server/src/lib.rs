@@ -12,6 +12,7 @@ pub mod error;
 pub mod hub;
 pub mod outbound;
 pub mod stream;
+pub mod ws;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub keys: KeyRing,
     pub clock: Arc<dyn Clock>,
     pub metrics: Option<PrometheusHandle>,
+    /// Daemon links that have not authenticated yet (`server.protocol.max_unauthenticated`).
+    pub pre_auth: ws::PreAuthSlots,
 }
 
 /// Why the server could not start.
@@ -156,6 +159,7 @@ impl Server {
             coord,
             store,
             keys,
+            pre_auth: ws::PreAuthSlots::new(cfg.protocol.max_unauthenticated),
             clock,
             metrics: metrics_handle(),
         });

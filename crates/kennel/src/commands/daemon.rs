@@ -86,8 +86,9 @@ pub async fn run(g: &Global, args: DaemonArgs) -> anyhow::Result<ExitCode> {
                     r?;
                 }
                 _ = crate::commands::server::shutdown_signal() => {
+                    let again = crate::commands::server::next_shutdown_signal();
                     crate::commands::up::announce_stop(&handle, cfg.daemon.shutdown_grace_secs);
-                    handle.stop(crate::commands::server::shutdown_signal()).await;
+                    handle.stop(again).await;
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -67,6 +67,30 @@ pub async fn run(g: &Global, args: ServerArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Resolves on the next SIGINT (Ctrl-C) or SIGTERM after this call. Unlike
+/// [`shutdown_signal`], the signals are caught from the moment it is called, not from its first
+/// poll, so a second Ctrl-C pressed while the first one's message is printed is not lost.
+pub fn next_shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let int = signal(SignalKind::interrupt());
+    let term = signal(SignalKind::terminate());
+    async move {
+        let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            () = wait(int) => {},
+            () = wait(term) => {},
+        }
+        tracing::info!("second shutdown signal: stopping now");
+    }
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

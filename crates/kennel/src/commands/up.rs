@@ -94,10 +94,9 @@ pub async fn run(g: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         "kennel: try `kennel task submit \"describe the repo\" --repo PATH --agent claude -f`"
     );
     crate::commands::server::shutdown_signal().await;
+    let again = crate::commands::server::next_shutdown_signal();
     announce_stop(&daemon, cfg.daemon.shutdown_grace_secs);
-    daemon
-        .stop(crate::commands::server::shutdown_signal())
-        .await;
+    daemon.stop(again).await;
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), serving).await;
     if let Some((stop, serving)) = gateway {

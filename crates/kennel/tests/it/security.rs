@@ -209,3 +209,152 @@ async fn a_daemon_that_floods_without_reading_is_cut_off_and_memory_stays_flat(
     assert_eq!(api.task(&t.id).await?.task.status, TaskStatus::Queued);
     Ok(())
 }
+
+/// A raw TCP connection that has completed the WebSocket handshake on `/ws/daemon`, or the
+/// HTTP status the server answered instead.
+async fn raw_ws(addr: std::net::SocketAddr) -> anyhow::Result<Result<tokio::net::TcpStream, u16>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!(
+            "GET /ws/daemon HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await? == 0 {
+            anyhow::bail!("the server closed during the handshake");
+        }
+        head.push(byte[0]);
+    }
+    let status: u16 = String::from_utf8_lossy(&head)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok(if status == 101 { Ok(s) } else { Err(status) })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_frames_before_authentication_cost_little_memory() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let srv = server().await?;
+    let before = srv.rss_kib().unwrap_or_default();
+    // 60 connections, each starting a 15 MiB first frame and sending 2 MiB of it.
+    let mut cut = 0;
+    let mut conns = Vec::new();
+    for _ in 0..60 {
+        let Ok(mut s) = raw_ws(srv.addr()).await? else {
+            anyhow::bail!("the upgrade was refused");
+        };
+        let len: u64 = 15 << 20;
+        let mut header = vec![0x81u8, 0x80 | 127];
+        header.extend_from_slice(&len.to_be_bytes());
+        header.extend_from_slice(&[0, 0, 0, 0]); // mask key: the payload goes as is
+        s.write_all(&header).await?;
+        let chunk = vec![b'x'; 64 << 10];
+        let mut sent = 0;
+        while sent < (2 << 20) {
+            if s.write_all(&chunk).await.is_err() {
+                cut += 1;
+                break;
+            }
+            sent += chunk.len();
+        }
+        conns.push(s);
+    }
+    let after = srv.rss_kib().unwrap_or_default();
+    assert!(
+        after < before + 48 * 1024,
+        "60 oversized first frames took the server from {before} KiB to {after} KiB"
+    );
+    assert!(
+        cut > 0,
+        "the server cut connections that sent more than allowed"
+    );
+    drop(conns);
+    // Daemons still connect.
+    let mut d = crate::daemon(&srv, "after-oversized", 1).await?;
+    srv.api().submit(&task("still works")).await?;
+    d.expect_spawn(WAIT).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn connections_waiting_to_authenticate_are_capped() -> anyhow::Result<()> {
+    let srv = crate::server_with("[server.protocol]\nmax_unauthenticated = 4\n").await?;
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        match raw_ws(srv.addr()).await? {
+            Ok(s) => idle.push(s),
+            Err(status) => anyhow::bail!("refused early with {status}"),
+        }
+    }
+    assert_eq!(
+        raw_ws(srv.addr()).await?.err(),
+        Some(503),
+        "the fifth is refused"
+    );
+    drop(idle);
+    // The slots free when those connections go; a real daemon gets in.
+    let d = kennel_testkit::within(
+        WAIT,
+        "a daemon to connect after the idle ones left",
+        async {
+            loop {
+                match crate::daemon(&srv, "after-cap", 1).await {
+                    Ok(d) => return d,
+                    Err(_) => tokio::task::yield_now().await,
+                }
+            }
+        },
+    )
+    .await?;
+    assert!(!d.daemon_id().is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_relay_limits_links_before_authentication_too() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let srv = server().await?;
+    let relay = kennel_testkit::KennelRelay::start(
+        crate::bin(),
+        &srv,
+        "max_unauthenticated = 2\nmax_auth_frame_bytes = 4096",
+    )
+    .await?;
+    let addr = relay.addr()?;
+    let Ok(mut big) = raw_ws(addr).await? else {
+        anyhow::bail!("the relay refused the first upgrade");
+    };
+    let Ok(_idle) = raw_ws(addr).await? else {
+        anyhow::bail!("the relay refused the second upgrade");
+    };
+    assert_eq!(
+        raw_ws(addr).await?.err(),
+        Some(503),
+        "a third waiting link is refused"
+    );
+    // A first frame past the budget ends the link: the relay closes the socket.
+    let len: u64 = 1 << 20;
+    let mut frame = vec![0x81u8, 0x80 | 127];
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.extend(std::iter::repeat_n(b'x', 64 << 10));
+    let _ = big.write_all(&frame).await;
+    // Reading ends (EOF or reset) only when the relay has closed the socket; the deadline
+    // fails the test if it keeps the link open.
+    let mut rest = Vec::new();
+    let _ = kennel_testkit::within(
+        WAIT,
+        "the relay to close the link",
+        big.read_to_end(&mut rest),
+    )
+    .await?;
+    Ok(())
+}
