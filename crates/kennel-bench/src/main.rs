@@ -29,6 +29,7 @@ struct Cli {
     cmd: Cmd,
 }
 
+mod connections_bench;
 mod daemon_bench;
 mod gateway_bench;
 mod relay_bench;
@@ -46,6 +47,9 @@ enum Cmd {
     Gateway(gateway_bench::GatewayArgs),
     /// Relay: latency and throughput a `kennel relay` adds to the daemon link.
     Relay(relay_bench::RelayArgs),
+    /// Many idle daemons on one coordinator: memory per connection, heartbeat cost, dispatch
+    /// latency with all of them connected.
+    Connections(connections_bench::ConnectionsArgs),
     /// Many tasks on real daemons with crashes and clean stops: throughput, start latency,
     /// attempts per task, refusals.
     Soak(soak_bench::SoakArgs),
@@ -78,14 +82,14 @@ struct DispatchArgs {
 
 /// Submit instants and spawn instants, keyed by task name.
 #[derive(Default)]
-struct Timings {
-    submitted: HashMap<String, Instant>,
-    spawned: HashMap<String, Instant>,
+pub(crate) struct Timings {
+    pub(crate) submitted: HashMap<String, Instant>,
+    pub(crate) spawned: HashMap<String, Instant>,
 }
 
-struct ServerProc {
-    child: Child,
-    url: String,
+pub(crate) struct ServerProc {
+    pub(crate) child: Child,
+    pub(crate) url: String,
     _dir: TempDir,
 }
 
@@ -107,7 +111,7 @@ impl Drop for TempDir {
 
 const ADMIN_KEY: &str = "kennel-bench-admin-key-0123456789";
 
-fn start_server(bin: &PathBuf) -> anyhow::Result<ServerProc> {
+pub(crate) fn start_server(bin: &PathBuf) -> anyhow::Result<ServerProc> {
     let dir = std::env::temp_dir().join(format!("kennel-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -146,7 +150,7 @@ fn start_server(bin: &PathBuf) -> anyhow::Result<ServerProc> {
     })
 }
 
-async fn run_daemon(
+pub(crate) async fn run_daemon(
     ws_url: String,
     n: u32,
     capacity: u32,
@@ -244,7 +248,7 @@ pub(crate) fn machine() -> String {
     format!("{cores} cores ({cpu}), {mem}")
 }
 
-async fn submit(http: &reqwest::Client, url: &str, name: &str) -> anyhow::Result<()> {
+pub(crate) async fn submit(http: &reqwest::Client, url: &str, name: &str) -> anyhow::Result<()> {
     let body = serde_json::json!({"name": name, "prompt": "bench", "agent": "command"});
     let resp = http
         .post(format!("{url}/api/v1/tasks"))
@@ -419,6 +423,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Gateway(a) => gateway_bench::run(a).await,
             Cmd::Relay(a) => relay_bench::run(a).await,
             Cmd::Soak(a) => soak_bench::run(a).await,
+            Cmd::Connections(a) => connections_bench::run(a).await,
         }
     });
     match r {

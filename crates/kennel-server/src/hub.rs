@@ -85,7 +85,7 @@ struct BadFrameLog {
 const BAD_FRAME_LOG_EVERY: Duration = Duration::from_secs(10);
 
 fn error_frame(code: ErrorCode, message: String) -> Outbound {
-    Outbound::Msg(ServerMessage::error(code, message))
+    Outbound::Msg(Box::new(ServerMessage::error(code, message)))
 }
 
 /// A close frame; reasons are cut to fit the 123-byte limit of the WebSocket protocol.

@@ -15,7 +15,9 @@ use tokio::sync::{mpsc, Notify};
 /// A frame (or a close) for one daemon connection's writer.
 #[derive(Debug)]
 pub enum Outbound {
-    Msg(ServerMessage),
+    /// Boxed: the queue's slots are allocated in blocks of 32, and an idle link should cost
+    /// pointers, not 32 full messages.
+    Msg(Box<ServerMessage>),
     Close(u16, String),
 }
 
@@ -108,7 +110,7 @@ impl LinkTx {
     }
 
     pub fn msg(&self, m: ServerMessage) {
-        self.send(Outbound::Msg(m));
+        self.send(Outbound::Msg(Box::new(m)));
     }
 
     /// Resolves with the close code and reason once the queue has overflowed.
