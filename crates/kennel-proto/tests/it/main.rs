@@ -15,6 +15,8 @@ use kennel_proto::{
 };
 use serde_json::{json, Value};
 
+mod props;
+
 /// The fields of one message type besides `type`: the ones a peer must send and the ones it
 /// may leave out. Every fixture carries all of them.
 struct Shape {
