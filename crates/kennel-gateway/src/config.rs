@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use kennel_server::config::HttpConfig;
 use serde::{Deserialize, Serialize};
 
 /// Environment variable naming a single OpenAI-compatible upstream (ZeptoClaw compatibility).
@@ -30,6 +31,8 @@ pub struct GatewayConfig {
     pub cooldowns: CooldownConfig,
     pub heartbeat: HeartbeatConfig,
     pub rate_limit: RateLimitConfig,
+    /// Timeouts and connection limit of the gateway's HTTP listener.
+    pub http: HttpConfig,
     /// The providers requests are routed to.
     pub upstreams: Vec<UpstreamConfig>,
 }
@@ -44,6 +47,7 @@ impl Default for GatewayConfig {
             cooldowns: CooldownConfig::default(),
             heartbeat: HeartbeatConfig::default(),
             rate_limit: RateLimitConfig::default(),
+            http: HttpConfig::default(),
             upstreams: Vec::new(),
         }
     }
@@ -241,6 +245,9 @@ impl GatewayConfig {
         if self.max_body_bytes < 1024 {
             return Err(bad("max_body_bytes", "must be at least 1024 bytes"));
         }
+        if let Err(p) = self.http.check() {
+            return Err(bad(format!("http.{}", p.field), p.problem));
+        }
         let c = &self.cooldowns;
         if c.max_ms == 0 {
             return Err(bad("cooldowns.max_ms", "must be more than 0"));
@@ -358,6 +365,20 @@ mod tests {
         .unwrap();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("upstreams[0].base_url"), "{err}");
+    }
+
+    #[test]
+    fn the_http_section_is_checked_and_closed() {
+        let cfg = toml::from_str::<GatewayConfig>(
+            "[http]\nheader_read_timeout_ms = 1000\nidle_timeout_secs = 0\n",
+        )
+        .unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("gateway.http.idle_timeout_secs"), "{err}");
+        let err = toml::from_str::<GatewayConfig>("[http]\nidle_timeout = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("idle_timeout"), "{err}");
     }
 
     #[test]

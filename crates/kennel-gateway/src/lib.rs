@@ -344,17 +344,22 @@ impl Gateway {
         })
     }
 
-    /// Serves until `shutdown` resolves, then flushes the state to disk.
+    /// Serves until `shutdown` resolves, then flushes the state to disk. Slow, idle and
+    /// surplus connections are closed per `[gateway.http]` (`kennel_server::listener`).
     pub async fn serve(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
         let watch = tokio::spawn(watch_heartbeats(self.shared.clone()));
         let writer = tokio::spawn(self.shared.state.clone().write_behind());
-        let result = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(StartError::Serve);
+        let result = kennel_server::listener::serve(
+            self.listener,
+            self.router,
+            &self.shared.cfg.http,
+            shutdown,
+        )
+        .await
+        .map_err(StartError::Serve);
         watch.abort();
         writer.abort();
         self.shared.state.flush().await;

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use kennel_server::config::HttpConfig;
 use serde::{Deserialize, Serialize};
 
 /// The path every daemon link lives at, on coordinators and relays alike.
@@ -47,6 +48,9 @@ pub struct RelayConfig {
     /// Unacknowledged reports kept in memory while the upstream link is up; beyond this they
     /// move to `relay.db` (an upstream that stays connected but stops acking).
     pub max_pending_messages: usize,
+    /// Timeouts and connection limit of the relay's HTTP listener (downstream daemons
+    /// included: each WebSocket holds a connection).
+    pub http: HttpConfig,
 }
 
 impl Default for RelayConfig {
@@ -68,6 +72,7 @@ impl Default for RelayConfig {
             max_unauthenticated: 128,
             history_retention_days: 30,
             max_pending_messages: 100_000,
+            http: HttpConfig::default(),
         }
     }
 }
@@ -89,6 +94,7 @@ impl std::fmt::Debug for RelayConfig {
             .field("max_frame_bytes", &self.max_frame_bytes)
             .field("history_retention_days", &self.history_retention_days)
             .field("max_pending_messages", &self.max_pending_messages)
+            .field("http", &self.http)
             .finish()
     }
 }
@@ -145,6 +151,16 @@ impl RelayConfig {
             return Err(ConfigError {
                 key: "max_pending_messages",
                 message: "must be at least 1".into(),
+            });
+        }
+        if let Err(p) = self.http.check() {
+            return Err(ConfigError {
+                key: match p.field {
+                    "header_read_timeout_ms" => "http.header_read_timeout_ms",
+                    "idle_timeout_secs" => "http.idle_timeout_secs",
+                    _ => "http.max_connections",
+                },
+                message: p.problem.into(),
             });
         }
         if self.max_frame_bytes < 1024 {

@@ -74,7 +74,8 @@ impl RelayServer {
     }
 
     /// Serves downstream daemons and the admin endpoints, and keeps the upstream link, until
-    /// `shutdown` resolves.
+    /// `shutdown` resolves. Slow, idle and surplus connections are closed per `[relay.http]`
+    /// (`kennel_server::listener`).
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -92,12 +93,12 @@ impl RelayServer {
             }
         });
         let app = http::router(self.relay.clone());
-        let res = axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                let _ = stop_tx.send(true);
-            })
-            .await;
+        let limits = self.relay.cfg.http.clone();
+        let res = kennel_server::listener::serve(self.listener, app, &limits, async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
+        .await;
         let _ = link.await;
         prune.abort();
         res

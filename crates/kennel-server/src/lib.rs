@@ -10,6 +10,7 @@ pub mod config;
 pub mod coordinator;
 pub mod error;
 pub mod hub;
+pub mod listener;
 pub mod outbound;
 pub mod stream;
 pub mod ws;
@@ -86,6 +87,8 @@ pub enum StartError {
 pub struct Server {
     pub addr: SocketAddr,
     listener: tokio::net::TcpListener,
+    /// Timeouts and connection limit of the listener (`[server.http]`).
+    http: config::HttpConfig,
     router: Router,
     pub state: Arc<AppState>,
     /// Set when this start created the first admin key: shown once.
@@ -174,6 +177,7 @@ impl Server {
         Ok(Server {
             addr,
             listener,
+            http: cfg.http.clone(),
             router,
             state,
             new_admin_key,
@@ -181,25 +185,14 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then stops accepting and finishes open requests.
+    /// Slow, idle and surplus connections are closed per `[server.http]` ([`listener`]).
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
-        use axum::serve::ListenerExt;
-        // Small frames (spawnTask, acks) must not wait for Nagle's algorithm.
-        let listener = self.listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "failed to set TCP_NODELAY");
-            }
-        });
-        axum::serve(
-            listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(StartError::Serve)
+        listener::serve(self.listener, self.router, &self.http, shutdown)
+            .await
+            .map_err(StartError::Serve)
     }
 }
 

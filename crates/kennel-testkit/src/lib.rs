@@ -14,6 +14,7 @@ pub mod deadline;
 pub mod gateway;
 pub mod git;
 pub mod llm;
+pub mod raw_http;
 pub mod relay;
 pub mod server;
 pub mod soak;

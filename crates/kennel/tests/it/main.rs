@@ -6,6 +6,7 @@ mod claude;
 mod cli;
 mod delivery;
 mod gateway;
+mod limits;
 mod protocol;
 mod relay;
 mod resilience;

@@ -1,0 +1,214 @@
+//! Resource limits seen from outside, on the real binaries: the HTTP listeners of the
+//! coordinator, the gateway and the relay close idle and slow-header connections and refuse
+//! connections beyond `max_connections` while `/health` keeps answering.
+//!
+//! Every wait is a read that ends, or a request that answers, with a deadline.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kennel_testkit::raw_http::RawConn;
+use kennel_testkit::{KennelGateway, KennelRelay, KennelServer};
+
+use crate::{bin, daemon, server_with, task, WAIT};
+
+/// Short listener timeouts for the tests: a request head within 1 s, idle for at most 4 s.
+fn http_section(table: &str) -> String {
+    format!("[{table}.http]\nheader_read_timeout_ms = 1000\nidle_timeout_secs = 4\n")
+}
+
+/// How long after its header timeout a connection may still be open on a slow machine.
+const MARGIN: Duration = Duration::from_secs(9);
+
+async fn health(base: &str) -> anyhow::Result<()> {
+    let resp = reqwest::Client::new()
+        .get(format!("{base}/health"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        resp.status().is_success(),
+        "/health answered {}",
+        resp.status()
+    );
+    Ok(())
+}
+
+fn addr_of(url: &str) -> anyhow::Result<SocketAddr> {
+    Ok(url.trim_start_matches("http://").parse()?)
+}
+
+/// Opens `idle` silent and `slow` slow-header connections to `addr`, checks `/health` of
+/// `base` answers while they are open, and that the listener closes them all within its
+/// header timeout plus [`MARGIN`].
+async fn flood_is_shed(
+    addr: SocketAddr,
+    base: &str,
+    idle: usize,
+    slow: usize,
+) -> anyhow::Result<()> {
+    let mut conns = RawConn::many(idle, || RawConn::idle(addr)).await?;
+    conns.extend(RawConn::many(slow, || RawConn::slow_header(addr)).await?);
+    health(base).await?;
+    let longest = RawConn::all_closed_within(conns, Duration::from_secs(1) + MARGIN).await?;
+    eprintln!("{idle} idle and {slow} slow-header connections closed; the last after {longest:?}");
+    health(base).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_server_sheds_idle_and_slow_clients_but_keeps_websockets_and_kept_alive_ones(
+) -> anyhow::Result<()> {
+    let srv = server_with(&http_section("server")).await?;
+    let addr = srv.addr();
+    // A daemon link: upgraded, so neither timeout applies to it.
+    let mut d = daemon(&srv, "limits-d", 1).await?;
+    // A kept-alive connection that stays silent gets the idle timeout (4 s), not the header
+    // one (1 s); one that starts a request and stalls gets the header timeout.
+    let mut kept = RawConn::idle(addr).await?;
+    assert_eq!(kept.get("/health", WAIT).await?, 200);
+    let mut stalled = RawConn::idle(addr).await?;
+    assert_eq!(stalled.get("/health", WAIT).await?, 200);
+    stalled.send(b"GET /heal").await?;
+
+    flood_is_shed(addr, &srv.url(), 200, 50).await?;
+
+    let stalled_for = stalled.closed_within(WAIT).await?;
+    assert!(
+        stalled_for < Duration::from_secs(3),
+        "a stalled second request gets the header timeout, closed after {stalled_for:?}"
+    );
+    let kept_for = kept.closed_within(WAIT).await?;
+    assert!(
+        kept_for >= Duration::from_millis(3500),
+        "an idle kept-alive connection gets the idle timeout, closed after {kept_for:?}"
+    );
+    // The daemon link outlived both timeouts and still takes work.
+    let id = srv.api().submit(&task("after-the-flood")).await?.id;
+    let spawn = d.expect_spawn(WAIT).await?;
+    assert_eq!(spawn.task_id, id);
+    Ok(())
+}
+
+#[tokio::test]
+async fn connections_beyond_max_connections_are_closed_at_once() -> anyhow::Result<()> {
+    let srv = server_with(
+        "[server.http]\nheader_read_timeout_ms = 60000\nidle_timeout_secs = 60\nmax_connections = 16\n",
+    )
+    .await?;
+    let addr = srv.addr();
+    let mut held = RawConn::many(16, || RawConn::idle(addr)).await?;
+    // The 17th is accepted and closed straight away, long before any timeout.
+    let mut extra = RawConn::idle(addr).await?;
+    let closed_after = extra.closed_within(Duration::from_secs(10)).await?;
+    eprintln!("the connection over the limit was closed after {closed_after:?}");
+    // Freeing slots lets clients in again.
+    held.truncate(8);
+    health_returns(&srv.url()).await?;
+    drop(held);
+    Ok(())
+}
+
+/// Waits until `/health` of `base` answers, trying every 50 ms.
+async fn health_returns(base: &str) -> anyhow::Result<()> {
+    kennel_testkit::within(WAIT, "/health to answer", async {
+        let mut every = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            every.tick().await;
+            if health(base).await.is_ok() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn under_a_256_open_files_limit_a_flood_is_capped_then_shed() -> anyhow::Result<()> {
+    // The binary behind a shell that lowers its open-files limit, soft and hard.
+    let dir = tempfile::tempdir()?;
+    let wrapper = dir.path().join("kennel-256");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nulimit -n 256 || exit 97\nexec '{}' \"$@\"\n",
+            bin().display()
+        ),
+    )?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let srv = KennelServer::start_with_config(&wrapper, &http_section("server")).await?;
+    let addr = srv.addr();
+    // (256 − 64) / 2 = 96 connections fit; the rest are closed on accept, so the server
+    // never runs out of descriptors for its store and its daemons.
+    let conns = RawConn::many(250, || RawConn::idle(addr)).await?;
+    RawConn::all_closed_within(conns, Duration::from_secs(1) + MARGIN).await?;
+    health_returns(&srv.url()).await?;
+    let mut d = daemon(&srv, "limits-fd", 1).await?;
+    let id = srv.api().submit(&task("after-the-fd-flood")).await?.id;
+    assert_eq!(d.expect_spawn(WAIT).await?.task_id, id);
+    Ok(())
+}
+
+#[test]
+fn http_sections_refuse_unknown_keys_and_show_their_defaults() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("kennel.toml");
+    let show = |toml: &str| -> anyhow::Result<std::process::Output> {
+        std::fs::write(&file, toml)?;
+        Ok(std::process::Command::new(bin())
+            .arg("--config")
+            .arg(&file)
+            .args(["config", "show"])
+            .env_remove("KENNEL_CONFIG")
+            .output()?)
+    };
+    for table in ["server", "gateway", "relay"] {
+        let out = show(&format!("[{table}.http]\nidle_timeout = 3\n"))?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "[{table}.http] accepted an unknown key"
+        );
+        assert!(err.contains("idle_timeout"), "{table}: {err}");
+    }
+    let out = show("")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for key in [
+        "header_read_timeout_ms = 10000",
+        "idle_timeout_secs = 60",
+        "max_connections = 4096",
+    ] {
+        assert!(text.contains(key), "`config show` lacks {key}:\n{text}");
+    }
+    Ok(())
+}
+
+fn gateway_toml(extra: &str) -> String {
+    format!(
+        "[gateway]\n{extra}\n\
+         [gateway.rate_limit]\nper_minute = 100000\nburst = 10000\n{}",
+        http_section("gateway")
+    )
+}
+
+#[tokio::test]
+async fn the_gateway_sheds_idle_and_slow_clients() -> anyhow::Result<()> {
+    let gw = KennelGateway::start(bin(), &gateway_toml(""), &[]).await?;
+    flood_is_shed(addr_of(&gw.url())?, &gw.url(), 40, 20).await
+}
+
+#[tokio::test]
+async fn the_relay_sheds_idle_and_slow_clients() -> anyhow::Result<()> {
+    let srv: KennelServer = server_with("").await?;
+    let mut relay = KennelRelay::start(bin(), &srv, &http_section("relay")).await?;
+    relay.wait_upstream(WAIT).await?;
+    flood_is_shed(relay.addr()?, &relay.url(), 40, 20).await
+}
