@@ -28,6 +28,13 @@ pub struct GatewayConfig {
     pub max_attempts: u32,
     /// Largest accepted request body, in bytes; larger bodies get 413.
     pub max_body_bytes: usize,
+    /// Largest body of `POST /heartbeat` and `POST /gateway/incident`, in bytes; larger ones
+    /// get 413 and nothing is stored.
+    pub max_report_bytes: usize,
+    /// Bytes of heartbeats, and separately of incidents, that are kept (in memory, in the
+    /// store and in `GET /state`), counted as stored JSON; the oldest go first. At most 100
+    /// heartbeats and 1000 incidents are kept in any case.
+    pub max_kept_report_bytes: usize,
     pub cooldowns: CooldownConfig,
     pub heartbeat: HeartbeatConfig,
     pub rate_limit: RateLimitConfig,
@@ -44,6 +51,8 @@ impl Default for GatewayConfig {
             data_dir: None,
             max_attempts: 3,
             max_body_bytes: 32 * 1024 * 1024,
+            max_report_bytes: 16 * 1024,
+            max_kept_report_bytes: 256 * 1024,
             cooldowns: CooldownConfig::default(),
             heartbeat: HeartbeatConfig::default(),
             rate_limit: RateLimitConfig::default(),
@@ -245,6 +254,15 @@ impl GatewayConfig {
         if self.max_body_bytes < 1024 {
             return Err(bad("max_body_bytes", "must be at least 1024 bytes"));
         }
+        if self.max_report_bytes < 256 {
+            return Err(bad("max_report_bytes", "must be at least 256 bytes"));
+        }
+        if self.max_kept_report_bytes < self.max_report_bytes {
+            return Err(bad(
+                "max_kept_report_bytes",
+                "must be at least max_report_bytes, so the newest report always fits",
+            ));
+        }
         if let Err(p) = self.http.check() {
             return Err(bad(format!("http.{}", p.field), p.problem));
         }
@@ -370,15 +388,21 @@ mod tests {
     #[test]
     fn the_http_section_is_checked_and_closed() {
         let cfg = toml::from_str::<GatewayConfig>(
-            "[http]\nheader_read_timeout_ms = 1000\nidle_timeout_secs = 0\n",
+            "max_report_bytes = 4096\n[http]\nheader_read_timeout_ms = 1000\nidle_timeout_secs = 0\n",
         )
         .unwrap();
+        assert_eq!(cfg.max_report_bytes, 4096);
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("gateway.http.idle_timeout_secs"), "{err}");
         let err = toml::from_str::<GatewayConfig>("[http]\nidle_timeout = 3\n")
             .unwrap_err()
             .to_string();
         assert!(err.contains("idle_timeout"), "{err}");
+        let mut cfg = GatewayConfig::default();
+        cfg.validate().unwrap();
+        cfg.max_kept_report_bytes = cfg.max_report_bytes - 1;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("max_kept_report_bytes"), "{err}");
     }
 
     #[test]

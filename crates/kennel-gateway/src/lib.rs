@@ -317,7 +317,7 @@ impl Gateway {
             )),
             _ => None,
         };
-        let state = GatewayState::open(store.clone()).await?;
+        let state = GatewayState::open(store.clone(), cfg.max_kept_report_bytes).await?;
         let shared = Arc::new(Shared {
             cfg: cfg.clone(),
             upstreams,
@@ -478,24 +478,51 @@ async fn reset(State(s): S, headers: HeaderMap) -> Result<Json<Value>, GatewayEr
     Ok(Json(json!({"reset": true})))
 }
 
-fn bad_json(e: axum::extract::rejection::JsonRejection) -> GatewayError {
-    GatewayError::bad_request(
-        ApiFormat::Openai,
-        format!(
-            "the request body is not the expected JSON: {}",
-            e.body_text()
-        ),
-    )
+/// The body of a heartbeat or an incident report, once the caller is authorized: at most
+/// `gateway.max_report_bytes` (413 otherwise, before anything is stored), parsed as `T`.
+async fn read_report<T: serde::de::DeserializeOwned>(
+    s: &Shared,
+    headers: &HeaderMap,
+    body: Body,
+    what: &str,
+) -> Result<T, GatewayError> {
+    s.authorize(headers, ApiFormat::Openai, false).await?;
+    let limit = s.cfg.max_report_bytes;
+    let too_large = || {
+        GatewayError::new(
+            ApiFormat::Openai,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!(
+                "the {what} body is larger than gateway.max_report_bytes ({limit} bytes);                  send a smaller {what} (shorten its longest fields) or raise                  gateway.max_report_bytes"
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| too_large())?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        GatewayError::bad_request(
+            ApiFormat::Openai,
+            format!("the request body is not the expected JSON: {e}; send a JSON {what} object"),
+        )
+    })
 }
 
 /// `POST /heartbeat`: the local agent says it is alive.
 async fn heartbeat(
     State(s): S,
     headers: HeaderMap,
-    body: Result<Json<Heartbeat>, axum::extract::rejection::JsonRejection>,
+    body: Body,
 ) -> Result<Json<Value>, GatewayError> {
-    s.authorize(&headers, ApiFormat::Openai, false).await?;
-    let Json(mut hb) = body.map_err(bad_json)?;
+    let mut hb: Heartbeat = read_report(&s, &headers, body, "heartbeat").await?;
     let now = s.clock.now_ms();
     hb.received_at_ms = now;
     if s.state.heartbeat(hb) {
@@ -548,13 +575,13 @@ fn default_kind() -> String {
     "reported".to_string()
 }
 
+/// `POST /gateway/incident`: a reporter records something worth a human's attention.
 async fn add_incident(
     State(s): S,
     headers: HeaderMap,
-    body: Result<Json<NewIncident>, axum::extract::rejection::JsonRejection>,
+    body: Body,
 ) -> Result<Json<Value>, GatewayError> {
-    s.authorize(&headers, ApiFormat::Openai, false).await?;
-    let Json(n) = body.map_err(bad_json)?;
+    let n: NewIncident = read_report(&s, &headers, body, "incident").await?;
     let inc = Incident {
         at_ms: s.clock.now_ms(),
         kind: n.kind,

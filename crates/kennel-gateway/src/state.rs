@@ -2,6 +2,10 @@
 //! totals. Held in memory for the request path and written through to the kennel store (the
 //! `gateway_*` tables of `kennel.db` by default) by one writer task, so it survives a restart
 //! without putting disk I/O on the request path. Nothing here decides routing; see `health`.
+//!
+//! Heartbeats and incidents come from clients, so what is kept of them is bounded twice: by
+//! count ([`MAX_HEARTBEATS`], 1000 incidents) and by bytes (`gateway.max_kept_report_bytes`
+//! each, as stored JSON), the oldest dropped first, in memory and in the store alike.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -80,6 +84,10 @@ pub struct Snapshot {
     pub last_seen_ms: Option<i64>,
     /// A downtime incident is open (no heartbeat since it was recorded).
     pub down: bool,
+    /// Stored JSON bytes of `heartbeats`.
+    heartbeat_bytes: usize,
+    /// Stored JSON bytes of `incidents`.
+    incident_bytes: usize,
     /// Upstreams whose health changed but is not queued for writing yet.
     dirty_health: std::collections::BTreeSet<String>,
     /// Totals changed but not queued for writing yet.
@@ -87,6 +95,25 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Drops the oldest heartbeats and incidents beyond the count caps and `max_bytes` each;
+    /// the newest of each is always kept.
+    fn trim(&mut self, max_bytes: usize) {
+        while self.heartbeats.len() > MAX_HEARTBEATS
+            || (self.heartbeats.len() > 1 && self.heartbeat_bytes > max_bytes)
+        {
+            if let Some(old) = self.heartbeats.pop_front() {
+                self.heartbeat_bytes = self.heartbeat_bytes.saturating_sub(json_len(&old));
+            }
+        }
+        while self.incidents.len() > MAX_INCIDENTS
+            || (self.incidents.len() > 1 && self.incident_bytes > max_bytes)
+        {
+            if let Some(old) = self.incidents.pop_front() {
+                self.incident_bytes = self.incident_bytes.saturating_sub(json_len(&old));
+            }
+        }
+    }
+
     /// The newest [`RECENT_INCIDENTS`] incidents, newest first.
     pub fn recent_incidents(&self) -> Vec<Incident> {
         self.incidents
@@ -96,6 +123,11 @@ impl Snapshot {
             .cloned()
             .collect()
     }
+}
+
+/// The length of `v` as stored (serde_json's maps are sorted, so this is stable).
+fn json_len<T: Serialize>(v: &T) -> usize {
+    serde_json::to_string(v).map_or(0, |s| s.len())
 }
 
 enum Op {
@@ -111,6 +143,8 @@ pub struct GatewayState {
     pub heartbeat_seen: Notify,
     /// Woken when something is marked dirty, for the debounced writer.
     dirty: Notify,
+    /// Bytes of heartbeats, and of incidents, kept (`gateway.max_kept_report_bytes`).
+    max_kept_bytes: usize,
 }
 
 /// How long routine changes (successes, counters) wait before they are written, so the
@@ -119,11 +153,16 @@ pub const WRITE_DELAY: std::time::Duration = std::time::Duration::from_millis(50
 
 impl GatewayState {
     /// Loads what `store` holds and starts the writer task that persists changes to it.
-    pub async fn open(store: Arc<dyn Store>) -> Result<Arc<Self>, StateError> {
+    /// Heartbeats and incidents beyond `max_kept_bytes` each are dropped, oldest first.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        max_kept_bytes: usize,
+    ) -> Result<Arc<Self>, StateError> {
         let rows = store
             .gateway_state(MAX_HEARTBEATS as u32, MAX_INCIDENTS as u32)
             .await?;
-        let snap = load(rows)?;
+        let mut snap = load(rows)?;
+        snap.trim(max_kept_bytes);
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(write_loop(store, rx));
         Ok(Arc::new(GatewayState {
@@ -131,6 +170,7 @@ impl GatewayState {
             writer: tx,
             heartbeat_seen: Notify::new(),
             dirty: Notify::new(),
+            max_kept_bytes,
         }))
     }
 
@@ -214,14 +254,14 @@ impl GatewayState {
         s.last_seen_ms = Some(hb.received_at_ms);
         let recovered = std::mem::take(&mut s.down);
         if let Ok(json) = serde_json::to_string(&hb) {
+            s.heartbeat_bytes += json.len();
+            s.heartbeats.push_back(hb);
+            s.trim(self.max_kept_bytes);
+            // The store keeps exactly what memory keeps: the newest `keep`.
             self.send(GatewayOp::Heartbeat {
                 body: json,
-                keep: MAX_HEARTBEATS as u32,
+                keep: s.heartbeats.len() as u32,
             });
-        }
-        s.heartbeats.push_back(hb);
-        while s.heartbeats.len() > MAX_HEARTBEATS {
-            s.heartbeats.pop_front();
         }
         s.totals.heartbeats += 1;
         self.save_totals(&s.totals);
@@ -234,14 +274,13 @@ impl GatewayState {
     pub fn incident(&self, inc: Incident) {
         let mut s = self.lock();
         if let Ok(json) = serde_json::to_string(&inc) {
+            s.incident_bytes += json.len();
+            s.incidents.push_back(inc);
+            s.trim(self.max_kept_bytes);
             self.send(GatewayOp::Incident {
                 body: json,
-                keep: MAX_INCIDENTS as u32,
+                keep: s.incidents.len() as u32,
             });
-        }
-        s.incidents.push_back(inc);
-        while s.incidents.len() > MAX_INCIDENTS {
-            s.incidents.pop_front();
         }
         s.totals.incidents += 1;
         self.save_totals(&s.totals);
@@ -271,7 +310,10 @@ impl GatewayState {
     }
 
     pub fn clear_incidents(&self) {
-        self.lock().incidents.clear();
+        let mut s = self.lock();
+        s.incidents.clear();
+        s.incident_bytes = 0;
+        drop(s);
         self.send(GatewayOp::ClearIncidents);
     }
 
@@ -280,6 +322,8 @@ impl GatewayState {
         let mut s = self.lock();
         s.heartbeats.clear();
         s.incidents.clear();
+        s.heartbeat_bytes = 0;
+        s.incident_bytes = 0;
         s.totals = Totals::default();
         s.last_seen_ms = None;
         s.down = false;
@@ -312,9 +356,11 @@ fn load(rows: kennel_store::GatewayRows) -> Result<Snapshot, StateError> {
         }
     }
     for body in rows.heartbeats {
+        s.heartbeat_bytes += body.len();
         s.heartbeats.push_back(serde_json::from_str(&body)?);
     }
     for body in rows.incidents {
+        s.incident_bytes += body.len();
         s.incidents.push_back(serde_json::from_str(&body)?);
     }
     Ok(s)
@@ -357,7 +403,7 @@ mod tests {
         {
             let store: Arc<dyn Store> =
                 Arc::new(kennel_store::SqliteStore::open(&path).await.unwrap());
-            let st = GatewayState::open(store).await.unwrap();
+            let st = GatewayState::open(store, 1 << 20).await.unwrap();
             st.heartbeat(Heartbeat {
                 hostname: Some("h".into()),
                 received_at_ms: 5,
@@ -372,12 +418,51 @@ mod tests {
             st.flush().await;
         }
         let store: Arc<dyn Store> = Arc::new(kennel_store::SqliteStore::open(&path).await.unwrap());
-        let st = GatewayState::open(store).await.unwrap();
+        let st = GatewayState::open(store, 1 << 20).await.unwrap();
         let s = st.lock();
         assert_eq!(s.heartbeats.len(), 1);
         assert_eq!(s.incidents[0].kind, "downtime");
         assert_eq!(s.health["a"].requests, 3);
         assert_eq!(s.totals.takeovers, 1);
         assert!(s.down);
+    }
+
+    #[tokio::test]
+    async fn kept_reports_are_bounded_in_bytes_in_memory_and_in_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kennel.db");
+        let budget = 10_000;
+        let big = |i: i64| Heartbeat {
+            status: Some("x".repeat(3_000)),
+            received_at_ms: i,
+            ..Default::default()
+        };
+        {
+            let store: Arc<dyn Store> =
+                Arc::new(kennel_store::SqliteStore::open(&path).await.unwrap());
+            let st = GatewayState::open(store, budget).await.unwrap();
+            for i in 0..20 {
+                st.heartbeat(big(i));
+                st.incident(Incident {
+                    at_ms: i,
+                    kind: "reported".into(),
+                    message: "y".repeat(3_000),
+                    details: None,
+                });
+            }
+            st.flush().await;
+            let s = st.lock();
+            assert_eq!(s.heartbeats.len(), 3, "three of about 3 KB fit in 10 KB");
+            assert_eq!(s.heartbeats.back().map(|h| h.received_at_ms), Some(19));
+            assert_eq!(s.incidents.len(), 3);
+            assert!(s.heartbeat_bytes <= budget && s.incident_bytes <= budget);
+            assert_eq!(s.totals.heartbeats, 20, "counted, though not kept");
+        }
+        let store: Arc<dyn Store> = Arc::new(kennel_store::SqliteStore::open(&path).await.unwrap());
+        let st = GatewayState::open(store, budget).await.unwrap();
+        let s = st.lock();
+        assert_eq!(s.heartbeats.len(), 3, "the store kept what memory kept");
+        assert_eq!(s.incidents.len(), 3);
+        assert_eq!(s.incidents.front().map(|i| i.at_ms), Some(17));
     }
 }

@@ -1,6 +1,7 @@
 //! Resource limits seen from outside, on the real binaries: the HTTP listeners of the
 //! coordinator, the gateway and the relay close idle and slow-header connections and refuse
-//! connections beyond `max_connections` while `/health` keeps answering.
+//! connections beyond `max_connections` while `/health` keeps answering; the gateway bounds
+//! heartbeat and incident bodies (413) and what it keeps of them.
 //!
 //! Every wait is a read that ends, or a request that answers, with a deadline.
 
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use kennel_testkit::raw_http::RawConn;
 use kennel_testkit::{KennelGateway, KennelRelay, KennelServer};
+use serde_json::{json, Value};
 
 use crate::{bin, daemon, server_with, task, WAIT};
 
@@ -185,6 +187,7 @@ fn http_sections_refuse_unknown_keys_and_show_their_defaults() -> anyhow::Result
         "header_read_timeout_ms = 10000",
         "idle_timeout_secs = 60",
         "max_connections = 4096",
+        "max_report_bytes = 16384",
     ] {
         assert!(text.contains(key), "`config show` lacks {key}:\n{text}");
     }
@@ -193,7 +196,7 @@ fn http_sections_refuse_unknown_keys_and_show_their_defaults() -> anyhow::Result
 
 fn gateway_toml(extra: &str) -> String {
     format!(
-        "[gateway]\n{extra}\n\
+        "[gateway]\nmax_report_bytes = 4096\nmax_kept_report_bytes = 16384\n{extra}\n\
          [gateway.rate_limit]\nper_minute = 100000\nburst = 10000\n{}",
         http_section("gateway")
     )
@@ -203,6 +206,124 @@ fn gateway_toml(extra: &str) -> String {
 async fn the_gateway_sheds_idle_and_slow_clients() -> anyhow::Result<()> {
     let gw = KennelGateway::start(bin(), &gateway_toml(""), &[]).await?;
     flood_is_shed(addr_of(&gw.url())?, &gw.url(), 40, 20).await
+}
+
+struct Reporter {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+}
+
+impl Reporter {
+    async fn post(&self, path: &str, body: Value) -> anyhow::Result<(u16, Value)> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .json(&body)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await?))
+    }
+
+    /// Posts `body` as a chunked stream, without a Content-Length.
+    async fn post_streamed(&self, path: &str, body: Value) -> anyhow::Result<(u16, Value)> {
+        let bytes = body.to_string().into_bytes();
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+            bytes.chunks(1000).map(|c| Ok(c.to_vec())).collect();
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .header("content-type", "application/json")
+            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                chunks,
+            )))
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await?))
+    }
+
+    async fn state(&self) -> anyhow::Result<(usize, Value)> {
+        let text = self
+            .http
+            .get(format!("{}/state", self.base))
+            .bearer_auth(&self.key)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        Ok((text.len(), serde_json::from_str(&text)?))
+    }
+}
+
+#[tokio::test]
+async fn gateway_reports_are_bounded_per_body_and_in_total() -> anyhow::Result<()> {
+    let gw = KennelGateway::start(bin(), &gateway_toml(""), &[]).await?;
+    let r = Reporter {
+        http: reqwest::Client::new(),
+        base: gw.url(),
+        key: gw.admin_key().to_string(),
+    };
+    let long = "x".repeat(5000);
+
+    let (status, body) = r.post("/heartbeat", json!({"hostname": long})).await?;
+    assert_eq!(status, 413, "{body}");
+    let msg = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("gateway.max_report_bytes (4096 bytes)"),
+        "{body}"
+    );
+    assert_eq!(body["error"]["type"], "request_too_large", "{body}");
+    let (status, body) = r
+        .post("/gateway/incident", json!({"message": long}))
+        .await?;
+    assert_eq!(status, 413, "{body}");
+    let (status, body) = r
+        .post_streamed(
+            "/gateway/incident",
+            json!({"message": "m", "details": {"log": long}}),
+        )
+        .await?;
+    assert_eq!(status, 413, "without a Content-Length too: {body}");
+    let (_, s) = r.state().await?;
+    assert_eq!(s["heartbeats"], json!([]), "nothing stored: {s}");
+    assert_eq!(s["incidents"], json!([]), "nothing stored: {s}");
+    assert_eq!(s["totals"]["heartbeats"], 0, "{s}");
+
+    let (status, body) = r.post("/heartbeat", json!({"hostname": "box"})).await?;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = r
+        .post_streamed("/gateway/incident", json!({"message": "disk full"}))
+        .await?;
+    assert_eq!(status, 200, "{body}");
+
+    // Many bodies just under the limit: /state stays near twice max_kept_report_bytes.
+    let near = "y".repeat(3800);
+    for i in 0..40 {
+        let (status, body) = r
+            .post("/heartbeat", json!({"hostname": near, "pid": i}))
+            .await?;
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = r
+            .post(
+                "/gateway/incident",
+                json!({"message": near, "kind": format!("k{i}")}),
+            )
+            .await?;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (size, s) = r.state().await?;
+    assert!(size < 2 * 16384 + 4096, "/state is {size} bytes");
+    let beats = s["heartbeats"].as_array().map(Vec::len).unwrap_or(0);
+    assert!((1..=5).contains(&beats), "{beats} heartbeats kept");
+    assert_eq!(s["heartbeats"][beats - 1]["pid"], 39, "the newest is kept");
+    assert_eq!(s["incidents"][0]["kind"], "k39", "newest first");
+    assert_eq!(s["totals"]["heartbeats"], 41, "every heartbeat is counted");
+    Ok(())
 }
 
 #[tokio::test]
