@@ -356,6 +356,7 @@ impl Gateway {
             self.listener,
             self.router,
             &self.shared.cfg.http,
+            2,
             shutdown,
         )
         .await

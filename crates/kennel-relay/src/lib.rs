@@ -94,7 +94,7 @@ impl RelayServer {
         });
         let app = http::router(self.relay.clone());
         let limits = self.relay.cfg.http.clone();
-        let res = kennel_server::listener::serve(self.listener, app, &limits, async move {
+        let res = kennel_server::listener::serve(self.listener, app, &limits, 1, async move {
             shutdown.await;
             let _ = stop_tx.send(true);
         })

@@ -168,8 +168,9 @@ pub struct HttpConfig {
     /// Upgraded connections (WebSockets) and responses being streamed are not idle.
     pub idle_timeout_secs: u64,
     /// Connections open at once, WebSockets included; further ones are closed as soon as they
-    /// are accepted. Also bounded by half of what the open-files limit leaves after a reserve
-    /// of 64 descriptors, so the store, logs and outgoing connections always have room.
+    /// are accepted. Also bounded by what the open-files limit leaves after a reserve of 64
+    /// descriptors (halved for the gateway, whose requests each open an outgoing connection),
+    /// so the store, logs and outgoing connections always have room.
     pub max_connections: usize,
 }
 
@@ -178,7 +179,7 @@ impl Default for HttpConfig {
         HttpConfig {
             header_read_timeout_ms: 10_000,
             idle_timeout_secs: 60,
-            max_connections: 4096,
+            max_connections: 65_536,
         }
     }
 }

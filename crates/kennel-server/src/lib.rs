@@ -190,7 +190,7 @@ impl Server {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
-        listener::serve(self.listener, self.router, &self.http, shutdown)
+        listener::serve(self.listener, self.router, &self.http, 1, shutdown)
             .await
             .map_err(StartError::Serve)
     }

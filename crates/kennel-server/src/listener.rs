@@ -44,17 +44,20 @@ const FD_RESERVE: u64 = 64;
 
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting, lets the
 /// requests in progress finish and returns. Errors accepting a connection are logged and
-/// retried, so this only returns once shut down.
+/// retried, so this only returns once shut down. `fds_per_connection` is what one connection
+/// costs in open files: 1 where a connection is only itself (the coordinator, a relay: mostly
+/// daemon links), 2 where each request also opens an outgoing one (the gateway).
 pub async fn serve<F>(
     listener: TcpListener,
     router: Router,
     http: &HttpConfig,
+    fds_per_connection: u64,
     shutdown: F,
 ) -> io::Result<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let cap = connection_cap(http.max_connections);
+    let cap = connection_cap(http.max_connections, fds_per_connection);
     if cap < http.max_connections {
         tracing::warn!(
             configured = http.max_connections,
@@ -128,13 +131,13 @@ where
     Ok(())
 }
 
-/// The most connections the open-files limit leaves room for: half of what remains after
-/// [`FD_RESERVE`] (a proxied request also holds an outgoing socket), at least 1.
-fn connection_cap(configured: usize) -> usize {
+/// The most connections the open-files limit leaves room for: what remains after
+/// [`FD_RESERVE`], divided by what one connection costs, at least 1.
+fn connection_cap(configured: usize, fds_per_connection: u64) -> usize {
     use nix::sys::resource::{getrlimit, Resource};
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, _)) => {
-            let room = (soft.saturating_sub(FD_RESERVE) / 2).max(1);
+            let room = (soft.saturating_sub(FD_RESERVE) / fds_per_connection.max(1)).max(1);
             configured.min(usize::try_from(room).unwrap_or(usize::MAX))
         }
         Err(_) => configured,
@@ -462,8 +465,8 @@ mod tests {
 
     #[test]
     fn the_cap_never_exceeds_the_configuration() {
-        assert!(connection_cap(10) <= 10);
-        assert!(connection_cap(1) == 1);
+        assert!(connection_cap(10, 2) <= 10);
+        assert!(connection_cap(1, 1) == 1);
     }
 
     #[tokio::test]

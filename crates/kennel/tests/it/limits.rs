@@ -143,8 +143,8 @@ async fn under_a_256_open_files_limit_a_flood_is_capped_then_shed() -> anyhow::R
     }
     let srv = KennelServer::start_with_config(&wrapper, &http_section("server")).await?;
     let addr = srv.addr();
-    // (256 − 64) / 2 = 96 connections fit; the rest are closed on accept, so the server
-    // never runs out of descriptors for its store and its daemons.
+    // 256 − 64 = 192 connections fit; the rest are closed on accept, so the server never
+    // runs out of descriptors for its store and its daemons.
     let conns = RawConn::many(250, || RawConn::idle(addr)).await?;
     RawConn::all_closed_within(conns, Duration::from_secs(1) + MARGIN).await?;
     health_returns(&srv.url()).await?;
@@ -186,7 +186,7 @@ fn http_sections_refuse_unknown_keys_and_show_their_defaults() -> anyhow::Result
     for key in [
         "header_read_timeout_ms = 10000",
         "idle_timeout_secs = 60",
-        "max_connections = 4096",
+        "max_connections = 65536",
         "max_report_bytes = 16384",
     ] {
         assert!(text.contains(key), "`config show` lacks {key}:\n{text}");
