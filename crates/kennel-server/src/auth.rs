@@ -229,6 +229,90 @@ impl KeyRing {
     }
 }
 
+/// A new admin key minted by [`recover_admin`].
+#[derive(Debug)]
+pub struct Recovered {
+    /// The full key: shown once.
+    pub key: String,
+    pub info: ApiKey,
+    /// Where it was written (`<data_dir>/admin.key`, mode 0600).
+    pub path: std::path::PathBuf,
+    /// The id of the configured admin key (`server.auth.admin_key`) when that key is revoked:
+    /// the server will refuse to start until the configuration drops it.
+    pub configured_revoked: Option<String>,
+}
+
+/// Why [`recover_admin`] could not mint a key.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error(
+        "no kennel database at {0}: pass the data directory the server uses (`--data-dir`, or \
+         `server.data_dir` in its configuration)"
+    )]
+    NoDatabase(String),
+    #[error(
+        "no hash key: server.auth.hash_key is not configured and {0} does not exist, so a key \
+         minted here could not be checked by the server; run with the server's configuration"
+    )]
+    NoHashKey(String),
+    #[error("failed to read or write the data directory {path}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to use the store")]
+    Store(#[from] kennel_store::StoreError),
+}
+
+/// Mints a new admin key straight into the store of `cfg.data_dir`, for when every admin key
+/// is lost or revoked: whoever can read the data directory (and so the hash key) holds the
+/// server anyway. Hashed with the same key the server uses, so the server accepts it at once
+/// if it is running (SQLite in WAL mode lets both processes write) or after it starts. Writes
+/// it to `<data_dir>/admin.key` (0600), where the CLI looks for a key by default.
+pub async fn recover_admin(
+    cfg: &crate::config::ServerConfig,
+    now_ms: i64,
+) -> Result<Recovered, RecoverError> {
+    let dir = &cfg.data_dir;
+    let db = dir.join("kennel.db");
+    if !db.is_file() {
+        return Err(RecoverError::NoDatabase(db.display().to_string()));
+    }
+    let hash_file = dir.join("hash.key");
+    if cfg.auth.hash_key.is_none() && !hash_file.is_file() {
+        return Err(RecoverError::NoHashKey(hash_file.display().to_string()));
+    }
+    let data_err = |source| RecoverError::DataDir {
+        path: dir.display().to_string(),
+        source,
+    };
+    let keys =
+        KeyRing::new(KeyRing::load_hash_key(cfg.auth.hash_key.as_deref(), dir).map_err(data_err)?);
+    let store = kennel_store::SqliteStore::open(&db).await?;
+    let now = kennel_store::rfc3339(now_ms);
+    let name = format!("recovered admin {}", &now[..now.len().min(10)]);
+    let (key, record) = keys.mint(&name, vec![Scope::Admin], now);
+    store.insert_key(&record).await?;
+    let path = dir.join("admin.key");
+    write_private(&path, &key).map_err(data_err)?;
+    let mut configured_revoked = None;
+    if let Some(k) = &cfg.auth.admin_key {
+        let id = key_id(k);
+        if let Some(rec) = store.find_key(&id).await? {
+            if rec.info.revoked_at.is_some() {
+                configured_revoked = Some(id);
+            }
+        }
+    }
+    Ok(Recovered {
+        key,
+        info: record.info,
+        path,
+        configured_revoked,
+    })
+}
+
 /// Writes a secret file readable by the owner only.
 pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
@@ -242,6 +326,8 @@ pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(path)?;
+    // `mode` applies only when the file is created; an older file may be wider open.
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     f.write_all(contents.as_bytes())?;
     f.write_all(b"\n")
 }

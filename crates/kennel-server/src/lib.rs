@@ -81,6 +81,14 @@ pub enum StartError {
     },
     #[error("server error: {0}")]
     Serve(#[source] std::io::Error),
+    /// A revoked key is never re-activated, not even one named in the configuration.
+    #[error(
+        "the configured admin key (server.auth.admin_key, key id {id}) was revoked, and a revoked \
+         key is never re-activated: remove it from the configuration (or \
+         KENNEL_SERVER__AUTH__ADMIN_KEY) and use another admin key, or mint a new one with \
+         `kennel keys recover --data-dir {data_dir}` (it works while the server is stopped)"
+    )]
+    AdminKeyRevoked { id: String, data_dir: String },
 }
 
 /// A bound, ready coordinator.
@@ -151,6 +159,10 @@ impl Server {
             .map_err(|e| match e {
                 Bootstrap::Store(e) => StartError::Store(e),
                 Bootstrap::Io(e) => data_err(e),
+                Bootstrap::AdminKeyRevoked(id) => StartError::AdminKeyRevoked {
+                    id,
+                    data_dir: cfg.data_dir.display().to_string(),
+                },
             })?;
 
         let coord = Coordinator::new(store.clone(), clock.clone(), cfg.clone());
@@ -199,6 +211,7 @@ impl Server {
 enum Bootstrap {
     Store(kennel_store::StoreError),
     Io(std::io::Error),
+    AdminKeyRevoked(String),
 }
 
 /// Makes sure an admin key exists: the configured one, or a new one on the very first start
@@ -212,14 +225,15 @@ async fn bootstrap_admin(
     let now = rfc3339(clock.now_ms());
     if let Some(k) = &cfg.auth.admin_key {
         let id = auth::key_id(k);
-        if store
-            .find_key(&id)
-            .await
-            .map_err(Bootstrap::Store)?
-            .is_none()
-        {
-            if let Some(rec) = keys.record_for(k, "configured admin", vec![Scope::Admin], now) {
-                store.insert_key(&rec).await.map_err(Bootstrap::Store)?;
+        match store.find_key(&id).await.map_err(Bootstrap::Store)? {
+            Some(rec) if rec.info.revoked_at.is_some() => {
+                return Err(Bootstrap::AdminKeyRevoked(id));
+            }
+            Some(_) => {}
+            None => {
+                if let Some(rec) = keys.record_for(k, "configured admin", vec![Scope::Admin], now) {
+                    store.insert_key(&rec).await.map_err(Bootstrap::Store)?;
+                }
             }
         }
         return Ok(None);

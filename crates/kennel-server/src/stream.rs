@@ -21,6 +21,7 @@ use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::api::{decimal, page_limit, path_id, query_error, IdParam};
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::AppState;
@@ -39,32 +40,45 @@ fn sse_response(rx: mpsc::Receiver<Result<SseEvent, Infallible>>) -> SseStream {
         .into_response()
 }
 
+/// Largest page of `GET /api/v1/tasks/{id}/output`.
+const MAX_OUTPUT_PAGE: u32 = 1000;
+
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct OutputQuery {
-    /// Attempt to read (default: the task's current or last attempt).
+    /// Attempt to read, from 1 (default: the task's current or last attempt).
+    #[param(value_type = u64, required = false, minimum = 1, maximum = 4294967295_u64)]
     attempt: Option<u32>,
     /// Return chunks with a larger seq (default 0: from the start).
+    #[param(value_type = i64, required = false, minimum = 0)]
     after_seq: Option<u64>,
-    /// Page size (default 500, at most 1000).
+    /// Page size: 1 to 1000; default 500.
+    #[param(value_type = u32, required = false, minimum = 1, maximum = 1000, default = 500)]
     limit: Option<u32>,
 }
 
 /// Stored output of one attempt, in seq order.
-#[utoipa::path(get, path = "/api/v1/tasks/{id}/output", params(OutputQuery), tag = "tasks",
-    responses((status = 200, body = OutputPage), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/tasks/{id}/output", params(IdParam, OutputQuery), tag = "tasks",
+    responses(
+        (status = 200, description = "a page of output", body = OutputPage),
+        (status = 400, description = "the task id or a query parameter is invalid or out of range", body = ErrorBody),
+        (status = 404, description = "no such task", body = ErrorBody),
+    ))]
 pub async fn task_output(
     p: Principal,
     State(app): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
     q: Result<Query<OutputQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<OutputPage>, ApiError> {
     p.require(&[kennel_proto::api::Scope::Client])?;
-    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let id = path_id("task id", id)?;
+    let Query(q) = q.map_err(query_error)?;
+    let limit = page_limit(q.limit, PAGE, MAX_OUTPUT_PAGE)?;
+    let after = check_after_seq(q.after_seq)?;
+    check_attempt(q.attempt)?;
     let task = app.coord.task(&id).await?;
     let attempt = q.attempt.unwrap_or(task.attempt);
-    let after = q.after_seq.unwrap_or(0);
-    let limit = q.limit.unwrap_or(PAGE).clamp(1, 1000);
     let items = app.store.task_output(&id, attempt, after, limit).await?;
     let next_after_seq = items.last().map(|c| c.seq).unwrap_or(after);
     Ok(Json(OutputPage {
@@ -74,46 +88,118 @@ pub async fn task_output(
     }))
 }
 
+/// One server-sent event of `GET /api/v1/tasks/{id}/output/stream`, as an SSE client reads it
+/// (the OpenAPI document's schema of each event; never built).
+#[derive(utoipa::ToSchema)]
+pub struct OutputStreamEvent {
+    /// `output` (data: an `OutputChunk` as JSON), `attempt` (data: the number of the retry now
+    /// followed), `waiting` (data: why no connected daemon can run the task; empty once one
+    /// can), `end` (data: the final `Task` as JSON) or `error` (data: why the stream ends).
+    #[schema(pattern = "^(output|attempt|waiting|end|error)$")]
+    pub event: String,
+    /// `attempt:seq` of the last `output` event, usable as `Last-Event-ID`.
+    #[schema(pattern = "^[0-9]+:[0-9]+$")]
+    pub id: Option<String>,
+    pub data: String,
+}
+
+/// One server-sent event of `GET /api/v1/events`, as an SSE client reads it (the OpenAPI
+/// document's schema of each event; never built).
+#[derive(utoipa::ToSchema)]
+pub struct LogStreamEvent {
+    /// The event's kind (`task.created`, `task.status`, `daemon.connected`, ...), or `error`
+    /// when the stream ends early (data: why).
+    #[schema(min_length = 1)]
+    pub event: String,
+    /// The event id, usable as `Last-Event-ID` and `after`.
+    #[schema(pattern = "^[0-9]+$")]
+    pub id: Option<String>,
+    /// The `Event` as JSON (the message, for `error`).
+    pub data: String,
+}
+
+/// Attempts count from 1.
+fn check_attempt(attempt: Option<u32>) -> Result<(), ApiError> {
+    if attempt == Some(0) {
+        return Err(ApiError::invalid(
+            "`attempt` counts from 1; leave it out for the current attempt",
+        ));
+    }
+    Ok(())
+}
+
+/// Seqs are stored as signed 64-bit integers; a larger `after_seq` could never match.
+fn check_after_seq(after_seq: Option<u64>) -> Result<u64, ApiError> {
+    let after = after_seq.unwrap_or(0);
+    if after > i64::MAX as u64 {
+        return Err(ApiError::invalid(format!(
+            "`after_seq` must be at most {}",
+            i64::MAX
+        )));
+    }
+    Ok(after)
+}
+
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct OutputStreamQuery {
-    /// Follow only this attempt (default: the current one, switching to retries).
+    /// Follow only this attempt, from 1 (default: the current one, switching to retries).
+    #[param(value_type = u64, required = false, minimum = 1, maximum = 4294967295_u64)]
     attempt: Option<u32>,
     /// Start after this seq of the first attempt followed.
+    #[param(value_type = i64, required = false, minimum = 0)]
     after_seq: Option<u64>,
 }
 
-fn last_event_id(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
+/// The `Last-Event-ID` a reconnecting client sends; an empty one counts as none.
+fn last_event_id(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(v) = headers.get("last-event-id") else {
+        return Ok(None);
+    };
+    let v = v.to_str().map_err(|_| {
+        ApiError::invalid("Last-Event-ID must be the id of the last event received, in ASCII")
+    })?;
+    Ok(Some(v.trim()).filter(|v| !v.is_empty()))
 }
 
 /// Live output of a task as SSE: `output` events (id `attempt:seq`), `attempt` when a retry
 /// starts, `waiting` with the reason while no connected daemon can run the queued task (empty
 /// when one can again), `end` with the final task when it finishes. Resumable with
 /// `Last-Event-ID`.
-#[utoipa::path(get, path = "/api/v1/tasks/{id}/output/stream", params(OutputStreamQuery), tag = "tasks",
-    responses((status = 200, description = "text/event-stream"), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/tasks/{id}/output/stream",
+    params(
+        IdParam,
+        OutputStreamQuery,
+        ("Last-Event-ID" = Option<String>, Header, pattern = "^([0-9]{1,9}:[0-9]{1,18})?$",
+            description = "`attempt:seq` of the last event received: resume after it"),
+    ),
+    tag = "tasks",
+    responses(
+        (status = 200, description = "server-sent events until the task ends", content_type = "text/event-stream", body = OutputStreamEvent),
+        (status = 400, description = "the task id, a query parameter or Last-Event-ID is invalid", body = ErrorBody),
+        (status = 404, description = "no such task", body = ErrorBody),
+    ))]
 pub async fn task_output_stream(
     p: Principal,
     State(app): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
     q: Result<Query<OutputStreamQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<SseStream, ApiError> {
     p.require(&[kennel_proto::api::Scope::Client])?;
-    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
-    validate_id("task id", &id).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let id = path_id("task id", id)?;
+    let Query(q) = q.map_err(query_error)?;
+    check_attempt(q.attempt)?;
+    let after_seq = check_after_seq(q.after_seq)?;
     let wake = app.coord.subscribe_output();
     let task = app.coord.task(&id).await?;
-    let (mut attempt, mut after) = (q.attempt.unwrap_or(task.attempt), q.after_seq.unwrap_or(0));
-    if let Some(last) = last_event_id(&headers) {
-        let parsed = last
-            .split_once(':')
-            .and_then(|(a, s)| Some((a.parse().ok()?, s.parse().ok()?)));
+    let (mut attempt, mut after) = (q.attempt.unwrap_or(task.attempt), after_seq);
+    if let Some(last) = last_event_id(&headers)? {
+        let parsed = last.split_once(':').and_then(|(a, s)| {
+            let a = decimal(a, 9)?;
+            Some((u32::try_from(a).ok()?, decimal(s, 18)?))
+        });
         let Some((a, s)) = parsed else {
             return Err(ApiError::invalid(format!(
                 "Last-Event-ID `{last}` is not of the form `attempt:seq`"
@@ -213,18 +299,36 @@ async fn follow_output(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     /// Start after this event id (same as the `Last-Event-ID` header, which wins).
+    #[param(value_type = i64, required = false, minimum = 0)]
     after: Option<i64>,
-    /// Only events of this task.
+    /// Only events of this task (a task id).
+    #[param(
+        value_type = String,
+        required = false,
+        pattern = r"^(?![-.])(?!.*\.\.)[A-Za-z0-9._-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     task: Option<String>,
 }
 
 /// The event log as SSE, from `Last-Event-ID` (or `after`) on, then live. Each event's SSE
 /// `event` is its kind (`task.created`, `task.status`, `daemon.connected`, ...).
-#[utoipa::path(get, path = "/api/v1/events", params(EventsQuery), tag = "events",
-    responses((status = 200, description = "text/event-stream of Event")))]
+#[utoipa::path(get, path = "/api/v1/events",
+    params(
+        EventsQuery,
+        ("Last-Event-ID" = Option<String>, Header, pattern = "^[0-9]{0,18}$",
+            description = "id of the last event received: resume after it"),
+    ),
+    tag = "events",
+    responses(
+        (status = 200, description = "server-sent events, then live ones", content_type = "text/event-stream", body = LogStreamEvent),
+        (status = 400, description = "a query parameter or Last-Event-ID is invalid", body = ErrorBody),
+    ))]
 pub async fn events(
     p: Principal,
     State(app): State<Arc<AppState>>,
@@ -232,14 +336,21 @@ pub async fn events(
     q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<SseStream, ApiError> {
     p.require(&[kennel_proto::api::Scope::Client])?;
-    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let Query(q) = q.map_err(query_error)?;
     let mut after = q.after.unwrap_or(0);
-    if let Some(last) = last_event_id(&headers) {
-        after = last.parse().map_err(|_| {
-            ApiError::invalid(format!(
-                "Last-Event-ID `{last}` is not an event id (an integer)"
-            ))
-        })?;
+    if after < 0 {
+        return Err(ApiError::invalid(
+            "`after` must be an event id (0 or more); leave it out to start at the beginning",
+        ));
+    }
+    if let Some(last) = last_event_id(&headers)? {
+        after = decimal(last, 18)
+            .and_then(|n| i64::try_from(n).ok())
+            .ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "Last-Event-ID `{last}` is not an event id (0 or more)"
+                ))
+            })?;
     }
     if let Some(t) = &q.task {
         validate_id("task id", t).map_err(|e| ApiError::invalid(e.to_string()))?;

@@ -221,6 +221,17 @@ pub struct KeyRecord {
     pub hash: Vec<u8>,
 }
 
+/// What [`Store::revoke_key_keeping_an_admin`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Revoke {
+    /// The key is revoked (now, or it was already).
+    Revoked(ApiKey),
+    /// No key has this id.
+    NotFound,
+    /// The key is the only live admin key; it stays live.
+    LastAdmin(ApiKey),
+}
+
 /// The one storage interface of the coordinator.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -299,6 +310,10 @@ pub trait Store: Send + Sync + 'static {
     async fn find_key(&self, id: &str) -> Result<Option<KeyRecord>>;
     async fn list_keys(&self) -> Result<Vec<ApiKey>>;
     async fn revoke_key(&self, id: &str, now: Millis) -> Result<Option<ApiKey>>;
+    /// Revokes a key unless it is the last live admin key, whose loss would lock every admin
+    /// out. Checked and done in one transaction, so two admins revoking each other's keys at
+    /// once cannot both succeed.
+    async fn revoke_key_keeping_an_admin(&self, id: &str, now: Millis) -> Result<Revoke>;
     async fn touch_key(&self, id: &str, now: Millis) -> Result<()>;
     async fn count_keys(&self) -> Result<u64>;
 

@@ -20,7 +20,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use kennel_proto::api::{ApiKey, Attempt, Daemon, Event, OutputChunk, Task};
+use kennel_proto::api::{ApiKey, Attempt, Daemon, Event, OutputChunk, Scope, Task};
 use kennel_proto::link::{OutputStream, RepoSpec, RETURNED};
 use kennel_proto::{AttemptStatus, TaskStatus};
 use rusqlite::types::ToSql;
@@ -31,8 +31,8 @@ use self::wal_flusher::WalFlusher;
 use self::writer::Writer;
 use crate::{
     parse_scopes, rfc3339, Applied, DaemonHello, Dispatch, Effect, EndAttempt, Ended, GatewayOp,
-    GatewayRows, KeyRecord, Millis, NewTask, QueuedTask, Report, Result, Retry, Store, StoreError,
-    TaskFilter,
+    GatewayRows, KeyRecord, Millis, NewTask, QueuedTask, Report, Result, Retry, Revoke, Store,
+    StoreError, TaskFilter,
 };
 
 /// SQLite implementation of [`Store`]. Cloning shares the writer thread and the read pool.
@@ -1229,6 +1229,35 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn revoke_key_keeping_an_admin(&self, id: &str, now: Millis) -> Result<Revoke> {
+        let id = id.to_string();
+        self.write(move |conn| {
+            let Some(key) = query_keys(conn, "SELECT * FROM api_keys WHERE id = ?1", &[&id])?.pop()
+            else {
+                return Ok(Revoke::NotFound);
+            };
+            let is_admin = |k: &KeyRecord| k.info.scopes.contains(&Scope::Admin);
+            if key.info.revoked_at.is_none() && is_admin(&key) {
+                let live =
+                    query_keys(conn, "SELECT * FROM api_keys WHERE revoked_at IS NULL", &[])?;
+                if live.iter().filter(|k| is_admin(k)).count() <= 1 {
+                    return Ok(Revoke::LastAdmin(key.info));
+                }
+            }
+            let keys = query_keys(
+                conn,
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?1) WHERE id = ?2 \
+                 RETURNING *",
+                &[&now, &id],
+            )?;
+            Ok(keys
+                .into_iter()
+                .next()
+                .map_or(Revoke::NotFound, |k| Revoke::Revoked(k.info)))
+        })
+        .await
+    }
+
     async fn touch_key(&self, id: &str, now: Millis) -> Result<()> {
         let id = id.to_string();
         self.write(move |conn| {
@@ -1365,4 +1394,55 @@ fn now_from_rfc3339(s: &str) -> i64 {
     time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
         .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(id: &str, scopes: Vec<Scope>) -> KeyRecord {
+        KeyRecord {
+            info: ApiKey {
+                id: id.into(),
+                name: id.into(),
+                scopes,
+                created_at: rfc3339(0),
+                last_used_at: None,
+                revoked_at: None,
+            },
+            hash: vec![1; 32],
+        }
+    }
+
+    #[tokio::test]
+    async fn the_last_live_admin_key_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("k.db")).await.unwrap();
+        for k in [
+            key("admin1", vec![Scope::Admin]),
+            key("admin2", vec![Scope::Client, Scope::Admin]),
+            key("client", vec![Scope::Client]),
+        ] {
+            store.insert_key(&k).await.unwrap();
+        }
+        let revoke = |id: &'static str| {
+            let store = store.clone();
+            async move { store.revoke_key_keeping_an_admin(id, 5).await.unwrap() }
+        };
+        assert!(matches!(revoke("admin1").await, Revoke::Revoked(k) if k.revoked_at.is_some()));
+        assert!(matches!(revoke("admin2").await, Revoke::LastAdmin(k) if k.revoked_at.is_none()));
+        // Revoking again is harmless; other scopes never count.
+        assert!(matches!(revoke("admin1").await, Revoke::Revoked(_)));
+        assert!(matches!(revoke("client").await, Revoke::Revoked(_)));
+        assert_eq!(revoke("nope").await, Revoke::NotFound);
+        let live: Vec<_> = store
+            .list_keys()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|k| k.revoked_at.is_none())
+            .map(|k| k.id)
+            .collect();
+        assert_eq!(live, vec!["admin2".to_string()]);
+    }
 }

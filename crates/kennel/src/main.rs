@@ -60,7 +60,7 @@ pub enum Command {
     Task(commands::task::TaskCmd),
     /// List daemons, or drain one.
     Daemons(commands::daemons::DaemonsArgs),
-    /// Create, list and revoke API keys (admin).
+    /// Create, list and revoke API keys (admin); `recover` mints an admin key when locked out.
     #[command(subcommand)]
     Keys(commands::keys::KeysCmd),
     /// Show the coordinator's state: daemons, capacity, tasks by state.

@@ -1,12 +1,17 @@
-//! `kennel keys`: API key management (admin scope).
+//! `kennel keys`: API key management (admin scope) through the API, and `kennel keys recover`,
+//! which mints an admin key straight into the store when no admin key is left.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Subcommand;
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use figment::value::Value;
 use kennel_proto::api::{ApiKey, CreateKey, CreatedKey, Scope};
 
 use crate::client::Client;
 use crate::commands::print_json;
+use crate::config;
 use crate::table;
 use crate::Global;
 
@@ -23,11 +28,62 @@ pub enum KeysCmd {
     },
     /// List keys (ids, names, scopes; never the secrets).
     List,
-    /// Revoke a key by id.
+    /// Revoke a key by id. The last live admin key cannot be revoked: create another first.
     Revoke {
         /// The key's id (the part after `kn_`).
         id: String,
     },
+    /// Locked out? Mint a new admin key without the API, when every admin key is lost or
+    /// revoked.
+    ///
+    /// Run it on the coordinator's machine with the server's configuration (data directory,
+    /// `server.auth.hash_key`); it works whether the server is running or stopped, and the
+    /// server accepts the key at once. The key is printed once and written to
+    /// `<data_dir>/admin.key` (mode 0600), where the other commands find it.
+    Recover(RecoverArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    /// The server's data directory (default: `server.data_dir` of the configuration).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// `kennel keys recover`: works on the data directory, not through the API, so it needs no key.
+pub async fn recover(g: &Global, args: RecoverArgs) -> anyhow::Result<ExitCode> {
+    let mut overrides = Vec::new();
+    if let Some(d) = &args.data_dir {
+        overrides.push(("server.data_dir", Value::from(d.display().to_string())));
+    }
+    let (cfg, _) = config::load(g.config.as_deref(), &overrides)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let r = kennel_server::auth::recover_admin(&cfg.server, now)
+        .await
+        .context("failed to mint a recovery admin key")?;
+    if g.json {
+        print_json(&CreatedKey {
+            key: r.key.clone(),
+            info: r.info.clone(),
+        })?;
+    } else {
+        println!("{}", r.key);
+        eprintln!(
+            "admin key id {} created and saved to {}; it is not shown again",
+            r.info.id,
+            r.path.display()
+        );
+    }
+    if let Some(id) = &r.configured_revoked {
+        eprintln!(
+            "note: the configured admin key (server.auth.admin_key, id {id}) is revoked; remove \
+             it from the configuration or the server will refuse to start"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn run(c: &Client, g: &Global, cmd: KeysCmd) -> anyhow::Result<ExitCode> {
@@ -79,6 +135,7 @@ pub async fn run(c: &Client, g: &Global, cmd: KeysCmd) -> anyhow::Result<ExitCod
                 );
             }
         }
+        KeysCmd::Recover(args) => return recover(g, args).await,
         KeysCmd::Revoke { id } => {
             let k: ApiKey = c.delete(&format!("/api/v1/keys/{id}")).await?;
             if g.json {

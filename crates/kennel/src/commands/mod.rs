@@ -38,6 +38,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Relay(args) => relay::run(&g, args).await,
         Command::Task(cmd) => task::run(&client(&g)?, &g, cmd).await,
         Command::Daemons(args) => daemons::run(&client(&g)?, &g, args).await,
+        Command::Keys(keys::KeysCmd::Recover(args)) => keys::recover(&g, args).await,
         Command::Keys(cmd) => keys::run(&client(&g)?, &g, cmd).await,
         Command::Status => status(&client(&g)?, &g).await,
         Command::Config(cmd) => config_cmd::run(&g, cmd),
