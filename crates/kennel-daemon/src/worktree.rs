@@ -25,9 +25,11 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio::sync::Mutex;
 
-/// Where the cache keeps the remote's branches. Fetching into `refs/remotes/origin/*` (never
-/// into `refs/heads/*`) means a fetch can never try to move a branch a worktree has checked out.
-const REMOTE_REFSPEC: &str = "+refs/heads/*:refs/remotes/origin/*";
+/// Where the cache keeps the remote's base branches: `refs/remotes/origin/<base>`. Fetching
+/// there (never into `refs/heads/*`) means a fetch can never try to move a branch a worktree
+/// has checked out. Only base branches are kept up to date; other names under that prefix may
+/// be left from older daemons that fetched every branch, and nothing reads them.
+const REMOTE_TRACKING_PREFIX: &str = "refs/remotes/origin/";
 /// How many trailing lines of a command's stderr an error keeps.
 const TAIL_LINES: usize = 20;
 /// Longest line of stderr an error keeps, in characters.
@@ -261,8 +263,9 @@ impl RepoCache {
     }
 
     /// Makes a fresh worktree for one attempt of a task, on branch `<prefix><task_id>` at the
-    /// remote's current `base_branch`. The repository is cloned once (bare) and fetched on
-    /// every later call; a retry resets the branch.
+    /// remote's current `base_branch`. The repository is cloned once (bare); every later call
+    /// fetches only the base branch, so its cost does not grow with the branches other tasks
+    /// have pushed. A retry resets the branch.
     #[tracing::instrument(skip(self, repo), fields(url = %redact_userinfo(&repo.url), base = %repo.base_branch))]
     pub async fn prepare(
         &self,
@@ -291,39 +294,20 @@ impl RepoCache {
         let _guard = lock.lock().await;
 
         self.ensure_cache(&url, &cache_dir).await?;
-
-        let base = &repo.base_branch;
-        let base_ref = format!("refs/remotes/origin/{base}^{{commit}}");
-        let base_sha = git_probe(
-            &cache_dir,
-            &args(["rev-parse", "--verify", "--quiet", &base_ref]),
-            &format!("look up base branch `{base}`"),
-            HINT_CACHE,
-        )
-        .await?
-        .ok_or_else(|| {
-            GitError::refused(
-                format!("look up base branch `{base}`"),
-                format!(
-                    "the repository {} has no branch `{base}`; push it or pick another base branch",
-                    redact_userinfo(&url)
-                ),
+        let base_sha = fetch_base(&cache_dir, &url, &repo.base_branch).await?;
+        // What the remote holds for our branch as this attempt starts: a retry's forced push
+        // may replace exactly that and nothing newer. A first attempt pushes without a lease
+        // (see `finish`), so only retries pay for this second round trip to the remote.
+        let remote_branch = if attempt > 1 {
+            remote_head(
+                &cache_dir,
+                &format!("refs/heads/{branch}"),
+                &format!("look up branch `{branch}` on the remote"),
             )
-        })?;
-        // What the remote held for our branch before this attempt started: a retry's forced
-        // push may replace exactly that and nothing newer.
-        let remote_branch = git_probe(
-            &cache_dir,
-            &args([
-                "rev-parse",
-                "--verify",
-                "--quiet",
-                &format!("refs/remotes/origin/{branch}^{{commit}}"),
-            ]),
-            &format!("look up branch `{branch}` on the remote"),
-            HINT_CACHE,
-        )
-        .await?;
+            .await?
+        } else {
+            None
+        };
 
         let path = self.worktrees.join(format!("{task_id}-{attempt}"));
         let add_action = format!("create worktree {}", path.display());
@@ -376,8 +360,8 @@ impl RepoCache {
         })
     }
 
-    /// Clones the repository into `cache_dir` if it is not there yet, then fetches. The caller
-    /// holds the cache's lock.
+    /// Clones the repository into `cache_dir` if it is not there yet. The caller holds the
+    /// cache's lock.
     async fn ensure_cache(&self, url: &str, cache_dir: &Path) -> Result<(), GitError> {
         let shown = redact_userinfo(url);
         if !tokio::fs::metadata(cache_dir)
@@ -408,26 +392,6 @@ impl RepoCache {
                 .await
                 .map_err(|e| io_error(&action, cache_dir, e, HINT_CACHE))?;
         }
-        tracing::debug!(url = %shown, "fetching repository cache");
-        // Maintenance that fetch may trigger runs in the foreground, under the cache's lock,
-        // rather than detached beside other tasks' git commands.
-        git_ok(
-            cache_dir,
-            &args([
-                "-c",
-                "gc.autoDetach=false",
-                "-c",
-                "maintenance.autoDetach=false",
-                "fetch",
-                "--quiet",
-                "--prune",
-                "origin",
-                REMOTE_REFSPEC,
-            ]),
-            &format!("fetch {shown} into the repository cache"),
-            HINT_REMOTE,
-        )
-        .await?;
         Ok(())
     }
 
@@ -584,6 +548,7 @@ pub struct Worktree {
     cache_dir: PathBuf,
     cache_lock: Arc<Mutex<()>>,
     /// The remote's `refs/heads/<branch>` when this attempt was prepared; `None` if absent.
+    /// Looked up for retries (attempt > 1) only: a first attempt's push takes no lease.
     remote_branch: Option<String>,
     settings: Arc<GitSettings>,
 }
@@ -843,6 +808,90 @@ impl Worktree {
         }
         Ok(bytes)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// asking the remote
+
+/// Fetches the remote's `base` into `refs/remotes/origin/<base>` and returns its commit. The
+/// caller holds the cache's lock.
+///
+/// One exact refspec, so over protocol v2 the remote lists only that branch (and the tags fetch
+/// follows, as it always did) instead of every branch on it: fetching `refs/heads/*` before
+/// each task listed and updated every `kennel/*` branch any task had pushed, under the lock, and
+/// slowed each task as they piled up. git fails the fetch when the branch is missing; only then
+/// is the remote asked again whether it exists, so the usual case costs one round trip and a
+/// missing base still gets a message that says what to do.
+async fn fetch_base(cache_dir: &Path, url: &str, base: &str) -> Result<String, GitError> {
+    let shown = redact_userinfo(url);
+    let tracking = format!("{REMOTE_TRACKING_PREFIX}{base}");
+    let lookup = format!("look up base branch `{base}`");
+    let missing = || {
+        GitError::refused(
+            &lookup,
+            format!("the repository {shown} has no branch `{base}`; push it or pick another base branch"),
+        )
+    };
+    tracing::debug!(url = %shown, %base, "fetching the base branch into the repository cache");
+    let action = format!("fetch branch `{base}` of {shown} into the repository cache");
+    // Maintenance that fetch may trigger runs in the foreground, under the cache's lock,
+    // rather than detached beside other tasks' git commands.
+    let fetch = args([
+        "-c",
+        "gc.autoDetach=false",
+        "-c",
+        "maintenance.autoDetach=false",
+        "fetch",
+        "--quiet",
+        "origin",
+        &format!("+refs/heads/{base}:{tracking}"),
+    ]);
+    if let Err(fetch_error) = git_ok(cache_dir, &fetch, &action, HINT_REMOTE).await {
+        // git words a missing branch in the user's language and may reword it; the remote's
+        // list of refs is the answer that does not change.
+        return match remote_head(cache_dir, &format!("refs/heads/{base}"), &lookup).await {
+            Ok(None) => Err(missing()),
+            // The branch is there or the remote cannot be reached: git's message says why.
+            Ok(Some(_)) | Err(_) => Err(fetch_error),
+        };
+    }
+    git_probe(
+        cache_dir,
+        &args([
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            &format!("{tracking}^{{commit}}"),
+        ]),
+        &lookup,
+        HINT_CACHE,
+    )
+    .await?
+    // A branch that points at something other than a commit is no base to start from either.
+    .ok_or_else(missing)
+}
+
+/// What the remote's `refname` (a full name, `refs/heads/…`) points at; `None` when the remote
+/// has no such ref. Over protocol v2 `ls-remote` sends the name as a prefix, so the remote
+/// lists only refs that start with it, however many branches it holds.
+async fn remote_head(
+    cache_dir: &Path,
+    refname: &str,
+    action: &str,
+) -> Result<Option<String>, GitError> {
+    let out = git_ok(
+        cache_dir,
+        &args(["ls-remote", "origin", refname]),
+        action,
+        HINT_REMOTE,
+    )
+    .await?;
+    // The answer holds every ref that starts (v2) or ends (git's pattern rule) with the name,
+    // `refs/heads/kennel/t1` brings `refs/heads/kennel/t10` too: keep the exact name only.
+    Ok(out.lines().find_map(|line| {
+        let (sha, name) = line.split_once('\t')?;
+        (name == refname).then(|| sha.to_string())
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1413,6 +1462,124 @@ mod tests {
         };
         let err = f.cache.prepare(&spec, "t7", 1).await.unwrap_err();
         assert!(err.to_string().contains("has no branch `nope`"), "{err}");
+        assert!(err.is_refused(), "{err}");
+
+        // Once the cache exists the base is still looked up on the remote, not in the cache.
+        f.cache.prepare(&f.spec(), "t7b", 1).await.unwrap();
+        let err = f.cache.prepare(&spec, "t7c", 1).await.unwrap_err();
+        assert!(err.to_string().contains("has no branch `nope`"), "{err}");
+
+        // A remote that cannot be reached is not a missing branch: git's own message stays.
+        std::fs::remove_dir_all(&f.remote).unwrap();
+        let err = f.cache.prepare(&f.spec(), "t7d", 1).await.unwrap_err();
+        assert!(!err.is_refused(), "{err}");
+        assert!(
+            err.to_string().starts_with("fetch branch `main` of /"),
+            "{err}"
+        );
+        assert!(err.stderr().is_some(), "{err}");
+    }
+
+    #[tokio::test]
+    async fn preparing_a_task_fetches_only_its_base_and_a_retry_still_leases_its_branch() {
+        let f = Fixture::new();
+        f.cache.prepare(&f.spec(), "warm", 1).await.unwrap();
+        let cache_dir = f.cache_dirs().pop().unwrap();
+
+        // Fifty branches of other work, all at a commit the cache has never seen.
+        git(&f.seed, &["checkout", "--quiet", "-b", "side"]);
+        std::fs::write(f.seed.join("side.txt"), "side\n").unwrap();
+        git(&f.seed, &["add", "-A"]);
+        git(&f.seed, &["commit", "--quiet", "-m", "side"]);
+        let side = git(&f.seed, &["rev-parse", "HEAD"]);
+        git(&f.seed, &["checkout", "--quiet", "main"]);
+        let others: Vec<String> = (0..50)
+            .map(|i| format!("side:refs/heads/other/b{i}"))
+            .collect();
+        let mut push = vec!["push", "--quiet", f.remote.to_str().unwrap()];
+        push.extend(others.iter().map(String::as_str));
+        git(&f.seed, &push);
+        // An earlier attempt of task `r`, run by another daemon with its own cache, pushed.
+        let elsewhere = RepoCache::new(&f.tmp.path().join("data2"), GitSettings::default());
+        let first = elsewhere.prepare(&f.spec(), "r", 1).await.unwrap();
+        std::fs::write(first.path.join("r.txt"), "one\n").unwrap();
+        let Finished::Pushed { commit: pushed, .. } = first.finish("r", "x", 1).await.unwrap()
+        else {
+            panic!("expected a push");
+        };
+        // A branch whose name starts with another task's branch name.
+        git(
+            &f.seed,
+            &[
+                "push",
+                "--quiet",
+                f.remote.to_str().unwrap(),
+                "side:refs/heads/kennel/q0",
+            ],
+        );
+        let newer = f.advance_main("newer.txt", "newer\n");
+
+        let wt = f.cache.prepare(&f.spec(), "q", 1).await.unwrap();
+        assert_eq!(wt.base_commit, newer, "the base is fetched");
+        let retry = f.cache.prepare(&f.spec(), "r", 2).await.unwrap();
+        assert_eq!(retry.remote_branch.as_deref(), Some(pushed.as_str()));
+        let prefix_only = f.cache.prepare(&f.spec(), "q", 2).await.unwrap();
+        assert_eq!(prefix_only.remote_branch, None, "kennel/q0 is not kennel/q");
+
+        let tracking = git(
+            &cache_dir,
+            &["for-each-ref", "--format=%(refname)", "refs/remotes/"],
+        );
+        assert_eq!(tracking, "refs/remotes/origin/main");
+        let heads = git(
+            &cache_dir,
+            &["for-each-ref", "--format=%(refname)", "refs/heads/other/"],
+        );
+        assert_eq!(heads, "", "other branches reached the cache");
+        let side_there = std::process::Command::new("git")
+            .args([
+                "--git-dir",
+                cache_dir.to_str().unwrap(),
+                "cat-file",
+                "-e",
+                &side,
+            ])
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .status()
+            .unwrap()
+            .success();
+        assert!(!side_there, "other branches' commits were fetched");
+
+        // The retry replaces exactly what the earlier attempt pushed...
+        std::fs::write(retry.path.join("r.txt"), "two\n").unwrap();
+        let Finished::Pushed { commit: second, .. } = retry.finish("r", "x", 2).await.unwrap()
+        else {
+            panic!("expected a push");
+        };
+        assert_eq!(f.remote_ref("refs/heads/kennel/r").unwrap(), second);
+        // ...and a retry prepared before something newer landed leaves the newer one alone.
+        let third = f.cache.prepare(&f.spec(), "r", 3).await.unwrap();
+        git(
+            &f.seed,
+            &[
+                "push",
+                "--quiet",
+                "--force",
+                f.remote.to_str().unwrap(),
+                "side:refs/heads/kennel/r",
+            ],
+        );
+        std::fs::write(third.path.join("r.txt"), "three\n").unwrap();
+        let err = third.finish("r", "x", 3).await.unwrap_err();
+        assert!(err.stderr().is_some(), "{err}");
+        assert_eq!(f.remote_ref("refs/heads/kennel/r").unwrap(), side);
+        // A retry whose branch was never pushed may create it.
+        std::fs::write(prefix_only.path.join("q.txt"), "q\n").unwrap();
+        assert!(matches!(
+            prefix_only.finish("q", "x", 2).await.unwrap(),
+            Finished::Pushed { .. }
+        ));
     }
 
     #[tokio::test]
