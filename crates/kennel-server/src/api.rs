@@ -203,7 +203,6 @@ impl utoipa::Modify for BodyConstraints {
         };
         field("CreateTask", "name", &|o| {
             text(o, 1, MAX_TASK_NAME, Some(NOT_BLANK));
-            in_bytes(o, MAX_TASK_NAME);
         });
         field("CreateTask", "prompt", &|o| {
             text(o, 1, MAX_PROMPT, None);
@@ -219,8 +218,7 @@ impl utoipa::Modify for BodyConstraints {
                 kennel_proto::validate::MAX_ID_LEN,
                 Some(ID_PATTERN),
             ))));
-            let mut value = string_schema(0, MAX_LABEL_VALUE, None);
-            in_bytes(&mut value, MAX_LABEL_VALUE);
+            let value = string_schema(0, MAX_LABEL_VALUE, None);
             o.additional_properties = Some(Box::new(AdditionalProperties::RefOr(RefOr::T(
                 Schema::Object(value),
             ))));

@@ -943,7 +943,7 @@ impl Coordinator {
 
     fn validate_task(&self, req: CreateTask) -> Result<NewTask, ApiError> {
         let bad = |m: String| Err(ApiError::invalid(m));
-        if req.name.trim().is_empty() || req.name.len() > 200 {
+        if req.name.trim().is_empty() || req.name.chars().count() > 200 {
             return bad("`name` must be 1 to 200 characters".into());
         }
         if req.prompt.is_empty() {
@@ -971,7 +971,7 @@ impl Coordinator {
         }
         for (k, v) in &req.labels {
             validate_id("label name", k).map_err(|e| ApiError::invalid(e.to_string()))?;
-            if v.len() > 256 {
+            if v.chars().count() > 256 {
                 return bad(format!("label `{k}` is longer than 256 characters"));
             }
         }
