@@ -45,10 +45,18 @@ pub struct LinkState {
 /// Why the link stopped (only on shutdown or a refused key: it never gives up otherwise).
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error(
-        "the upstream refused this daemon: {0} (check daemon.api_key; it needs the daemon scope)"
-    )]
+    #[error("the upstream refused this daemon: {0}{hint}", hint = key_hint(.0))]
     Refused(String),
+}
+
+/// The hint for a refusal about the key itself; a refusal that already says what to do (a
+/// machine id bound to another key, a protocol version) gets none.
+fn key_hint(reason: &str) -> &'static str {
+    if reason.contains("API key") && !reason.contains("machine id") {
+        " (check daemon.api_key; it needs the daemon scope)"
+    } else {
+        ""
+    }
 }
 
 pub struct Link {
