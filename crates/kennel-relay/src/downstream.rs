@@ -11,10 +11,10 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use kennel_proto::link::{negotiate_version, Authenticated, ErrorCode};
 use kennel_proto::{decode_daemon_frame, DaemonMessage, Decoded, ServerMessage};
+use kennel_server::outbound::{LinkRx, LinkTx};
 use kennel_server::ws::{self, LinkSocket};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
@@ -168,7 +168,10 @@ async fn run(
     budget.lift();
     drop(pre_auth_slot);
     let machine = hello.machine_id.clone();
-    let (tx, rx) = mpsc::unbounded_channel();
+    // Bounded: a daemon that stops reading is cut off (4006) instead of the relay buffering
+    // for it without limit.
+    let bound = DOWN_QUEUE.max(2 * hello.max_concurrent_tasks as usize);
+    let (tx, rx) = kennel_server::outbound::channel(bound);
     let authenticated = ServerMessage::Authenticated(Authenticated {
         daemon_id: machine.clone(),
         heartbeat_interval_secs: cfg.heartbeat_interval_secs,
@@ -177,13 +180,25 @@ async fn run(
     });
     let conn_id = relay.attach(&hello, tx.clone(), authenticated);
     let (sink, stream) = socket.split();
-    let writer = tokio::spawn(write_loop(sink, rx));
-    let (code, reason) = read_loop(&relay, &machine, &tx, stream).await;
-    let _ = tx.send(Outbound::Close(code, reason.clone()));
+    let mut writer = tokio::spawn(write_loop(sink, rx));
+    let (code, reason) = tokio::select! {
+        r = read_loop(&relay, &machine, &tx, stream) => r,
+        r = tx.overflowed() => r,
+    };
+    tx.send(Outbound::Close(code, reason.clone()));
     drop(tx);
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    if tokio::time::timeout(Duration::from_secs(2), &mut writer)
+        .await
+        .is_err()
+    {
+        // Stuck writing to a peer that does not read: drop the socket.
+        writer.abort();
+    }
     relay.detach(&machine, conn_id, &reason);
 }
+
+/// Frames that may wait for one downstream daemon (at least twice its slots).
+const DOWN_QUEUE: usize = 4096;
 
 /// Most frames read ahead and relayed under one lock and one history transaction.
 const BATCH: usize = 128;
@@ -191,10 +206,11 @@ const BATCH: usize = 128;
 async fn read_loop(
     relay: &Arc<Relay>,
     machine: &str,
-    tx: &mpsc::UnboundedSender<Outbound>,
+    tx: &LinkTx<Outbound>,
     mut stream: futures_util::stream::SplitStream<LinkSocket>,
 ) -> (u16, String) {
     let silence = Duration::from_secs(relay.cfg.heartbeat_interval_secs.saturating_mul(3));
+    let mut bad_frames = ws::BadFrameLog::default();
     loop {
         let first = match tokio::time::timeout(silence, stream.next()).await {
             Err(_) => {
@@ -215,7 +231,7 @@ async fn read_loop(
                 _ => break,
             }
         }
-        if let Some(end) = handle_batch(relay, machine, tx, frames) {
+        if let Some(end) = handle_batch(relay, machine, tx, frames, &mut bad_frames) {
             return end;
         }
     }
@@ -224,11 +240,12 @@ async fn read_loop(
 fn handle_batch(
     relay: &Arc<Relay>,
     machine: &str,
-    tx: &mpsc::UnboundedSender<Outbound>,
+    tx: &LinkTx<Outbound>,
     frames: Vec<Message>,
+    bad_frames: &mut ws::BadFrameLog,
 ) -> Option<(u16, String)> {
     let err = |code: ErrorCode, message: String| {
-        let _ = tx.send(Outbound::Text(
+        tx.send(Outbound::Text(
             ServerMessage::error(code, message).to_json(),
         ));
     };
@@ -252,7 +269,7 @@ fn handle_batch(
         }
         for Refusal::Stale(e) in relay.from_daemon(machine, reports) {
             tracing::warn!(machine, task_id = ?e.task_id, "refused a report on a task this daemon does not hold");
-            let _ = tx.send(Outbound::Text(ServerMessage::Error(e).to_json()));
+            tx.send(Outbound::Text(ServerMessage::Error(e).to_json()));
         }
         reports.clear();
     };
@@ -267,7 +284,9 @@ fn handle_batch(
                 continue;
             }
             Err(e) => {
-                tracing::warn!(machine, error = %e, "bad frame");
+                if let Some(suppressed) = bad_frames.due() {
+                    tracing::warn!(machine, error = %e, suppressed, "bad frame (with `suppressed` more since the last one logged)");
+                }
                 err(e.code(), e.to_string());
                 continue;
             }
@@ -285,7 +304,7 @@ fn handle_batch(
             DaemonMessage::TaskQueued(q) => {
                 flush(&mut reports);
                 if let Some(Refusal::Stale(e)) = relay.queued_below(machine, &q, text.as_str()) {
-                    let _ = tx.send(Outbound::Text(ServerMessage::Error(e).to_json()));
+                    tx.send(Outbound::Text(ServerMessage::Error(e).to_json()));
                 }
             }
             other => reports.push((other, text.as_str())),
@@ -297,16 +316,32 @@ fn handle_batch(
 
 async fn write_loop(
     mut sink: futures_util::stream::SplitSink<LinkSocket, Message>,
-    mut rx: mpsc::UnboundedReceiver<Outbound>,
+    mut rx: LinkRx<Outbound>,
 ) {
-    while let Some(out) = rx.recv().await {
+    let tripwire = rx.tripwire();
+    loop {
+        let out = tokio::select! {
+            biased;
+            (code, reason) = tripwire.overflowed() => {
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    sink.send(close_message(code, &reason)),
+                )
+                .await;
+                return;
+            }
+            o = rx.recv() => match o {
+                Some(o) => o,
+                None => return,
+            },
+        };
         match out {
             Outbound::Text(t) => {
                 // Feed what is queued, flush once: fewer syscalls under load.
                 if sink.feed(Message::Text(t.into())).await.is_err() {
                     return;
                 }
-                while let Ok(next) = rx.try_recv() {
+                while let Some(next) = rx.try_recv() {
                     match next {
                         Outbound::Text(t) => {
                             if sink.feed(Message::Text(t.into())).await.is_err() {

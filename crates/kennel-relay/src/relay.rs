@@ -37,7 +37,7 @@ pub enum Outbound {
 /// One connected downstream daemon.
 struct Down {
     conn_id: u64,
-    tx: mpsc::UnboundedSender<Outbound>,
+    tx: kennel_server::outbound::LinkTx<Outbound>,
     hostname: String,
     max: u32,
     agents: BTreeSet<String>,
@@ -502,7 +502,7 @@ impl Relay {
     pub fn broadcast(&self, frame: &str) {
         let st = self.lock();
         for d in st.daemons.values() {
-            let _ = d.tx.send(Outbound::Text(frame.to_string()));
+            d.tx.send(Outbound::Text(frame.to_string()));
         }
     }
 
@@ -562,7 +562,7 @@ impl Relay {
                 .retain(|s| !(s.task_id == task_id && s.attempt == attempt));
         }
         if let Some(d) = daemon.and_then(|d| st.daemons.get(&d)) {
-            let _ = d.tx.send(Outbound::Text(frame.to_string()));
+            d.tx.send(Outbound::Text(frame.to_string()));
         }
         if e.code == ErrorCode::StaleAttempt {
             self.dispatch(&mut st);
@@ -580,7 +580,7 @@ impl Relay {
             return;
         };
         if let Some(d) = st.daemons.get(&h.daemon) {
-            let _ = d.tx.send(Outbound::Text(frame.to_string()));
+            d.tx.send(Outbound::Text(frame.to_string()));
         }
     }
 
@@ -712,7 +712,7 @@ impl Relay {
                 continue;
             };
             d.last_pick = picks;
-            let _ = d.tx.send(Outbound::Text(
+            d.tx.send(Outbound::Text(
                 ServerMessage::SpawnTask(s.clone()).to_json(),
             ));
             *active.entry(id.clone()).or_default() += 1;
@@ -741,7 +741,7 @@ impl Relay {
     pub fn attach(
         self: &Arc<Self>,
         hello: &Authenticate,
-        tx: mpsc::UnboundedSender<Outbound>,
+        tx: kennel_server::outbound::LinkTx<Outbound>,
         authenticated: ServerMessage,
     ) -> u64 {
         let machine = hello.machine_id.clone();
@@ -752,7 +752,7 @@ impl Relay {
             st.next_conn += 1;
             let conn_id = st.next_conn;
             *st.generations.entry(machine.clone()).or_default() += 1;
-            let _ = tx.send(Outbound::Text(authenticated.to_json()));
+            tx.send(Outbound::Text(authenticated.to_json()));
             let old = st.daemons.insert(
                 machine.clone(),
                 Down {
@@ -768,7 +768,7 @@ impl Relay {
                 },
             );
             if let Some(old) = old {
-                let _ = old.tx.send(Outbound::Close(
+                old.tx.send(Outbound::Close(
                     4004,
                     "replaced by a newer connection from the same machine".into(),
                 ));
@@ -797,7 +797,7 @@ impl Relay {
                             r.attempt, r.task_id
                         ),
                     );
-                    let _ = tx.send(Outbound::Text(ServerMessage::Error(e).to_json()));
+                    tx.send(Outbound::Text(ServerMessage::Error(e).to_json()));
                 }
             }
             let reason = format!("daemon {machine} reconnected without it");
@@ -948,7 +948,7 @@ impl Relay {
                                 attempt: hdr.attempt,
                                 seq: hdr.seq,
                             });
-                            let _ = d.tx.send(Outbound::Text(ack.to_json()));
+                            d.tx.send(Outbound::Text(ack.to_json()));
                         }
                         tracing::info!(
                             task_id = hdr.task_id,
@@ -1079,7 +1079,7 @@ impl Relay {
                     .flatten(),
             };
             if let Some(down) = daemon.and_then(|d| st.daemons.get(&d)) {
-                let _ = down.tx.send(Outbound::Text(frame.to_string()));
+                down.tx.send(Outbound::Text(frame.to_string()));
             }
         }
     }
@@ -1202,8 +1202,8 @@ mod tests {
         machine: &str,
         slots: u32,
         agents: &[&str],
-    ) -> (u64, mpsc::UnboundedReceiver<Outbound>) {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+    ) -> (u64, kennel_server::outbound::LinkRx<Outbound>) {
+        let (tx, mut rx) = kennel_server::outbound::channel(1024);
         let id = r.attach(
             &hello(machine, slots, agents),
             tx,
@@ -1213,9 +1213,9 @@ mod tests {
         (id, rx)
     }
 
-    fn spawned(rx: &mut mpsc::UnboundedReceiver<Outbound>) -> Vec<String> {
+    fn spawned(rx: &mut kennel_server::outbound::LinkRx<Outbound>) -> Vec<String> {
         let mut v = Vec::new();
-        while let Ok(Outbound::Text(t)) = rx.try_recv() {
+        while let Some(Outbound::Text(t)) = rx.try_recv() {
             if let Ok(ServerMessage::SpawnTask(s)) = serde_json::from_str(&t) {
                 v.push(s.task_id);
             }

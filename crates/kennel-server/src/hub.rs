@@ -70,19 +70,8 @@ struct Connection {
     tx: LinkTx,
     daemon_id: String,
     max_frame: usize,
-    bad_frames: std::sync::Mutex<BadFrameLog>,
+    bad_frames: std::sync::Mutex<ws::BadFrameLog>,
 }
-
-/// Bad frames are answered one by one but logged at most once per [`BAD_FRAME_LOG_EVERY`]
-/// per connection, with a count of those not logged: a daemon sending garbage must not fill
-/// the disk with warnings.
-#[derive(Debug, Default)]
-struct BadFrameLog {
-    last: Option<std::time::Instant>,
-    suppressed: u64,
-}
-
-const BAD_FRAME_LOG_EVERY: Duration = Duration::from_secs(10);
 
 fn error_frame(code: ErrorCode, message: String) -> Outbound {
     Outbound::Msg(Box::new(ServerMessage::error(code, message)))
@@ -494,20 +483,13 @@ impl Connection {
 
     fn frame_error(&self, e: &FrameError) {
         metrics::counter!("kennel_frame_errors_total", "code" => e.code().as_str()).increment(1);
-        {
-            let mut log = self.bad_frames.lock().unwrap_or_else(|p| p.into_inner());
-            let due = log.last.is_none_or(|t| t.elapsed() >= BAD_FRAME_LOG_EVERY);
-            if due {
-                let suppressed = std::mem::take(&mut log.suppressed);
-                log.last = Some(std::time::Instant::now());
-                if suppressed > 0 {
-                    tracing::warn!(daemon_id = %self.daemon_id, error = %e, suppressed, "bad frame ({suppressed} more since the last report, not logged one by one)");
-                } else {
-                    tracing::warn!(daemon_id = %self.daemon_id, error = %e, "bad frame");
-                }
-            } else {
-                log.suppressed += 1;
-            }
+        let due = self
+            .bad_frames
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .due();
+        if let Some(suppressed) = due {
+            tracing::warn!(daemon_id = %self.daemon_id, error = %e, suppressed, "bad frame (with `suppressed` more since the last one logged)");
         }
         self.send_err(e.code(), truncate(&e.to_string(), 500));
     }

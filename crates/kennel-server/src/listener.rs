@@ -59,12 +59,21 @@ where
 {
     let cap = connection_cap(http.max_connections, fds_per_connection);
     if cap < http.max_connections {
-        tracing::warn!(
-            configured = http.max_connections,
-            allowed = cap,
-            "the open-files limit allows fewer connections than max_connections; raise it \
-             (`ulimit -n`) to accept more"
-        );
+        // The default asks for more than most limits allow on purpose ("as many as the
+        // limit allows"): say so quietly; a configured value that cannot be met is a warning.
+        if http.max_connections == HttpConfig::default().max_connections {
+            tracing::info!(
+                allowed = cap,
+                "accepting up to {cap} connections (the open-files limit less a reserve)"
+            );
+        } else {
+            tracing::warn!(
+                configured = http.max_connections,
+                allowed = cap,
+                "the open-files limit allows fewer connections than max_connections; raise it \
+                 (`ulimit -n`) to accept more"
+            );
+        }
     }
     let timeouts = Timeouts {
         header: http.header_read_timeout(),

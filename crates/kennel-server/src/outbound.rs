@@ -58,23 +58,34 @@ impl Wire {
     }
 }
 
-/// The sending half: cloned into the coordinator's view of the connection.
-#[derive(Debug, Clone)]
-pub struct LinkTx {
-    tx: mpsc::Sender<Outbound>,
+/// The sending half: cloned into the coordinator's view of the connection. Generic over what
+/// is queued, so the relay's downstream links (which queue frames as received) use it too.
+#[derive(Debug)]
+pub struct LinkTx<T = Outbound> {
+    tx: mpsc::Sender<T>,
     wire: Arc<Wire>,
     bound: usize,
 }
 
+impl<T> Clone for LinkTx<T> {
+    fn clone(&self) -> Self {
+        LinkTx {
+            tx: self.tx.clone(),
+            wire: self.wire.clone(),
+            bound: self.bound,
+        }
+    }
+}
+
 /// The receiving half, owned by the connection's writer.
 #[derive(Debug)]
-pub struct LinkRx {
-    rx: mpsc::Receiver<Outbound>,
+pub struct LinkRx<T = Outbound> {
+    rx: mpsc::Receiver<T>,
     wire: Arc<Wire>,
 }
 
 /// A queue of at most `bound` frames.
-pub fn channel(bound: usize) -> (LinkTx, LinkRx) {
+pub fn channel<T>(bound: usize) -> (LinkTx<T>, LinkRx<T>) {
     let bound = bound.max(1);
     let (tx, rx) = mpsc::channel(bound);
     let wire = Arc::new(Wire::default());
@@ -88,11 +99,11 @@ pub fn channel(bound: usize) -> (LinkTx, LinkRx) {
     )
 }
 
-impl LinkTx {
+impl<T> LinkTx<T> {
     /// Queues a frame without waiting. A full queue closes the connection (close code
     /// [`close::SLOW_READER`]); a closed one drops the frame (the connection is going away and
     /// its disconnect handles the rest).
-    pub fn send(&self, o: Outbound) {
+    pub fn send(&self, o: T) {
         match self.tx.try_send(o) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -109,23 +120,25 @@ impl LinkTx {
         }
     }
 
-    pub fn msg(&self, m: ServerMessage) {
-        self.send(Outbound::Msg(Box::new(m)));
-    }
-
     /// Resolves with the close code and reason once the queue has overflowed.
     pub async fn overflowed(&self) -> (u16, String) {
         self.wire.wait().await
     }
 }
 
-impl LinkRx {
+impl LinkTx<Outbound> {
+    pub fn msg(&self, m: ServerMessage) {
+        self.send(Outbound::Msg(Box::new(m)));
+    }
+}
+
+impl<T> LinkRx<T> {
     /// The next frame, or `None` when every sender is gone.
-    pub async fn recv(&mut self) -> Option<Outbound> {
+    pub async fn recv(&mut self) -> Option<T> {
         self.rx.recv().await
     }
 
-    pub fn try_recv(&mut self) -> Option<Outbound> {
+    pub fn try_recv(&mut self) -> Option<T> {
         self.rx.try_recv().ok()
     }
 
@@ -151,7 +164,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_trips_the_wire_once() {
-        let (tx, mut rx) = channel(2);
+        let (tx, mut rx) = channel::<Outbound>(2);
         for _ in 0..5 {
             tx.msg(ServerMessage::error(kennel_proto::ErrorCode::Internal, "x"));
         }

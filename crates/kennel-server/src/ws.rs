@@ -145,6 +145,30 @@ impl IntoResponse for Refusal {
     }
 }
 
+/// Bad frames on one link are answered one by one but logged at most once per
+/// [`BadFrameLog::EVERY`], with a count of those not logged: a peer sending garbage must not fill
+/// the disk with warnings.
+#[derive(Debug, Default)]
+pub struct BadFrameLog {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl BadFrameLog {
+    pub const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// A bad frame arrived: `Some(n)` when it should be logged, `n` being how many were not
+    /// logged since the last one; `None` to stay quiet.
+    pub fn due(&mut self) -> Option<u64> {
+        if self.last.is_some_and(|t| t.elapsed() < Self::EVERY) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(std::time::Instant::now());
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
 /// Counts connections that have not authenticated yet.
 #[derive(Debug, Clone)]
 pub struct PreAuthSlots(Arc<Semaphore>);

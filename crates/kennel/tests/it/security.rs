@@ -358,3 +358,45 @@ async fn the_relay_limits_links_before_authentication_too() -> anyhow::Result<()
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_cuts_off_a_daemon_that_floods_without_reading() -> anyhow::Result<()> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let srv = server().await?;
+    let relay = kennel_testkit::KennelRelay::start(crate::bin(), &srv, "").await?;
+    let (ws, _) = tokio_tungstenite::connect_async(relay.ws_url()).await?;
+    let (mut sink, _never_read) = futures_util::StreamExt::split(ws);
+    sink.send(Message::text(
+        opts(kennel_testkit::RELAY_DAEMON_KEY, "relay-flooder")
+            .authenticate()
+            .to_json(),
+    ))
+    .await?;
+    let bad = r#"{"type":"taskOutput","taskId":"t-x"}"#;
+    let mut sent = 0u64;
+    let flood = async {
+        for _ in 0..400_000 {
+            if sink.feed(Message::text(bad)).await.is_err() {
+                break;
+            }
+            sent += 1;
+            if sent.is_multiple_of(1000) && sink.flush().await.is_err() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(60), flood).await;
+    assert!(
+        sent < 400_000,
+        "the relay cut the link ({sent} frames sent)"
+    );
+    // The relay carries on: a well-behaved daemon connects behind it.
+    let d = TestDaemon::connect(
+        &relay.ws_url(),
+        opts(kennel_testkit::RELAY_DAEMON_KEY, "relay-polite"),
+    )
+    .await?;
+    assert_eq!(d.daemon_id(), "relay-polite");
+    Ok(())
+}
