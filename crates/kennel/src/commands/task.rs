@@ -98,6 +98,34 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected KEY=VALUE, got `{s}`"))
 }
 
+/// A repository given as a relative local path is resolved here, where the user typed it: the
+/// daemon runs elsewhere (another directory, another machine) and would read it from there.
+/// URLs (`scheme://…`, scp-style `host:path`) and absolute paths are sent as given.
+fn resolve_repo(repo: String) -> anyhow::Result<String> {
+    let local = !repo.contains("://")
+        && match repo.find(':') {
+            None => true,
+            Some(colon) => repo[..colon].contains('/'),
+        };
+    let path = std::path::Path::new(&repo);
+    if !local || path.is_absolute() {
+        return Ok(repo);
+    }
+    let resolved = std::fs::canonicalize(path).with_context(|| {
+        format!(
+            "--repo `{repo}` is a relative path, but there is no such directory here ({}); give \
+             a path that exists from this directory, an absolute path, or a URL",
+            std::env::current_dir()
+                .map(|d| d.join(&repo).display().to_string())
+                .unwrap_or_default()
+        )
+    })?;
+    resolved
+        .into_os_string()
+        .into_string()
+        .map_err(|p| anyhow::anyhow!("the repository path {p:?} is not valid UTF-8"))
+}
+
 pub async fn run(c: &Client, g: &Global, cmd: TaskCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         TaskCmd::Submit {
@@ -127,6 +155,7 @@ pub async fn run(c: &Client, g: &Global, cmd: TaskCmd) -> anyhow::Result<ExitCod
                     first
                 }
             });
+            let repo = repo.map(resolve_repo).transpose()?;
             let req = CreateTask {
                 name,
                 prompt,

@@ -211,3 +211,39 @@ async fn output_into_a_closed_pipe_ends_quietly() -> anyhow::Result<()> {
     assert_ne!(out.status.code(), Some(101), "no panic exit: {stderr}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_relative_repo_path_is_resolved_where_it_was_typed() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let git = kennel_testkit::GitFixture::new(&[])?;
+    // Run from a directory beside the bare remote, naming it relatively.
+    let remote = git.remote();
+    let parent = remote.parent().expect("the remote has a parent");
+    let cwd = parent.join("work");
+    std::fs::create_dir_all(&cwd)?;
+    let submit = |repo: &str| {
+        Command::new(bin())
+            .args(["task", "submit", "x", "--agent", "command", "--repo", repo])
+            .env("KENNEL_URL", srv.url())
+            .env("KENNEL_API_KEY", srv.admin_key())
+            .current_dir(&cwd)
+            .kill_on_drop(true)
+            .output()
+    };
+    let out = submit("../remote.git").await?;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let id = stdout.lines().next().unwrap_or_default().trim().to_string();
+    let task = srv.api().task(&id).await?.task;
+    let want = std::fs::canonicalize(&remote)?.display().to_string();
+    assert_eq!(task.repo.map(|r| r.url), Some(want));
+
+    let out = submit("../no-such.git").await?;
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("is a relative path, but there is no such directory here"),
+        "{stderr}"
+    );
+    Ok(())
+}
