@@ -495,7 +495,9 @@ async fn read_report<T: serde::de::DeserializeOwned>(
             StatusCode::PAYLOAD_TOO_LARGE,
             "request_too_large",
             format!(
-                "the {what} body is larger than gateway.max_report_bytes ({limit} bytes);                  send a smaller {what} (shorten its longest fields) or raise                  gateway.max_report_bytes"
+                "the {what} body is larger than gateway.max_report_bytes ({limit} bytes); \
+                 send a smaller {what} (shorten its longest fields) or raise \
+                 gateway.max_report_bytes"
             ),
         )
     };
