@@ -41,11 +41,18 @@ impl Principal {
         if self.scopes.contains(&Scope::Admin) || self.scopes.iter().any(|s| allowed.contains(s)) {
             return Ok(());
         }
-        let names: Vec<_> = allowed.iter().map(|s| s.as_str()).collect();
+        // An admin-only call passes an empty list: "one of: admin, " would read as a list
+        // with something missing, so name the one scope that works.
+        let needs = if allowed.is_empty() {
+            "the admin scope".to_string()
+        } else {
+            let names: Vec<_> = allowed.iter().map(|s| s.as_str()).collect();
+            format!("one of: admin, {}", names.join(", "))
+        };
         Err(ApiError::forbidden(format!(
-            "this key (id {}) lacks the scope for this call; it needs one of: admin, {}",
-            self.key_id,
-            names.join(", ")
+            "this key (id {}) lacks the scope for this call; it needs {needs} (ask an admin \
+             for a key that has it)",
+            self.key_id
         )))
     }
 }

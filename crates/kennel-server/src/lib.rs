@@ -1,8 +1,9 @@
 //! The kennel coordinator as a library: the daemon hub (`/ws/daemon`), the scheduler, the
 //! REST API with its events, authentication, metrics and health.
 //!
-//! [`Server::start`] opens the store, restores the live state, binds the listener and runs
-//! until the shutdown future resolves. The binary only loads configuration and calls it.
+//! [`Server::start`] binds the listener first (a busy port leaves the data directory
+//! untouched), then opens the store, restores the live state and runs until the shutdown
+//! future resolves. The binary only loads configuration and calls it.
 
 pub mod api;
 pub mod auth;
@@ -67,7 +68,8 @@ pub enum StartError {
     Config(#[from] config::ConfigError),
     #[error("failed to open the store: {0}")]
     Store(#[from] kennel_store::StoreError),
-    #[error("failed to bind {addr}: {source} (is another kennel server running? pick another address with --listen)")]
+    /// The cause is left to the `#[source]` chain, which the binary prints once.
+    #[error("failed to bind {addr} (is another kennel server running? pick another address with --listen)")]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -127,8 +129,31 @@ fn metrics_handle() -> Option<PrometheusHandle> {
 }
 
 impl Server {
-    /// Opens the store in `cfg.data_dir`, restores state and binds `cfg.listen`.
+    /// Binds `cfg.listen`, then opens the store in `cfg.data_dir` and restores state.
     pub async fn start(cfg: ServerConfig) -> Result<Server, StartError> {
+        let listener = Self::bind(&cfg).await?;
+        Self::start_on(cfg, listener).await
+    }
+
+    /// Validates `cfg` and binds its listen address without touching the data directory, so
+    /// a start that fails on a busy port leaves nothing behind. A caller that must prepare
+    /// the directory itself (the CLI takes its lock) binds first, then calls [`Server::start_on`].
+    pub async fn bind(cfg: &ServerConfig) -> Result<tokio::net::TcpListener, StartError> {
+        cfg.validate()?;
+        tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: cfg.listen,
+                source,
+            })
+    }
+
+    /// Opens the store in `cfg.data_dir` (creating the directory), restores state and serves
+    /// on `listener`, which [`Server::bind`] returned.
+    pub async fn start_on(
+        cfg: ServerConfig,
+        listener: tokio::net::TcpListener,
+    ) -> Result<Server, StartError> {
         cfg.validate()?;
         let data_err = |source| StartError::DataDir {
             path: cfg.data_dir.display().to_string(),
@@ -137,7 +162,7 @@ impl Server {
         std::fs::create_dir_all(&cfg.data_dir).map_err(data_err)?;
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&cfg.data_dir.join("kennel.db")).await?);
-        Self::start_with(cfg, store, Arc::new(SystemClock)).await
+        Self::prepare(cfg, store, Arc::new(SystemClock), listener).await
     }
 
     /// Starts on a given store and clock (tests, other backends).
@@ -146,7 +171,18 @@ impl Server {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
     ) -> Result<Server, StartError> {
-        cfg.validate()?;
+        let listener = Self::bind(&cfg).await?;
+        Self::prepare(cfg, store, clock, listener).await
+    }
+
+    /// Everything after the listener is bound and the store is open: keys, the first admin
+    /// key, restored state, the scheduler and the routes.
+    async fn prepare(
+        cfg: ServerConfig,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        listener: tokio::net::TcpListener,
+    ) -> Result<Server, StartError> {
         let data_err = |source| StartError::DataDir {
             path: cfg.data_dir.display().to_string(),
             source,
@@ -179,12 +215,6 @@ impl Server {
             metrics: metrics_handle(),
         });
         let router = router(state.clone(), cfg.api.max_body_bytes);
-        let listener = tokio::net::TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: cfg.listen,
-                source,
-            })?;
         let addr = listener.local_addr().map_err(StartError::Serve)?;
         Ok(Server {
             addr,

@@ -4,6 +4,7 @@
 mod client;
 mod commands;
 mod config;
+mod lock;
 mod table;
 
 use std::path::PathBuf;

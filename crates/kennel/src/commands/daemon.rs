@@ -9,6 +9,7 @@ use kennel_daemon::daemon::{read_status, start};
 
 use crate::commands::print_json;
 use crate::config::{self, Config};
+use crate::lock::DataDirLock;
 use crate::Global;
 
 #[derive(Debug, Args)]
@@ -55,6 +56,9 @@ pub async fn run(g: &Global, args: DaemonArgs) -> anyhow::Result<ExitCode> {
             if let Some(n) = args.max_tasks {
                 cfg.daemon.max_concurrent_tasks = n;
             }
+            // Before anything else touches the directory: a second daemon on it would share
+            // the first one's id, outbox and worktrees.
+            let _lock = DataDirLock::acquire(&dir).context("failed to start the daemon")?;
             let mut handle = start(cfg.daemon.clone(), dir.clone())
                 .await
                 .context("failed to start the daemon")?;
@@ -97,6 +101,14 @@ pub async fn run(g: &Global, args: DaemonArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn status(g: &Global, dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    // `kennel up --data-dir D` keeps its local daemon in `D/daemon`; a user who passes the
+    // directory they gave `up` means that daemon.
+    let nested = dir.join("daemon");
+    let dir = if read_status(dir).is_none() && read_status(&nested).is_some() {
+        nested.as_path()
+    } else {
+        dir
+    };
     let Some(mut s) = read_status(dir) else {
         anyhow::bail!(
             "no daemon state in {} (start one with `kennel daemon`, or pass --data-dir)",

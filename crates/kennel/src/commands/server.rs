@@ -10,6 +10,7 @@ use figment::value::Value;
 use kennel_server::Server;
 
 use crate::config;
+use crate::lock::DataDirLock;
 use crate::Global;
 
 #[derive(Debug, Args)]
@@ -50,9 +51,7 @@ pub async fn run(g: &Global, args: ServerArgs) -> anyhow::Result<ExitCode> {
     if let Some(f) = &file {
         tracing::info!(file = %f.display(), "configuration loaded");
     }
-    let server = Server::start(cfg.server.clone())
-        .await
-        .context("failed to start the coordinator")?;
+    let (server, _lock) = start_locked(&cfg.server).await?;
     println!("kennel: listening on http://{}", server.addr);
     println!("kennel: data in {}", cfg.server.data_dir.display());
     if let Some(key) = &server.new_admin_key {
@@ -65,6 +64,23 @@ pub async fn run(g: &Global, args: ServerArgs) -> anyhow::Result<ExitCode> {
     server.serve(shutdown_signal()).await?;
     tracing::info!("coordinator stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the coordinator holding the lock on its data directory (returned: keep it for the
+/// life of the process). The port is bound first, so a busy port leaves nothing behind; the
+/// lock is taken next, so a second process on the same directory is refused before it opens
+/// the database or mints a key.
+pub async fn start_locked(
+    cfg: &kennel_server::config::ServerConfig,
+) -> anyhow::Result<(Server, DataDirLock)> {
+    let listener = Server::bind(cfg)
+        .await
+        .context("failed to start the coordinator")?;
+    let lock = DataDirLock::acquire(&cfg.data_dir).context("failed to start the coordinator")?;
+    let server = Server::start_on(cfg.clone(), listener)
+        .await
+        .context("failed to start the coordinator")?;
+    Ok((server, lock))
 }
 
 /// Resolves on the next SIGINT (Ctrl-C) or SIGTERM after this call. Unlike

@@ -51,7 +51,8 @@ pub enum TaskCmd {
         /// Attempts before the task fails (default: the server's).
         #[arg(long)]
         max_attempts: Option<u32>,
-        /// Follow the task's output until it finishes.
+        /// Follow the task's output until it finishes (exit 0 if it completed, 2 if not). With
+        /// --json, prints each output chunk and then the finished task as JSON lines.
         #[arg(long, short)]
         follow: bool,
     },
@@ -75,14 +76,16 @@ pub enum TaskCmd {
     /// Print a task's output; with -f, keep following until it finishes.
     Logs {
         id: String,
-        /// Follow live output.
+        /// Follow live output (exit 0 if the task completed, 2 if not). With --json, prints
+        /// each output chunk and then the finished task as JSON lines.
         #[arg(long, short)]
         follow: bool,
         /// Attempt to show (default: the current one).
         #[arg(long)]
         attempt: Option<u32>,
     },
-    /// Cancel a task (interrupts it if running).
+    /// Cancel a task (interrupts it if running). Exits 1, as pause and send do, when the task
+    /// had already finished (completed, failed, cancelled or lost): there is nothing to cancel.
     Cancel { id: String },
     /// Pause a running task.
     Pause { id: String },
@@ -184,7 +187,7 @@ pub async fn run(c: &Client, g: &Global, cmd: TaskCmd) -> anyhow::Result<ExitCod
                 eprintln!("kennel: waiting: {w}");
             }
             if follow {
-                return follow_logs(c, &task.id, None, task.waiting).await;
+                return follow_logs(c, &task.id, None, task.waiting, g.json).await;
             }
         }
         TaskCmd::List {
@@ -194,12 +197,18 @@ pub async fn run(c: &Client, g: &Global, cmd: TaskCmd) -> anyhow::Result<ExitCod
             cursor,
         } => {
             let mut q = vec![format!("limit={limit}")];
+            // The paging hint repeats what the user asked for, so the next page is of the same
+            // list and the same size.
+            let mut again = String::from("kennel task list");
             if let Some(s) = status {
                 q.push(format!("status={s}"));
+                again.push_str(&format!(" --status {s}"));
             }
             if let Some(d) = daemon {
                 q.push(format!("daemon={d}"));
+                again.push_str(&format!(" --daemon {d}"));
             }
+            again.push_str(&format!(" --limit {limit}"));
             if let Some(cur) = cursor {
                 q.push(format!("cursor={cur}"));
             }
@@ -231,7 +240,7 @@ pub async fn run(c: &Client, g: &Global, cmd: TaskCmd) -> anyhow::Result<ExitCod
                     )
                 );
                 if let Some(next) = page.next_cursor {
-                    eprintln!("more: kennel task list --cursor {next}");
+                    eprintln!("more: {again} --cursor {next}");
                 }
             }
         }
@@ -249,7 +258,7 @@ pub async fn run(c: &Client, g: &Global, cmd: TaskCmd) -> anyhow::Result<ExitCod
             attempt,
         } => {
             if follow {
-                return follow_logs(c, &id, attempt, None).await;
+                return follow_logs(c, &id, attempt, None, g.json).await;
             }
             let mut after = 0;
             loop {
@@ -267,10 +276,21 @@ pub async fn run(c: &Client, g: &Global, cmd: TaskCmd) -> anyhow::Result<ExitCod
                 after = page.next_after_seq;
             }
         }
-        TaskCmd::Cancel { id } => print_task(
-            g,
-            c.post_empty(&format!("/api/v1/tasks/{id}/cancel")).await?,
-        )?,
+        TaskCmd::Cancel { id } => {
+            // The API's cancel is idempotent (200 with the task as it is), which suits scripts
+            // that retry; a person typing it is told when there was nothing to cancel, and
+            // the exit code says so as pause's and send's 409 do.
+            let before: TaskDetail = c.get(&format!("/api/v1/tasks/{id}")).await?;
+            if before.task.status.is_terminal() {
+                bail!(nothing_to_cancel(&before.task));
+            }
+            let t: Task = c.post_empty(&format!("/api/v1/tasks/{id}/cancel")).await?;
+            // It may have finished on its own between the two calls.
+            if t.status.is_terminal() && t.status != TaskStatus::Cancelled {
+                bail!(nothing_to_cancel(&t));
+            }
+            print_task(g, t)?
+        }
         TaskCmd::Pause { id } => {
             print_task(g, c.post_empty(&format!("/api/v1/tasks/{id}/pause")).await?)?
         }
@@ -290,6 +310,14 @@ pub async fn run(c: &Client, g: &Global, cmd: TaskCmd) -> anyhow::Result<ExitCod
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The refusal for cancelling a task that had already finished.
+fn nothing_to_cancel(t: &Task) -> String {
+    format!(
+        "task {} already {}; nothing to cancel (`kennel task show {}` shows how it ended)",
+        t.id, t.status, t.id
+    )
 }
 
 fn print_task(g: &Global, t: Task) -> anyhow::Result<()> {
@@ -431,12 +459,14 @@ async fn warn_if_never_offered(c: &Client, agent: &str) {
 }
 
 /// Streams output until the task ends; the exit code says how it ended. `waiting` is the
-/// waiting reason already printed, so it is not printed twice.
+/// waiting reason already printed, so it is not printed twice. With `json`, stdout carries
+/// only JSON lines: each output chunk, then the finished task.
 async fn follow_logs(
     c: &Client,
     id: &str,
     attempt: Option<u32>,
     mut waiting: Option<String>,
+    json: bool,
 ) -> anyhow::Result<ExitCode> {
     let mut path = format!("/api/v1/tasks/{id}/output/stream");
     if let Some(a) = attempt {
@@ -468,7 +498,7 @@ async fn follow_logs(
                 "output" => {
                     let chunk: OutputChunk = serde_json::from_str(&ev.data)
                         .context("the server sent an output event that is not an output chunk")?;
-                    print_chunk(&chunk, false)?;
+                    print_chunk(&chunk, json)?;
                     last_id = Some(ev.id);
                 }
                 "waiting" => {
@@ -489,7 +519,11 @@ async fn follow_logs(
                     _ => eprintln!("kennel: retry started (attempt {})", ev.data.trim()),
                 },
                 "end" => {
-                    let t: Task = serde_json::from_str(&ev.data)?;
+                    let t: Task = serde_json::from_str(&ev.data)
+                        .context("the server sent an end event that is not a task")?;
+                    if json {
+                        println!("{}", serde_json::to_string(&t)?);
+                    }
                     eprintln!(
                         "kennel: task {} {}{}",
                         t.id,

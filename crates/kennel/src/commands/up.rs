@@ -10,9 +10,9 @@ use anyhow::Context;
 use clap::Args;
 use figment::value::Value;
 use kennel_proto::api::Scope;
-use kennel_server::Server;
 
 use crate::config;
+use crate::lock::DataDirLock;
 use crate::Global;
 
 #[derive(Debug, Args)]
@@ -38,9 +38,7 @@ pub async fn run(g: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     }
     let (mut cfg, _) = config::load(g.config.as_deref(), &overrides)?;
     crate::commands::server::init_tracing(cfg.log.as_deref());
-    let server = Server::start(cfg.server.clone())
-        .await
-        .context("failed to start the coordinator")?;
+    let (server, _lock) = crate::commands::server::start_locked(&cfg.server).await?;
     let state = server.state.clone();
     let url = format!("http://{}", server.addr);
     let data = cfg.server.data_dir.clone();
@@ -78,6 +76,10 @@ pub async fn run(g: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         cfg.daemon.max_concurrent_tasks = n;
     }
     let daemon_dir = crate::commands::daemon::data_dir(&cfg, None);
+    // The local daemon's directory gets its own lock: a separate `kennel daemon` pointed at it
+    // would otherwise share this daemon's id, outbox and worktrees.
+    let _daemon_lock =
+        DataDirLock::acquire(&daemon_dir).context("failed to start the local daemon")?;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(server.serve(async {

@@ -7,6 +7,7 @@ mod cli;
 mod delivery;
 mod gateway;
 mod limits;
+mod newuser;
 mod openapi;
 mod protocol;
 mod relay;

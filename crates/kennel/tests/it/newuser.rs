@@ -1,0 +1,413 @@
+//! The new user's path: the dead ends a first-time user ran into, each checked through the
+//! real binary as they would meet it. One long-running process per data directory; a busy
+//! port that leaves nothing behind; refusals that say what is wrong and what to do.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Output, Stdio};
+
+use kennel_proto::api::Scope;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+use crate::{bin, daemon, server, WAIT};
+
+const DAEMON: &str = r#"
+[daemon]
+max_concurrent_tasks = 1
+
+[daemon.agents.sh]
+kind = "command"
+command = ["sh", "-c", "{prompt}"]
+"#;
+
+/// `kennel ARGS` as a client of `srv`, with the admin key unless `key` is given.
+async fn kennel_as(
+    srv: &kennel_testkit::KennelServer,
+    key: Option<&str>,
+    args: &[&str],
+) -> anyhow::Result<Output> {
+    Ok(Command::new(bin())
+        .args(args)
+        .env("KENNEL_URL", srv.url())
+        .env("KENNEL_API_KEY", key.unwrap_or(srv.admin_key()))
+        .env_remove("KENNEL_CONFIG")
+        .current_dir(srv.data_dir())
+        .kill_on_drop(true)
+        .output()
+        .await?)
+}
+
+async fn kennel(srv: &kennel_testkit::KennelServer, args: &[&str]) -> anyhow::Result<Output> {
+    kennel_as(srv, None, args).await
+}
+
+/// A `kennel` process with no inherited settings, run to completion with both streams kept.
+async fn isolated(args: &[&str], cwd: &Path) -> anyhow::Result<Output> {
+    Ok(kennel_testkit::server::isolated_command(bin())
+        .args(args)
+        .current_dir(cwd)
+        .stderr(Stdio::piped())
+        .output()
+        .await?)
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+/// The names in `dir`, to show that a refused start created nothing.
+fn names(dir: &Path) -> anyhow::Result<BTreeSet<String>> {
+    let mut out = BTreeSet::new();
+    for e in std::fs::read_dir(dir)? {
+        out.insert(e?.file_name().to_string_lossy().to_string());
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_data_directory_is_refused_before_it_touches_it(
+) -> anyhow::Result<()> {
+    let srv = server().await?;
+    let dir = srv.data_dir().to_path_buf();
+    let pid = srv
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("the server has no pid"))?;
+    let before = names(&dir)?;
+    assert!(before.contains("kennel.lock"), "{before:?}");
+    assert!(!before.contains("admin.key"), "{before:?}");
+    let lock = std::fs::read_to_string(dir.join("kennel.lock"))?;
+    assert_eq!(lock.trim(), pid.to_string());
+
+    // No admin key is configured for this one: had it opened the database, it would mint one.
+    let out = isolated(
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &dir.display().to_string(),
+        ],
+        &dir,
+    )
+    .await?;
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the data directory {} is in use by another kennel process (pid {pid})",
+            dir.display()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--data-dir"), "{stderr}");
+    assert_eq!(
+        names(&dir)?,
+        before,
+        "a refused start changed the directory"
+    );
+    assert_eq!(std::fs::read_to_string(dir.join("kennel.lock"))?, lock);
+
+    // The first server is unaffected.
+    let out = kennel(&srv, &["status"]).await?;
+    assert!(out.status.success(), "{}", text(&out).1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_busy_port_leaves_no_data_directory_and_says_so_once() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("fresh");
+    for cmd in ["server", "up"] {
+        let out = isolated(
+            &[
+                cmd,
+                "--listen",
+                &srv.addr().to_string(),
+                "--data-dir",
+                &data.display().to_string(),
+            ],
+            tmp.path(),
+        )
+        .await?;
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {stderr}");
+        assert_eq!(
+            stderr.matches("failed to bind").count(),
+            1,
+            "{cmd}: {stderr}"
+        );
+        assert_eq!(stderr.matches("in use").count(), 1, "{cmd}: {stderr}");
+        assert!(stderr.contains("--listen"), "{cmd}: {stderr}");
+        assert!(!data.exists(), "{cmd} created {}", data.display());
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_second_daemon_on_the_same_data_directory_is_refused_and_status_still_reads_it(
+) -> anyhow::Result<()> {
+    let srv = server().await?;
+    let d = kennel_testkit::KennelDaemon::start(bin(), &srv, DAEMON).await?;
+    let dir = d.data_dir().to_path_buf();
+    let pid = d
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("the daemon has no pid"))?;
+    let before = names(&dir)?;
+
+    let out = kennel_testkit::server::isolated_command(bin())
+        .args(["daemon", "--data-dir"])
+        .arg(&dir)
+        .env("KENNEL_DAEMON__SERVER", srv.ws_url())
+        .env("KENNEL_DAEMON__API_KEY", srv.admin_key())
+        .current_dir(&dir)
+        .stderr(Stdio::piped())
+        .output()
+        .await?;
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the data directory {} is in use by another kennel process (pid {pid})",
+            dir.display()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(
+        names(&dir)?,
+        before,
+        "a refused start changed the directory"
+    );
+    assert!(
+        !text(&out).0.contains("daemon running"),
+        "the refused daemon started: {}",
+        text(&out).0
+    );
+
+    // Reading the state takes no lock.
+    let status = d.status(false).await?;
+    assert!(status.contains(&format!("pid {pid} (alive)")), "{status}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn kennel_up_holds_both_locks_and_daemon_status_finds_its_daemon() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let cfg = tmp.path().join("kennel.toml");
+    std::fs::write(&cfg, DAEMON)?;
+    let data = tmp.path().join("data");
+    let (cfg_s, data_s) = (cfg.display().to_string(), data.display().to_string());
+    let mut up = kennel_testkit::server::isolated_command(bin())
+        .args(["--config", &cfg_s, "up", "--listen", "127.0.0.1:0"])
+        .args(["--data-dir", &data_s])
+        .current_dir(tmp.path())
+        .spawn()?;
+    let pid = up
+        .id()
+        .ok_or_else(|| anyhow::anyhow!("kennel up has no pid"))?;
+    let stdout = up
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("kennel up's stdout was not piped"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let url = kennel_testkit::within(WAIT, "kennel up to print its URL", async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(u) = line.strip_prefix("kennel: up at ") {
+                return anyhow::Ok(u.to_string());
+            }
+        }
+        anyhow::bail!("kennel up exited early")
+    })
+    .await??;
+    let ws = format!("{}/ws/daemon", url.replacen("http", "ws", 1));
+    let key = std::fs::read_to_string(data.join("admin.key"))?
+        .trim()
+        .to_string();
+
+    // The directory given to `up` finds the daemon in `<data>/daemon`. Its status file is
+    // written as the daemon starts; wait for it rather than assume it is there.
+    let status = kennel_testkit::within(WAIT, "the local daemon's status", async {
+        loop {
+            let out = isolated(&["daemon", "status", "--data-dir", &data_s], tmp.path()).await?;
+            if out.status.success() {
+                return anyhow::Ok(text(&out).0);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await??;
+    assert!(status.contains(&format!("pid {pid} (alive)")), "{status}");
+
+    // A second `up` on the same directory is refused, naming the first one.
+    let out = isolated(
+        &[
+            "--config",
+            &cfg_s,
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data_s,
+        ],
+        tmp.path(),
+    )
+    .await?;
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{data_s} is in use by another kennel process (pid {pid})"
+        )),
+        "{stderr}"
+    );
+
+    // So is a separate daemon on the local daemon's directory.
+    let daemon_dir = data.join("daemon");
+    let out = kennel_testkit::server::isolated_command(bin())
+        .args(["--config", &cfg_s, "daemon", "--data-dir"])
+        .arg(&daemon_dir)
+        .env("KENNEL_DAEMON__SERVER", &ws)
+        .env("KENNEL_DAEMON__API_KEY", &key)
+        .current_dir(tmp.path())
+        .stderr(Stdio::piped())
+        .output()
+        .await?;
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{} is in use by another kennel process (pid {pid})",
+            daemon_dir.display()
+        )),
+        "{stderr}"
+    );
+    up.start_kill()?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_key_creating_keys_is_told_it_needs_the_admin_scope() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let client = srv.api().create_key("ci", &[Scope::Client]).await?.key;
+    let out = kennel_as(
+        &srv,
+        Some(&client),
+        &["keys", "create", "--name", "x", "--scope", "client"],
+    )
+    .await?;
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("it needs the admin scope"), "{stderr}");
+    assert!(!stderr.contains("admin, "), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn json_follow_prints_json_lines_and_cancel_of_a_finished_task_fails() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let mut d = daemon(&srv, "newuser", 1).await?;
+    let follower = tokio::spawn({
+        let (url, key, dir) = (
+            srv.url(),
+            srv.admin_key().to_string(),
+            srv.data_dir().to_path_buf(),
+        );
+        async move {
+            Command::new(bin())
+                .args([
+                    "--json", "task", "submit", "say hi", "--agent", "command", "-f",
+                ])
+                .env("KENNEL_URL", url)
+                .env("KENNEL_API_KEY", key)
+                .env_remove("KENNEL_CONFIG")
+                .current_dir(dir)
+                .kill_on_drop(true)
+                .output()
+                .await
+        }
+    });
+    let spawn = d.expect_spawn(WAIT).await?;
+    let id = spawn.task_id.clone();
+    d.accept(&id, 1).await?;
+    d.output(&id, 1, "hello from the agent").await?;
+    d.complete(&id, 1, true).await?;
+    let out = kennel_testkit::within(WAIT, "submit -f to end", follower).await???;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("stdout is not JSON lines ({e}): {stdout}"))?;
+    assert!(
+        lines.iter().any(|l| l["output"] == "hello from the agent"),
+        "{stdout}"
+    );
+    let last = lines.last().ok_or_else(|| anyhow::anyhow!("no output"))?;
+    assert_eq!(last["id"], id.as_str(), "{stdout}");
+    assert_eq!(last["status"], "completed", "{stdout}");
+
+    let out = kennel(&srv, &["task", "cancel", &id]).await?;
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("task {id} already completed; nothing to cancel")),
+        "{stderr}"
+    );
+
+    // A queued task cancels; cancelling it again is refused the same way.
+    let out = kennel(&srv, &["task", "submit", "later", "--agent", "nobody"]).await?;
+    let queued = text(&out).0.trim().to_string();
+    let out = kennel(&srv, &["task", "cancel", &queued]).await?;
+    assert!(out.status.success(), "{}", text(&out).1);
+    assert!(text(&out).0.contains("cancelled"), "{}", text(&out).0);
+    let out = kennel(&srv, &["task", "cancel", &queued]).await?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out)
+            .1
+            .contains("already cancelled; nothing to cancel"),
+        "{}",
+        text(&out).1
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_paging_hint_repeats_the_filters_and_the_limit() -> anyhow::Result<()> {
+    let srv = server().await?;
+    for n in 0..3 {
+        let out = kennel(
+            &srv,
+            &["task", "submit", &format!("t{n}"), "--agent", "none"],
+        )
+        .await?;
+        assert!(out.status.success(), "{}", text(&out).1);
+    }
+    let out = kennel(
+        &srv,
+        &["task", "list", "--status", "queued", "--limit", "2"],
+    )
+    .await?;
+    let (_, stderr) = text(&out);
+    let hint = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("more: "))
+        .ok_or_else(|| anyhow::anyhow!("no paging hint: {stderr}"))?;
+    assert!(
+        hint.starts_with("kennel task list --status queued --limit 2 --cursor "),
+        "{hint}"
+    );
+    // The hint, run as printed, gives the rest of the same list.
+    let args: Vec<&str> = hint.split_whitespace().skip(1).collect();
+    let out = kennel(&srv, &args).await?;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.lines().count(), 2, "a header and one task: {stdout}");
+    assert!(!stderr.contains("more:"), "{stderr}");
+    Ok(())
+}
