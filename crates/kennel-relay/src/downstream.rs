@@ -11,12 +11,11 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use kennel_proto::link::{negotiate_version, Authenticated, ErrorCode};
 use kennel_proto::{decode_daemon_frame, DaemonMessage, Decoded, ServerMessage};
-use kennel_server::outbound::{LinkRx, LinkTx};
-use kennel_server::ws::{self, LinkSocket};
+use kennel_server::outbound::LinkTx;
+use kennel_server::ws::{self, close_message, LinkSocket};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::relay::{Outbound, Refusal, Relay};
 
@@ -54,17 +53,6 @@ pub async fn ws_daemon(State(relay): State<Arc<Relay>>, req: Request) -> Respons
             switching
         }
     }
-}
-
-fn close_message(code: u16, reason: &str) -> Message {
-    let mut end = reason.len().min(120);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    Message::Close(Some(CloseFrame {
-        code: code.into(),
-        reason: Utf8Bytes::from(&reason[..end]),
-    }))
 }
 
 async fn refuse(socket: &mut LinkSocket, code: ErrorCode, close: u16, msg: &str) {
@@ -180,7 +168,7 @@ async fn run(
     });
     let conn_id = relay.attach(&hello, tx.clone(), authenticated);
     let (sink, stream) = socket.split();
-    let mut writer = tokio::spawn(write_loop(sink, rx));
+    let mut writer = tokio::spawn(ws::write_loop(sink, rx));
     let (code, reason) = tokio::select! {
         r = read_loop(&relay, &machine, &tx, stream) => r,
         r = tx.overflowed() => r,
@@ -312,59 +300,6 @@ fn handle_batch(
     }
     flush(&mut reports);
     None
-}
-
-async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<LinkSocket, Message>,
-    mut rx: LinkRx<Outbound>,
-) {
-    let tripwire = rx.tripwire();
-    loop {
-        let out = tokio::select! {
-            biased;
-            (code, reason) = tripwire.overflowed() => {
-                let _ = tokio::time::timeout(
-                    Duration::from_millis(200),
-                    sink.send(close_message(code, &reason)),
-                )
-                .await;
-                return;
-            }
-            o = rx.recv() => match o {
-                Some(o) => o,
-                None => return,
-            },
-        };
-        match out {
-            Outbound::Text(t) => {
-                // Feed what is queued, flush once: fewer syscalls under load.
-                if sink.feed(Message::Text(t.into())).await.is_err() {
-                    return;
-                }
-                while let Some(next) = rx.try_recv() {
-                    match next {
-                        Outbound::Text(t) => {
-                            if sink.feed(Message::Text(t.into())).await.is_err() {
-                                return;
-                            }
-                        }
-                        Outbound::Close(code, reason) => {
-                            let _ = sink.flush().await;
-                            let _ = sink.send(close_message(code, &reason)).await;
-                            return;
-                        }
-                    }
-                }
-                if sink.flush().await.is_err() {
-                    return;
-                }
-            }
-            Outbound::Close(code, reason) => {
-                let _ = sink.send(close_message(code, &reason)).await;
-                return;
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -34,6 +34,15 @@ pub enum Outbound {
     Close(u16, String),
 }
 
+impl kennel_server::ws::IntoFrame for Outbound {
+    fn into_frame(self) -> kennel_server::ws::Frame {
+        match self {
+            Outbound::Text(t) => kennel_server::ws::Frame::Text(t),
+            Outbound::Close(code, reason) => kennel_server::ws::Frame::Close(code, reason),
+        }
+    }
+}
+
 /// One connected downstream daemon.
 struct Down {
     conn_id: u64,

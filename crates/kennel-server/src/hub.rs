@@ -22,11 +22,11 @@ use kennel_store::{Applied, DaemonHello, Effect, Report};
 
 use crate::auth::Principal;
 use crate::coordinator::IdentityRefused;
-use crate::outbound::{self, LinkRx, LinkTx, Outbound};
-use crate::ws::{self, LinkSocket};
+use crate::outbound::{self, LinkTx, Outbound};
+use crate::ws::{self, close_message, LinkSocket};
 use crate::AppState;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::Message;
 
 /// Close codes (the protocol's, in `kennel_proto`).
 pub use kennel_proto::link::close;
@@ -75,14 +75,6 @@ struct Connection {
 
 fn error_frame(code: ErrorCode, message: String) -> Outbound {
     Outbound::Msg(Box::new(ServerMessage::error(code, message)))
-}
-
-/// A close frame; reasons are cut to fit the 123-byte limit of the WebSocket protocol.
-fn close_message(code: u16, reason: &str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code: code.into(),
-        reason: Utf8Bytes::from(truncate(reason, 120)),
-    }))
 }
 
 async fn close_now(socket: &mut LinkSocket, code: u16, reason: &str) {
@@ -255,7 +247,7 @@ impl Connection {
             }
         };
         let (sink, stream) = socket.split();
-        let writer = tokio::spawn(write_loop(sink, rx));
+        let writer = tokio::spawn(ws::write_loop(sink, rx));
         let conn = Connection {
             app: app.clone(),
             tx,
@@ -603,60 +595,4 @@ fn to_report(daemon_id: &str, m: DaemonMessage) -> Option<Report> {
         seq,
         effect,
     })
-}
-
-async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<LinkSocket, Message>,
-    mut rx: LinkRx,
-) {
-    let tripwire = rx.tripwire();
-    loop {
-        let out = tokio::select! {
-            biased;
-            (code, reason) = tripwire.overflowed() => {
-                // The peer is not reading; a close frame may not get through, so try briefly.
-                let _ = tokio::time::timeout(
-                    Duration::from_millis(200),
-                    sink.send(close_message(code, &reason)),
-                )
-                .await;
-                return;
-            }
-            o = rx.recv() => match o {
-                Some(o) => o,
-                None => return,
-            },
-        };
-        match out {
-            Outbound::Msg(m) => {
-                metrics::counter!("kennel_frames_sent_total").increment(1);
-                let text = m.to_json();
-                // Feed what is queued, flush once: fewer syscalls under load.
-                if sink.feed(Message::Text(text.into())).await.is_err() {
-                    return;
-                }
-                while let Some(next) = rx.try_recv() {
-                    match next {
-                        Outbound::Msg(m) => {
-                            if sink.feed(Message::Text(m.to_json().into())).await.is_err() {
-                                return;
-                            }
-                        }
-                        Outbound::Close(code, reason) => {
-                            let _ = sink.flush().await;
-                            let _ = sink.send(close_message(code, &reason)).await;
-                            return;
-                        }
-                    }
-                }
-                if sink.flush().await.is_err() {
-                    return;
-                }
-            }
-            Outbound::Close(code, reason) => {
-                let _ = sink.send(close_message(code, &reason)).await;
-                return;
-            }
-        }
-    }
 }

@@ -126,6 +126,15 @@ impl<T> LinkTx<T> {
     }
 }
 
+impl crate::ws::IntoFrame for Outbound {
+    fn into_frame(self) -> crate::ws::Frame {
+        match self {
+            Outbound::Msg(m) => crate::ws::Frame::Text(m.to_json()),
+            Outbound::Close(code, reason) => crate::ws::Frame::Close(code, reason),
+        }
+    }
+}
+
 impl LinkTx<Outbound> {
     pub fn msg(&self, m: ServerMessage) {
         self.send(Outbound::Msg(Box::new(m)));

@@ -24,12 +24,16 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use futures_util::SinkExt;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
+
+use crate::outbound::LinkRx;
 
 /// The socket under an accepted link.
 pub type LinkSocket = WebSocketStream<Budgeted<TokioIo<hyper::upgrade::Upgraded>>>;
@@ -278,6 +282,78 @@ pub fn upgrade(
         Some(Accepted { socket, budget })
     };
     Ok((response, accepted))
+}
+
+/// A close frame; the reason is cut to fit the 123-byte limit of the WebSocket protocol.
+pub fn close_message(code: u16, reason: &str) -> Message {
+    let mut end = reason.len().min(120);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Message::Close(Some(CloseFrame {
+        code: code.into(),
+        reason: Utf8Bytes::from(&reason[..end]),
+    }))
+}
+
+/// What a link's writer does with one queued item: send a text frame, or close.
+pub enum Frame {
+    Text(String),
+    Close(u16, String),
+}
+
+/// Items a link's outbound queue carries (the coordinator's messages, the relay's frames as
+/// received).
+pub trait IntoFrame {
+    fn into_frame(self) -> Frame;
+}
+
+/// The writer of one daemon link: sends what is queued, batching whatever is ready into one
+/// flush, until the queue closes, a close is queued, or the queue overflows (then it tries
+/// briefly to say so with a close frame: the peer is not reading, so it may not get through).
+pub async fn write_loop<T: IntoFrame>(
+    mut sink: futures_util::stream::SplitSink<LinkSocket, Message>,
+    mut rx: LinkRx<T>,
+) {
+    let tripwire = rx.tripwire();
+    loop {
+        let first = tokio::select! {
+            biased;
+            (code, reason) = tripwire.overflowed() => {
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_millis(200),
+                    sink.send(close_message(code, &reason)),
+                )
+                .await;
+                return;
+            }
+            o = rx.recv() => match o {
+                Some(o) => o,
+                None => return,
+            },
+        };
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item.into_frame() {
+                Frame::Text(t) => {
+                    metrics::counter!("kennel_frames_sent_total").increment(1);
+                    if sink.feed(Message::Text(t.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Frame::Close(code, reason) => {
+                    let _ = sink.flush().await;
+                    let _ = sink.send(close_message(code, &reason)).await;
+                    return;
+                }
+            }
+            // Feed what is queued already, flush once: fewer syscalls under load.
+            next = rx.try_recv();
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]
