@@ -141,31 +141,17 @@ async fn revoking_a_key_ends_its_live_sessions() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The value of an unlabelled counter in Prometheus text, 0 if absent.
-fn counter(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name).map(str::trim))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_daemon_that_floods_without_reading_is_cut_off_and_memory_stays_flat(
-) -> anyhow::Result<()> {
+/// Authenticates as `hello` on `ws_url`, then sends up to 400,000 bad frames without ever
+/// reading the answers, until the other side cuts the link (or 60 s pass). Returns how many
+/// frames went out.
+async fn flood_without_reading(ws_url: &str, hello: &DaemonOpts) -> anyhow::Result<u64> {
     use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
-    let srv = server().await?;
-    let api = srv.api();
-    let key = key(&srv, "flooder", Scope::Daemon).await?;
-    let (ws, _) = tokio_tungstenite::connect_async(srv.ws_url()).await?;
+    let (ws, _) = tokio_tungstenite::connect_async(ws_url).await?;
     // Never read: the answers to the bad frames pile up on the server's side.
     let (mut sink, _never_read) = futures_util::StreamExt::split(ws);
-    sink.send(Message::text(
-        opts(&key, "flooder").authenticate().to_json(),
-    ))
-    .await?;
-    let before = srv.rss_kib().unwrap_or_default();
+    sink.send(Message::text(hello.authenticate().to_json()))
+        .await?;
     let bad = r#"{"type":"taskOutput","taskId":"t-x"}"#;
     let mut sent = 0u64;
     let flood = async {
@@ -179,8 +165,27 @@ async fn a_daemon_that_floods_without_reading_is_cut_off_and_memory_stays_flat(
             }
         }
     };
-    // The server cuts the link long before 400k frames; the deadline bounds a hang.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(60), flood).await;
+    Ok(sent)
+}
+
+/// The value of an unlabelled counter in Prometheus text, 0 if absent.
+fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name).map(str::trim))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_floods_without_reading_is_cut_off_and_memory_stays_flat(
+) -> anyhow::Result<()> {
+    let srv = server().await?;
+    let api = srv.api();
+    let key = key(&srv, "flooder", Scope::Daemon).await?;
+    let before = srv.rss_kib().unwrap_or_default();
+    let sent = flood_without_reading(&srv.ws_url(), &opts(&key, "flooder")).await?;
     let metrics: String = api
         .raw(
             kennel_testkit::Method::GET,
@@ -361,32 +366,10 @@ async fn the_relay_limits_links_before_authentication_too() -> anyhow::Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_cuts_off_a_daemon_that_floods_without_reading() -> anyhow::Result<()> {
-    use futures_util::SinkExt;
-    use tokio_tungstenite::tungstenite::Message;
     let srv = server().await?;
     let relay = kennel_testkit::KennelRelay::start(crate::bin(), &srv, "").await?;
-    let (ws, _) = tokio_tungstenite::connect_async(relay.ws_url()).await?;
-    let (mut sink, _never_read) = futures_util::StreamExt::split(ws);
-    sink.send(Message::text(
-        opts(kennel_testkit::RELAY_DAEMON_KEY, "relay-flooder")
-            .authenticate()
-            .to_json(),
-    ))
-    .await?;
-    let bad = r#"{"type":"taskOutput","taskId":"t-x"}"#;
-    let mut sent = 0u64;
-    let flood = async {
-        for _ in 0..400_000 {
-            if sink.feed(Message::text(bad)).await.is_err() {
-                break;
-            }
-            sent += 1;
-            if sent.is_multiple_of(1000) && sink.flush().await.is_err() {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(60), flood).await;
+    let hello = opts(kennel_testkit::RELAY_DAEMON_KEY, "relay-flooder");
+    let sent = flood_without_reading(&relay.ws_url(), &hello).await?;
     assert!(
         sent < 400_000,
         "the relay cut the link ({sent} frames sent)"
