@@ -19,6 +19,7 @@ pub mod relay;
 pub mod server;
 pub mod soak;
 pub mod sse;
+pub mod up;
 pub mod worker;
 
 pub use anthropic::ScriptedAnthropic;
@@ -32,4 +33,5 @@ pub use relay::{KennelRelay, RELAY_ADMIN_KEY, RELAY_DAEMON_KEY};
 pub use reqwest::{Method, StatusCode};
 pub use server::KennelServer;
 pub use sse::{is_task_status, wait_task_status, EventStream, SseMsg};
+pub use up::KennelUp;
 pub use worker::KennelDaemon;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use kennel_proto::api::{CreateTask, ServerStatus, TaskDetail};
 use kennel_proto::link::{RejectCode, RepoSpec, TaskRef};
 use kennel_proto::{AttemptStatus, TaskStatus};
-use kennel_testkit::{wait_task_status, EventStream, GitFixture, KennelDaemon};
+use kennel_testkit::{wait_task_status, EventStream, GitFixture, KennelDaemon, KennelUp};
 
 use crate::{bin, daemon, server, server_with, task, WAIT};
 
@@ -393,42 +393,17 @@ async fn a_daemon_stopped_cleanly_hands_unfinished_work_back_without_charging_it
 #[tokio::test]
 async fn kennel_up_stopped_twice_hands_the_running_task_back_and_runs_it_after_a_restart(
 ) -> anyhow::Result<()> {
-    use tokio::io::{AsyncBufReadExt, BufReader};
+    use nix::sys::signal::Signal;
     let git = GitFixture::new(&[])?;
     let dir = tempfile::tempdir()?;
     let cfg = dir.path().join("kennel.toml");
     std::fs::write(&cfg, sh_daemon(2, 600))?;
     let data = dir.path().join("data");
     let flag = dir.path().join("finish");
-    let start = || {
-        let mut cmd = kennel_testkit::server::isolated_command(bin());
-        cmd.args([
-            "--config",
-            &cfg.display().to_string(),
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(&data);
-        cmd
-    };
-    let mut up = start().spawn()?;
-    let mut lines = BufReader::new(up.stdout.take().expect("piped")).lines();
-    let url = kennel_testkit::within(WAIT, "kennel up to print its URL", async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(u) = line.strip_prefix("kennel: up at ") {
-                return anyhow::Ok(u.to_string());
-            }
-        }
-        anyhow::bail!("kennel up exited early")
-    })
-    .await??;
-    let key = std::fs::read_to_string(data.join("admin.key"))?
-        .trim()
-        .to_string();
-    let api = kennel_testkit::Api::new(url.clone(), Some(key.clone()));
-    let t = api
+    let mut up = KennelUp::start(bin(), &cfg, &data, WAIT).await?;
+    let (url, key) = (up.url().to_string(), up.admin_key()?);
+    let t = up
+        .api()?
         .submit(&sh_task("up-task", &wait_for_flag(&flag, "up"), &git, 1))
         .await?;
     {
@@ -437,35 +412,16 @@ async fn kennel_up_stopped_twice_hands_the_running_task_back_and_runs_it_after_a
         s.wait_for(SLOW, |m| m.event == "output" && m.data.contains("started"))
             .await?;
     }
-    let pid = nix::unistd::Pid::from_raw(up.id().expect("running") as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
-    kennel_testkit::within(WAIT, "kennel up to announce the stop", async {
-        while let Some(line) = lines.next_line().await? {
-            if stop_announced(&line) {
-                return anyhow::Ok(());
-            }
-        }
-        anyhow::bail!("kennel up exited without announcing the stop")
-    })
-    .await??;
+    up.signal(Signal::SIGTERM)?;
+    up.wait_line(WAIT, stop_announced).await?;
     // The grace is 10 minutes; a second signal stops it now.
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
-    let status = kennel_testkit::within(WAIT, "kennel up to stop", up.wait()).await??;
+    up.signal(Signal::SIGINT)?;
+    let (status, _) = up.wait_exit(WAIT).await?;
     assert!(status.success(), "{status:?}");
 
-    let mut up = start().spawn()?;
-    let mut lines = BufReader::new(up.stdout.take().expect("piped")).lines();
-    let url = kennel_testkit::within(WAIT, "kennel up to start again", async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(u) = line.strip_prefix("kennel: up at ") {
-                return anyhow::Ok(u.to_string());
-            }
-        }
-        anyhow::bail!("kennel up exited early")
-    })
-    .await??;
-    let api = kennel_testkit::Api::new(url.clone(), Some(key.clone()));
-    let back = api.task(&t.id).await?;
+    let mut up = KennelUp::start(bin(), &cfg, &data, WAIT).await?;
+    let url = up.url().to_string();
+    let back = up.api()?.task(&t.id).await?;
     assert_eq!(
         back.attempts.first().map(|a| a.status),
         Some(AttemptStatus::Returned),
@@ -476,10 +432,7 @@ async fn kennel_up_stopped_twice_hands_the_running_task_back_and_runs_it_after_a
     let done = wait_task_status(&url, &key, &t.id, TaskStatus::Completed, SLOW).await?;
     assert_eq!(done.attempt, 2, "its one allowed attempt was not used up");
     assert_eq!(git.show(&format!("kennel/{}", t.id), "up.txt")?, "up");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(up.id().expect("running") as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )?;
-    kennel_testkit::within(WAIT, "kennel up to stop", up.wait()).await??;
+    up.signal(Signal::SIGTERM)?;
+    up.wait_exit(WAIT).await?;
     Ok(())
 }

@@ -7,7 +7,6 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 
 use kennel_proto::api::Scope;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::{bin, daemon, server, WAIT};
@@ -201,32 +200,12 @@ async fn kennel_up_holds_both_locks_and_daemon_status_finds_its_daemon() -> anyh
     std::fs::write(&cfg, DAEMON)?;
     let data = tmp.path().join("data");
     let (cfg_s, data_s) = (cfg.display().to_string(), data.display().to_string());
-    let mut up = kennel_testkit::server::isolated_command(bin())
-        .args(["--config", &cfg_s, "up", "--listen", "127.0.0.1:0"])
-        .args(["--data-dir", &data_s])
-        .current_dir(tmp.path())
-        .spawn()?;
+    let up = kennel_testkit::KennelUp::start(bin(), &cfg, &data, WAIT).await?;
     let pid = up
-        .id()
+        .pid()
         .ok_or_else(|| anyhow::anyhow!("kennel up has no pid"))?;
-    let stdout = up
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("kennel up's stdout was not piped"))?;
-    let mut lines = BufReader::new(stdout).lines();
-    let url = kennel_testkit::within(WAIT, "kennel up to print its URL", async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(u) = line.strip_prefix("kennel: up at ") {
-                return anyhow::Ok(u.to_string());
-            }
-        }
-        anyhow::bail!("kennel up exited early")
-    })
-    .await??;
-    let ws = format!("{}/ws/daemon", url.replacen("http", "ws", 1));
-    let key = std::fs::read_to_string(data.join("admin.key"))?
-        .trim()
-        .to_string();
+    let ws = format!("{}/ws/daemon", up.url().replacen("http", "ws", 1));
+    let key = up.admin_key()?;
 
     // The directory given to `up` finds the daemon in `<data>/daemon`. Its status file is
     // written as the daemon starts; wait for it rather than assume it is there.
@@ -285,7 +264,7 @@ async fn kennel_up_holds_both_locks_and_daemon_status_finds_its_daemon() -> anyh
         )),
         "{stderr}"
     );
-    up.start_kill()?;
+    drop(up); // killed when dropped
     Ok(())
 }
 

@@ -477,39 +477,13 @@ async fn invalid_utf8_and_very_long_lines_are_handled() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn kennel_up_runs_a_task_end_to_end() -> anyhow::Result<()> {
-    use tokio::io::{AsyncBufReadExt, BufReader};
     let git = GitFixture::new(&[])?;
     let dir = tempfile::tempdir()?;
     let cfg = dir.path().join("kennel.toml");
     std::fs::write(&cfg, DAEMON)?;
     let data = dir.path().join("data");
-    let mut up = tokio::process::Command::new(bin())
-        .args([
-            "--config",
-            &cfg.display().to_string(),
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(&data)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut lines = BufReader::new(up.stdout.take().expect("piped")).lines();
-    let url = kennel_testkit::within(WAIT, "kennel up to print its URL", async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(u) = line.strip_prefix("kennel: up at ") {
-                return anyhow::Ok(u.to_string());
-            }
-        }
-        anyhow::bail!("kennel up exited early")
-    })
-    .await??;
-    let key = std::fs::read_to_string(data.join("admin.key"))?
-        .trim()
-        .to_string();
+    let mut up = kennel_testkit::KennelUp::start(bin(), &cfg, &data, WAIT).await?;
+    let (url, key) = (up.url().to_string(), up.admin_key()?);
     let out = tokio::process::Command::new(bin())
         .args([
             "task",
@@ -539,19 +513,9 @@ async fn kennel_up_runs_a_task_end_to_end() -> anyhow::Result<()> {
     assert_eq!(git.show(&format!("kennel/{id}"), "up.txt")?, "from up");
 
     // Ctrl-C stops it cleanly.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(up.id().expect("running") as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )?;
-    let status = kennel_testkit::within(WAIT, "kennel up to stop", up.wait()).await??;
+    up.signal(nix::sys::signal::Signal::SIGINT)?;
+    let (status, rest) = up.wait_exit(WAIT).await?;
     assert!(status.success());
-    let rest: Vec<String> = {
-        let mut v = Vec::new();
-        while let Ok(Some(l)) = lines.next_line().await {
-            v.push(l);
-        }
-        v
-    };
     assert!(rest.iter().any(|l| l == "kennel: stopped"), "{rest:?}");
     Ok(())
 }
