@@ -161,18 +161,10 @@ pub async fn run(a: ConnectionsArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut lat: Vec<f64> = {
-        let t = timings.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        t.submitted
-            .iter()
-            .filter_map(|(k, s)| {
-                t.spawned
-                    .get(k)
-                    .map(|d| d.duration_since(*s).as_secs_f64() * 1000.0)
-            })
-            .collect()
-    };
-    lat.sort_by(|a, b| a.total_cmp(b));
+    let lat = timings
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .sorted_latencies_ms();
     println!(
         "dispatch with {} connected: {} tasks at {}/s; submit->spawnTask ms p50 {:.2}, p99 {:.2} ({} measured)",
         a.daemons,

@@ -80,6 +80,23 @@ struct DispatchArgs {
     concurrency: usize,
 }
 
+impl Timings {
+    /// Submit → `spawnTask` of every task seen at both ends, in milliseconds, sorted.
+    pub(crate) fn sorted_latencies_ms(&self) -> Vec<f64> {
+        let mut lat: Vec<f64> = self
+            .submitted
+            .iter()
+            .filter_map(|(k, s)| {
+                self.spawned
+                    .get(k)
+                    .map(|d| d.duration_since(*s).as_secs_f64() * 1000.0)
+            })
+            .collect();
+        lat.sort_by(|a, b| a.total_cmp(b));
+        lat
+    }
+}
+
 /// Submit instants and spawn instants, keyed by task name.
 #[derive(Default)]
 pub(crate) struct Timings {
@@ -329,18 +346,10 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
     while completed.load(Ordering::Relaxed) < total && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut lat: Vec<f64> = {
-        let t = timings.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        t.submitted
-            .iter()
-            .filter_map(|(k, s)| {
-                t.spawned
-                    .get(k)
-                    .map(|d| d.duration_since(*s).as_secs_f64() * 1000.0)
-            })
-            .collect()
-    };
-    lat.sort_by(|a, b| a.total_cmp(b));
+    let lat = timings
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .sorted_latencies_ms();
     println!(
         "latency phase: {} tasks offered at {:.0}/s; submit->spawnTask ms: p50 {:.2}, p90 {:.2}, p99 {:.2}, max {:.2} ({} measured)",
         total,

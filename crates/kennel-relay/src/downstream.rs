@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use kennel_proto::link::{negotiate_version, Authenticated, ErrorCode};
 use kennel_proto::{decode_daemon_frame, DaemonMessage, Decoded, ServerMessage};
@@ -37,22 +37,10 @@ pub async fn ws_daemon(State(relay): State<Arc<Relay>>, req: Request) -> Respons
         pre_auth_bytes: relay.cfg.max_auth_frame_bytes,
         max_message_bytes: relay.cfg.max_frame_bytes.saturating_mul(8).max(16 << 20),
     };
-    // Held until the daemon has authenticated (or gone).
-    let slot = match relay.pre_auth.take() {
-        Ok(s) => s,
-        Err(busy) => return busy.into_response(),
-    };
-    match ws::upgrade(req, limits) {
-        Err(refused) => refused.into_response(),
-        Ok((switching, accepted)) => {
-            tokio::spawn(async move {
-                if let Some(a) = accepted.await {
-                    run(relay, a, slot).await;
-                }
-            });
-            switching
-        }
-    }
+    let slots = relay.pre_auth.clone();
+    ws::accept(req, limits, &slots, move |link, slot| {
+        run(relay, link, slot)
+    })
 }
 
 async fn refuse(socket: &mut LinkSocket, code: ErrorCode, close: u16, msg: &str) {

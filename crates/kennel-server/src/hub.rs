@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use kennel_proto::api::Scope;
 use kennel_proto::link::{
@@ -47,22 +47,10 @@ pub async fn ws_daemon(
         pre_auth_bytes: protocol.max_auth_frame_bytes,
         max_message_bytes: hard_cap,
     };
-    // Held until the daemon has authenticated (or gone).
-    let slot = match app.pre_auth.take() {
-        Ok(s) => s,
-        Err(busy) => return busy.into_response(),
-    };
-    match ws::upgrade(req, limits) {
-        Err(refused) => refused.into_response(),
-        Ok((switching, accepted)) => {
-            tokio::spawn(async move {
-                if let Some(a) = accepted.await {
-                    Connection::run(app, a, addr, slot).await;
-                }
-            });
-            switching
-        }
-    }
+    let slots = app.pre_auth.clone();
+    ws::accept(req, limits, &slots, move |link, slot| {
+        Connection::run(app, link, addr, slot)
+    })
 }
 
 struct Connection {

@@ -194,6 +194,31 @@ impl PreAuthSlots {
     }
 }
 
+/// Answers a daemon link's upgrade request: takes a [`PreAuthSlots`] slot (503 if none is
+/// free), switches protocols (400/426 for a bad request), and runs `serve` on the link in a
+/// task of its own; `serve` gets the slot to release once the daemon has authenticated.
+pub fn accept<F, Fut>(req: Request, limits: Limits, slots: &PreAuthSlots, serve: F) -> Response
+where
+    F: FnOnce(Accepted, OwnedSemaphorePermit) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slot = match slots.take() {
+        Ok(s) => s,
+        Err(busy) => return busy.into_response(),
+    };
+    match upgrade(req, limits) {
+        Err(refused) => refused.into_response(),
+        Ok((switching, accepted)) => {
+            tokio::spawn(async move {
+                if let Some(a) = accepted.await {
+                    serve(a, slot).await;
+                }
+            });
+            switching
+        }
+    }
+}
+
 /// What the upgrade hands over once the client has switched protocols.
 pub struct Accepted {
     pub socket: LinkSocket,
