@@ -131,44 +131,17 @@ impl Connection {
                 return;
             }
         };
-        let principal = match Self::check_hello(&app, &hello).await {
-            Ok(p) => {
+        let (principal, bind_key) = match Self::check_hello(&app, &hello).await {
+            Ok(checked) => {
                 // Authenticated: no byte budget and no pre-authentication slot from here on.
                 budget.lift();
                 drop(pre_auth_slot);
-                p
+                checked
             }
             Err((code, close_code, msg)) => {
                 tracing::warn!(machine_id = %hello.machine_id, "daemon refused: {msg}");
                 send_now(&mut socket, ServerMessage::error(code, &msg)).await;
                 close_now(&mut socket, close_code, &msg).await;
-                return;
-            }
-        };
-        let bind_key = match app
-            .coord
-            .check_identity(&hello.machine_id, &principal)
-            .await
-        {
-            Ok(k) => k,
-            Err(IdentityRefused::Store(e)) => {
-                tracing::error!(error = %e, "failed to check the daemon's identity");
-                close_now(
-                    &mut socket,
-                    close::STORE_UNAVAILABLE,
-                    "coordinator store unavailable; retry",
-                )
-                .await;
-                return;
-            }
-            Err(IdentityRefused::Taken(msg)) => {
-                tracing::warn!(machine_id = %hello.machine_id, key_id = %principal.key_id, "daemon refused: {msg}");
-                send_now(
-                    &mut socket,
-                    ServerMessage::error(ErrorCode::Unauthorized, &msg),
-                )
-                .await;
-                close_now(&mut socket, close::UNAUTHORIZED, &msg).await;
                 return;
             }
         };
@@ -265,10 +238,20 @@ impl Connection {
             .await;
     }
 
+    /// Checks the key, its scope, the protocol version and that the key may pose as the
+    /// machine it names; returns the principal and the key id to bind the machine to.
     async fn check_hello(
         app: &AppState,
         hello: &Authenticate,
-    ) -> Result<Principal, (ErrorCode, u16, String)> {
+    ) -> Result<(Principal, Option<String>), (ErrorCode, u16, String)> {
+        let store_failed = |e: &dyn std::fmt::Display| {
+            tracing::error!(error = %e, "key check failed");
+            (
+                ErrorCode::Internal,
+                close::STORE_UNAVAILABLE,
+                "coordinator store unavailable; retry".to_string(),
+            )
+        };
         let principal = app
             .keys
             .verify(
@@ -277,14 +260,7 @@ impl Connection {
                 app.clock.now_ms(),
             )
             .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "key check failed");
-                (
-                    ErrorCode::Internal,
-                    close::STORE_UNAVAILABLE,
-                    "coordinator store unavailable; retry".to_string(),
-                )
-            })?;
+            .map_err(|e| store_failed(&e))?;
         let Some(p) = principal else {
             return Err((
                 ErrorCode::Unauthorized,
@@ -312,7 +288,14 @@ impl Connection {
                 ),
             ));
         }
-        Ok(p)
+        let bind_key = match app.coord.check_identity(&hello.machine_id, &p).await {
+            Ok(k) => k,
+            Err(IdentityRefused::Store(e)) => return Err(store_failed(&e)),
+            Err(IdentityRefused::Taken(msg)) => {
+                return Err((ErrorCode::Unauthorized, close::UNAUTHORIZED, msg))
+            }
+        };
+        Ok((p, bind_key))
     }
 
     /// Reads until the daemon leaves; returns the close code and reason.
