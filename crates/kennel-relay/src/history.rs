@@ -67,14 +67,11 @@ CREATE TABLE IF NOT EXISTS log (
 );
 ";
 
-/// One row of task history, as `GET /tasks` shows it.
+/// One attempt of a task, as `GET /tasks` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct TaskRecord {
-    pub task_id: String,
+pub struct AttemptRecord {
     pub attempt: u32,
-    pub name: String,
-    pub agent: String,
     /// `queued`, `dispatched`, `running`, `completed`, `failed`, `rejected`, `lost` or `stale`.
     pub status: String,
     /// Machine id of the downstream daemon that got it.
@@ -83,6 +80,21 @@ pub struct TaskRecord {
     pub dispatched_ms: Option<i64>,
     pub finished_ms: Option<i64>,
     pub error: Option<String>,
+}
+
+/// One task, as a row of `GET /tasks`: the state of its latest attempt, flattened into the
+/// row, and every attempt of it this relay received (newest first; pruned ones are gone).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskRecord {
+    pub task_id: String,
+    pub name: String,
+    pub agent: String,
+    #[serde(flatten)]
+    pub latest: AttemptRecord,
+    /// How many attempts of the task this relay holds in its history (`attempts.len()`).
+    pub attempt_count: u32,
+    pub attempts: Vec<AttemptRecord>,
 }
 
 /// One connection-log entry.
@@ -291,30 +303,66 @@ impl History {
             as u64)
     }
 
+    /// A page of tasks, the one whose latest attempt arrived last first, each with all its
+    /// attempts. `limit` and `offset` count tasks, not attempts.
     pub fn tasks(&self, limit: u32, offset: u32) -> Result<Vec<TaskRecord>, HistoryError> {
         let mut st = self.conn.prepare(
-            "SELECT task_id, attempt, name, agent, status, daemon, received_ms, dispatched_ms,
-                    finished_ms, error
-             FROM tasks ORDER BY received_ms DESC, rowid DESC LIMIT ?1 OFFSET ?2",
+            "WITH page AS (
+                 SELECT task_id, MAX(received_ms) AS last_ms, MAX(rowid) AS last_row
+                 FROM tasks GROUP BY task_id
+                 ORDER BY last_ms DESC, last_row DESC LIMIT ?1 OFFSET ?2
+             )
+             SELECT t.task_id, t.name, t.agent, t.attempt, t.status, t.daemon, t.received_ms,
+                    t.dispatched_ms, t.finished_ms, t.error
+             FROM tasks t JOIN page p ON p.task_id = t.task_id
+             ORDER BY p.last_ms DESC, p.last_row DESC, t.attempt DESC",
         )?;
         let rows = st.query_map(params![limit, offset], |r| {
-            Ok(TaskRecord {
-                task_id: r.get(0)?,
-                attempt: r.get(1)?,
-                name: r.get(2)?,
-                agent: r.get(3)?,
-                status: r.get(4)?,
-                daemon: r.get(5)?,
-                received_ms: r.get(6)?,
-                dispatched_ms: r.get(7)?,
-                finished_ms: r.get(8)?,
-                error: r.get(9)?,
-            })
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                AttemptRecord {
+                    attempt: r.get(3)?,
+                    status: r.get(4)?,
+                    daemon: r.get(5)?,
+                    received_ms: r.get(6)?,
+                    dispatched_ms: r.get(7)?,
+                    finished_ms: r.get(8)?,
+                    error: r.get(9)?,
+                },
+            ))
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut tasks: Vec<TaskRecord> = Vec::new();
+        for row in rows {
+            let (task_id, name, agent, attempt) = row?;
+            // Rows come grouped by task, its newest attempt first.
+            match tasks.last_mut().filter(|t| t.task_id == task_id) {
+                Some(t) => {
+                    t.attempt_count += 1;
+                    t.attempts.push(attempt);
+                }
+                None => tasks.push(TaskRecord {
+                    task_id,
+                    name,
+                    agent,
+                    latest: attempt.clone(),
+                    attempt_count: 1,
+                    attempts: vec![attempt],
+                }),
+            }
+        }
+        Ok(tasks)
     }
 
-    /// (all task attempts, finished ones: completed or failed).
+    /// Fails when the database cannot be read (for `/health`).
+    pub fn check(&self) -> Result<(), HistoryError> {
+        self.conn
+            .query_row("SELECT 1 FROM tasks LIMIT 1", [], |_| Ok(()))
+            .optional()?;
+        Ok(())
+    }
+
     /// (received, processed): every attempt ever recorded and those that completed or
     /// failed, counting the ones pruned since.
     pub fn counts(&self) -> Result<(u64, u64), HistoryError> {
@@ -463,5 +511,76 @@ mod tests {
         assert!(left.contains(&"running".to_string()) && left.contains(&"new-done".to_string()));
         assert_eq!(h.counts().unwrap(), (4, 2), "totals survive pruning");
         assert_eq!(h.prune(500).unwrap(), 0);
+    }
+
+    #[test]
+    fn tasks_are_listed_once_with_their_attempts_and_paged_by_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = History::open(dir.path()).unwrap();
+        // a: attempt 1 lost, attempt 2 (received last of all) completed; b, c: one attempt each.
+        assert!(h.received(&spawn("a", 1), "{}", 10).unwrap());
+        h.dispatched("a", 1, "m1", 11).unwrap();
+        h.set_status("a", 1, "lost", Some("gone"), Some(12))
+            .unwrap();
+        assert!(h.received(&spawn("b", 1), "{}", 20).unwrap());
+        assert!(h.received(&spawn("c", 1), "{}", 30).unwrap());
+        assert!(h.received(&spawn("a", 2), "{}", 40).unwrap());
+        h.dispatched("a", 2, "m2", 41).unwrap();
+        h.set_status("a", 2, "completed", None, Some(42)).unwrap();
+
+        let all = h.tasks(10, 0).unwrap();
+        let order: Vec<&str> = all.iter().map(|t| t.task_id.as_str()).collect();
+        assert_eq!(order, vec!["a", "c", "b"], "by latest attempt received");
+        let a = &all[0];
+        assert_eq!(
+            (
+                a.latest.attempt,
+                a.latest.status.as_str(),
+                a.latest.daemon.as_deref()
+            ),
+            (2, "completed", Some("m2"))
+        );
+        assert_eq!(a.attempt_count, 2);
+        let attempts: Vec<(u32, &str, Option<&str>)> = a
+            .attempts
+            .iter()
+            .map(|x| (x.attempt, x.status.as_str(), x.error.as_deref()))
+            .collect();
+        assert_eq!(
+            attempts,
+            vec![(2, "completed", None), (1, "lost", Some("gone"))]
+        );
+        assert_eq!(
+            (all[1].attempt_count, all[1].latest.status.as_str()),
+            (1, "queued")
+        );
+
+        // `limit` and `offset` count tasks, not attempts.
+        let page: Vec<(String, u32)> = h
+            .tasks(2, 1)
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.task_id, t.attempt_count))
+            .collect();
+        assert_eq!(page, vec![("c".to_string(), 1), ("b".to_string(), 1)]);
+        assert_eq!(h.tasks(1, 0).unwrap()[0].attempt_count, 2);
+        assert!(h.tasks(5, 3).unwrap().is_empty());
+
+        // The row's JSON: the latest attempt flattened, every attempt nested.
+        let row = serde_json::to_value(&all[0]).unwrap();
+        assert_eq!(row["status"], "completed");
+        assert_eq!(row["attempt"], 2);
+        assert_eq!(row["attemptCount"], 2);
+        assert_eq!(row["attempts"][1]["status"], "lost");
+        assert!(row.get("latest").is_none(), "{row}");
+    }
+
+    #[test]
+    fn the_health_check_fails_when_the_database_cannot_be_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = History::open(dir.path()).unwrap();
+        h.check().unwrap();
+        h.conn.execute_batch("DROP TABLE tasks").unwrap();
+        assert!(h.check().is_err());
     }
 }

@@ -2,6 +2,11 @@
 //! (`/`, `/status`, `/tasks`, `/logs`, `/reconnect`, `/metrics`). Everything but `/health`
 //! and the hub (which checks daemon keys itself) needs one of `relay.admin_keys`, as
 //! `Authorization: Bearer <key>` or `x-api-key`. CORS is open so a browser dashboard can call it.
+//!
+//! `/health` and `/status` also carry the fields of a Makima edge relay's answers (`healthy`,
+//! `upstreamConnected`, `lastHeartbeat`, `totalTasksProcessed`, `connectedDaemons` as a count),
+//! and `/tasks` lists tasks, not attempts, as Makima's does; a golden fixture in
+//! `tests/fixtures/makima.json` pins those shapes.
 
 use std::sync::Arc;
 
@@ -72,8 +77,18 @@ async fn require_admin(State(relay): State<Arc<Relay>>, req: Request, next: Next
     }
 }
 
-async fn health() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok" }))
+/// 200 while the relay is healthy, even with the upstream down (`status: "degraded"`): a
+/// liveness probe must not restart a relay that is holding work for a coordinator outage, and
+/// Makima-style monitors read `upstreamConnected` from the body. 503 when its database is not
+/// usable, so a load balancer or supervisor notices without parsing anything.
+async fn health(State(relay): State<Arc<Relay>>) -> Response {
+    let h = relay.health();
+    let code = if h.healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(h)).into_response()
 }
 
 async fn status(State(relay): State<Arc<Relay>>) -> Response {
@@ -129,7 +144,7 @@ async fn metrics(State(relay): State<Arc<Relay>>) -> Response {
          # TYPE kennel_relay_messages_buffered gauge\nkennel_relay_messages_buffered {}\n\
          # TYPE kennel_relay_messages_forwarded_total counter\nkennel_relay_messages_forwarded_total {}\n",
         u8::from(s.upstream_connected),
-        s.connected_daemons.len(),
+        s.connected_daemons,
         s.active_tasks,
         s.queued_tasks,
         s.total_received,

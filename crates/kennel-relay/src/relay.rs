@@ -5,7 +5,7 @@
 //! drain the channels it fills.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -106,7 +106,9 @@ pub struct DownInfo {
     pub last_heartbeat_ms: i64,
 }
 
-/// What `GET /status` reports.
+/// What `GET /status` reports. Besides kennel's own fields it carries the fields of a Makima
+/// edge relay's `/status` (`lastHeartbeat`, `totalTasksProcessed`, `connectedDaemons` as a
+/// count), so dashboards and monitors written for one read the other.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Status {
@@ -120,13 +122,48 @@ pub struct Status {
     pub daemon_id: Option<String>,
     /// When the last heartbeat went upstream, in ms since the epoch.
     pub last_heartbeat_ms: Option<i64>,
-    pub connected_daemons: Vec<DownInfo>,
+    /// The same instant as RFC 3339 (UTC, milliseconds); `None` before the first heartbeat.
+    pub last_heartbeat: Option<String>,
+    /// How many downstream daemons are connected (`daemons.len()`).
+    pub connected_daemons: u32,
+    /// The connected downstream daemons, by id.
+    pub daemons: Vec<DownInfo>,
     pub active_tasks: u32,
     pub queued_tasks: u32,
+    /// Attempts ever received, counting pruned ones.
     pub total_received: u64,
+    /// Attempts that ended completed or failed, counting pruned ones.
     pub total_processed: u64,
+    /// The same count under Makima's name. It counts attempts: a task retried here after a
+    /// failure counts once per attempt that ran to an end.
+    pub total_tasks_processed: u64,
     pub buffered_messages: u64,
     pub messages_forwarded: u64,
+}
+
+/// What the open `GET /health` reports: kennel's `status` plus Makima's `healthy` and
+/// `upstreamConnected`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Health {
+    /// `ok` (healthy, upstream connected), `degraded` (healthy, upstream down: the relay
+    /// queues tasks and keeps reports until it is back) or `unhealthy`.
+    pub status: &'static str,
+    /// The relay serves and its database is usable: a read works now and the last write
+    /// succeeded. The upstream link does not count: a relay whose upstream is down still does
+    /// its job (it holds what it must deliver later).
+    pub healthy: bool,
+    pub upstream_connected: bool,
+}
+
+/// `ms` since the epoch as RFC 3339 in UTC with milliseconds (`2024-05-01T12:00:00.123Z`).
+pub fn rfc3339_ms(ms: i64) -> Option<String> {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()?;
+    let t = t
+        .replace_nanosecond(t.nanosecond() / 1_000_000 * 1_000_000)
+        .ok()?;
+    t.format(&time::format_description::well_known::Rfc3339)
+        .ok()
 }
 
 /// Why a daemon's message was refused.
@@ -141,6 +178,9 @@ pub struct Relay {
     /// Ends the current upstream session so it reconnects now (`POST /reconnect`).
     pub reconnect: Notify,
     forwarded: AtomicU64,
+    /// The last database operation failed (a full disk, a broken file); `/health` reports
+    /// the relay unhealthy until one succeeds again.
+    db_failing: AtomicBool,
     /// The id the upstream gave this relay while the link is up, `None` while it is down.
     link: watch::Sender<Option<String>>,
     /// Downstream links that have not authenticated yet.
@@ -196,6 +236,7 @@ impl Relay {
             history: Mutex::new(history),
             reconnect: Notify::new(),
             forwarded: AtomicU64::new(0),
+            db_failing: AtomicBool::new(false),
             link: watch::channel(None).0,
             pre_auth: kennel_server::ws::PreAuthSlots::new(cfg_unauthenticated),
         });
@@ -235,8 +276,12 @@ impl Relay {
         f: impl FnOnce(&History) -> Result<T, HistoryError>,
     ) -> Option<T> {
         match f(&self.db()) {
-            Ok(v) => Some(v),
+            Ok(v) => {
+                self.db_failing.store(false, Ordering::Relaxed);
+                Some(v)
+            }
             Err(e) => {
+                self.db_failing.store(true, Ordering::Relaxed);
                 tracing::error!(error = %e, "failed to {what}");
                 None
             }
@@ -1142,13 +1187,39 @@ impl Relay {
             upstream_connected: up,
             daemon_id: st.upstream_daemon_id.clone(),
             last_heartbeat_ms: st.last_upstream_heartbeat_ms,
-            connected_daemons: daemons,
+            last_heartbeat: st.last_upstream_heartbeat_ms.and_then(rfc3339_ms),
+            connected_daemons: daemons.len() as u32,
+            daemons,
             active_tasks: st.holds.len() as u32,
             queued_tasks: st.queue.len() as u32,
             total_received: counts.0,
             total_processed: counts.1,
+            total_tasks_processed: counts.1,
             buffered_messages: buffered,
             messages_forwarded: self.forwarded.load(Ordering::Relaxed),
+        }
+    }
+
+    /// What `/health` reports. Reads the database once (a cheap indexed query) and the
+    /// upstream flag; takes no lock the routing path holds for long.
+    pub fn health(&self) -> Health {
+        let readable = match self.db().check() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "the relay database failed a health check");
+                false
+            }
+        };
+        let healthy = readable && !self.db_failing.load(Ordering::Relaxed);
+        let upstream_connected = self.lock().upstream.is_some();
+        Health {
+            status: match (healthy, upstream_connected) {
+                (false, _) => "unhealthy",
+                (true, false) => "degraded",
+                (true, true) => "ok",
+            },
+            healthy,
+            upstream_connected,
         }
     }
 }
@@ -1433,5 +1504,51 @@ mod tests {
         r.acks(&[(ack, &f)]);
         assert!(r.db().buffered().unwrap().is_empty());
         assert_eq!(r.status().buffered_messages, 0);
+    }
+
+    #[test]
+    fn heartbeat_times_are_rfc3339_in_utc_with_milliseconds() {
+        assert_eq!(
+            rfc3339_ms(1_700_000_000_123).as_deref(),
+            Some("2023-11-14T22:13:20.123Z")
+        );
+        assert_eq!(rfc3339_ms(0).as_deref(), Some("1970-01-01T00:00:00Z"));
+    }
+
+    #[tokio::test]
+    async fn health_is_degraded_without_upstream_and_unhealthy_after_a_database_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Relay::open(cfg(dir.path())).unwrap();
+        let h = r.health();
+        assert_eq!(
+            (h.status, h.healthy, h.upstream_connected),
+            ("degraded", true, false)
+        );
+        let (up_tx, _up_rx) = mpsc::unbounded_channel();
+        r.upstream_up("d-1", up_tx);
+        assert_eq!(r.health().status, "ok");
+
+        // A failed write (a full disk, say) makes it unhealthy until an operation succeeds.
+        let failed: Option<()> = r.with_db("write something", |_| {
+            Err(HistoryError::Db(rusqlite::Error::InvalidQuery))
+        });
+        assert!(failed.is_none());
+        let h = r.health();
+        assert_eq!(
+            (h.status, h.healthy, h.upstream_connected),
+            ("unhealthy", false, true)
+        );
+        r.log("connect", "the disk has room again");
+        assert_eq!(r.health().status, "ok");
+
+        let st = r.status();
+        assert_eq!(
+            (st.connected_daemons, st.last_heartbeat.as_deref()),
+            (0, None)
+        );
+        r.upstream_heartbeat();
+        let st = r.status();
+        assert_eq!(st.last_heartbeat, st.last_heartbeat_ms.and_then(rfc3339_ms));
+        assert!(st.last_heartbeat.is_some());
     }
 }

@@ -401,6 +401,16 @@ async fn a_killed_relay_restarts_with_its_history_queue_and_daemons() -> anyhow:
     let tasks = r.api().get::<serde_json::Value>("/tasks").await?;
     let rows = tasks["tasks"].as_array().cloned().unwrap_or_default();
     assert_eq!(rows.len(), 2, "history intact: {tasks}");
+    // Paging counts tasks: the second page of one is the older task.
+    let page = r
+        .api()
+        .get::<serde_json::Value>("/tasks?limit=1&offset=1")
+        .await?;
+    let ids: Vec<&str> = page["tasks"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|t| t["taskId"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, vec![t1.id.as_str()], "{page}");
     Ok(())
 }
 
@@ -445,21 +455,18 @@ async fn the_admin_endpoints_answer_as_documented() -> anyhow::Result<()> {
         let (code, _) = anon.raw(Method::GET, path, Some("wrong"), None).await?;
         assert_eq!(code, StatusCode::UNAUTHORIZED, "{path}");
     }
-    let st = wait_relay(&r, |s| {
-        s["connectedDaemons"]
-            .as_array()
-            .is_some_and(|d| d.len() == 1)
-    })
-    .await?;
+    let st = wait_relay(&r, |s| s["connectedDaemons"] == 1).await?;
     assert_eq!(st["status"], "ok");
     assert_eq!(st["upstreamConnected"], true);
     assert!(st["daemonId"].is_string());
     assert!(st["agentName"]
         .as_str()
         .is_some_and(|n| n.starts_with("test-relay-")));
-    assert_eq!(st["connectedDaemons"][0]["id"], "http-a");
-    assert_eq!(st["connectedDaemons"][0]["maxConcurrentTasks"], 3);
+    assert_eq!(st["daemons"][0]["id"], "http-a");
+    assert_eq!(st["daemons"][0]["maxConcurrentTasks"], 3);
+    assert_eq!(st["daemons"].as_array().map(Vec::len), Some(1), "{st}");
     assert_eq!(st["totalProcessed"], 0);
+    assert_eq!(st["totalTasksProcessed"], 0);
     let tasks = r
         .api()
         .get::<serde_json::Value>("/tasks?limit=100000&offset=-3")
@@ -569,7 +576,8 @@ async fn relays_chain_to_another_relay() -> anyhow::Result<()> {
     .await?;
     assert_eq!(output_of(&srv, &t.id, 1).await?, vec!["two hops"]);
     let st = wait_relay(&parent, |s| s["totalProcessed"] == 1).await?;
-    assert_eq!(st["connectedDaemons"][0]["maxConcurrentTasks"], 2, "{st}");
+    assert_eq!(st["daemons"][0]["maxConcurrentTasks"], 2, "{st}");
+    assert_eq!(st["totalTasksProcessed"], 1, "{st}");
     Ok(())
 }
 
@@ -588,10 +596,7 @@ async fn a_real_daemon_killed_mid_task_is_replaced_through_the_relay() -> anyhow
         KennelDaemon::start_at(bin(), &r.ws_url(), RELAY_DAEMON_KEY, "real-a", DAEMON).await?,
         KennelDaemon::start_at(bin(), &r.ws_url(), RELAY_DAEMON_KEY, "real-b", DAEMON).await?,
     ];
-    wait_relay(&r, |s| {
-        s["connectedDaemons"].as_array().map(Vec::len) == Some(2)
-    })
-    .await?;
+    wait_relay(&r, |s| s["connectedDaemons"] == 2).await?;
     let marker = tempfile::tempdir()?;
     let flag = marker.path().join("first-ran");
     let script = format!(
@@ -632,19 +637,45 @@ async fn a_real_daemon_killed_mid_task_is_replaced_through_the_relay() -> anyhow
     assert_eq!(done.attempt, 2);
     assert_eq!(output_of(&srv, &t.id, 1).await?, vec!["first"]);
     assert_eq!(output_of(&srv, &t.id, 2).await?, vec!["second"]);
+    // One row for the task: its latest attempt's state, and both attempts, newest first.
     let tasks = r.api().get::<serde_json::Value>("/tasks").await?;
     let rows = tasks["tasks"].as_array().cloned().unwrap_or_default();
-    let statuses: Vec<(String, String)> = rows
-        .iter()
-        .map(|t| (t["status"].to_string(), t["daemon"].to_string()))
-        .collect();
-    assert_eq!(statuses.len(), 2, "{tasks}");
-    assert!(
-        statuses[0].0.contains("completed") && !statuses[0].1.contains(&holder),
+    assert_eq!(rows.len(), 1, "{tasks}");
+    let row = &rows[0];
+    assert_eq!(row["taskId"], t.id.as_str(), "{tasks}");
+    assert_eq!(
+        (row["status"].clone(), row["attempt"].clone()),
+        ("completed".into(), 2.into()),
         "{tasks}"
     );
-    assert!(
-        statuses[1].0.contains("lost") && statuses[1].1.contains(&holder),
+    assert_eq!(row["attemptCount"], 2, "{tasks}");
+    assert_ne!(row["daemon"], holder.as_str(), "{tasks}");
+    let attempts: Vec<(String, String, String)> = row["attempts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|a| {
+            (
+                a["attempt"].to_string(),
+                a["status"].to_string(),
+                a["daemon"].to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(attempts.len(), 2, "{tasks}");
+    assert_eq!(
+        (attempts[0].0.as_str(), attempts[0].1.as_str()),
+        ("2", "\"completed\""),
+        "{tasks}"
+    );
+    assert_eq!(
+        attempts[1],
+        (
+            "1".to_string(),
+            "\"lost\"".to_string(),
+            format!("\"{holder}\"")
+        ),
         "{tasks}"
     );
     Ok(())
@@ -669,5 +700,302 @@ async fn bad_frames_get_errors_and_silence_before_authenticate_is_closed() -> an
     // Still connected and still dispatched to.
     let t = srv.api().submit(&task("after-noise")).await?;
     assert_eq!(d.expect_spawn(WAIT).await?.task_id, t.id);
+    Ok(())
+}
+
+/// Where `actual` lacks a field of `expected`, or has it with another JSON type; objects are
+/// compared field by field, arrays element by element against the first expected element.
+fn shape_mismatches(
+    expected: &serde_json::Value,
+    actual: &serde_json::Value,
+    at: &str,
+) -> Vec<String> {
+    use serde_json::Value;
+    let kind = |v: &Value| match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    };
+    if kind(expected) != kind(actual) {
+        return vec![format!("{at}: expected {}, got {actual}", kind(expected))];
+    }
+    match (expected, actual) {
+        (Value::Object(e), Value::Object(a)) => e
+            .iter()
+            .flat_map(|(k, ev)| match a.get(k) {
+                Some(av) => shape_mismatches(ev, av, &format!("{at}.{k}")),
+                None => vec![format!("{at}.{k}: missing")],
+            })
+            .collect(),
+        (Value::Array(e), Value::Array(a)) => match e.first() {
+            Some(first) => a
+                .iter()
+                .enumerate()
+                .flat_map(|(i, av)| shape_mismatches(first, av, &format!("{at}[{i}]")))
+                .collect(),
+            None => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
+}
+
+/// The Makima-shaped answers in `crates/kennel-relay/tests/fixtures/makima.json`.
+fn makima_fixture() -> anyhow::Result<serde_json::Value> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../kennel-relay/tests/fixtures/makima.json");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("failed to read {}: {e}", path.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+#[test]
+fn the_shape_check_catches_missing_fields_and_other_types() {
+    let expected = serde_json::json!({"a": true, "b": "x", "c": {"d": 1}, "e": [{"f": "g"}]});
+    let same =
+        serde_json::json!({"a": false, "b": "y", "c": {"d": 2, "z": 0}, "e": [], "extra": 1});
+    assert!(shape_mismatches(&expected, &same, "$").is_empty());
+    let off = serde_json::json!({"a": "true", "c": {"d": null}, "e": [{"f": 1}]});
+    assert_eq!(
+        shape_mismatches(&expected, &off, "$"),
+        vec![
+            "$.a: expected boolean, got \"true\"",
+            "$.b: missing",
+            "$.c.d: expected number, got null",
+            "$.e[0].f: expected string, got 1",
+        ]
+    );
+}
+
+/// A monitor written for a Makima edge relay reads kennel's: every field of the fixture is in
+/// `/health`, `/status` and a `/tasks` row, with the same JSON type.
+#[tokio::test]
+async fn the_makima_fixture_fields_are_all_in_the_answers() -> anyhow::Result<()> {
+    let fixture = makima_fixture()?;
+    // Heartbeats every second, so `lastHeartbeat` is set soon.
+    let srv = server_with("[server.protocol]\nheartbeat_interval_secs = 1\n").await?;
+    let api = srv.api();
+    let r = relay(&srv, "").await?;
+    let mut d = down(&r, "mk-a", 1).await?;
+    let t = api.submit(&task("makima")).await?;
+    let s = d.expect_spawn(WAIT).await?;
+    d.accept(&s.task_id, s.attempt).await?;
+    d.complete(&t.id, 1, true).await?;
+    d.expect_ack(&t.id, 1, 2, WAIT).await?;
+
+    let st = wait_relay(&r, |s| {
+        s["lastHeartbeat"].is_string() && s["totalTasksProcessed"] == 1
+    })
+    .await?;
+    assert_eq!(
+        shape_mismatches(&fixture["status"], &st, "/status"),
+        Vec::<String>::new()
+    );
+    assert_eq!(st["connectedDaemons"], 1, "{st}");
+    // `lastHeartbeat` is `lastHeartbeatMs` in RFC 3339.
+    let at = st["lastHeartbeat"].as_str().unwrap_or_default();
+    let parsed = time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)?;
+    assert_eq!(
+        Some((parsed.unix_timestamp_nanos() / 1_000_000) as i64),
+        st["lastHeartbeatMs"].as_i64(),
+        "{st}"
+    );
+
+    let (code, body) = r
+        .api()
+        .with_key(None)
+        .raw(Method::GET, "/health", None, None)
+        .await?;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(
+        shape_mismatches(&fixture["health"], &health, "/health"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        (
+            health["status"].clone(),
+            health["healthy"].clone(),
+            health["upstreamConnected"].clone()
+        ),
+        ("ok".into(), true.into(), true.into())
+    );
+
+    let tasks = r.api().get::<serde_json::Value>("/tasks").await?;
+    let row = &tasks["tasks"][0];
+    assert_eq!(row["taskId"], t.id.as_str(), "{tasks}");
+    assert_eq!(
+        shape_mismatches(&fixture["tasksRow"], row, "/tasks[0]"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        (row["status"].clone(), row["attemptCount"].clone()),
+        ("completed".into(), 1.into()),
+        "{tasks}"
+    );
+    Ok(())
+}
+
+/// `/health` stays open and answers 200 while the upstream is down, saying so; once the
+/// coordinator is up the relay connects by itself and `/health` says that too.
+#[tokio::test]
+async fn health_follows_the_upstream_down_then_up() -> anyhow::Result<()> {
+    let mut srv = server().await?;
+    let key = srv
+        .api()
+        .create_key("relay", &[kennel_proto::api::Scope::Relay])
+        .await?
+        .key;
+    srv.kill9().await?;
+    let mut r = KennelRelay::start_to(bin(), &srv.url(), &key, "").await?;
+    let anon = r.api().with_key(None);
+    let (code, body) = anon.raw(Method::GET, "/health", None, None).await?;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let h: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(
+        (
+            h["status"].clone(),
+            h["healthy"].clone(),
+            h["upstreamConnected"].clone()
+        ),
+        ("degraded".into(), true.into(), false.into()),
+        "{h}"
+    );
+    let st = r.api().get::<serde_json::Value>("/status").await?;
+    assert_eq!(
+        (
+            st["upstreamConnected"].clone(),
+            st["lastHeartbeat"].clone(),
+            st["connectedDaemons"].clone()
+        ),
+        (false.into(), serde_json::Value::Null, 0.into()),
+        "{st}"
+    );
+
+    srv.restart().await?;
+    // The relay retries on its own (backoff from 1 s); allow a few rounds of it.
+    r.wait_upstream(WAIT * 3).await?;
+    let (code, body) = anon.raw(Method::GET, "/health", None, None).await?;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let h: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(
+        (
+            h["status"].clone(),
+            h["healthy"].clone(),
+            h["upstreamConnected"].clone()
+        ),
+        ("ok".into(), true.into(), true.into()),
+        "{h}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn relay_help_names_the_makima_variables_and_their_precedence() -> anyhow::Result<()> {
+    let out = kennel_testkit::server::isolated_command(bin())
+        .args(["relay", "--help"])
+        .output()
+        .await?;
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for name in [
+        "MAKIMA_SERVER_URL",
+        "MAKIMA_API_KEY",
+        "MAKIMA_AGENT_NAME",
+        "KENNEL_URL",
+        "KENNEL_API_KEY",
+        "later ones winning",
+    ] {
+        assert!(help.contains(name), "`{name}` missing from:\n{help}");
+    }
+    Ok(())
+}
+
+/// `KENNEL_URL`/`KENNEL_API_KEY` beat the Makima variables, and the relay says so at start,
+/// naming both variables and never a key.
+#[tokio::test]
+async fn a_kennel_variable_beating_a_makima_one_is_warned_about_without_values(
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let srv = server().await?;
+    let key = srv
+        .api()
+        .create_key("relay", &[kennel_proto::api::Scope::Relay])
+        .await?
+        .key;
+    const MAKIMA_KEY: &str = "kn_makima_key_that_must_not_be_printed";
+    let data = tempfile::tempdir()?;
+    let config = kennel_testkit::server::config_file(&format!(
+        "[relay]\nagent_name = \"warn-relay\"\ndaemon_keys = [\"{RELAY_DAEMON_KEY}\"]\n"
+    ))?;
+    let mut child = kennel_testkit::server::isolated_command(bin())
+        .env("KENNEL_URL", srv.url())
+        .env("KENNEL_API_KEY", &key)
+        .env("MAKIMA_SERVER_URL", "http://127.0.0.1:9")
+        .env("MAKIMA_API_KEY", MAKIMA_KEY)
+        .arg("--config")
+        .arg(config.path())
+        .args(["relay", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+    let mut err_lines = BufReader::new(stderr).lines();
+    let mut out_lines = BufReader::new(stdout).lines();
+    // The warnings come first, before the relay listens.
+    let mut warnings = Vec::new();
+    kennel_testkit::within(WAIT, "the two warnings", async {
+        while warnings.len() < 2 {
+            match err_lines.next_line().await? {
+                Some(l) => {
+                    eprintln!("[kennel relay stderr] {l}");
+                    if l.starts_with("kennel: warning:") {
+                        warnings.push(l);
+                    }
+                }
+                None => anyhow::bail!("the relay exited: {warnings:?}"),
+            }
+        }
+        anyhow::Ok(())
+    })
+    .await??;
+    assert!(
+        warnings[0].contains("KENNEL_URL and MAKIMA_SERVER_URL")
+            && warnings[0].contains("relay.upstream comes from KENNEL_URL"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[1].contains("KENNEL_API_KEY and MAKIMA_API_KEY")
+            && warnings[1].contains("relay.api_key comes from KENNEL_API_KEY"),
+        "{warnings:?}"
+    );
+    for w in &warnings {
+        assert!(
+            !w.contains(MAKIMA_KEY) && !w.contains(&key),
+            "a key was printed: {w}"
+        );
+    }
+    // And the kennel settings are the ones used: the relay reaches the coordinator.
+    kennel_testkit::within(WAIT, "the relay to connect upstream", async {
+        while let Some(l) = out_lines.next_line().await? {
+            eprintln!("[kennel relay stdout] {l}");
+            if l.starts_with("kennel: relay connected to") {
+                return anyhow::Ok(());
+            }
+        }
+        anyhow::bail!("the relay exited before it connected")
+    })
+    .await??;
+    child.start_kill()?;
+    child.wait().await?;
     Ok(())
 }
