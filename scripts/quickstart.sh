@@ -35,10 +35,10 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 [ -n "$URL" ] || { echo "kennel up did not start; its log:"; cat "$WORK/up.log"; exit 1; }
-export KENNEL_URL="$URL" KENNEL_API_KEY="$(cat "$WORK/data/admin.key")"
 echo "kennel is up at $URL (data in $WORK/data)"
 
-"$KENNEL" task submit --agent shell --repo "$WORK/remote.git" --name "add a greeting" -f \
+# Client commands find it through its data directory: where it listens and its admin key.
+"$KENNEL" task submit --data-dir "$WORK/data" --agent shell --repo "$WORK/remote.git" --name "add a greeting" -f \
   'echo "hello from kennel" > GREETING.md && echo "wrote GREETING.md"'
 
 BRANCH=$(git --git-dir "$WORK/remote.git" for-each-ref --format='%(refname:short)' refs/heads/kennel/)

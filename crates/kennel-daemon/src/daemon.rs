@@ -76,6 +76,8 @@ pub struct DaemonHandle {
     pub state: watch::Receiver<LinkState>,
     pub exec: Arc<Executor>,
     pub data_dir: PathBuf,
+    /// The agent profiles that passed preflight at start: what this daemon offers.
+    pub agents: Vec<String>,
 }
 
 impl DaemonHandle {
@@ -221,13 +223,14 @@ pub async fn start(cfg: DaemonConfig, data_dir: PathBuf) -> Result<DaemonHandle,
 
     // The status file: rewritten when the link changes state, and every 2 s for the counts.
     {
-        let (mut state, exec, outbox, dir, cfg, mut stop) = (
+        let (mut state, exec, outbox, dir, cfg, mut stop, agents) = (
             state.clone(),
             exec.clone(),
             outbox.clone(),
             data_dir.clone(),
             cfg.clone(),
             shutdown_rx.clone(),
+            agents.clone(),
         );
         tokio::spawn(async move {
             loop {
@@ -295,6 +298,7 @@ pub async fn start(cfg: DaemonConfig, data_dir: PathBuf) -> Result<DaemonHandle,
         state,
         exec,
         data_dir,
+        agents,
     })
 }
 

@@ -33,5 +33,5 @@ pub use relay::{KennelRelay, RELAY_ADMIN_KEY, RELAY_DAEMON_KEY};
 pub use reqwest::{Method, StatusCode};
 pub use server::KennelServer;
 pub use sse::{is_task_status, wait_task_status, EventStream, SseMsg};
-pub use up::KennelUp;
+pub use up::{KennelUp, UpOptions};
 pub use worker::KennelDaemon;

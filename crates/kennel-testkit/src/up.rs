@@ -21,6 +21,16 @@ pub struct KennelUp {
     lines: Lines<BufReader<ChildStdout>>,
     url: String,
     data: PathBuf,
+    before_url: Vec<String>,
+}
+
+/// How [`KennelUp::start_with`] runs `kennel up`.
+#[derive(Debug, Default, Clone)]
+pub struct UpOptions {
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// Leave out `--data-dir`: `kennel up` uses its default data directory.
+    pub implicit_data_dir: bool,
 }
 
 impl KennelUp {
@@ -32,13 +42,32 @@ impl KennelUp {
         data: &Path,
         deadline: Duration,
     ) -> anyhow::Result<Self> {
-        let mut child = crate::server::isolated_command(bin)
-            // Not the test's directory: no stray ./kennel.toml is read.
-            .current_dir(data.parent().unwrap_or(data))
+        Self::start_with(bin, config, data, &UpOptions::default(), deadline).await
+    }
+
+    /// [`KennelUp::start`] with extra environment variables, and without `--data-dir` when
+    /// `options.implicit_data_dir` is set (then `data` must be the directory the environment
+    /// makes the default, e.g. `$XDG_DATA_HOME/kennel`).
+    pub async fn start_with(
+        bin: &Path,
+        config: &Path,
+        data: &Path,
+        options: &UpOptions,
+        deadline: Duration,
+    ) -> anyhow::Result<Self> {
+        let mut cmd = crate::server::isolated_command(bin);
+        // Not the test's directory: no stray ./kennel.toml is read.
+        cmd.current_dir(data.parent().unwrap_or(data))
             .arg("--config")
             .arg(config)
-            .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data)
+            .args(["up", "--listen", "127.0.0.1:0"]);
+        if !options.implicit_data_dir {
+            cmd.arg("--data-dir").arg(data);
+        }
+        for (k, v) in &options.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
             .spawn()
             .with_context(|| format!("failed to start {} up", bin.display()))?;
         let stdout = child
@@ -50,13 +79,27 @@ impl KennelUp {
             lines: BufReader::new(stdout).lines(),
             url: String::new(),
             data: data.to_path_buf(),
+            before_url: Vec::new(),
         };
+        let mut before = Vec::new();
         let line = up
-            .wait_line(deadline, |l| l.starts_with(UP_PREFIX))
+            .wait_line(deadline, |l| {
+                let up = l.starts_with(UP_PREFIX);
+                if !up {
+                    before.push(l.to_string());
+                }
+                up
+            })
             .await
             .context("kennel up did not print its URL")?;
+        up.before_url = before;
         up.url = line.trim_start_matches(UP_PREFIX).trim().to_string();
         Ok(up)
+    }
+
+    /// The lines printed before the `up at` line.
+    pub fn lines_before_url(&self) -> &[String] {
+        &self.before_url
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -94,7 +137,7 @@ impl KennelUp {
     pub async fn wait_line(
         &mut self,
         deadline: Duration,
-        pred: impl Fn(&str) -> bool,
+        mut pred: impl FnMut(&str) -> bool,
     ) -> anyhow::Result<String> {
         let lines = &mut self.lines;
         crate::within(deadline, "a line from kennel up", async {

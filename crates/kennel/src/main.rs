@@ -4,6 +4,7 @@
 mod client;
 mod commands;
 mod config;
+mod endpoint;
 mod lock;
 mod table;
 
@@ -57,18 +58,38 @@ pub enum Command {
     /// Run an edge relay: one upstream link shared by many daemons.
     Relay(commands::relay::RelayArgs),
     /// Submit and manage tasks.
-    #[command(subcommand)]
-    Task(commands::task::TaskCmd),
+    Task(TaskArgs),
     /// List daemons, or drain one.
     Daemons(commands::daemons::DaemonsArgs),
     /// Create, list and revoke API keys (admin); `recover` mints an admin key when locked out.
-    #[command(subcommand)]
-    Keys(commands::keys::KeysCmd),
+    Keys(KeysArgs),
     /// Show the coordinator's state: daemons, capacity, tasks by state.
-    Status,
+    Status(StatusArgs),
     /// Inspect configuration.
     #[command(subcommand)]
     Config(commands::config_cmd::ConfigCmd),
+}
+
+#[derive(Debug, Args)]
+pub struct TaskArgs {
+    #[command(flatten)]
+    pub target: client::Target,
+    #[command(subcommand)]
+    pub cmd: commands::task::TaskCmd,
+}
+
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    #[command(flatten)]
+    pub target: client::Target,
+    #[command(subcommand)]
+    pub cmd: commands::keys::KeysCmd,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub target: client::Target,
 }
 
 fn main() -> ExitCode {

@@ -12,6 +12,8 @@ use crate::Global;
 
 #[derive(Debug, Args)]
 pub struct DaemonsArgs {
+    #[command(flatten)]
+    pub target: crate::client::Target,
     #[command(subcommand)]
     pub cmd: Option<DaemonsCmd>,
 }

@@ -55,11 +55,15 @@ pub async fn run(g: &Global, args: GatewayArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Stops an embedded gateway; resolves when it has stopped.
-pub type Embedded = (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<(), kennel_gateway::StartError>>,
-);
+/// A gateway running inside `kennel up`.
+pub struct Embedded {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Send to stop it.
+    pub stop: tokio::sync::oneshot::Sender<()>,
+    /// Resolves when it has stopped.
+    pub serving: tokio::task::JoinHandle<Result<(), kennel_gateway::StartError>>,
+}
 
 /// Starts the gateway inside `kennel up` when `[gateway]` has upstreams (or
 /// `ZEPTOCLAW_GATEWAY_URL` is set), sharing the coordinator's store for API keys.
@@ -76,9 +80,14 @@ pub async fn embedded(
             .await
             .context("failed to start the gateway")?;
     println!("kennel: gateway listening on http://{}", gateway.addr);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let addr = gateway.addr;
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(gateway.serve(async {
         let _ = rx.await;
     }));
-    Ok(Some((tx, serving)))
+    Ok(Some(Embedded {
+        addr,
+        stop,
+        serving,
+    }))
 }

@@ -1,15 +1,14 @@
 //! `kennel keys`: API key management (admin scope) through the API, and `kennel keys recover`,
 //! which mints an admin key straight into the store when no admin key is left.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 use figment::value::Value;
 use kennel_proto::api::{ApiKey, CreateKey, CreatedKey, Scope};
 
-use crate::client::Client;
+use crate::client::Target;
 use crate::commands::print_json;
 use crate::config;
 use crate::table;
@@ -39,21 +38,15 @@ pub enum KeysCmd {
     /// Run it on the coordinator's machine with the server's configuration (data directory,
     /// `server.auth.hash_key`); it works whether the server is running or stopped, and the
     /// server accepts the key at once. The key is printed once and written to
-    /// `<data_dir>/admin.key` (mode 0600), where the other commands find it.
-    Recover(RecoverArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct RecoverArgs {
-    /// The server's data directory (default: `server.data_dir` of the configuration).
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
+    /// `<data_dir>/admin.key` (mode 0600), where the other commands find it. `--data-dir`
+    /// names the server's data directory (default: `server.data_dir` of the configuration).
+    Recover,
 }
 
 /// `kennel keys recover`: works on the data directory, not through the API, so it needs no key.
-pub async fn recover(g: &Global, args: RecoverArgs) -> anyhow::Result<ExitCode> {
+pub async fn recover(g: &Global, target: &Target) -> anyhow::Result<ExitCode> {
     let mut overrides = Vec::new();
-    if let Some(d) = &args.data_dir {
+    if let Some(d) = &target.data_dir {
         overrides.push(("server.data_dir", Value::from(d.display().to_string())));
     }
     let (cfg, _) = config::load(g.config.as_deref(), &overrides)?;
@@ -86,7 +79,12 @@ pub async fn recover(g: &Global, args: RecoverArgs) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn run(c: &Client, g: &Global, cmd: KeysCmd) -> anyhow::Result<ExitCode> {
+pub async fn run(g: &Global, target: &Target, cmd: KeysCmd) -> anyhow::Result<ExitCode> {
+    if let KeysCmd::Recover = cmd {
+        // Works on the data directory, without a key or a running server.
+        return recover(g, target).await;
+    }
+    let c = &crate::commands::client(g, target)?;
     match cmd {
         KeysCmd::Create { name, scopes } => {
             let k: CreatedKey = c.post("/api/v1/keys", &CreateKey { name, scopes }).await?;
@@ -135,7 +133,7 @@ pub async fn run(c: &Client, g: &Global, cmd: KeysCmd) -> anyhow::Result<ExitCod
                 );
             }
         }
-        KeysCmd::Recover(args) => return recover(g, args).await,
+        KeysCmd::Recover => unreachable!("handled above"),
         KeysCmd::Revoke { id } => {
             let k: ApiKey = c.delete(&format!("/api/v1/keys/{id}")).await?;
             if g.json {

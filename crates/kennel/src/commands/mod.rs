@@ -13,7 +13,7 @@ pub mod up;
 
 use std::process::ExitCode;
 
-use crate::client::Client;
+use crate::client::{Client, Target};
 use crate::config::{self, Config};
 use crate::{Cli, Command, Global};
 
@@ -36,11 +36,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Daemon(args) => daemon::run(&g, args).await,
         Command::Gateway(args) => gateway::run(&g, args).await,
         Command::Relay(args) => relay::run(&g, args).await,
-        Command::Task(cmd) => task::run(&client(&g)?, &g, cmd).await,
-        Command::Daemons(args) => daemons::run(&client(&g)?, &g, args).await,
-        Command::Keys(keys::KeysCmd::Recover(args)) => keys::recover(&g, args).await,
-        Command::Keys(cmd) => keys::run(&client(&g)?, &g, cmd).await,
-        Command::Status => status(&client(&g)?, &g).await,
+        Command::Task(a) => task::run(&client(&g, &a.target)?, &g, a.cmd).await,
+        Command::Daemons(a) => daemons::run(&client(&g, &a.target)?, &g, a).await,
+        Command::Keys(a) => keys::run(&g, &a.target, a.cmd).await,
+        Command::Status(a) => status(&client(&g, &a.target)?, &g).await,
         Command::Config(cmd) => config_cmd::run(&g, cmd),
     }
 }
@@ -71,9 +70,9 @@ fn load(g: &Global) -> anyhow::Result<Config> {
     Ok(config::load(g.config.as_deref(), &[])?.0)
 }
 
-fn client(g: &Global) -> anyhow::Result<Client> {
+pub(crate) fn client(g: &Global, target: &Target) -> anyhow::Result<Client> {
     let cfg = load(g)?;
-    Client::resolve(&cfg, g.url.as_deref(), g.api_key.as_deref())
+    Client::resolve(&cfg, g.url.as_deref(), g.api_key.as_deref(), target)
 }
 
 /// Prints `value` as pretty JSON.

@@ -10,6 +10,7 @@ use figment::value::Value;
 use kennel_server::Server;
 
 use crate::config;
+use crate::endpoint;
 use crate::lock::DataDirLock;
 use crate::Global;
 
@@ -66,13 +67,21 @@ pub async fn run(g: &Global, args: ServerArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Starts the coordinator holding the lock on its data directory (returned: keep it for the
-/// life of the process). The port is bound first, so a busy port leaves nothing behind; the
-/// lock is taken next, so a second process on the same directory is refused before it opens
-/// the database or mints a key.
+/// What a running coordinator holds on its data directory: the lock, and the record of where
+/// it listens (removed when this is dropped). Keep it for the life of the process.
+#[derive(Debug)]
+pub struct Holding {
+    _lock: DataDirLock,
+    _endpoint: endpoint::Published,
+}
+
+/// Starts the coordinator holding the lock on its data directory. The port is bound first, so
+/// a busy port leaves nothing behind; the lock is taken next, so a second process on the same
+/// directory is refused before it opens the database or mints a key. Once started, where it
+/// listens is recorded in the directory for client commands to find.
 pub async fn start_locked(
     cfg: &kennel_server::config::ServerConfig,
-) -> anyhow::Result<(Server, DataDirLock)> {
+) -> anyhow::Result<(Server, Holding)> {
     let listener = Server::bind(cfg)
         .await
         .context("failed to start the coordinator")?;
@@ -80,7 +89,25 @@ pub async fn start_locked(
     let server = Server::start_on(cfg.clone(), listener)
         .await
         .context("failed to start the coordinator")?;
-    Ok((server, lock))
+    let endpoint = endpoint::publish(&cfg.data_dir, &local_url(server.addr))?;
+    Ok((
+        server,
+        Holding {
+            _lock: lock,
+            _endpoint: endpoint,
+        },
+    ))
+}
+
+/// The URL a client on this machine uses to reach a listener at `addr`: a wildcard address
+/// (`0.0.0.0`, `::`) is reached through loopback.
+pub fn local_url(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, addr.port()))
 }
 
 /// Resolves on the next SIGINT (Ctrl-C) or SIGTERM after this call. Unlike

@@ -2,15 +2,17 @@
 //! data directory. The one-machine default.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use figment::value::Value;
+use kennel_daemon::agent::AgentKind;
 use kennel_proto::api::Scope;
 
+use crate::commands::server::local_url;
 use crate::config;
 use crate::lock::DataDirLock;
 use crate::Global;
@@ -38,38 +40,19 @@ pub async fn run(g: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     }
     let (mut cfg, _) = config::load(g.config.as_deref(), &overrides)?;
     crate::commands::server::init_tracing(cfg.log.as_deref());
-    let (server, _lock) = crate::commands::server::start_locked(&cfg.server).await?;
+    let (server, _holding) = crate::commands::server::start_locked(&cfg.server).await?;
     let state = server.state.clone();
-    let url = format!("http://{}", server.addr);
+    let url = local_url(server.addr);
     let data = cfg.server.data_dir.clone();
 
     // The local daemon's key: kept in the data directory, minted on first use.
-    let key_path = data.join("daemon.key");
-    let now = state.clock.now_ms();
-    let existing = std::fs::read_to_string(&key_path)
-        .ok()
-        .map(|s| s.trim().to_string());
-    let key = match existing {
-        Some(k)
-            if state
-                .keys
-                .verify(state.store.as_ref(), &k, now)
-                .await?
-                .is_some() =>
-        {
-            k
-        }
-        _ => {
-            let (k, rec) = state.keys.mint(
-                "local daemon",
-                vec![Scope::Daemon],
-                kennel_store::rfc3339(now),
-            );
-            state.store.insert_key(&rec).await?;
-            kennel_server::auth::write_private(&key_path, &k)?;
-            k
-        }
-    };
+    let key = local_key(
+        &state,
+        &data.join("daemon.key"),
+        "local daemon",
+        Scope::Daemon,
+    )
+    .await?;
     cfg.daemon.server = format!("ws://{}/ws/daemon", server.addr);
     cfg.daemon.api_key = Some(key);
     if let Some(n) = args.max_tasks {
@@ -86,24 +69,56 @@ pub async fn run(g: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         let _ = stop_rx.await;
     }));
     let gateway = crate::commands::gateway::embedded(&cfg, state.store.clone()).await?;
+    if let Some(gw) = &gateway {
+        // The local agents reach LLMs through this gateway, with a key of their own.
+        let key_path = data.join(AGENTS_KEY_FILE);
+        let key = local_key(&state, &key_path, "local agents", Scope::Gateway).await?;
+        let wired = wire_to_gateway(&mut cfg.daemon, &local_url(gw.addr), &key, |v| {
+            std::env::var_os(v).is_some()
+        });
+        if !wired.is_empty() {
+            println!(
+                "kennel: agents {} send their LLM calls through this gateway (key in {})",
+                wired.join(", "),
+                key_path.display()
+            );
+        }
+    }
     let daemon = kennel_daemon::daemon::start(cfg.daemon.clone(), daemon_dir)
         .await
         .context("failed to start the local daemon")?;
 
     println!("kennel: up at {url}");
-    println!("kennel: admin key in {}", data.join("admin.key").display());
-    println!(
-        "kennel: try `kennel task submit \"describe the repo\" --repo PATH --agent claude -f`"
-    );
+    let data_shown = std::path::absolute(&data).unwrap_or_else(|_| data.clone());
+    println!("kennel: data and admin key in {}", data_shown.display());
+    let cli = if data == kennel_server::config::default_data_dir() {
+        "kennel".to_string()
+    } else {
+        format!(
+            "kennel --data-dir {}",
+            shell_word(&data_shown.display().to_string())
+        )
+    };
+    println!("kennel: from another shell: `{cli} status`, `{cli} task list`");
+    match suggested_agent(&daemon.agents, &cfg.server.scheduler.default_agent) {
+        Some(agent) => {
+            println!("kennel: try `{cli} task submit \"describe the repo\" --repo PATH{agent} -f`")
+        }
+        None => println!(
+            "kennel: the local daemon found no agent CLI, so tasks will wait: install Claude Code \
+             (`npm i -g @anthropic-ai/claude-code`) or Codex (`npm i -g @openai/codex`), or \
+             add a `command` profile under [daemon.agents], then start again"
+        ),
+    }
     crate::commands::server::shutdown_signal().await;
     let again = crate::commands::server::next_shutdown_signal();
     announce_stop(&daemon, cfg.daemon.shutdown_grace_secs);
     daemon.stop(again).await;
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), serving).await;
-    if let Some((stop, serving)) = gateway {
-        let _ = stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(10), serving).await;
+    if let Some(gw) = gateway {
+        let _ = gw.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), gw.serving).await;
     }
     println!("kennel: stopped");
     Ok(ExitCode::SUCCESS)
@@ -119,5 +134,157 @@ pub fn announce_stop(daemon: &kennel_daemon::daemon::DaemonHandle, grace_secs: u
             "kennel: stopping: no new work; waiting up to {grace_secs}s for {running} running \
              agent(s) to finish, then their tasks go back to the queue (Ctrl-C again to stop now)"
         );
+    }
+}
+
+/// The file in the data directory holding the key `kennel up`'s own agents present to its
+/// gateway.
+pub const AGENTS_KEY_FILE: &str = "agents.key";
+
+/// A key `kennel up` keeps for one of its own parts in `path` (mode 0600): the one there if the
+/// store still accepts it, else a new one with `scope`, minted and written there.
+async fn local_key(
+    state: &kennel_server::AppState,
+    path: &Path,
+    name: &str,
+    scope: Scope,
+) -> anyhow::Result<String> {
+    let now = state.clock.now_ms();
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let existing = text.trim();
+        if let Some(found) = state
+            .keys
+            .verify(state.store.as_ref(), existing, now)
+            .await?
+        {
+            if found.scopes.contains(&scope) {
+                return Ok(existing.to_string());
+            }
+        }
+    }
+    let (key, rec) = state
+        .keys
+        .mint(name, vec![scope], kennel_store::rfc3339(now));
+    state.store.insert_key(&rec).await?;
+    kennel_server::auth::write_private(path, &key)?;
+    Ok(key)
+}
+
+/// Points the `claude` and `codex` profiles at the gateway at `gateway_url` with `key`, unless
+/// the user set where that agent sends its calls (the base URL variable, in the profile's
+/// `env` or in this process's environment, as `is_set` reports) or made the profile another
+/// kind. Returns the names of the profiles it changed.
+fn wire_to_gateway(
+    daemon: &mut kennel_daemon::config::DaemonConfig,
+    gateway_url: &str,
+    key: &str,
+    is_set: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let wiring = [
+        (
+            AgentKind::Claude,
+            ("ANTHROPIC_BASE_URL", gateway_url.to_string()),
+            "ANTHROPIC_API_KEY",
+        ),
+        (
+            AgentKind::Codex,
+            ("OPENAI_BASE_URL", format!("{gateway_url}/v1")),
+            "OPENAI_API_KEY",
+        ),
+    ];
+    let profiles = daemon.profiles();
+    let mut wired = Vec::new();
+    for (kind, (base_var, base), key_var) in wiring {
+        let name = kind.as_str();
+        let Some(profile) = profiles.get(name) else {
+            continue;
+        };
+        if profile.kind != kind || profile.env.contains_key(base_var) || is_set(base_var) {
+            continue;
+        }
+        let mut profile = profile.clone();
+        profile.env.insert(base_var.to_string(), base);
+        profile.env.insert(key_var.to_string(), key.to_string());
+        daemon.agents.insert(name.to_string(), profile);
+        wired.push(name.to_string());
+    }
+    wired
+}
+
+/// What to add to the suggested submit command: nothing when the default agent is offered,
+/// `--agent X` for another offered agent, `None` when the daemon offers none.
+fn suggested_agent(offered: &[String], default_agent: &str) -> Option<String> {
+    if offered.iter().any(|a| a == default_agent) {
+        return Some(String::new());
+    }
+    offered.first().map(|a| format!(" --agent {a}"))
+}
+
+/// `word` as one shell word: as it is when it needs no quoting, else in single quotes.
+fn shell_word(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:=@,".contains(c));
+    if plain {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claude_and_codex_are_pointed_at_the_gateway_unless_the_user_chose() {
+        let mut d = kennel_daemon::config::DaemonConfig::default();
+        let wired = wire_to_gateway(&mut d, "http://127.0.0.1:9", "kn_x", |_| false);
+        assert_eq!(wired, ["claude", "codex"]);
+        let claude = &d.agents["claude"];
+        assert_eq!(claude.kind, AgentKind::Claude);
+        assert_eq!(claude.env["ANTHROPIC_BASE_URL"], "http://127.0.0.1:9");
+        assert_eq!(claude.env["ANTHROPIC_API_KEY"], "kn_x");
+        assert_eq!(
+            d.agents["codex"].env["OPENAI_BASE_URL"],
+            "http://127.0.0.1:9/v1"
+        );
+        assert_eq!(d.agents["codex"].env["OPENAI_API_KEY"], "kn_x");
+        assert!(!d.agents.contains_key("aider"));
+
+        // The user's own choice stays: in the profile, or in the environment.
+        let mut d = kennel_daemon::config::DaemonConfig::default();
+        let mut own = kennel_daemon::agent::AgentProfile::default_for(AgentKind::Claude);
+        own.env
+            .insert("ANTHROPIC_BASE_URL".into(), "https://example.test".into());
+        d.agents.insert("claude".into(), own.clone());
+        let wired = wire_to_gateway(&mut d, "http://127.0.0.1:9", "kn_x", |v| {
+            v == "OPENAI_BASE_URL"
+        });
+        assert!(wired.is_empty(), "{wired:?}");
+        assert_eq!(d.agents["claude"], own);
+        assert!(!d.agents.contains_key("codex"));
+    }
+
+    #[test]
+    fn the_suggested_agent_is_one_the_daemon_offers() {
+        let offered = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            suggested_agent(&offered(&["claude", "codex"]), "claude").as_deref(),
+            Some("")
+        );
+        assert_eq!(
+            suggested_agent(&offered(&["codex"]), "claude").as_deref(),
+            Some(" --agent codex")
+        );
+        assert_eq!(suggested_agent(&[], "claude"), None);
+    }
+
+    #[test]
+    fn paths_are_quoted_for_the_shell_only_when_needed() {
+        assert_eq!(shell_word("/tmp/kennel-data"), "/tmp/kennel-data");
+        assert_eq!(shell_word("/tmp/my data"), "'/tmp/my data'");
+        assert_eq!(shell_word("/tmp/it's"), r"'/tmp/it'\''s'");
     }
 }

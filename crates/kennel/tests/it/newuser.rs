@@ -395,3 +395,224 @@ async fn the_paging_hint_repeats_the_filters_and_the_limit() -> anyhow::Result<(
     assert!(!stderr.contains("more:"), "{stderr}");
     Ok(())
 }
+
+/// Profiles named like the built-ins whose programs do not exist, so none of them is offered
+/// and only `sh` is, whatever is installed on the machine.
+const ONLY_SH: &str = r#"
+[daemon.agents.claude]
+kind = "command"
+command = ["kennel-test-no-such-claude"]
+
+[daemon.agents.codex]
+kind = "command"
+command = ["kennel-test-no-such-codex"]
+
+[daemon.agents.aider]
+kind = "command"
+command = ["kennel-test-no-such-aider"]
+"#;
+
+#[tokio::test]
+async fn client_commands_find_a_kennel_up_through_its_data_directory() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let cfg = tmp.path().join("kennel.toml");
+    std::fs::write(&cfg, format!("{DAEMON}{ONLY_SH}"))?;
+    let data = tmp.path().join("my data");
+    let data_s = data.display().to_string();
+    let mut up = kennel_testkit::KennelUp::start(bin(), &cfg, &data, WAIT).await?;
+
+    // The banner says how to reach it from another shell, and suggests only an agent the
+    // local daemon offers.
+    let another = up
+        .wait_line(WAIT, |l| l.starts_with("kennel: from another shell"))
+        .await?;
+    assert!(
+        another.contains(&format!("`kennel --data-dir '{data_s}' status`")),
+        "{another}"
+    );
+    let try_line = up.wait_line(WAIT, |l| l.starts_with("kennel: try")).await?;
+    assert!(try_line.contains("--agent sh"), "{try_line}");
+    assert!(!try_line.contains("claude"), "{try_line}");
+
+    // No URL, no key: `--data-dir` (before or after the subcommand) is enough.
+    let out = isolated(&["status", "--data-dir", &data_s], tmp.path()).await?;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains(up.url()), "{stdout}");
+    let out = isolated(&["task", "--data-dir", &data_s, "list"], tmp.path()).await?;
+    assert!(out.status.success(), "{}", text(&out).1);
+    let out = isolated(&["--json", "daemons", "--data-dir", &data_s], tmp.path()).await?;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let daemons: Vec<serde_json::Value> = serde_json::from_str(&stdout)?;
+    assert_eq!(daemons.len(), 1, "{stdout}");
+
+    // Stopped, it is no longer recorded, and a client says what to do.
+    up.signal(nix::sys::signal::Signal::SIGTERM)?;
+    let (status, _) = up.wait_exit(WAIT).await?;
+    assert!(status.success(), "{status}");
+    assert!(!data.join("endpoint.json").exists());
+    let out = isolated(&["status", "--data-dir", &data_s], tmp.path()).await?;
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "No running kennel server is recorded in {data_s}. Start one with `kennel up`"
+        )),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn client_commands_find_a_kennel_up_on_the_default_data_directory() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let cfg = tmp.path().join("kennel.toml");
+    std::fs::write(&cfg, DAEMON)?;
+    // The default data directory is `$XDG_DATA_HOME/kennel`; `up` listens on a port of its
+    // choosing, which only its record tells.
+    let xdg = tmp.path().join("xdg");
+    std::fs::create_dir(&xdg)?;
+    let env = vec![("XDG_DATA_HOME".to_string(), xdg.display().to_string())];
+    let options = kennel_testkit::UpOptions {
+        env: env.clone(),
+        implicit_data_dir: true,
+    };
+    let mut up =
+        kennel_testkit::KennelUp::start_with(bin(), &cfg, &xdg.join("kennel"), &options, WAIT)
+            .await?;
+    let another = up
+        .wait_line(WAIT, |l| l.starts_with("kennel: from another shell"))
+        .await?;
+    assert!(another.contains("`kennel status`"), "{another}");
+
+    let out = kennel_testkit::server::isolated_command(bin())
+        .arg("status")
+        .env("XDG_DATA_HOME", &xdg)
+        .current_dir(tmp.path())
+        .stderr(Stdio::piped())
+        .output()
+        .await?;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains(up.url()), "{stdout}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn kennel_up_points_claude_code_at_its_own_gateway_with_a_key_it_keeps() -> anyhow::Result<()>
+{
+    use kennel_proto::api::{ApiKey, CreateTask};
+    use kennel_proto::link::RepoSpec;
+    use kennel_proto::TaskStatus;
+    anyhow::ensure!(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .any(|d| d.join("claude").is_file()),
+        "the Claude Code CLI (`claude`) is not on PATH; install it with \
+         `npm install -g @anthropic-ai/claude-code` (scripts/test does)"
+    );
+    let upstream = kennel_testkit::ScriptedAnthropic::write_file("hello.txt", "hi\n").await?;
+    let git = kennel_testkit::GitFixture::new(&[])?;
+    let tmp = tempfile::tempdir()?;
+    let home = tmp.path().join("home");
+    std::fs::create_dir(&home)?;
+    // The profile says nothing about where Claude Code sends its calls: `kennel up` does.
+    let cfg = tmp.path().join("kennel.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[daemon]
+max_concurrent_tasks = 1
+
+[daemon.agents.claude]
+kind = "claude"
+
+[daemon.agents.claude.env]
+CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC = "1"
+DISABLE_TELEMETRY = "1"
+DISABLE_AUTOUPDATER = "1"
+DISABLE_ERROR_REPORTING = "1"
+HOME = "{home}"
+CLAUDE_CONFIG_DIR = "{home}/.claude"
+
+[gateway]
+listen = "127.0.0.1:0"
+
+[[gateway.upstreams]]
+name = "anthropic"
+kind = "anthropic"
+base_url = "{url}"
+api_key_env = "UPSTREAM_KEY"
+"#,
+            home = home.display(),
+            url = upstream.url(),
+        ),
+    )?;
+    let data = tmp.path().join("data");
+    let options = kennel_testkit::UpOptions {
+        env: vec![("UPSTREAM_KEY".into(), "sk-ant-upstream".into())],
+        implicit_data_dir: false,
+    };
+    let slow = std::time::Duration::from_secs(120);
+    let mut up = kennel_testkit::KennelUp::start_with(bin(), &cfg, &data, &options, WAIT).await?;
+    assert!(
+        up.lines_before_url().iter().any(|l| l
+            .starts_with("kennel: agents claude, codex send their LLM calls through this gateway")),
+        "{:?}",
+        up.lines_before_url()
+    );
+    let agents_key = std::fs::read_to_string(data.join("agents.key"))?;
+
+    let api = up.api()?;
+    let t = api
+        .submit(&CreateTask {
+            name: "claude through the gateway".into(),
+            prompt: "Create hello.txt containing hi".into(),
+            agent: Some("claude".into()),
+            repo: Some(RepoSpec {
+                url: git.url(),
+                base_branch: "main".into(),
+            }),
+            max_attempts: Some(1),
+            ..CreateTask::default()
+        })
+        .await?;
+    let done = kennel_testkit::wait_task_status(
+        up.url(),
+        &up.admin_key()?,
+        &t.id,
+        TaskStatus::Completed,
+        slow,
+    )
+    .await;
+    if let Err(e) = done {
+        let out = api.output(&t.id, Some(1), 0).await?;
+        anyhow::bail!("{e}\noutput: {out:#?}");
+    }
+    assert_eq!(git.show(&format!("kennel/{}", t.id), "hello.txt")?, "hi");
+    // Only the gateway knows the upstream's key: every call the upstream saw came through it.
+    let recorded = upstream.recorded();
+    assert!(!recorded.is_empty());
+    for r in &recorded {
+        assert_eq!(
+            r.headers.get("x-api-key").map(String::as_str),
+            Some("sk-ant-upstream"),
+            "{r:?}"
+        );
+    }
+
+    // Started again on the same data, it keeps the key it minted: one key, not one per start.
+    up.signal(nix::sys::signal::Signal::SIGTERM)?;
+    up.wait_exit(WAIT).await?;
+    let up = kennel_testkit::KennelUp::start_with(bin(), &cfg, &data, &options, WAIT).await?;
+    assert_eq!(
+        std::fs::read_to_string(data.join("agents.key"))?,
+        agents_key
+    );
+    let keys: Vec<ApiKey> = up.api()?.get("/api/v1/keys").await?;
+    let agent_keys: Vec<&ApiKey> = keys.iter().filter(|k| k.name == "local agents").collect();
+    assert_eq!(agent_keys.len(), 1, "{keys:?}");
+    assert_eq!(agent_keys[0].scopes, [Scope::Gateway]);
+    Ok(())
+}
