@@ -275,7 +275,7 @@ impl Executor {
             return self.reject(&spawn, reason, None);
         }
         if let Some(repo) = &spawn.repo {
-            if let Err(e) = kennel_proto::validate_branch_name(&repo.base_branch) {
+            if let Err(e) = kennel_proto::validate_base_branch(&repo.base_branch) {
                 return self.reject(&spawn, e.to_string(), None);
             }
         }

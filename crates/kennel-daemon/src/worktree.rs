@@ -263,7 +263,8 @@ impl RepoCache {
     }
 
     /// Makes a fresh worktree for one attempt of a task, on branch `<prefix><task_id>` at the
-    /// remote's current `base_branch`. The repository is cloned once (bare); every later call
+    /// remote's current `base_branch` (its default branch when that is empty). The repository
+    /// is cloned once (bare); every later call
     /// fetches only the base branch, so its cost does not grow with the branches other tasks
     /// have pushed. A retry resets the branch.
     #[tracing::instrument(skip(self, repo), fields(url = %redact_userinfo(&repo.url), base = %repo.base_branch))]
@@ -275,7 +276,7 @@ impl RepoCache {
     ) -> Result<Worktree, GitError> {
         let check = "accept the task's repository settings";
         validate_id("task id", task_id).map_err(|e| GitError::refused(check, e.to_string()))?;
-        validate_branch_name(&repo.base_branch)
+        kennel_proto::validate_base_branch(&repo.base_branch)
             .map_err(|e| GitError::refused(check, format!("base {e}")))?;
         if attempt == 0 {
             return Err(GitError::refused(check, "attempt numbers start at 1"));
@@ -294,7 +295,12 @@ impl RepoCache {
         let _guard = lock.lock().await;
 
         self.ensure_cache(&url, &cache_dir).await?;
-        let base_sha = fetch_base(&cache_dir, &url, &repo.base_branch).await?;
+        let base = if repo.base_branch.is_empty() {
+            default_branch(&cache_dir, &url).await?
+        } else {
+            repo.base_branch.clone()
+        };
+        let base_sha = fetch_base(&cache_dir, &url, &base).await?;
         // What the remote holds for our branch as this attempt starts: a retry's forced push
         // may replace exactly that and nothing newer. A first attempt pushes without a lease
         // (see `finish`), so only retries pay for this second round trip to the remote.
@@ -869,6 +875,41 @@ async fn fetch_base(cache_dir: &Path, url: &str, base: &str) -> Result<String, G
     .await?
     // A branch that points at something other than a commit is no base to start from either.
     .ok_or_else(missing)
+}
+
+/// The remote's default branch: the branch its `HEAD` names, asked of the remote itself (the
+/// cache's own `HEAD` is whatever it was at clone time).
+async fn default_branch(cache_dir: &Path, url: &str) -> Result<String, GitError> {
+    let shown = redact_userinfo(url);
+    let action = format!("find the default branch of {shown}");
+    let out = git_ok(
+        cache_dir,
+        &args(["ls-remote", "--symref", "origin", "HEAD"]),
+        &action,
+        HINT_REMOTE,
+    )
+    .await?;
+    // `ref: refs/heads/<name>\tHEAD`, then the commit line.
+    let name = out.lines().find_map(|line| {
+        let (target, name) = line.strip_prefix("ref: ")?.split_once('\t')?;
+        (name == "HEAD")
+            .then_some(target)?
+            .strip_prefix("refs/heads/")
+    });
+    let Some(name) = name else {
+        return Err(GitError::refused(
+            &action,
+            format!(
+                "the repository {shown} names no default branch (its HEAD points at no branch); \
+                 give the branch to start from with --base"
+            ),
+        ));
+    };
+    validate_branch_name(name).map_err(|e| {
+        GitError::refused(&action, format!("its default branch is not usable: {e}"))
+    })?;
+    tracing::debug!(url = %shown, base = %name, "base branch: the remote's default");
+    Ok(name.to_string())
 }
 
 /// What the remote's `refname` (a full name, `refs/heads/…`) points at; `None` when the remote
@@ -1478,6 +1519,45 @@ mod tests {
             "{err}"
         );
         assert!(err.stderr().is_some(), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_empty_base_starts_from_the_remotes_default_branch_as_it_is_now() {
+        let f = Fixture::new();
+        let default = RepoSpec {
+            base_branch: String::new(),
+            ..f.spec()
+        };
+        let wt = f.cache.prepare(&default, "d1", 1).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(wt.path.join("README.md")).unwrap(),
+            "hello\n"
+        );
+
+        // The remote's default branch becomes `trunk`, after the cache was cloned: the next
+        // task starts from `trunk`, not from the branch the cache was cloned with.
+        git(&f.seed, &["checkout", "--quiet", "-b", "trunk"]);
+        std::fs::write(f.seed.join("trunk.txt"), "trunk\n").unwrap();
+        git(&f.seed, &["add", "-A"]);
+        git(&f.seed, &["commit", "--quiet", "-m", "trunk"]);
+        let remote = f.remote.to_str().unwrap();
+        git(
+            &f.seed,
+            &["push", "--quiet", remote, "HEAD:refs/heads/trunk"],
+        );
+        git(&f.remote, &["symbolic-ref", "HEAD", "refs/heads/trunk"]);
+        let wt = f.cache.prepare(&default, "d2", 1).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(wt.path.join("trunk.txt")).unwrap(),
+            "trunk\n"
+        );
+
+        // A remote whose HEAD names no branch that exists is told apart from a missing base.
+        git(&f.remote, &["symbolic-ref", "HEAD", "refs/heads/gone"]);
+        let err = f.cache.prepare(&default, "d3", 1).await.unwrap_err();
+        assert!(err.is_refused(), "{err}");
+        assert!(err.to_string().contains("names no default branch"), "{err}");
+        assert!(err.to_string().contains("--base"), "{err}");
     }
 
     #[tokio::test]

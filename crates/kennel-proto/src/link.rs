@@ -429,12 +429,10 @@ fn default_max_frame() -> usize {
 pub struct RepoSpec {
     /// A remote URL or a local path.
     pub url: String,
-    #[serde(default = "default_base_branch")]
+    /// The branch to start from. Empty (or absent on the wire) means the remote's default
+    /// branch, the one its `HEAD` names, which the daemon looks up when it fetches.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub base_branch: String,
-}
-
-pub fn default_base_branch() -> String {
-    "main".to_string()
 }
 
 /// Limits the daemon enforces on one attempt.

@@ -46,6 +46,14 @@ pub fn validate_id(what: &'static str, value: &str) -> Result<(), InvalidId> {
     Ok(())
 }
 
+/// Checks a task's base branch: empty (the remote's default branch) or a valid branch name.
+pub fn validate_base_branch(value: &str) -> Result<(), InvalidId> {
+    if value.is_empty() {
+        return Ok(());
+    }
+    validate_branch_name(value)
+}
+
 /// Checks a branch name against the rules of `git check-ref-format --branch`, a little
 /// stricter: no whitespace, no leading `-`, at most 200 bytes.
 pub fn validate_branch_name(value: &str) -> Result<(), InvalidId> {

@@ -243,7 +243,8 @@ impl utoipa::Modify for BodyConstraints {
             text(o, 1, MAX_REPO_URL, Some(REPO_URL_PATTERN));
         });
         field("RepoSpec", "baseBranch", &|o| {
-            text(o, 1, MAX_BRANCH, Some(BRANCH_PATTERN));
+            // Empty: the remote's default branch.
+            text(o, 0, MAX_BRANCH, Some(&format!("^$|{BRANCH_PATTERN}")));
             in_bytes(o, MAX_BRANCH);
         });
         field("CreateKey", "name", &|o| {

@@ -966,7 +966,7 @@ impl Coordinator {
             if repo.url.starts_with('-') {
                 return bad("`repo.url` must not start with `-`".into());
             }
-            kennel_proto::validate_branch_name(&repo.base_branch)
+            kennel_proto::validate_base_branch(&repo.base_branch)
                 .map_err(|e| ApiError::invalid(format!("`repo.baseBranch`: {e}")))?;
         }
         for (k, v) in &req.labels {

@@ -137,7 +137,7 @@ fn task_from_row(row: &Row<'_>) -> Result<QueuedTask> {
             prompt: row.get(3)?,
             repo: repo_url.map(|url| RepoSpec {
                 url,
-                base_branch: base_branch.unwrap_or_else(kennel_proto::link::default_base_branch),
+                base_branch: base_branch.unwrap_or_default(),
             }),
             agent: row.get(6)?,
             labels: json_map(&labels, "task labels")?,

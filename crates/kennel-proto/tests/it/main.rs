@@ -403,13 +403,20 @@ fn nested_optional_fields_are_filled_and_kept() {
         }
         other => panic!("expected spawnTask, got {other:?}"),
     }
-    // Without `baseBranch` the repository's branch defaults to `main`.
+    // Without `baseBranch` the task starts from the remote's default branch: empty here, and
+    // left out again when encoded.
     let frame = edited(Side::Server, "spawnTask", |v| {
         v["repo"] = json!({ "url": "https://git.example.net/platform/kennel.git" });
     });
     match decode_server_frame(&frame, DEFAULT_MAX_FRAME_BYTES) {
         Ok(Decoded::Known(ServerMessage::SpawnTask(s))) => {
-            assert_eq!(s.repo.map(|r| r.base_branch), Some("main".to_string()));
+            let repo = s.repo.clone().map(|r| r.base_branch);
+            assert_eq!(repo, Some(String::new()));
+            let encoded = serde_json::to_value(ServerMessage::SpawnTask(s)).unwrap();
+            assert_eq!(
+                encoded["repo"],
+                json!({ "url": "https://git.example.net/platform/kennel.git" })
+            );
         }
         other => panic!("expected spawnTask, got {other:?}"),
     }

@@ -30,9 +30,9 @@ pub enum TaskCmd {
         /// Repository URL or local path to work in.
         #[arg(long)]
         repo: Option<String>,
-        /// Branch to start from.
-        #[arg(long, default_value = "main", requires = "repo")]
-        base: String,
+        /// Branch to start from (default: the remote's default branch, the one its HEAD names).
+        #[arg(long, requires = "repo")]
+        base: Option<String>,
         /// Agent profile (claude, codex, aider, command, ...). Default: the server's.
         #[arg(long)]
         agent: Option<String>,
@@ -164,7 +164,7 @@ pub async fn run(c: &Client, g: &Global, cmd: TaskCmd) -> anyhow::Result<ExitCod
                 prompt,
                 repo: repo.map(|url| RepoSpec {
                     url,
-                    base_branch: base,
+                    base_branch: base.unwrap_or_default(),
                 }),
                 agent,
                 labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
@@ -340,7 +340,11 @@ fn show(d: &TaskDetail) {
     }
     println!("agent      {}", t.agent);
     if let Some(r) = &t.repo {
-        println!("repo       {} (from {})", r.url, r.base_branch);
+        if r.base_branch.is_empty() {
+            println!("repo       {} (from its default branch)", r.url);
+        } else {
+            println!("repo       {} (from {})", r.url, r.base_branch);
+        }
     }
     println!("priority   {}", t.priority);
     if t.attempt > t.max_attempts {

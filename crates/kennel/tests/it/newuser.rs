@@ -616,3 +616,68 @@ api_key_env = "UPSTREAM_KEY"
     assert_eq!(agent_keys[0].scopes, [Scope::Gateway]);
     Ok(())
 }
+
+#[tokio::test]
+async fn without_base_a_task_starts_from_the_remotes_default_branch() -> anyhow::Result<()> {
+    use kennel_testkit::git::git;
+    let fixture = kennel_testkit::GitFixture::new(&[])?;
+    // The remote's default branch is `trunk`, which has a file `main` lacks.
+    let seed = fixture.remote().with_file_name("trunk-seed");
+    git(
+        fixture.remote().parent().unwrap_or(Path::new("/")),
+        &["clone", "-q", &fixture.url(), "trunk-seed"],
+    )?;
+    git(&seed, &["checkout", "-q", "-b", "trunk"])?;
+    std::fs::write(seed.join("trunk.txt"), "from trunk\n")?;
+    git(&seed, &["add", "trunk.txt"])?;
+    git(&seed, &["commit", "-q", "-m", "trunk"])?;
+    git(&seed, &["push", "-q", "origin", "trunk"])?;
+    git(
+        &fixture.remote(),
+        &["symbolic-ref", "HEAD", "refs/heads/trunk"],
+    )?;
+
+    let tmp = tempfile::tempdir()?;
+    let cfg = tmp.path().join("kennel.toml");
+    std::fs::write(&cfg, DAEMON)?;
+    let data = tmp.path().join("data");
+    let data_s = data.display().to_string();
+    let _up = kennel_testkit::KennelUp::start(bin(), &cfg, &data, WAIT).await?;
+    let out = isolated(
+        &[
+            "--json",
+            "task",
+            "submit",
+            "--data-dir",
+            &data_s,
+            "--agent",
+            "sh",
+            "--repo",
+            &fixture.url(),
+            "cp trunk.txt seen.txt",
+            "-f",
+        ],
+        tmp.path(),
+    )
+    .await?;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}\n{stdout}");
+    let last: serde_json::Value = serde_json::from_str(
+        stdout
+            .lines()
+            .last()
+            .ok_or_else(|| anyhow::anyhow!("no output"))?,
+    )?;
+    let id = last["id"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no task id in {last}"))?;
+    assert_eq!(
+        fixture.show(&format!("kennel/{id}"), "seen.txt")?,
+        "from trunk"
+    );
+    let out = isolated(&["task", "show", "--data-dir", &data_s, id], tmp.path()).await?;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("(from its default branch)"), "{stdout}");
+    Ok(())
+}
