@@ -91,19 +91,20 @@ pub async fn run(g: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     println!("kennel: up at {url}");
     let data_shown = std::path::absolute(&data).unwrap_or_else(|_| data.clone());
     println!("kennel: data and admin key in {}", data_shown.display());
-    let cli = if data == kennel_server::config::default_data_dir() {
-        "kennel".to_string()
+    // `--data-dir` belongs to the client subcommand, so it goes after it.
+    let dir = if data == kennel_server::config::default_data_dir() {
+        String::new()
     } else {
         format!(
-            "kennel --data-dir {}",
+            " --data-dir {}",
             shell_word(&data_shown.display().to_string())
         )
     };
-    println!("kennel: from another shell: `{cli} status`, `{cli} task list`");
+    println!("kennel: from another shell: `kennel status{dir}`, `kennel task list{dir}`");
     match suggested_agent(&daemon.agents, &cfg.server.scheduler.default_agent) {
-        Some(agent) => {
-            println!("kennel: try `{cli} task submit \"describe the repo\" --repo PATH{agent} -f`")
-        }
+        Some(agent) => println!(
+            "kennel: try `kennel task submit{dir} \"describe the repo\" --repo PATH{agent} -f`"
+        ),
         None => println!(
             "kennel: the local daemon found no agent CLI, so tasks will wait: install Claude Code \
              (`npm i -g @anthropic-ai/claude-code`) or Codex (`npm i -g @openai/codex`), or \

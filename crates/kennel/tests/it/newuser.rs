@@ -427,17 +427,28 @@ async fn client_commands_find_a_kennel_up_through_its_data_directory() -> anyhow
         .wait_line(WAIT, |l| l.starts_with("kennel: from another shell"))
         .await?;
     assert!(
-        another.contains(&format!("`kennel --data-dir '{data_s}' status`")),
+        another.contains(&format!("`kennel status --data-dir '{data_s}'`")),
         "{another}"
     );
     let try_line = up.wait_line(WAIT, |l| l.starts_with("kennel: try")).await?;
     assert!(try_line.contains("--agent sh"), "{try_line}");
     assert!(!try_line.contains("claude"), "{try_line}");
 
-    // No URL, no key: `--data-dir` (before or after the subcommand) is enough.
-    let out = isolated(&["status", "--data-dir", &data_s], tmp.path()).await?;
+    // No URL, no key: the command the banner prints works as printed, in a shell.
+    let status = another
+        .split('`')
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("no command in {another}"))?;
+    let out = kennel_testkit::server::isolated_command(Path::new("sh"))
+        .arg("-c")
+        .arg(status.replacen("kennel", "\"$KENNEL\"", 1))
+        .env("KENNEL", bin())
+        .current_dir(tmp.path())
+        .stderr(Stdio::piped())
+        .output()
+        .await?;
     let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "{stderr}");
+    assert!(out.status.success(), "{status}: {stderr}");
     assert!(stdout.contains(up.url()), "{stdout}");
     let out = isolated(&["task", "--data-dir", &data_s, "list"], tmp.path()).await?;
     assert!(out.status.success(), "{}", text(&out).1);
