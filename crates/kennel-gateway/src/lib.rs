@@ -12,10 +12,10 @@ pub mod error;
 pub mod health;
 pub mod metrics;
 mod proxy;
+mod ratelimit;
 pub mod state;
 
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,8 +26,6 @@ use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use governor::clock::{Clock as _, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use kennel_proto::api::Scope;
 use kennel_server::auth::{self, KeyRing};
 use kennel_server::config::AuthConfig;
@@ -94,7 +92,7 @@ pub(crate) struct Shared {
     pub(crate) clock: Arc<dyn Clock>,
     store: Arc<dyn Store>,
     keys: KeyRing,
-    limiter: Option<DefaultKeyedRateLimiter<String>>,
+    limiter: Option<ratelimit::KeyedLimiter>,
 }
 
 impl Shared {
@@ -149,8 +147,7 @@ impl Shared {
             )
         })?;
         if let Some(limiter) = &self.limiter {
-            if let Err(not_until) = limiter.check_key(&principal.key_id) {
-                let wait = not_until.wait_time_from(DefaultClock::default().now());
+            if let Err(wait) = limiter.check(&principal.key_id, std::time::Instant::now()) {
                 let mut e = GatewayError::new(
                     format,
                     StatusCode::TOO_MANY_REQUESTS,
@@ -308,15 +305,7 @@ impl Gateway {
                  ZEPTOCLAW_GATEWAY_URL; every model request will get 404"
             );
         }
-        let limiter = match (
-            NonZeroU32::new(cfg.rate_limit.per_minute),
-            NonZeroU32::new(cfg.rate_limit.burst),
-        ) {
-            (Some(rate), Some(burst)) => Some(RateLimiter::keyed(
-                Quota::per_minute(rate).allow_burst(burst),
-            )),
-            _ => None,
-        };
+        let limiter = ratelimit::KeyedLimiter::new(cfg.rate_limit.per_minute, cfg.rate_limit.burst);
         let state = GatewayState::open(store.clone(), cfg.max_kept_report_bytes).await?;
         let shared = Arc::new(Shared {
             cfg: cfg.clone(),

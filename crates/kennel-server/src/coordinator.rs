@@ -1007,7 +1007,7 @@ impl Coordinator {
             return bad("`timeoutSecs` must be at least 1".into());
         }
         Ok(NewTask {
-            id: format!("t-{}", uuid::Uuid::now_v7().simple()),
+            id: format!("t-{}", crate::ids::time_ordered()),
             name: req.name,
             prompt: req.prompt,
             repo: req.repo,
@@ -1306,7 +1306,7 @@ impl Coordinator {
         if let Some(d) = self.store.daemon_by_machine(machine_id).await? {
             return Ok(d.id);
         }
-        Ok(format!("d-{}", uuid::Uuid::now_v7().simple()))
+        Ok(format!("d-{}", crate::ids::time_ordered()))
     }
 
     /// Registers an authenticated connection and re-attaches the attempts it still runs.

@@ -11,6 +11,7 @@ pub mod config;
 pub mod coordinator;
 pub mod error;
 pub mod hub;
+pub mod ids;
 pub mod listener;
 pub mod outbound;
 pub mod stream;

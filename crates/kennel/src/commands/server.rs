@@ -24,19 +24,31 @@ pub struct ServerArgs {
     pub data_dir: Option<PathBuf>,
 }
 
-/// Sets up logging to stderr: `RUST_LOG`, else the config's `log`, else `info`.
+/// Sets up logging to stderr: `RUST_LOG`, else the config's `log`, else `info`. The filter is
+/// a default level and per-target levels, `info,kennel_daemon=debug` (targets match by module
+/// path prefix); a filter that does not parse falls back to `info`, with a warning.
 pub fn init_tracing(level: Option<&str>) {
-    use tracing_subscriber::EnvFilter;
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .or_else(|| level.map(str::to_string))
-        .unwrap_or_else(|| "info".to_string());
-    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let (text, from) = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => (v, "RUST_LOG"),
+        _ => (level.unwrap_or("info").to_string(), "log"),
+    };
+    let (filter, problem) = match text.parse::<Targets>() {
+        Ok(f) => (f, None),
+        Err(e) => (Targets::new().with_default(tracing::Level::INFO), Some(e)),
+    };
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
         .try_init();
+    if let Some(e) = problem {
+        tracing::warn!("ignoring the log filter `{text}` from {from} ({e}); logging at info");
+    }
 }
 
 pub async fn run(g: &Global, args: ServerArgs) -> anyhow::Result<ExitCode> {

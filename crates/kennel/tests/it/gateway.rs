@@ -1132,3 +1132,33 @@ async fn when_every_provider_refuses_kennels_key_the_client_is_told_so() -> anyh
     assert!(msg.contains("your kennel key was accepted"), "{v}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_key_over_its_rate_gets_429_with_retry_after_and_other_keys_do_not() -> anyhow::Result<()>
+{
+    let srv = crate::server().await?;
+    let other = srv.api().create_key("other", &[Scope::Gateway]).await?.key;
+    let a = ScriptedLlm::start("a").await?;
+    // One request a minute, two saved: the third in a row waits about a minute.
+    let toml = config(&[up("a", &a, 0)], "").replace(
+        "per_minute = 100000\nburst = 1000",
+        "per_minute = 1\nburst = 2",
+    );
+    let gw = KennelGateway::start_in(bin(), &toml, &[], srv.data_dir()).await?;
+    let mut c = Client::new(&gw);
+    for _ in 0..2 {
+        assert_eq!(c.chat("m", false).await?.status(), 200);
+    }
+    let r = c.chat("m", false).await?;
+    assert_eq!(r.status(), 429);
+    let wait: u64 = header(&r, "retry-after").parse()?;
+    assert!((50..=60).contains(&wait), "retry-after {wait}");
+    let body: Value = r.json().await?;
+    let msg = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("exceeded gateway.rate_limit"), "{body}");
+
+    // The limit is per key: another key still gets through.
+    c.key = other;
+    assert_eq!(c.chat("m", false).await?.status(), 200);
+    Ok(())
+}
