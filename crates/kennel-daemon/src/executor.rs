@@ -3,7 +3,8 @@
 //! interrupt / messages, and finally commits, pushes and reports `taskComplete`.
 //!
 //! Every message it produces goes through the [`Outbox`] first (numbered and stored), then to
-//! the link; it never talks to the network itself.
+//! the link; it never talks to the network itself. What the agent's output means (progress,
+//! its own reason for failing) is [`agent::OutputReader`]'s to say; this module only sends it.
 //!
 //! Capacity rule: an attempt's slot is freed before its `taskComplete` (or hand-back) is
 //! emitted, so an upstream that frees the slot when that message arrives and dispatches the
@@ -21,9 +22,10 @@ use kennel_proto::link::{
     TaskRejected, TaskStatusChange, RETURNED,
 };
 use kennel_proto::{validate_id, DaemonMessage};
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::agent::{self, AgentKind, AgentProfile};
+use crate::agent::{self, AgentKind, AgentProfile, OutputReader, Progress, Reading};
 use crate::config::DaemonConfig;
 use crate::outbox::{Outbox, Pending};
 use crate::process::{self, AgentProcess, Line, SpawnSpec};
@@ -143,23 +145,32 @@ impl Executor {
         ok
     }
 
-    /// Stores and sends one message of an attempt, unless the attempt was dropped.
-    fn emit(&self, task_id: &str, attempt: u32, make: impl FnOnce(u64) -> DaemonMessage) {
+    /// Stores and sends one message of an attempt, unless the attempt was dropped. Returns
+    /// the message's seq when it was stored.
+    fn emit(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        make: impl FnOnce(u64) -> DaemonMessage,
+    ) -> Option<u64> {
         let dropped = self
             .dropped
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains(&(task_id.to_string(), attempt));
         if dropped {
-            return;
+            return None;
         }
         match self.outbox.push(task_id, attempt, make) {
-            // A send error means the link task is gone (shutdown); the outbox keeps it.
             Ok(p) => {
+                let seq = p.seq;
+                // A send error means the link task is gone (shutdown); the outbox keeps it.
                 let _ = self.out.send(p);
+                Some(seq)
             }
             Err(e) => {
-                tracing::error!(task_id, attempt, error = %e, "failed to store a task message; it cannot be delivered")
+                tracing::error!(task_id, attempt, error = %e, "failed to store a task message; it cannot be delivered");
+                None
             }
         }
     }
@@ -171,7 +182,7 @@ impl Executor {
         stream: OutputStream,
         text: String,
         partial: bool,
-    ) {
+    ) -> Option<u64> {
         self.emit(task_id, attempt, |seq| {
             DaemonMessage::TaskOutput(TaskOutput {
                 task_id: task_id.to_string(),
@@ -181,7 +192,7 @@ impl Executor {
                 output: text,
                 is_partial: partial,
             })
-        });
+        })
     }
 
     /// A note from kennel itself in the task's output (on stderr, prefixed).
@@ -543,6 +554,7 @@ impl Executor {
         tokio::pin!(deadline);
         let grace = Duration::from_secs(self.cfg.interrupt_grace_secs);
         let claude = profile.kind == AgentKind::Claude;
+        let mut reader = OutputReader::new(profile.kind);
         let mut paused = false;
         // Why the agent is being stopped, if it is.
         let mut stopping: Option<(String, Duration)> = None;
@@ -555,14 +567,15 @@ impl Executor {
                     loop {
                         tokio::select! {
                             biased;
-                            Some(line) = lines.recv() => self.line(tid, att, claude, line),
+                            Some(line) = lines.recv() => self.read(tid, att, &mut reader, line),
                             r = &mut stop => break r,
                         }
                     }
                 };
                 while let Ok(line) = lines.try_recv() {
-                    self.line(tid, att, claude, line);
+                    self.read(tid, att, &mut reader, line);
                 }
+                self.deliver(tid, att, reader.finish());
                 let why = stopping.take().map(|(w, _)| w).unwrap_or_default();
                 let code = status.as_ref().ok().map(process::exit_code);
                 if why == "dropped" {
@@ -587,7 +600,7 @@ impl Executor {
             }
             tokio::select! {
                 biased;
-                Some(line) = lines.recv() => self.line(tid, att, claude, line),
+                Some(line) = lines.recv() => self.read(tid, att, &mut reader, line),
                 c = control.recv() => match c {
                     Some(Control::Pause) if !paused => match proc.pause() {
                         Ok(()) => {
@@ -627,14 +640,16 @@ impl Executor {
                 }
                 status = proc.wait() => {
                     while let Some(line) = lines.recv().await {
-                        self.line(tid, att, claude, line);
+                        self.read(tid, att, &mut reader, line);
                     }
+                    self.deliver(tid, att, reader.finish());
                     return AgentEnd::Done(match status {
                         Ok(s) => {
                             let code = process::exit_code(&s);
+                            let error = reader.failure(code);
                             Outcome {
-                                success: s.success(),
-                                error: (!s.success()).then(|| format!("the agent exited with code {code}")),
+                                success: error.is_none(),
+                                error,
                                 exit_code: Some(code),
                                 branch: None,
                                 commit: None,
@@ -647,21 +662,54 @@ impl Executor {
         }
     }
 
-    fn line(&self, tid: &str, att: u32, claude: bool, line: Line) {
-        if claude && !line.partial {
-            if let Some(p) = agent::claude_progress(&line.text) {
-                self.emit(tid, att, |seq| {
-                    DaemonMessage::TaskProgress(TaskProgress {
-                        task_id: tid.to_string(),
-                        attempt: att,
-                        seq,
-                        summary: p.summary,
-                        detail: Some(p.detail),
-                    })
-                });
+    fn read(&self, tid: &str, att: u32, reader: &mut OutputReader, line: Line) {
+        self.deliver(tid, att, reader.read(line));
+    }
+
+    /// Sends what the reader made of the agent's output. An event goes as its progress entry
+    /// followed by the raw chunks it was read from, whose seqs the entry names in
+    /// `detail.rawSeqs` (`[first, last]`), so a person's view can show the summary in place
+    /// of the JSON. The seqs are known before the chunks are stored because only this
+    /// attempt's task emits for the attempt, and nothing else is emitted between them.
+    fn deliver(&self, tid: &str, att: u32, readings: Vec<Reading>) {
+        for reading in readings {
+            match reading {
+                Reading::Output(line) => {
+                    self.output(tid, att, line.stream, line.text, line.partial);
+                }
+                Reading::Event { progress, raw } => {
+                    let chunks = raw.len() as u64;
+                    let Progress {
+                        summary,
+                        mut detail,
+                        quiet,
+                    } = progress;
+                    let first = self.emit(tid, att, |seq| {
+                        if let Some(fields) = detail.as_object_mut() {
+                            fields.insert("rawSeqs".into(), json!([seq + 1, seq + chunks]));
+                            if quiet {
+                                fields.insert("quiet".into(), Value::Bool(true));
+                            }
+                        }
+                        DaemonMessage::TaskProgress(TaskProgress {
+                            task_id: tid.to_string(),
+                            attempt: att,
+                            seq,
+                            summary,
+                            detail: Some(detail),
+                        })
+                    });
+                    for (n, line) in (1..).zip(raw) {
+                        let seq = self.output(tid, att, line.stream, line.text, line.partial);
+                        if let (Some(first), Some(seq)) = (first, seq) {
+                            if seq != first + n {
+                                tracing::warn!(task_id = tid, attempt = att, seq, expected = first + n, "a raw agent event was stored under another seq than its progress entry names");
+                            }
+                        }
+                    }
+                }
             }
         }
-        self.output(tid, att, line.stream, line.text, line.partial);
     }
 
     /// After a restart: attempts whose agent was running died with the old daemon. Kill any

@@ -260,6 +260,7 @@ pub async fn run(c: &Client, g: &Global, cmd: TaskCmd) -> anyhow::Result<ExitCod
             if follow {
                 return follow_logs(c, &id, attempt, None, g.json).await;
             }
+            let mut printer = LogPrinter::new(g.json);
             let mut after = 0;
             loop {
                 let mut path = format!("/api/v1/tasks/{id}/output?after_seq={after}&limit=1000");
@@ -271,7 +272,7 @@ pub async fn run(c: &Client, g: &Global, cmd: TaskCmd) -> anyhow::Result<ExitCod
                     break;
                 }
                 for chunk in &page.items {
-                    print_chunk(chunk, g.json)?;
+                    printer.print(chunk)?;
                 }
                 after = page.next_after_seq;
             }
@@ -403,32 +404,82 @@ fn show(d: &TaskDetail) {
     }
 }
 
-fn print_chunk(chunk: &OutputChunk, json: bool) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    if json {
-        writeln!(out, "{}", serde_json::to_string(chunk)?)?;
-        return Ok(());
-    }
-    let end = if chunk.is_partial { "" } else { "\n" };
-    match chunk.stream {
-        OutputStream::Stdout => write!(out, "{}{end}", chunk.output)?,
-        OutputStream::Stderr => {
-            drop(out);
-            eprint!("{}{end}", chunk.output);
+/// Where a line of a task's output goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sink {
+    Stdout,
+    Stderr,
+}
+
+/// Shows a task's output chunks, for `task logs` and `task submit -f`. With `--json`, every
+/// chunk as stored. For a person: stdout and stderr as the agent wrote them and progress as
+/// `» summary`, minus what is there for programs: progress entries marked `quiet`, and the
+/// raw stream-json lines a progress entry was read from (the seqs in its `detail.rawSeqs`,
+/// stored right after it), which the entry's summary stands in for.
+#[derive(Debug)]
+struct LogPrinter {
+    json: bool,
+    /// Attempt and first and last seq of the raw lines the last progress entry summarised.
+    covered: Option<(u32, u64, u64)>,
+}
+
+impl LogPrinter {
+    fn new(json: bool) -> Self {
+        LogPrinter {
+            json,
+            covered: None,
         }
-        OutputStream::Progress => {
-            let summary = serde_json::from_str::<serde_json::Value>(&chunk.output)
-                .ok()
-                .and_then(|v| {
-                    v.get("summary")
-                        .and_then(|s| s.as_str())
-                        .map(str::to_string)
-                })
-                .unwrap_or_else(|| chunk.output.clone());
-            writeln!(out, "» {summary}")?;
-        }
     }
-    Ok(())
+
+    fn print(&mut self, chunk: &OutputChunk) -> anyhow::Result<()> {
+        match self.render(chunk)? {
+            Some((Sink::Stdout, text)) => std::io::stdout().lock().write_all(text.as_bytes())?,
+            Some((Sink::Stderr, text)) => std::io::stderr().lock().write_all(text.as_bytes())?,
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// What to print for `chunk`, and where; `None` when a person need not see it.
+    fn render(&mut self, chunk: &OutputChunk) -> anyhow::Result<Option<(Sink, String)>> {
+        if self.json {
+            return Ok(Some((
+                Sink::Stdout,
+                format!("{}\n", serde_json::to_string(chunk)?),
+            )));
+        }
+        let end = if chunk.is_partial { "" } else { "\n" };
+        Ok(match chunk.stream {
+            OutputStream::Stdout if self.covers(chunk) => None,
+            OutputStream::Stdout => Some((Sink::Stdout, format!("{}{end}", chunk.output))),
+            OutputStream::Stderr => Some((Sink::Stderr, format!("{}{end}", chunk.output))),
+            OutputStream::Progress => {
+                let entry = serde_json::from_str::<serde_json::Value>(&chunk.output).ok();
+                let detail = entry.as_ref().and_then(|e| e.get("detail"));
+                self.covered = detail
+                    .and_then(|d| d.get("rawSeqs"))
+                    .and_then(|seqs| Some((seqs.get(0)?.as_u64()?, seqs.get(1)?.as_u64()?)))
+                    .map(|(first, last)| (chunk.attempt, first, last));
+                let quiet = detail
+                    .and_then(|d| d.get("quiet"))
+                    .and_then(serde_json::Value::as_bool)
+                    == Some(true);
+                let summary = entry
+                    .as_ref()
+                    .and_then(|e| e.get("summary"))
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or(&chunk.output);
+                (!quiet).then(|| (Sink::Stdout, format!("» {summary}\n")))
+            }
+        })
+    }
+
+    /// Whether `chunk` is a raw line the last progress entry already summarised.
+    fn covers(&self, chunk: &OutputChunk) -> bool {
+        self.covered.is_some_and(|(attempt, first, last)| {
+            chunk.attempt == attempt && (first..=last).contains(&chunk.seq)
+        })
+    }
 }
 
 /// Warns when no daemon, connected or not, has ever offered `agent`: most likely a typo, or an
@@ -476,6 +527,7 @@ async fn follow_logs(
     if let Some(a) = attempt {
         path.push_str(&format!("?attempt={a}"));
     }
+    let mut printer = LogPrinter::new(json);
     let mut last_id: Option<String> = None;
     let mut retries = 0;
     loop {
@@ -502,7 +554,7 @@ async fn follow_logs(
                 "output" => {
                     let chunk: OutputChunk = serde_json::from_str(&ev.data)
                         .context("the server sent an output event that is not an output chunk")?;
-                    print_chunk(&chunk, json)?;
+                    printer.print(&chunk)?;
                     last_id = Some(ev.id);
                 }
                 "waiting" => {
@@ -558,5 +610,83 @@ async fn follow_logs(
             bail!("lost the output stream of task {id} repeatedly; try `kennel task logs -f {id}` again");
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn chunk(seq: u64, stream: OutputStream, output: &str) -> OutputChunk {
+        OutputChunk {
+            task_id: "t-1".into(),
+            attempt: 1,
+            seq,
+            stream,
+            output: output.into(),
+            is_partial: false,
+            at: "2025-01-01T00:00:00Z".into(),
+        }
+    }
+
+    /// What a person sees for `chunks`, in order.
+    fn shown(printer: &mut LogPrinter, chunks: &[OutputChunk]) -> Vec<(Sink, String)> {
+        chunks
+            .iter()
+            .filter_map(|c| printer.render(c).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_person_sees_summaries_instead_of_the_raw_events_they_were_read_from() {
+        let chunks = [
+            chunk(
+                1,
+                OutputStream::Progress,
+                r#"{"summary":"session started","detail":{"event":"init","rawSeqs":[2,2]}}"#,
+            ),
+            chunk(
+                2,
+                OutputStream::Stdout,
+                r#"{"type":"system","subtype":"init"}"#,
+            ),
+            chunk(
+                3,
+                OutputStream::Progress,
+                r#"{"summary":"rate_limit_event","detail":{"event":"rate_limit_event","rawSeqs":[4,5],"quiet":true}}"#,
+            ),
+            chunk(4, OutputStream::Stdout, r#"{"type":"rate_limit_"#),
+            chunk(5, OutputStream::Stdout, r#"event"}"#),
+            chunk(6, OutputStream::Stdout, "plain text the agent printed"),
+            chunk(7, OutputStream::Stderr, "kennel: the agent made no changes"),
+            chunk(
+                8,
+                OutputStream::Progress,
+                r#"{"summary":"from another daemon"}"#,
+            ),
+            chunk(9, OutputStream::Stdout, r#"{"type":"result"}"#),
+        ];
+        let mut printer = LogPrinter::new(false);
+        assert_eq!(
+            shown(&mut printer, &chunks),
+            [
+                (Sink::Stdout, "» session started\n".to_owned()),
+                (Sink::Stdout, "plain text the agent printed\n".to_owned()),
+                (
+                    Sink::Stderr,
+                    "kennel: the agent made no changes\n".to_owned()
+                ),
+                (Sink::Stdout, "» from another daemon\n".to_owned()),
+                // Not named by any progress entry: shown as written.
+                (Sink::Stdout, "{\"type\":\"result\"}\n".to_owned()),
+            ]
+        );
+
+        // --json shows every chunk as stored.
+        let mut printer = LogPrinter::new(true);
+        let all = shown(&mut printer, &chunks);
+        assert_eq!(all.len(), chunks.len());
+        assert!(all[1].1.contains(r#"\"type\":\"system\""#), "{all:?}");
     }
 }

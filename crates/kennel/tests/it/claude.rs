@@ -1,6 +1,6 @@
 //! The real Claude Code CLI (`@anthropic-ai/claude-code`) run by the real daemon, against a
 //! scripted Anthropic upstream ([`ScriptedAnthropic`]): the file it writes lands in the pushed
-//! branch and its stream-json events are stored as progress.
+//! branch and its stream-json events are stored as progress, each before its raw line.
 //!
 //! The CLI must be installed (`npm install -g @anthropic-ai/claude-code`; `.ci/run` does it);
 //! without it the test fails and says so, rather than skipping.
@@ -181,14 +181,35 @@ async fn claude_code_writes_a_file_that_lands_in_the_pushed_branch() -> anyhow::
         result.map(|r| r["detail"]["numTurns"].clone()),
         Some(2.into())
     );
-    let raw = output
-        .iter()
-        .filter(|c| c.stream == OutputStream::Stdout)
-        .count();
-    assert!(
-        raw >= progress.len(),
-        "the raw stream-json lines are kept too: {output:#?}"
-    );
+    // Every raw stream-json line is kept too, right after the progress entry read from it,
+    // which names its seqs so `kennel task logs` can show the summary instead.
+    let mut line = String::new();
+    let mut first_seq = None;
+    for (i, chunk) in output.iter().enumerate() {
+        if chunk.stream != OutputStream::Stdout {
+            continue;
+        }
+        let first = *first_seq.get_or_insert(chunk.seq);
+        line.push_str(&chunk.output);
+        if chunk.is_partial {
+            continue;
+        }
+        let event: serde_json::Value = serde_json::from_str(&line)?;
+        assert!(event["type"].is_string(), "not stream-json: {line}");
+        let entry = output[..i]
+            .iter()
+            .rev()
+            .find(|c| c.stream == OutputStream::Progress)
+            .map(|c| serde_json::from_str::<serde_json::Value>(&c.output))
+            .transpose()?;
+        assert_eq!(
+            entry.as_ref().map(|e| e["detail"]["rawSeqs"].clone()),
+            Some(serde_json::json!([first, chunk.seq])),
+            "the raw line {line} follows no progress entry naming it: {entry:?}"
+        );
+        line.clear();
+        first_seq = None;
+    }
 
     // What the upstream saw: two streamed turns of one conversation, with our key; the first
     // offered the Write tool in the task's worktree, the second returned its result.

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `kennel` binary on a free port, driven over real sockets by
 //! protocol-level test daemons, the REST API, server-sent events and the CLI.
 
+mod agent_failure;
 mod api;
 mod claude;
 mod cli;

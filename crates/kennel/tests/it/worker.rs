@@ -125,17 +125,22 @@ async fn a_task_pushes_its_branch_and_reports_the_commit() -> anyhow::Result<()>
         out.items
     );
 
-    // A failing agent fails the task with its exit code and pushes nothing.
+    // A failing agent fails the task with its exit code and the last line it wrote on stderr
+    // (its own words), and pushes nothing.
     let t = api
-        .submit(&sh("fails", "echo oops >&2; exit 3", Some(&git)))
+        .submit(&sh(
+            "fails",
+            "echo 'warning: slow' >&2; echo 'error: no such file: spec.md' >&2; echo done; exit 3",
+            Some(&git),
+        ))
         .await?;
     let done =
         wait_task_status(&srv.url(), srv.admin_key(), &t.id, TaskStatus::Failed, SLOW).await?;
     assert_eq!(done.exit_code, Some(3));
-    assert!(done
-        .error
-        .unwrap_or_default()
-        .contains("exited with code 3"));
+    assert_eq!(
+        done.error.as_deref(),
+        Some("the agent exited with code 3: error: no such file: spec.md")
+    );
     assert_eq!(git.rev(&format!("refs/heads/kennel/{}", t.id)), None);
     Ok(())
 }
