@@ -93,7 +93,7 @@ pub struct AgentProfile {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
     /// Variables added to the agent's environment (e.g. `ANTHROPIC_BASE_URL` for a gateway).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     /// Wall-clock limit for one run, in seconds, unless the task sets its own.
     #[serde(default)]
@@ -195,9 +195,70 @@ impl AgentProfile {
     }
 }
 
+/// One `[agents.<name>]` entry as the config file (or `KENNEL_*` variables) give it: an
+/// [`AgentProfile`] whose `kind` may be left out when `name` is a built-in profile's, so that
+/// `[agents.claude]` with only `env` (or one `KENNEL_DAEMON__AGENTS__CLAUDE__ENV__…` variable)
+/// adjusts the built-in instead of failing on a missing kind.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentProfileEntry {
+    /// See [`AgentProfile`]; default: the kind of the built-in profile of the same name.
+    #[serde(default)]
+    pub kind: Option<AgentKind>,
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    #[serde(default)]
+    pub permission_mode: Option<String>,
+    #[serde(default)]
+    pub stream_input: bool,
+}
+
+impl AgentProfileEntry {
+    /// The profile this entry makes under `name`: its settings over the defaults of its kind
+    /// (given, or the built-in's of the same name). The error names the profile and the key.
+    pub fn resolve(self, name: &str) -> Result<AgentProfile, String> {
+        // Destructured so that a field added to one struct and not the other does not compile.
+        let AgentProfileEntry {
+            kind,
+            command,
+            env,
+            timeout_secs,
+            permission_mode,
+            stream_input,
+        } = self;
+        let Some(kind) = kind.or_else(|| builtin_kind(name)) else {
+            return Err(format!(
+                "agent profile `{name}` has no kind and is not a built-in profile: \
+                 set agents.{name}.kind to claude, codex, aider or command"
+            ));
+        };
+        let base = AgentProfile::default_for(kind);
+        Ok(AgentProfile {
+            kind,
+            command,
+            env,
+            timeout_secs: timeout_secs.or(base.timeout_secs),
+            permission_mode: permission_mode.or(base.permission_mode),
+            stream_input,
+        })
+    }
+}
+
+/// The kinds that come with a built-in profile named after them.
+const BUILTIN_KINDS: [AgentKind; 3] = [AgentKind::Claude, AgentKind::Codex, AgentKind::Aider];
+
+/// The kind of the built-in profile called `name`, if there is one.
+pub fn builtin_kind(name: &str) -> Option<AgentKind> {
+    BUILTIN_KINDS.into_iter().find(|kind| kind.as_str() == name)
+}
+
 /// The built-in profiles, by name: `claude`, `codex` and `aider`.
 pub fn default_profiles() -> BTreeMap<String, AgentProfile> {
-    [AgentKind::Claude, AgentKind::Codex, AgentKind::Aider]
+    BUILTIN_KINDS
         .into_iter()
         .map(|kind| (kind.as_str().to_owned(), AgentProfile::default_for(kind)))
         .collect()

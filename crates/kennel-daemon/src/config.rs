@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::agent::AgentProfile;
+use crate::agent::{AgentProfile, AgentProfileEntry};
 
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -28,6 +28,8 @@ pub struct DaemonConfig {
     /// Labels tasks can require (`gpu = "a100"`).
     pub labels: BTreeMap<String, String>,
     /// Agent profiles by name; the defaults (claude, codex, aider) are added unless replaced.
+    /// A profile named like a default may leave out `kind` and then adjusts that default.
+    #[serde(deserialize_with = "deserialize_agents")]
     pub agents: BTreeMap<String, AgentProfile>,
     /// Per-repository setup, keyed by the repository URL as tasks give it.
     pub repos: BTreeMap<String, RepoSetup>,
@@ -179,6 +181,18 @@ impl DaemonConfig {
     }
 }
 
+/// Reads `[daemon.agents]`: each entry resolved under its name (see
+/// [`AgentProfileEntry::resolve`]), so a built-in's `kind` need not be repeated.
+fn deserialize_agents<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, AgentProfile>, D::Error> {
+    BTreeMap::<String, AgentProfileEntry>::deserialize(deserializer)?
+        .into_iter()
+        .map(|(name, entry)| entry.resolve(&name).map(|profile| (name, profile)))
+        .collect::<Result<_, _>>()
+        .map_err(serde::de::Error::custom)
+}
+
 /// Turns what users write into the daemon endpoint URL: `http(s)` becomes `ws(s)`, and
 /// `/ws/daemon` is appended when no path is given.
 pub fn normalize_url(url: &str) -> Option<String> {
@@ -201,8 +215,11 @@ pub fn normalize_url(url: &str) -> Option<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::agent::AgentKind;
+    use serde_json::json;
 
     #[test]
     fn urls_are_normalised() {
@@ -220,5 +237,68 @@ mod tests {
         );
         assert_eq!(normalize_url("ftp://h"), None);
         assert_eq!(normalize_url("h:7070"), None);
+    }
+
+    fn parse(value: serde_json::Value) -> Result<DaemonConfig, serde_json::Error> {
+        serde_json::from_value(value)
+    }
+
+    #[test]
+    fn a_profile_named_like_a_built_in_inherits_its_kind() {
+        let cfg = parse(json!({ "agents": {
+            "claude": { "env": { "ANTHROPIC_API_KEY": "x" } },
+            "codex": { "timeout_secs": 60 },
+        }}))
+        .unwrap();
+        cfg.validate().unwrap();
+        let claude = &cfg.agents["claude"];
+        assert_eq!(claude.kind, AgentKind::Claude);
+        assert_eq!(claude.env["ANTHROPIC_API_KEY"], "x");
+        assert_eq!(
+            claude.command_template(),
+            AgentProfile::default_for(AgentKind::Claude).command_template(),
+            "only env changed; the built-in's command and permission mode stay"
+        );
+        assert_eq!(cfg.agents["codex"].kind, AgentKind::Codex);
+        assert_eq!(cfg.agents["codex"].timeout_secs, Some(60));
+        let all = cfg.profiles();
+        assert_eq!(all["claude"].env.len(), 1);
+        assert_eq!(all["aider"], AgentProfile::default_for(AgentKind::Aider));
+
+        // A kind given explicitly replaces the built-in under that name.
+        let cfg = parse(json!({ "agents": {
+            "claude": { "kind": "command", "command": ["sh"] },
+        }}))
+        .unwrap();
+        assert_eq!(cfg.agents["claude"].kind, AgentKind::Command);
+        assert_eq!(cfg.agents["claude"].permission_mode, None);
+    }
+
+    #[test]
+    fn a_new_profile_without_kind_is_an_error_naming_it() {
+        let err = parse(json!({ "agents": { "mine": { "command": ["run"] } } }))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agent profile `mine` has no kind"), "{err}");
+        assert!(err.contains("agents.mine.kind"), "{err}");
+        let err = parse(json!({ "agents": { "claude": { "knd": "claude" } } }))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("knd"), "unknown keys are still refused: {err}");
+    }
+
+    #[test]
+    fn every_profile_field_is_accepted_in_the_config() {
+        // What `kennel config show` prints must read back: the entry form knows every field.
+        let full = AgentProfile {
+            command: vec!["claude".into(), "{prompt}".into()],
+            env: BTreeMap::from([("A".into(), "b".into())]),
+            timeout_secs: Some(5),
+            permission_mode: Some("plan".into()),
+            stream_input: true,
+            ..AgentProfile::default_for(AgentKind::Claude)
+        };
+        let read = parse(json!({ "agents": { "x": full } })).unwrap();
+        assert_eq!(read.agents["x"], full);
     }
 }

@@ -1,12 +1,18 @@
 //! Configuration loading: defaults, then a TOML file, then `KENNEL_*` environment variables
 //! (`__` separates nesting levels), then command-line flags, each overriding the one before.
 //! Unknown keys are errors that name the key and where it came from.
+//!
+//! Environment variables are read by [`EnvVars`], not figment's `Env`, for two reasons: names
+//! of struct fields and agent profiles are matched in lower case (as the file writes them),
+//! while the keys of data maps (an agent's `env`, labels) keep the case they were written in;
+//! and tests hand it variables directly instead of changing the process environment.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use figment::providers::{Env, Format, Serialized, Toml};
-use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
 use kennel_server::config::ServerConfig;
 use serde::{Deserialize, Serialize};
 
@@ -46,8 +52,158 @@ impl std::fmt::Debug for ClientConfig {
     }
 }
 
-/// Environment variables read directly by flags, not by the config tree.
-const FLAG_ENV: [&str; 3] = ["url", "api_key", "config"];
+/// Environment variables read directly by flags, not by the config tree (after `KENNEL_`).
+const FLAG_ENV: [&str; 3] = ["URL", "API_KEY", "CONFIG"];
+
+/// The prefix of configuration variables (matched in any case, like the rest of the name).
+const ENV_PREFIX: &str = "KENNEL_";
+
+/// Map-typed keys whose own keys are data (the name of an environment variable, a label, a
+/// repository URL) rather than names kennel defines: the segment right after one of these
+/// keeps the case it was written in, so `KENNEL_DAEMON__AGENTS__CLAUDE__ENV__ANTHROPIC_API_KEY`
+/// sets `ANTHROPIC_API_KEY`. `*` stands for any one key. Every other segment, struct fields
+/// and agent profile names included, is lowercased. A map missing here only loses the case
+/// of its keys when set from the environment.
+const CASE_KEEPING_MAPS: [&str; 4] = [
+    "daemon.labels",
+    "daemon.agents.*.env",
+    "daemon.repos",
+    "relay.labels",
+];
+
+/// Whether the key right after `path` keeps its case (see [`CASE_KEEPING_MAPS`]).
+fn keeps_case(path: &[String]) -> bool {
+    CASE_KEEPING_MAPS.iter().any(|map| {
+        let pattern: Vec<&str> = map.split('.').collect();
+        pattern.len() == path.len()
+            && pattern
+                .iter()
+                .zip(path)
+                .all(|(want, have)| *want == "*" || want == have)
+    })
+}
+
+/// The config path a `KENNEL_*` variable sets: its name after the prefix split at `__`, each
+/// segment lowercased unless it keys a case-keeping map. `None` for a name with an empty
+/// segment (`KENNEL_DAEMON____X`).
+fn env_path(name: &str) -> Option<Vec<String>> {
+    let mut path: Vec<String> = Vec::new();
+    for segment in name.split("__") {
+        let segment = segment.trim();
+        if segment.is_empty() {
+            return None;
+        }
+        let segment = if keeps_case(&path) {
+            segment.to_owned()
+        } else {
+            segment.to_ascii_lowercase()
+        };
+        path.push(segment);
+    }
+    Some(path)
+}
+
+/// The variable that sets `path`, for error messages: the inverse of [`env_path`].
+fn env_name(path: &[&str]) -> String {
+    let mut name = ENV_PREFIX.to_owned();
+    for (i, segment) in path.iter().enumerate() {
+        if i > 0 {
+            name.push_str("__");
+        }
+        let before: Vec<String> = path[..i].iter().map(|s| s.to_string()).collect();
+        if keeps_case(&before) {
+            name.push_str(segment);
+        } else {
+            name.push_str(&segment.to_ascii_uppercase());
+        }
+    }
+    name
+}
+
+/// The `KENNEL_*` layer of the configuration, from the given `(name, value)` pairs. Values
+/// are read like figment's `Env` reads them (`true`, `42`, `[a, b]` become typed values),
+/// except entries of the maps in [`CASE_KEEPING_MAPS`], which are strings as written.
+pub struct EnvVars {
+    vars: Vec<(String, String)>,
+}
+
+impl EnvVars {
+    /// The variables of this process.
+    pub fn from_process() -> Self {
+        Self::from_pairs(std::env::vars_os().map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        }))
+    }
+
+    pub fn from_pairs(vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        let mut vars: Vec<(String, String)> = vars.into_iter().collect();
+        // A fixed order, so that `KENNEL_A=1` with `KENNEL_A__B=2` always ends the same way.
+        vars.sort();
+        EnvVars { vars }
+    }
+}
+
+impl Provider for EnvVars {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("environment variable(s)")
+            .interpolater(|_: &Profile, path: &[&str]| env_name(path))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut dict = Dict::new();
+        for (name, value) in &self.vars {
+            let name = name.trim();
+            let Some(rest) = name
+                .get(..ENV_PREFIX.len())
+                .filter(|p| p.eq_ignore_ascii_case(ENV_PREFIX))
+                .map(|_| &name[ENV_PREFIX.len()..])
+            else {
+                continue;
+            };
+            if FLAG_ENV.iter().any(|f| f.eq_ignore_ascii_case(rest)) {
+                continue;
+            }
+            let Some(path) = env_path(rest) else {
+                continue;
+            };
+            // An entry of a data map is a string whatever it looks like (`DISABLE_TELEMETRY=1`
+            // is the string "1"); the rest is read as figment reads it.
+            let value = if keeps_case(&path[..path.len() - 1]) {
+                Value::from(value.clone())
+            } else {
+                let Ok(value) = value.parse::<Value>();
+                value
+            };
+            insert(&mut dict, &path, value);
+        }
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
+/// Sets `path` in `dict` to `value`, making the tables on the way (a value in their place
+/// gives way to them).
+fn insert(dict: &mut Dict, path: &[String], value: Value) {
+    match path {
+        [] => {}
+        [last] => {
+            dict.insert(last.clone(), value);
+        }
+        [first, rest @ ..] => {
+            let child = dict
+                .entry(first.clone())
+                .or_insert_with(|| Dict::new().into());
+            if child.as_dict().is_none() {
+                *child = Dict::new().into();
+            }
+            if let Value::Dict(_, child) = child {
+                insert(child, rest, value);
+            }
+        }
+    }
+}
 
 /// The file to read: `--config`/`KENNEL_CONFIG`, else `./kennel.toml`, else
 /// `$XDG_CONFIG_HOME/kennel/kennel.toml` (`~/.config/kennel/kennel.toml`), if present.
@@ -79,12 +235,21 @@ pub fn load(
     file: Option<&Path>,
     overrides: &[(&str, figment::value::Value)],
 ) -> anyhow::Result<(Config, Option<PathBuf>)> {
+    load_with_env(file, overrides, EnvVars::from_process())
+}
+
+/// [`load`] with the given environment variables instead of the process's.
+pub fn load_with_env(
+    file: Option<&Path>,
+    overrides: &[(&str, figment::value::Value)],
+    env: EnvVars,
+) -> anyhow::Result<(Config, Option<PathBuf>)> {
     let path = find_file(file)?;
     let mut fig = Figment::from(Serialized::defaults(Config::default()));
     if let Some(p) = &path {
         fig = fig.merge(Toml::file_exact(p));
     }
-    fig = fig.merge(Env::prefixed("KENNEL_").split("__").ignore(&FLAG_ENV));
+    fig = fig.merge(env);
     for (key, value) in overrides {
         fig = fig.merge(Serialized::global(key, value.clone()));
     }
@@ -103,8 +268,10 @@ pub fn load(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn unknown_keys_name_the_key_and_the_file() {
@@ -146,6 +313,122 @@ mod tests {
             "the rest of the file stays"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> EnvVars {
+        EnvVars::from_pairs(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    /// Loads `toml` (from a file of its own) under the variables `pairs` only.
+    fn load_toml(toml: &str, pairs: &[(&str, &str)]) -> anyhow::Result<Config> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("kennel.toml");
+        std::fs::write(&file, toml)?;
+        Ok(load_with_env(Some(&file), &[], vars(pairs))?.0)
+    }
+
+    #[test]
+    fn env_map_keys_keep_their_case_and_field_names_do_not() {
+        let cfg = load_toml(
+            "",
+            &[
+                ("KENNEL_DAEMON__AGENTS__CLAUDE__ENV__ANTHROPIC_API_KEY", "x"),
+                ("KENNEL_DAEMON__AGENTS__CLAUDE__ENV__Mixed_Case", "y"),
+                ("KENNEL_DAEMON__LABELS__GPU", "a100"),
+                ("KENNEL_DAEMON__LABELS__zone", "eu"),
+                ("KENNEL_DAEMON__LABELS__GPUS", "2"),
+                ("KENNEL_DAEMON__AGENTS__CLAUDE__ENV__DISABLE_TELEMETRY", "1"),
+                ("KENNEL_DAEMON__MAX_CONCURRENT_TASKS", "3"),
+                ("kennel_daemon__keep_worktrees", "true"),
+                ("KENNEL_RELAY__LABELS__Site", "berlin"),
+                ("KENNEL_URL", "http://not-a-config-key"),
+                ("KENNEL_API_KEY", "not-a-config-key"),
+                ("NOT_KENNEL_X", "1"),
+            ],
+        )
+        .unwrap();
+        let claude = &cfg.daemon.agents["claude"];
+        assert_eq!(claude.kind, kennel_daemon::agent::AgentKind::Claude);
+        assert_eq!(
+            claude.env,
+            BTreeMap::from([
+                ("ANTHROPIC_API_KEY".to_string(), "x".to_string()),
+                ("DISABLE_TELEMETRY".to_string(), "1".to_string()),
+                ("Mixed_Case".to_string(), "y".to_string()),
+            ])
+        );
+        assert_eq!(
+            cfg.daemon.labels,
+            BTreeMap::from([
+                ("GPU".to_string(), "a100".to_string()),
+                ("GPUS".to_string(), "2".to_string()),
+                ("zone".to_string(), "eu".to_string()),
+            ])
+        );
+        assert_eq!(cfg.relay.labels["Site"], "berlin");
+        assert_eq!(cfg.daemon.max_concurrent_tasks, 3);
+        assert!(cfg.daemon.keep_worktrees);
+        assert_eq!(cfg.client.url, None, "KENNEL_URL is a flag's variable");
+        assert_eq!(
+            cfg.daemon.profiles()["claude"].command_template(),
+            kennel_daemon::agent::AgentProfile::default_for(
+                kennel_daemon::agent::AgentKind::Claude
+            )
+            .command_template(),
+            "an env-only profile is the built-in plus its env"
+        );
+    }
+
+    #[test]
+    fn env_adds_to_a_profile_from_the_file() {
+        let cfg = load_toml(
+            "[daemon.agents.claude]\npermission_mode = \"plan\"\n\
+             [daemon.agents.claude.env]\nANTHROPIC_BASE_URL = \"http://127.0.0.1:7071\"\n\
+             [daemon.agents.tests]\nkind = \"command\"\ncommand = [\"make\"]\n",
+            &[
+                ("KENNEL_DAEMON__AGENTS__CLAUDE__ENV__ANTHROPIC_API_KEY", "k"),
+                ("KENNEL_DAEMON__AGENTS__TESTS__TIMEOUT_SECS", "60"),
+            ],
+        )
+        .unwrap();
+        let claude = &cfg.daemon.agents["claude"];
+        assert_eq!(claude.permission_mode.as_deref(), Some("plan"));
+        assert_eq!(claude.env["ANTHROPIC_BASE_URL"], "http://127.0.0.1:7071");
+        assert_eq!(claude.env["ANTHROPIC_API_KEY"], "k");
+        assert_eq!(cfg.daemon.agents["tests"].timeout_secs, Some(60));
+        assert_eq!(cfg.daemon.agents["tests"].command, ["make"]);
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        let err = format!(
+            "{:#}",
+            load_toml("", &[("KENNEL_DAEMON__MAX_CONCURENT_TASKS", "3")]).unwrap_err()
+        );
+        assert!(err.contains("max_concurent_tasks"), "{err}");
+        assert!(err.contains("environment variable"), "{err}");
+        let err = format!(
+            "{:#}",
+            load_toml("", &[("KENNEL_DAEMON__AGENTS__MINE__ENV__X", "y")]).unwrap_err()
+        );
+        assert!(err.contains("agent profile `mine` has no kind"), "{err}");
+    }
+
+    #[test]
+    fn variable_names_map_to_paths_and_back() {
+        let path = env_path("DAEMON__AGENTS__Claude__ENV__Api_Key").unwrap();
+        assert_eq!(path, ["daemon", "agents", "claude", "env", "Api_Key"]);
+        let path: Vec<&str> = path.iter().map(String::as_str).collect();
+        assert_eq!(
+            env_name(&path),
+            "KENNEL_DAEMON__AGENTS__CLAUDE__ENV__Api_Key"
+        );
+        assert_eq!(
+            env_path("DAEMON__REPOS__Https://H/R__SETUP").unwrap(),
+            ["daemon", "repos", "Https://H/R", "setup"]
+        );
+        assert_eq!(env_path("DAEMON____X"), None);
+        assert_eq!(env_path("DAEMON__"), None);
     }
 
     #[test]
