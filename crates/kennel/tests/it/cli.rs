@@ -247,3 +247,88 @@ async fn a_relative_repo_path_is_resolved_where_it_was_typed() -> anyhow::Result
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn config_show_redacts_secrets_and_lists_built_in_profiles() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("kennel.toml");
+    std::fs::write(
+        &file,
+        "[daemon]\nserver = \"wss://site:pw-from-file@coord.example/ws/daemon\"\n\
+         [[gateway.upstreams]]\nname = \"a\"\nkind = \"anthropic\"\n\
+         base_url = \"https://api.example\"\napi_key_env = \"UPSTREAM_KEY\"\n",
+    )?;
+    let show = |json: bool| {
+        let mut cmd = Command::new(bin());
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.args(["config", "show"])
+            .env_remove("KENNEL_CONFIG")
+            .env("HOME", dir.path())
+            .env("XDG_CONFIG_HOME", dir.path())
+            .env(
+                "KENNEL_DAEMON__AGENTS__CLAUDE__ENV__ANTHROPIC_API_KEY",
+                "sk-secret-123",
+            )
+            .env(
+                "KENNEL_DAEMON__AGENTS__CLAUDE__ENV__ANTHROPIC_BASE_URL",
+                "http://127.0.0.1:7071",
+            )
+            .env(
+                "KENNEL_DAEMON__HOSTNAME",
+                "kn_0123456789ab_0123456789abcdef0123",
+            )
+            .env("KENNEL_DAEMON__LABELS__GPU", "a100")
+            .current_dir(dir.path())
+            .kill_on_drop(true)
+            .output()
+    };
+
+    let out = show(false).await?;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.starts_with("# loaded from kennel.toml"), "{stdout}");
+    assert!(
+        stdout.contains("ANTHROPIC_API_KEY = \"<redacted>\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ANTHROPIC_BASE_URL = \"http://127.0.0.1:7071\""),
+        "{stdout}"
+    );
+    for secret in ["sk-secret-123", "pw-from-file", "0123456789abcdef0123"] {
+        assert!(!stdout.contains(secret), "{secret} in {stdout}");
+    }
+    assert!(
+        stdout.contains("server = \"wss://site:<redacted>@coord.example/ws/daemon\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("hostname = \"<redacted>\""), "{stdout}");
+    assert!(
+        stdout.contains("api_key_env = \"UPSTREAM_KEY\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("GPU = \"a100\""), "{stdout}");
+    for built_in in [
+        "# built-in\n[daemon.agents.aider]\nkind = \"aider\"",
+        "# built-in\n[daemon.agents.codex]\nkind = \"codex\"",
+        "# built-in, changed by configuration\n[daemon.agents.claude]\nkind = \"claude\"",
+    ] {
+        assert!(stdout.contains(built_in), "{built_in:?} in {stdout}");
+    }
+
+    let out = show(true).await?;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stdout.contains("sk-secret-123"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&stdout)?;
+    let claude = &v["daemon"]["agents"]["claude"];
+    assert_eq!(claude["kind"], "claude");
+    assert_eq!(claude["env"]["ANTHROPIC_API_KEY"], "<redacted>");
+    assert_eq!(claude["env"]["ANTHROPIC_BASE_URL"], "http://127.0.0.1:7071");
+    assert_eq!(v["daemon"]["agents"]["codex"]["kind"], "codex");
+    assert_eq!(v["agent_origins"]["aider"], "builtin");
+    assert_eq!(v["agent_origins"]["claude"], "builtin_changed");
+    Ok(())
+}
