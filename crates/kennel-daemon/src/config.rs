@@ -115,22 +115,11 @@ impl Default for GitConfig {
     }
 }
 
-/// A value the daemon cannot work with.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: {key} {problem}")]
-pub struct ConfigError {
-    pub key: String,
-    pub problem: String,
-}
+pub use kennel_proto::ConfigError;
 
 impl DaemonConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, problem: &str| {
-            Err(ConfigError {
-                key: key.to_string(),
-                problem: problem.to_string(),
-            })
-        };
+        let bad = |key: &str, problem: &str| Err(ConfigError::new(key, problem));
         if normalize_url(&self.server).is_none() {
             return bad(
                 "daemon.server",
@@ -193,25 +182,10 @@ fn deserialize_agents<'de, D: Deserializer<'de>>(
         .map_err(serde::de::Error::custom)
 }
 
-/// Turns what users write into the daemon endpoint URL: `http(s)` becomes `ws(s)`, and
-/// `/ws/daemon` is appended when no path is given.
+/// The daemon link URL for what users write in `daemon.server`: the one rule the relay uses
+/// too ([`kennel_proto::link::daemon_endpoint`]).
 pub fn normalize_url(url: &str) -> Option<String> {
-    let url = url.trim().trim_end_matches('/');
-    let (scheme, rest) = url.split_once("://")?;
-    let scheme = match scheme {
-        "ws" | "http" => "ws",
-        "wss" | "https" => "wss",
-        _ => return None,
-    };
-    if rest.is_empty() {
-        return None;
-    }
-    let with_path = if rest.contains('/') {
-        rest.to_string()
-    } else {
-        format!("{rest}/ws/daemon")
-    };
-    Some(format!("{scheme}://{with_path}"))
+    kennel_proto::link::daemon_endpoint(url).ok()
 }
 
 #[cfg(test)]
@@ -234,6 +208,11 @@ mod tests {
         assert_eq!(
             normalize_url("ws://h:1/ws/daemon").as_deref(),
             Some("ws://h:1/ws/daemon")
+        );
+        assert_eq!(
+            normalize_url("https://h/base").as_deref(),
+            Some("wss://h/base/ws/daemon"),
+            "a base path keeps the daemon path, as for relays"
         );
         assert_eq!(normalize_url("ftp://h"), None);
         assert_eq!(normalize_url("h:7070"), None);

@@ -14,4 +14,6 @@ pub use link::{
     ServerMessage, DEFAULT_MAX_FRAME_BYTES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 pub use status::{AttemptStatus, TaskStatus};
-pub use validate::{validate_base_branch, validate_branch_name, validate_id, InvalidId};
+pub use validate::{
+    validate_base_branch, validate_branch_name, validate_id, ConfigError, InvalidId,
+};

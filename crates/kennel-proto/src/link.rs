@@ -748,6 +748,38 @@ pub fn negotiate_version(daemon_max: u32, daemon_min: Option<u32>) -> Option<u32
     (chosen >= MIN_PROTOCOL_VERSION && chosen >= daemon_min).then_some(chosen)
 }
 
+/// The path every daemon link lives at, on coordinators and relays alike.
+pub const DAEMON_PATH: &str = "/ws/daemon";
+
+/// Turns what users write for "the server a daemon or relay connects to" into the daemon link
+/// URL: `http(s)` becomes `ws(s)`, and [`DAEMON_PATH`] is appended unless the URL already ends
+/// with it, so a base path (`https://host/kennel`, behind a proxy) keeps working. The one rule
+/// for the daemon and the relay; `Err` says what is wrong.
+pub fn daemon_endpoint(url: &str) -> Result<String, String> {
+    let url = url.trim().trim_end_matches('/');
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("`{url}` is not a URL; use ws://host:port or http://host:port"))?;
+    let scheme = match scheme {
+        "ws" | "http" => "ws",
+        "wss" | "https" => "wss",
+        other => {
+            return Err(format!(
+                "unsupported scheme `{other}`; use ws, wss, http or https"
+            ))
+        }
+    };
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(format!("`{url}` has no host"));
+    }
+    let rest = if rest.ends_with(DAEMON_PATH) {
+        rest.to_string()
+    } else {
+        format!("{rest}{DAEMON_PATH}")
+    };
+    Ok(format!("{scheme}://{rest}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

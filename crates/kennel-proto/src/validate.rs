@@ -92,6 +92,24 @@ pub fn validate_branch_name(value: &str) -> Result<(), InvalidId> {
     Ok(())
 }
 
+/// A configuration value kennel cannot work with, the one shape every section's check returns:
+/// the full dotted key (`server.scheduler.accept_timeout_secs`) and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use kennel_server::config::HttpConfig;
 use serde::{Deserialize, Serialize};
 
-/// The path every daemon link lives at, on coordinators and relays alike.
-pub const DAEMON_PATH: &str = "/ws/daemon";
+pub use kennel_proto::link::DAEMON_PATH;
+pub use kennel_proto::ConfigError;
 
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -33,8 +33,11 @@ pub struct RelayConfig {
     pub labels: BTreeMap<String, String>,
     /// Seconds a downstream daemon has to send `authenticate`.
     pub auth_timeout_secs: u64,
-    /// Heartbeat interval announced to downstream daemons, in seconds; three missed end a link.
+    /// Heartbeat interval announced to downstream daemons, in seconds.
     pub heartbeat_interval_secs: u64,
+    /// Heartbeat intervals a downstream daemon may stay silent before its link is ended (as
+    /// `server.protocol.missed_heartbeats`).
+    pub missed_heartbeats: u32,
     /// Seconds a vanished daemon has to come back before its attempts are reported lost.
     pub reattach_grace_secs: u64,
     /// Largest frame accepted from a downstream daemon, in bytes.
@@ -66,6 +69,7 @@ impl Default for RelayConfig {
             labels: BTreeMap::new(),
             auth_timeout_secs: 10,
             heartbeat_interval_secs: 10,
+            missed_heartbeats: 3,
             reattach_grace_secs: 30,
             max_frame_bytes: kennel_proto::link::DEFAULT_MAX_FRAME_BYTES,
             max_auth_frame_bytes: 256 * 1024,
@@ -90,6 +94,7 @@ impl std::fmt::Debug for RelayConfig {
             .field("labels", &self.labels)
             .field("auth_timeout_secs", &self.auth_timeout_secs)
             .field("heartbeat_interval_secs", &self.heartbeat_interval_secs)
+            .field("missed_heartbeats", &self.missed_heartbeats)
             .field("reattach_grace_secs", &self.reattach_grace_secs)
             .field("max_frame_bytes", &self.max_frame_bytes)
             .field("history_retention_days", &self.history_retention_days)
@@ -99,105 +104,84 @@ impl std::fmt::Debug for RelayConfig {
     }
 }
 
-/// A setting that cannot work, with the key to fix.
-#[derive(Debug, thiserror::Error)]
-#[error("relay.{key}: {message}")]
-pub struct ConfigError {
-    pub key: &'static str,
-    pub message: String,
-}
-
 impl RelayConfig {
-    /// Checks what serde cannot; also normalises `upstream`.
-    pub fn validate(&mut self) -> Result<(), ConfigError> {
-        self.upstream = normalise_upstream(&self.upstream).map_err(|message| ConfigError {
-            key: "upstream",
-            message,
-        })?;
-        kennel_proto::validate_id("agent name", &self.agent_name).map_err(|e| ConfigError {
-            key: "agent_name",
-            message: format!("{e}; use letters, digits, `-` and `_`"),
-        })?;
-        if self.api_key.as_deref().is_none_or(str::is_empty) {
-            return Err(ConfigError {
-                key: "api_key",
-                message: "missing: set relay.api_key (or KENNEL_RELAY__API_KEY / MAKIMA_API_KEY) to a key with the daemon or relay scope".into(),
-            });
+    /// Checks the values serde cannot, without changing any (every command checks every
+    /// section at load). What only running a relay needs is [`Self::check_runnable`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad =
+            |key: &str, problem: String| Err(ConfigError::new(format!("relay.{key}"), problem));
+        if let Err(problem) = self.upstream_endpoint() {
+            return bad("upstream", problem);
         }
-        if self.daemon_keys.iter().any(String::is_empty) || self.daemon_keys.is_empty() {
-            return Err(ConfigError {
-                key: "daemon_keys",
-                message: "downstream daemons need a key: list at least one non-empty key in relay.daemon_keys".into(),
-            });
+        if let Err(e) = kennel_proto::validate_id("agent name", &self.agent_name) {
+            return bad(
+                "agent_name",
+                format!("{e}; use letters, digits, `-` and `_`"),
+            );
+        }
+        if self.daemon_keys.iter().any(String::is_empty) {
+            return bad(
+                "daemon_keys",
+                "empty keys are not allowed; remove them".into(),
+            );
         }
         if self.admin_keys.iter().any(String::is_empty) {
-            return Err(ConfigError {
-                key: "admin_keys",
-                message: "empty keys are not allowed; remove them".into(),
-            });
+            return bad(
+                "admin_keys",
+                "empty keys are not allowed; remove them".into(),
+            );
         }
         for (key, value) in [
             ("auth_timeout_secs", self.auth_timeout_secs),
             ("heartbeat_interval_secs", self.heartbeat_interval_secs),
+            ("missed_heartbeats", u64::from(self.missed_heartbeats)),
+            ("max_pending_messages", self.max_pending_messages as u64),
         ] {
             if value == 0 {
-                return Err(ConfigError {
-                    key,
-                    message: "must be at least 1".into(),
-                });
+                return bad(key, "must be at least 1".into());
             }
         }
-        if self.max_pending_messages == 0 {
-            return Err(ConfigError {
-                key: "max_pending_messages",
-                message: "must be at least 1".into(),
-            });
-        }
         if let Err(p) = self.http.check() {
-            return Err(ConfigError {
-                key: match p.field {
-                    "header_read_timeout_ms" => "http.header_read_timeout_ms",
-                    "idle_timeout_secs" => "http.idle_timeout_secs",
-                    _ => "http.max_connections",
-                },
-                message: p.problem.into(),
-            });
+            return bad(&format!("http.{}", p.field), p.problem.into());
         }
         if self.max_frame_bytes < 1024 {
-            return Err(ConfigError {
-                key: "max_frame_bytes",
-                message: "must be at least 1024".into(),
-            });
+            return bad("max_frame_bytes", "must be at least 1024".into());
         }
         Ok(())
     }
-}
 
-/// `http://host:port` → `ws://host:port/ws/daemon`; `https` → `wss`; a URL already ending in
-/// `/ws/daemon` is kept.
-pub fn normalise_upstream(url: &str) -> Result<String, String> {
-    let url = url.trim().trim_end_matches('/');
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| format!("`{url}` is not a URL; use ws://host:port or http://host:port"))?;
-    let scheme = match scheme {
-        "ws" | "http" => "ws",
-        "wss" | "https" => "wss",
-        other => {
-            return Err(format!(
-                "unsupported scheme `{other}`; use ws, wss, http or https"
-            ))
+    /// What a running relay needs beyond valid values: a key for the upstream and at least one
+    /// for downstream daemons.
+    pub fn check_runnable(&self) -> Result<(), ConfigError> {
+        self.validate()?;
+        if self.api_key.as_deref().is_none_or(str::is_empty) {
+            return Err(ConfigError::new(
+                "relay.api_key",
+                "missing: set relay.api_key (or KENNEL_RELAY__API_KEY / MAKIMA_API_KEY) to a key \
+                 with the daemon or relay scope",
+            ));
         }
-    };
-    if rest.is_empty() {
-        return Err(format!("`{url}` has no host"));
+        if self.daemon_keys.is_empty() {
+            return Err(ConfigError::new(
+                "relay.daemon_keys",
+                "downstream daemons need a key: list at least one non-empty key in \
+                 relay.daemon_keys",
+            ));
+        }
+        Ok(())
     }
-    let rest = if rest.ends_with(DAEMON_PATH) {
-        rest.to_string()
-    } else {
-        format!("{rest}{DAEMON_PATH}")
-    };
-    Ok(format!("{scheme}://{rest}"))
+
+    /// How long a downstream daemon may stay silent before its link is ended.
+    pub fn silence_limit(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.heartbeat_interval_secs)
+            .saturating_mul(self.missed_heartbeats)
+    }
+
+    /// The upstream's daemon link URL: `upstream` as written, normalised to
+    /// `ws(s)://…/ws/daemon` by the rule daemons use too.
+    pub fn upstream_endpoint(&self) -> Result<String, String> {
+        kennel_proto::link::daemon_endpoint(&self.upstream)
+    }
 }
 
 #[cfg(test)]
@@ -212,24 +196,45 @@ mod tests {
             ("ws://a:1/ws/daemon", "ws://a:1/ws/daemon"),
             ("wss://a/base", "wss://a/base/ws/daemon"),
         ] {
-            assert_eq!(normalise_upstream(given).unwrap(), want);
+            let c = RelayConfig {
+                upstream: given.into(),
+                ..RelayConfig::default()
+            };
+            assert_eq!(c.upstream_endpoint().unwrap(), want);
+            assert_eq!(c.upstream, given, "validation never rewrites the setting");
         }
-        assert!(normalise_upstream("ftp://a").is_err());
-        assert!(normalise_upstream("a:7070").is_err());
+        for bad in ["ftp://a", "a:7070"] {
+            let c = RelayConfig {
+                upstream: bad.into(),
+                ..RelayConfig::default()
+            };
+            assert!(c
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("relay.upstream: "));
+        }
     }
 
     #[test]
-    fn keys_are_required_and_not_printed() {
+    fn keys_are_required_to_run_and_not_printed() {
         let mut c = RelayConfig::default();
-        assert!(c.validate().unwrap_err().to_string().contains("api_key"));
+        // The defaults are valid values (every command checks them at load); a relay cannot
+        // run on them.
+        c.validate().unwrap();
+        assert!(c
+            .check_runnable()
+            .unwrap_err()
+            .to_string()
+            .contains("api_key"));
         c.api_key = Some("kn_secret".into());
         assert!(c
-            .validate()
+            .check_runnable()
             .unwrap_err()
             .to_string()
             .contains("daemon_keys"));
         c.daemon_keys = vec!["dk_secret".into()];
-        c.validate().unwrap();
+        c.check_runnable().unwrap();
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("secret"), "{dbg}");
     }

@@ -1,7 +1,8 @@
 //! `WS /ws/daemon` on the relay: the same protocol as the coordinator's hub. A daemon must
 //! `authenticate` first, within the deadline, with one of `relay.daemon_keys`; then its
 //! task-scoped messages go to the [`Relay`] core, which relays them upstream. A bad frame gets
-//! an `error` and the connection carries on; silence past three heartbeats ends it.
+//! an `error` and the connection carries on; silence past `relay.missed_heartbeats` heartbeat
+//! intervals ends it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -185,7 +186,7 @@ async fn read_loop(
     tx: &LinkTx<Outbound>,
     mut stream: futures_util::stream::SplitStream<LinkSocket>,
 ) -> (u16, String) {
-    let silence = Duration::from_secs(relay.cfg.heartbeat_interval_secs.saturating_mul(3));
+    let silence = relay.cfg.silence_limit();
     let mut bad_frames = ws::BadFrameLog::default();
     loop {
         let first = match tokio::time::timeout(silence, stream.next()).await {

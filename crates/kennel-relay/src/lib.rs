@@ -45,8 +45,8 @@ pub struct RelayServer {
 
 impl RelayServer {
     /// Validates the config, opens the history and binds the listener.
-    pub async fn start(mut cfg: RelayConfig) -> Result<Self, StartError> {
-        cfg.validate()?;
+    pub async fn start(cfg: RelayConfig) -> Result<Self, StartError> {
+        cfg.check_runnable()?;
         if cfg.admin_keys.is_empty() {
             tracing::warn!("relay.admin_keys is empty: only /health and /ws/daemon will answer; add a key to use /status, /tasks, /logs, /reconnect and /metrics");
         }

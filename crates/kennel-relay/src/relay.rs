@@ -823,7 +823,7 @@ impl Relay {
             );
             if let Some(old) = old {
                 old.tx.send(Outbound::Close(
-                    4004,
+                    kennel_proto::link::close::REPLACED,
                     "replaced by a newer connection from the same machine".into(),
                 ));
             }
@@ -1183,7 +1183,10 @@ impl Relay {
                 (true, false) => "ok",
             },
             agent_name: self.cfg.agent_name.clone(),
-            upstream: self.cfg.upstream.clone(),
+            upstream: self
+                .cfg
+                .upstream_endpoint()
+                .unwrap_or_else(|_| self.cfg.upstream.clone()),
             upstream_connected: up,
             daemon_id: st.upstream_daemon_id.clone(),
             last_heartbeat_ms: st.last_upstream_heartbeat_ms,

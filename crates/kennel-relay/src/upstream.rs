@@ -27,21 +27,39 @@ fn backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
+/// Why an upstream session ended.
+enum Ended {
+    /// `POST /reconnect` asked for a new connection now.
+    ReconnectRequested,
+    /// The link failed or was closed; why, for the log.
+    Lost(String),
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::ReconnectRequested => f.write_str("reconnect requested"),
+            Ended::Lost(reason) => f.write_str(reason),
+        }
+    }
+}
+
 /// Runs until `shutdown` fires; never gives up otherwise.
 pub async fn run(relay: Arc<Relay>, mut shutdown: watch::Receiver<bool>) {
     let mut delays = backoff();
     loop {
         let mut fresh = false;
-        let reason = tokio::select! {
-            r = session(&relay, &mut fresh) => r,
-            _ = relay.reconnect.notified() => "reconnect requested".to_string(),
+        let ended = tokio::select! {
+            r = session(&relay, &mut fresh) => Ended::Lost(r),
+            _ = relay.reconnect.notified() => Ended::ReconnectRequested,
             _ = shutdown.changed() => return,
         };
+        let reason = ended.to_string();
         relay.upstream_down(&reason);
         if fresh {
             delays = backoff();
         }
-        if reason == "reconnect requested" {
+        if let Ended::ReconnectRequested = ended {
             delays = backoff();
             continue;
         }
@@ -64,8 +82,11 @@ pub async fn run(relay: Arc<Relay>, mut shutdown: watch::Receiver<bool>) {
 /// One connection, from connect to its end; returns why it ended. `fresh` is set once the
 /// upstream accepted the relay, so the backoff starts over.
 async fn session(relay: &Arc<Relay>, fresh: &mut bool) -> String {
-    let url = relay.cfg.upstream.as_str();
-    let (ws, _) = match tokio_tungstenite::connect_async_with_config(url, None, true).await {
+    let url = match relay.cfg.upstream_endpoint() {
+        Ok(url) => url,
+        Err(e) => return format!("relay.upstream: {e}"),
+    };
+    let (ws, _) = match tokio_tungstenite::connect_async_with_config(&url, None, true).await {
         Ok(c) => c,
         Err(e) => return format!("cannot connect to {url}: {e}"),
     };

@@ -219,23 +219,13 @@ impl HttpConfig {
     }
 }
 
-/// A value outside what the coordinator can work with.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: {key} {problem}")]
-pub struct ConfigError {
-    pub key: &'static str,
-    pub problem: String,
-}
+pub use kennel_proto::ConfigError;
 
 impl ServerConfig {
     /// Checks values serde cannot: ranges and relations between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key, problem: &str| {
-            Err(ConfigError {
-                key,
-                problem: problem.to_string(),
-            })
-        };
+        let bad =
+            |key: &str, problem: &str| Err(ConfigError::new(format!("server.{key}"), problem));
         if self.protocol.max_frame_bytes < 1024 {
             return bad("protocol.max_frame_bytes", "must be at least 1024");
         }

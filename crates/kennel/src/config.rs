@@ -9,7 +9,6 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
 use figment::providers::{Format, Serialized, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
@@ -207,13 +206,10 @@ fn insert(dict: &mut Dict, path: &[String], value: Value) {
 
 /// The file to read: `--config`/`KENNEL_CONFIG`, else `./kennel.toml`, else
 /// `$XDG_CONFIG_HOME/kennel/kennel.toml` (`~/.config/kennel/kennel.toml`), if present.
-pub fn find_file(explicit: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {
+pub fn find_file(explicit: Option<&Path>) -> Result<Option<PathBuf>, LoadError> {
     if let Some(p) = explicit {
         if !p.is_file() {
-            bail!(
-                "config file {} does not exist (given with --config or KENNEL_CONFIG)",
-                p.display()
-            );
+            return Err(LoadError::MissingFile(p.to_path_buf()));
         }
         return Ok(Some(p.to_path_buf()));
     }
@@ -255,16 +251,46 @@ pub fn load_with_env(
     }
     let cfg: Config = fig.extract().map_err(|e| {
         let msgs: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
-        anyhow::anyhow!(
-            "invalid configuration: {}\n(see `kennel config show` for the keys and their defaults)",
-            msgs.join("; ")
-        )
+        LoadError::Parse(msgs.join("; "))
     })?;
-    cfg.server.validate().with_context(|| match &path {
-        Some(p) => format!("in {}", p.display()),
-        None => "in the environment or flags".to_string(),
-    })?;
+    // Every section, whichever command runs: a mistake in one is found the first time any
+    // command reads the file, not when the part it configures first starts.
+    let checked = cfg
+        .server
+        .validate()
+        .and_then(|()| cfg.daemon.validate())
+        .and_then(|()| cfg.relay.validate())
+        .and_then(|()| {
+            cfg.gateway.validate().map_err(|e| {
+                kennel_proto::ConfigError::new(format!("gateway.{}", e.key), e.problem)
+            })
+        });
+    if let Err(source) = checked {
+        let origin = match &path {
+            Some(p) => format!("in {}", p.display()),
+            None => "in the environment or flags".to_string(),
+        };
+        return Err(LoadError::Invalid { origin, source }.into());
+    }
     Ok((cfg, path))
+}
+
+/// A configuration that cannot be used as given: the person must change a file, a variable
+/// or a flag. The binary exits with code 2 for these (see `main`).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("config file {} does not exist (given with --config or KENNEL_CONFIG)", .0.display())]
+    MissingFile(PathBuf),
+    #[error(
+        "invalid configuration: {0}\n(see `kennel config show` for the keys and their defaults)"
+    )]
+    Parse(String),
+    #[error("invalid configuration {origin}")]
+    Invalid {
+        origin: String,
+        #[source]
+        source: kennel_proto::ConfigError,
+    },
 }
 
 #[cfg(test)]

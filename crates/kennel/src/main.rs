@@ -118,9 +118,36 @@ fn main() -> ExitCode {
     match runtime.block_on(commands::run(cli)) {
         Ok(code) => code,
         Err(e) => {
+            // The chain once, outermost first: `kennel: failed to X: because Y: because Z`.
             eprintln!("kennel: {e:#}");
-            ExitCode::from(1)
+            ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// Exit codes, as documented in the README:
+pub mod exit {
+    /// The command could not do what was asked (server unreachable or refusing, a failure
+    /// while running, an agent's task that was refused).
+    pub const FAILURE: u8 = 1;
+    /// The command line or the configuration is wrong (clap uses 2 for usage errors too): fix
+    /// it and run again.
+    pub const USAGE: u8 = 2;
+    /// `-f` followed a task that ended without completing (failed or cancelled).
+    pub const TASK_DID_NOT_COMPLETE: u8 = 3;
+}
+
+/// [`exit::USAGE`] for configuration mistakes anywhere in the chain, else [`exit::FAILURE`].
+fn exit_code(e: &anyhow::Error) -> u8 {
+    let misconfigured = e.chain().any(|cause| {
+        cause.is::<config::LoadError>()
+            || cause.is::<kennel_proto::ConfigError>()
+            || cause.is::<kennel_gateway::config::ConfigError>()
+    });
+    if misconfigured {
+        exit::USAGE
+    } else {
+        exit::FAILURE
     }
 }
 

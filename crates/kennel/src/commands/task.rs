@@ -598,7 +598,7 @@ async fn follow_logs(
                     return Ok(if t.status == TaskStatus::Completed {
                         ExitCode::SUCCESS
                     } else {
-                        ExitCode::from(2)
+                        ExitCode::from(crate::exit::TASK_DID_NOT_COMPLETE)
                     });
                 }
                 "error" => bail!("the server ended the stream: {}", ev.data),

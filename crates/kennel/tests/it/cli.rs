@@ -142,7 +142,11 @@ async fn errors_say_what_to_do() -> anyhow::Result<()> {
         .output()
         .await?;
     let (_, stderr) = text(&out);
-    assert!(!out.status.success());
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a configuration error: {stderr}"
+    );
     assert!(
         stderr.contains("listne") && stderr.contains("kennel.toml"),
         "{stderr}"
@@ -155,6 +159,7 @@ async fn errors_say_what_to_do() -> anyhow::Result<()> {
         .output()
         .await?;
     let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "a runtime failure: {stderr}");
     assert!(
         stderr.contains("cannot reach the kennel server"),
         "{stderr}"
@@ -167,10 +172,38 @@ async fn errors_say_what_to_do() -> anyhow::Result<()> {
         .output()
         .await?;
     let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("scheduler.accept_timeout_secs must be at least 1"),
+        stderr.contains(
+            "invalid configuration in the environment or flags: \
+             server.scheduler.accept_timeout_secs: must be at least 1"
+        ),
         "{stderr}"
     );
+
+    // Every section is checked whichever command runs, and the chain is printed once.
+    std::fs::write(&cfg, "[relay]\nupstream = \"ftp://h\"\n")?;
+    let out = Command::new(bin())
+        .args(["--config", cfg.to_str().unwrap_or_default(), "task", "list"])
+        .env("KENNEL_URL", "http://127.0.0.1:9")
+        .env("KENNEL_API_KEY", "x")
+        .output()
+        .await?;
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        format!(
+            "kennel: invalid configuration in {}: relay.upstream: unsupported scheme `ftp`; \
+             use ws, wss, http or https",
+            cfg.display()
+        )
+    );
+    let out = Command::new(bin())
+        .args(["task", "list", "--no-such-flag"])
+        .output()
+        .await?;
+    assert_eq!(out.status.code(), Some(2), "usage errors are 2 as well");
 
     let out = Command::new(bin())
         .args(["task", "--help"])

@@ -249,7 +249,11 @@ async fn a_task_no_daemon_can_take_says_why_everywhere_and_can_time_out() -> any
         .output()
         .await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a task that did not complete: {stderr}"
+    );
     assert!(
         stderr.contains(
             "warning: no daemon has ever offered agent \"nosuch\" (offered: claude, command)"
