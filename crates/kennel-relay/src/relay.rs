@@ -7,8 +7,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use kennel_clock::{Clock, Deadlines, SystemClock};
 use kennel_proto::link::{
     Authenticate, Capacity, ErrorCode, ErrorFrame, SpawnTask, TaskQueued, TaskRef,
     TaskStatusChange, RETURNED,
@@ -173,6 +174,10 @@ pub enum Refusal {
 
 pub struct Relay {
     pub cfg: RelayConfig,
+    /// The time every record and deadline of the relay is taken from.
+    pub clock: Arc<dyn Clock>,
+    /// Reattach graces, as deadlines on `clock`.
+    graces: Deadlines<Grace>,
     state: Mutex<State>,
     history: Mutex<History>,
     /// Ends the current upstream session so it reconnects now (`POST /reconnect`).
@@ -187,11 +192,12 @@ pub struct Relay {
     pub pre_auth: kennel_server::ws::PreAuthSlots,
 }
 
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+/// A reattach grace that runs out: `machine`'s attempts are lost unless it came back since
+/// (`generation` counts its disconnects).
+#[derive(Debug)]
+struct Grace {
+    machine: String,
+    generation: u64,
 }
 
 fn stale_error(task_id: &str, attempt: u32, message: String) -> ErrorFrame {
@@ -205,8 +211,16 @@ fn stale_error(task_id: &str, attempt: u32, message: String) -> ErrorFrame {
 }
 
 impl Relay {
-    /// Opens the history and restores holds and the queue from it.
+    /// Opens the history and restores holds and the queue from it, on the system clock.
     pub fn open(cfg: RelayConfig) -> Result<Arc<Self>, HistoryError> {
+        Self::open_with_clock(cfg, Arc::new(SystemClock))
+    }
+
+    /// [`Relay::open`] on `clock`. Needs a tokio runtime: it starts the relay's timer task.
+    pub fn open_with_clock(
+        cfg: RelayConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Self>, HistoryError> {
         let history = History::open(&cfg.data_dir)?;
         let mut st = State {
             db_buffered: history.buffered_count()?,
@@ -230,8 +244,11 @@ impl Relay {
             }
         }
         let cfg_unauthenticated = cfg.max_unauthenticated;
+        let (graces, mut due) = Deadlines::start(clock.clone());
         let relay = Arc::new(Relay {
             cfg,
+            clock,
+            graces,
             state: Mutex::new(st),
             history: Mutex::new(history),
             reconnect: Notify::new(),
@@ -241,6 +258,14 @@ impl Relay {
             pre_auth: kennel_server::ws::PreAuthSlots::new(cfg_unauthenticated),
         });
         relay.log("connect", "relay started");
+        // Acts on graces as they fall due; holds the relay weakly, so dropping the relay ends it.
+        let weak = Arc::downgrade(&relay);
+        tokio::spawn(async move {
+            while let Some(grace) = due.recv().await {
+                let Some(relay) = weak.upgrade() else { return };
+                relay.grace_expired(&grace.machine, grace.generation);
+            }
+        });
         Ok(relay)
     }
 
@@ -292,7 +317,7 @@ impl Relay {
     pub fn log(&self, kind: &str, message: &str) {
         tracing::info!(kind, "{message}");
         self.with_db("write the connection log", |h| {
-            h.log(kind, message, now_ms())
+            h.log(kind, message, self.clock.now_ms())
         });
     }
 
@@ -302,8 +327,10 @@ impl Relay {
         if days == 0 {
             return;
         }
-        let before =
-            now_ms().saturating_sub(i64::try_from(days).unwrap_or(i64::MAX / 2) * 86_400_000);
+        let before = self
+            .clock
+            .now_ms()
+            .saturating_sub(i64::try_from(days).unwrap_or(i64::MAX / 2) * 86_400_000);
         if let Some(n) = self.with_db("prune the task history", |h| h.prune(before)) {
             if n > 0 {
                 tracing::info!(
@@ -451,7 +478,7 @@ impl Relay {
     /// A heartbeat for the upstream, noting when it went.
     pub fn upstream_heartbeat(&self) -> DaemonMessage {
         let mut st = self.lock();
-        st.last_upstream_heartbeat_ms = Some(now_ms());
+        st.last_upstream_heartbeat_ms = Some(self.clock.now_ms());
         DaemonMessage::Heartbeat(kennel_proto::link::Heartbeat {
             active_tasks: self.running_of(&st),
         })
@@ -604,7 +631,13 @@ impl Relay {
             st.own_lost.remove(&(task_id.clone(), attempt));
             if let Some(n) = self.with_db("drop a stale attempt", |h| {
                 let n = h.drop_attempt(&task_id, attempt)?;
-                h.set_status(&task_id, attempt, "stale", Some(&e.message), Some(now_ms()))?;
+                h.set_status(
+                    &task_id,
+                    attempt,
+                    "stale",
+                    Some(&e.message),
+                    Some(self.clock.now_ms()),
+                )?;
                 Ok(n)
             }) {
                 st.db_buffered = st.db_buffered.saturating_sub(n);
@@ -648,7 +681,13 @@ impl Relay {
             return false;
         }
         self.with_db("record a cancelled task", |h| {
-            h.set_status(task_id, attempt, "cancelled", None, Some(now_ms()))
+            h.set_status(
+                task_id,
+                attempt,
+                "cancelled",
+                None,
+                Some(self.clock.now_ms()),
+            )
         });
         true
     }
@@ -676,7 +715,7 @@ impl Relay {
             return;
         }
         st.queue.retain(|q| q.task_id != s.task_id);
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let fresh = self
             .with_db("record a received task", |h| {
                 h.supersede(&s.task_id, s.attempt, now)?;
@@ -771,7 +810,7 @@ impl Relay {
             ));
             *active.entry(id.clone()).or_default() += 1;
             self.with_db("record a dispatch", |h| {
-                h.dispatched(&s.task_id, s.attempt, &id, now_ms())
+                h.dispatched(&s.task_id, s.attempt, &id, self.clock.now_ms())
             });
             tracing::info!(task_id = %s.task_id, attempt = s.attempt, daemon = %id, "dispatched");
             st.holds.insert(
@@ -799,7 +838,7 @@ impl Relay {
         authenticated: ServerMessage,
     ) -> u64 {
         let machine = hello.machine_id.clone();
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut lost = Vec::new();
         let conn_id = {
             let mut st = self.lock();
@@ -894,30 +933,38 @@ impl Relay {
     }
 
     fn start_grace(self: &Arc<Self>, machine: String, generation: u64) {
-        let me = self.clone();
         let grace = Duration::from_secs(self.cfg.reattach_grace_secs);
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            let mut st = me.lock();
-            let current = st.generations.get(&machine).copied().unwrap_or(0);
-            if current != generation || st.daemons.contains_key(&machine) {
-                return;
-            }
-            let held: Vec<String> = st
-                .holds
-                .iter()
-                .filter(|(_, h)| h.daemon == machine)
-                .map(|(t, _)| t.clone())
-                .collect();
-            let reason = format!(
-                "daemon {machine} disconnected and did not return within {}s",
-                me.cfg.reattach_grace_secs
-            );
-            for task_id in held {
-                me.report_lost(&mut st, &task_id, &reason);
-            }
-            me.dispatch(&mut st);
-        });
+        self.graces.after(
+            grace,
+            Grace {
+                machine,
+                generation,
+            },
+        );
+    }
+
+    /// A daemon's grace has run out: unless it is back (or newer news replaced it), its attempts
+    /// are lost.
+    fn grace_expired(self: &Arc<Self>, machine: &str, generation: u64) {
+        let mut st = self.lock();
+        let current = st.generations.get(machine).copied().unwrap_or(0);
+        if current != generation || st.daemons.contains_key(machine) {
+            return;
+        }
+        let held: Vec<String> = st
+            .holds
+            .iter()
+            .filter(|(_, h)| h.daemon == machine)
+            .map(|(t, _)| t.clone())
+            .collect();
+        let reason = format!(
+            "daemon {machine} disconnected and did not return within {}s",
+            self.cfg.reattach_grace_secs
+        );
+        for task_id in held {
+            self.report_lost(&mut st, &task_id, &reason);
+        }
+        self.dispatch(&mut st);
     }
 
     /// Tells the upstream an attempt is lost (seq = last seen + 1, or [`PROBE_SEQ`] when the
@@ -932,7 +979,13 @@ impl Relay {
         self.send_lost(st, task_id, attempt, seq);
         st.holds.remove(task_id);
         self.with_db("record a lost attempt", |h| {
-            h.set_status(task_id, attempt, "lost", Some(reason), Some(now_ms()))
+            h.set_status(
+                task_id,
+                attempt,
+                "lost",
+                Some(reason),
+                Some(self.clock.now_ms()),
+            )
         });
     }
 
@@ -942,7 +995,7 @@ impl Relay {
         let mut st = self.lock();
         let freed = match st.daemons.get_mut(machine) {
             Some(d) => {
-                d.last_heartbeat_ms = now_ms();
+                d.last_heartbeat_ms = self.clock.now_ms();
                 let freed = d.full && (active as u32) < d.max;
                 if freed {
                     d.full = false;
@@ -969,7 +1022,7 @@ impl Relay {
         let mut ended_any = false;
         let mut requeued: Vec<SpawnTask> = Vec::new();
         let mut st = self.lock();
-        let now = now_ms();
+        let now = self.clock.now_ms();
         for (msg, frame) in batch {
             let Some(hdr) = msg.seq_header() else {
                 continue;
@@ -1397,6 +1450,58 @@ mod tests {
         r.upstream_up("d-1", up_tx);
         assert_eq!(up_rx.try_recv().unwrap(), buffered[0]);
         assert_eq!(up_rx.try_recv().unwrap(), buffered[1]);
+    }
+
+    #[tokio::test]
+    async fn a_daemon_gone_past_its_grace_has_its_attempt_reported_lost_not_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = kennel_clock::ManualClock::new(1_800_000_000_000);
+        let r = Relay::open_with_clock(
+            RelayConfig {
+                reattach_grace_secs: 60,
+                ..cfg(dir.path())
+            },
+            Arc::new(clock.clone()),
+        )
+        .unwrap();
+        let (conn, mut a) = attach(&r, "a", 1, &["command"]);
+        let (m, f) = spawn("t1", "command");
+        r.from_upstream(m, &f);
+        assert_eq!(spawned(&mut a), ["t1"]);
+        let acc = DaemonMessage::TaskAccepted(TaskAccepted {
+            task_id: "t1".into(),
+            attempt: 1,
+            seq: 1,
+        });
+        let f = acc.to_json();
+        assert!(r.from_daemon("a", &[(acc, &f)]).is_empty());
+        r.detach("a", conn, "link dropped");
+
+        // The upstream is down, so what the relay reports is kept in its database: the
+        // acceptance now, the loss once the grace has run out.
+        let kept = |r: &Relay| r.db().buffered().unwrap();
+        clock.advance(Duration::from_millis(59_999));
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(kept(&r).len(), 1, "{:?}", kept(&r));
+        clock.advance(Duration::from_millis(1));
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while kept(&r).len() < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("no lost report after the grace");
+        match serde_json::from_str::<DaemonMessage>(&kept(&r)[1]).unwrap() {
+            DaemonMessage::TaskStatusChange(s) => {
+                assert_eq!(
+                    (s.task_id.as_str(), s.seq, s.new_status.as_str()),
+                    ("t1", 2, "lost")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use kennel_clock::Deadlines;
 use kennel_proto::api::WaitingTasks;
 use kennel_proto::api::{CreateTask, Daemon, Event, Task};
 use kennel_proto::link::{
@@ -24,7 +25,7 @@ use kennel_store::{
     Applied, DaemonHello, Dispatch, Effect, EndAttempt, Ended, NewTask, Report, Retry, Store,
     StoreError,
 };
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::{broadcast, mpsc, Notify};
 
 use crate::config::ServerConfig;
 use crate::error::ApiError;
@@ -505,10 +506,28 @@ pub struct Coordinator {
     /// Ids of API keys revoked on this coordinator: ends their live sessions.
     revoked: broadcast::Sender<Arc<str>>,
     started: Instant,
+    /// Leases, reattach graces and dispatch retries, as deadlines on `clock`.
+    deadlines: Deadlines<Timer>,
+    /// Where they come back when due; taken by [`Coordinator::run_timers`].
+    due: Mutex<Option<mpsc::UnboundedReceiver<Timer>>>,
+}
+
+/// What a deadline of the coordinator means when it is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Timer {
+    /// `accept_timeout_secs` after dispatch: the attempt must have been accepted by now.
+    Lease { task_id: String, attempt: u32 },
+    /// `reattach_grace_secs` after a daemon dropped: its attempts are lost unless it is back.
+    Grace { daemon_id: String, generation: u64 },
+    /// Recording dispatches failed a second ago: try again.
+    Redispatch,
 }
 
 impl Coordinator {
+    /// A coordinator on `store`, timing leases and graces on `clock`. Needs a tokio runtime (it
+    /// starts the deadline queue); [`Coordinator::run_timers`] must run for deadlines to act.
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, cfg: ServerConfig) -> Arc<Self> {
+        let (deadlines, due) = Deadlines::start(clock.clone());
         let (events, _) = broadcast::channel(8192);
         let (output, _) = broadcast::channel(8192);
         let (revoked, _) = broadcast::channel(64);
@@ -522,7 +541,32 @@ impl Coordinator {
             output,
             revoked,
             started: Instant::now(),
+            deadlines,
+            due: Mutex::new(Some(due)),
         })
+    }
+
+    /// Acts on deadlines as the clock reaches them. Runs until the process ends; each handler
+    /// runs as its own task, so a slow store write for one does not hold up the others.
+    pub async fn run_timers(self: Arc<Self>) {
+        let Some(mut due) = self.due.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        while let Some(timer) = due.recv().await {
+            let me = self.clone();
+            match timer {
+                Timer::Lease { task_id, attempt } => {
+                    tokio::spawn(async move { me.lease_expired(&task_id, attempt).await });
+                }
+                Timer::Grace {
+                    daemon_id,
+                    generation,
+                } => {
+                    tokio::spawn(async move { me.grace_expired(&daemon_id, generation).await });
+                }
+                Timer::Redispatch => me.kick(),
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -792,11 +836,8 @@ impl Coordinator {
                 }
                 if let Err(e) = self.dispatch(picks).await {
                     tracing::error!(error = %e, "failed to record dispatches; retrying in 1s");
-                    let me = self.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        me.kick();
-                    });
+                    self.deadlines
+                        .after(Duration::from_secs(1), Timer::Redispatch);
                     break;
                 }
             }
@@ -834,12 +875,13 @@ impl Coordinator {
                     .record(pending.since.elapsed().as_secs_f64());
                 metrics::counter!("kennel_dispatches_total").increment(1);
                 events.push(ev);
-                let me = self.clone();
-                let (task_id, attempt) = (d.task_id, d.attempt);
-                tokio::spawn(async move {
-                    tokio::time::sleep(accept).await;
-                    me.lease_expired(&task_id, attempt).await;
-                });
+                self.deadlines.after(
+                    accept,
+                    Timer::Lease {
+                        task_id: d.task_id,
+                        attempt: d.attempt,
+                    },
+                );
             }
             st.update_gauges();
         }
@@ -1338,7 +1380,7 @@ impl Coordinator {
                 .or_insert_with(|| slot_from(&daemon));
             if let Some(old) = slot.conn.take() {
                 old.tx.send(Outbound::Close(
-                    4004,
+                    kennel_proto::link::close::REPLACED,
                     "replaced by a newer connection from the same machine".into(),
                 ));
             }
@@ -1461,12 +1503,14 @@ impl Coordinator {
     }
 
     fn start_grace(self: &Arc<Self>, daemon_id: String, generation: u64) {
-        let me = self.clone();
         let grace = Duration::from_secs(self.cfg.scheduler.reattach_grace_secs);
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            me.grace_expired(&daemon_id, generation).await;
-        });
+        self.deadlines.after(
+            grace,
+            Timer::Grace {
+                daemon_id,
+                generation,
+            },
+        );
     }
 
     async fn grace_expired(&self, daemon_id: &str, generation: u64) {
@@ -1856,5 +1900,176 @@ mod tests {
             ("t1", None)
         );
         assert!(st.waiting.is_empty());
+    }
+}
+
+/// Leases and reattach graces on a [`kennel_clock::ManualClock`]: the timeouts act when the
+/// clock passes them, and not a millisecond before, without the test sleeping.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod timer_tests {
+    use super::*;
+    use crate::outbound::{self, LinkRx, Outbound};
+    use kennel_clock::ManualClock;
+    use kennel_proto::link::Authenticated;
+
+    /// Real time a test waits for something that follows at once from what it did.
+    const PROMPTLY: Duration = Duration::from_secs(10);
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        clock: ManualClock,
+        coord: Arc<Coordinator>,
+        daemon_id: String,
+        rx: LinkRx,
+        conn_id: u64,
+    }
+
+    async fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let store = kennel_store::SqliteStore::open(&dir.path().join("kennel.db"))
+            .await
+            .unwrap();
+        let clock = ManualClock::new(1_800_000_000_000);
+        let coord = Coordinator::new(
+            Arc::new(store),
+            Arc::new(clock.clone()),
+            ServerConfig::default(),
+        );
+        tokio::spawn(coord.clone().run_scheduler());
+        tokio::spawn(coord.clone().run_timers());
+        let daemon_id = coord.resolve_daemon_id("m1").await.unwrap();
+        let (tx, rx) = outbound::channel(64);
+        let hello = DaemonHello {
+            machine_id: "m1".into(),
+            hostname: "m1".into(),
+            max_concurrent_tasks: 1,
+            labels: BTreeMap::new(),
+            agents: vec!["a".into()],
+            version: "test".into(),
+            protocol_version: 1,
+            remote_addr: None,
+            key_id: None,
+        };
+        let authenticated = ServerMessage::Authenticated(Authenticated {
+            daemon_id: daemon_id.clone(),
+            heartbeat_interval_secs: 10,
+            protocol_version: 1,
+            max_frame_bytes: 1 << 20,
+        });
+        let attached = coord
+            .attach(&daemon_id, hello, Vec::new(), tx, authenticated, "k")
+            .await
+            .unwrap();
+        Rig {
+            _dir: dir,
+            clock,
+            coord,
+            daemon_id,
+            rx,
+            conn_id: attached.conn_id,
+        }
+    }
+
+    /// The next `spawnTask` the daemon is sent.
+    async fn next_spawn(rx: &mut LinkRx) -> SpawnTask {
+        tokio::time::timeout(PROMPTLY, async {
+            loop {
+                match rx.recv().await {
+                    Some(Outbound::Msg(m)) => {
+                        if let ServerMessage::SpawnTask(s) = *m {
+                            return s;
+                        }
+                    }
+                    Some(Outbound::Close(..)) | None => panic!("the link ended"),
+                }
+            }
+        })
+        .await
+        .expect("no spawnTask")
+    }
+
+    /// Waits for the task's attempt `attempt` to end with `status`.
+    async fn attempt_ends(coord: &Coordinator, task_id: &str, attempt: u32, status: &str) {
+        let mut events = coord.subscribe_events();
+        tokio::time::timeout(PROMPTLY, async {
+            loop {
+                let done = coord
+                    .store
+                    .list_attempts(task_id)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .any(|a| a.attempt == attempt && a.status.to_string() == status);
+                if done {
+                    return;
+                }
+                let _ = events.recv().await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("attempt {attempt} of {task_id} did not end {status}"));
+    }
+
+    fn task(prompt: &str) -> CreateTask {
+        CreateTask {
+            name: prompt.into(),
+            prompt: prompt.into(),
+            agent: Some("a".into()),
+            ..CreateTask::default()
+        }
+    }
+
+    /// Lets the timer and scheduler tasks run until they wait again.
+    async fn settle() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_attempt_not_accepted_expires_when_the_clock_passes_its_lease() {
+        let mut r = rig().await;
+        let t = r.coord.submit(task("lease")).await.unwrap();
+        let spawn = next_spawn(&mut r.rx).await;
+        assert_eq!((spawn.task_id.as_str(), spawn.attempt), (t.id.as_str(), 1));
+
+        // One millisecond short of the 30 s lease: nothing happens.
+        r.clock.advance(Duration::from_millis(29_999));
+        settle().await;
+        let a = r.coord.store.list_attempts(&t.id).await.unwrap();
+        assert_eq!(a[0].status, AttemptStatus::Dispatched, "{a:?}");
+
+        r.clock.advance(Duration::from_millis(1));
+        attempt_ends(&r.coord, &t.id, 1, "expired").await;
+        // Charged and retried: the next attempt goes to the same, only, daemon.
+        let again = next_spawn(&mut r.rx).await;
+        assert_eq!((again.task_id.as_str(), again.attempt), (t.id.as_str(), 2));
+    }
+
+    #[tokio::test]
+    async fn a_daemon_gone_past_its_grace_loses_its_attempts_not_before() {
+        let mut r = rig().await;
+        let t = r.coord.submit(task("grace")).await.unwrap();
+        next_spawn(&mut r.rx).await;
+        let accepted = Report {
+            daemon_id: r.daemon_id.clone(),
+            task_id: t.id.clone(),
+            attempt: 1,
+            seq: 1,
+            effect: Effect::Accepted,
+        };
+        r.coord.report(&[accepted]).await.unwrap();
+        r.coord
+            .detach(&r.daemon_id, r.conn_id, "link dropped")
+            .await;
+
+        // 60 s of grace: at 59.999 s the attempt is still the daemon's.
+        r.clock.advance(Duration::from_millis(59_999));
+        settle().await;
+        let a = r.coord.store.list_attempts(&t.id).await.unwrap();
+        assert_eq!(a[0].status, AttemptStatus::Running, "{a:?}");
+        r.clock.advance(Duration::from_millis(1));
+        attempt_ends(&r.coord, &t.id, 1, "lost").await;
     }
 }

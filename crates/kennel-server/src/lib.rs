@@ -33,23 +33,7 @@ use crate::auth::KeyRing;
 use crate::config::ServerConfig;
 use crate::coordinator::Coordinator;
 
-/// Wall-clock time, injected so state machines can be tested without waiting.
-pub trait Clock: Send + Sync + 'static {
-    /// Milliseconds since the Unix epoch.
-    fn now_ms(&self) -> i64;
-}
-
-/// The system clock.
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> i64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0)
-    }
-}
+pub use kennel_clock::{Clock, SystemClock};
 
 /// What every handler can reach.
 pub struct AppState {
@@ -205,6 +189,7 @@ impl Server {
         let coord = Coordinator::new(store.clone(), clock.clone(), cfg.clone());
         coord.restore().await?;
         tokio::spawn(coord.clone().run_scheduler());
+        tokio::spawn(coord.clone().run_timers());
         tokio::spawn(coord.clone().run_waiting_watch());
 
         let state = Arc::new(AppState {
