@@ -24,7 +24,7 @@ pub enum StartError {
     NoKey,
     #[error(transparent)]
     Outbox(#[from] crate::outbox::OutboxError),
-    #[error("failed to prepare the data directory {path}: {source}")]
+    #[error("failed to prepare the data directory {path}")]
     DataDir {
         path: String,
         #[source]

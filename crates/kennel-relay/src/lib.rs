@@ -27,7 +27,7 @@ pub enum StartError {
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     History(#[from] history::HistoryError),
-    #[error("failed to listen on {addr}: {source} (pick another relay.listen or free the port)")]
+    #[error("failed to listen on {addr} (pick another relay.listen or free the port)")]
     Listen {
         addr: SocketAddr,
         #[source]

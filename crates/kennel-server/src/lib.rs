@@ -51,7 +51,7 @@ pub struct AppState {
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
-    #[error("failed to open the store: {0}")]
+    #[error("failed to open the store")]
     Store(#[from] kennel_store::StoreError),
     /// The cause is left to the `#[source]` chain, which the binary prints once.
     #[error("failed to bind {addr} (is another kennel server running? pick another address with --listen)")]
@@ -60,13 +60,13 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("failed to prepare the data directory {path}: {source}")]
+    #[error("failed to prepare the data directory {path}")]
     DataDir {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("server error: {0}")]
+    #[error("the coordinator's listener failed")]
     Serve(#[source] std::io::Error),
     /// A revoked key is never re-activated, not even one named in the configuration.
     #[error(
