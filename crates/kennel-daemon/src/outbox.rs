@@ -12,6 +12,7 @@ use std::sync::Mutex;
 
 use kennel_proto::link::TaskRef;
 use kennel_proto::DaemonMessage;
+use kennel_sqlite::{MigrateError, Options, Schema};
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// Why the outbox failed. The daemon cannot promise delivery without it, so callers treat
@@ -23,6 +24,13 @@ pub enum OutboxError {
         path: String,
         #[source]
         source: rusqlite::Error,
+    },
+    /// The file is from a newer kennel, or a migration failed; the cause says which.
+    #[error("failed to bring the outbox at {path} up to date")]
+    Migrate {
+        path: String,
+        #[source]
+        source: MigrateError,
     },
     #[error("outbox database error: {0}")]
     Db(#[from] rusqlite::Error),
@@ -52,7 +60,9 @@ pub struct Outbox {
     conn: Mutex<Connection>,
 }
 
-const SCHEMA: &str = "
+/// The outbox's migrations (see `kennel_sqlite::Schema`). Migration 1 is the schema outboxes were
+/// created with before they kept a version; its `IF NOT EXISTS` lets it run over such a file.
+const MIGRATIONS: &[&str] = &["
 CREATE TABLE IF NOT EXISTS outbox (
     id      INTEGER PRIMARY KEY AUTOINCREMENT,
     task_id TEXT NOT NULL,
@@ -69,27 +79,31 @@ CREATE TABLE IF NOT EXISTS attempts (
     finished INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (task_id, attempt)
 );
-";
+"];
+
+const SCHEMA: Schema = Schema {
+    name: "outbox",
+    migrations: MIGRATIONS,
+    unversioned: None,
+};
 
 impl Outbox {
-    /// Opens (creating) the outbox database; WAL with `synchronous=NORMAL` keeps every
-    /// committed message across a `kill -9` of the daemon.
+    /// Opens (creating) the outbox database and brings its schema up to date; kennel's SQLite
+    /// settings (WAL, `synchronous=NORMAL`) keep every committed message across a `kill -9`
+    /// of the daemon.
     pub fn open(path: &Path) -> Result<Self, OutboxError> {
-        let open_err = |source| OutboxError::Open {
-            path: path.display().to_string(),
-            source,
-        };
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let conn = Connection::open(path).map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(open_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(open_err)?;
-        conn.execute_batch(SCHEMA).map_err(open_err)?;
+        let mut conn =
+            kennel_sqlite::open(path, &Options::DEFAULT).map_err(|source| OutboxError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        kennel_sqlite::migrate(&mut conn, &SCHEMA).map_err(|source| OutboxError::Migrate {
+            path: path.display().to_string(),
+            source,
+        })?;
         Ok(Outbox {
             conn: Mutex::new(conn),
         })
@@ -345,5 +359,111 @@ mod tests {
         ob.drop_attempt("t2", 1).unwrap();
         assert_eq!(ob.depth().unwrap(), 0);
         assert!(ob.held().unwrap().is_empty());
+    }
+
+    /// The outbox schema as daemons created it before the outbox kept a version, verbatim.
+    const UNVERSIONED_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS outbox (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    seq     INTEGER NOT NULL,
+    frame   TEXT NOT NULL,
+    UNIQUE (task_id, attempt, seq)
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    task_id  TEXT NOT NULL,
+    attempt  INTEGER NOT NULL,
+    next_seq INTEGER NOT NULL DEFAULT 1,
+    pgid     INTEGER,
+    finished INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (task_id, attempt)
+);
+";
+
+    #[test]
+    fn an_outbox_written_before_it_kept_a_version_is_adopted_with_its_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        let frame = line("t1", 1, 1, "before the upgrade").to_json();
+        {
+            // The open code of that time, and a daemon that pushed one message and then died.
+            let conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+            conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
+            conn.busy_timeout(std::time::Duration::from_secs(5))
+                .unwrap();
+            conn.execute_batch(UNVERSIONED_SCHEMA).unwrap();
+            conn.execute(
+                "INSERT INTO attempts (task_id, attempt, next_seq, pgid) VALUES ('t1', 1, 2, 4242)",
+                [],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO outbox (task_id, attempt, seq, frame) VALUES ('t1', 1, 1, ?1)",
+                params![frame],
+            )
+            .unwrap();
+        }
+
+        let ob = Outbox::open(&path).unwrap();
+        assert_eq!(
+            ob.pending().unwrap(),
+            vec![Pending {
+                task_id: "t1".into(),
+                attempt: 1,
+                seq: 1,
+                frame,
+            }]
+        );
+        assert_eq!(
+            ob.held().unwrap(),
+            vec![HeldAttempt {
+                task_id: "t1".into(),
+                attempt: 1,
+                pgid: Some(4242),
+                finished: false,
+            }]
+        );
+        assert_eq!(
+            ob.push("t1", 1, |seq| line("t1", 1, seq, "after"))
+                .unwrap()
+                .seq,
+            2
+        );
+        assert_eq!(kennel_sqlite::version(&ob.conn()).unwrap(), 1);
+        drop(ob);
+        // Reopening a current outbox changes nothing.
+        let ob = Outbox::open(&path).unwrap();
+        assert_eq!(ob.depth().unwrap(), 2);
+        assert_eq!(kennel_sqlite::version(&ob.conn()).unwrap(), 1);
+    }
+
+    #[test]
+    fn an_outbox_from_a_newer_kennel_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 2)
+            .unwrap();
+        let err = match Outbox::open(&path) {
+            Err(e) => e,
+            Ok(_) => panic!("a newer outbox opened"),
+        };
+        assert!(
+            matches!(
+                err,
+                OutboxError::Migrate {
+                    source: MigrateError::TooNew { found: 2, known: 1 },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
     }
 }

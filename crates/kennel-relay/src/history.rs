@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use kennel_proto::link::SpawnTask;
+use kennel_sqlite::{MigrateError, Options, Schema};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
@@ -26,11 +27,22 @@ pub enum HistoryError {
         #[source]
         source: std::io::Error,
     },
+    /// The file is from a newer kennel, or a migration failed; the cause says which.
+    #[error("failed to bring the relay database at {path} up to date")]
+    Migrate {
+        path: String,
+        #[source]
+        source: MigrateError,
+    },
     #[error("relay database error: {0}")]
     Db(#[from] rusqlite::Error),
 }
 
-const SCHEMA: &str = "
+/// The relay's migrations (see `kennel_sqlite::Schema`). Relays used to create `relay.db`
+/// without a version: migration 1 is the first relay's schema and migration 2 the table added
+/// when history pruning came; their `IF NOT EXISTS` lets them run over such a file.
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE IF NOT EXISTS tasks (
     task_id       TEXT NOT NULL,
     attempt       INTEGER NOT NULL,
@@ -55,17 +67,27 @@ CREATE TABLE IF NOT EXISTS buffer (
     frame   TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS buffer_attempt ON buffer(task_id, attempt, seq);
-CREATE TABLE IF NOT EXISTS totals (
-    name  TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
 CREATE TABLE IF NOT EXISTS log (
     id    INTEGER PRIMARY KEY AUTOINCREMENT,
     at_ms INTEGER NOT NULL,
     kind  TEXT NOT NULL,
     message TEXT NOT NULL
 );
-";
+",
+    // Counts of pruned history rows, so `counts` keeps including them.
+    "
+CREATE TABLE IF NOT EXISTS totals (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+",
+];
+
+const SCHEMA: Schema = Schema {
+    name: "relay",
+    migrations: MIGRATIONS,
+    unversioned: None,
+};
 
 /// One attempt of a task, as `GET /tasks` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -126,15 +148,12 @@ impl History {
             source,
         })?;
         let path = dir.join("relay.db");
-        let open = |p: &Path| -> rusqlite::Result<Connection> {
-            let c = Connection::open(p)?;
-            c.pragma_update(None, "journal_mode", "WAL")?;
-            c.pragma_update(None, "synchronous", "NORMAL")?;
-            c.busy_timeout(std::time::Duration::from_secs(5))?;
-            c.execute_batch(SCHEMA)?;
-            Ok(c)
-        };
-        let conn = open(&path).map_err(|source| HistoryError::Open {
+        let mut conn =
+            kennel_sqlite::open(&path, &Options::DEFAULT).map_err(|source| HistoryError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        kennel_sqlite::migrate(&mut conn, &SCHEMA).map_err(|source| HistoryError::Migrate {
             path: path.display().to_string(),
             source,
         })?;
@@ -582,5 +601,164 @@ mod tests {
         h.check().unwrap();
         h.conn.execute_batch("DROP TABLE tasks").unwrap();
         assert!(h.check().is_err());
+    }
+
+    /// `relay.db` as the first relay created it (no version, no `totals`), verbatim.
+    const FIRST_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id       TEXT NOT NULL,
+    attempt       INTEGER NOT NULL,
+    name          TEXT NOT NULL,
+    agent         TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    daemon        TEXT,
+    last_seq      INTEGER NOT NULL DEFAULT 0,
+    received_ms   INTEGER NOT NULL,
+    dispatched_ms INTEGER,
+    finished_ms   INTEGER,
+    error         TEXT,
+    spawn         TEXT NOT NULL,
+    PRIMARY KEY (task_id, attempt)
+);
+CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status);
+CREATE TABLE IF NOT EXISTS buffer (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    seq     INTEGER NOT NULL,
+    frame   TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS buffer_attempt ON buffer(task_id, attempt, seq);
+CREATE TABLE IF NOT EXISTS log (
+    id    INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    kind  TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+";
+
+    /// `relay.db` as relays created it since pruning came (no version), verbatim.
+    const PRUNING_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id       TEXT NOT NULL,
+    attempt       INTEGER NOT NULL,
+    name          TEXT NOT NULL,
+    agent         TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    daemon        TEXT,
+    last_seq      INTEGER NOT NULL DEFAULT 0, -- no longer written; kept for older relay.db files
+    received_ms   INTEGER NOT NULL,
+    dispatched_ms INTEGER,
+    finished_ms   INTEGER,
+    error         TEXT,
+    spawn         TEXT NOT NULL,
+    PRIMARY KEY (task_id, attempt)
+);
+CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status);
+CREATE TABLE IF NOT EXISTS buffer (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    seq     INTEGER NOT NULL,
+    frame   TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS buffer_attempt ON buffer(task_id, attempt, seq);
+CREATE TABLE IF NOT EXISTS totals (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS log (
+    id    INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    kind  TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+";
+
+    /// Writes `relay.db` in `dir` with the open code relays used before `relay.db` kept a
+    /// version: one dispatched task with a buffered report, one log entry, and `extra`.
+    fn write_unversioned(dir: &Path, schema: &str, extra: &str) {
+        let c = Connection::open(dir.join("relay.db")).unwrap();
+        c.pragma_update(None, "journal_mode", "WAL").unwrap();
+        c.pragma_update(None, "synchronous", "NORMAL").unwrap();
+        c.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+        c.execute_batch(schema).unwrap();
+        c.execute_batch(
+            "INSERT INTO tasks (task_id, attempt, name, agent, status, daemon, received_ms,
+                                dispatched_ms, spawn)
+             VALUES ('t-old', 1, 'old task', 'command', 'dispatched', 'm1', 10, 11, '{}');
+             INSERT INTO buffer (task_id, attempt, seq, frame) VALUES ('t-old', 1, 1, 'f-old');
+             INSERT INTO log (at_ms, kind, message) VALUES (12, 'connect', 'old link');",
+        )
+        .unwrap();
+        c.execute_batch(extra).unwrap();
+    }
+
+    fn assert_old_rows_kept(h: &History) {
+        assert_eq!(
+            h.held().unwrap(),
+            vec![Held {
+                task_id: "t-old".into(),
+                attempt: 1,
+                daemon: "m1".into(),
+            }]
+        );
+        assert_eq!(h.buffered().unwrap(), vec!["f-old".to_string()]);
+        assert_eq!(h.logs(10).unwrap()[0].message, "old link");
+        assert_eq!(kennel_sqlite::version(&h.conn).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_relay_db_of_the_first_relay_is_upgraded_with_its_history() {
+        let dir = tempfile::tempdir().unwrap();
+        write_unversioned(dir.path(), FIRST_SCHEMA, "");
+        let h = History::open(dir.path()).unwrap();
+        assert_old_rows_kept(&h);
+        // Migration 2 made `totals`: pruning works and keeps counting.
+        h.set_status("t-old", 1, "completed", None, Some(20))
+            .unwrap();
+        assert_eq!(h.prune(100).unwrap(), 1);
+        assert_eq!(h.counts().unwrap(), (1, 1));
+    }
+
+    #[test]
+    fn a_relay_db_written_before_it_kept_a_version_is_adopted_with_its_history() {
+        let dir = tempfile::tempdir().unwrap();
+        write_unversioned(
+            dir.path(),
+            PRUNING_SCHEMA,
+            "INSERT INTO totals (name, value) VALUES ('pruned_received', 5), ('pruned_processed', 4);",
+        );
+        let h = History::open(dir.path()).unwrap();
+        assert_old_rows_kept(&h);
+        assert_eq!(h.counts().unwrap(), (6, 4), "pruned totals kept");
+        drop(h);
+        // Reopening a current file changes nothing.
+        let h = History::open(dir.path()).unwrap();
+        assert_old_rows_kept(&h);
+    }
+
+    #[test]
+    fn a_relay_db_from_a_newer_kennel_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        Connection::open(dir.path().join("relay.db"))
+            .unwrap()
+            .pragma_update(None, "user_version", 3)
+            .unwrap();
+        let err = match History::open(dir.path()) {
+            Err(e) => e,
+            Ok(_) => panic!("a newer relay.db opened"),
+        };
+        assert!(
+            matches!(
+                err,
+                HistoryError::Migrate {
+                    source: MigrateError::TooNew { found: 3, known: 2 },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("relay.db"), "{err}");
     }
 }
