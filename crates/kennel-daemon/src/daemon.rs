@@ -280,7 +280,10 @@ pub async fn start(cfg: DaemonConfig, data_dir: PathBuf) -> Result<DaemonHandle,
                         "worktree sweep reclaimed disk"
                     ),
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "worktree sweep failed"),
+                    Err(e) => tracing::warn!(
+                        error = &e as &dyn std::error::Error,
+                        "worktree sweep failed"
+                    ),
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(3600)) => {}

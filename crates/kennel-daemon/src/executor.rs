@@ -169,7 +169,12 @@ impl Executor {
                 Some(seq)
             }
             Err(e) => {
-                tracing::error!(task_id, attempt, error = %e, "failed to store a task message; it cannot be delivered");
+                tracing::error!(
+                    task_id,
+                    attempt,
+                    error = &e as &dyn std::error::Error,
+                    "failed to store a task message; it cannot be delivered"
+                );
                 None
             }
         }
@@ -230,7 +235,7 @@ impl Executor {
             })
         });
         if let Err(e) = self.outbox.finish(&spawn.task_id, spawn.attempt) {
-            tracing::error!(error = %e, "outbox failed");
+            tracing::error!(error = &e as &dyn std::error::Error, "outbox failed");
         }
     }
 
@@ -252,7 +257,10 @@ impl Executor {
             (self.profiles.get(&spawn.agent).cloned(), full)
         };
         if let Err(e) = self.outbox.hold(&spawn.task_id, spawn.attempt) {
-            tracing::error!(error = %e, "outbox failed; cannot take the task");
+            tracing::error!(
+                error = &e as &dyn std::error::Error,
+                "outbox failed; cannot take the task"
+            );
             return;
         }
         if self.stopping.load(Ordering::SeqCst) {
@@ -315,7 +323,7 @@ impl Executor {
             // Normally done before the last report already; this covers a dropped attempt.
             me.free_slot(&task_id, attempt);
             if let Err(e) = me.outbox.finish(&task_id, attempt) {
-                tracing::error!(error = %e, "outbox failed");
+                tracing::error!(error = &e as &dyn std::error::Error, "outbox failed");
             }
         });
     }
@@ -497,7 +505,11 @@ impl Executor {
             Some(wt) if !self.cfg.keep_worktrees => match wt.remove().await {
                 Ok(bytes) => tracing::debug!(task_id = tid, bytes, "worktree removed"),
                 Err(e) => {
-                    tracing::warn!(task_id = tid, error = %e, "failed to remove worktree; the sweep will retry")
+                    tracing::warn!(
+                        task_id = tid,
+                        error = &e as &dyn std::error::Error,
+                        "failed to remove worktree; the sweep will retry"
+                    )
                 }
             },
             _ => {}
@@ -536,7 +548,10 @@ impl Executor {
             }
         };
         if let Err(e) = self.outbox.set_pgid(tid, att, proc.pid() as i32) {
-            tracing::warn!(error = %e, "outbox failed to record the process group");
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "outbox failed to record the process group"
+            );
         }
         if profile.prompt_on_stdin() {
             let first = agent::claude_user_message(&spawn.prompt);
@@ -719,7 +734,10 @@ impl Executor {
         let held = match self.outbox.held() {
             Ok(h) => h,
             Err(e) => {
-                tracing::error!(error = %e, "failed to read the outbox");
+                tracing::error!(
+                    error = &e as &dyn std::error::Error,
+                    "failed to read the outbox"
+                );
                 return;
             }
         };
@@ -737,7 +755,7 @@ impl Executor {
             );
             self.status_change(&h.task_id, h.attempt, "running", "lost");
             if let Err(e) = self.outbox.finish(&h.task_id, h.attempt) {
-                tracing::error!(error = %e, "outbox failed");
+                tracing::error!(error = &e as &dyn std::error::Error, "outbox failed");
             }
         }
     }

@@ -348,14 +348,20 @@ impl Link {
                 return None;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "bad frame from upstream");
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "bad frame from upstream"
+                );
                 return None;
             }
         };
         match msg {
             ServerMessage::Ack(a) => {
                 if let Err(e) = self.outbox.ack(&a.task_id, a.attempt, a.seq) {
-                    tracing::error!(error = %e, "outbox failed to apply an ack");
+                    tracing::error!(
+                        error = &e as &dyn std::error::Error,
+                        "outbox failed to apply an ack"
+                    );
                 }
             }
             ServerMessage::SpawnTask(s) => self.exec.spawn(s).await,

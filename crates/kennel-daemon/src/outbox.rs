@@ -19,7 +19,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 /// this as fatal for the message at hand and say so.
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
-    #[error("failed to open the outbox at {path}: {source}")]
+    #[error("failed to open the outbox at {path}")]
     Open {
         path: String,
         #[source]
@@ -32,7 +32,7 @@ pub enum OutboxError {
         #[source]
         source: MigrateError,
     },
-    #[error("outbox database error: {0}")]
+    #[error("outbox database error")]
     Db(#[from] rusqlite::Error),
 }
 

@@ -15,13 +15,15 @@ pub const LOG_KEEP: i64 = 200;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
-    #[error("failed to open the relay database at {path}: {source} (check that the data directory is writable)")]
+    #[error(
+        "failed to open the relay database at {path} (check that the data directory is writable)"
+    )]
     Open {
         path: String,
         #[source]
         source: rusqlite::Error,
     },
-    #[error("failed to create the data directory {path}: {source}")]
+    #[error("failed to create the data directory {path}")]
     Dir {
         path: String,
         #[source]
@@ -34,7 +36,7 @@ pub enum HistoryError {
         #[source]
         source: MigrateError,
     },
-    #[error("relay database error: {0}")]
+    #[error("relay database error")]
     Db(#[from] rusqlite::Error),
 }
 

@@ -307,7 +307,7 @@ impl Relay {
             }
             Err(e) => {
                 self.db_failing.store(true, Ordering::Relaxed);
-                tracing::error!(error = %e, "failed to {what}");
+                tracing::error!(error = &e as &dyn std::error::Error, "failed to {what}");
                 None
             }
         }
@@ -1262,7 +1262,10 @@ impl Relay {
         let readable = match self.db().check() {
             Ok(()) => true,
             Err(e) => {
-                tracing::error!(error = %e, "the relay database failed a health check");
+                tracing::error!(
+                    error = &e as &dyn std::error::Error,
+                    "the relay database failed a health check"
+                );
                 false
             }
         };
