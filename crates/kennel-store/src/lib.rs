@@ -4,8 +4,10 @@
 //! Every state change that users can observe is written together with its event in one
 //! transaction, and returned to the caller so it can be published live. Callers never see SQL;
 //! a PostgreSQL implementation can follow without touching them. Time is passed in (`now`, in
-//! milliseconds since the epoch) so the callers' clocks stay injectable.
+//! milliseconds since the epoch) so the callers' clocks stay injectable. The rules of the
+//! task and attempt lifecycle live in [`machine`], apart from any backend.
 
+pub mod machine;
 mod sqlite;
 
 use std::collections::BTreeMap;

@@ -21,18 +21,21 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use kennel_proto::api::{ApiKey, Attempt, Daemon, Event, OutputChunk, Scope, Task};
-use kennel_proto::link::{OutputStream, RepoSpec, RETURNED};
-use kennel_proto::{AttemptStatus, TaskStatus};
+use kennel_proto::link::{OutputStream, RepoSpec};
+use kennel_proto::TaskStatus;
 use rusqlite::types::ToSql;
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params, Connection, Row};
 
 use self::readers::Readers;
 use self::wal_flusher::WalFlusher;
 use self::writer::Writer;
+use crate::machine::{
+    self, AttemptFacts, Change, Chunk, Ending, Outcome, Step, TaskAfter, TaskFacts, Verdict,
+};
 use crate::{
-    parse_scopes, rfc3339, Applied, DaemonHello, Dispatch, Effect, EndAttempt, Ended, GatewayOp,
-    GatewayRows, KeyRecord, Millis, NewTask, QueuedTask, Report, Result, Retry, Revoke, Store,
-    StoreError, TaskFilter,
+    parse_scopes, rfc3339, Applied, DaemonHello, Dispatch, EndAttempt, Ended, GatewayOp,
+    GatewayRows, KeyRecord, Millis, NewTask, QueuedTask, Report, Result, Revoke, Store, StoreError,
+    TaskFilter,
 };
 
 /// SQLite implementation of [`Store`]. Cloning shares the writer thread and the read pool.
@@ -51,12 +54,25 @@ macro_rules! task_columns {
     };
 }
 
-/// A daemon with its live task count, as [`daemon_from_row`] reads it.
-macro_rules! daemon_select {
-    () => {
+/// The statuses of a task that holds a live attempt, as an SQL list (`'dispatched',…`), from
+/// [`TaskStatus::is_active`] so that the SQL cannot drift from the enum.
+fn active_statuses() -> String {
+    let quoted: Vec<String> = TaskStatus::ALL
+        .into_iter()
+        .filter(|s| s.is_active())
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    quoted.join(",")
+}
+
+/// Selects daemons with their live task count, as [`daemon_from_row`] reads them; `tail`
+/// filters and orders.
+fn daemon_select(tail: &str) -> String {
+    format!(
         "SELECT d.*, (SELECT COUNT(*) FROM tasks t WHERE t.daemon_id = d.id \
-         AND t.status IN ('dispatched','running','paused')) AS active_tasks FROM daemons d"
-    };
+         AND t.status IN ({})) AS active_tasks FROM daemons d {tail}",
+        active_statuses()
+    )
 }
 
 impl SqliteStore {
@@ -203,6 +219,57 @@ fn load_task(conn: &Connection, id: &str) -> Result<Option<Task>> {
     )
 }
 
+/// Reads [`TaskFacts`] from the columns `status, attempt, max_attempts, returned_attempts` of
+/// the task, starting at column `at`.
+fn task_facts_from(row: &Row<'_>, at: usize) -> Result<TaskFacts> {
+    let st: String = row.get(at)?;
+    Ok(TaskFacts {
+        status: status(&st)?,
+        attempt: row.get::<_, i64>(at + 1)? as u32,
+        max_attempts: row.get::<_, i64>(at + 2)? as u32,
+        returned_attempts: row.get::<_, i64>(at + 3)? as u32,
+    })
+}
+
+/// What the state machine needs to know about a task; `None` when there is no such task.
+fn load_task_facts(conn: &Connection, id: &str) -> Result<Option<TaskFacts>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT status, attempt, max_attempts, returned_attempts FROM tasks WHERE id = ?1",
+    )?;
+    let mut rows = stmt.query([id])?;
+    let facts = match rows.next()? {
+        Some(row) => Some(task_facts_from(row, 0)?),
+        None => None,
+    };
+    Ok(facts)
+}
+
+/// What the state machine needs to know about an attempt and its task; `None` when the task
+/// has no such attempt.
+fn load_attempt_facts(
+    conn: &Connection,
+    task_id: &str,
+    attempt: u32,
+) -> Result<Option<AttemptFacts>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT a.daemon_id, a.status, a.last_seq, \
+         t.status, t.attempt, t.max_attempts, t.returned_attempts \
+         FROM attempts a JOIN tasks t ON t.id = a.task_id \
+         WHERE a.task_id = ?1 AND a.attempt = ?2",
+    )?;
+    let mut rows = stmt.query(params![task_id, attempt as i64])?;
+    let Some(row) = rows.next()? else {
+        return Ok(None);
+    };
+    let st: String = row.get(1)?;
+    Ok(Some(AttemptFacts {
+        holder: row.get(0)?,
+        status: status(&st)?,
+        last_seq: row.get::<_, i64>(2)? as u64,
+        task: task_facts_from(row, 3)?,
+    }))
+}
+
 fn daemon_from_row(row: &Row<'_>) -> Result<Daemon> {
     let agents: String = row.get("agents")?;
     let labels: String = row.get("labels")?;
@@ -230,7 +297,7 @@ fn query_daemons(conn: &Connection, sql: &str, args: &[&dyn ToSql]) -> Result<Ve
 }
 
 fn load_daemon(conn: &Connection, id: &str) -> Result<Option<Daemon>> {
-    Ok(query_daemons(conn, concat!(daemon_select!(), " WHERE d.id = ?1"), &[&id])?.pop())
+    Ok(query_daemons(conn, &daemon_select("WHERE d.id = ?1"), &[&id])?.pop())
 }
 
 fn key_from_row(row: &Row<'_>) -> Result<KeyRecord> {
@@ -313,76 +380,13 @@ fn task_status_event(conn: &Connection, task: &Task, now: Millis) -> Result<Even
 
 /// Ends an attempt; see [`Store::end_attempt`].
 fn end_attempt_tx(conn: &Connection, end: &EndAttempt<'_>, now: Millis) -> Result<Option<Ended>> {
-    let EndAttempt {
-        task_id,
-        attempt,
-        status,
-        reason,
-        retry,
-        terminal,
-    } = *end;
-    let Some(task) = load_task(conn, task_id)? else {
+    let Some(facts) = load_task_facts(conn, end.task_id)? else {
         return Ok(None);
     };
-    if task.attempt != attempt || !task.status.is_active() {
+    let Some(ending) = machine::end_attempt(&facts, end) else {
         return Ok(None);
-    }
-    let returned: i64 = conn
-        .prepare_cached("SELECT returned_attempts FROM tasks WHERE id = ?1")?
-        .query_row(params![task_id], |row| row.get(0))?;
-    let charged = i64::from(task.attempt) - returned;
-    conn.prepare_cached(
-        "UPDATE attempts SET status = ?1, finished_at = ?2, error = ?3 \
-         WHERE task_id = ?4 AND attempt = ?5",
-    )?
-    .execute(params![
-        status.as_str(),
-        now,
-        reason,
-        task_id,
-        attempt as i64
-    ])?;
-    if retry == Retry::Free {
-        conn.prepare_cached(
-            "UPDATE tasks SET returned_attempts = returned_attempts + 1 WHERE id = ?1",
-        )?
-        .execute(params![task_id])?;
-    }
-    let requeue = match retry {
-        Retry::Never => false,
-        Retry::Charged => charged < i64::from(task.max_attempts),
-        Retry::Free => true,
     };
-    let task = if requeue {
-        query_task(
-            conn,
-            concat!(
-                "UPDATE tasks SET status = 'queued', daemon_id = NULL, updated_at = ?1, \
-                 error = ?2 WHERE id = ?3 RETURNING ",
-                task_columns!()
-            ),
-            &[&now, &reason, &task_id],
-        )?
-    } else {
-        let error = if retry == Retry::Charged {
-            format!(
-                "{reason}; no attempts left ({charged} of {})",
-                task.max_attempts
-            )
-        } else {
-            reason.to_string()
-        };
-        query_task(
-            conn,
-            concat!(
-                "UPDATE tasks SET status = ?1, updated_at = ?2, finished_at = ?2, error = ?3 \
-                 WHERE id = ?4 RETURNING ",
-                task_columns!()
-            ),
-            &[&terminal.as_str(), &now, &error, &task_id],
-        )?
-    };
-    let Some(task) = task else {
+    let Some(task) = write_ending(conn, end.task_id, end.attempt, &ending, now)? else {
         return Ok(None);
     };
     let ev = task_status_event(conn, &task, now)?;
@@ -390,6 +394,53 @@ fn end_attempt_tx(conn: &Connection, end: &EndAttempt<'_>, now: Millis) -> Resul
         task,
         events: vec![ev],
     }))
+}
+
+/// Writes how an attempt ended and what became of its task; returns the task after.
+fn write_ending(
+    conn: &Connection,
+    task_id: &str,
+    attempt: u32,
+    ending: &Ending,
+    now: Millis,
+) -> Result<Option<Task>> {
+    conn.prepare_cached(
+        "UPDATE attempts SET status = ?1, finished_at = ?2, error = ?3 \
+         WHERE task_id = ?4 AND attempt = ?5",
+    )?
+    .execute(params![
+        ending.attempt.as_str(),
+        now,
+        ending.reason,
+        task_id,
+        attempt as i64
+    ])?;
+    if ending.returned {
+        conn.prepare_cached(
+            "UPDATE tasks SET returned_attempts = returned_attempts + 1 WHERE id = ?1",
+        )?
+        .execute(params![task_id])?;
+    }
+    match ending.task {
+        TaskAfter::Requeued => query_task(
+            conn,
+            concat!(
+                "UPDATE tasks SET status = ?1, daemon_id = NULL, updated_at = ?2, error = ?3 \
+                 WHERE id = ?4 RETURNING ",
+                task_columns!()
+            ),
+            &[&TaskStatus::Queued.as_str(), &now, &ending.error, &task_id],
+        ),
+        TaskAfter::Ended(status) => query_task(
+            conn,
+            concat!(
+                "UPDATE tasks SET status = ?1, updated_at = ?2, finished_at = ?2, error = ?3 \
+                 WHERE id = ?4 RETURNING ",
+                task_columns!()
+            ),
+            &[&status.as_str(), &now, &ending.error, &task_id],
+        ),
+    }
 }
 
 /// Ends a task that is still queued (never dispatched, or requeued): cancelled or failed.
@@ -400,11 +451,17 @@ fn end_queued_tx(
     error: &str,
     now: Millis,
 ) -> Result<Option<Ended>> {
+    let Some(facts) = load_task_facts(conn, task_id)? else {
+        return Ok(None);
+    };
+    let Some(status) = machine::end_queued(&facts, status) else {
+        return Ok(None);
+    };
     let task = query_task(
         conn,
         concat!(
             "UPDATE tasks SET status = ?1, updated_at = ?2, finished_at = ?2, error = ?3 \
-             WHERE id = ?4 AND status = 'queued' RETURNING ",
+             WHERE id = ?4 RETURNING ",
             task_columns!()
         ),
         &[&status.as_str(), &now, &error, &task_id],
@@ -419,190 +476,40 @@ fn end_queued_tx(
     }))
 }
 
-/// Applies one report.
+/// Applies one report: loads the attempt, asks [`machine::report`] and writes its verdict.
 fn apply_one(conn: &Connection, r: &Report, now: Millis) -> Result<Applied> {
-    let row = conn
-        .prepare_cached(
-            "SELECT a.daemon_id, a.status, a.last_seq, t.attempt FROM attempts a \
-             JOIN tasks t ON t.id = a.task_id WHERE a.task_id = ?1 AND a.attempt = ?2",
-        )?
-        .query_row(params![r.task_id, r.attempt as i64], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, String>(1)?,
-                row.get::<_, i64>(2)?,
-                row.get::<_, i64>(3)?,
-            ))
-        })
-        .optional()?;
-    let Some((holder, att_status, last_seq, current)) = row else {
-        return Ok(Applied::Stale {
-            reason: format!("task {} has no attempt {}", r.task_id, r.attempt),
-        });
+    let facts = load_attempt_facts(conn, &r.task_id, r.attempt)?;
+    let change = match machine::report(facts.as_ref(), r) {
+        Verdict::Apply(change) => change,
+        Verdict::Duplicate { last_seq } => return Ok(Applied::Duplicate { last_seq }),
+        Verdict::Gap { expected } => return Ok(Applied::Gap { expected }),
+        Verdict::Stale(stale) => {
+            return Ok(Applied::Stale {
+                reason: stale.reason(r),
+            })
+        }
     };
-    let att_status: AttemptStatus = status(&att_status)?;
-    let last_seq = last_seq as u64;
-    let current = current as u32;
-    if holder != r.daemon_id {
-        return Ok(Applied::Stale {
-            reason: format!(
-                "attempt {} of task {} is held by another daemon",
-                r.attempt, r.task_id
-            ),
-        });
-    }
-    if r.seq <= last_seq {
-        return Ok(Applied::Duplicate { last_seq });
-    }
-    if current != r.attempt || !att_status.is_live() {
-        return Ok(Applied::Stale {
-            reason: format!(
-                "attempt {} of task {} is over ({att_status}); the current attempt is {current}",
-                r.attempt, r.task_id
-            ),
-        });
-    }
-    if r.seq != last_seq + 1 {
-        return Ok(Applied::Gap {
-            expected: last_seq + 1,
-        });
-    }
-    let seq = r.seq as i64;
-    let attempt = r.attempt as i64;
-
-    let mut events = Vec::new();
-    let mut changed = None;
-    match &r.effect {
-        Effect::Output {
-            stream,
-            output,
-            is_partial,
-        } => {
+    let changed = match change {
+        Change::Seq => {
             record_seq(conn, r)?;
-            insert_output(conn, r, *stream, output, *is_partial, now)?;
+            None
         }
-        Effect::Progress { summary, detail } => {
+        Change::Output(chunk) => {
             record_seq(conn, r)?;
-            let text = match detail {
-                Some(d) => to_json(&serde_json::json!({"summary": summary, "detail": d})),
-                None => to_json(&serde_json::json!({ "summary": summary })),
-            };
-            insert_output(conn, r, OutputStream::Progress, &text, false, now)?;
+            insert_output(conn, r, &chunk, now)?;
+            None
         }
-        Effect::Accepted => {
-            if att_status == AttemptStatus::Dispatched {
-                changed = set_live_status(conn, r, "running", now, true)?;
-            } else {
-                record_seq(conn, r)?;
-            }
-        }
-        Effect::StatusChange { new_status } if new_status == "lost" => {
-            // The daemon lost the agent's process (it crashed and restarted): like a vanished
-            // daemon, the attempt ends as lost and the task is retried while attempts remain.
+        Change::Live { to, started } => set_live_status(conn, r, to, now, started)?,
+        Change::End(ending) => {
             record_seq(conn, r)?;
-            let reason = format!(
-                "daemon {} lost the agent's process (the daemon restarted mid-task)",
-                r.daemon_id
-            );
-            let end = EndAttempt {
-                task_id: &r.task_id,
-                attempt: r.attempt,
-                status: AttemptStatus::Lost,
-                reason: &reason,
-                retry: Retry::Charged,
-                terminal: TaskStatus::Lost,
-            };
-            if let Some(ended) = end_attempt_tx(conn, &end, now)? {
-                events.extend(ended.events);
-                changed = Some(ended.task);
-            }
+            write_ending(conn, &r.task_id, r.attempt, &ending, now)?
         }
-        Effect::StatusChange { new_status } if new_status == RETURNED => {
-            // The daemon stopped cleanly before the agent finished and hands the attempt
-            // back: the task is retried without using up an attempt.
-            record_seq(conn, r)?;
-            let reason = format!(
-                "daemon {} shut down before the agent finished; the task goes back to the queue \
-                 (not counted against its attempts)",
-                r.daemon_id
-            );
-            let end = EndAttempt {
-                task_id: &r.task_id,
-                attempt: r.attempt,
-                status: AttemptStatus::Returned,
-                reason: &reason,
-                retry: Retry::Free,
-                terminal: TaskStatus::Failed,
-            };
-            if let Some(ended) = end_attempt_tx(conn, &end, now)? {
-                events.extend(ended.events);
-                changed = Some(ended.task);
-            }
-        }
-        Effect::StatusChange { new_status } => {
-            let target = match new_status.as_str() {
-                "paused" => Some("paused"),
-                "running" => Some("running"),
-                _ => None,
-            };
-            match target {
-                Some(target) if att_status.as_str() != target => {
-                    changed = set_live_status(conn, r, target, now, false)?;
-                }
-                _ => record_seq(conn, r)?,
-            }
-        }
-        Effect::Rejected { reason, code } => {
-            record_seq(conn, r)?;
-            let reason = format!("rejected by daemon {}: {reason}", r.daemon_id);
-            // A full or stopping daemon says nothing about the task: not charged.
-            let retry = match code {
-                Some(c) if c.is_daemon_state() => Retry::Free,
-                _ => Retry::Charged,
-            };
-            let end = EndAttempt {
-                task_id: &r.task_id,
-                attempt: r.attempt,
-                status: AttemptStatus::Rejected,
-                reason: &reason,
-                retry,
-                terminal: TaskStatus::Failed,
-            };
-            if let Some(ended) = end_attempt_tx(conn, &end, now)? {
-                events.extend(ended.events);
-                changed = Some(ended.task);
-            }
-        }
-        Effect::Complete {
-            success,
-            error,
-            exit_code,
-            branch,
-            commit,
-        } => {
-            let outcome = if *success { "completed" } else { "failed" };
-            conn.prepare_cached(
-                "UPDATE attempts SET last_seq = ?1, status = ?2, finished_at = ?3, error = ?4, \
-                 started_at = COALESCE(started_at, ?3) WHERE task_id = ?5 AND attempt = ?6",
-            )?
-            .execute(params![seq, outcome, now, error, r.task_id, attempt])?;
-            changed = query_task(
-                conn,
-                concat!(
-                    "UPDATE tasks SET status = ?1, updated_at = ?2, finished_at = ?2, \
-                     error = ?3, exit_code = ?4, branch = ?5, commit_sha = ?6 WHERE id = ?7 \
-                     RETURNING ",
-                    task_columns!()
-                ),
-                &[&outcome, &now, error, exit_code, branch, commit, &r.task_id],
-            )?;
-        }
-    }
-    if let Some(task) = &changed {
-        if events.is_empty() {
-            events.push(task_status_event(conn, task, now)?);
-        }
-    }
+        Change::Finish { to, outcome } => finish(conn, r, to, &outcome, now)?,
+    };
+    let events = match &changed {
+        Some(task) => vec![task_status_event(conn, task, now)?],
+        None => Vec::new(),
+    };
     Ok(Applied::Done {
         events,
         task: changed.map(Box::new),
@@ -616,12 +523,12 @@ fn record_seq(conn: &Connection, r: &Report) -> Result<()> {
     Ok(())
 }
 
-/// Moves a live attempt and its task to `target` and records the report's seq; returns the
-/// task after the change.
+/// Moves a live attempt and its task to `to` and records the report's seq; returns the task
+/// after the change.
 fn set_live_status(
     conn: &Connection,
     r: &Report,
-    target: &str,
+    to: Step,
     now: Millis,
     started: bool,
 ) -> Result<Option<Task>> {
@@ -632,7 +539,7 @@ fn set_live_status(
     )?
     .execute(params![
         r.seq as i64,
-        target,
+        to.attempt.as_str(),
         started_at,
         r.task_id,
         r.attempt as i64
@@ -643,18 +550,69 @@ fn set_live_status(
             "UPDATE tasks SET status = ?1, updated_at = ?2 WHERE id = ?3 RETURNING ",
             task_columns!()
         ),
-        &[&target, &now, &r.task_id],
+        &[&to.task.as_str(), &now, &r.task_id],
     )
 }
 
-fn insert_output(
+/// Ends the attempt and its task as the agent finished, records the report's seq and stores
+/// what the agent reported; returns the task after the change.
+fn finish(
     conn: &Connection,
     r: &Report,
-    stream: OutputStream,
-    output: &str,
-    is_partial: bool,
+    to: Step,
+    outcome: &Outcome<'_>,
     now: Millis,
-) -> Result<()> {
+) -> Result<Option<Task>> {
+    conn.prepare_cached(
+        "UPDATE attempts SET last_seq = ?1, status = ?2, finished_at = ?3, error = ?4, \
+         started_at = COALESCE(started_at, ?3) WHERE task_id = ?5 AND attempt = ?6",
+    )?
+    .execute(params![
+        r.seq as i64,
+        to.attempt.as_str(),
+        now,
+        outcome.error,
+        r.task_id,
+        r.attempt as i64
+    ])?;
+    query_task(
+        conn,
+        concat!(
+            "UPDATE tasks SET status = ?1, updated_at = ?2, finished_at = ?2, \
+             error = ?3, exit_code = ?4, branch = ?5, commit_sha = ?6 WHERE id = ?7 \
+             RETURNING ",
+            task_columns!()
+        ),
+        &[
+            &to.task.as_str(),
+            &now,
+            &outcome.error,
+            &outcome.exit_code,
+            &outcome.branch,
+            &outcome.commit,
+            &r.task_id,
+        ],
+    )
+}
+
+/// Stores a chunk of output under the report's seq; progress is stored as JSON on its own
+/// stream.
+fn insert_output(conn: &Connection, r: &Report, chunk: &Chunk<'_>, now: Millis) -> Result<()> {
+    let progress;
+    let (stream, text, is_partial) = match chunk {
+        Chunk::Output {
+            stream,
+            text,
+            is_partial,
+        } => (*stream, *text, *is_partial),
+        Chunk::Progress { summary, detail } => {
+            progress = match detail {
+                Some(d) => to_json(&serde_json::json!({"summary": summary, "detail": d})),
+                None => to_json(&serde_json::json!({ "summary": summary })),
+            };
+            (OutputStream::Progress, progress.as_str(), false)
+        }
+    };
     conn.prepare_cached(
         "INSERT INTO task_output (task_id, attempt, seq, stream, output, is_partial, at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -664,7 +622,7 @@ fn insert_output(
         r.attempt as i64,
         r.seq as i64,
         stream.as_str(),
-        output,
+        text,
         is_partial,
         now
     ])?;
@@ -691,8 +649,8 @@ impl Store for SqliteStore {
             conn.prepare_cached(
                 "INSERT INTO tasks (id, name, prompt, repo_url, base_branch, agent, labels, \
                  priority, env, timeout_secs, max_attempts, status, attempt, created_at, \
-                 updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'queued', 0, \
-                 ?12, ?12)",
+                 updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 0, \
+                 ?13, ?13)",
             )?
             .execute(params![
                 t.id,
@@ -706,6 +664,7 @@ impl Store for SqliteStore {
                 to_json(&t.env),
                 t.timeout_secs.map(|v| v as i64),
                 t.max_attempts as i64,
+                TaskStatus::Queued.as_str(),
                 now,
             ])?;
             // `seq` is the rowid.
@@ -738,7 +697,11 @@ impl Store for SqliteStore {
                 "task.created",
                 Some(&task.id),
                 None,
-                serde_json::json!({"status": "queued", "name": task.name, "priority": task.priority}),
+                serde_json::json!({
+                    "status": task.status,
+                    "name": task.name,
+                    "priority": task.priority,
+                }),
                 now,
             )?;
             Ok((QueuedTask { order, task }, ev))
@@ -810,9 +773,9 @@ impl Store for SqliteStore {
                 concat!(
                     "SELECT ",
                     task_columns!(),
-                    " FROM tasks WHERE status = 'queued' ORDER BY seq"
+                    " FROM tasks WHERE status = ?1 ORDER BY seq"
                 ),
-                &[],
+                &[&TaskStatus::Queued.as_str()],
             )
         })
         .await
@@ -820,15 +783,15 @@ impl Store for SqliteStore {
 
     async fn active_tasks(&self) -> Result<Vec<Task>> {
         self.write(|conn| {
-            let tasks = query_tasks(
-                conn,
+            let sql = format!(
                 concat!(
                     "SELECT ",
                     task_columns!(),
-                    " FROM tasks WHERE status IN ('dispatched','running','paused') ORDER BY seq"
+                    " FROM tasks WHERE status IN ({}) ORDER BY seq"
                 ),
-                &[],
-            )?;
+                active_statuses()
+            );
+            let tasks = query_tasks(conn, &sql, &[])?;
             Ok(tasks.into_iter().map(|q| q.task).collect())
         })
         .await
@@ -858,16 +821,20 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             let mut out = Vec::with_capacity(batch.len());
             for d in &batch {
+                let facts = load_task_facts(conn, &d.task_id)?;
+                let Some(to) = facts.and_then(|f| machine::dispatch(&f, d.attempt)) else {
+                    out.push(None);
+                    continue;
+                };
                 let attempt = d.attempt as i64;
                 let task = query_task(
                     conn,
                     concat!(
-                        "UPDATE tasks SET status = 'dispatched', attempt = ?1, daemon_id = ?2, \
-                         updated_at = ?3, error = NULL \
-                         WHERE id = ?4 AND status = 'queued' AND attempt = ?5 RETURNING ",
+                        "UPDATE tasks SET status = ?1, attempt = ?2, daemon_id = ?3, \
+                         updated_at = ?4, error = NULL WHERE id = ?5 RETURNING ",
                         task_columns!()
                     ),
-                    &[&attempt, &d.daemon_id, &now, &d.task_id, &(attempt - 1)],
+                    &[&to.task.as_str(), &attempt, &d.daemon_id, &now, &d.task_id],
                 )?;
                 let Some(task) = task else {
                     out.push(None);
@@ -875,9 +842,15 @@ impl Store for SqliteStore {
                 };
                 conn.prepare_cached(
                     "INSERT INTO attempts (task_id, attempt, daemon_id, status, dispatched_at) \
-                     VALUES (?1, ?2, ?3, 'dispatched', ?4)",
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?
-                .execute(params![d.task_id, attempt, d.daemon_id, now])?;
+                .execute(params![
+                    d.task_id,
+                    attempt,
+                    d.daemon_id,
+                    to.attempt.as_str(),
+                    now
+                ])?;
                 let ev = task_status_event(conn, &task, now)?;
                 out.push(Some((task, ev)));
             }
@@ -937,21 +910,19 @@ impl Store for SqliteStore {
         paused: bool,
         now: Millis,
     ) -> Result<Option<Ended>> {
-        let (from, to) = if paused {
-            ("running", "paused")
-        } else {
-            ("paused", "running")
-        };
         let task_id = task_id.to_string();
         self.write(move |conn| {
+            let facts = load_task_facts(conn, &task_id)?;
+            let Some(to) = facts.and_then(|f| machine::pause(&f, attempt, paused)) else {
+                return Ok(None);
+            };
             let task = query_task(
                 conn,
                 concat!(
-                    "UPDATE tasks SET status = ?1, updated_at = ?2 \
-                     WHERE id = ?3 AND attempt = ?4 AND status = ?5 RETURNING ",
+                    "UPDATE tasks SET status = ?1, updated_at = ?2 WHERE id = ?3 RETURNING ",
                     task_columns!()
                 ),
-                &[&to, &now, &task_id, &(attempt as i64), &from],
+                &[&to.task.as_str(), &now, &task_id],
             )?;
             let Some(task) = task else {
                 return Ok(None);
@@ -959,7 +930,7 @@ impl Store for SqliteStore {
             conn.prepare_cached(
                 "UPDATE attempts SET status = ?1 WHERE task_id = ?2 AND attempt = ?3",
             )?
-            .execute(params![to, task_id, attempt as i64])?;
+            .execute(params![to.attempt.as_str(), task_id, attempt as i64])?;
             let ev = task_status_event(conn, &task, now)?;
             Ok(Some(Ended {
                 task,
@@ -1147,7 +1118,7 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             Ok(query_daemons(
                 conn,
-                concat!(daemon_select!(), " WHERE d.machine_id = ?1"),
+                &daemon_select("WHERE d.machine_id = ?1"),
                 &[&machine_id],
             )?
             .pop())
@@ -1156,14 +1127,8 @@ impl Store for SqliteStore {
     }
 
     async fn list_daemons(&self) -> Result<Vec<Daemon>> {
-        self.read(|conn| {
-            query_daemons(
-                conn,
-                concat!(daemon_select!(), " ORDER BY d.hostname, d.id"),
-                &[],
-            )
-        })
-        .await
+        self.read(|conn| query_daemons(conn, &daemon_select("ORDER BY d.hostname, d.id"), &[]))
+            .await
     }
 
     async fn reset_connections(&self, now: Millis) -> Result<()> {

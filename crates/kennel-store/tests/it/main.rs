@@ -1,6 +1,7 @@
 //! The `Store` contract, checked through the trait on a real SQLite file: exactly-once
-//! reports, conditional dispatch, retries and terminal states, events in commit order, keys,
-//! and that committed state is there after reopening the file.
+//! reports, conditional dispatch, retries and terminal states, pause and resume, events in
+//! commit order, keys, that committed state is there after reopening the file, and that a
+//! status the store does not know is an error.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use kennel_proto::link::OutputStream;
 use kennel_proto::{AttemptStatus, TaskStatus};
 use kennel_store::{
     Applied, DaemonHello, Dispatch, Effect, EndAttempt, GatewayOp, KeyRecord, NewTask, Report,
-    Retry, SqliteStore, Store, TaskFilter,
+    Retry, SqliteStore, Store, StoreError, TaskFilter,
 };
 
 const NOW: i64 = 1_790_000_000_000;
@@ -278,6 +279,100 @@ async fn dispatch_is_conditional_and_attempts_end_with_retry_or_terminal_state()
     let counts = store.count_tasks().await.unwrap();
     assert_eq!(counts.get(&TaskStatus::Cancelled), Some(&1));
     assert_eq!(counts.get(&TaskStatus::Lost), Some(&2));
+}
+
+#[tokio::test]
+async fn pause_and_resume_move_task_and_attempt_and_a_paused_task_holds_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    store
+        .daemon_connected("d1", &hello("m1"), NOW)
+        .await
+        .unwrap();
+    store.create_task(new_task("t1", 3), NOW).await.unwrap();
+    dispatched(store.as_ref(), "t1", 1, "d1").await;
+    let attempt_status = || async { store.list_attempts("t1").await.unwrap()[0].status };
+    assert!(
+        store
+            .set_paused("t1", 1, true, NOW)
+            .await
+            .unwrap()
+            .is_none(),
+        "only a running attempt pauses"
+    );
+    store
+        .apply(&[report("d1", "t1", 1, 1, Effect::Accepted)], NOW)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .set_paused("t1", 2, true, NOW)
+            .await
+            .unwrap()
+            .is_none(),
+        "not the current attempt"
+    );
+    let paused = store.set_paused("t1", 1, true, NOW).await.unwrap();
+    let paused = paused.expect("a running attempt pauses");
+    assert_eq!(paused.task.status, TaskStatus::Paused);
+    assert_eq!(paused.events.len(), 1);
+    assert_eq!(attempt_status().await, AttemptStatus::Paused);
+    assert!(
+        store
+            .set_paused("t1", 1, true, NOW)
+            .await
+            .unwrap()
+            .is_none(),
+        "already paused"
+    );
+    let daemon = store.get_daemon("d1").await.unwrap().expect("daemon");
+    assert_eq!(daemon.active_tasks, 1, "a paused task keeps its slot");
+    assert_eq!(store.active_tasks().await.unwrap().len(), 1);
+
+    let resumed = store.set_paused("t1", 1, false, NOW).await.unwrap();
+    let resumed = resumed.expect("a paused attempt resumes");
+    assert_eq!(resumed.task.status, TaskStatus::Running);
+    assert_eq!(attempt_status().await, AttemptStatus::Running);
+}
+
+#[tokio::test]
+async fn an_unknown_status_in_the_file_is_reported_as_corrupt_not_guessed() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(&dir).await;
+        store.create_task(new_task("t1", 3), NOW).await.unwrap();
+        dispatched(store.as_ref(), "t1", 1, "d1").await;
+    }
+    let corrupt = |sql: &str| {
+        let conn = rusqlite::Connection::open(dir.path().join("kennel.db")).unwrap();
+        conn.execute(sql, []).unwrap();
+    };
+    let is_corrupt =
+        |e: &StoreError| matches!(e, StoreError::Corrupt(m) if m.contains("levitating"));
+
+    corrupt("UPDATE attempts SET status = 'levitating'");
+    let store = open(&dir).await;
+    let err = store
+        .apply(&[report("d1", "t1", 1, 1, Effect::Accepted)], NOW)
+        .await
+        .unwrap_err();
+    assert!(is_corrupt(&err), "{err}");
+    drop(store);
+
+    corrupt("UPDATE tasks SET status = 'levitating'");
+    let store = open(&dir).await;
+    let end = EndAttempt {
+        task_id: "t1",
+        attempt: 1,
+        status: AttemptStatus::Lost,
+        reason: "daemon lost",
+        retry: Retry::Charged,
+        terminal: TaskStatus::Lost,
+    };
+    let err = store.end_attempt(&end, NOW).await.unwrap_err();
+    assert!(is_corrupt(&err), "{err}");
+    let err = store.set_paused("t1", 1, true, NOW).await.unwrap_err();
+    assert!(is_corrupt(&err), "{err}");
 }
 
 #[tokio::test]
