@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kennel_server::config::HttpConfig;
+use kennel_http::HttpConfig;
 use serde::{Deserialize, Serialize};
 
 /// Environment variable naming a single OpenAI-compatible upstream (ZeptoClaw compatibility).

@@ -26,10 +26,9 @@ use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use kennel_auth::{AuthConfig, KeyRing};
+use kennel_clock::{Clock, SystemClock};
 use kennel_proto::api::Scope;
-use kennel_server::auth::{self, KeyRing};
-use kennel_server::config::AuthConfig;
-use kennel_server::{Clock, SystemClock};
 use kennel_store::{rfc3339, SqliteStore, Store};
 use serde_json::{json, Value};
 
@@ -257,7 +256,7 @@ impl Gateway {
         );
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         if let Some(k) = &auth.admin_key {
-            if store.find_key(&auth::key_id(k)).await?.is_none() {
+            if store.find_key(&kennel_auth::key_id(k)).await?.is_none() {
                 if let Some(rec) = keys.record_for(
                     k,
                     "configured admin",
@@ -271,7 +270,7 @@ impl Gateway {
         let new_admin_key = if auth.admin_key.is_none() && store.count_keys().await? == 0 {
             let (key, rec) = keys.mint("admin", vec![Scope::Admin], rfc3339(clock.now_ms()));
             store.insert_key(&rec).await?;
-            auth::write_private(&data_dir.join("admin.key"), &key).map_err(data_err)?;
+            kennel_auth::write_private(&data_dir.join("admin.key"), &key).map_err(data_err)?;
             Some(key)
         } else {
             None
@@ -334,14 +333,14 @@ impl Gateway {
     }
 
     /// Serves until `shutdown` resolves, then flushes the state to disk. Slow, idle and
-    /// surplus connections are closed per `[gateway.http]` (`kennel_server::listener`).
+    /// surplus connections are closed per `[gateway.http]` (`kennel_http::serve`).
     pub async fn serve(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
         let watch = tokio::spawn(watch_heartbeats(self.shared.clone()));
         let writer = tokio::spawn(self.shared.state.clone().write_behind());
-        let result = kennel_server::listener::serve(
+        let result = kennel_http::serve(
             self.listener,
             self.router,
             &self.shared.cfg.http,

@@ -7,40 +7,29 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::response::Response;
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use kennel_auth::KeyList;
 use kennel_proto::link::{negotiate_version, Authenticated, ErrorCode};
 use kennel_proto::{decode_daemon_frame, DaemonMessage, Decoded, ServerMessage};
 use kennel_server::outbound::LinkTx;
 use kennel_server::ws::{self, close_message, LinkSocket};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::relay::{Outbound, Refusal, Relay};
 
 use kennel_proto::link::close;
 
-/// True when `given` is one of `keys`. Compares SHA-256 digests in constant time, so neither
-/// the key nor its length leaks through timing.
-pub fn key_matches(keys: &[String], given: &str) -> bool {
-    let g = Sha256::digest(given.as_bytes());
-    let mut ok = subtle::Choice::from(0);
-    for k in keys {
-        ok |= Sha256::digest(k.as_bytes()).ct_eq(&g);
-    }
-    bool::from(ok) && !given.is_empty()
-}
-
-pub async fn ws_daemon(State(relay): State<Arc<Relay>>, req: Request) -> Response {
+/// `daemon_keys` is `relay.daemon_keys`, hashed once when the routes were built.
+pub async fn ws_daemon(relay: Arc<Relay>, daemon_keys: Arc<KeyList>, req: Request) -> Response {
     let limits = ws::Limits {
         pre_auth_bytes: relay.cfg.max_auth_frame_bytes,
         max_message_bytes: relay.cfg.max_frame_bytes.saturating_mul(8).max(16 << 20),
     };
     let slots = relay.pre_auth.clone();
     ws::accept(req, limits, &slots, move |link, slot| {
-        run(relay, link, slot)
+        run(relay, daemon_keys, link, slot)
     })
 }
 
@@ -56,6 +45,7 @@ async fn refuse(socket: &mut LinkSocket, code: ErrorCode, close: u16, msg: &str)
 #[tracing::instrument(name = "relay_downstream", skip_all)]
 async fn run(
     relay: Arc<Relay>,
+    daemon_keys: Arc<KeyList>,
     accepted: ws::Accepted,
     pre_auth_slot: tokio::sync::OwnedSemaphorePermit,
 ) {
@@ -108,7 +98,7 @@ async fn run(
             return;
         }
     };
-    if !key_matches(&cfg.daemon_keys, hello.api_key.expose()) {
+    if !daemon_keys.contains(hello.api_key.expose()) {
         let msg = "invalid API key: use one of the relay's daemon_keys";
         relay.log(
             "error",
@@ -289,18 +279,4 @@ fn handle_batch(
     }
     flush(&mut reports);
     None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_match_exactly() {
-        let keys = vec!["dk_one".to_string(), "dk_two".to_string()];
-        assert!(key_matches(&keys, "dk_two"));
-        assert!(!key_matches(&keys, "dk_tw"));
-        assert!(!key_matches(&keys, ""));
-        assert!(!key_matches(&[], "dk_one"));
-    }
 }

@@ -16,14 +16,18 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use kennel_auth::KeyList;
 use serde::Deserialize;
 use serde_json::json;
 use tower_http::cors::{Any, CorsLayer};
 
-use crate::downstream::{key_matches, ws_daemon};
+use crate::downstream::ws_daemon;
 use crate::relay::Relay;
 
 pub fn router(relay: Arc<Relay>) -> Router {
+    // Each key list is hashed once here, not per request.
+    let admin_keys = Arc::new(KeyList::new(&relay.cfg.admin_keys));
+    let daemon_keys = Arc::new(KeyList::new(&relay.cfg.daemon_keys));
     let admin = Router::new()
         .route("/", get(status))
         .route("/status", get(status))
@@ -32,12 +36,17 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .route("/reconnect", post(reconnect))
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(
-            relay.clone(),
+            admin_keys,
             require_admin,
         ));
     Router::new()
         .route("/health", get(health))
-        .route("/ws/daemon", get(ws_daemon))
+        .route(
+            "/ws/daemon",
+            get(move |State(relay): State<Arc<Relay>>, req: Request| {
+                ws_daemon(relay, daemon_keys, req)
+            }),
+        )
         .merge(admin)
         .layer(
             CorsLayer::new()
@@ -60,7 +69,12 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
 }
 
-async fn require_admin(State(relay): State<Arc<Relay>>, req: Request, next: Next) -> Response {
+/// Lets a request through when it carries one of `relay.admin_keys`.
+async fn require_admin(
+    State(admin_keys): State<Arc<KeyList>>,
+    req: Request,
+    next: Next,
+) -> Response {
     if req.method() == Method::OPTIONS {
         return next.run(req).await;
     }
@@ -69,7 +83,7 @@ async fn require_admin(State(relay): State<Arc<Relay>>, req: Request, next: Next
             StatusCode::UNAUTHORIZED,
             "missing API key: send `Authorization: Bearer <key>` with one of relay.admin_keys",
         ),
-        Some(k) if key_matches(&relay.cfg.admin_keys, k) => next.run(req).await,
+        Some(k) if admin_keys.contains(k) => next.run(req).await,
         Some(_) => error(
             StatusCode::UNAUTHORIZED,
             "invalid API key: use one of relay.admin_keys",

@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use kennel_auth::AuthConfig;
+pub use kennel_http::{HttpConfig, HttpConfigProblem};
+
 /// Everything `kennel server` needs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -46,27 +49,6 @@ pub fn default_data_dir() -> PathBuf {
         return PathBuf::from(home).join(".local/share/kennel");
     }
     PathBuf::from("kennel-data")
-}
-
-#[derive(Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthConfig {
-    /// An admin key to accept (created on start if missing). Otherwise the first start creates
-    /// one, prints it once and writes it to `<data_dir>/admin.key`.
-    pub admin_key: Option<String>,
-    /// Secret for the keyed hash of API keys. Several coordinators sharing a database need the
-    /// same one. Default: generated into `<data_dir>/hash.key`.
-    pub hash_key: Option<String>,
-}
-
-impl std::fmt::Debug for AuthConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let redact = |o: &Option<String>| o.as_ref().map(|_| "***");
-        f.debug_struct("AuthConfig")
-            .field("admin_key", &redact(&self.admin_key))
-            .field("hash_key", &redact(&self.hash_key))
-            .finish()
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -151,71 +133,6 @@ impl Default for ApiConfig {
             max_body_bytes: 4 << 20,
             max_page: 1000,
         }
-    }
-}
-
-/// How the HTTP listener treats connections (`[server.http]`; the gateway's `[gateway.http]`
-/// and the relay's `[relay.http]` have the same keys). Slow or idle clients must not be able to
-/// hold sockets, and so file descriptors, for long; see [`crate::listener`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpConfig {
-    /// Milliseconds a client has to send a complete request head (request line and headers),
-    /// counted from the connection's accept, or from its first byte on a kept-alive
-    /// connection; a connection that is slower is closed.
-    pub header_read_timeout_ms: u64,
-    /// Seconds a kept-alive connection may wait for its next request before it is closed.
-    /// Upgraded connections (WebSockets) and responses being streamed are not idle.
-    pub idle_timeout_secs: u64,
-    /// Connections open at once, WebSockets included; further ones are closed as soon as they
-    /// are accepted. Also bounded by what the open-files limit leaves after a reserve of 64
-    /// descriptors (halved for the gateway, whose requests each open an outgoing connection),
-    /// so the store, logs and outgoing connections always have room.
-    pub max_connections: usize,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            header_read_timeout_ms: 10_000,
-            idle_timeout_secs: 60,
-            max_connections: 65_536,
-        }
-    }
-}
-
-/// An [`HttpConfig`] value that cannot work: the key below the section and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpConfigProblem {
-    /// `header_read_timeout_ms`, `idle_timeout_secs` or `max_connections`.
-    pub field: &'static str,
-    pub problem: &'static str,
-}
-
-impl HttpConfig {
-    /// Checks ranges; each service reports the problem under its own section.
-    pub fn check(&self) -> Result<(), HttpConfigProblem> {
-        let bad = |field, problem| Err(HttpConfigProblem { field, problem });
-        if self.header_read_timeout_ms < 100 {
-            return bad("header_read_timeout_ms", "must be at least 100");
-        }
-        if self.idle_timeout_secs == 0 {
-            return bad("idle_timeout_secs", "must be at least 1");
-        }
-        if self.max_connections == 0 {
-            return bad("max_connections", "must be at least 1");
-        }
-        Ok(())
-    }
-
-    /// How long a client may take to send a request head.
-    pub fn header_read_timeout(&self) -> Duration {
-        Duration::from_millis(self.header_read_timeout_ms)
-    }
-
-    /// How long a kept-alive connection may wait for its next request.
-    pub fn idle_timeout(&self) -> Duration {
-        Duration::from_secs(self.idle_timeout_secs)
     }
 }
 

@@ -1311,7 +1311,7 @@ impl Coordinator {
     pub async fn check_identity(
         &self,
         machine_id: &str,
-        key: &crate::auth::Principal,
+        key: &kennel_auth::Principal,
     ) -> Result<Option<String>, IdentityRefused> {
         if key.scopes.contains(&kennel_proto::api::Scope::Admin) {
             return Ok(None);

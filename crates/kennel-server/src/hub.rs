@@ -13,6 +13,7 @@ use std::time::Duration;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::Response;
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use kennel_auth::Principal;
 use kennel_proto::api::Scope;
 use kennel_proto::link::{
     negotiate_version, Ack, Authenticate, Authenticated, ErrorCode, ErrorFrame, ServerMessage,
@@ -20,7 +21,6 @@ use kennel_proto::link::{
 use kennel_proto::{decode_daemon_frame, DaemonMessage, Decoded, FrameError};
 use kennel_store::{Applied, DaemonHello, Effect, Report};
 
-use crate::auth::Principal;
 use crate::coordinator::IdentityRefused;
 use crate::outbound::{self, LinkTx, Outbound};
 use crate::ws::{self, close_message, LinkSocket};

@@ -12,7 +12,6 @@ pub mod coordinator;
 pub mod error;
 pub mod hub;
 pub mod ids;
-pub mod listener;
 pub mod outbound;
 pub mod stream;
 pub mod ws;
@@ -34,6 +33,8 @@ use crate::config::ServerConfig;
 use crate::coordinator::Coordinator;
 
 pub use kennel_clock::{Clock, SystemClock};
+/// The HTTP listener, shared with the gateway and the relay.
+pub use kennel_http as listener;
 
 /// What every handler can reach.
 pub struct AppState {
