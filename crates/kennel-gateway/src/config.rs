@@ -230,19 +230,11 @@ impl UpstreamConfig {
     }
 }
 
-/// A configuration value that cannot work, and how to fix it.
-#[derive(Debug, thiserror::Error)]
-#[error("gateway.{key}: {problem}")]
-pub struct ConfigError {
-    pub key: String,
-    pub problem: String,
-}
+pub use kennel_proto::ConfigError;
 
-fn bad(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
-    ConfigError {
-        key: key.into(),
-        problem: problem.into(),
-    }
+/// `gateway.<key>` cannot work: `problem` says why and how to fix it.
+fn bad(key: impl std::fmt::Display, problem: impl Into<String>) -> ConfigError {
+    ConfigError::new(format!("gateway.{key}"), problem)
 }
 
 impl GatewayConfig {

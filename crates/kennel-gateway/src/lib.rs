@@ -43,13 +43,13 @@ use state::{GatewayState, Heartbeat, Incident};
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
-    #[error("failed to use the data directory {path}: {source}")]
+    #[error("failed to use the data directory {path}")]
     DataDir {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("failed to open the kennel store for API keys: {0}")]
+    #[error("failed to open the kennel store for API keys")]
     Store(#[from] kennel_store::StoreError),
     #[error(transparent)]
     State(#[from] state::StateError),
@@ -58,19 +58,19 @@ pub enum StartError {
          export it or remove api_key_env"
     )]
     MissingKey { upstream: String, var: String },
-    #[error("upstream {upstream}: failed to build its HTTP client: {source}")]
+    #[error("upstream {upstream}: failed to build its HTTP client")]
     Client {
         upstream: String,
         #[source]
         source: reqwest::Error,
     },
-    #[error("failed to listen on {addr}: {source}; pick another address with --listen")]
+    #[error("failed to listen on {addr} (pick another address with --listen)")]
     Bind {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("the gateway's listener failed: {0}")]
+    #[error("the gateway's listener failed")]
     Serve(#[source] std::io::Error),
 }
 

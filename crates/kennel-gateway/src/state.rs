@@ -26,9 +26,9 @@ pub const RECENT_INCIDENTS: usize = 100;
 /// Why the gateway's stored state could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("failed to read the gateway state from the kennel store: {0}")]
+    #[error("failed to read the gateway state from the kennel store")]
     Store(#[from] StoreError),
-    #[error("stored gateway state is corrupt ({0}); delete the rows of the gateway_kv, gateway_heartbeats and gateway_incidents tables to start afresh")]
+    #[error("stored gateway state is corrupt; delete the rows of the gateway_kv, gateway_heartbeats and gateway_incidents tables to start afresh")]
     Corrupt(#[from] serde_json::Error),
 }
 
@@ -383,7 +383,10 @@ async fn write_loop(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Op>) 
         }
         if !ops.is_empty() {
             if let Err(e) = store.gateway_write(ops).await {
-                tracing::error!(error = %e, "failed to persist gateway state");
+                tracing::error!(
+                    error = &e as &dyn std::error::Error,
+                    "failed to persist gateway state"
+                );
             }
         }
         for ack in acks {

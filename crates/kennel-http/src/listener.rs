@@ -96,7 +96,10 @@ where
             Err(e) if is_connection_error(&e) => continue,
             Err(e) => {
                 // Out of file descriptors, usually: wait for some to close instead of spinning.
-                tracing::warn!(error = %e, "failed to accept a connection; retrying in 1 s");
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "failed to accept a connection; retrying in 1 s"
+                );
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(1)) => continue,
                     () = &mut shutdown => break,
@@ -121,7 +124,10 @@ where
         }
         // Small frames (spawnTask, acks, stream chunks) must not wait for Nagle's algorithm.
         if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "failed to set TCP_NODELAY");
+            tracing::debug!(
+                error = &e as &dyn std::error::Error,
+                "failed to set TCP_NODELAY"
+            );
         }
         tokio::spawn(serve_connection(
             tcp,
@@ -204,7 +210,7 @@ async fn serve_connection(
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
-                    tracing::debug!(error = %e, "connection ended with an error");
+                    tracing::debug!(error = &e as &dyn std::error::Error, "connection ended with an error");
                 }
                 break;
             }

@@ -128,15 +128,27 @@ async fn tasks(State(relay): State<Arc<Relay>>, Query(p): Query<Page>) -> Respon
         Ok(tasks) => {
             Json(json!({ "tasks": tasks, "limit": limit, "offset": offset })).into_response()
         }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Err(e) => db_failed(&e),
     }
+}
+
+/// A failed read of `relay.db`: logged with its causes; the caller is told where to look.
+fn db_failed(e: &crate::history::HistoryError) -> Response {
+    tracing::error!(
+        error = e as &dyn std::error::Error,
+        "failed to read the relay database"
+    );
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &format!("{e}; the relay's log has the cause"),
+    )
 }
 
 async fn logs(State(relay): State<Arc<Relay>>, Query(p): Query<Page>) -> Response {
     let (limit, _) = clamp(&p, 50, crate::history::LOG_KEEP);
     match relay.logs(limit) {
         Ok(logs) => Json(json!({ "logs": logs, "limit": limit })).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Err(e) => db_failed(&e),
     }
 }
 

@@ -762,7 +762,7 @@ impl Coordinator {
         {
             Ok(ev) => self.publish([ev]),
             Err(e) => {
-                tracing::warn!(task_id = %c.task_id, error = %e, "failed to record a task.waiting event")
+                tracing::warn!(task_id = %c.task_id, error = &e as &dyn std::error::Error, "failed to record a task.waiting event")
             }
         }
     }
@@ -787,7 +787,11 @@ impl Coordinator {
                 self.mirror(ended);
             }
             Ok(None) => {}
-            Err(e) => tracing::error!(task_id, error = %e, "failed to fail an unschedulable task"),
+            Err(e) => tracing::error!(
+                task_id,
+                error = &e as &dyn std::error::Error,
+                "failed to fail an unschedulable task"
+            ),
         }
     }
 
@@ -835,7 +839,10 @@ impl Coordinator {
                     break;
                 }
                 if let Err(e) = self.dispatch(picks).await {
-                    tracing::error!(error = %e, "failed to record dispatches; retrying in 1s");
+                    tracing::error!(
+                        error = &e as &dyn std::error::Error,
+                        "failed to record dispatches; retrying in 1s"
+                    );
                     self.deadlines
                         .after(Duration::from_secs(1), Timer::Redispatch);
                     break;
@@ -933,7 +940,12 @@ impl Coordinator {
             Ok(Some(e)) => e,
             Ok(None) => return None,
             Err(e) => {
-                tracing::error!(task_id, attempt, error = %e, "failed to end attempt");
+                tracing::error!(
+                    task_id,
+                    attempt,
+                    error = &e as &dyn std::error::Error,
+                    "failed to end attempt"
+                );
                 return None;
             }
         };
@@ -1495,7 +1507,11 @@ impl Coordinator {
             .await
         {
             Ok(ev) => self.publish([ev]),
-            Err(e) => tracing::error!(daemon_id, error = %e, "failed to record disconnect"),
+            Err(e) => tracing::error!(
+                daemon_id,
+                error = &e as &dyn std::error::Error,
+                "failed to record disconnect"
+            ),
         }
         if let Some(gen) = waiting {
             self.start_grace(daemon_id.to_string(), gen);
@@ -1654,7 +1670,11 @@ impl Coordinator {
             self.wake.notify_one();
         }
         if let Err(e) = self.store.daemon_seen(daemon_id, self.clock.now_ms()).await {
-            tracing::warn!(daemon_id, error = %e, "failed to record heartbeat");
+            tracing::warn!(
+                daemon_id,
+                error = &e as &dyn std::error::Error,
+                "failed to record heartbeat"
+            );
         }
     }
 }

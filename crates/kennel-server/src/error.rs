@@ -47,7 +47,10 @@ impl ApiError {
 
 impl From<kennel_store::StoreError> for ApiError {
     fn from(e: kennel_store::StoreError) -> Self {
-        tracing::error!(error = %e, "store operation failed");
+        tracing::error!(
+            error = &e as &dyn std::error::Error,
+            "store operation failed"
+        );
         ApiError::unavailable(format!(
             "the coordinator's store failed ({e}); retry, and check the server log if it persists"
         ))

@@ -93,7 +93,10 @@ impl Connection {
             }
             Ok(None) => return,
             Ok(Some(Err(e))) => {
-                tracing::debug!(error = %e, "connection ended before authenticate");
+                tracing::debug!(
+                    error = &e as &dyn std::error::Error,
+                    "connection ended before authenticate"
+                );
                 metrics::counter!("kennel_links_refused_total", "reason" => "preAuth").increment(1);
                 return;
             }
@@ -151,7 +154,10 @@ impl Connection {
         let daemon_id = match app.coord.resolve_daemon_id(&hello.machine_id).await {
             Ok(id) => id,
             Err(e) => {
-                tracing::error!(error = %e, "failed to resolve daemon id");
+                tracing::error!(
+                    error = &e as &dyn std::error::Error,
+                    "failed to resolve daemon id"
+                );
                 close_now(
                     &mut socket,
                     close::STORE_UNAVAILABLE,
@@ -197,7 +203,10 @@ impl Connection {
         {
             Ok(a) => a,
             Err(e) => {
-                tracing::error!(error = %e, "failed to register daemon");
+                tracing::error!(
+                    error = &e as &dyn std::error::Error,
+                    "failed to register daemon"
+                );
                 close_now(
                     &mut socket,
                     close::STORE_UNAVAILABLE,
@@ -383,7 +392,10 @@ impl Connection {
         match self.app.coord.report(&reports).await {
             Ok(results) => self.answer(&reports, results),
             Err(e) => {
-                tracing::error!(error = %e, "failed to apply daemon reports");
+                tracing::error!(
+                    error = &e as &dyn std::error::Error,
+                    "failed to apply daemon reports"
+                );
                 // Not acked: the daemon's outbox keeps them and replays after reconnecting.
                 return Some((
                     close::STORE_UNAVAILABLE,

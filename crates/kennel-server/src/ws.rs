@@ -291,7 +291,10 @@ pub fn upgrade(
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {
-                tracing::debug!(error = %e, "WebSocket upgrade did not complete");
+                tracing::debug!(
+                    error = &e as &dyn std::error::Error,
+                    "WebSocket upgrade did not complete"
+                );
                 return None;
             }
         };

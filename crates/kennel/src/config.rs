@@ -260,11 +260,7 @@ pub fn load_with_env(
         .validate()
         .and_then(|()| cfg.daemon.validate())
         .and_then(|()| cfg.relay.validate())
-        .and_then(|()| {
-            cfg.gateway.validate().map_err(|e| {
-                kennel_proto::ConfigError::new(format!("gateway.{}", e.key), e.problem)
-            })
-        });
+        .and_then(|()| cfg.gateway.validate());
     if let Err(source) = checked {
         let origin = match &path {
             Some(p) => format!("in {}", p.display()),

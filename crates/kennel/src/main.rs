@@ -139,11 +139,9 @@ pub mod exit {
 
 /// [`exit::USAGE`] for configuration mistakes anywhere in the chain, else [`exit::FAILURE`].
 fn exit_code(e: &anyhow::Error) -> u8 {
-    let misconfigured = e.chain().any(|cause| {
-        cause.is::<config::LoadError>()
-            || cause.is::<kennel_proto::ConfigError>()
-            || cause.is::<kennel_gateway::config::ConfigError>()
-    });
+    let misconfigured = e
+        .chain()
+        .any(|cause| cause.is::<config::LoadError>() || cause.is::<kennel_proto::ConfigError>());
     if misconfigured {
         exit::USAGE
     } else {
