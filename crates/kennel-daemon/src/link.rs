@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::BackoffBuilder;
 use futures_util::{SinkExt, StreamExt};
 use kennel_proto::link::{close, Authenticate, Capacity, ErrorCode, Heartbeat, Secret, TaskRef};
 use kennel_proto::{decode_server_frame, DaemonMessage, Decoded, ServerMessage};
@@ -101,15 +100,7 @@ impl Link {
 
     /// Runs until `shutdown` fires. Reconnects forever otherwise.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), LinkError> {
-        let backoff = || {
-            backon::ExponentialBuilder::default()
-                .with_min_delay(Duration::from_secs(1))
-                .with_max_delay(Duration::from_secs(60))
-                .with_factor(2.0)
-                .with_jitter()
-                .without_max_times()
-                .build()
-        };
+        let backoff = kennel_link::reconnect_backoff;
         let mut delays = backoff();
         loop {
             let end = self.session(&mut delays, &backoff, &mut shutdown).await;

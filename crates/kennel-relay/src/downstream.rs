@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::extract::Request;
 use axum::response::Response;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use kennel_auth::KeyList;
 use kennel_proto::link::{negotiate_version, Authenticated, ErrorCode};
 use kennel_proto::{decode_daemon_frame, DaemonMessage, Decoded, ServerMessage};
@@ -179,25 +179,11 @@ async fn read_loop(
     let silence = relay.cfg.silence_limit();
     let mut bad_frames = ws::BadFrameLog::default();
     loop {
-        let first = match tokio::time::timeout(silence, stream.next()).await {
-            Err(_) => {
-                return (
-                    close::SILENT,
-                    format!("no frame for {}s (heartbeats missed)", silence.as_secs()),
-                )
-            }
-            Ok(None) => return (1000, "connection closed".into()),
-            Ok(Some(Err(e))) => return (1002, format!("transport error: {e}")),
-            Ok(Some(Ok(m))) => m,
+        // Whatever already arrived is relayed together.
+        let frames = match kennel_link::next_batch(&mut stream, silence, BATCH).await {
+            Ok(frames) => frames,
+            Err(end) => return end,
         };
-        let mut frames = vec![first];
-        // Whatever else already arrived is relayed together.
-        while frames.len() < BATCH {
-            match stream.next().now_or_never() {
-                Some(Some(Ok(m))) => frames.push(m),
-                _ => break,
-            }
-        }
         if let Some(end) = handle_batch(relay, machine, tx, frames, &mut bad_frames) {
             return end;
         }

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::BackoffBuilder;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use kennel_proto::{decode_server_frame, Decoded, ServerMessage};
 use tokio::sync::{mpsc, watch};
@@ -17,15 +16,7 @@ use crate::relay::Relay;
 /// How long the upstream has to answer `authenticate`.
 const AUTH_DEADLINE: Duration = Duration::from_secs(10);
 
-fn backoff() -> impl Iterator<Item = Duration> {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_secs(1))
-        .with_max_delay(Duration::from_secs(60))
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .build()
-}
+use kennel_link::reconnect_backoff as backoff;
 
 /// Why an upstream session ended.
 enum Ended {

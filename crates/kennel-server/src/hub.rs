@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::Response;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use kennel_auth::Principal;
 use kennel_proto::api::Scope;
 use kennel_proto::link::{
@@ -314,25 +314,11 @@ impl Connection {
     ) -> (u16, String) {
         let silence = self.app.coord.cfg.silence_limit();
         loop {
-            let first = match tokio::time::timeout(silence, stream.next()).await {
-                Err(_) => {
-                    return (
-                        close::SILENT,
-                        format!("no frame for {}s (heartbeats missed)", silence.as_secs()),
-                    )
-                }
-                Ok(None) => return (1000, "connection closed".into()),
-                Ok(Some(Err(e))) => return (1002, format!("transport error: {e}")),
-                Ok(Some(Ok(m))) => m,
+            // Whatever already arrived goes into the same store transaction.
+            let batch = match kennel_link::next_batch(&mut stream, silence, REPORT_BATCH).await {
+                Ok(batch) => batch,
+                Err(end) => return end,
             };
-            let mut batch = vec![first];
-            // Whatever else already arrived goes into the same store transaction.
-            while batch.len() < REPORT_BATCH {
-                match stream.next().now_or_never() {
-                    Some(Some(Ok(m))) => batch.push(m),
-                    _ => break,
-                }
-            }
             if let Some(end) = self.handle_batch(batch).await {
                 return end;
             }
