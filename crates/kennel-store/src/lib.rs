@@ -37,9 +37,9 @@ pub fn rfc3339(ms: Millis) -> String {
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database error: {0}")]
+    #[error("database error")]
     Database(#[from] rusqlite::Error),
-    #[error("failed to apply database migration {version}: {source}")]
+    #[error("failed to apply database migration {version}")]
     Migrate {
         version: u32,
         #[source]
@@ -52,7 +52,7 @@ pub enum StoreError {
     SchemaTooNew { found: u32, known: u32 },
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
-    #[error("failed to open database at {path}: {source}")]
+    #[error("failed to open database at {path}")]
     Open {
         path: String,
         #[source]
