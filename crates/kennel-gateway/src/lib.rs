@@ -245,6 +245,17 @@ impl Gateway {
         auth: &AuthConfig,
         store: Arc<dyn Store>,
     ) -> Result<Gateway, StartError> {
+        Self::start_with_clock(cfg, data_dir, auth, store, Arc::new(SystemClock)).await
+    }
+
+    /// [`Gateway::start_with_store`] with cooldowns, heartbeats and records timed on `clock`.
+    pub async fn start_with_clock(
+        cfg: GatewayConfig,
+        data_dir: &Path,
+        auth: &AuthConfig,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Gateway, StartError> {
         cfg.validate()?;
         let data_err = |source| StartError::DataDir {
             path: data_dir.display().to_string(),
@@ -254,7 +265,6 @@ impl Gateway {
         let keys = KeyRing::new(
             KeyRing::load_hash_key(auth.hash_key.as_deref(), data_dir).map_err(data_err)?,
         );
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         if let Some(k) = &auth.admin_key {
             if store.find_key(&kennel_auth::key_id(k)).await?.is_none() {
                 if let Some(rec) = keys.record_for(
@@ -651,4 +661,73 @@ pub fn data_dir(cfg: &GatewayConfig, server_data_dir: &Path) -> PathBuf {
     cfg.data_dir
         .clone()
         .unwrap_or_else(|| server_data_dir.to_path_buf())
+}
+
+/// Cooldowns on a [`kennel_clock::ManualClock`]: an upstream that failed is skipped for exactly
+/// its cooldown, measured on the gateway's clock, without the test sleeping.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod clock_tests {
+    use super::*;
+    use kennel_clock::ManualClock;
+
+    async fn gateway(clock: &ManualClock) -> (tempfile::TempDir, Gateway) {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg: GatewayConfig = toml::from_str(
+            "listen = \"127.0.0.1:0\"\n\
+             [[upstreams]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\n",
+        )
+        .unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&dir.path().join("kennel.db"))
+                .await
+                .unwrap(),
+        );
+        let gw = Gateway::start_with_clock(
+            cfg,
+            dir.path(),
+            &AuthConfig::default(),
+            store,
+            Arc::new(clock.clone()),
+        )
+        .await
+        .unwrap();
+        (dir, gw)
+    }
+
+    fn cooling(gw: &Gateway, clock: &ManualClock) -> bool {
+        let s = gw.shared.state.lock();
+        s.health.get("a").is_some_and(|h| h.cooling(clock.now_ms()))
+    }
+
+    #[tokio::test]
+    async fn a_failed_upstream_cools_down_for_its_cooldown_on_the_gateway_clock() {
+        let clock = ManualClock::new(1_800_000_000_000);
+        let (_dir, gw) = gateway(&clock).await;
+        let failure = |class, retry_after| health::Failure {
+            class,
+            model: "m",
+            retry_after,
+            error: "test",
+        };
+
+        // A 503: the first overload cooldown (overload_base_ms, 60 s by default).
+        gw.shared
+            .record_failure("a", failure(FailureClass::Overloaded, None));
+        let base = gw.shared.cfg.cooldowns.overload_base_ms;
+        clock.advance(Duration::from_millis(base - 1));
+        assert!(cooling(&gw, &clock), "a millisecond before the end");
+        clock.advance(Duration::from_millis(1));
+        assert!(!cooling(&gw, &clock), "over at the end");
+
+        // A 429 with Retry-After: 7 s, whatever the configured default.
+        gw.shared.record_failure(
+            "a",
+            failure(FailureClass::RateLimited, Some(Duration::from_secs(7))),
+        );
+        clock.advance(Duration::from_millis(6_999));
+        assert!(cooling(&gw, &clock));
+        clock.advance(Duration::from_millis(1));
+        assert!(!cooling(&gw, &clock));
+    }
 }
