@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use kennel_server::config::HttpConfig;
+use kennel_http::HttpConfig;
 use serde::{Deserialize, Serialize};
 
 pub use kennel_proto::link::DAEMON_PATH;

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use axum::extract::Request;
 use axum::response::Response;
-use futures_util::{SinkExt, StreamExt};
 use kennel_auth::KeyList;
-use kennel_proto::link::{negotiate_version, Authenticated, ErrorCode};
+use kennel_link::handshake::{self, Gate, Handshake};
+use kennel_link::outbound::LinkTx;
+use kennel_link::ws;
+use kennel_proto::link::{Authenticate, ErrorCode};
 use kennel_proto::{decode_daemon_frame, DaemonMessage, Decoded, ServerMessage};
-use kennel_server::outbound::LinkTx;
-use kennel_server::ws::{self, close_message, LinkSocket};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::relay::{Outbound, Refusal, Relay};
@@ -33,13 +33,41 @@ pub async fn ws_daemon(relay: Arc<Relay>, daemon_keys: Arc<KeyList>, req: Reques
     })
 }
 
-async fn refuse(socket: &mut LinkSocket, code: ErrorCode, close: u16, msg: &str) {
-    let _ = socket
-        .send(Message::Text(
-            ServerMessage::error(code, msg).to_json().into(),
+/// The relay's checks of a daemon's `authenticate`: one of `relay.daemon_keys`; any machine
+/// may use it.
+struct RelayGate<'a> {
+    relay: &'a Relay,
+    daemon_keys: &'a KeyList,
+}
+
+impl Gate for RelayGate<'_> {
+    type Key = ();
+    type Admitted = ();
+
+    async fn check_key(&self, hello: &Authenticate) -> Result<(), handshake::Refusal> {
+        if self.daemon_keys.contains(hello.api_key.expose()) {
+            return Ok(());
+        }
+        self.relay.log(
+            "error",
+            &format!("daemon {} refused: invalid API key", hello.machine_id),
+        );
+        Err(handshake::Refusal::new(
+            ErrorCode::Unauthorized,
+            close::UNAUTHORIZED,
+            "invalid API key: use one of the relay's daemon_keys",
         ))
-        .await;
-    let _ = socket.send(close_message(close, msg)).await;
+    }
+
+    async fn check_machine(&self, _: &Authenticate, _: ()) -> Result<(), handshake::Refusal> {
+        Ok(())
+    }
+}
+
+impl ws::Closing for Outbound {
+    fn closing(code: u16, reason: String) -> Self {
+        Outbound::Close(code, reason)
+    }
 }
 
 #[tracing::instrument(name = "relay_downstream", skip_all)]
@@ -49,118 +77,40 @@ async fn run(
     accepted: ws::Accepted,
     pre_auth_slot: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let ws::Accepted { mut socket, budget } = accepted;
     let cfg = &relay.cfg;
-    let first =
-        match tokio::time::timeout(Duration::from_secs(cfg.auth_timeout_secs), socket.next()).await
-        {
-            Err(_) => {
-                let reason = format!("no authenticate frame within {}s", cfg.auth_timeout_secs);
-                let _ = socket
-                    .send(close_message(close::AUTH_TIMEOUT, &reason))
-                    .await;
-                return;
-            }
-            Ok(None) | Ok(Some(Err(_))) => return,
-            Ok(Some(Ok(m))) => m,
-        };
-    let Message::Text(text) = first else {
-        let _ = socket
-            .send(close_message(
-                close::PROTOCOL,
-                "expected an authenticate text frame first",
-            ))
-            .await;
+    let handshake = Handshake {
+        auth_timeout: Duration::from_secs(cfg.auth_timeout_secs),
+        max_frame_bytes: cfg.max_frame_bytes,
+        end: "relay",
+    };
+    let gate = RelayGate {
+        relay: &relay,
+        daemon_keys: &daemon_keys,
+    };
+    let Some(admitted) = handshake.run(accepted, pre_auth_slot, &gate).await else {
         return;
     };
-    let hello = match decode_daemon_frame(text.as_str(), cfg.max_frame_bytes) {
-        Ok(Decoded::Known(DaemonMessage::Authenticate(a))) => a,
-        Ok(_) => {
-            let msg = "the first frame must be `authenticate`";
-            refuse(
-                &mut socket,
-                ErrorCode::NotAuthenticated,
-                close::PROTOCOL,
-                msg,
-            )
-            .await;
-            return;
-        }
-        Err(e) => {
-            let msg = format!("the first frame must be a valid `authenticate`: {e}");
-            refuse(
-                &mut socket,
-                ErrorCode::NotAuthenticated,
-                close::PROTOCOL,
-                &msg,
-            )
-            .await;
-            return;
-        }
-    };
-    if !daemon_keys.contains(hello.api_key.expose()) {
-        let msg = "invalid API key: use one of the relay's daemon_keys";
-        relay.log(
-            "error",
-            &format!("daemon {} refused: invalid API key", hello.machine_id),
-        );
-        refuse(
-            &mut socket,
-            ErrorCode::Unauthorized,
-            close::UNAUTHORIZED,
-            msg,
-        )
-        .await;
-        return;
-    }
-    let Some(version) = negotiate_version(hello.protocol_version, hello.min_protocol_version)
-    else {
-        let msg = format!(
-            "no common protocol version: daemon speaks {}..={}, relay speaks {}..={}",
-            hello.min_protocol_version.unwrap_or(hello.protocol_version),
-            hello.protocol_version,
-            kennel_proto::MIN_PROTOCOL_VERSION,
-            kennel_proto::PROTOCOL_VERSION
-        );
-        refuse(
-            &mut socket,
-            ErrorCode::UnsupportedVersion,
-            close::UNSUPPORTED_VERSION,
-            &msg,
-        )
-        .await;
-        return;
-    };
-    // Authenticated: no byte budget and no pre-authentication slot from here on.
-    budget.lift();
-    drop(pre_auth_slot);
-    let machine = hello.machine_id.clone();
+    // The relay knows a daemon by its machine id.
+    let machine = admitted.hello.machine_id.clone();
     // Bounded: a daemon that stops reading is cut off (4006) instead of the relay buffering
     // for it without limit.
-    let bound = DOWN_QUEUE.max(2 * hello.max_concurrent_tasks as usize);
-    let (tx, rx) = kennel_server::outbound::channel(bound);
-    let authenticated = ServerMessage::Authenticated(Authenticated {
-        daemon_id: machine.clone(),
-        heartbeat_interval_secs: cfg.heartbeat_interval_secs,
-        protocol_version: version,
-        max_frame_bytes: cfg.max_frame_bytes,
-    });
-    let conn_id = relay.attach(&hello, tx.clone(), authenticated);
-    let (sink, stream) = socket.split();
-    let mut writer = tokio::spawn(ws::write_loop(sink, rx));
-    let (code, reason) = tokio::select! {
-        r = read_loop(&relay, &machine, &tx, stream) => r,
-        r = tx.overflowed() => r,
-    };
-    tx.send(Outbound::Close(code, reason.clone()));
+    let (tx, rx) = admitted.queue(DOWN_QUEUE);
+    let authenticated = admitted.authenticated(machine.clone(), cfg.heartbeat_interval_secs);
+    let conn_id = relay.attach(&admitted.hello, tx.clone(), authenticated);
+    let mut bad_frames = ws::BadFrameLog::default();
+    let (_, reason) = kennel_link::serve(
+        admitted.socket,
+        &tx,
+        rx,
+        cfg.silence_limit(),
+        BATCH,
+        |frames| {
+            let end = handle_batch(&relay, &machine, &tx, frames, &mut bad_frames);
+            std::future::ready(end)
+        },
+    )
+    .await;
     drop(tx);
-    if tokio::time::timeout(Duration::from_secs(2), &mut writer)
-        .await
-        .is_err()
-    {
-        // Stuck writing to a peer that does not read: drop the socket.
-        writer.abort();
-    }
     relay.detach(&machine, conn_id, &reason);
 }
 
@@ -169,26 +119,6 @@ const DOWN_QUEUE: usize = 4096;
 
 /// Most frames read ahead and relayed under one lock and one history transaction.
 const BATCH: usize = 128;
-
-async fn read_loop(
-    relay: &Arc<Relay>,
-    machine: &str,
-    tx: &LinkTx<Outbound>,
-    mut stream: futures_util::stream::SplitStream<LinkSocket>,
-) -> (u16, String) {
-    let silence = relay.cfg.silence_limit();
-    let mut bad_frames = ws::BadFrameLog::default();
-    loop {
-        // Whatever already arrived is relayed together.
-        let frames = match kennel_link::next_batch(&mut stream, silence, BATCH).await {
-            Ok(frames) => frames,
-            Err(end) => return end,
-        };
-        if let Some(end) = handle_batch(relay, machine, tx, frames, &mut bad_frames) {
-            return end;
-        }
-    }
-}
 
 fn handle_batch(
     relay: &Arc<Relay>,

@@ -75,7 +75,7 @@ impl RelayServer {
 
     /// Serves downstream daemons and the admin endpoints, and keeps the upstream link, until
     /// `shutdown` resolves. Slow, idle and surplus connections are closed per `[relay.http]`
-    /// (`kennel_server::listener`).
+    /// (`kennel_http::serve`).
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -94,7 +94,7 @@ impl RelayServer {
         });
         let app = http::router(self.relay.clone());
         let limits = self.relay.cfg.http.clone();
-        let res = kennel_server::listener::serve(self.listener, app, &limits, 1, async move {
+        let res = kennel_http::serve(self.listener, app, &limits, 1, async move {
             shutdown.await;
             let _ = stop_tx.send(true);
         })

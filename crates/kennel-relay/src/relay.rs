@@ -35,11 +35,11 @@ pub enum Outbound {
     Close(u16, String),
 }
 
-impl kennel_server::ws::IntoFrame for Outbound {
-    fn into_frame(self) -> kennel_server::ws::Frame {
+impl kennel_link::ws::IntoFrame for Outbound {
+    fn into_frame(self) -> kennel_link::ws::Frame {
         match self {
-            Outbound::Text(t) => kennel_server::ws::Frame::Text(t),
-            Outbound::Close(code, reason) => kennel_server::ws::Frame::Close(code, reason),
+            Outbound::Text(t) => kennel_link::ws::Frame::Text(t),
+            Outbound::Close(code, reason) => kennel_link::ws::Frame::Close(code, reason),
         }
     }
 }
@@ -47,7 +47,7 @@ impl kennel_server::ws::IntoFrame for Outbound {
 /// One connected downstream daemon.
 struct Down {
     conn_id: u64,
-    tx: kennel_server::outbound::LinkTx<Outbound>,
+    tx: kennel_link::outbound::LinkTx<Outbound>,
     hostname: String,
     max: u32,
     agents: BTreeSet<String>,
@@ -189,7 +189,7 @@ pub struct Relay {
     /// The id the upstream gave this relay while the link is up, `None` while it is down.
     link: watch::Sender<Option<String>>,
     /// Downstream links that have not authenticated yet.
-    pub pre_auth: kennel_server::ws::PreAuthSlots,
+    pub pre_auth: kennel_link::ws::PreAuthSlots,
 }
 
 /// A reattach grace that runs out: `machine`'s attempts are lost unless it came back since
@@ -255,7 +255,7 @@ impl Relay {
             forwarded: AtomicU64::new(0),
             db_failing: AtomicBool::new(false),
             link: watch::channel(None).0,
-            pre_auth: kennel_server::ws::PreAuthSlots::new(cfg_unauthenticated),
+            pre_auth: kennel_link::ws::PreAuthSlots::new(cfg_unauthenticated),
         });
         relay.log("connect", "relay started");
         // Acts on graces as they fall due; holds the relay weakly, so dropping the relay ends it.
@@ -834,7 +834,7 @@ impl Relay {
     pub fn attach(
         self: &Arc<Self>,
         hello: &Authenticate,
-        tx: kennel_server::outbound::LinkTx<Outbound>,
+        tx: kennel_link::outbound::LinkTx<Outbound>,
         authenticated: ServerMessage,
     ) -> u64 {
         let machine = hello.machine_id.clone();
@@ -1341,8 +1341,8 @@ mod tests {
         machine: &str,
         slots: u32,
         agents: &[&str],
-    ) -> (u64, kennel_server::outbound::LinkRx<Outbound>) {
-        let (tx, mut rx) = kennel_server::outbound::channel(1024);
+    ) -> (u64, kennel_link::outbound::LinkRx<Outbound>) {
+        let (tx, mut rx) = kennel_link::outbound::channel(1024);
         let id = r.attach(
             &hello(machine, slots, agents),
             tx,
@@ -1352,7 +1352,7 @@ mod tests {
         (id, rx)
     }
 
-    fn spawned(rx: &mut kennel_server::outbound::LinkRx<Outbound>) -> Vec<String> {
+    fn spawned(rx: &mut kennel_link::outbound::LinkRx<Outbound>) -> Vec<String> {
         let mut v = Vec::new();
         while let Some(Outbound::Text(t)) = rx.try_recv() {
             if let Ok(ServerMessage::SpawnTask(s)) = serde_json::from_str(&t) {

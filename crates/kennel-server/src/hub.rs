@@ -12,18 +12,16 @@ use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::Response;
-use futures_util::{SinkExt, StreamExt};
 use kennel_auth::Principal;
+use kennel_link::handshake::{close_now, Admitted, Gate, Handshake, Refusal};
 use kennel_proto::api::Scope;
-use kennel_proto::link::{
-    negotiate_version, Ack, Authenticate, Authenticated, ErrorCode, ErrorFrame, ServerMessage,
-};
+use kennel_proto::link::{Ack, Authenticate, ErrorCode, ErrorFrame, ServerMessage};
 use kennel_proto::{decode_daemon_frame, DaemonMessage, Decoded, FrameError};
 use kennel_store::{Applied, DaemonHello, Effect, Report};
 
 use crate::coordinator::IdentityRefused;
-use crate::outbound::{self, LinkTx, Outbound};
-use crate::ws::{self, close_message, LinkSocket};
+use crate::outbound::{LinkTx, Outbound};
+use crate::ws::{self, LinkSocket};
 use crate::AppState;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -65,12 +63,84 @@ fn error_frame(code: ErrorCode, message: String) -> Outbound {
     Outbound::Msg(Box::new(ServerMessage::error(code, message)))
 }
 
-async fn close_now(socket: &mut LinkSocket, code: u16, reason: &str) {
-    let _ = socket.send(close_message(code, reason)).await;
+/// The coordinator's checks of a daemon's `authenticate`: a stored key with the daemon or
+/// relay scope, then that the key may pose as the machine it names.
+struct HubGate<'a> {
+    app: &'a AppState,
 }
 
-async fn send_now(socket: &mut LinkSocket, m: ServerMessage) {
-    let _ = socket.send(Message::Text(m.to_json().into())).await;
+fn store_failed(e: &dyn std::fmt::Display) -> Refusal {
+    tracing::error!(error = %e, "key check failed");
+    Refusal::new(
+        ErrorCode::Internal,
+        close::STORE_UNAVAILABLE,
+        "coordinator store unavailable; retry",
+    )
+}
+
+impl Gate for HubGate<'_> {
+    type Key = Principal;
+    /// The principal and the key id to bind the machine to.
+    type Admitted = (Principal, Option<String>);
+
+    async fn check_key(&self, hello: &Authenticate) -> Result<Principal, Refusal> {
+        let app = self.app;
+        let principal = app
+            .keys
+            .verify(
+                app.store.as_ref(),
+                hello.api_key.expose(),
+                app.clock.now_ms(),
+            )
+            .await
+            .map_err(|e| store_failed(&e))?;
+        let Some(p) = principal else {
+            return Err(Refusal::new(
+                ErrorCode::Unauthorized,
+                close::UNAUTHORIZED,
+                "invalid or revoked API key",
+            ));
+        };
+        if p.require(&[Scope::Daemon, Scope::Relay]).is_err() {
+            return Err(Refusal::new(
+                ErrorCode::Unauthorized,
+                close::UNAUTHORIZED,
+                "this API key lacks the daemon or relay scope",
+            ));
+        }
+        Ok(p)
+    }
+
+    async fn check_machine(
+        &self,
+        hello: &Authenticate,
+        p: Principal,
+    ) -> Result<(Principal, Option<String>), Refusal> {
+        match self.app.coord.check_identity(&hello.machine_id, &p).await {
+            Ok(bind_key) => Ok((p, bind_key)),
+            Err(IdentityRefused::Store(e)) => Err(store_failed(&e)),
+            Err(IdentityRefused::Taken(msg)) => Err(Refusal::new(
+                ErrorCode::Unauthorized,
+                close::UNAUTHORIZED,
+                msg,
+            )),
+        }
+    }
+}
+
+/// The store failed after the daemon was admitted: it is told to retry.
+async fn store_unavailable(
+    socket: &mut LinkSocket,
+    what: &str,
+    e: &(dyn std::error::Error + Send + Sync + 'static),
+) {
+    tracing::error!(error = e, "failed to {what}");
+    close_now(
+        socket,
+        close::STORE_UNAVAILABLE,
+        "coordinator store unavailable; retry",
+    )
+    .await;
 }
 
 impl Connection {
@@ -81,102 +151,36 @@ impl Connection {
         addr: SocketAddr,
         pre_auth_slot: tokio::sync::OwnedSemaphorePermit,
     ) {
-        let ws::Accepted { mut socket, budget } = accepted;
         let cfg = &app.coord.cfg.protocol;
-        let max_frame = cfg.max_frame_bytes;
-        let auth_timeout = Duration::from_secs(cfg.auth_timeout_secs);
-        let first = match tokio::time::timeout(auth_timeout, socket.next()).await {
-            Err(_) => {
-                let reason = format!("no authenticate frame within {}s", cfg.auth_timeout_secs);
-                close_now(&mut socket, close::AUTH_TIMEOUT, &reason).await;
-                return;
-            }
-            Ok(None) => return,
-            Ok(Some(Err(e))) => {
-                tracing::debug!(
-                    error = &e as &dyn std::error::Error,
-                    "connection ended before authenticate"
-                );
-                metrics::counter!("kennel_links_refused_total", "reason" => "preAuth").increment(1);
-                return;
-            }
-            Ok(Some(Ok(m))) => m,
+        let handshake = Handshake {
+            auth_timeout: Duration::from_secs(cfg.auth_timeout_secs),
+            max_frame_bytes: cfg.max_frame_bytes,
+            end: "server",
         };
-        let Message::Text(text) = first else {
-            close_now(
-                &mut socket,
-                close::PROTOCOL,
-                "expected an authenticate text frame first",
-            )
-            .await;
+        let gate = HubGate { app: &app };
+        let Some(mut admitted) = handshake.run(accepted, pre_auth_slot, &gate).await else {
             return;
         };
-        let hello = match decode_daemon_frame(text.as_str(), max_frame) {
-            Ok(Decoded::Known(DaemonMessage::Authenticate(a))) => a,
-            Ok(_) => {
-                let msg = "the first frame must be `authenticate`";
-                send_now(
-                    &mut socket,
-                    ServerMessage::error(ErrorCode::NotAuthenticated, msg),
-                )
-                .await;
-                close_now(&mut socket, close::PROTOCOL, msg).await;
-                return;
-            }
-            Err(e) => {
-                let msg = format!("the first frame must be a valid `authenticate`: {e}");
-                send_now(
-                    &mut socket,
-                    ServerMessage::error(ErrorCode::NotAuthenticated, &msg),
-                )
-                .await;
-                close_now(&mut socket, close::PROTOCOL, &msg).await;
-                return;
-            }
-        };
-        let (principal, bind_key) = match Self::check_hello(&app, &hello).await {
-            Ok(checked) => {
-                // Authenticated: no byte budget and no pre-authentication slot from here on.
-                budget.lift();
-                drop(pre_auth_slot);
-                checked
-            }
-            Err((code, close_code, msg)) => {
-                tracing::warn!(machine_id = %hello.machine_id, "daemon refused: {msg}");
-                send_now(&mut socket, ServerMessage::error(code, &msg)).await;
-                close_now(&mut socket, close_code, &msg).await;
-                return;
-            }
-        };
-        let version = negotiate_version(hello.protocol_version, hello.min_protocol_version)
-            .unwrap_or(kennel_proto::PROTOCOL_VERSION);
-
-        let daemon_id = match app.coord.resolve_daemon_id(&hello.machine_id).await {
+        let daemon_id = match app
+            .coord
+            .resolve_daemon_id(&admitted.hello.machine_id)
+            .await
+        {
             Ok(id) => id,
             Err(e) => {
-                tracing::error!(
-                    error = &e as &dyn std::error::Error,
-                    "failed to resolve daemon id"
-                );
-                close_now(
-                    &mut socket,
-                    close::STORE_UNAVAILABLE,
-                    "coordinator store unavailable; retry",
-                )
-                .await;
+                store_unavailable(&mut admitted.socket, "resolve daemon id", &e).await;
                 return;
             }
         };
-        let bound = cfg
-            .max_queued_frames
-            .max(2 * hello.max_concurrent_tasks as usize);
-        let (tx, rx) = outbound::channel(bound);
-        let authenticated = ServerMessage::Authenticated(Authenticated {
-            daemon_id: daemon_id.clone(),
-            heartbeat_interval_secs: cfg.heartbeat_interval_secs,
-            protocol_version: version,
-            max_frame_bytes: max_frame,
-        });
+        let (tx, rx) = admitted.queue(cfg.max_queued_frames);
+        let authenticated = admitted.authenticated(daemon_id.clone(), cfg.heartbeat_interval_secs);
+        let Admitted {
+            mut socket,
+            hello,
+            version,
+            admitted: (principal, bind_key),
+            ..
+        } = admitted;
         let running = hello.running_tasks.clone();
         let info = DaemonHello {
             machine_id: hello.machine_id,
@@ -203,126 +207,29 @@ impl Connection {
         {
             Ok(a) => a,
             Err(e) => {
-                tracing::error!(
-                    error = &e as &dyn std::error::Error,
-                    "failed to register daemon"
-                );
-                close_now(
-                    &mut socket,
-                    close::STORE_UNAVAILABLE,
-                    "coordinator store unavailable; retry",
-                )
-                .await;
+                store_unavailable(&mut socket, "register daemon", &e).await;
                 return;
             }
         };
-        let (sink, stream) = socket.split();
-        let writer = tokio::spawn(ws::write_loop(sink, rx));
         let conn = Connection {
             app: app.clone(),
             tx,
             daemon_id: daemon_id.clone(),
-            max_frame,
+            max_frame: cfg.max_frame_bytes,
             bad_frames: Default::default(),
         };
-        let reason = tokio::select! {
-            r = conn.read_loop(stream) => r,
-            r = conn.tx.overflowed() => r,
-        };
+        let silence = app.coord.cfg.silence_limit();
+        let reason = kennel_link::serve(socket, &conn.tx, rx, silence, REPORT_BATCH, |frames| {
+            conn.handle_batch(frames)
+        })
+        .await;
         if reason.0 == close::SLOW_READER {
             tracing::warn!(daemon_id = %daemon_id, "disconnecting a daemon that does not read: {}", reason.1);
         }
-        conn.tx.send(Outbound::Close(reason.0, reason.1.clone()));
         drop(conn);
-        let mut writer = writer;
-        if tokio::time::timeout(Duration::from_secs(2), &mut writer)
-            .await
-            .is_err()
-        {
-            // Stuck writing to a peer that does not read: drop the socket.
-            writer.abort();
-        }
         app.coord
             .detach(&daemon_id, attached.conn_id, &reason.1)
             .await;
-    }
-
-    /// Checks the key, its scope, the protocol version and that the key may pose as the
-    /// machine it names; returns the principal and the key id to bind the machine to.
-    async fn check_hello(
-        app: &AppState,
-        hello: &Authenticate,
-    ) -> Result<(Principal, Option<String>), (ErrorCode, u16, String)> {
-        let store_failed = |e: &dyn std::fmt::Display| {
-            tracing::error!(error = %e, "key check failed");
-            (
-                ErrorCode::Internal,
-                close::STORE_UNAVAILABLE,
-                "coordinator store unavailable; retry".to_string(),
-            )
-        };
-        let principal = app
-            .keys
-            .verify(
-                app.store.as_ref(),
-                hello.api_key.expose(),
-                app.clock.now_ms(),
-            )
-            .await
-            .map_err(|e| store_failed(&e))?;
-        let Some(p) = principal else {
-            return Err((
-                ErrorCode::Unauthorized,
-                close::UNAUTHORIZED,
-                "invalid or revoked API key".into(),
-            ));
-        };
-        if p.require(&[Scope::Daemon, Scope::Relay]).is_err() {
-            return Err((
-                ErrorCode::Unauthorized,
-                close::UNAUTHORIZED,
-                "this API key lacks the daemon or relay scope".into(),
-            ));
-        }
-        if negotiate_version(hello.protocol_version, hello.min_protocol_version).is_none() {
-            return Err((
-                ErrorCode::UnsupportedVersion,
-                close::UNSUPPORTED_VERSION,
-                format!(
-                    "no common protocol version: daemon speaks {}..={}, server speaks {}..={}",
-                    hello.min_protocol_version.unwrap_or(hello.protocol_version),
-                    hello.protocol_version,
-                    kennel_proto::MIN_PROTOCOL_VERSION,
-                    kennel_proto::PROTOCOL_VERSION
-                ),
-            ));
-        }
-        let bind_key = match app.coord.check_identity(&hello.machine_id, &p).await {
-            Ok(k) => k,
-            Err(IdentityRefused::Store(e)) => return Err(store_failed(&e)),
-            Err(IdentityRefused::Taken(msg)) => {
-                return Err((ErrorCode::Unauthorized, close::UNAUTHORIZED, msg))
-            }
-        };
-        Ok((p, bind_key))
-    }
-
-    /// Reads until the daemon leaves; returns the close code and reason.
-    async fn read_loop(
-        &self,
-        mut stream: futures_util::stream::SplitStream<LinkSocket>,
-    ) -> (u16, String) {
-        let silence = self.app.coord.cfg.silence_limit();
-        loop {
-            // Whatever already arrived goes into the same store transaction.
-            let batch = match kennel_link::next_batch(&mut stream, silence, REPORT_BATCH).await {
-                Ok(batch) => batch,
-                Err(end) => return end,
-            };
-            if let Some(end) = self.handle_batch(batch).await {
-                return end;
-            }
-        }
     }
 
     async fn handle_batch(&self, frames: Vec<Message>) -> Option<(u16, String)> {

@@ -12,9 +12,7 @@ pub mod coordinator;
 pub mod error;
 pub mod hub;
 pub mod ids;
-pub mod outbound;
 pub mod stream;
-pub mod ws;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -35,6 +33,8 @@ use crate::coordinator::Coordinator;
 pub use kennel_clock::{Clock, SystemClock};
 /// The HTTP listener, shared with the gateway and the relay.
 pub use kennel_http as listener;
+/// The daemon link's WebSocket accept and outbound queue, shared with the relay's downstream.
+pub use kennel_link::{outbound, ws};
 
 /// What every handler can reach.
 pub struct AppState {

@@ -336,6 +336,12 @@ pub trait IntoFrame {
     fn into_frame(self) -> Frame;
 }
 
+/// Items that can carry the close ending a link, queued behind whatever is still waiting so
+/// the daemon reads those first.
+pub trait Closing {
+    fn closing(code: u16, reason: String) -> Self;
+}
+
 /// The writer of one daemon link: sends what is queued, batching whatever is ready into one
 /// flush, until the queue closes, a close is queued, or the queue overflows (then it tries
 /// briefly to say so with a close frame: the peer is not reading, so it may not get through).

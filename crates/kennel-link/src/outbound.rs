@@ -135,6 +135,12 @@ impl crate::ws::IntoFrame for Outbound {
     }
 }
 
+impl crate::ws::Closing for Outbound {
+    fn closing(code: u16, reason: String) -> Self {
+        Outbound::Close(code, reason)
+    }
+}
+
 impl LinkTx<Outbound> {
     pub fn msg(&self, m: ServerMessage) {
         self.send(Outbound::Msg(Box::new(m)));
