@@ -14,6 +14,8 @@ pub mod ws;
 
 pub use session::{next_batch, serve, LinkEnd};
 
+pub mod schedule;
+
 use std::time::Duration;
 
 use backon::BackoffBuilder;

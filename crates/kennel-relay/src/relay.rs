@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kennel_clock::{Clock, Deadlines, SystemClock};
+use kennel_link::schedule::{self, Candidate, Generation, Needs, Ties};
 use kennel_proto::link::{
     Authenticate, Capacity, ErrorCode, ErrorFrame, SpawnTask, TaskQueued, TaskRef,
     TaskStatusChange, RETURNED,
@@ -89,7 +90,7 @@ struct State {
     upstream_daemon_id: Option<String>,
     last_upstream_heartbeat_ms: Option<i64>,
     /// Bumped on every connect and disconnect of a machine, so a stale grace timer does nothing.
-    generations: HashMap<String, u64>,
+    generations: HashMap<String, Generation>,
     next_conn: u64,
     picks: u64,
 }
@@ -197,7 +198,7 @@ pub struct Relay {
 #[derive(Debug)]
 struct Grace {
     machine: String,
-    generation: u64,
+    generation: Generation,
 }
 
 fn stale_error(task_id: &str, attempt: u32, message: String) -> ErrorFrame {
@@ -276,7 +277,7 @@ impl Relay {
             st.holds.values().map(|h| h.daemon.clone()).collect()
         };
         for m in machines {
-            self.start_grace(m, 0);
+            self.start_grace(m, Generation::default());
         }
     }
 
@@ -784,16 +785,24 @@ impl Relay {
         }
         let mut left = VecDeque::new();
         while let Some(s) = st.queue.pop_front() {
-            let pick = st
-                .daemons
-                .iter()
-                .filter(|(id, d)| {
-                    !d.full
-                        && active.get(*id).copied().unwrap_or(0) < d.max
-                        && d.agents.contains(&s.agent)
-                })
-                .min_by_key(|(id, d)| (active.get(*id).copied().unwrap_or(0), d.last_pick))
-                .map(|(id, _)| id.clone());
+            let candidates = st.daemons.iter().map(|(id, d)| Candidate {
+                id,
+                // Only connected daemons are in the map, and the relay does not drain them.
+                connected: true,
+                draining: false,
+                max: d.max,
+                running: active.get(id).copied().unwrap_or(0),
+                full: d.full,
+                agents: &d.agents,
+                labels: &schedule::NO_LABELS,
+                last_pick: d.last_pick,
+            });
+            let needs = Needs {
+                agent: &s.agent,
+                // A spawn carries no labels: the coordinator matched them to the relay already.
+                labels: &schedule::NO_LABELS,
+            };
+            let pick = schedule::pick(candidates, &needs, Ties::Idlest).map(str::to_string);
             let Some(id) = pick else {
                 left.push_back(s);
                 continue;
@@ -839,12 +848,11 @@ impl Relay {
     ) -> u64 {
         let machine = hello.machine_id.clone();
         let now = self.clock.now_ms();
-        let mut lost = Vec::new();
         let conn_id = {
             let mut st = self.lock();
             st.next_conn += 1;
             let conn_id = st.next_conn;
-            *st.generations.entry(machine.clone()).or_default() += 1;
+            st.generations.entry(machine.clone()).or_default().bump();
             tx.send(Outbound::Text(authenticated.to_json()));
             let old = st.daemons.insert(
                 machine.clone(),
@@ -866,36 +874,29 @@ impl Relay {
                     "replaced by a newer connection from the same machine".into(),
                 ));
             }
-            for (task_id, h) in &st.holds {
-                if h.daemon == machine
-                    && !hello
-                        .running_tasks
-                        .iter()
-                        .any(|r| &r.task_id == task_id && r.attempt == h.attempt)
-                {
-                    lost.push(task_id.clone());
-                }
-            }
-            for r in &hello.running_tasks {
-                let ours = st
-                    .holds
-                    .get(&r.task_id)
-                    .is_some_and(|h| h.attempt == r.attempt && h.daemon == machine);
-                if !ours {
-                    let e = stale_error(
-                        &r.task_id,
-                        r.attempt,
-                        format!(
-                            "attempt {} of task {} is not yours; stop it and drop its messages",
-                            r.attempt, r.task_id
-                        ),
-                    );
-                    tx.send(Outbound::Text(ServerMessage::Error(e).to_json()));
-                }
+            let held = st
+                .holds
+                .iter()
+                .filter(|(_, h)| h.daemon == machine)
+                .map(|(task_id, h)| TaskRef {
+                    task_id: task_id.clone(),
+                    attempt: h.attempt,
+                });
+            let settled = schedule::reattach(held, &hello.running_tasks);
+            for r in &settled.stale {
+                let e = stale_error(
+                    &r.task_id,
+                    r.attempt,
+                    format!(
+                        "attempt {} of task {} is not yours; stop it and drop its messages",
+                        r.attempt, r.task_id
+                    ),
+                );
+                tx.send(Outbound::Text(ServerMessage::Error(e).to_json()));
             }
             let reason = format!("daemon {machine} reconnected without it");
-            for task_id in lost {
-                self.report_lost(&mut st, &task_id, &reason);
+            for r in settled.lost {
+                self.report_lost(&mut st, &r.task_id, &reason);
             }
             self.send_capacity(&st);
             self.dispatch(&mut st);
@@ -919,9 +920,11 @@ impl Relay {
                 return; // replaced already
             }
             st.daemons.remove(machine);
-            let g = st.generations.entry(machine.to_string()).or_default();
-            *g += 1;
-            let g = *g;
+            let g = st
+                .generations
+                .entry(machine.to_string())
+                .or_default()
+                .bump();
             self.send_capacity(&st);
             g
         };
@@ -932,7 +935,7 @@ impl Relay {
         self.start_grace(machine.to_string(), generation);
     }
 
-    fn start_grace(self: &Arc<Self>, machine: String, generation: u64) {
+    fn start_grace(self: &Arc<Self>, machine: String, generation: Generation) {
         let grace = Duration::from_secs(self.cfg.reattach_grace_secs);
         self.graces.after(
             grace,
@@ -945,10 +948,10 @@ impl Relay {
 
     /// A daemon's grace has run out: unless it is back (or newer news replaced it), its attempts
     /// are lost.
-    fn grace_expired(self: &Arc<Self>, machine: &str, generation: u64) {
+    fn grace_expired(self: &Arc<Self>, machine: &str, generation: Generation) {
         let mut st = self.lock();
-        let current = st.generations.get(machine).copied().unwrap_or(0);
-        if current != generation || st.daemons.contains_key(machine) {
+        let current = st.generations.get(machine).copied().unwrap_or_default();
+        if !current.grace_lapsed(generation, st.daemons.contains_key(machine)) {
             return;
         }
         let held: Vec<String> = st

@@ -9,11 +9,12 @@
 //! (lease, reattach grace).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kennel_clock::Deadlines;
+use kennel_link::schedule::{self, Candidate, Generation, Needs, Ties};
 use kennel_proto::api::WaitingTasks;
 use kennel_proto::api::{CreateTask, Daemon, Event, Task};
 use kennel_proto::link::{
@@ -100,7 +101,7 @@ struct DaemonSlot {
     id: String,
     max: u32,
     labels: BTreeMap<String, String>,
-    agents: HashSet<String>,
+    agents: BTreeSet<String>,
     draining: bool,
     conn: Option<Conn>,
     /// Tasks whose live attempt this daemon holds.
@@ -108,7 +109,7 @@ struct DaemonSlot {
     /// Dispatch counter value at its last dispatch (tie-break: longest idle first).
     last_pick: u64,
     /// Bumped on every connect and disconnect, so a stale grace timer knows to do nothing.
-    generation: u64,
+    generation: Generation,
     /// It refused a task for capacity: nothing more goes to it until it reports a free slot
     /// (an attempt of its ends, a heartbeat with fewer active tasks than its maximum, a
     /// `capacity` message or a reconnect).
@@ -116,24 +117,32 @@ struct DaemonSlot {
 }
 
 impl DaemonSlot {
-    fn free(&self) -> u32 {
-        if self.full {
-            return 0;
+    /// How the shared scheduling rules see it.
+    fn candidate(&self) -> Candidate<'_> {
+        Candidate {
+            id: &self.id,
+            connected: self.conn.is_some(),
+            draining: self.draining,
+            max: self.max,
+            running: self.held.len() as u32,
+            full: self.full,
+            agents: &self.agents,
+            labels: &self.labels,
+            last_pick: self.last_pick,
         }
-        self.max.saturating_sub(self.held.len() as u32)
     }
 
     /// Whether it could ever run `task` as it is now (free slots aside).
     fn serves(&self, task: &Task) -> bool {
-        self.agents.contains(&task.agent)
-            && task
-                .labels
-                .iter()
-                .all(|(k, v)| self.labels.get(k) == Some(v))
+        self.candidate().serves(&needs(task))
     }
+}
 
-    fn can_take(&self, task: &Task) -> bool {
-        self.conn.is_some() && !self.draining && self.free() > 0 && self.serves(task)
+/// What `task` needs of a daemon.
+fn needs(task: &Task) -> Needs<'_> {
+    Needs {
+        agent: &task.agent,
+        labels: &task.labels,
     }
 }
 
@@ -425,20 +434,21 @@ impl State {
             .daemons
             .values()
             .filter(|d| d.conn.is_some() && !d.draining)
-            .map(DaemonSlot::free)
+            .map(|d| d.candidate().free())
             .sum();
         let mut chosen_keys = Vec::new();
         for (key, pending) in &self.queue {
             if free == 0 || chosen_keys.len() >= max {
                 break;
             }
-            let best = self
-                .daemons
-                .values()
-                .filter(|d| d.can_take(&pending.task))
-                .min_by_key(|d| (d.held.len(), Reverse(d.free()), d.last_pick, d.id.clone()));
-            let Some(best) = best else { continue };
-            let daemon_id = best.id.clone();
+            let best = schedule::pick(
+                self.daemons.values().map(DaemonSlot::candidate),
+                &needs(&pending.task),
+                Ties::MostFreeThenIdlest,
+            );
+            let Some(daemon_id) = best.map(str::to_string) else {
+                continue;
+            };
             self.picks += 1;
             let slot = self
                 .daemons
@@ -518,7 +528,10 @@ enum Timer {
     /// `accept_timeout_secs` after dispatch: the attempt must have been accepted by now.
     Lease { task_id: String, attempt: u32 },
     /// `reattach_grace_secs` after a daemon dropped: its attempts are lost unless it is back.
-    Grace { daemon_id: String, generation: u64 },
+    Grace {
+        daemon_id: String,
+        generation: Generation,
+    },
     /// Recording dispatches failed a second ago: try again.
     Redispatch,
 }
@@ -681,7 +694,7 @@ impl Coordinator {
             );
         }
         st.update_gauges();
-        let waiting: Vec<(String, u64)> = st
+        let waiting: Vec<(String, Generation)> = st
             .daemons
             .values()
             .filter(|d| !d.held.is_empty())
@@ -1378,7 +1391,7 @@ impl Coordinator {
             .daemon_connected(daemon_id, &hello, self.clock.now_ms())
             .await?;
         let mut lost = Vec::new();
-        let mut stale = Vec::new();
+        let stale;
         let conn_id;
         {
             let mut st = self.lock();
@@ -1400,7 +1413,7 @@ impl Coordinator {
             slot.labels = hello.labels.clone();
             slot.agents = hello.agents.iter().cloned().collect();
             slot.draining = daemon.draining;
-            slot.generation += 1;
+            slot.generation.bump();
             slot.full = false;
             // `authenticated` is queued before the connection becomes visible to the
             // scheduler, so it precedes any `spawnTask`, and a daemon that has read it is
@@ -1412,27 +1425,15 @@ impl Coordinator {
                 key_id: Arc::from(key_id),
             });
             let held: Vec<String> = slot.held.iter().cloned().collect();
-            for task_id in held {
-                let (attempt, accepted) = st
-                    .live
-                    .get(&task_id)
-                    .map(|l| (l.attempt, l.accepted))
-                    .unwrap_or((0, false));
-                let still = running
-                    .iter()
-                    .any(|r| r.task_id == task_id && r.attempt == attempt);
-                if !still {
-                    lost.push((task_id, attempt, accepted));
-                }
-            }
-            for r in &running {
-                let ours = st
-                    .live
-                    .get(&r.task_id)
-                    .is_some_and(|l| l.attempt == r.attempt && l.daemon_id == daemon_id);
-                if !ours {
-                    stale.push(r.clone());
-                }
+            let held = held.into_iter().map(|task_id| TaskRef {
+                attempt: st.live.get(&task_id).map_or(0, |l| l.attempt),
+                task_id,
+            });
+            let settled = schedule::reattach(held, &running);
+            stale = settled.stale;
+            for r in settled.lost {
+                let accepted = st.live.get(&r.task_id).is_some_and(|l| l.accepted);
+                lost.push((r.task_id, r.attempt, accepted));
             }
             st.recheck_all = true;
             st.update_gauges();
@@ -1494,8 +1495,8 @@ impl Coordinator {
                 return; // replaced by a newer connection already
             }
             slot.conn = None;
-            slot.generation += 1;
-            let w = (!slot.held.is_empty()).then_some(slot.generation);
+            let generation = slot.generation.bump();
+            let w = (!slot.held.is_empty()).then_some(generation);
             st.recheck_all = true;
             st.update_gauges();
             w
@@ -1518,7 +1519,7 @@ impl Coordinator {
         }
     }
 
-    fn start_grace(self: &Arc<Self>, daemon_id: String, generation: u64) {
+    fn start_grace(self: &Arc<Self>, daemon_id: String, generation: Generation) {
         let grace = Duration::from_secs(self.cfg.scheduler.reattach_grace_secs);
         self.deadlines.after(
             grace,
@@ -1529,13 +1530,16 @@ impl Coordinator {
         );
     }
 
-    async fn grace_expired(&self, daemon_id: &str, generation: u64) {
+    async fn grace_expired(&self, daemon_id: &str, generation: Generation) {
         let held: Vec<(String, u32)> = {
             let st = self.lock();
             let Some(slot) = st.daemons.get(daemon_id) else {
                 return;
             };
-            if slot.generation != generation || slot.conn.is_some() {
+            if !slot
+                .generation
+                .grace_lapsed(generation, slot.conn.is_some())
+            {
                 return;
             }
             slot.held
@@ -1689,7 +1693,7 @@ fn slot_from(d: &Daemon) -> DaemonSlot {
         conn: None,
         held: HashSet::new(),
         last_pick: 0,
-        generation: 0,
+        generation: Generation::default(),
         full: false,
     }
 }
@@ -1762,7 +1766,7 @@ mod tests {
                 }),
                 held: HashSet::new(),
                 last_pick: 0,
-                generation: 0,
+                generation: Generation::default(),
                 full: false,
             },
         );
