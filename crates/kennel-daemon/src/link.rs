@@ -1,19 +1,20 @@
-//! The daemon's connection to its upstream (a coordinator or a relay). It authenticates,
-//! replays the outbox, sends heartbeats, hands commands to the executor and applies acks; when
-//! the connection drops it reconnects forever with exponential backoff and jitter (1 s to
-//! 60 s), re-attaching the attempts it still holds.
+//! The daemon's connection to its upstream (a coordinator or a relay). The session (connect,
+//! authenticate, heartbeats, reconnecting forever with exponential backoff and jitter from 1 s
+//! to 60 s) is `kennel_link::client`'s; this says what the daemon brings to it: the attempts
+//! it still holds, the outbox it replays, the commands it hands to the executor, the acks it
+//! applies. A refused key or protocol version stops it for good.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use kennel_proto::link::{close, Authenticate, Capacity, ErrorCode, Heartbeat, Secret, TaskRef};
+use kennel_link::client::{self, Refusal, SessionEnd, Upstream};
+use kennel_proto::link::{
+    Authenticate, Authenticated, Capacity, ErrorCode, Heartbeat, Secret, TaskRef,
+};
 use kennel_proto::{decode_server_frame, DaemonMessage, Decoded, ServerMessage};
 use tokio::sync::{mpsc, watch};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::executor::{Control, Executor};
 use crate::outbox::{Outbox, Pending};
@@ -66,14 +67,8 @@ pub struct Link {
     state: watch::Sender<LinkState>,
     /// True once a clean stop began: offer no capacity upstream.
     stopping: watch::Receiver<bool>,
-}
-
-enum End {
-    /// Retry after backoff, with this reason.
-    Retry(String),
-    /// Stop for good.
-    Fatal(LinkError),
-    Shutdown,
+    /// The same, as the current session watches it: a change offers no capacity at once.
+    session_stopping: watch::Receiver<bool>,
 }
 
 impl Link {
@@ -92,242 +87,35 @@ impl Link {
                 exec,
                 out,
                 state,
+                session_stopping: stopping.clone(),
                 stopping,
             },
             rx,
         )
     }
 
-    /// Runs until `shutdown` fires. Reconnects forever otherwise.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), LinkError> {
-        let backoff = kennel_link::reconnect_backoff;
-        let mut delays = backoff();
-        loop {
-            let end = self.session(&mut delays, &backoff, &mut shutdown).await;
-            self.state.send_modify(|s| s.connected = false);
-            match end {
-                End::Shutdown => return Ok(()),
-                End::Fatal(e) => {
-                    self.state
-                        .send_modify(|s| s.last_error = Some(e.to_string()));
-                    return Err(e);
-                }
-                End::Retry(reason) => {
-                    let delay = delays.next().unwrap_or(Duration::from_secs(60));
-                    tracing::warn!(url = %self.id.url, "upstream link down ({reason}); retrying in {:.1}s", delay.as_secs_f64());
-                    self.state.send_modify(|s| {
-                        s.last_error = Some(reason);
-                        s.reconnects += 1;
-                    });
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.changed() => return Ok(()),
-                    }
-                }
-            }
-        }
+    /// Runs until `shutdown` fires. Reconnects forever otherwise. A shutdown during a session
+    /// closes the connection with a Close frame (going away), so the upstream sees a clean
+    /// stop.
+    pub async fn run(mut self, shutdown: watch::Receiver<bool>) -> Result<(), LinkError> {
+        client::run(
+            &mut self,
+            shutdown,
+            client::AUTH_DEADLINE,
+            kennel_link::reconnect_backoff,
+        )
+        .await
+        .map_err(|r| LinkError::Refused(r.message().to_string()))
     }
 
     /// The `capacity` message of a daemon that is stopping: it offers nothing.
-    fn no_capacity(&self) -> Message {
-        let c = DaemonMessage::Capacity(Capacity {
+    fn no_capacity(&self) -> String {
+        DaemonMessage::Capacity(Capacity {
             max_concurrent_tasks: 0,
             agents: self.id.agents.clone(),
             labels: self.id.labels.clone(),
-        });
-        Message::Text(c.to_json().into())
-    }
-
-    /// One connection, from connect to its end. A shutdown during it closes the connection
-    /// with a Close frame (going away), so the upstream sees a clean stop.
-    async fn session<B: Iterator<Item = Duration>>(
-        &mut self,
-        delays: &mut B,
-        fresh: &impl Fn() -> B,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> End {
-        if *shutdown.borrow() {
-            return End::Shutdown;
-        }
-        let connect =
-            tokio_tungstenite::connect_async_with_config(self.id.url.as_str(), None, true);
-        let (ws, _) = tokio::select! {
-            c = connect => match c {
-                Ok(c) => c,
-                Err(e) => return End::Retry(format!("cannot connect to {}: {e}", self.id.url)),
-            },
-            _ = shutdown.changed() => return End::Shutdown,
-        };
-        let (mut sink, mut stream) = ws.split();
-        let running = match self.outbox.running_tasks() {
-            Ok(r) => r,
-            Err(e) => return End::Retry(format!("outbox unreadable: {e}")),
-        };
-        let hello = DaemonMessage::Authenticate(Authenticate {
-            api_key: Secret(self.id.api_key.clone()),
-            machine_id: self.id.machine_id.clone(),
-            hostname: self.id.hostname.clone(),
-            max_concurrent_tasks: self.id.max_concurrent_tasks,
-            protocol_version: kennel_proto::PROTOCOL_VERSION,
-            min_protocol_version: Some(kennel_proto::MIN_PROTOCOL_VERSION),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            labels: self.id.labels.clone(),
-            agents: self.id.agents.clone(),
-            running_tasks: running,
-        });
-        if let Err(e) = sink.send(Message::Text(hello.to_json().into())).await {
-            return End::Retry(format!("failed to authenticate: {e}"));
-        }
-        let authenticated = loop {
-            let next = tokio::select! {
-                n = tokio::time::timeout(Duration::from_secs(10), stream.next()) => n,
-                _ = shutdown.changed() => {
-                    let _ = sink.send(going_away()).await;
-                    return End::Shutdown;
-                }
-            };
-            let frame = match next {
-                Err(_) => return End::Retry("no answer to authenticate within 10s".into()),
-                Ok(None) => return End::Retry("connection closed during authentication".into()),
-                Ok(Some(Err(e))) => return End::Retry(format!("connection failed: {e}")),
-                Ok(Some(Ok(f))) => f,
-            };
-            match frame {
-                Message::Text(t) => match decode_server_frame(t.as_str(), usize::MAX) {
-                    Ok(Decoded::Known(ServerMessage::Authenticated(a))) => break a,
-                    Ok(Decoded::Known(ServerMessage::Error(e)))
-                        if matches!(
-                            e.code,
-                            ErrorCode::Unauthorized | ErrorCode::UnsupportedVersion
-                        ) =>
-                    {
-                        return End::Fatal(LinkError::Refused(e.message))
-                    }
-                    Ok(other) => return End::Retry(format!("unexpected first answer: {other:?}")),
-                    Err(e) => return End::Retry(format!("bad frame from upstream: {e}")),
-                },
-                Message::Close(c) => {
-                    let reason = c
-                        .map(|c| format!("{} {}", u16::from(c.code), c.reason))
-                        .unwrap_or_default();
-                    return End::Retry(format!("closed during authentication: {reason}"));
-                }
-                _ => continue,
-            }
-        };
-        *delays = fresh();
-        tracing::info!(daemon_id = %authenticated.daemon_id, url = %self.id.url, "connected upstream");
-        self.state.send_modify(|s| {
-            s.connected = true;
-            s.daemon_id = Some(authenticated.daemon_id.clone());
-        });
-
-        // Reconnected while stopping: offer nothing before anything else happens.
-        if *self.stopping.borrow() {
-            if let Err(e) = sink.send(self.no_capacity()).await {
-                return End::Retry(format!("send failed: {e}"));
-            }
-        }
-        // Everything queued for the old connection is in the outbox; replay from there.
-        while self.out.try_recv().is_ok() {}
-        let pending = match self.outbox.pending() {
-            Ok(p) => p,
-            Err(e) => return End::Retry(format!("outbox unreadable: {e}")),
-        };
-        for p in pending {
-            if let Err(e) = sink.feed(Message::Text(p.frame.into())).await {
-                return End::Retry(format!("send failed: {e}"));
-            }
-        }
-        if let Err(e) = sink.flush().await {
-            return End::Retry(format!("send failed: {e}"));
-        }
-
-        let interval = Duration::from_secs(authenticated.heartbeat_interval_secs.max(1));
-        let mut heartbeat =
-            tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        let silence = interval * 3;
-        let mut stopping = self.stopping.clone();
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => {
-                    // Whatever the executor queued goes out before the Close frame.
-                    while let Ok(p) = self.out.try_recv() {
-                        if sink.feed(Message::Text(p.frame.into())).await.is_err() {
-                            return End::Shutdown;
-                        }
-                    }
-                    let _ = sink.send(going_away()).await;
-                    // Wait briefly for the upstream's Close reply, so the close is orderly.
-                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                        while let Some(Ok(f)) = stream.next().await {
-                            if matches!(f, Message::Close(_)) {
-                                break;
-                            }
-                        }
-                    })
-                    .await;
-                    return End::Shutdown;
-                }
-                Ok(()) = stopping.changed() => {
-                    if *stopping.borrow_and_update() {
-                        if let Err(e) = sink.send(self.no_capacity()).await {
-                            return End::Retry(format!("send failed: {e}"));
-                        }
-                    }
-                }
-                frame = tokio::time::timeout(silence, stream.next()) => {
-                    let frame = match frame {
-                        Err(_) => return End::Retry(format!("upstream silent for {}s", silence.as_secs())),
-                        Ok(None) => return End::Retry("connection closed".into()),
-                        Ok(Some(Err(e))) => return End::Retry(format!("connection failed: {e}")),
-                        Ok(Some(Ok(f))) => f,
-                    };
-                    match frame {
-                        Message::Text(t) => {
-                            if let Some(resend) = self.handle(t.as_str()).await {
-                                for p in resend {
-                                    if let Err(e) = sink.feed(Message::Text(p.frame.into())).await {
-                                        return End::Retry(format!("send failed: {e}"));
-                                    }
-                                }
-                                if let Err(e) = sink.flush().await {
-                                    return End::Retry(format!("send failed: {e}"));
-                                }
-                            }
-                        }
-                        Message::Close(c) => {
-                            let reason = c.map(|c| format!("{} {}", u16::from(c.code), c.reason)).unwrap_or_default();
-                            return End::Retry(format!("upstream closed the connection: {reason}"));
-                        }
-                        _ => {}
-                    }
-                }
-                Some(p) = self.out.recv() => {
-                    if let Err(e) = sink.feed(Message::Text(p.frame.into())).await {
-                        return End::Retry(format!("send failed: {e}"));
-                    }
-                    // Batch whatever else is ready into the same flush.
-                    while let Ok(p) = self.out.try_recv() {
-                        if let Err(e) = sink.feed(Message::Text(p.frame.into())).await {
-                            return End::Retry(format!("send failed: {e}"));
-                        }
-                    }
-                    if let Err(e) = sink.flush().await {
-                        return End::Retry(format!("send failed: {e}"));
-                    }
-                }
-                _ = heartbeat.tick() => {
-                    let active = self.exec.running_now().into_iter()
-                        .map(|r| TaskRef { task_id: r.task_id, attempt: r.attempt })
-                        .collect();
-                    let hb = DaemonMessage::Heartbeat(Heartbeat { active_tasks: active });
-                    if let Err(e) = sink.send(Message::Text(hb.to_json().into())).await {
-                        return End::Retry(format!("send failed: {e}"));
-                    }
-                }
-            }
-        }
+        })
+        .to_json()
     }
 
     /// Applies one upstream frame; returns messages to resend (after a `seqGap`).
@@ -391,10 +179,123 @@ impl Link {
     }
 }
 
-/// The Close frame of a clean stop.
-fn going_away() -> Message {
-    Message::Close(Some(CloseFrame {
-        code: CloseCode::from(close::GOING_AWAY),
-        reason: "daemon shutting down".into(),
-    }))
+impl Upstream for Link {
+    fn url(&self) -> Result<String, String> {
+        Ok(self.id.url.clone())
+    }
+
+    fn hello(&mut self) -> Result<DaemonMessage, String> {
+        let running = self
+            .outbox
+            .running_tasks()
+            .map_err(|e| format!("outbox unreadable: {e}"))?;
+        Ok(DaemonMessage::Authenticate(Authenticate {
+            api_key: Secret(self.id.api_key.clone()),
+            machine_id: self.id.machine_id.clone(),
+            hostname: self.id.hostname.clone(),
+            max_concurrent_tasks: self.id.max_concurrent_tasks,
+            protocol_version: kennel_proto::PROTOCOL_VERSION,
+            min_protocol_version: Some(kennel_proto::MIN_PROTOCOL_VERSION),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            labels: self.id.labels.clone(),
+            agents: self.id.agents.clone(),
+            running_tasks: running,
+        }))
+    }
+
+    fn accepted(&mut self, answer: &Authenticated) -> Result<Vec<String>, String> {
+        tracing::info!(daemon_id = %answer.daemon_id, url = %self.id.url, "connected upstream");
+        self.state.send_modify(|s| {
+            s.connected = true;
+            s.daemon_id = Some(answer.daemon_id.clone());
+        });
+        self.session_stopping = self.stopping.clone();
+        let mut first = Vec::new();
+        // Reconnected while stopping: offer nothing before anything else happens.
+        if *self.stopping.borrow() {
+            first.push(self.no_capacity());
+        }
+        // Everything queued for the old connection is in the outbox; replay from there.
+        while self.out.try_recv().is_ok() {}
+        let pending = self
+            .outbox
+            .pending()
+            .map_err(|e| format!("outbox unreadable: {e}"))?;
+        first.extend(pending.into_iter().map(|p| p.frame));
+        Ok(first)
+    }
+
+    async fn outgoing(&mut self) -> Option<String> {
+        loop {
+            tokio::select! {
+                Ok(()) = self.session_stopping.changed() => {
+                    if *self.session_stopping.borrow_and_update() {
+                        return Some(self.no_capacity());
+                    }
+                }
+                Some(p) = self.out.recv() => return Some(p.frame),
+                // Neither can yield again: wait for the session's other ends.
+                else => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn try_outgoing(&mut self) -> Option<String> {
+        self.out.try_recv().ok().map(|p| p.frame)
+    }
+
+    fn heartbeat(&mut self) -> DaemonMessage {
+        let active = self
+            .exec
+            .running_now()
+            .into_iter()
+            .map(|r| TaskRef {
+                task_id: r.task_id,
+                attempt: r.attempt,
+            })
+            .collect();
+        DaemonMessage::Heartbeat(Heartbeat {
+            active_tasks: active,
+        })
+    }
+
+    async fn received(&mut self, frames: &[Utf8Bytes]) -> Vec<String> {
+        let mut resend = Vec::new();
+        for text in frames {
+            if let Some(again) = self.handle(text.as_str()).await {
+                resend.extend(again.into_iter().map(|p| p.frame));
+            }
+        }
+        resend
+    }
+
+    fn ended(&mut self, end: &SessionEnd, retry_in: Option<Duration>) {
+        self.state.send_modify(|s| s.connected = false);
+        match (end, retry_in) {
+            (SessionEnd::Refused(r), None) => {
+                let e = LinkError::Refused(r.message().to_string());
+                self.state
+                    .send_modify(|s| s.last_error = Some(e.to_string()));
+            }
+            (end, Some(delay)) => {
+                tracing::warn!(url = %self.id.url, "upstream link down ({end}); retrying in {:.1}s", delay.as_secs_f64());
+                self.state.send_modify(|s| {
+                    s.last_error = Some(end.to_string());
+                    s.reconnects += 1;
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn gives_up(&self, refusal: &Refusal) -> bool {
+        matches!(
+            refusal,
+            Refusal::Unauthorized(_) | Refusal::UnsupportedVersion(_)
+        )
+    }
+
+    fn goodbye(&self) -> Option<&'static str> {
+        Some("daemon shutting down")
+    }
 }

@@ -5,8 +5,9 @@
 //! The server side: accepting the WebSocket with its pre-authentication limits ([`ws`]), the
 //! handshake ([`handshake`]), the bounded outbound queue ([`outbound`]) and the session
 //! ([`session`]: the writer, batches of frames, the silence limit, how a link ends). The client
-//! side, for now: the reconnect backoff.
+//! side: the session and its reconnect loop ([`client`]) and the reconnect backoff.
 
+pub mod client;
 pub mod handshake;
 pub mod outbound;
 pub mod session;
