@@ -164,7 +164,7 @@ impl Link {
                     tracing::warn!(task_id = %t, attempt = a, "upstream refused the attempt as stale: {}", e.message);
                     self.exec.control(t, a, Control::Drop);
                     if let Err(err) = self.outbox.drop_attempt(t, a) {
-                        tracing::error!(error = %err, "outbox failed");
+                        tracing::error!(error = &err as &dyn std::error::Error, "outbox failed");
                     }
                 }
                 (ErrorCode::SeqGap, Some(t), Some(a)) => {

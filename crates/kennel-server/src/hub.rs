@@ -69,8 +69,8 @@ struct HubGate<'a> {
     app: &'a AppState,
 }
 
-fn store_failed(e: &dyn std::fmt::Display) -> Refusal {
-    tracing::error!(error = %e, "key check failed");
+fn store_failed(e: &kennel_store::StoreError) -> Refusal {
+    tracing::error!(error = e as &dyn std::error::Error, "key check failed");
     Refusal::new(
         ErrorCode::Internal,
         close::STORE_UNAVAILABLE,
