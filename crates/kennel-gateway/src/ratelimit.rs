@@ -36,10 +36,19 @@ impl KeyedLimiter {
     pub fn check(&self, key: &str, now: Instant) -> Result<(), Duration> {
         // A poisoned lock only means a panic elsewhere mid-update; the map is still usable.
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let bucket = buckets.entry(key.to_string()).or_insert(Bucket {
-            tokens: self.burst,
-            at: now,
-        });
+        // A key seen before is found without allocating its name again.
+        if !buckets.contains_key(key) {
+            buckets.insert(
+                key.to_string(),
+                Bucket {
+                    tokens: self.burst,
+                    at: now,
+                },
+            );
+        }
+        let Some(bucket) = buckets.get_mut(key) else {
+            return Ok(());
+        };
         let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
         bucket.at = now;
