@@ -35,10 +35,20 @@ fn claude_binary() -> anyhow::Result<PathBuf> {
         })
 }
 
+/// `[daemon.agents.claude.env]` entries that keep Claude Code off the network (no telemetry,
+/// updates or error reports) and out of the real home, in `home`.
+pub(crate) fn offline_claude_env(home: &std::path::Path) -> String {
+    let home = home.display();
+    format!(
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC = \"1\"\nDISABLE_TELEMETRY = \"1\"\n\
+         DISABLE_AUTOUPDATER = \"1\"\nDISABLE_ERROR_REPORTING = \"1\"\nHOME = \"{home}\"\n\
+         CLAUDE_CONFIG_DIR = \"{home}/.claude\"\n"
+    )
+}
+
 /// Daemon config: the built-in `claude` profile (default argv) with an environment that
 /// points Claude Code at `upstream` and keeps it off the network and out of the real home.
 fn daemon_config(upstream: &ScriptedAnthropic, home: &std::path::Path) -> String {
-    let home = home.display();
     format!(
         r#"
 [daemon]
@@ -50,14 +60,9 @@ kind = "claude"
 [daemon.agents.claude.env]
 ANTHROPIC_BASE_URL = "{url}"
 ANTHROPIC_API_KEY = "{API_KEY}"
-CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC = "1"
-DISABLE_TELEMETRY = "1"
-DISABLE_AUTOUPDATER = "1"
-DISABLE_ERROR_REPORTING = "1"
-HOME = "{home}"
-CLAUDE_CONFIG_DIR = "{home}/.claude"
-"#,
+{offline}"#,
         url = upstream.url(),
+        offline = offline_claude_env(home),
     )
 }
 

@@ -540,13 +540,7 @@ max_concurrent_tasks = 1
 kind = "claude"
 
 [daemon.agents.claude.env]
-CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC = "1"
-DISABLE_TELEMETRY = "1"
-DISABLE_AUTOUPDATER = "1"
-DISABLE_ERROR_REPORTING = "1"
-HOME = "{home}"
-CLAUDE_CONFIG_DIR = "{home}/.claude"
-
+{offline}
 [gateway]
 listen = "127.0.0.1:0"
 
@@ -556,7 +550,7 @@ kind = "anthropic"
 base_url = "{url}"
 api_key_env = "UPSTREAM_KEY"
 "#,
-            home = home.display(),
+            offline = crate::claude::offline_claude_env(&home),
             url = upstream.url(),
         ),
     )?;
