@@ -29,7 +29,7 @@ use axum::{Json, Router};
 use kennel_auth::{AuthConfig, KeyRing};
 use kennel_clock::{Clock, SystemClock};
 use kennel_proto::api::Scope;
-use kennel_store::{rfc3339, SqliteStore, Store};
+use kennel_store::{rfc3339, GatewayStore, SqliteStore, Store};
 use serde_json::{json, Value};
 
 pub use config::{GatewayConfig, UpstreamConfig, UpstreamKind};
@@ -233,19 +233,20 @@ impl Gateway {
             source,
         };
         std::fs::create_dir_all(data_dir).map_err(data_err)?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data_dir.join("kennel.db")).await?);
-        Self::start_with_store(cfg, data_dir, auth, store).await
+        let store = Arc::new(SqliteStore::open(&data_dir.join("kennel.db")).await?);
+        Self::start_with_store(cfg, data_dir, auth, store.clone(), store).await
     }
 
-    /// Like [`Gateway::start`], verifying keys against a store that is already open (the
-    /// coordinator's, when embedded in `kennel up`).
+    /// Like [`Gateway::start`], verifying keys against a store that is already open and
+    /// keeping its state in `state` (the coordinator's database, when embedded in `kennel up`).
     pub async fn start_with_store(
         cfg: GatewayConfig,
         data_dir: &Path,
         auth: &AuthConfig,
         store: Arc<dyn Store>,
+        state: Arc<dyn GatewayStore>,
     ) -> Result<Gateway, StartError> {
-        Self::start_with_clock(cfg, data_dir, auth, store, Arc::new(SystemClock)).await
+        Self::start_with_clock(cfg, data_dir, auth, store, state, Arc::new(SystemClock)).await
     }
 
     /// [`Gateway::start_with_store`] with cooldowns, heartbeats and records timed on `clock`.
@@ -254,6 +255,7 @@ impl Gateway {
         data_dir: &Path,
         auth: &AuthConfig,
         store: Arc<dyn Store>,
+        state: Arc<dyn GatewayStore>,
         clock: Arc<dyn Clock>,
     ) -> Result<Gateway, StartError> {
         cfg.validate()?;
@@ -315,7 +317,7 @@ impl Gateway {
             );
         }
         let limiter = ratelimit::KeyedLimiter::new(cfg.rate_limit.per_minute, cfg.rate_limit.burst);
-        let state = GatewayState::open(store.clone(), cfg.max_kept_report_bytes).await?;
+        let state = GatewayState::open(state, cfg.max_kept_report_bytes).await?;
         let shared = Arc::new(Shared {
             cfg: cfg.clone(),
             upstreams,
@@ -678,7 +680,7 @@ mod clock_tests {
              [[upstreams]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\n",
         )
         .unwrap();
-        let store: Arc<dyn Store> = Arc::new(
+        let store = Arc::new(
             SqliteStore::open(&dir.path().join("kennel.db"))
                 .await
                 .unwrap(),
@@ -687,6 +689,7 @@ mod clock_tests {
             cfg,
             dir.path(),
             &AuthConfig::default(),
+            store.clone(),
             store,
             Arc::new(clock.clone()),
         )

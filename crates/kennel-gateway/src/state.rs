@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kennel_store::{GatewayOp, Store, StoreError};
+use kennel_store::{GatewayOp, GatewayStore, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -155,7 +155,7 @@ impl GatewayState {
     /// Loads what `store` holds and starts the writer task that persists changes to it.
     /// Heartbeats and incidents beyond `max_kept_bytes` each are dropped, oldest first.
     pub async fn open(
-        store: Arc<dyn Store>,
+        store: Arc<dyn GatewayStore>,
         max_kept_bytes: usize,
     ) -> Result<Arc<Self>, StateError> {
         let rows = store
@@ -369,7 +369,7 @@ fn load(rows: kennel_store::GatewayRows) -> Result<Snapshot, StateError> {
 /// Writes what is queued, everything already waiting in one transaction, and answers flushes
 /// once what was queued before them is committed. A failed write is logged; the state stays
 /// in memory and is written again with its next change.
-async fn write_loop(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Op>) {
+async fn write_loop(store: Arc<dyn GatewayStore>, mut rx: mpsc::UnboundedReceiver<Op>) {
     while let Some(first) = rx.recv().await {
         let mut ops = Vec::new();
         let mut acks = Vec::new();
@@ -404,7 +404,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kennel.db");
         {
-            let store: Arc<dyn Store> =
+            let store: Arc<dyn GatewayStore> =
                 Arc::new(kennel_store::SqliteStore::open(&path).await.unwrap());
             let st = GatewayState::open(store, 1 << 20).await.unwrap();
             st.heartbeat(Heartbeat {
@@ -420,7 +420,8 @@ mod tests {
             st.save_health("a", &h);
             st.flush().await;
         }
-        let store: Arc<dyn Store> = Arc::new(kennel_store::SqliteStore::open(&path).await.unwrap());
+        let store: Arc<dyn GatewayStore> =
+            Arc::new(kennel_store::SqliteStore::open(&path).await.unwrap());
         let st = GatewayState::open(store, 1 << 20).await.unwrap();
         let s = st.lock();
         assert_eq!(s.heartbeats.len(), 1);
@@ -441,7 +442,7 @@ mod tests {
             ..Default::default()
         };
         {
-            let store: Arc<dyn Store> =
+            let store: Arc<dyn GatewayStore> =
                 Arc::new(kennel_store::SqliteStore::open(&path).await.unwrap());
             let st = GatewayState::open(store, budget).await.unwrap();
             for i in 0..20 {
@@ -461,7 +462,8 @@ mod tests {
             assert!(s.heartbeat_bytes <= budget && s.incident_bytes <= budget);
             assert_eq!(s.totals.heartbeats, 20, "counted, though not kept");
         }
-        let store: Arc<dyn Store> = Arc::new(kennel_store::SqliteStore::open(&path).await.unwrap());
+        let store: Arc<dyn GatewayStore> =
+            Arc::new(kennel_store::SqliteStore::open(&path).await.unwrap());
         let st = GatewayState::open(store, budget).await.unwrap();
         let s = st.lock();
         assert_eq!(s.heartbeats.len(), 3, "the store kept what memory kept");

@@ -444,7 +444,7 @@ fn to_report(daemon_id: &str, m: DaemonMessage) -> Option<Report> {
             m.attempt,
             m.seq,
             Effect::StatusChange {
-                new_status: m.new_status,
+                new_status: m.new_status.parse().ok(),
             },
         ),
         DaemonMessage::TaskComplete(m) => (

@@ -22,7 +22,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 use kennel_proto::api::Scope;
-use kennel_store::{rfc3339, SqliteStore, Store};
+use kennel_store::{rfc3339, Backend, GatewayStore, SqliteStore, Store};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tower_http::cors::CorsLayer;
 
@@ -40,6 +40,8 @@ pub use kennel_link::{outbound, ws};
 pub struct AppState {
     pub coord: Arc<Coordinator>,
     pub store: Arc<dyn Store>,
+    /// The same database, for a gateway embedded beside this coordinator (`kennel up`).
+    pub gateway_store: Arc<dyn GatewayStore>,
     pub keys: KeyRing,
     pub clock: Arc<dyn Clock>,
     pub metrics: Option<PrometheusHandle>,
@@ -146,7 +148,7 @@ impl Server {
             source,
         };
         std::fs::create_dir_all(&cfg.data_dir).map_err(data_err)?;
-        let store: Arc<dyn Store> =
+        let store: Arc<dyn Backend> =
             Arc::new(SqliteStore::open(&cfg.data_dir.join("kennel.db")).await?);
         Self::prepare(cfg, store, Arc::new(SystemClock), listener).await
     }
@@ -154,7 +156,7 @@ impl Server {
     /// Starts on a given store and clock (tests, other backends).
     pub async fn start_with(
         cfg: ServerConfig,
-        store: Arc<dyn Store>,
+        store: Arc<dyn Backend>,
         clock: Arc<dyn Clock>,
     ) -> Result<Server, StartError> {
         let listener = Self::bind(&cfg).await?;
@@ -165,10 +167,12 @@ impl Server {
     /// key, restored state, the scheduler and the routes.
     async fn prepare(
         cfg: ServerConfig,
-        store: Arc<dyn Store>,
+        backend: Arc<dyn Backend>,
         clock: Arc<dyn Clock>,
         listener: tokio::net::TcpListener,
     ) -> Result<Server, StartError> {
+        let store: Arc<dyn Store> = backend.clone();
+        let gateway_store: Arc<dyn GatewayStore> = backend;
         let data_err = |source| StartError::DataDir {
             path: cfg.data_dir.display().to_string(),
             source,
@@ -196,6 +200,7 @@ impl Server {
         let state = Arc::new(AppState {
             coord,
             store,
+            gateway_store,
             keys,
             pre_auth: ws::PreAuthSlots::new(cfg.protocol.max_unauthenticated),
             clock,

@@ -119,8 +119,10 @@ pub enum Effect {
         summary: String,
         detail: Option<serde_json::Value>,
     },
+    /// `taskStatusChange`: what the attempt became on the daemon. `None` for a status this
+    /// coordinator does not know (a newer daemon's): only the sequence number advances.
     StatusChange {
-        new_status: String,
+        new_status: Option<AttemptStatus>,
     },
     Complete {
         success: bool,
@@ -329,13 +331,24 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
     ) -> Result<Event>;
     async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<Event>>;
+}
 
+/// The LLM gateway's own state, kept beside the coordinator's in the same database. Separate
+/// from [`Store`] so the coordinator depends on nothing of the gateway's.
+#[async_trait]
+pub trait GatewayStore: Send + Sync + 'static {
     /// The LLM gateway's stored state: every key, and the newest `heartbeats` heartbeats and
     /// `incidents` incidents, oldest first.
     async fn gateway_state(&self, heartbeats: u32, incidents: u32) -> Result<GatewayRows>;
     /// Applies changes to the gateway's state in order, in one transaction.
     async fn gateway_write(&self, ops: Vec<GatewayOp>) -> Result<()>;
 }
+
+/// A database that holds both: what a backend implements, and what `kennel up` shares
+/// between its coordinator and its gateway.
+pub trait Backend: Store + GatewayStore {}
+
+impl<T: Store + GatewayStore> Backend for T {}
 
 /// The LLM gateway's state as stored: JSON texts the gateway encodes and decodes itself.
 #[derive(Debug, Clone, Default, PartialEq)]

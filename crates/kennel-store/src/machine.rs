@@ -228,8 +228,8 @@ fn change<'r>(f: &AttemptFacts, r: &'r Report) -> Change<'r> {
         },
         Effect::Accepted => Change::Seq,
         // `newStatus` names what the attempt became on the daemon, in the attempt's own words.
-        Effect::StatusChange { new_status } => match new_status.parse::<AttemptStatus>() {
-            Ok(AttemptStatus::Lost) => {
+        Effect::StatusChange { new_status } => match new_status {
+            Some(AttemptStatus::Lost) => {
                 // The daemon lost the agent's process (it crashed and restarted): like a
                 // vanished daemon, the attempt ends as lost and the task is retried while
                 // attempts remain.
@@ -240,7 +240,7 @@ fn change<'r>(f: &AttemptFacts, r: &'r Report) -> Change<'r> {
                 let status = AttemptStatus::Lost;
                 end_by_report(f, r, status, &reason, Retry::Charged, TaskStatus::Lost)
             }
-            Ok(AttemptStatus::Returned) => {
+            Some(AttemptStatus::Returned) => {
                 // The daemon stopped cleanly before the agent finished and hands the attempt
                 // back: the task is retried without using up an attempt.
                 let reason = format!(
@@ -251,11 +251,11 @@ fn change<'r>(f: &AttemptFacts, r: &'r Report) -> Change<'r> {
                 let status = AttemptStatus::Returned;
                 end_by_report(f, r, status, &reason, Retry::Free, TaskStatus::Failed)
             }
-            Ok(AttemptStatus::Running) if f.status != AttemptStatus::Running => Change::Live {
+            Some(AttemptStatus::Running) if f.status != AttemptStatus::Running => Change::Live {
                 to: Step::RUNNING,
                 started: false,
             },
-            Ok(AttemptStatus::Paused) if f.status != AttemptStatus::Paused => Change::Live {
+            Some(AttemptStatus::Paused) if f.status != AttemptStatus::Paused => Change::Live {
                 to: Step::PAUSED,
                 started: false,
             },
@@ -449,7 +449,7 @@ mod tests {
 
     fn status_change(new_status: &str) -> Effect {
         Effect::StatusChange {
-            new_status: new_status.into(),
+            new_status: new_status.parse().ok(),
         }
     }
 

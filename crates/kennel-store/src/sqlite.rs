@@ -34,8 +34,8 @@ use crate::machine::{
 };
 use crate::{
     parse_scopes, rfc3339, Applied, DaemonHello, Dispatch, EndAttempt, Ended, GatewayOp,
-    GatewayRows, KeyRecord, Millis, NewTask, QueuedTask, Report, Result, Revoke, Store, StoreError,
-    TaskFilter,
+    GatewayRows, GatewayStore, KeyRecord, Millis, NewTask, QueuedTask, Report, Result, Revoke,
+    Store, StoreError, TaskFilter,
 };
 
 /// SQLite implementation of [`Store`]. Cloning shares the writer thread and the read pool.
@@ -1267,6 +1267,23 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<Event>> {
+        self.read(move |conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT * FROM events WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+            let mut rows = stmt.query(params![after_id, limit as i64])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                out.push(event_from_row(row)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl GatewayStore for SqliteStore {
     async fn gateway_state(&self, heartbeats: u32, incidents: u32) -> Result<GatewayRows> {
         self.read(move |conn| {
             let mut rows = GatewayRows::default();
@@ -1324,20 +1341,6 @@ impl Store for SqliteStore {
                 }
             }
             Ok(())
-        })
-        .await
-    }
-
-    async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<Event>> {
-        self.read(move |conn| {
-            let mut stmt =
-                conn.prepare_cached("SELECT * FROM events WHERE id > ?1 ORDER BY id LIMIT ?2")?;
-            let mut rows = stmt.query(params![after_id, limit as i64])?;
-            let mut out = Vec::new();
-            while let Some(row) = rows.next()? {
-                out.push(event_from_row(row)?);
-            }
-            Ok(out)
         })
         .await
     }

@@ -10,13 +10,13 @@ use kennel_proto::api::{ApiKey, Scope};
 use kennel_proto::link::OutputStream;
 use kennel_proto::{AttemptStatus, TaskStatus};
 use kennel_store::{
-    Applied, DaemonHello, Dispatch, Effect, EndAttempt, GatewayOp, KeyRecord, NewTask, Report,
-    Retry, SqliteStore, Store, StoreError, TaskFilter,
+    Applied, Backend, DaemonHello, Dispatch, Effect, EndAttempt, GatewayOp, KeyRecord, NewTask,
+    Report, Retry, SqliteStore, Store, StoreError, TaskFilter,
 };
 
 const NOW: i64 = 1_790_000_000_000;
 
-async fn open(dir: &tempfile::TempDir) -> Arc<dyn Store> {
+async fn open(dir: &tempfile::TempDir) -> Arc<dyn Backend> {
     Arc::new(
         SqliteStore::open(&dir.path().join("kennel.db"))
             .await

@@ -70,15 +70,21 @@ pub struct Embedded {
 pub async fn embedded(
     cfg: &config::Config,
     store: std::sync::Arc<dyn kennel_store::Store>,
+    state: std::sync::Arc<dyn kennel_store::GatewayStore>,
 ) -> anyhow::Result<Option<Embedded>> {
     if !kennel_gateway::configured(&cfg.gateway) {
         return Ok(None);
     }
     let data_dir = kennel_gateway::data_dir(&cfg.gateway, &cfg.server.data_dir);
-    let gateway =
-        Gateway::start_with_store(cfg.gateway.clone(), &data_dir, &cfg.server.auth, store)
-            .await
-            .context("failed to start the gateway")?;
+    let gateway = Gateway::start_with_store(
+        cfg.gateway.clone(),
+        &data_dir,
+        &cfg.server.auth,
+        store,
+        state,
+    )
+    .await
+    .context("failed to start the gateway")?;
     println!("kennel: gateway listening on http://{}", gateway.addr);
     let addr = gateway.addr;
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();

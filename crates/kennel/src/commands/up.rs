@@ -68,7 +68,9 @@ pub async fn run(g: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     let serving = tokio::spawn(server.serve(async {
         let _ = stop_rx.await;
     }));
-    let gateway = crate::commands::gateway::embedded(&cfg, state.store.clone()).await?;
+    let gateway =
+        crate::commands::gateway::embedded(&cfg, state.store.clone(), state.gateway_store.clone())
+            .await?;
     if let Some(gw) = &gateway {
         // The local agents reach LLMs through this gateway, with a key of their own.
         let key_path = data.join(AGENTS_KEY_FILE);
