@@ -102,6 +102,7 @@ async fn run(
         admitted.socket,
         &tx,
         rx,
+        relay.clock.as_ref(),
         cfg.silence_limit(),
         BATCH,
         |frames| {

@@ -219,9 +219,16 @@ impl Connection {
             bad_frames: Default::default(),
         };
         let silence = app.coord.cfg.silence_limit();
-        let reason = kennel_link::serve(socket, &conn.tx, rx, silence, REPORT_BATCH, |frames| {
-            conn.handle_batch(frames)
-        })
+        let clock = app.coord.clock.as_ref();
+        let reason = kennel_link::serve(
+            socket,
+            &conn.tx,
+            rx,
+            clock,
+            silence,
+            REPORT_BATCH,
+            |frames| conn.handle_batch(frames),
+        )
         .await;
         if reason.0 == close::SLOW_READER {
             tracing::warn!(daemon_id = %daemon_id, "disconnecting a daemon that does not read: {}", reason.1);
