@@ -85,19 +85,27 @@ where
     S: Stream<Item = Result<Message, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let limit = clock.sleep_until(clock.now_ms().saturating_add(silence.as_millis() as i64));
-    let first = tokio::select! {
-        next = stream.next() => match next {
-            None => return Err((1000, "connection closed".into())),
-            Some(Err(e)) => return Err((1002, format!("transport error: {e}"))),
-            Some(Ok(m)) => m,
-        },
-        () = limit => {
-            return Err((
-                close::SILENT,
-                format!("no frame for {}s (heartbeats missed)", silence.as_secs()),
-            ))
+    // Under load a frame is usually waiting already: take it without arming the limit.
+    let next = match stream.next().now_or_never() {
+        Some(next) => next,
+        None => {
+            let limit =
+                clock.sleep_until(clock.now_ms().saturating_add(silence.as_millis() as i64));
+            tokio::select! {
+                next = stream.next() => next,
+                () = limit => {
+                    return Err((
+                        close::SILENT,
+                        format!("no frame for {}s (heartbeats missed)", silence.as_secs()),
+                    ))
+                }
+            }
         }
+    };
+    let first = match next {
+        None => return Err((1000, "connection closed".into())),
+        Some(Err(e)) => return Err((1002, format!("transport error: {e}"))),
+        Some(Ok(m)) => m,
     };
     let mut batch = vec![first];
     while batch.len() < max {
