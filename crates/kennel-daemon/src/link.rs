@@ -180,8 +180,8 @@ impl Link {
 }
 
 impl Upstream for Link {
-    fn url(&self) -> Result<String, String> {
-        Ok(self.id.url.clone())
+    fn urls(&self) -> Result<Vec<String>, String> {
+        Ok(vec![self.id.url.clone()])
     }
 
     fn hello(&mut self) -> Result<DaemonMessage, String> {

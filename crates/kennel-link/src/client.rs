@@ -129,8 +129,9 @@ fn closed(during_auth: bool, frame: Option<&(u16, String)>) -> String {
 
 /// What one client end supplies to the session.
 pub trait Upstream: Send {
-    /// Where to connect; `Err` says why there is nowhere.
-    fn url(&self) -> Result<String, String>;
+    /// Where to connect, in order of preference: several coordinators sharing one database,
+    /// or one address (a load balancer). `Err` says why there is nowhere.
+    fn urls(&self) -> Result<Vec<String>, String>;
 
     /// The `authenticate` frame, listing the attempts this end holds; asked for on every
     /// connection, once the socket is open.
@@ -177,6 +178,10 @@ pub trait Upstream: Send {
 /// Runs sessions until `shutdown` fires (`Ok`) or a refusal [`Upstream::gives_up`] (`Err`).
 /// Between sessions it waits for the next delay of `backoff()`, begun anew after every
 /// session the upstream accepted.
+///
+/// With several URLs, a session the upstream did not accept moves on to the next URL at once;
+/// the backoff delay comes only after every URL has failed in a row. A session that was
+/// accepted and then ended is retried at the same URL first, after the first delay.
 pub async fn run<U, F, B>(
     upstream: &mut U,
     mut shutdown: watch::Receiver<bool>,
@@ -189,10 +194,19 @@ where
     B: Iterator<Item = Duration>,
 {
     let mut delays = backoff();
+    // The URL to try next, and how many have failed in a row since the last accepted session.
+    let mut at = 0usize;
+    let mut misses = 0usize;
     loop {
-        let (end, accepted) = session(upstream, &mut shutdown, auth_deadline).await;
+        let (url, count) = match upstream.urls() {
+            Ok(urls) if urls.is_empty() => (Err("no upstream URL is configured".into()), 1),
+            Ok(urls) => (Ok(urls[at % urls.len()].clone()), urls.len()),
+            Err(reason) => (Err(reason), 1),
+        };
+        let (end, accepted) = session(upstream, url, &mut shutdown, auth_deadline).await;
         if accepted {
             delays = backoff();
+            misses = 0;
         }
         let delay = match &end {
             SessionEnd::Shutdown => {
@@ -207,6 +221,16 @@ where
                 upstream.ended(&end, None);
                 delays = backoff();
                 continue;
+            }
+            _ if !accepted => {
+                at = at.wrapping_add(1);
+                misses += 1;
+                if !misses.is_multiple_of(count) {
+                    // Another URL has not been tried in this round: try it now.
+                    upstream.ended(&end, Some(Duration::ZERO));
+                    continue;
+                }
+                delays.next().unwrap_or(Duration::from_secs(60))
             }
             _ => delays.next().unwrap_or(Duration::from_secs(60)),
         };
@@ -226,6 +250,7 @@ where
 /// One connection, from connect to its end; also says whether the upstream accepted it.
 async fn session<U: Upstream>(
     upstream: &mut U,
+    url: Result<String, String>,
     shutdown: &mut watch::Receiver<bool>,
     auth_deadline: Duration,
 ) -> (SessionEnd, bool) {
@@ -234,7 +259,7 @@ async fn session<U: Upstream>(
     }
     let again = upstream.reconnect_requested();
     tokio::pin!(again);
-    let url = match upstream.url() {
+    let url = match url {
         Ok(url) => url,
         Err(reason) => return (SessionEnd::Local(reason), false),
     };
@@ -588,7 +613,7 @@ mod tests {
 
     /// A client end that holds one attempt, replays one frame and reports what it sees.
     struct Probe {
-        url: String,
+        urls: Vec<String>,
         held: Vec<TaskRef>,
         replay: Vec<String>,
         out: mpsc::UnboundedReceiver<String>,
@@ -598,8 +623,8 @@ mod tests {
     }
 
     impl Upstream for Probe {
-        fn url(&self) -> Result<String, String> {
-            Ok(self.url.clone())
+        fn urls(&self) -> Result<Vec<String>, String> {
+            Ok(self.urls.clone())
         }
 
         fn hello(&mut self) -> Result<DaemonMessage, String> {
@@ -699,12 +724,19 @@ mod tests {
     }
 
     fn start(addr: SocketAddr, give_up: bool, auth_deadline: Duration) -> Running {
+        start_on(vec![addr], give_up, auth_deadline)
+    }
+
+    fn start_on(addrs: Vec<SocketAddr>, give_up: bool, auth_deadline: Duration) -> Running {
         let (seen_tx, seen) = mpsc::unbounded_channel();
         let (out, out_rx) = mpsc::unbounded_channel();
         let (stop, stop_rx) = watch::channel(false);
         let reconnect = Arc::new(Notify::new());
         let mut probe = Probe {
-            url: format!("ws://{addr}/ws/daemon"),
+            urls: addrs
+                .iter()
+                .map(|a| format!("ws://{a}/ws/daemon"))
+                .collect(),
             held: held(),
             replay: vec!["replayed".into()],
             out: out_rx,
@@ -833,6 +865,48 @@ mod tests {
             panic!("the retry authenticates again");
         };
         drop(ws);
+        assert_eq!(probe.stop().await, Ok(()));
+    }
+
+    /// A loopback address where nothing listens (connections are refused).
+    async fn nobody() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_coordinator_is_skipped_at_once_and_a_full_round_backs_off() {
+        let dead = nobody().await;
+        let (addr, mut conns) = server().await;
+        let mut probe = start_on(vec![dead, addr], false, AUTH_DEADLINE);
+        // The first URL refuses: the second is tried without waiting.
+        assert_eq!(
+            probe.next().await,
+            Seen::Ended("other", Some(Duration::ZERO))
+        );
+        let (ws, _) = answer_next(&mut conns, authenticated("d-4")).await;
+        assert_eq!(probe.next().await, Seen::Accepted("d-4".into()));
+        // It ends: the same coordinator first, after the first delay; it refuses this time, so
+        // the next (dead) one at once, then a full round has failed: the backoff grows.
+        drop(ws);
+        assert_eq!(
+            probe.next().await,
+            Seen::Ended("other", Some(Duration::from_millis(20)))
+        );
+        let (_refused, _) = answer_next(
+            &mut conns,
+            ServerMessage::error(ErrorCode::Internal, "busy"),
+        )
+        .await;
+        assert_eq!(
+            probe.next().await,
+            Seen::Ended("refused", Some(Duration::ZERO))
+        );
+        assert_eq!(
+            probe.next().await,
+            Seen::Ended("other", Some(Duration::from_millis(40)))
+        );
+        let _ws = next_conn(&mut conns).await;
         assert_eq!(probe.stop().await, Ok(()));
     }
 

@@ -37,11 +37,13 @@ struct RelayLink {
 }
 
 impl Upstream for RelayLink {
-    fn url(&self) -> Result<String, String> {
-        self.relay
+    fn urls(&self) -> Result<Vec<String>, String> {
+        let url = self
+            .relay
             .cfg
             .upstream_endpoint()
-            .map_err(|e| format!("relay.upstream: {e}"))
+            .map_err(|e| format!("relay.upstream: {e}"))?;
+        Ok(vec![url])
     }
 
     fn hello(&mut self) -> Result<DaemonMessage, String> {
