@@ -74,7 +74,7 @@ pub struct Solo {
 }
 
 impl Solo {
-    pub fn new(id: String) -> Arc<dyn Peers> {
+    pub fn peers(id: String) -> Arc<dyn Peers> {
         Arc::new(Solo { id })
     }
 }
