@@ -331,6 +331,8 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
     ) -> Result<Event>;
     async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<Event>>;
+    /// The id of the newest event, 0 when there is none.
+    async fn last_event_id(&self) -> Result<i64>;
 }
 
 /// The LLM gateway's own state, kept beside the coordinator's in the same database. Separate

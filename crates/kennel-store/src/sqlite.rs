@@ -1280,6 +1280,13 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn last_event_id(&self) -> Result<i64> {
+        self.read(|conn| {
+            Ok(conn.query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?)
+        })
+        .await
+    }
 }
 
 #[async_trait]
