@@ -28,6 +28,7 @@ use kennel_store::{
 };
 use tokio::sync::{broadcast, mpsc, Notify};
 
+use crate::cluster::{Heard, Peers, Signal, Solo};
 use crate::config::ServerConfig;
 use crate::error::ApiError;
 use crate::outbound::LinkTx;
@@ -520,6 +521,17 @@ pub struct Coordinator {
     deadlines: Deadlines<Timer>,
     /// Where they come back when due; taken by [`Coordinator::run_timers`].
     due: Mutex<Option<mpsc::UnboundedReceiver<Timer>>>,
+    /// The other coordinators on the same database ([`Solo`] on SQLite).
+    peers: Arc<dyn Peers>,
+    /// Wakes the event tail ([`Coordinator::run_event_tail`]) when events were committed.
+    tail: Notify,
+}
+
+/// Where the daemon running an attempt is linked.
+enum Holder {
+    Here(Conn),
+    /// On another coordinator sharing the database: the daemon's id.
+    Elsewhere(String),
 }
 
 /// What a deadline of the coordinator means when it is reached.
@@ -540,6 +552,18 @@ impl Coordinator {
     /// A coordinator on `store`, timing leases and graces on `clock`. Needs a tokio runtime (it
     /// starts the deadline queue); [`Coordinator::run_timers`] must run for deadlines to act.
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, cfg: ServerConfig) -> Arc<Self> {
+        Self::with_peers(store, clock, cfg, Solo::peers(crate::ids::time_ordered()))
+    }
+
+    /// A coordinator that shares its database with `peers` (several coordinators on one
+    /// PostgreSQL): it tells them what changes here and [`Coordinator::run_peers`] applies what
+    /// they say.
+    pub fn with_peers(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        cfg: ServerConfig,
+        peers: Arc<dyn Peers>,
+    ) -> Arc<Self> {
         let (deadlines, due) = Deadlines::start(clock.clone());
         let (events, _) = broadcast::channel(8192);
         let (output, _) = broadcast::channel(8192);
@@ -556,6 +580,8 @@ impl Coordinator {
             started: Instant::now(),
             deadlines,
             due: Mutex::new(Some(due)),
+            peers,
+            tail: Notify::new(),
         })
     }
 
@@ -602,6 +628,16 @@ impl Coordinator {
     /// A key was revoked: its daemon connections close now (4001), and its event streams end
     /// (see [`Coordinator::revocation_of`]).
     pub fn key_revoked(&self, key_id: &str) {
+        self.close_revoked(key_id);
+        if self.peers.shared() {
+            self.peers.send(Signal::Revoked {
+                key: key_id.to_string(),
+            });
+        }
+    }
+
+    /// Closes what `key_id` opened on this coordinator.
+    fn close_revoked(&self, key_id: &str) {
         let conns: Vec<(String, Conn)> = {
             let st = self.lock();
             st.daemons
@@ -641,11 +677,211 @@ impl Coordinator {
     }
 
     fn publish(&self, events: impl IntoIterator<Item = Event>) {
-        for ev in events {
-            if let Some(t) = &ev.task_id {
-                let _ = self.output.send(Arc::from(t.as_str()));
+        if self.peers.shared() {
+            // Every coordinator's streams are fed by its event tail, in the store's id order,
+            // whichever coordinator committed the event; the others re-read changed tasks.
+            let mut any = false;
+            for ev in events {
+                any = true;
+                if let Some(t) = ev.task_id {
+                    if matches!(ev.kind.as_str(), "task.created" | "task.status") {
+                        self.peers.send(Signal::Task { id: t });
+                    }
+                }
             }
-            let _ = self.events.send(Arc::new(ev));
+            if any {
+                self.peers.send(Signal::Events);
+                self.tail.notify_one();
+            }
+            return;
+        }
+        for ev in events {
+            self.broadcast(ev);
+        }
+    }
+
+    fn broadcast(&self, ev: Event) {
+        if let Some(t) = &ev.task_id {
+            let _ = self.output.send(Arc::from(t.as_str()));
+        }
+        let _ = self.events.send(Arc::new(ev));
+    }
+
+    /// Output of `task_id` was stored here: wake its output streams, here and elsewhere.
+    fn output_grew(&self, task_id: &str) {
+        let _ = self.output.send(Arc::from(task_id));
+        if self.peers.shared() {
+            self.peers.send(Signal::Output {
+                task: task_id.to_string(),
+            });
+        }
+    }
+
+    /// Feeds this coordinator's event and output streams from the store, in id order, when
+    /// several coordinators share it: wakes when events were committed here or elsewhere.
+    /// Returns at once on a database of its own (events are broadcast as they are made).
+    pub async fn run_event_tail(self: Arc<Self>) {
+        if !self.peers.shared() {
+            return;
+        }
+        let mut last = loop {
+            match self.store.last_event_id().await {
+                Ok(id) => break id,
+                Err(e) => {
+                    tracing::error!(
+                        error = &e as &dyn std::error::Error,
+                        "failed to read the last event id; retrying in 1s"
+                    );
+                    self.clock
+                        .sleep_until(self.clock.now_ms().saturating_add(1_000))
+                        .await;
+                }
+            }
+        };
+        loop {
+            self.tail.notified().await;
+            loop {
+                let page = match self.store.events_after(last, 1_000).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(
+                            error = &e as &dyn std::error::Error,
+                            "failed to read new events; retrying when the next arrive"
+                        );
+                        break;
+                    }
+                };
+                let full = page.len() == 1_000;
+                for ev in page {
+                    last = ev.id;
+                    self.broadcast(ev);
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Applies what the other coordinators on the same database say, until they stop. Each
+    /// signal is a hint: the task is read again from the store.
+    pub async fn run_peers(self: Arc<Self>, mut heard: mpsc::UnboundedReceiver<Heard>) {
+        while let Some(h) = heard.recv().await {
+            match h {
+                Heard::Resync => self.resync().await,
+                Heard::Signals(signals) => {
+                    let mut tasks: Vec<String> = Vec::new();
+                    for s in signals {
+                        match s {
+                            Signal::Task { id } => {
+                                if !tasks.contains(&id) {
+                                    tasks.push(id);
+                                }
+                            }
+                            Signal::Events => self.tail.notify_one(),
+                            Signal::Output { task } => {
+                                let _ = self.output.send(Arc::from(task.as_str()));
+                            }
+                            Signal::Send { daemon, frame } => self.forward(&daemon, &frame),
+                            Signal::Revoked { key } => self.close_revoked(&key),
+                        }
+                    }
+                    for id in tasks {
+                        match self.store.get_task(&id).await {
+                            Ok(Some(task)) => self.observe_elsewhere(task),
+                            Ok(None) => {}
+                            Err(e) => tracing::error!(
+                                task_id = id,
+                                error = &e as &dyn std::error::Error,
+                                "failed to read a task another coordinator changed"
+                            ),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A task changed on another coordinator: queue it here if it is queued (and not held
+    /// here), take it out of this queue otherwise, and release an attempt of it held here
+    /// if that ended.
+    fn observe_elsewhere(&self, task: Task) {
+        let mut st = self.lock();
+        if task.status != TaskStatus::Queued {
+            st.unqueue(&task.id);
+        }
+        match st.live.get(&task.id) {
+            Some(l) if l.attempt == task.attempt => st.observe(&task),
+            Some(_) => {
+                // A newer attempt: the one held here is over.
+                st.release(&task.id);
+                st.observe(&task);
+            }
+            None => st.observe(&task),
+        }
+        st.update_gauges();
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// Signals may have been missed: the queue is read again from the store and the event
+    /// tail catches up.
+    async fn resync(&self) {
+        match self.store.queued_tasks().await {
+            Ok(queued) => {
+                let mut st = self.lock();
+                let ids: HashSet<String> = queued.iter().map(|q| q.task.id.clone()).collect();
+                let gone: Vec<String> = st
+                    .queued
+                    .keys()
+                    .filter(|id| !ids.contains(*id))
+                    .cloned()
+                    .collect();
+                for id in gone {
+                    st.unqueue(&id);
+                }
+                for q in queued {
+                    if !st.queued.contains_key(&q.task.id) && !st.live.contains_key(&q.task.id) {
+                        st.enqueue(q.task);
+                    }
+                }
+                st.update_gauges();
+            }
+            Err(e) => tracing::error!(
+                error = &e as &dyn std::error::Error,
+                "failed to reread the queue after missing signals"
+            ),
+        }
+        self.tail.notify_one();
+        self.wake.notify_one();
+    }
+
+    /// Sends `frame` to `daemon` if its link is here.
+    fn forward(&self, daemon: &str, frame: &str) {
+        let conn = self.lock().daemons.get(daemon).and_then(|d| d.conn.clone());
+        let Some(conn) = conn else { return };
+        match serde_json::from_str::<ServerMessage>(frame) {
+            Ok(m) => conn.send(m),
+            Err(e) => tracing::warn!(
+                daemon_id = daemon,
+                error = &e as &dyn std::error::Error,
+                "ignoring a frame from another coordinator that does not decode"
+            ),
+        }
+    }
+
+    /// Sends `message` to the daemon holding an attempt: through its link if it is here,
+    /// through the coordinator that holds it otherwise.
+    fn send_to_holder(&self, holder: Holder, message: ServerMessage) {
+        match holder {
+            Holder::Here(conn) => conn.send(message),
+            Holder::Elsewhere(daemon) => match serde_json::to_string(&message) {
+                Ok(frame) => self.peers.send(Signal::Send { daemon, frame }),
+                Err(e) => tracing::error!(
+                    error = &e as &dyn std::error::Error,
+                    "failed to encode a frame for another coordinator"
+                ),
+            },
         }
     }
 
@@ -941,13 +1177,22 @@ impl Coordinator {
     /// Ends a live attempt in the store and mirrors it; optionally tells the daemon to stop.
     async fn end_attempt(&self, end: EndAttempt<'_>, interrupt: bool) -> Option<Task> {
         let (task_id, attempt) = (end.task_id, end.attempt);
-        let holder = {
+        let here = {
             let st = self.lock();
             st.live
                 .get(task_id)
                 .filter(|l| l.attempt == attempt)
                 .and_then(|l| st.daemons.get(&l.daemon_id))
                 .and_then(|d| d.conn.clone())
+        };
+        let holder = match here {
+            Some(conn) => Some(Holder::Here(conn)),
+            // With several coordinators the daemon may be linked to another one.
+            None if interrupt && self.peers.shared() => match self.store.get_task(task_id).await {
+                Ok(Some(t)) if t.attempt == attempt => t.daemon_id.map(Holder::Elsewhere),
+                _ => None,
+            },
+            None => None,
         };
         let ended = match self.store.end_attempt(&end, self.clock.now_ms()).await {
             Ok(Some(e)) => e,
@@ -963,12 +1208,15 @@ impl Coordinator {
             }
         };
         if interrupt {
-            if let Some(conn) = holder {
-                conn.send(ServerMessage::InterruptTask(InterruptTask {
-                    task_id: task_id.to_string(),
-                    attempt,
-                    grace_secs: self.cfg.scheduler.cancel_grace_secs,
-                }));
+            if let Some(holder) = holder {
+                self.send_to_holder(
+                    holder,
+                    ServerMessage::InterruptTask(InterruptTask {
+                        task_id: task_id.to_string(),
+                        attempt,
+                        grace_secs: self.cfg.scheduler.cancel_grace_secs,
+                    }),
+                );
             }
         }
         let task = ended.task.clone();
@@ -1208,7 +1456,7 @@ impl Coordinator {
                 if paused { "paused" } else { "resumed" }
             )));
         }
-        let conn = self.holder_conn(id, task.attempt)?;
+        let holder = self.holder(&task).await?;
         let Some(ended) = self
             .store
             .set_paused(id, task.attempt, paused, self.clock.now_ms())
@@ -1222,11 +1470,14 @@ impl Coordinator {
             task_id: id.to_string(),
             attempt: task.attempt,
         };
-        conn.send(if paused {
-            ServerMessage::PauseTask(cmd)
-        } else {
-            ServerMessage::ResumeTask(cmd)
-        });
+        self.send_to_holder(
+            holder,
+            if paused {
+                ServerMessage::PauseTask(cmd)
+            } else {
+                ServerMessage::ResumeTask(cmd)
+            },
+        );
         let t = ended.task.clone();
         self.mirror(ended);
         Ok(t)
@@ -1243,31 +1494,53 @@ impl Coordinator {
                 task.status
             )));
         }
-        let conn = self.holder_conn(id, task.attempt)?;
-        conn.send(ServerMessage::SendMessage(SendMessage {
-            task_id: id.to_string(),
-            attempt: task.attempt,
-            message,
-        }));
+        let holder = self.holder(&task).await?;
+        self.send_to_holder(
+            holder,
+            ServerMessage::SendMessage(SendMessage {
+                task_id: id.to_string(),
+                attempt: task.attempt,
+                message,
+            }),
+        );
         Ok(())
     }
 
-    fn holder_conn(&self, id: &str, attempt: u32) -> Result<Conn, ApiError> {
-        let st = self.lock();
-        let live = st
-            .live
-            .get(id)
-            .filter(|l| l.attempt == attempt)
-            .ok_or_else(|| ApiError::conflict(format!("task `{id}` has no live attempt here")))?;
-        st.daemons
-            .get(&live.daemon_id)
-            .and_then(|d| d.conn.clone())
-            .ok_or_else(|| {
-                ApiError::unavailable(format!(
-                    "daemon `{}` holding task `{id}` is disconnected; retry when it reconnects",
-                    live.daemon_id
-                ))
-            })
+    /// Where the daemon running `task`'s current attempt is linked: here, or (with several
+    /// coordinators) on another coordinator.
+    async fn holder(&self, task: &Task) -> Result<Holder, ApiError> {
+        let id = &task.id;
+        let disconnected = |daemon: &str| {
+            ApiError::unavailable(format!(
+                "daemon `{daemon}` holding task `{id}` is disconnected; retry when it reconnects"
+            ))
+        };
+        let here = {
+            let st = self.lock();
+            st.live
+                .get(id)
+                .filter(|l| l.attempt == task.attempt)
+                .map(|live| {
+                    st.daemons
+                        .get(&live.daemon_id)
+                        .and_then(|d| d.conn.clone())
+                        .ok_or_else(|| live.daemon_id.clone())
+                })
+        };
+        match here {
+            Some(Ok(conn)) => return Ok(Holder::Here(conn)),
+            Some(Err(daemon)) if !self.peers.shared() => return Err(disconnected(&daemon)),
+            _ => {}
+        }
+        let Some(daemon) = task.daemon_id.clone().filter(|_| self.peers.shared()) else {
+            return Err(ApiError::conflict(format!(
+                "task `{id}` has no live attempt here"
+            )));
+        };
+        match self.store.get_daemon(&daemon).await? {
+            Some(d) if d.connected => Ok(Holder::Elsewhere(daemon)),
+            _ => Err(disconnected(&daemon)),
+        }
     }
 
     pub async fn set_draining(&self, daemon_id: &str, draining: bool) -> Result<Daemon, ApiError> {
@@ -1579,7 +1852,7 @@ impl Coordinator {
                 let Applied::Done { events: evs, task } = res else {
                     continue;
                 };
-                let _ = self.output.send(Arc::from(r.task_id.as_str()));
+                self.output_grew(&r.task_id);
                 events.extend(evs.iter().cloned());
                 let Some(task) = task else { continue };
                 changed = true;
