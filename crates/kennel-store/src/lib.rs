@@ -310,6 +310,28 @@ pub trait Store: Send + Sync + 'static {
     /// Marks every daemon disconnected (at start: no link survives a restart).
     async fn reset_connections(&self, now: Millis) -> Result<()>;
 
+    // Several coordinators on one database.
+
+    /// Records that `coordinator` holds `daemon_id`'s link (after [`Store::daemon_connected`]).
+    async fn daemon_held_by(&self, daemon_id: &str, coordinator: &str) -> Result<()>;
+    /// [`Store::daemon_disconnected`] if `coordinator` still holds the daemon's link; `None`
+    /// (nothing written) when another coordinator took it over meanwhile.
+    async fn daemon_left(
+        &self,
+        daemon_id: &str,
+        coordinator: &str,
+        reason: &str,
+        now: Millis,
+    ) -> Result<Option<Event>>;
+    /// `coordinator` is alive at `now` (registered on first call).
+    async fn coordinator_seen(&self, coordinator: &str, now: Millis) -> Result<()>;
+    /// Daemons recorded as connected whose coordinator was last seen before `before` (or is
+    /// unknown): their links died with it.
+    async fn stranded_daemons(&self, before: Millis) -> Result<Vec<Daemon>>;
+    /// Takes or renews the lease `name` for `holder` until `now + ttl_ms`; `false` while
+    /// another holder's lease runs.
+    async fn lease(&self, name: &str, holder: &str, now: Millis, ttl_ms: i64) -> Result<bool>;
+
     async fn insert_key(&self, key: &KeyRecord) -> Result<()>;
     async fn find_key(&self, id: &str) -> Result<Option<KeyRecord>>;
     async fn list_keys(&self) -> Result<Vec<ApiKey>>;

@@ -24,7 +24,7 @@ use kennel_proto::api::{ApiKey, Attempt, Daemon, Event, OutputChunk, Scope, Task
 use kennel_proto::link::{OutputStream, RepoSpec};
 use kennel_proto::TaskStatus;
 use rusqlite::types::ToSql;
-use rusqlite::{params, Connection, Row};
+use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use self::readers::Readers;
 use self::wal_flusher::WalFlusher;
@@ -268,6 +268,27 @@ fn load_attempt_facts(
         last_seq: row.get::<_, i64>(2)? as u64,
         task: task_facts_from(row, 3)?,
     }))
+}
+
+/// Records a daemon's link as ended, with its event.
+fn disconnect(conn: &Connection, daemon_id: &str, reason: &str, now: Millis) -> Result<Event> {
+    conn.prepare_cached(
+        "UPDATE daemons SET connected = 0, coordinator_id = NULL, last_seen_at = ?1 WHERE id = ?2",
+    )?
+    .execute(params![now, daemon_id])?;
+    conn.prepare_cached(
+        "UPDATE daemon_sessions SET disconnected_at = ?1, reason = ?2 \
+         WHERE daemon_id = ?3 AND disconnected_at IS NULL",
+    )?
+    .execute(params![now, reason, daemon_id])?;
+    insert_event(
+        conn,
+        "daemon.disconnected",
+        None,
+        Some(daemon_id),
+        serde_json::json!({ "reason": reason }),
+        now,
+    )
 }
 
 fn daemon_from_row(row: &Row<'_>) -> Result<Daemon> {
@@ -1045,24 +1066,79 @@ impl Store for SqliteStore {
     ) -> Result<Event> {
         let daemon_id = daemon_id.to_string();
         let reason = reason.to_string();
+        self.write(move |conn| disconnect(conn, &daemon_id, &reason, now))
+            .await
+    }
+
+    async fn daemon_held_by(&self, daemon_id: &str, coordinator: &str) -> Result<()> {
+        let (daemon_id, coordinator) = (daemon_id.to_string(), coordinator.to_string());
+        self.write(move |conn| {
+            conn.prepare_cached("UPDATE daemons SET coordinator_id = ?1 WHERE id = ?2")?
+                .execute(params![coordinator, daemon_id])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn daemon_left(
+        &self,
+        daemon_id: &str,
+        coordinator: &str,
+        reason: &str,
+        now: Millis,
+    ) -> Result<Option<Event>> {
+        let (daemon_id, coordinator) = (daemon_id.to_string(), coordinator.to_string());
+        let reason = reason.to_string();
+        self.write(move |conn| {
+            let held: Option<Option<String>> = conn
+                .prepare_cached("SELECT coordinator_id FROM daemons WHERE id = ?1")?
+                .query_row(params![daemon_id], |r| r.get(0))
+                .optional()?;
+            match held {
+                Some(Some(c)) if c != coordinator => return Ok(None),
+                _ => {}
+            }
+            disconnect(conn, &daemon_id, &reason, now).map(Some)
+        })
+        .await
+    }
+
+    async fn coordinator_seen(&self, coordinator: &str, now: Millis) -> Result<()> {
+        let coordinator = coordinator.to_string();
         self.write(move |conn| {
             conn.prepare_cached(
-                "UPDATE daemons SET connected = 0, last_seen_at = ?1 WHERE id = ?2",
+                "INSERT INTO coordinators (id, started_at, seen_at) VALUES (?1, ?2, ?2) \
+                 ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
             )?
-            .execute(params![now, daemon_id])?;
-            conn.prepare_cached(
-                "UPDATE daemon_sessions SET disconnected_at = ?1, reason = ?2 \
-                 WHERE daemon_id = ?3 AND disconnected_at IS NULL",
-            )?
-            .execute(params![now, reason, daemon_id])?;
-            insert_event(
-                conn,
-                "daemon.disconnected",
-                None,
-                Some(&daemon_id),
-                serde_json::json!({ "reason": reason }),
-                now,
-            )
+            .execute(params![coordinator, now])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn stranded_daemons(&self, before: Millis) -> Result<Vec<Daemon>> {
+        self.read(move |conn| {
+            let sql = daemon_select(
+                "LEFT JOIN coordinators c ON c.id = d.coordinator_id \
+                 WHERE d.connected = 1 AND (c.id IS NULL OR c.seen_at < ?1) ORDER BY d.id",
+            );
+            query_daemons(conn, &sql, &[&before])
+        })
+        .await
+    }
+
+    async fn lease(&self, name: &str, holder: &str, now: Millis, ttl_ms: i64) -> Result<bool> {
+        let (name, holder) = (name.to_string(), holder.to_string());
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "INSERT INTO leases (name, holder, until) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
+                     until = excluded.until WHERE leases.holder = excluded.holder \
+                     OR leases.until < ?4",
+                )?
+                .execute(params![name, holder, now.saturating_add(ttl_ms), now])?;
+            Ok(n == 1)
         })
         .await
     }

@@ -23,6 +23,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0002_gateway.sql"),
     include_str!("../../migrations/sqlite/0003_returned_attempts.sql"),
     include_str!("../../migrations/sqlite/0004_daemon_key.sql"),
+    include_str!("../../migrations/sqlite/0005_coordinators.sql"),
 ];
 
 const SCHEMA: Schema = Schema {

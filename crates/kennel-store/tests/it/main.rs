@@ -499,3 +499,58 @@ async fn gateway_state_round_trips_and_keeps_only_the_newest_rows() {
         .heartbeats
         .is_empty());
 }
+
+/// Several coordinators on one database: a daemon's link belongs to the coordinator that
+/// holds it, a late disconnect from another one changes nothing, a coordinator that stops
+/// being seen strands its daemons, and one lease holder at a time.
+#[tokio::test]
+async fn daemon_links_belong_to_one_coordinator_and_stranded_ones_are_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    store.coordinator_seen("c-a", NOW).await.unwrap();
+    store.coordinator_seen("c-b", NOW).await.unwrap();
+    store
+        .daemon_connected("d1", &hello("m1"), NOW)
+        .await
+        .unwrap();
+    store.daemon_held_by("d1", "c-a").await.unwrap();
+    // The daemon moves to B; A notices its old link's end afterwards: nothing changes.
+    store
+        .daemon_connected("d1", &hello("m1"), NOW + 1)
+        .await
+        .unwrap();
+    store.daemon_held_by("d1", "c-b").await.unwrap();
+    assert!(store
+        .daemon_left("d1", "c-a", "late", NOW + 2)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store.get_daemon("d1").await.unwrap().unwrap().connected);
+    assert!(store.last_event_id().await.unwrap() > 0);
+
+    // B stops being seen; A goes on. B's daemon is stranded, and only once B is stale.
+    store.coordinator_seen("c-a", NOW + 10_000).await.unwrap();
+    assert!(store.stranded_daemons(NOW).await.unwrap().is_empty());
+    let stranded = store.stranded_daemons(NOW + 5_000).await.unwrap();
+    assert_eq!(
+        stranded.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+        ["d1"]
+    );
+    // The holder's own disconnect goes through, and the daemon is stranded no more.
+    let ev = store
+        .daemon_left("d1", "c-b", "gone", NOW + 10_001)
+        .await
+        .unwrap()
+        .expect("the holder's disconnect is recorded");
+    assert_eq!(ev.kind, "daemon.disconnected");
+    assert_eq!(store.last_event_id().await.unwrap(), ev.id);
+    assert!(!store.get_daemon("d1").await.unwrap().unwrap().connected);
+    assert!(store.stranded_daemons(NOW + 5_000).await.unwrap().is_empty());
+
+    // One lease holder at a time; it renews; another takes over once it has run out.
+    assert!(store.lease("rescue", "c-a", NOW, 1_000).await.unwrap());
+    assert!(!store.lease("rescue", "c-b", NOW + 500, 1_000).await.unwrap());
+    assert!(store.lease("rescue", "c-a", NOW + 900, 1_000).await.unwrap());
+    assert!(!store.lease("rescue", "c-b", NOW + 1_500, 1_000).await.unwrap());
+    assert!(store.lease("rescue", "c-b", NOW + 1_901, 1_000).await.unwrap());
+}
