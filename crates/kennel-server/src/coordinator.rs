@@ -527,6 +527,19 @@ pub struct Coordinator {
     tail: Notify,
 }
 
+/// How often a coordinator sharing its database records that it is alive.
+const CLUSTER_BEAT: Duration = Duration::from_secs(2);
+/// A coordinator not seen for this long is dead: its daemons' links are recorded as ended.
+const CLUSTER_DEAD_AFTER: Duration = Duration::from_secs(10);
+/// The lease held by the coordinator that rescues the others' daemons.
+const RESCUE_LEASE: &str = "rescue";
+
+/// Milliseconds since the epoch of an RFC 3339 time the store wrote.
+fn millis_of(at: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
 /// Where the daemon running an attempt is linked.
 enum Holder {
     Here(Conn),
@@ -763,6 +776,136 @@ impl Coordinator {
         }
     }
 
+    /// With several coordinators on one database: records every [`CLUSTER_BEAT`] that this one
+    /// is alive and, on the one coordinator holding the rescue lease, rescues the work of
+    /// coordinators that died ([`Coordinator::rescue`]). Returns at once on a database of its
+    /// own.
+    pub async fn run_cluster(self: Arc<Self>) {
+        if !self.peers.shared() {
+            return;
+        }
+        let beat = CLUSTER_BEAT.as_millis() as i64;
+        loop {
+            self.clock
+                .sleep_until(self.clock.now_ms().saturating_add(beat))
+                .await;
+            let now = self.clock.now_ms();
+            let me = self.peers.id();
+            if let Err(e) = self.store.coordinator_seen(me, now).await {
+                tracing::error!(
+                    error = &e as &dyn std::error::Error,
+                    "failed to record that this coordinator is alive"
+                );
+                continue;
+            }
+            match self.store.lease(RESCUE_LEASE, me, now, 3 * beat).await {
+                Ok(true) => self.rescue(now).await,
+                Ok(false) => {}
+                Err(e) => tracing::error!(
+                    error = &e as &dyn std::error::Error,
+                    "failed to take the rescue lease"
+                ),
+            }
+        }
+    }
+
+    /// Run by one coordinator at a time. Links of daemons whose coordinator has not been seen
+    /// for [`CLUSTER_DEAD_AFTER`] are recorded as ended; attempts of daemons that have been
+    /// gone for longer than the reattach grace (and the time it takes to notice a dead
+    /// coordinator) end as lost and their tasks are retried, as the coordinator that held
+    /// them would have done.
+    pub async fn rescue(&self, now: i64) {
+        let dead_after = CLUSTER_DEAD_AFTER.as_millis() as i64;
+        match self.store.stranded_daemons(now - dead_after).await {
+            Ok(stranded) => {
+                for d in stranded {
+                    tracing::warn!(
+                        daemon_id = d.id,
+                        "the coordinator holding this daemon's link stopped; recording the link as ended"
+                    );
+                    let reason = format!(
+                        "its coordinator stopped (not seen for {}s)",
+                        CLUSTER_DEAD_AFTER.as_secs()
+                    );
+                    match self.store.daemon_disconnected(&d.id, &reason, now).await {
+                        Ok(ev) => self.publish([ev]),
+                        Err(e) => tracing::error!(
+                            daemon_id = d.id,
+                            error = &e as &dyn std::error::Error,
+                            "failed to record a stranded daemon's link as ended"
+                        ),
+                    }
+                }
+            }
+            Err(e) => tracing::error!(
+                error = &e as &dyn std::error::Error,
+                "failed to look for daemons of stopped coordinators"
+            ),
+        }
+        let grace = Duration::from_secs(self.cfg.scheduler.reattach_grace_secs);
+        let cutoff = now - grace.as_millis() as i64 - dead_after;
+        let gone: HashSet<String> = match self.store.list_daemons().await {
+            Ok(ds) => ds
+                .into_iter()
+                .filter(|d| !d.connected && d.active_tasks > 0)
+                .filter(|d| {
+                    d.last_seen_at
+                        .as_deref()
+                        .and_then(millis_of)
+                        .is_none_or(|t| t < cutoff)
+                })
+                .map(|d| d.id)
+                .collect(),
+            Err(e) => {
+                tracing::error!(
+                    error = &e as &dyn std::error::Error,
+                    "failed to list daemons for the rescue"
+                );
+                return;
+            }
+        };
+        if gone.is_empty() {
+            return;
+        }
+        let active = match self.store.active_tasks().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(
+                    error = &e as &dyn std::error::Error,
+                    "failed to list attempts for the rescue"
+                );
+                return;
+            }
+        };
+        for t in active {
+            let Some(daemon_id) = t.daemon_id.as_deref().filter(|d| gone.contains(*d)) else {
+                continue;
+            };
+            let reason = format!(
+                "daemon {daemon_id} disconnected and did not return within {}s",
+                grace.as_secs()
+            );
+            tracing::warn!(
+                task_id = t.id,
+                attempt = t.attempt,
+                daemon_id,
+                "attempt lost"
+            );
+            self.end_attempt(
+                EndAttempt {
+                    task_id: &t.id,
+                    attempt: t.attempt,
+                    status: AttemptStatus::Lost,
+                    reason: &reason,
+                    retry: Retry::Charged,
+                    terminal: TaskStatus::Lost,
+                },
+                false,
+            )
+            .await;
+        }
+    }
+
     /// Applies what the other coordinators on the same database say, until they stop. Each
     /// signal is a hint: the task is read again from the store.
     pub async fn run_peers(self: Arc<Self>, mut heard: mpsc::UnboundedReceiver<Heard>) {
@@ -889,6 +1032,21 @@ impl Coordinator {
     /// given the reattach grace to come back.
     pub async fn restore(self: &Arc<Self>) -> Result<(), StoreError> {
         let now = self.clock.now_ms();
+        if self.peers.shared() {
+            // The other coordinators' daemons are theirs: this one starts with the queue, and
+            // its daemons bring their attempts when they connect. Links that died with a
+            // coordinator are found by the rescue (`run_cluster`).
+            self.store.coordinator_seen(self.peers.id(), now).await?;
+            let queued = self.store.queued_tasks().await?;
+            let mut st = self.lock();
+            for q in queued {
+                st.enqueue(q.task);
+            }
+            st.update_gauges();
+            drop(st);
+            self.wake.notify_one();
+            return Ok(());
+        }
         self.store.reset_connections(now).await?;
         let queued = self.store.queued_tasks().await?;
         let active = self.store.active_tasks().await?;
@@ -1663,6 +1821,19 @@ impl Coordinator {
             .store
             .daemon_connected(daemon_id, &hello, self.clock.now_ms())
             .await?;
+        self.store
+            .daemon_held_by(daemon_id, self.peers.id())
+            .await?;
+        // With several coordinators the daemon may come from another one (which died, or
+        // whose link broke): its attempts are read from the store, not from memory.
+        let adopted = if self.peers.shared() {
+            let mut held: Vec<Task> = self.store.active_tasks().await?;
+            held.retain(|t| t.daemon_id.as_deref() == Some(daemon_id));
+            held
+        } else {
+            Vec::new()
+        };
+        let mut leases = Vec::new();
         let mut lost = Vec::new();
         let stale;
         let conn_id;
@@ -1672,6 +1843,30 @@ impl Coordinator {
             conn_id = st.next_conn;
             st.by_machine
                 .insert(hello.machine_id.clone(), daemon_id.to_string());
+            for t in adopted {
+                if st.live.get(&t.id).is_some_and(|l| l.attempt == t.attempt) {
+                    continue;
+                }
+                st.unqueue(&t.id);
+                let accepted = t.status != TaskStatus::Dispatched;
+                if !accepted {
+                    leases.push((t.id.clone(), t.attempt));
+                }
+                st.live.insert(
+                    t.id.clone(),
+                    Live {
+                        attempt: t.attempt,
+                        daemon_id: daemon_id.to_string(),
+                        accepted,
+                        queued: false,
+                    },
+                );
+                st.daemons
+                    .entry(daemon_id.to_string())
+                    .or_insert_with(|| slot_from(&daemon))
+                    .held
+                    .insert(t.id);
+            }
             let slot = st
                 .daemons
                 .entry(daemon_id.to_string())
@@ -1713,6 +1908,11 @@ impl Coordinator {
         }
         tracing::info!(daemon_id, hostname = %hello.hostname, "daemon connected");
         self.publish([ev]);
+        let accept = Duration::from_secs(self.cfg.scheduler.accept_timeout_secs);
+        for (task_id, attempt) in leases {
+            self.deadlines
+                .after(accept, Timer::Lease { task_id, attempt });
+        }
         for r in stale {
             tx.msg(ServerMessage::Error(ErrorFrame {
                 code: ErrorCode::StaleAttempt,
@@ -1777,10 +1977,10 @@ impl Coordinator {
         tracing::info!(daemon_id, reason, "daemon disconnected");
         match self
             .store
-            .daemon_disconnected(daemon_id, reason, self.clock.now_ms())
+            .daemon_left(daemon_id, self.peers.id(), reason, self.clock.now_ms())
             .await
         {
-            Ok(ev) => self.publish([ev]),
+            Ok(ev) => self.publish(ev),
             Err(e) => tracing::error!(
                 daemon_id,
                 error = &e as &dyn std::error::Error,
@@ -1804,6 +2004,35 @@ impl Coordinator {
     }
 
     async fn grace_expired(&self, daemon_id: &str, generation: Generation) {
+        if self.peers.shared() {
+            match self.store.get_daemon(daemon_id).await {
+                Ok(Some(d)) if d.connected => {
+                    // It came back on another coordinator, which holds its attempts now.
+                    let mut st = self.lock();
+                    let gone = st
+                        .daemons
+                        .get(daemon_id)
+                        .is_some_and(|s| s.conn.is_none() && s.generation == generation);
+                    if gone {
+                        if let Some(slot) = st.daemons.remove(daemon_id) {
+                            for t in slot.held {
+                                st.live.remove(&t);
+                            }
+                        }
+                        st.update_gauges();
+                    }
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(
+                        daemon_id,
+                        error = &e as &dyn std::error::Error,
+                        "failed to check whether a daemon came back elsewhere; ending its attempts"
+                    );
+                }
+            }
+        }
         let held: Vec<(String, u32)> = {
             let st = self.lock();
             let Some(slot) = st.daemons.get(daemon_id) else {
@@ -2368,5 +2597,267 @@ mod timer_tests {
         assert_eq!(a[0].status, AttemptStatus::Running, "{a:?}");
         r.clock.advance(Duration::from_millis(1));
         attempt_ends(&r.coord, &t.id, 1, "lost").await;
+    }
+}
+
+/// Several coordinators on one database, in one process: two coordinators share a SQLite store
+/// and hear each other through an in-process stand-in for PostgreSQL's `NOTIFY`, on a manual
+/// clock. (`cluster::tests` checks the real `NOTIFY` transport.)
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod cluster_tests {
+    use super::*;
+    use crate::outbound::{self, LinkRx, Outbound};
+    use kennel_clock::ManualClock;
+    use kennel_proto::link::Authenticated;
+
+    const PROMPTLY: Duration = Duration::from_secs(10);
+    const START: i64 = 1_800_000_000_000;
+
+    /// Delivers what one coordinator sends to every other one, as `NOTIFY` would.
+    struct Bus {
+        ears: Mutex<Vec<(String, mpsc::UnboundedSender<Heard>)>>,
+    }
+
+    struct Member {
+        id: String,
+        bus: Arc<Bus>,
+    }
+
+    impl Peers for Member {
+        fn id(&self) -> &str {
+            &self.id
+        }
+        fn shared(&self) -> bool {
+            true
+        }
+        fn send(&self, signal: Signal) {
+            let ears = self.bus.ears.lock().unwrap();
+            for (id, ear) in ears.iter() {
+                if *id != self.id {
+                    let _ = ear.send(Heard::Signals(vec![signal.clone()]));
+                }
+            }
+        }
+    }
+
+    struct Cluster {
+        _dir: tempfile::TempDir,
+        clock: ManualClock,
+        store: Arc<dyn Store>,
+        bus: Arc<Bus>,
+    }
+
+    impl Cluster {
+        async fn new() -> Cluster {
+            let dir = tempfile::tempdir().unwrap();
+            let store = kennel_store::SqliteStore::open(&dir.path().join("kennel.db"))
+                .await
+                .unwrap();
+            Cluster {
+                _dir: dir,
+                clock: ManualClock::new(START),
+                store: Arc::new(store),
+                bus: Arc::new(Bus {
+                    ears: Mutex::new(Vec::new()),
+                }),
+            }
+        }
+
+        async fn coordinator(&self, id: &str) -> Arc<Coordinator> {
+            let (ear, heard) = mpsc::unbounded_channel();
+            self.bus.ears.lock().unwrap().push((id.to_string(), ear));
+            let peers = Arc::new(Member {
+                id: id.to_string(),
+                bus: self.bus.clone(),
+            });
+            let coord = Coordinator::with_peers(
+                self.store.clone(),
+                Arc::new(self.clock.clone()),
+                ServerConfig::default(),
+                peers,
+            );
+            coord.restore().await.unwrap();
+            tokio::spawn(coord.clone().run_scheduler());
+            tokio::spawn(coord.clone().run_timers());
+            tokio::spawn(coord.clone().run_peers(heard));
+            tokio::spawn(coord.clone().run_event_tail());
+            coord
+        }
+    }
+
+    /// Connects a daemon with one slot for agent "a" to `coord`.
+    async fn daemon(coord: &Arc<Coordinator>, machine: &str) -> (String, LinkRx) {
+        let daemon_id = coord.resolve_daemon_id(machine).await.unwrap();
+        let (tx, rx) = outbound::channel(64);
+        let hello = DaemonHello {
+            machine_id: machine.into(),
+            hostname: machine.into(),
+            max_concurrent_tasks: 1,
+            labels: BTreeMap::new(),
+            agents: vec!["a".into()],
+            version: "test".into(),
+            protocol_version: 1,
+            remote_addr: None,
+            key_id: None,
+        };
+        let authenticated = ServerMessage::Authenticated(Authenticated {
+            daemon_id: daemon_id.clone(),
+            heartbeat_interval_secs: 10,
+            protocol_version: 1,
+            max_frame_bytes: 1 << 20,
+        });
+        coord
+            .attach(&daemon_id, hello, Vec::new(), tx, authenticated, "k")
+            .await
+            .unwrap();
+        (daemon_id, rx)
+    }
+
+    /// The next message the daemon is sent that `pick` selects.
+    async fn next_msg<T>(rx: &mut LinkRx, pick: impl Fn(ServerMessage) -> Option<T>) -> T {
+        tokio::time::timeout(PROMPTLY, async {
+            loop {
+                match rx.recv().await {
+                    Some(Outbound::Msg(m)) => {
+                        if let Some(t) = pick(*m) {
+                            return t;
+                        }
+                    }
+                    Some(Outbound::Close(..)) | None => panic!("the link ended"),
+                }
+            }
+        })
+        .await
+        .expect("the daemon is sent nothing")
+    }
+
+    async fn spawn_of(rx: &mut LinkRx) -> SpawnTask {
+        next_msg(rx, |m| match m {
+            ServerMessage::SpawnTask(s) => Some(s),
+            _ => None,
+        })
+        .await
+    }
+
+    fn task(prompt: &str) -> CreateTask {
+        CreateTask {
+            name: prompt.into(),
+            prompt: prompt.into(),
+            agent: Some("a".into()),
+            ..CreateTask::default()
+        }
+    }
+
+    async fn accept(coord: &Coordinator, daemon_id: &str, task_id: &str, attempt: u32) {
+        let r = Report {
+            daemon_id: daemon_id.into(),
+            task_id: task_id.into(),
+            attempt,
+            seq: 1,
+            effect: Effect::Accepted,
+        };
+        coord.report(&[r]).await.unwrap();
+    }
+
+    async fn status_becomes(store: &Arc<dyn Store>, task_id: &str, want: TaskStatus) {
+        tokio::time::timeout(PROMPTLY, async {
+            loop {
+                let t = store.get_task(task_id).await.unwrap().unwrap();
+                if t.status == want {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("task {task_id} did not become {want}"));
+    }
+
+    #[tokio::test]
+    async fn a_task_submitted_on_one_coordinator_runs_on_a_daemon_of_another_and_both_stream_it() {
+        let c = Cluster::new().await;
+        let a = c.coordinator("c-a").await;
+        let b = c.coordinator("c-b").await;
+        let mut events_a = a.subscribe_events();
+        let (_daemon, mut rx) = daemon(&b, "m1").await;
+
+        let t = a.submit(task("elsewhere")).await.unwrap();
+        let spawn = spawn_of(&mut rx).await;
+        assert_eq!((spawn.task_id.as_str(), spawn.attempt), (t.id.as_str(), 1));
+        // A's stream shows what B did, in the store's order.
+        let mut seen = Vec::new();
+        tokio::time::timeout(PROMPTLY, async {
+            while !seen
+                .iter()
+                .any(|(k, s): &(String, String)| k == "task.status" && s == "dispatched")
+            {
+                let ev = events_a.recv().await.unwrap();
+                let status = ev.data["status"].as_str().unwrap_or_default().to_string();
+                seen.push((ev.kind.clone(), status));
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("A's stream did not show the dispatch: {seen:?}"));
+        // Nothing is left in A's queue.
+        assert!(a.lock().queued.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cancel_on_one_coordinator_interrupts_the_daemon_linked_to_another() {
+        let c = Cluster::new().await;
+        let a = c.coordinator("c-a").await;
+        let b = c.coordinator("c-b").await;
+        let (daemon_id, mut rx) = daemon(&b, "m1").await;
+        let t = b.submit(task("cancel me")).await.unwrap();
+        spawn_of(&mut rx).await;
+        accept(&b, &daemon_id, &t.id, 1).await;
+
+        let cancelled = a.cancel(&t.id).await.unwrap();
+        assert_eq!(cancelled.status, TaskStatus::Cancelled);
+        let interrupt = next_msg(&mut rx, |m| match m {
+            ServerMessage::InterruptTask(i) => Some(i),
+            _ => None,
+        })
+        .await;
+        assert_eq!((interrupt.task_id.as_str(), interrupt.attempt), (t.id.as_str(), 1));
+        // B freed the slot: its daemon takes the next task.
+        let next = a.submit(task("next")).await.unwrap();
+        let spawn = spawn_of(&mut rx).await;
+        assert_eq!(spawn.task_id, next.id);
+    }
+
+    #[tokio::test]
+    async fn the_rescuer_ends_a_dead_coordinators_links_then_its_attempts_after_the_grace() {
+        let c = Cluster::new().await;
+        let a = c.coordinator("c-a").await;
+        let b = c.coordinator("c-b").await;
+        let (daemon_id, mut rx) = daemon(&b, "m1").await;
+        let t = b.submit(task("orphan")).await.unwrap();
+        spawn_of(&mut rx).await;
+        accept(&b, &daemon_id, &t.id, 1).await;
+        c.store.coordinator_seen("c-b", START).await.unwrap();
+        // B dies (it is seen no more); A lives on.
+        drop(rx);
+        let t0 = START + 10_001;
+        c.store.coordinator_seen("c-a", t0).await.unwrap();
+
+        a.rescue(t0).await;
+        let d = c.store.get_daemon(&daemon_id).await.unwrap().unwrap();
+        assert!(!d.connected, "the dead coordinator's link is recorded as ended");
+        status_becomes(&c.store, &t.id, TaskStatus::Running).await;
+
+        // Within the reattach grace (and the time to notice a dead coordinator): kept.
+        let grace = ServerConfig::default().scheduler.reattach_grace_secs as i64 * 1000;
+        a.rescue(t0 + grace + 10_000 - 1).await;
+        let still = c.store.get_task(&t.id).await.unwrap().unwrap();
+        assert_eq!(still.status, TaskStatus::Running);
+        // Past it: lost, retried, and A's daemon runs it.
+        let (_d2, mut rx2) = daemon(&a, "m2").await;
+        a.rescue(t0 + grace + 10_001).await;
+        let spawn = spawn_of(&mut rx2).await;
+        assert_eq!((spawn.task_id.as_str(), spawn.attempt), (t.id.as_str(), 2));
+        let attempts = c.store.list_attempts(&t.id).await.unwrap();
+        assert_eq!(attempts[0].status, AttemptStatus::Lost);
     }
 }
