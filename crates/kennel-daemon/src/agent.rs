@@ -95,9 +95,9 @@ pub struct AgentProfile {
     /// Variables added to the agent's environment (e.g. `ANTHROPIC_BASE_URL` for a gateway).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
-    /// Wall-clock limit for one run, in seconds, unless the task sets its own.
+    /// Wall-clock limit for one run (e.g. `"30m"`), unless the task sets its own.
     #[serde(default)]
-    pub timeout_secs: Option<u64>,
+    pub timeout: Option<kennel_proto::Span>,
     /// Claude's `--permission-mode`; [`DEFAULT_CLAUDE_PERMISSION_MODE`] when unset.
     #[serde(default)]
     pub permission_mode: Option<String>,
@@ -115,7 +115,7 @@ impl AgentProfile {
             kind,
             command: Vec::new(),
             env: BTreeMap::new(),
-            timeout_secs: None,
+            timeout: None,
             permission_mode: (kind == AgentKind::Claude)
                 .then(|| DEFAULT_CLAUDE_PERMISSION_MODE.to_owned()),
             stream_input: false,
@@ -210,7 +210,7 @@ pub struct AgentProfileEntry {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     #[serde(default)]
-    pub timeout_secs: Option<u64>,
+    pub timeout: Option<kennel_proto::Span>,
     #[serde(default)]
     pub permission_mode: Option<String>,
     #[serde(default)]
@@ -226,7 +226,7 @@ impl AgentProfileEntry {
             kind,
             command,
             env,
-            timeout_secs,
+            timeout,
             permission_mode,
             stream_input,
         } = self;
@@ -241,7 +241,7 @@ impl AgentProfileEntry {
             kind,
             command,
             env,
-            timeout_secs: timeout_secs.or(base.timeout_secs),
+            timeout: timeout.or(base.timeout),
             permission_mode: permission_mode.or(base.permission_mode),
             stream_input,
         })

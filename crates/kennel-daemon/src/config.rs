@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use kennel_proto::Span;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::agent::{AgentProfile, AgentProfileEntry};
@@ -37,14 +38,14 @@ pub struct DaemonConfig {
     /// Keep worktrees after the task ends (for debugging).
     pub keep_worktrees: bool,
     /// Hours after which the sweep removes leftover worktrees.
-    pub worktree_retention_hours: u64,
+    pub worktree_retention: Span,
     /// Longest output line sent in one piece, in bytes; longer lines go in partial chunks.
     pub max_line_bytes: usize,
     /// Seconds between SIGINT, SIGTERM and SIGKILL when a task is interrupted or times out.
-    pub interrupt_grace_secs: u64,
+    pub interrupt_grace: Span,
     /// Seconds a clean stop (SIGINT/SIGTERM) gives running agents to finish before it
     /// interrupts them and hands their attempts back to be retried elsewhere.
-    pub shutdown_grace_secs: u64,
+    pub shutdown_grace: Span,
 }
 
 impl Default for DaemonConfig {
@@ -61,10 +62,10 @@ impl Default for DaemonConfig {
             repos: BTreeMap::new(),
             git: GitConfig::default(),
             keep_worktrees: false,
-            worktree_retention_hours: 24,
+            worktree_retention: Span::from_secs(24 * 3600),
             max_line_bytes: 16 * 1024,
-            interrupt_grace_secs: 10,
-            shutdown_grace_secs: 30,
+            interrupt_grace: Span::from_secs(10),
+            shutdown_grace: Span::from_secs(30),
         }
     }
 }
@@ -226,7 +227,7 @@ mod tests {
     fn a_profile_named_like_a_built_in_inherits_its_kind() {
         let cfg = parse(json!({ "agents": {
             "claude": { "env": { "ANTHROPIC_API_KEY": "x" } },
-            "codex": { "timeout_secs": 60 },
+            "codex": { "timeout": "1m" },
         }}))
         .unwrap();
         cfg.validate().unwrap();
@@ -239,7 +240,7 @@ mod tests {
             "only env changed; the built-in's command and permission mode stay"
         );
         assert_eq!(cfg.agents["codex"].kind, AgentKind::Codex);
-        assert_eq!(cfg.agents["codex"].timeout_secs, Some(60));
+        assert_eq!(cfg.agents["codex"].timeout, Some(Span::from_secs(60)));
         let all = cfg.profiles();
         assert_eq!(all["claude"].env.len(), 1);
         assert_eq!(all["aider"], AgentProfile::default_for(AgentKind::Aider));
@@ -272,7 +273,7 @@ mod tests {
         let full = AgentProfile {
             command: vec!["claude".into(), "{prompt}".into()],
             env: BTreeMap::from([("A".into(), "b".into())]),
-            timeout_secs: Some(5),
+            timeout: Some(Span::from_secs(5)),
             permission_mode: Some("plan".into()),
             stream_input: true,
             ..AgentProfile::default_for(AgentKind::Claude)

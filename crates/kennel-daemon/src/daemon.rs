@@ -89,8 +89,8 @@ impl DaemonHandle {
     /// the upstream to acknowledge what was reported and closes the link with a Close frame.
     pub async fn stop(self, again: impl std::future::Future<Output = ()>) {
         let cfg = self.exec.config();
-        let grace = Duration::from_secs(cfg.shutdown_grace_secs);
-        let interrupt = Duration::from_secs(cfg.interrupt_grace_secs);
+        let grace = cfg.shutdown_grace.get();
+        let interrupt = cfg.interrupt_grace.get();
         self.exec.begin_shutdown();
         let _ = self.stopping.send(true);
         tokio::pin!(again);
@@ -264,7 +264,7 @@ pub async fn start(cfg: DaemonConfig, data_dir: PathBuf) -> Result<DaemonHandle,
     // The retention sweep: hourly, removes worktrees older than the retention.
     {
         let (exec, mut stop, wt_dir) = (exec.clone(), shutdown_rx, data_dir.join("worktrees"));
-        let retention = Duration::from_secs(cfg.worktree_retention_hours * 3600);
+        let retention = cfg.worktree_retention.get();
         tokio::spawn(async move {
             loop {
                 // Worktrees of attempts still running are never swept, however old.

@@ -559,15 +559,19 @@ impl Executor {
                 self.note(tid, att, &format!("failed to send the prompt: {e}"));
             }
         }
-        let limit = spawn.limits.timeout_secs.or(profile.timeout_secs);
+        let limit = spawn
+            .limits
+            .timeout_secs
+            .map(Duration::from_secs)
+            .or(profile.timeout.map(|t| t.get()));
         let deadline = async {
             match limit {
-                Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+                Some(d) => tokio::time::sleep(d).await,
                 None => std::future::pending().await,
             }
         };
         tokio::pin!(deadline);
-        let grace = Duration::from_secs(self.cfg.interrupt_grace_secs);
+        let grace = self.cfg.interrupt_grace.get();
         let claude = profile.kind == AgentKind::Claude;
         let mut reader = OutputReader::new(profile.kind);
         let mut paused = false;
@@ -650,8 +654,8 @@ impl Executor {
                     None => stopping = Some((RETURNED.into(), grace)),
                 },
                 () = &mut deadline => {
-                    let secs = limit.unwrap_or_default();
-                    stopping = Some((format!("timed out after {secs}s"), grace));
+                    let after = kennel_proto::Span::from(limit.unwrap_or_default());
+                    stopping = Some((format!("timed out after {after}"), grace));
                 }
                 status = proc.wait() => {
                     while let Some(line) = lines.recv().await {

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kennel_http::HttpConfig;
+use kennel_proto::Span;
 use serde::{Deserialize, Serialize};
 
 /// Environment variable naming a single OpenAI-compatible upstream (ZeptoClaw compatibility).
@@ -66,34 +67,34 @@ impl Default for GatewayConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CooldownConfig {
-    /// After a 429 without `Retry-After`, in milliseconds.
-    pub rate_limit_ms: u64,
-    /// First cooldown after a 503/504, in milliseconds; doubles per consecutive failure.
-    pub overload_base_ms: u64,
-    /// First cooldown after a timeout or network error, in milliseconds; doubles likewise.
-    pub network_base_ms: u64,
-    /// After any other 5xx, in milliseconds.
-    pub server_error_ms: u64,
-    /// After a 401/403 (the provider refused the upstream's `api_key_env` key), in
-    /// milliseconds; flat, not doubled. Long, because waiting does not fix a key.
-    pub auth_ms: u64,
-    /// First cooldown of one model on one upstream after a 404, in milliseconds; doubles per
+    /// After a 429 without `Retry-After`.
+    pub rate_limit: Span,
+    /// First cooldown after a 503/504; doubles per consecutive failure.
+    pub overload_base: Span,
+    /// First cooldown after a timeout or network error; doubles likewise.
+    pub network_base: Span,
+    /// After any other 5xx.
+    pub server_error: Span,
+    /// After a 401/403 (the provider refused the upstream's `api_key_env` key);
+    /// flat, not doubled. Long, because waiting does not fix a key.
+    pub auth: Span,
+    /// First cooldown of one model on one upstream after a 404; doubles per
     /// consecutive 404 of that model. The upstream keeps serving its other models.
-    pub not_found_base_ms: u64,
-    /// Upper bound of every cooldown (exponential ones and `Retry-After`), in milliseconds.
-    pub max_ms: u64,
+    pub not_found_base: Span,
+    /// Upper bound of every cooldown (exponential ones and `Retry-After`).
+    pub max: Span,
 }
 
 impl Default for CooldownConfig {
     fn default() -> Self {
         CooldownConfig {
-            rate_limit_ms: 60_000,
-            overload_base_ms: 60_000,
-            network_base_ms: 60_000,
-            server_error_ms: 10_000,
-            auth_ms: 10 * 60_000,
-            not_found_base_ms: 60_000,
-            max_ms: 15 * 60_000,
+            rate_limit: Span::from_millis(60_000),
+            overload_base: Span::from_millis(60_000),
+            network_base: Span::from_millis(60_000),
+            server_error: Span::from_millis(10_000),
+            auth: Span::from_secs(10 * 60),
+            not_found_base: Span::from_millis(60_000),
+            max: Span::from_secs(15 * 60),
         }
     }
 }
@@ -102,15 +103,15 @@ impl Default for CooldownConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HeartbeatConfig {
-    /// Silence after the last heartbeat before a downtime incident is recorded, in
-    /// milliseconds; 0 disables the watch.
-    pub takeover_after_ms: u64,
+    /// Silence after the last heartbeat before a downtime incident is recorded;
+    /// 0 disables the watch.
+    pub takeover_after: Span,
 }
 
 impl Default for HeartbeatConfig {
     fn default() -> Self {
         HeartbeatConfig {
-            takeover_after_ms: 120_000,
+            takeover_after: Span::from_millis(120_000),
         }
     }
 }
@@ -179,31 +180,31 @@ pub struct UpstreamConfig {
     /// Client model name → the name sent to this upstream.
     #[serde(default)]
     pub renames: BTreeMap<String, String>,
-    /// TCP (and TLS) connect deadline, in milliseconds.
-    #[serde(default = "default_connect_ms")]
-    pub connect_timeout_ms: u64,
+    /// TCP (and TLS) connect deadline.
+    #[serde(default = "default_connect")]
+    pub connect_timeout: Span,
     /// Streaming requests only: deadline for the response headers and the first body byte,
-    /// and the longest silence allowed inside the stream, in milliseconds.
-    #[serde(default = "default_first_byte_ms")]
-    pub first_byte_timeout_ms: u64,
-    /// Deadline for a whole non-streaming response, headers included, in milliseconds.
+    /// and the longest silence allowed inside the stream.
+    #[serde(default = "default_first_byte")]
+    pub first_byte_timeout: Span,
+    /// Deadline for a whole non-streaming response, headers included.
     /// Providers send the headers of a non-streamed completion only once it is finished, so
-    /// `first_byte_timeout_ms` does not apply to them.
-    #[serde(default = "default_total_ms")]
-    pub total_timeout_ms: u64,
+    /// `first_byte_timeout` does not apply to them.
+    #[serde(default = "default_total")]
+    pub total_timeout: Span,
 }
 
 fn default_weight() -> u32 {
     1
 }
-fn default_connect_ms() -> u64 {
-    5_000
+fn default_connect() -> Span {
+    Span::from_secs(5)
 }
-fn default_first_byte_ms() -> u64 {
-    60_000
+fn default_first_byte() -> Span {
+    Span::from_secs(60)
 }
-fn default_total_ms() -> u64 {
-    600_000
+fn default_total() -> Span {
+    Span::from_secs(600)
 }
 
 impl UpstreamConfig {
@@ -220,13 +221,13 @@ impl UpstreamConfig {
     }
 
     pub fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.connect_timeout_ms)
+        self.connect_timeout.get()
     }
     pub fn first_byte_timeout(&self) -> Duration {
-        Duration::from_millis(self.first_byte_timeout_ms)
+        self.first_byte_timeout.get()
     }
     pub fn total_timeout(&self) -> Duration {
-        Duration::from_millis(self.total_timeout_ms)
+        self.total_timeout.get()
     }
 }
 
@@ -259,8 +260,8 @@ impl GatewayConfig {
             return Err(bad(format!("http.{}", p.field), p.problem));
         }
         let c = &self.cooldowns;
-        if c.max_ms == 0 {
-            return Err(bad("cooldowns.max_ms", "must be more than 0"));
+        if c.max.is_zero() {
+            return Err(bad("cooldowns.max", "must be more than 0s"));
         }
         if self.rate_limit.per_minute > 0 && self.rate_limit.burst == 0 {
             return Err(bad(
@@ -301,12 +302,12 @@ impl GatewayConfig {
                 }
             }
             for (f, v) in [
-                ("connect_timeout_ms", u.connect_timeout_ms),
-                ("first_byte_timeout_ms", u.first_byte_timeout_ms),
-                ("total_timeout_ms", u.total_timeout_ms),
+                ("connect_timeout", u.connect_timeout),
+                ("first_byte_timeout", u.first_byte_timeout),
+                ("total_timeout", u.total_timeout),
             ] {
-                if v == 0 {
-                    return Err(bad(key(f), "must be more than 0"));
+                if v.is_zero() {
+                    return Err(bad(key(f), "must be more than 0s"));
                 }
             }
         }
@@ -332,9 +333,9 @@ impl GatewayConfig {
             weight: default_weight(),
             models: Vec::new(),
             renames: BTreeMap::new(),
-            connect_timeout_ms: default_connect_ms(),
-            first_byte_timeout_ms: default_first_byte_ms(),
-            total_timeout_ms: default_total_ms(),
+            connect_timeout: default_connect(),
+            first_byte_timeout: default_first_byte(),
+            total_timeout: default_total(),
         }]
     }
 }
@@ -380,16 +381,17 @@ mod tests {
     #[test]
     fn the_http_section_is_checked_and_closed() {
         let cfg = toml::from_str::<GatewayConfig>(
-            "max_report_bytes = 4096\n[http]\nheader_read_timeout_ms = 1000\nidle_timeout_secs = 0\n",
+            "max_report_bytes = 4096\n[http]\nheader_read_timeout = \"1s\"\nidle_timeout = \"0s\"\n",
         )
         .unwrap();
         assert_eq!(cfg.max_report_bytes, 4096);
         let err = cfg.validate().unwrap_err().to_string();
-        assert!(err.contains("gateway.http.idle_timeout_secs"), "{err}");
+        assert!(err.contains("gateway.http.idle_timeout"), "{err}");
+        // A duration needs its unit.
         let err = toml::from_str::<GatewayConfig>("[http]\nidle_timeout = 3\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("idle_timeout"), "{err}");
+        assert!(err.contains("3 has no unit"), "{err}");
         let mut cfg = GatewayConfig::default();
         cfg.validate().unwrap();
         cfg.max_kept_report_bytes = cfg.max_report_bytes - 1;

@@ -98,18 +98,18 @@ pub fn cooldown(
     let ms = match class {
         FailureClass::RateLimited => retry_after
             .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64)
-            .unwrap_or(cfg.rate_limit_ms),
-        FailureClass::Overloaded => exp(cfg.overload_base_ms),
+            .unwrap_or(cfg.rate_limit.as_millis()),
+        FailureClass::Overloaded => exp(cfg.overload_base.as_millis()),
         FailureClass::Network | FailureClass::Timeout | FailureClass::StreamBroken => {
-            exp(cfg.network_base_ms)
+            exp(cfg.network_base.as_millis())
         }
-        FailureClass::ServerError => cfg.server_error_ms,
+        FailureClass::ServerError => cfg.server_error.as_millis(),
         // A refused key is fixed by a person editing config or the environment, not by
         // waiting, so the upstream stays out for long; doubling would only add surprise.
-        FailureClass::Auth => cfg.auth_ms,
-        FailureClass::NotFound => exp(cfg.not_found_base_ms),
+        FailureClass::Auth => cfg.auth.as_millis(),
+        FailureClass::NotFound => exp(cfg.not_found_base.as_millis()),
     };
-    Duration::from_millis(ms.min(cfg.max_ms))
+    Duration::from_millis(ms.min(cfg.max.as_millis()))
 }
 
 /// Parses `Retry-After`: delay seconds or an HTTP date (relative to `now_ms`).
@@ -401,7 +401,7 @@ mod tests {
             .collect();
         assert_eq!(mins, vec![10, 10, 10]);
         let capped = CooldownConfig {
-            max_ms: 1_000,
+            max: kennel_proto::Span::from_millis(1_000),
             ..CooldownConfig::default()
         };
         assert_eq!(

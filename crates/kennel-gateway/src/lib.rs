@@ -620,10 +620,10 @@ async fn metrics(State(s): S, headers: HeaderMap) -> Result<Response, GatewayErr
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
-/// Records a downtime incident when no heartbeat arrives for `takeover_after_ms` after the
+/// Records a downtime incident when no heartbeat arrives for `takeover_after` after the
 /// last one: one timer per heartbeat, reset by the next heartbeat, no polling.
 async fn watch_heartbeats(shared: Arc<Shared>) {
-    let after = shared.cfg.heartbeat.takeover_after_ms;
+    let after = shared.cfg.heartbeat.takeover_after.as_millis();
     if after == 0 {
         return;
     }
@@ -714,10 +714,10 @@ mod clock_tests {
             error: "test",
         };
 
-        // A 503: the first overload cooldown (overload_base_ms, 60 s by default).
+        // A 503: the first overload cooldown (overload_base, 60 s by default).
         gw.shared
             .record_failure("a", failure(FailureClass::Overloaded, None));
-        let base = gw.shared.cfg.cooldowns.overload_base_ms;
+        let base = gw.shared.cfg.cooldowns.overload_base.as_millis();
         clock.advance(Duration::from_millis(base - 1));
         assert!(cooling(&gw, &clock), "a millisecond before the end");
         clock.advance(Duration::from_millis(1));

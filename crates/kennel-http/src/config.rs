@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use kennel_proto::Span;
 use serde::{Deserialize, Serialize};
 
 /// How the HTTP listener treats connections (`[server.http]`; the gateway's `[gateway.http]`
@@ -12,13 +13,13 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Milliseconds a client has to send a complete request head (request line and headers),
+    /// How long a client has to send a complete request head (request line and headers),
     /// counted from the connection's accept, or from its first byte on a kept-alive
     /// connection; a connection that is slower is closed.
-    pub header_read_timeout_ms: u64,
-    /// Seconds a kept-alive connection may wait for its next request before it is closed.
+    pub header_read_timeout: Span,
+    /// How long a kept-alive connection may wait for its next request before it is closed.
     /// Upgraded connections (WebSockets) and responses being streamed are not idle.
-    pub idle_timeout_secs: u64,
+    pub idle_timeout: Span,
     /// Connections open at once, WebSockets included; further ones are closed as soon as they
     /// are accepted. Also bounded by what the open-files limit leaves after a reserve of 64
     /// descriptors (halved for the gateway, whose requests each open an outgoing connection),
@@ -29,8 +30,8 @@ pub struct HttpConfig {
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
-            header_read_timeout_ms: 10_000,
-            idle_timeout_secs: 60,
+            header_read_timeout: Span::from_millis(10_000),
+            idle_timeout: Span::from_secs(60),
             max_connections: 65_536,
         }
     }
@@ -39,7 +40,7 @@ impl Default for HttpConfig {
 /// An [`HttpConfig`] value that cannot work: the key below the section and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpConfigProblem {
-    /// `header_read_timeout_ms`, `idle_timeout_secs` or `max_connections`.
+    /// `header_read_timeout`, `idle_timeout` or `max_connections`.
     pub field: &'static str,
     pub problem: &'static str,
 }
@@ -48,11 +49,11 @@ impl HttpConfig {
     /// Checks ranges; each service reports the problem under its own section.
     pub fn check(&self) -> Result<(), HttpConfigProblem> {
         let bad = |field, problem| Err(HttpConfigProblem { field, problem });
-        if self.header_read_timeout_ms < 100 {
-            return bad("header_read_timeout_ms", "must be at least 100");
+        if self.header_read_timeout.as_millis() < 100 {
+            return bad("header_read_timeout", "must be at least 100ms");
         }
-        if self.idle_timeout_secs == 0 {
-            return bad("idle_timeout_secs", "must be at least 1");
+        if self.idle_timeout.as_secs() == 0 {
+            return bad("idle_timeout", "must be at least 1s");
         }
         if self.max_connections == 0 {
             return bad("max_connections", "must be at least 1");
@@ -62,11 +63,11 @@ impl HttpConfig {
 
     /// How long a client may take to send a request head.
     pub fn header_read_timeout(&self) -> Duration {
-        Duration::from_millis(self.header_read_timeout_ms)
+        self.header_read_timeout.get()
     }
 
     /// How long a kept-alive connection may wait for its next request.
     pub fn idle_timeout(&self) -> Duration {
-        Duration::from_secs(self.idle_timeout_secs)
+        self.idle_timeout.get()
     }
 }

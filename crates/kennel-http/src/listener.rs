@@ -2,9 +2,9 @@
 //! connections, serves HTTP/1.1 on them (WebSocket upgrades included) and keeps slow, idle and
 //! surplus clients from holding sockets, following [`HttpConfig`]:
 //!
-//! - a new connection must deliver a complete request head within `header_read_timeout_ms`
+//! - a new connection must deliver a complete request head within `header_read_timeout`
 //!   of its accept, and a kept-alive one within that much of its next request's first byte;
-//! - a kept-alive connection waiting for its next request is closed after `idle_timeout_secs`;
+//! - a kept-alive connection waiting for its next request is closed after `idle_timeout`;
 //! - at most `max_connections` connections (bounded by the open-files limit) are open at once,
 //!   WebSockets included; a connection beyond that is closed as soon as it is accepted.
 //!

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod link;
+pub mod span;
 pub mod status;
 pub mod validate;
 
@@ -13,6 +14,7 @@ pub use link::{
     decode_daemon_frame, decode_server_frame, DaemonMessage, Decoded, ErrorCode, FrameError,
     ServerMessage, DEFAULT_MAX_FRAME_BYTES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
+pub use span::Span;
 pub use status::{AttemptStatus, TaskStatus};
 pub use validate::{
     validate_base_branch, validate_branch_name, validate_id, ConfigError, InvalidId,

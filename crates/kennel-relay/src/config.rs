@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use kennel_http::HttpConfig;
+use kennel_proto::Span;
 use serde::{Deserialize, Serialize};
 
 pub use kennel_proto::link::DAEMON_PATH;
@@ -31,23 +32,24 @@ pub struct RelayConfig {
     pub admin_keys: Vec<String>,
     /// Labels advertised upstream for the whole relay.
     pub labels: BTreeMap<String, String>,
-    /// Seconds a downstream daemon has to send `authenticate`.
-    pub auth_timeout_secs: u64,
-    /// Heartbeat interval announced to downstream daemons, in seconds.
-    pub heartbeat_interval_secs: u64,
+    /// How long a downstream daemon has to send `authenticate`.
+    pub auth_timeout: Span,
+    /// Heartbeat interval announced to downstream daemons (whole seconds).
+    pub heartbeat_interval: Span,
     /// Heartbeat intervals a downstream daemon may stay silent before its link is ended (as
     /// `server.protocol.missed_heartbeats`).
     pub missed_heartbeats: u32,
-    /// Seconds a vanished daemon has to come back before its attempts are reported lost.
-    pub reattach_grace_secs: u64,
+    /// How long a vanished daemon has to come back before its attempts are reported lost.
+    pub reattach_grace: Span,
     /// Largest frame accepted from a downstream daemon, in bytes.
     pub max_frame_bytes: usize,
     /// Bytes a downstream daemon may send before it has authenticated; more ends the link.
     pub max_auth_frame_bytes: usize,
     /// Downstream links that may be waiting to authenticate at once; more get 503.
     pub max_unauthenticated: usize,
-    /// Days the history keeps an attempt after it ended (checked hourly); 0 keeps it forever.
-    pub history_retention_days: u64,
+    /// How long the history keeps an attempt after it ended (checked hourly); `"0s"` keeps
+    /// it forever.
+    pub history_retention: Span,
     /// Unacknowledged reports kept in memory while the upstream link is up; beyond this they
     /// move to `relay.db` (an upstream that stays connected but stops acking).
     pub max_pending_messages: usize,
@@ -67,14 +69,14 @@ impl Default for RelayConfig {
             daemon_keys: Vec::new(),
             admin_keys: Vec::new(),
             labels: BTreeMap::new(),
-            auth_timeout_secs: 10,
-            heartbeat_interval_secs: 10,
+            auth_timeout: Span::from_secs(10),
+            heartbeat_interval: Span::from_secs(10),
             missed_heartbeats: 3,
-            reattach_grace_secs: 30,
+            reattach_grace: Span::from_secs(30),
             max_frame_bytes: kennel_proto::link::DEFAULT_MAX_FRAME_BYTES,
             max_auth_frame_bytes: 256 * 1024,
             max_unauthenticated: 128,
-            history_retention_days: 30,
+            history_retention: Span::from_secs(30 * 86_400),
             max_pending_messages: 100_000,
             http: HttpConfig::default(),
         }
@@ -92,12 +94,12 @@ impl std::fmt::Debug for RelayConfig {
             .field("daemon_keys", &format!("{} keys", self.daemon_keys.len()))
             .field("admin_keys", &format!("{} keys", self.admin_keys.len()))
             .field("labels", &self.labels)
-            .field("auth_timeout_secs", &self.auth_timeout_secs)
-            .field("heartbeat_interval_secs", &self.heartbeat_interval_secs)
+            .field("auth_timeout", &self.auth_timeout)
+            .field("heartbeat_interval", &self.heartbeat_interval)
             .field("missed_heartbeats", &self.missed_heartbeats)
-            .field("reattach_grace_secs", &self.reattach_grace_secs)
+            .field("reattach_grace", &self.reattach_grace)
             .field("max_frame_bytes", &self.max_frame_bytes)
-            .field("history_retention_days", &self.history_retention_days)
+            .field("history_retention", &self.history_retention)
             .field("max_pending_messages", &self.max_pending_messages)
             .field("http", &self.http)
             .finish()
@@ -132,8 +134,14 @@ impl RelayConfig {
             );
         }
         for (key, value) in [
-            ("auth_timeout_secs", self.auth_timeout_secs),
-            ("heartbeat_interval_secs", self.heartbeat_interval_secs),
+            ("auth_timeout", self.auth_timeout),
+            ("heartbeat_interval", self.heartbeat_interval),
+        ] {
+            if value.as_secs() == 0 {
+                return bad(key, "must be at least 1s".into());
+            }
+        }
+        for (key, value) in [
             ("missed_heartbeats", u64::from(self.missed_heartbeats)),
             ("max_pending_messages", self.max_pending_messages as u64),
         ] {
@@ -173,7 +181,8 @@ impl RelayConfig {
 
     /// How long a downstream daemon may stay silent before its link is ended.
     pub fn silence_limit(&self) -> std::time::Duration {
-        std::time::Duration::from_secs(self.heartbeat_interval_secs)
+        self.heartbeat_interval
+            .get()
             .saturating_mul(self.missed_heartbeats)
     }
 

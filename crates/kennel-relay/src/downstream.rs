@@ -5,7 +5,6 @@
 //! intervals ends it.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::Request;
 use axum::response::Response;
@@ -79,7 +78,7 @@ async fn run(
 ) {
     let cfg = &relay.cfg;
     let handshake = Handshake {
-        auth_timeout: Duration::from_secs(cfg.auth_timeout_secs),
+        auth_timeout: cfg.auth_timeout.get(),
         max_frame_bytes: cfg.max_frame_bytes,
         end: "relay",
     };
@@ -95,7 +94,7 @@ async fn run(
     // Bounded: a daemon that stops reading is cut off (4006) instead of the relay buffering
     // for it without limit.
     let (tx, rx) = admitted.queue(DOWN_QUEUE);
-    let authenticated = admitted.authenticated(machine.clone(), cfg.heartbeat_interval_secs);
+    let authenticated = admitted.authenticated(machine.clone(), cfg.heartbeat_interval.as_secs());
     let conn_id = relay.attach(&admitted.hello, tx.clone(), authenticated);
     let mut bad_frames = ws::BadFrameLog::default();
     let (_, reason) = kennel_link::serve(

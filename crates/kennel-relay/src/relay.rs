@@ -7,7 +7,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use kennel_clock::{Clock, Deadlines, SystemClock};
 use kennel_link::schedule::{self, Candidate, Generation, Needs, Ties};
@@ -322,21 +321,21 @@ impl Relay {
         });
     }
 
-    /// Drops the history of attempts that ended more than `history_retention_days` ago.
+    /// Drops the history of attempts that ended more than `history_retention` ago.
     pub fn prune_history(&self) {
-        let days = self.cfg.history_retention_days;
-        if days == 0 {
+        let keep = self.cfg.history_retention;
+        if keep.is_zero() {
             return;
         }
         let before = self
             .clock
             .now_ms()
-            .saturating_sub(i64::try_from(days).unwrap_or(i64::MAX / 2) * 86_400_000);
+            .saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX / 2));
         if let Some(n) = self.with_db("prune the task history", |h| h.prune(before)) {
             if n > 0 {
                 tracing::info!(
                     n,
-                    days,
+                    retention = %keep,
                     "pruned the history of attempts that ended long ago"
                 );
             }
@@ -936,7 +935,7 @@ impl Relay {
     }
 
     fn start_grace(self: &Arc<Self>, machine: String, generation: Generation) {
-        let grace = Duration::from_secs(self.cfg.reattach_grace_secs);
+        let grace = self.cfg.reattach_grace.get();
         self.graces.after(
             grace,
             Grace {
@@ -961,8 +960,8 @@ impl Relay {
             .map(|(t, _)| t.clone())
             .collect();
         let reason = format!(
-            "daemon {machine} disconnected and did not return within {}s",
-            self.cfg.reattach_grace_secs
+            "daemon {machine} disconnected and did not return within {}",
+            self.cfg.reattach_grace
         );
         for task_id in held {
             self.report_lost(&mut st, &task_id, &reason);
@@ -1300,11 +1299,12 @@ impl Relay {
 mod tests {
     use super::*;
     use kennel_proto::link::{Secret, TaskAccepted};
+    use std::time::Duration;
 
     fn cfg(dir: &std::path::Path) -> RelayConfig {
         RelayConfig {
             data_dir: dir.to_path_buf(),
-            reattach_grace_secs: 0,
+            reattach_grace: kennel_proto::Span::from_secs(0),
             ..RelayConfig::default()
         }
     }
@@ -1464,7 +1464,7 @@ mod tests {
         let clock = kennel_clock::ManualClock::new(1_800_000_000_000);
         let r = Relay::open_with_clock(
             RelayConfig {
-                reattach_grace_secs: 60,
+                reattach_grace: kennel_proto::Span::from_secs(60),
                 ..cfg(dir.path())
             },
             Arc::new(clock.clone()),

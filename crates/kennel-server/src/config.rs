@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use kennel_proto::Span;
 use serde::{Deserialize, Serialize};
 
 pub use kennel_auth::AuthConfig;
@@ -54,31 +55,31 @@ pub fn default_data_dir() -> PathBuf {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SchedulerConfig {
-    /// Seconds a daemon has to answer `spawnTask` before the attempt expires and is retried.
-    pub accept_timeout_secs: u64,
-    /// Seconds a disconnected daemon keeps its tasks, waiting for it to reconnect.
-    pub reattach_grace_secs: u64,
+    /// How long a daemon has to answer `spawnTask` before the attempt expires and is retried.
+    pub accept_timeout: Span,
+    /// How long a disconnected daemon keeps its tasks, waiting for it to reconnect.
+    pub reattach_grace: Span,
     /// Attempts per task when the submitter does not say.
     pub default_max_attempts: u32,
     /// Agent profile for tasks that do not name one.
     pub default_agent: String,
-    /// Seconds between SIGINT and SIGTERM asked of a daemon when a task is cancelled.
-    pub cancel_grace_secs: u64,
-    /// Seconds a queued task may wait while no connected daemon can run it (no daemon offers
+    /// Time between SIGINT and SIGTERM asked of a daemon when a task is cancelled.
+    pub cancel_grace: Span,
+    /// How long a queued task may wait while no connected daemon can run it (no daemon offers
     /// its agent or labels, none connected, all draining) before it fails with that reason.
-    /// 0 (the default) waits forever; the reason is shown meanwhile.
-    pub unschedulable_timeout_secs: u64,
+    /// `"0s"` (the default) waits forever; the reason is shown meanwhile.
+    pub unschedulable_timeout: Span,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
-            accept_timeout_secs: 30,
-            reattach_grace_secs: 60,
+            accept_timeout: Span::from_secs(30),
+            reattach_grace: Span::from_secs(60),
             default_max_attempts: 3,
             default_agent: "claude".into(),
-            cancel_grace_secs: 10,
-            unschedulable_timeout_secs: 0,
+            cancel_grace: Span::from_secs(10),
+            unschedulable_timeout: Span::from_secs(0),
         }
     }
 }
@@ -88,12 +89,13 @@ impl Default for SchedulerConfig {
 pub struct ProtocolConfig {
     /// Largest daemon frame accepted, in bytes.
     pub max_frame_bytes: usize,
-    /// Seconds between daemon heartbeats; a daemon silent for 3 intervals is lost.
-    pub heartbeat_interval_secs: u64,
+    /// Time between daemon heartbeats (whole seconds; the link carries seconds); a daemon
+    /// silent for `missed_heartbeats` intervals is lost.
+    pub heartbeat_interval: Span,
     /// Heartbeats a daemon may miss before it is considered lost.
     pub missed_heartbeats: u32,
-    /// Seconds a new connection has to send `authenticate`.
-    pub auth_timeout_secs: u64,
+    /// How long a new connection has to send `authenticate`.
+    pub auth_timeout: Span,
     /// Frames that may wait to be sent to one daemon (at least twice its slots); a daemon that
     /// lets more pile up is not reading and is disconnected (close 4006).
     pub max_queued_frames: usize,
@@ -108,9 +110,9 @@ impl Default for ProtocolConfig {
     fn default() -> Self {
         ProtocolConfig {
             max_frame_bytes: kennel_proto::DEFAULT_MAX_FRAME_BYTES,
-            heartbeat_interval_secs: 10,
+            heartbeat_interval: Span::from_secs(10),
             missed_heartbeats: 3,
-            auth_timeout_secs: 10,
+            auth_timeout: Span::from_secs(10),
             max_queued_frames: 4096,
             max_auth_frame_bytes: 256 * 1024,
             max_unauthenticated: 128,
@@ -146,17 +148,17 @@ impl ServerConfig {
         if self.protocol.max_frame_bytes < 1024 {
             return bad("protocol.max_frame_bytes", "must be at least 1024");
         }
-        if self.protocol.heartbeat_interval_secs == 0 {
-            return bad("protocol.heartbeat_interval_secs", "must be at least 1");
+        if self.protocol.heartbeat_interval.as_secs() == 0 {
+            return bad("protocol.heartbeat_interval", "must be at least 1s");
         }
         if self.protocol.missed_heartbeats == 0 {
             return bad("protocol.missed_heartbeats", "must be at least 1");
         }
-        if self.protocol.auth_timeout_secs == 0 {
-            return bad("protocol.auth_timeout_secs", "must be at least 1");
+        if self.protocol.auth_timeout.as_secs() == 0 {
+            return bad("protocol.auth_timeout", "must be at least 1s");
         }
-        if self.scheduler.accept_timeout_secs == 0 {
-            return bad("scheduler.accept_timeout_secs", "must be at least 1");
+        if self.scheduler.accept_timeout.as_secs() == 0 {
+            return bad("scheduler.accept_timeout", "must be at least 1s");
         }
         if self.scheduler.default_max_attempts == 0 {
             return bad("scheduler.default_max_attempts", "must be at least 1");
@@ -182,8 +184,8 @@ impl ServerConfig {
         }
         if let Err(p) = self.http.check() {
             let key = match p.field {
-                "header_read_timeout_ms" => "http.header_read_timeout_ms",
-                "idle_timeout_secs" => "http.idle_timeout_secs",
+                "header_read_timeout" => "http.header_read_timeout",
+                "idle_timeout" => "http.idle_timeout",
                 _ => "http.max_connections",
             };
             return bad(key, p.problem);
@@ -192,7 +194,7 @@ impl ServerConfig {
     }
 
     pub fn heartbeat_interval(&self) -> Duration {
-        Duration::from_secs(self.protocol.heartbeat_interval_secs)
+        self.protocol.heartbeat_interval.get()
     }
 
     /// How long a daemon may stay silent before it is lost.

@@ -550,9 +550,9 @@ enum Holder {
 /// What a deadline of the coordinator means when it is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Timer {
-    /// `accept_timeout_secs` after dispatch: the attempt must have been accepted by now.
+    /// `accept_timeout` after dispatch: the attempt must have been accepted by now.
     Lease { task_id: String, attempt: u32 },
-    /// `reattach_grace_secs` after a daemon dropped: its attempts are lost unless it is back.
+    /// `reattach_grace` after a daemon dropped: its attempts are lost unless it is back.
     Grace {
         daemon_id: String,
         generation: Generation,
@@ -842,7 +842,7 @@ impl Coordinator {
                 "failed to look for daemons of stopped coordinators"
             ),
         }
-        let grace = Duration::from_secs(self.cfg.scheduler.reattach_grace_secs);
+        let grace = self.cfg.scheduler.reattach_grace.get();
         let cutoff = now - grace.as_millis() as i64 - dead_after;
         let gone: HashSet<String> = match self.store.list_daemons().await {
             Ok(ds) => ds
@@ -1108,13 +1108,10 @@ impl Coordinator {
     }
 
     /// Announces tasks that no connected daemon can run (and those that can run again), and
-    /// fails them after `unschedulable_timeout_secs` when that is set. Runs until the process
+    /// fails them after `unschedulable_timeout` when that is set. Runs until the process
     /// ends; a tick does work only when tasks were queued or daemons changed since the last.
     pub async fn run_waiting_watch(self: Arc<Self>) {
-        let timeout = match self.cfg.scheduler.unschedulable_timeout_secs {
-            0 => None,
-            s => Some(Duration::from_secs(s)),
-        };
+        let timeout = Some(self.cfg.scheduler.unschedulable_timeout.get()).filter(|t| !t.is_zero());
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -1175,9 +1172,9 @@ impl Coordinator {
     }
 
     async fn fail_unschedulable(&self, task_id: &str, reason: &str) {
-        let secs = self.cfg.scheduler.unschedulable_timeout_secs;
+        let limit = self.cfg.scheduler.unschedulable_timeout;
         let error = format!(
-            "no daemon could run it for {secs}s (server.scheduler.unschedulable_timeout_secs): {reason}"
+            "no daemon could run it for {limit} (server.scheduler.unschedulable_timeout): {reason}"
         );
         match self
             .store
@@ -1271,7 +1268,7 @@ impl Coordinator {
                 return Err(e);
             }
         };
-        let accept = Duration::from_secs(self.cfg.scheduler.accept_timeout_secs);
+        let accept = self.cfg.scheduler.accept_timeout.get();
         let mut events = Vec::new();
         {
             let mut st = self.lock();
@@ -1314,8 +1311,8 @@ impl Coordinator {
             return;
         }
         let reason = format!(
-            "no taskAccepted within {}s of dispatch",
-            self.cfg.scheduler.accept_timeout_secs
+            "no taskAccepted within {} of dispatch",
+            self.cfg.scheduler.accept_timeout
         );
         tracing::warn!(task_id, attempt, "lease expired: {reason}");
         self.end_attempt(
@@ -1372,7 +1369,7 @@ impl Coordinator {
                     ServerMessage::InterruptTask(InterruptTask {
                         task_id: task_id.to_string(),
                         attempt,
-                        grace_secs: self.cfg.scheduler.cancel_grace_secs,
+                        grace_secs: self.cfg.scheduler.cancel_grace.as_secs(),
                     }),
                 );
             }
@@ -1908,7 +1905,7 @@ impl Coordinator {
         }
         tracing::info!(daemon_id, hostname = %hello.hostname, "daemon connected");
         self.publish([ev]);
-        let accept = Duration::from_secs(self.cfg.scheduler.accept_timeout_secs);
+        let accept = self.cfg.scheduler.accept_timeout.get();
         for (task_id, attempt) in leases {
             self.deadlines
                 .after(accept, Timer::Lease { task_id, attempt });
@@ -1993,7 +1990,7 @@ impl Coordinator {
     }
 
     fn start_grace(self: &Arc<Self>, daemon_id: String, generation: Generation) {
-        let grace = Duration::from_secs(self.cfg.scheduler.reattach_grace_secs);
+        let grace = self.cfg.scheduler.reattach_grace.get();
         self.deadlines.after(
             grace,
             Timer::Grace {
@@ -2050,8 +2047,8 @@ impl Coordinator {
                 .collect()
         };
         let reason = format!(
-            "daemon {daemon_id} disconnected and did not return within {}s",
-            self.cfg.scheduler.reattach_grace_secs
+            "daemon {daemon_id} disconnected and did not return within {}",
+            self.cfg.scheduler.reattach_grace
         );
         for (task_id, attempt) in held {
             tracing::warn!(task_id, attempt, daemon_id, "attempt lost");
@@ -2820,7 +2817,10 @@ mod cluster_tests {
             _ => None,
         })
         .await;
-        assert_eq!((interrupt.task_id.as_str(), interrupt.attempt), (t.id.as_str(), 1));
+        assert_eq!(
+            (interrupt.task_id.as_str(), interrupt.attempt),
+            (t.id.as_str(), 1)
+        );
         // B freed the slot: its daemon takes the next task.
         let next = a.submit(task("next")).await.unwrap();
         let spawn = spawn_of(&mut rx).await;
@@ -2844,11 +2844,14 @@ mod cluster_tests {
 
         a.rescue(t0).await;
         let d = c.store.get_daemon(&daemon_id).await.unwrap().unwrap();
-        assert!(!d.connected, "the dead coordinator's link is recorded as ended");
+        assert!(
+            !d.connected,
+            "the dead coordinator's link is recorded as ended"
+        );
         status_becomes(&c.store, &t.id, TaskStatus::Running).await;
 
         // Within the reattach grace (and the time to notice a dead coordinator): kept.
-        let grace = ServerConfig::default().scheduler.reattach_grace_secs as i64 * 1000;
+        let grace = ServerConfig::default().scheduler.reattach_grace.as_millis() as i64;
         a.rescue(t0 + grace + 10_000 - 1).await;
         let still = c.store.get_task(&t.id).await.unwrap().unwrap();
         assert_eq!(still.status, TaskStatus::Running);

@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::Response;
@@ -153,7 +152,7 @@ impl Connection {
     ) {
         let cfg = &app.coord.cfg.protocol;
         let handshake = Handshake {
-            auth_timeout: Duration::from_secs(cfg.auth_timeout_secs),
+            auth_timeout: cfg.auth_timeout.get(),
             max_frame_bytes: cfg.max_frame_bytes,
             end: "server",
         };
@@ -173,7 +172,8 @@ impl Connection {
             }
         };
         let (tx, rx) = admitted.queue(cfg.max_queued_frames);
-        let authenticated = admitted.authenticated(daemon_id.clone(), cfg.heartbeat_interval_secs);
+        let authenticated =
+            admitted.authenticated(daemon_id.clone(), cfg.heartbeat_interval.as_secs());
         let Admitted {
             mut socket,
             hello,

@@ -160,8 +160,8 @@ fn daemon_toml(slots: u32) -> String {
         r#"
 [daemon]
 max_concurrent_tasks = {slots}
-interrupt_grace_secs = 1
-shutdown_grace_secs = 0
+interrupt_grace = "1s"
+shutdown_grace = "0s"
 
 [daemon.agents.sh]
 kind = "command"

@@ -15,6 +15,8 @@ use figment::{Figment, Metadata, Profile, Provider};
 use kennel_server::config::ServerConfig;
 use serde::{Deserialize, Serialize};
 
+mod legacy;
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -234,20 +236,46 @@ pub fn load(
     load_with_env(file, overrides, EnvVars::from_process())
 }
 
-/// [`load`] with the given environment variables instead of the process's.
+/// [`load`] with the given environment variables instead of the process's. Deprecated keys
+/// are reported on stderr.
 pub fn load_with_env(
     file: Option<&Path>,
     overrides: &[(&str, figment::value::Value)],
     env: EnvVars,
 ) -> anyhow::Result<(Config, Option<PathBuf>)> {
+    let warnings = legacy::Warnings::default();
+    let loaded = load_noting(file, overrides, env, &warnings);
+    // Said even when the configuration is refused: the old key may be what is wrong.
+    for w in warnings.take() {
+        eprintln!("kennel: warning: {w}");
+    }
+    loaded
+}
+
+/// [`load_with_env`], noting deprecated keys in `warnings` instead of printing them.
+fn load_noting(
+    file: Option<&Path>,
+    overrides: &[(&str, figment::value::Value)],
+    env: EnvVars,
+    warnings: &legacy::Warnings,
+) -> anyhow::Result<(Config, Option<PathBuf>)> {
     let path = find_file(file)?;
     let mut fig = Figment::from(Serialized::defaults(Config::default()));
     if let Some(p) = &path {
-        fig = fig.merge(Toml::file_exact(p));
+        let origin = legacy::Origin::File(p.display().to_string());
+        fig = fig.merge(legacy::Durations::new(
+            Toml::file_exact(p),
+            origin,
+            warnings,
+        ));
     }
-    fig = fig.merge(env);
+    fig = fig.merge(legacy::Durations::new(env, legacy::Origin::Env, warnings));
     for (key, value) in overrides {
-        fig = fig.merge(Serialized::global(key, value.clone()));
+        fig = fig.merge(legacy::Durations::new(
+            Serialized::global(key, value.clone()),
+            legacy::Origin::Flag,
+            warnings,
+        ));
     }
     let cfg: Config = fig.extract().map_err(|e| {
         let msgs: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
@@ -306,7 +334,11 @@ mod tests {
         assert!(err.contains("k.toml"), "{err}");
         std::fs::write(&file, "[server.scheduler]\naccept_timeout_secs = 0\n").unwrap();
         let err = format!("{:#}", load(Some(&file), &[]).unwrap_err());
-        assert!(err.contains("scheduler.accept_timeout_secs"), "{err}");
+        // The old key is read as the new one, and the error names the new one.
+        assert!(
+            err.contains("scheduler.accept_timeout: must be at least 1s"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -417,7 +449,11 @@ mod tests {
         assert_eq!(claude.permission_mode.as_deref(), Some("plan"));
         assert_eq!(claude.env["ANTHROPIC_BASE_URL"], "http://127.0.0.1:7071");
         assert_eq!(claude.env["ANTHROPIC_API_KEY"], "k");
-        assert_eq!(cfg.daemon.agents["tests"].timeout_secs, Some(60));
+        // The old spelling of a duration still loads (see `legacy`).
+        assert_eq!(
+            cfg.daemon.agents["tests"].timeout,
+            Some(kennel_proto::Span::from_secs(60))
+        );
         assert_eq!(cfg.daemon.agents["tests"].command, ["make"]);
     }
 

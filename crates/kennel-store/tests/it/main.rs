@@ -545,12 +545,28 @@ async fn daemon_links_belong_to_one_coordinator_and_stranded_ones_are_found() {
     assert_eq!(ev.kind, "daemon.disconnected");
     assert_eq!(store.last_event_id().await.unwrap(), ev.id);
     assert!(!store.get_daemon("d1").await.unwrap().unwrap().connected);
-    assert!(store.stranded_daemons(NOW + 5_000).await.unwrap().is_empty());
+    assert!(store
+        .stranded_daemons(NOW + 5_000)
+        .await
+        .unwrap()
+        .is_empty());
 
     // One lease holder at a time; it renews; another takes over once it has run out.
     assert!(store.lease("rescue", "c-a", NOW, 1_000).await.unwrap());
-    assert!(!store.lease("rescue", "c-b", NOW + 500, 1_000).await.unwrap());
-    assert!(store.lease("rescue", "c-a", NOW + 900, 1_000).await.unwrap());
-    assert!(!store.lease("rescue", "c-b", NOW + 1_500, 1_000).await.unwrap());
-    assert!(store.lease("rescue", "c-b", NOW + 1_901, 1_000).await.unwrap());
+    assert!(!store
+        .lease("rescue", "c-b", NOW + 500, 1_000)
+        .await
+        .unwrap());
+    assert!(store
+        .lease("rescue", "c-a", NOW + 900, 1_000)
+        .await
+        .unwrap());
+    assert!(!store
+        .lease("rescue", "c-b", NOW + 1_500, 1_000)
+        .await
+        .unwrap());
+    assert!(store
+        .lease("rescue", "c-b", NOW + 1_901, 1_000)
+        .await
+        .unwrap());
 }

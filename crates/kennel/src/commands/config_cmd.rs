@@ -166,7 +166,12 @@ fn redacted(cfg: &Config) -> anyhow::Result<Config> {
 fn redact(value: &mut Value, secret: bool) {
     match value {
         Value::String(s) if s.is_empty() => {}
-        Value::String(s) if secret || contains_key(s) => *s = REDACTED.to_owned(),
+        // A duration under a key like `auth_timeout` is no secret.
+        Value::String(s)
+            if (secret && kennel_proto::Span::parse(s).is_err()) || contains_key(s) =>
+        {
+            *s = REDACTED.to_owned()
+        }
         Value::String(s) => *s = redact_urls(s),
         Value::Array(items) => items.iter_mut().for_each(|v| redact(v, secret)),
         Value::Object(map) => {
@@ -374,9 +379,9 @@ mod tests {
             weight: 1,
             models: Vec::new(),
             renames: BTreeMap::new(),
-            connect_timeout_ms: 1,
-            first_byte_timeout_ms: 1,
-            total_timeout_ms: 1,
+            connect_timeout: kennel_proto::Span::from_millis(1),
+            first_byte_timeout: kennel_proto::Span::from_millis(1),
+            total_timeout: kennel_proto::Span::from_millis(1),
         }];
         cfg
     }

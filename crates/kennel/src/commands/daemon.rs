@@ -91,7 +91,7 @@ pub async fn run(g: &Global, args: DaemonArgs) -> anyhow::Result<ExitCode> {
                 }
                 _ = crate::commands::server::shutdown_signal() => {
                     let again = crate::commands::server::next_shutdown_signal();
-                    crate::commands::up::announce_stop(&handle, cfg.daemon.shutdown_grace_secs);
+                    crate::commands::up::announce_stop(&handle, cfg.daemon.shutdown_grace);
                     handle.stop(again).await;
                 }
             }

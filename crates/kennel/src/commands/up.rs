@@ -115,7 +115,7 @@ pub async fn run(g: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     }
     crate::commands::server::shutdown_signal().await;
     let again = crate::commands::server::next_shutdown_signal();
-    announce_stop(&daemon, cfg.daemon.shutdown_grace_secs);
+    announce_stop(&daemon, cfg.daemon.shutdown_grace);
     daemon.stop(again).await;
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), serving).await;
@@ -128,13 +128,13 @@ pub async fn run(g: &Global, args: UpArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// What a clean stop is about to do, for the person who pressed Ctrl-C.
-pub fn announce_stop(daemon: &kennel_daemon::daemon::DaemonHandle, grace_secs: u64) {
+pub fn announce_stop(daemon: &kennel_daemon::daemon::DaemonHandle, grace: kennel_proto::Span) {
     let running = daemon.exec.running_now().len();
     if running == 0 {
         println!("kennel: stopping");
     } else {
         println!(
-            "kennel: stopping: no new work; waiting up to {grace_secs}s for {running} running \
+            "kennel: stopping: no new work; waiting up to {grace} for {running} running \
              agent(s) to finish, then their tasks go back to the queue (Ctrl-C again to stop now)"
         );
     }

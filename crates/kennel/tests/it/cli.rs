@@ -176,7 +176,16 @@ async fn errors_say_what_to_do() -> anyhow::Result<()> {
     assert!(
         stderr.contains(
             "invalid configuration in the environment or flags: \
-             server.scheduler.accept_timeout_secs: must be at least 1"
+             server.scheduler.accept_timeout: must be at least 1s"
+        ),
+        "{stderr}"
+    );
+    // The variable used the old spelling of the key: it still counts, and says what to write.
+    assert!(
+        stderr.contains(
+            "kennel: warning: server.scheduler.accept_timeout_secs \
+             (KENNEL_SERVER__SCHEDULER__ACCEPT_TIMEOUT_SECS) is deprecated; write \
+             accept_timeout = \"0s\""
         ),
         "{stderr}"
     );

@@ -20,8 +20,8 @@ fn sh_daemon(slots: u32, shutdown_grace_secs: u64) -> String {
         r#"
 [daemon]
 max_concurrent_tasks = {slots}
-interrupt_grace_secs = 1
-shutdown_grace_secs = {shutdown_grace_secs}
+interrupt_grace = "1s"
+shutdown_grace = "{shutdown_grace_secs}s"
 
 [daemon.agents.sh]
 kind = "command"
@@ -186,7 +186,7 @@ async fn a_capacity_refusal_is_not_charged_and_the_daemon_counts_as_full_until_i
 
 #[tokio::test]
 async fn a_task_no_daemon_can_take_says_why_everywhere_and_can_time_out() -> anyhow::Result<()> {
-    let srv = server_with("[server.scheduler]\nunschedulable_timeout_secs = 4\n").await?;
+    let srv = server_with("[server.scheduler]\nunschedulable_timeout = \"4s\"\n").await?;
     let api = srv.api();
     let url = srv.url();
 
@@ -271,7 +271,7 @@ async fn a_task_no_daemon_can_take_says_why_everywhere_and_can_time_out() -> any
         wait_task_status(&url, srv.admin_key(), &typo.id, TaskStatus::Failed, WAIT).await?;
     let error = failed.error.unwrap_or_default();
     assert!(
-        error.contains("unschedulable_timeout_secs") && error.contains(&want),
+        error.contains("unschedulable_timeout") && error.contains(&want),
         "{error}"
     );
     Ok(())

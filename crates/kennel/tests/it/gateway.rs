@@ -36,10 +36,10 @@ fn config(ups: &[Up<'_>], gateway_extra: &str) -> String {
     );
     for u in ups {
         // 1.5 s unless the test sets its own.
-        let first_byte = if u.extra.contains("first_byte_timeout_ms") {
+        let first_byte = if u.extra.contains("first_byte_timeout") {
             ""
         } else {
-            "first_byte_timeout_ms = 1500\n"
+            "first_byte_timeout = \"1500ms\"\n"
         };
         s.push_str(&format!(
             "[[gateway.upstreams]]\nname = \"{}\"\nkind = \"{}\"\nbase_url = \"{}\"\n\
@@ -192,7 +192,7 @@ async fn fails_over_on_refused_500_503_429_and_timeout() -> anyhow::Result<()> {
         let b = ScriptedLlm::start("b").await?;
         let mut primary = up("a", &a, 0);
         // The hang is a non-streaming request: it is cut at the total deadline.
-        primary.extra = "total_timeout_ms = 1500";
+        primary.extra = "total_timeout = \"1500ms\"";
         match behavior {
             Some(beh) => a.script([beh]),
             None => primary.base = format!("http://{}/v1", refused_addr().await?),
@@ -289,7 +289,7 @@ async fn cooldown_doubles_and_the_upstream_recovers() -> anyhow::Result<()> {
         bin(),
         &config(
             &[up("a", &a, 0), up("b", &b, 1)],
-            "[gateway.cooldowns]\noverload_base_ms = 400\n",
+            "[gateway.cooldowns]\noverload_base = \"400ms\"\n",
         ),
         &[],
     )
@@ -341,7 +341,7 @@ async fn when_all_cool_down_the_one_ending_first_is_tried() -> anyhow::Result<()
         bin(),
         &config(
             &[up("a", &a, 0), up("b", &b, 1)],
-            "[gateway.cooldowns]\noverload_base_ms = 5000\n",
+            "[gateway.cooldowns]\noverload_base = \"5000ms\"\n",
         ),
         &[],
     )
@@ -485,7 +485,7 @@ async fn state_survives_a_restart_and_silence_is_a_downtime_incident() -> anyhow
         bin(),
         &config(
             &[up("a", &a, 0), up("b", &b, 1)],
-            "[gateway.heartbeat]\ntakeover_after_ms = 300\n",
+            "[gateway.heartbeat]\ntakeover_after = \"300ms\"\n",
         ),
         &[],
     )
@@ -866,7 +866,7 @@ async fn a_slow_non_streaming_answer_is_awaited_up_to_the_total_timeout() -> any
     };
     a.script([slow.clone()]);
     let mut primary = up("a", &a, 0);
-    primary.extra = "first_byte_timeout_ms = 300\ntotal_timeout_ms = 20000";
+    primary.extra = "first_byte_timeout = \"300ms\"\ntotal_timeout = \"20000ms\"";
     let gw = KennelGateway::start(bin(), &config(&[primary, up("b", &b, 1)], ""), &[]).await?;
     let c = Client::new(&gw);
     let r = c.chat("m", false).await?;
@@ -900,7 +900,7 @@ async fn a_non_streaming_answer_slower_than_the_total_timeout_fails_over() -> an
     let b = ScriptedLlm::start("b").await?;
     a.script([Behavior::HangBeforeHeaders]);
     let mut primary = up("a", &a, 0);
-    primary.extra = "first_byte_timeout_ms = 200\ntotal_timeout_ms = 1000";
+    primary.extra = "first_byte_timeout = \"200ms\"\ntotal_timeout = \"1000ms\"";
     let gw = KennelGateway::start(bin(), &config(&[primary, up("b", &b, 1)], ""), &[]).await?;
     let c = Client::new(&gw);
     let t0 = std::time::Instant::now();
@@ -933,7 +933,7 @@ async fn a_non_streaming_answer_slower_than_the_total_timeout_fails_over() -> an
         kind: "anthropic",
         base: x.anthropic_base(),
         priority: 0,
-        extra: "first_byte_timeout_ms = 200\ntotal_timeout_ms = 1000",
+        extra: "first_byte_timeout = \"200ms\"\ntotal_timeout = \"1000ms\"",
     }];
     let gw = KennelGateway::start(bin(), &config(&ups, ""), &[]).await?;
     let c = Client::new(&gw);
@@ -952,7 +952,7 @@ async fn a_provider_refusing_kennels_key_fails_over_and_cools_down_long() -> any
     // (status, extra [gateway] config, the auth cooldown expected, in ms)
     let cases = [
         (401, "", 10 * 60_000),
-        (403, "[gateway.cooldowns]\nauth_ms = 120000\n", 120_000),
+        (403, "[gateway.cooldowns]\nauth = \"120000ms\"\n", 120_000),
     ];
     for (status, extra, cooldown) in cases {
         let a = ScriptedLlm::start("a").await?;

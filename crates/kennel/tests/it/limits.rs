@@ -16,7 +16,7 @@ use crate::{bin, daemon, server_with, task, WAIT};
 
 /// Short listener timeouts for the tests: a request head within 1 s, idle for at most 4 s.
 fn http_section(table: &str) -> String {
-    format!("[{table}.http]\nheader_read_timeout_ms = 1000\nidle_timeout_secs = 4\n")
+    format!("[{table}.http]\nheader_read_timeout = \"1000ms\"\nidle_timeout = \"4s\"\n")
 }
 
 /// How long after its header timeout a connection may still be open on a slow machine.
@@ -95,7 +95,7 @@ async fn the_server_sheds_idle_and_slow_clients_but_keeps_websockets_and_kept_al
 #[tokio::test]
 async fn connections_beyond_max_connections_are_closed_at_once() -> anyhow::Result<()> {
     let srv = server_with(
-        "[server.http]\nheader_read_timeout_ms = 60000\nidle_timeout_secs = 60\nmax_connections = 16\n",
+        "[server.http]\nheader_read_timeout = \"60000ms\"\nidle_timeout = \"60s\"\nmax_connections = 16\n",
     )
     .await?;
     let addr = srv.addr();
@@ -168,13 +168,13 @@ fn http_sections_refuse_unknown_keys_and_show_their_defaults() -> anyhow::Result
             .output()?)
     };
     for table in ["server", "gateway", "relay"] {
-        let out = show(&format!("[{table}.http]\nidle_timeout = 3\n"))?;
+        let out = show(&format!("[{table}.http]\nidle_timeut = \"3s\"\n"))?;
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             !out.status.success(),
             "[{table}.http] accepted an unknown key"
         );
-        assert!(err.contains("idle_timeout"), "{table}: {err}");
+        assert!(err.contains("idle_timeut"), "{table}: {err}");
     }
     let out = show("")?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -184,8 +184,8 @@ fn http_sections_refuse_unknown_keys_and_show_their_defaults() -> anyhow::Result
         String::from_utf8_lossy(&out.stderr)
     );
     for key in [
-        "header_read_timeout_ms = 10000",
-        "idle_timeout_secs = 60",
+        "header_read_timeout = \"10s\"",
+        "idle_timeout = \"1m\"",
         "max_connections = 65536",
         "max_report_bytes = 16384",
     ] {

@@ -61,7 +61,7 @@ async fn a_wrong_key_is_closed_with_a_reason() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn the_first_frame_must_authenticate_in_time() -> anyhow::Result<()> {
-    let srv = server_with("[server.protocol]\nauth_timeout_secs = 1\n").await?;
+    let srv = server_with("[server.protocol]\nauth_timeout = \"1s\"\n").await?;
     let (first, close) =
         TestDaemon::connect_raw(&srv.ws_url(), r#"{"type":"heartbeat"}"#.into()).await?;
     match first {

@@ -114,7 +114,7 @@ async fn tasks_go_to_the_least_loaded_daemon_and_reports_flow_end_to_end() -> an
 /// with `taskQueued`, so the coordinator does not expire and retry it while it waits.
 #[tokio::test]
 async fn a_task_no_daemon_can_take_is_queued_then_dispatched() -> anyhow::Result<()> {
-    let srv = server_with("[server.scheduler]\naccept_timeout_secs = 1\n").await?;
+    let srv = server_with("[server.scheduler]\naccept_timeout = \"1s\"\n").await?;
     let api = srv.api();
     let r = relay(&srv, "").await?;
     // The relay offers 2 slots and both agents; only `a` runs `command`.
@@ -224,7 +224,7 @@ async fn wrong_keys_and_foreign_tasks_are_refused() -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_vanished_daemon_s_task_is_lost_and_retried_elsewhere() -> anyhow::Result<()> {
     let srv = server().await?;
-    let r = relay(&srv, "reattach_grace_secs = 0").await?;
+    let r = relay(&srv, "reattach_grace = \"0s\"").await?;
     let mut a = down(&r, "gone-a", 1).await?;
     let t = running_with_two_lines(&srv, &mut a, "lose").await?;
     // b arrives with a free slot; a dies mid-task.
@@ -289,9 +289,9 @@ async fn finish_second_attempt(
 #[tokio::test]
 async fn a_task_held_across_a_relay_crash_is_lost_and_retried_when_its_daemon_never_returns(
 ) -> anyhow::Result<()> {
-    let srv = server_with("[server.scheduler]\nreattach_grace_secs = 60\n").await?;
+    let srv = server_with("[server.scheduler]\nreattach_grace = \"60s\"\n").await?;
     let api = srv.api();
-    let mut r = relay(&srv, "reattach_grace_secs = 1").await?;
+    let mut r = relay(&srv, "reattach_grace = \"1s\"").await?;
     let mut a = down(&r, "crash-a", 1).await?;
     let t = running_with_two_lines(&srv, &mut a, "crash").await?;
 
@@ -325,7 +325,7 @@ async fn a_task_held_across_a_relay_crash_is_lost_and_retried_when_its_daemon_ne
 #[tokio::test]
 async fn the_relay_survives_an_upstream_restart_and_replays_what_it_buffered() -> anyhow::Result<()>
 {
-    let mut srv = server_with("[server.scheduler]\nreattach_grace_secs = 60\n").await?;
+    let mut srv = server_with("[server.scheduler]\nreattach_grace = \"60s\"\n").await?;
     let mut r = relay(&srv, "").await?;
     let mut a = down(&r, "up-a", 1).await?;
     let t = srv.api().submit(&task("survive")).await?;
@@ -361,7 +361,7 @@ async fn the_relay_survives_an_upstream_restart_and_replays_what_it_buffered() -
 
 #[tokio::test]
 async fn a_killed_relay_restarts_with_its_history_queue_and_daemons() -> anyhow::Result<()> {
-    let srv = server_with("[server.scheduler]\nreattach_grace_secs = 60\n").await?;
+    let srv = server_with("[server.scheduler]\nreattach_grace = \"60s\"\n").await?;
     let api = srv.api();
     let mut r = relay(&srv, "").await?;
     let mut a = TestDaemon::connect(&r.ws_url(), opts("k-a", 1, &["command"])).await?;
@@ -591,7 +591,7 @@ async fn a_real_daemon_killed_mid_task_is_replaced_through_the_relay() -> anyhow
         [daemon.agents.sh]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"{prompt}\"]\n";
     let srv = server().await?;
     let api = srv.api();
-    let r = relay(&srv, "reattach_grace_secs = 0").await?;
+    let r = relay(&srv, "reattach_grace = \"0s\"").await?;
     let mut ds = [
         KennelDaemon::start_at(bin(), &r.ws_url(), RELAY_DAEMON_KEY, "real-a", DAEMON).await?,
         KennelDaemon::start_at(bin(), &r.ws_url(), RELAY_DAEMON_KEY, "real-b", DAEMON).await?,
@@ -684,7 +684,7 @@ async fn a_real_daemon_killed_mid_task_is_replaced_through_the_relay() -> anyhow
 #[tokio::test]
 async fn bad_frames_get_errors_and_silence_before_authenticate_is_closed() -> anyhow::Result<()> {
     let srv = server().await?;
-    let r = relay(&srv, "auth_timeout_secs = 1").await?;
+    let r = relay(&srv, "auth_timeout = \"1s\"").await?;
     let (first, close) =
         TestDaemon::connect_raw_with(&r.ws_url(), Vec::new(), std::time::Duration::from_secs(10))
             .await?;
@@ -775,7 +775,7 @@ fn the_shape_check_catches_missing_fields_and_other_types() {
 async fn the_makima_fixture_fields_are_all_in_the_answers() -> anyhow::Result<()> {
     let fixture = makima_fixture()?;
     // Heartbeats every second, so `lastHeartbeat` is set soon.
-    let srv = server_with("[server.protocol]\nheartbeat_interval_secs = 1\n").await?;
+    let srv = server_with("[server.protocol]\nheartbeat_interval = \"1s\"\n").await?;
     let api = srv.api();
     let r = relay(&srv, "").await?;
     let mut d = down(&r, "mk-a", 1).await?;

@@ -9,7 +9,7 @@ use crate::{daemon, server, server_with, task, WAIT};
 
 #[tokio::test]
 async fn an_unaccepted_lease_expires_and_the_task_is_retried() -> anyhow::Result<()> {
-    let srv = server_with("[server.scheduler]\naccept_timeout_secs = 1\n").await?;
+    let srv = server_with("[server.scheduler]\naccept_timeout = \"1s\"\n").await?;
     let api = srv.api();
     let mut d = daemon(&srv, "lease", 1).await?;
     let t = api.submit(&task("lease")).await?;
@@ -48,7 +48,7 @@ async fn an_unaccepted_lease_expires_and_the_task_is_retried() -> anyhow::Result
 #[tokio::test]
 async fn a_lost_daemon_loses_its_task_to_a_new_attempt_and_its_messages_are_refused(
 ) -> anyhow::Result<()> {
-    let srv = server_with("[server.scheduler]\nreattach_grace_secs = 1\n").await?;
+    let srv = server_with("[server.scheduler]\nreattach_grace = \"1s\"\n").await?;
     let api = srv.api();
     let mut a = daemon(&srv, "lost-a", 1).await?;
     let t = api.submit(&task("lost")).await?;
@@ -104,8 +104,8 @@ async fn a_lost_daemon_loses_its_task_to_a_new_attempt_and_its_messages_are_refu
 #[tokio::test]
 async fn a_silent_daemon_is_closed_after_missed_heartbeats() -> anyhow::Result<()> {
     let srv = server_with(
-        "[server.protocol]\nheartbeat_interval_secs = 1\nmissed_heartbeats = 2\n\
-         [server.scheduler]\nreattach_grace_secs = 1\n",
+        "[server.protocol]\nheartbeat_interval = \"1s\"\nmissed_heartbeats = 2\n\
+         [server.scheduler]\nreattach_grace = \"1s\"\n",
     )
     .await?;
     let api = srv.api();
@@ -126,7 +126,7 @@ async fn a_silent_daemon_is_closed_after_missed_heartbeats() -> anyhow::Result<(
 
 #[tokio::test]
 async fn a_daemon_that_reconnects_within_the_grace_keeps_its_task() -> anyhow::Result<()> {
-    let srv = server_with("[server.scheduler]\nreattach_grace_secs = 60\n").await?;
+    let srv = server_with("[server.scheduler]\nreattach_grace = \"60s\"\n").await?;
     let api = srv.api();
     let mut a = daemon(&srv, "reattach", 1).await?;
     let t = api.submit(&task("reattach")).await?;

@@ -17,7 +17,7 @@ const SLOW: Duration = Duration::from_secs(60);
 const DAEMON: &str = r#"
 [daemon]
 max_concurrent_tasks = 2
-interrupt_grace_secs = 2
+interrupt_grace = "2s"
 
 [daemon.agents.sh]
 kind = "command"
