@@ -138,7 +138,10 @@ impl<P> Durations<P> {
             ));
         }
         dict.remove(key);
-        let new = format!("{n}{unit}");
+        // Written the shortest way (`auth_ms = 120000` becomes "2m").
+        let new = kennel_proto::Span::parse(&format!("{n}{unit}"))
+            .map(|s| s.to_string())
+            .map_err(|e| format!("{}: {e}", dotted(key)))?;
         dict.insert(stem.to_string(), Value::from(new.clone()));
         let place = match &self.origin {
             Origin::File(f) => format!("{} in {f}", dotted(key)),
@@ -208,9 +211,9 @@ mod tests {
         );
         assert_eq!(
             get("server.http.header_read_timeout").as_deref(),
-            Some("2500ms")
+            Some("2s500ms")
         );
-        assert_eq!(get("daemon.worktree_retention").as_deref(), Some("24h"));
+        assert_eq!(get("daemon.worktree_retention").as_deref(), Some("1d"));
         assert_eq!(get("relay.history_retention").as_deref(), Some("7d"));
         assert!(v
             .find_ref("server.protocol.heartbeat_interval_secs")
