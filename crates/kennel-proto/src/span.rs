@@ -47,20 +47,19 @@ impl Span {
         self.0.is_zero()
     }
 
-    /// Reads `"1h30m"`, `"250ms"`, `"0s"`. The error says what is wrong and how to write it.
+    /// Reads `"1h30m"`, `"250ms"`, `"0s"`. The error says what is wrong and shows how to write
+    /// it (`"15" has no unit; write e.g. "15s" or "500ms"`).
     pub fn parse(text: &str) -> Result<Span, String> {
-        let example =
-            "write a number with a unit (ms, s, m, h, d), e.g. \"30s\", \"500ms\" or \"1h30m\"";
         let t = text.trim();
         if t.is_empty() {
-            return Err(format!("empty duration; {example}"));
+            return Err(format!("an empty duration; {HOW}"));
         }
         let mut total: u64 = 0;
         let mut rest = t;
         while !rest.is_empty() {
             let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
             if digits == 0 {
-                return Err(format!("\"{text}\" is not a duration; {example}"));
+                return Err(format!("\"{text}\" is not a duration; {HOW}"));
             }
             let n: u64 = rest[..digits]
                 .parse()
@@ -73,10 +72,12 @@ impl Span {
             let unit = &rest[..unit_len];
             rest = &rest[unit_len..];
             let Some((_, ms)) = UNITS.iter().find(|(u, _)| *u == unit) else {
-                return Err(if unit.is_empty() {
-                    format!("\"{text}\" has no unit; {example}")
+                return Err(if unit.is_empty() && rest.is_empty() && digits == t.len() {
+                    no_unit(&format!("\"{text}\""), t)
+                } else if unit.is_empty() {
+                    format!("\"{text}\" has a number without a unit; {HOW}")
                 } else {
-                    format!("\"{text}\": unknown unit \"{unit}\"; {example}")
+                    format!("\"{text}\" has an unknown unit \"{unit}\"; {HOW}")
                 });
             };
             total = n
@@ -86,6 +87,16 @@ impl Span {
         }
         Ok(Span::from_millis(total))
     }
+}
+
+/// How a duration is written, the end of every error about one.
+const HOW: &str =
+    "write a whole number with a unit (ms, s, m, h, d), e.g. \"30s\", \"500ms\" or \"1h30m\"";
+
+/// The error for `shown` (a number, or text ending in one) written without a unit: the fix is
+/// the same text with `s` after it.
+fn no_unit(shown: &str, digits: &str) -> String {
+    format!("{shown} has no unit; write e.g. \"{digits}s\" or \"500ms\"")
 }
 
 impl From<Duration> for Span {
@@ -138,15 +149,18 @@ impl<'de> Deserialize<'de> for Span {
             }
 
             fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Span, E> {
-                Err(E::custom(format!(
-                    "{v} has no unit; write a number with a unit (ms, s, m, h, d), e.g. \"{v}s\""
-                )))
+                Err(E::custom(no_unit(&v.to_string(), &v.to_string())))
             }
 
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Span, E> {
-                Err(E::custom(format!(
-                    "{v} has no unit; write a number with a unit (ms, s, m, h, d), e.g. \"{v}s\""
-                )))
+                Err(E::custom(match u64::try_from(v) {
+                    Ok(v) => no_unit(&v.to_string(), &v.to_string()),
+                    Err(_) => format!("{v} is not a duration; {HOW}"),
+                }))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Span, E> {
+                Err(E::custom(format!("{v} is not a duration; {HOW}")))
             }
         }
         d.deserialize_any(Visitor)
@@ -179,12 +193,25 @@ mod tests {
 
     #[test]
     fn a_number_without_a_unit_or_an_unknown_unit_is_refused_with_an_example() {
-        let e = Span::parse("15").unwrap_err();
-        assert!(e.contains("has no unit") && e.contains("\"30s\""), "{e}");
+        assert_eq!(
+            Span::parse("15").unwrap_err(),
+            "\"15\" has no unit; write e.g. \"15s\" or \"500ms\""
+        );
+        let e = Span::parse("1h30").unwrap_err();
+        assert!(
+            e.contains("a number without a unit") && e.contains("\"1h30m\""),
+            "{e}"
+        );
         assert!(Span::parse("3 weeks").is_err());
         let e = Span::parse("3w").unwrap_err();
-        assert!(e.contains("unknown unit \"w\""), "{e}");
-        assert!(Span::parse("").is_err());
+        assert!(
+            e.contains("unknown unit \"w\"") && e.contains("\"30s\""),
+            "{e}"
+        );
+        for bad in ["", "-5s", "1.5s", "soon", "s"] {
+            let e = Span::parse(bad).unwrap_err();
+            assert!(e.contains("e.g. \"30s\""), "{bad:?}: {e}");
+        }
         assert!(Span::parse("99999999999999999999d")
             .unwrap_err()
             .contains("too large"));
@@ -203,6 +230,10 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(e.contains("15 has no unit") && e.contains("\"15s\""), "{e}");
+        assert!(e.contains("15 has no unit; write e.g. \"15s\""), "{e}");
+        for bad in [r#"{"t":-3}"#, r#"{"t":1.5}"#] {
+            let e = serde_json::from_str::<C>(bad).err().unwrap().to_string();
+            assert!(e.contains("is not a duration"), "{bad}: {e}");
+        }
     }
 }

@@ -56,6 +56,9 @@ impl std::fmt::Debug for ClientConfig {
 /// Environment variables read directly by flags, not by the config tree (after `KENNEL_`).
 const FLAG_ENV: [&str; 3] = ["URL", "API_KEY", "CONFIG"];
 
+/// The name of the environment's provider, for error messages.
+const ENV_SOURCE: &str = "the environment variables";
+
 /// The prefix of configuration variables (matched in any case, like the rest of the name).
 const ENV_PREFIX: &str = "KENNEL_";
 
@@ -149,8 +152,7 @@ impl EnvVars {
 
 impl Provider for EnvVars {
     fn metadata(&self) -> Metadata {
-        Metadata::named("environment variable(s)")
-            .interpolater(|_: &Profile, path: &[&str]| env_name(path))
+        Metadata::named(ENV_SOURCE).interpolater(|_: &Profile, path: &[&str]| env_name(path))
     }
 
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
@@ -278,7 +280,7 @@ fn load_noting(
         ));
     }
     let cfg: Config = fig.extract().map_err(|e| {
-        let msgs: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
+        let msgs: Vec<String> = e.into_iter().map(|e| describe(&e)).collect();
         LoadError::Parse(msgs.join("; "))
     })?;
     // Every section, whichever command runs: a mistake in one is found the first time any
@@ -297,6 +299,30 @@ fn load_noting(
         return Err(LoadError::Invalid { origin, source }.into());
     }
     Ok((cfg, path))
+}
+
+/// One figment error as a person reads it: the key, what is wrong with it and where it was set
+/// (`server.protocol.heartbeat_interval: "15" has no unit; write e.g. "15s" or "500ms" (in
+/// kennel.toml)`), instead of figment's `for key "default.server…" in kennel.toml TOML file`.
+fn describe(e: &figment::Error) -> String {
+    let path = &e.path;
+    let mut out = if path.is_empty() {
+        e.kind.to_string()
+    } else {
+        format!("{}: {}", path.join("."), e.kind)
+    };
+    if let Some(md) = &e.metadata {
+        let place = match &md.source {
+            Some(source) => format!("in {source}"),
+            None if md.name == ENV_SOURCE && !path.is_empty() => format!(
+                "set by the environment variable {}",
+                md.interpolate(&Profile::Default, path)
+            ),
+            None => format!("from {}", md.name),
+        };
+        out.push_str(&format!(" ({place})"));
+    }
+    out
 }
 
 /// A configuration that cannot be used as given: the person must change a file, a variable
@@ -487,6 +513,258 @@ mod tests {
         );
         assert_eq!(env_path("DAEMON____X"), None);
         assert_eq!(env_path("DAEMON__"), None);
+    }
+
+    /// Every duration key as it was spelled before durations had units: its table, the old key
+    /// and a value for it (none of them the default), then the new key and the same value.
+    #[rustfmt::skip]
+    const OLD_AND_NEW: [(&str, &str, u64, &str, &str); 31] = [
+        ("server.scheduler", "accept_timeout_secs", 45, "accept_timeout", "45s"),
+        ("server.scheduler", "reattach_grace_secs", 90, "reattach_grace", "1m30s"),
+        ("server.scheduler", "cancel_grace_secs", 5, "cancel_grace", "5s"),
+        ("server.scheduler", "unschedulable_timeout_secs", 600, "unschedulable_timeout", "10m"),
+        ("server.protocol", "heartbeat_interval_secs", 15, "heartbeat_interval", "15s"),
+        ("server.protocol", "auth_timeout_secs", 20, "auth_timeout", "20s"),
+        ("server.http", "header_read_timeout_ms", 2500, "header_read_timeout", "2s500ms"),
+        ("server.http", "idle_timeout_secs", 120, "idle_timeout", "2m"),
+        ("daemon", "worktree_retention_hours", 48, "worktree_retention", "2d"),
+        ("daemon", "interrupt_grace_secs", 3, "interrupt_grace", "3s"),
+        ("daemon", "shutdown_grace_secs", 45, "shutdown_grace", "45s"),
+        ("daemon.agents.claude", "timeout_secs", 1800, "timeout", "30m"),
+        ("relay", "auth_timeout_secs", 7, "auth_timeout", "7s"),
+        ("relay", "heartbeat_interval_secs", 5, "heartbeat_interval", "5s"),
+        ("relay", "reattach_grace_secs", 45, "reattach_grace", "45s"),
+        ("relay", "history_retention_days", 7, "history_retention", "7d"),
+        ("relay.http", "header_read_timeout_ms", 5000, "header_read_timeout", "5s"),
+        ("relay.http", "idle_timeout_secs", 30, "idle_timeout", "30s"),
+        ("gateway.http", "header_read_timeout_ms", 1500, "header_read_timeout", "1s500ms"),
+        ("gateway.http", "idle_timeout_secs", 90, "idle_timeout", "1m30s"),
+        ("gateway.cooldowns", "rate_limit_ms", 30_000, "rate_limit", "30s"),
+        ("gateway.cooldowns", "overload_base_ms", 45_000, "overload_base", "45s"),
+        ("gateway.cooldowns", "network_base_ms", 5_000, "network_base", "5s"),
+        ("gateway.cooldowns", "server_error_ms", 2_000, "server_error", "2s"),
+        ("gateway.cooldowns", "auth_ms", 120_000, "auth", "2m"),
+        ("gateway.cooldowns", "not_found_base_ms", 90_000, "not_found_base", "1m30s"),
+        ("gateway.cooldowns", "max_ms", 3_600_000, "max", "1h"),
+        ("gateway.heartbeat", "takeover_after_ms", 0, "takeover_after", "0s"),
+        ("gateway.upstreams", "connect_timeout_ms", 2_000, "connect_timeout", "2s"),
+        ("gateway.upstreams", "first_byte_timeout_ms", 30_000, "first_byte_timeout", "30s"),
+        ("gateway.upstreams", "total_timeout_ms", 5_400_000, "total_timeout", "1h30m"),
+    ];
+
+    /// The one table of [`OLD_AND_NEW`] that is an array (`[[gateway.upstreams]]`).
+    const UPSTREAMS: &str = "gateway.upstreams";
+
+    /// A TOML file setting every key of [`OLD_AND_NEW`], old or new spelling, and the
+    /// upstream's other keys.
+    fn every_duration_toml(old: bool, tables: &[&str]) -> String {
+        let mut out = String::new();
+        let mut seen: Vec<&str> = Vec::new();
+        for (table, old_key, n, new_key, new) in OLD_AND_NEW {
+            if !tables.contains(&table) {
+                continue;
+            }
+            if !seen.contains(&table) {
+                seen.push(table);
+                if table == UPSTREAMS {
+                    out.push_str(&format!(
+                        "[[{table}]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://h\"\n"
+                    ));
+                } else {
+                    out.push_str(&format!("[{table}]\n"));
+                }
+            }
+            if old {
+                out.push_str(&format!("{old_key} = {n}\n"));
+            } else {
+                out.push_str(&format!("{new_key} = \"{new}\"\n"));
+            }
+        }
+        out
+    }
+
+    fn all_tables() -> Vec<&'static str> {
+        OLD_AND_NEW.iter().map(|(t, ..)| *t).collect()
+    }
+
+    /// Loads `toml` from a file called `name` with the given variables and flags, and returns
+    /// the configuration as JSON with the deprecation warnings.
+    fn load_noted(
+        dir: &Path,
+        toml: &str,
+        env: &[(String, String)],
+        flags: &[(&str, Value)],
+    ) -> anyhow::Result<(serde_json::Value, Vec<String>)> {
+        let file = dir.join("kennel.toml");
+        std::fs::write(&file, toml)?;
+        let warnings = legacy::Warnings::default();
+        let env = EnvVars::from_pairs(env.iter().cloned());
+        let (cfg, _) = load_noting(Some(&file), flags, env, &warnings)?;
+        Ok((serde_json::to_value(cfg)?, warnings.take()))
+    }
+
+    /// The JSON pointer of a new key of [`OLD_AND_NEW`] in the loaded configuration.
+    fn pointer(table: &str, key: &str) -> String {
+        let table = table.replace('.', "/");
+        if table == UPSTREAMS.replace('.', "/") {
+            format!("/{table}/0/{key}")
+        } else {
+            format!("/{table}/{key}")
+        }
+    }
+
+    /// The JSON pointers of the values under `v` that are durations.
+    fn spans(v: &serde_json::Value, at: String, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::String(s) if kennel_proto::Span::parse(s).is_ok() => out.push(at),
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    spans(v, format!("{at}/{k}"), out);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    spans(v, format!("{at}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn every_old_duration_key_loads_as_its_new_spelling_with_one_warning_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let tables = all_tables();
+        let (new, w) =
+            load_noted(dir.path(), &every_duration_toml(false, &tables), &[], &[]).unwrap();
+        assert!(w.is_empty(), "{w:?}");
+        let default = serde_json::to_value(Config::default()).unwrap();
+        for (table, _, _, key, value) in OLD_AND_NEW {
+            let at = pointer(table, key);
+            assert_eq!(new.pointer(&at), Some(&serde_json::json!(value)), "{at}");
+            assert_ne!(
+                default.pointer(&at),
+                new.pointer(&at),
+                "{at} is its default"
+            );
+        }
+        // The table is complete: every duration the configuration holds is in it.
+        let mut durations = Vec::new();
+        spans(&new, String::new(), &mut durations);
+        let mut listed: Vec<String> = OLD_AND_NEW
+            .iter()
+            .map(|(table, _, _, key, _)| pointer(table, key))
+            .collect();
+        durations.sort();
+        listed.sort();
+        assert_eq!(durations, listed);
+
+        // From the file.
+        let (old, w) =
+            load_noted(dir.path(), &every_duration_toml(true, &tables), &[], &[]).unwrap();
+        assert_eq!(old, new);
+        let file = dir.path().join("kennel.toml").display().to_string();
+        assert_eq!(w.len(), OLD_AND_NEW.len(), "{w:#?}");
+        for (table, old_key, _, new_key, value) in OLD_AND_NEW {
+            let table = match table {
+                UPSTREAMS => format!("{table}[0]"),
+                _ => table.to_string(),
+            };
+            let want =
+                format!("{table}.{old_key} in {file} is deprecated; write {new_key} = \"{value}\"");
+            assert!(w.contains(&want), "{want}\nnot in {w:#?}");
+        }
+
+        // From the environment and from flags (everything but the upstream, an array entry
+        // neither can set, which comes from the file in the new spelling).
+        let scalars: Vec<_> = OLD_AND_NEW
+            .iter()
+            .filter(|(table, ..)| *table != UPSTREAMS)
+            .collect();
+        let upstream_only = every_duration_toml(false, &[UPSTREAMS]);
+        let env: Vec<(String, String)> = scalars
+            .iter()
+            .map(|(table, old_key, n, ..)| {
+                let path = format!("{table}.{old_key}").replace('.', "__");
+                (
+                    format!("KENNEL_{}", path.to_ascii_uppercase()),
+                    n.to_string(),
+                )
+            })
+            .collect();
+        let (old, w) = load_noted(dir.path(), &upstream_only, &env, &[]).unwrap();
+        assert_eq!(old, new);
+        assert_eq!(w.len(), scalars.len(), "{w:#?}");
+        assert!(
+            w.contains(
+                &"server.protocol.heartbeat_interval_secs \
+                  (KENNEL_SERVER__PROTOCOL__HEARTBEAT_INTERVAL_SECS) is deprecated; write \
+                  heartbeat_interval = \"15s\""
+                    .to_string()
+            ),
+            "{w:#?}"
+        );
+        let keys: Vec<String> = scalars
+            .iter()
+            .map(|(table, old_key, ..)| format!("{table}.{old_key}"))
+            .collect();
+        let flags: Vec<(&str, Value)> = keys
+            .iter()
+            .zip(&scalars)
+            .map(|(key, (_, _, n, ..))| (key.as_str(), Value::from(*n)))
+            .collect();
+        let (old, w) = load_noted(dir.path(), &upstream_only, &[], &flags).unwrap();
+        assert_eq!(old, new);
+        assert_eq!(w.len(), scalars.len(), "{w:#?}");
+        assert!(
+            w.contains(
+                &"daemon.worktree_retention_hours (a flag) is deprecated; write \
+                  worktree_retention = \"2d\""
+                    .to_string()
+            ),
+            "{w:#?}"
+        );
+    }
+
+    #[test]
+    fn a_duration_without_a_unit_names_its_key_and_shows_how_to_write_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kennel.toml").display().to_string();
+        let err = |toml: &str, env: &[(String, String)]| {
+            format!("{:#}", load_noted(dir.path(), toml, env, &[]).unwrap_err())
+        };
+        for (value, shown) in [("\"15\"", "\"15\""), ("15", "15")] {
+            let e = err(
+                &format!("[server.protocol]\nheartbeat_interval = {value}\n"),
+                &[],
+            );
+            let want = format!(
+                "server.protocol.heartbeat_interval: {shown} has no unit; write e.g. \"15s\" or \
+                 \"500ms\" (in {file})"
+            );
+            assert!(e.contains(&want), "{want}\nnot in {e}");
+        }
+        let e = err("[relay]\nhistory_retention = \"2w\"\n", &[]);
+        assert!(
+            e.contains("relay.history_retention: \"2w\" has an unknown unit \"w\""),
+            "{e}"
+        );
+        let e = err("", &[("KENNEL_DAEMON__SHUTDOWN_GRACE".into(), "30".into())]);
+        assert!(
+            e.contains(
+                "daemon.shutdown_grace: 30 has no unit; write e.g. \"30s\" or \"500ms\" \
+                 (set by the environment variable KENNEL_DAEMON__SHUTDOWN_GRACE)"
+            ),
+            "{e}"
+        );
+        // Both spellings in one place: which one is meant cannot be guessed.
+        let e = err("[gateway.cooldowns]\nauth_ms = 1000\nauth = \"1s\"\n", &[]);
+        assert!(
+            e.contains(
+                "gateway.cooldowns.auth_ms and gateway.cooldowns.auth are both set; keep only auth"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

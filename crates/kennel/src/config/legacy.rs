@@ -19,6 +19,9 @@ const SUFFIXES: [(&str, &str); 4] = [
     ("_days", "d"),
 ];
 
+/// The name of the flags' provider, for error messages.
+pub const FLAG_SOURCE: &str = "a command-line flag";
+
 /// Where a value came from, for the warning.
 #[derive(Debug, Clone)]
 pub enum Origin {
@@ -60,7 +63,11 @@ impl<P> Durations<P> {
 
 impl<P: Provider> Provider for Durations<P> {
     fn metadata(&self) -> Metadata {
-        self.inner.metadata()
+        match self.origin {
+            // Flags arrive as serialized values, whose own metadata names this source file.
+            Origin::Flag => Metadata::named(FLAG_SOURCE),
+            Origin::File(_) | Origin::Env => self.inner.metadata(),
+        }
     }
 
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
@@ -84,7 +91,7 @@ impl<P> Durations<P> {
                 Some(Value::Array(_, items)) => {
                     for (i, item) in items.iter_mut().enumerate() {
                         if let Value::Dict(_, child) = item {
-                            path.push(i.to_string());
+                            path.push(format!("[{i}]"));
                             self.rewrite(child, path)?;
                             path.pop();
                         }
@@ -93,7 +100,10 @@ impl<P> Durations<P> {
                 _ => {}
             }
             path.pop();
-            if let Some((stem, unit)) = old_key(&key) {
+            // Only a value can be an old duration: a table under a name that ends like one
+            // (an agent profile called `fast_ms`) is left to the rest of the loader.
+            let scalar = !matches!(dict.get(&key), Some(Value::Dict(..) | Value::Array(..)));
+            if let Some((stem, unit)) = old_key(&key).filter(|_| scalar) {
                 self.convert(dict, path, &key, stem, unit)?;
             }
         }
@@ -108,10 +118,16 @@ impl<P> Durations<P> {
         stem: &str,
         unit: &str,
     ) -> Result<(), String> {
+        // `gateway.upstreams[0].total_timeout_ms`, as validation names keys.
         let dotted = |k: &str| {
-            let mut all: Vec<&str> = path.iter().map(String::as_str).collect();
-            all.push(k);
-            all.join(".")
+            let mut out = String::new();
+            for segment in path.iter().map(String::as_str).chain([k]) {
+                if !out.is_empty() && !segment.starts_with('[') {
+                    out.push('.');
+                }
+                out.push_str(segment);
+            }
+            out
         };
         let Some(value) = dict.get(key) else {
             return Ok(());
@@ -229,7 +245,7 @@ mod tests {
         );
         assert!(
             w.iter()
-                .any(|w| w.starts_with("gateway.upstreams.0.total_timeout_ms")),
+                .any(|w| w.starts_with("gateway.upstreams[0].total_timeout_ms in k.toml")),
             "{w:?}"
         );
     }
