@@ -37,13 +37,13 @@ pub struct DaemonConfig {
     pub git: GitConfig,
     /// Keep worktrees after the task ends (for debugging).
     pub keep_worktrees: bool,
-    /// Hours after which the sweep removes leftover worktrees.
+    /// How old a leftover worktree must be before the sweep removes it.
     pub worktree_retention: Span,
     /// Longest output line sent in one piece, in bytes; longer lines go in partial chunks.
     pub max_line_bytes: usize,
-    /// Seconds between SIGINT, SIGTERM and SIGKILL when a task is interrupted or times out.
+    /// Time between SIGINT, SIGTERM and SIGKILL when a task is interrupted or times out.
     pub interrupt_grace: Span,
-    /// Seconds a clean stop (SIGINT/SIGTERM) gives running agents to finish before it
+    /// How long a clean stop (SIGINT/SIGTERM) gives running agents to finish before it
     /// interrupts them and hands their attempts back to be retried elsewhere.
     pub shutdown_grace: Span,
 }

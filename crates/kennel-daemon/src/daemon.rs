@@ -83,7 +83,7 @@ pub struct DaemonHandle {
 impl DaemonHandle {
     /// A clean stop. Stops taking work (the upstream is told the daemon's capacity is 0, and
     /// spawns that still arrive are refused as `shuttingDown`), gives running agents
-    /// `shutdown_grace_secs` to finish, then interrupts what is left and hands those attempts
+    /// `shutdown_grace` to finish, then interrupts what is left and hands those attempts
     /// back (`returned`), so the upstream retries them without charging the tasks. `again`
     /// (a second signal) skips the wait and interrupts at once. Finally it waits briefly for
     /// the upstream to acknowledge what was reported and closes the link with a Close frame.

@@ -104,7 +104,7 @@ impl Default for CooldownConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct HeartbeatConfig {
     /// Silence after the last heartbeat before a downtime incident is recorded;
-    /// 0 disables the watch.
+    /// `"0s"` disables the watch.
     pub takeover_after: Span,
 }
 

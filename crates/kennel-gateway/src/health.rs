@@ -24,8 +24,8 @@ const MAX_MODEL_COOLDOWNS: usize = 64;
 pub enum FailureClass {
     /// Connection refused or reset, DNS, TLS: nothing reached the upstream.
     Network,
-    /// A streaming request without headers or first byte within `first_byte_timeout_ms`, or
-    /// a non-streaming one without its whole answer within `total_timeout_ms`.
+    /// A streaming request without headers or first byte within `first_byte_timeout`, or
+    /// a non-streaming one without its whole answer within `total_timeout`.
     Timeout,
     /// 429.
     RateLimited,

@@ -93,7 +93,7 @@ pub fn validate_branch_name(value: &str) -> Result<(), InvalidId> {
 }
 
 /// A configuration value kennel cannot work with, the one shape every section's check returns:
-/// the full dotted key (`server.scheduler.accept_timeout_secs`) and what is wrong with it.
+/// the full dotted key (`server.scheduler.accept_timeout`) and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{key}: {problem}")]
 pub struct ConfigError {

@@ -881,7 +881,7 @@ async fn a_slow_non_streaming_answer_is_awaited_up_to_the_total_timeout() -> any
     let h = c.health("a").await?;
     assert!(h["lastFailureClass"].is_null(), "{h}");
 
-    // A stream still has to start within first_byte_timeout_ms.
+    // A stream still has to start within first_byte_timeout.
     a.script([slow]);
     let r = c.chat("m", true).await?;
     assert_eq!(r.status(), 200);
@@ -909,7 +909,7 @@ async fn a_non_streaming_answer_slower_than_the_total_timeout_fails_over() -> an
     assert_eq!(header(&r, "x-kennel-upstream"), "b");
     assert_eq!(header(&r, "x-kennel-attempts"), "2");
     assert_eq!(header(&r, "x-kennel-failover"), "a=timeout");
-    // a was given its whole total_timeout_ms, not cut at first_byte_timeout_ms.
+    // a was given its whole total_timeout, not cut at first_byte_timeout.
     assert!(
         t0.elapsed() >= Duration::from_millis(1000),
         "{:?}",
