@@ -15,6 +15,9 @@ pub struct DaemonConfig {
     /// Coordinator or relay to connect to: `ws(s)://host:port[/ws/daemon]` or `http(s)://…`
     /// (normalised to the `/ws/daemon` endpoint).
     pub server: String,
+    /// Other coordinators sharing the same database, tried in order when `server` cannot be
+    /// reached or turns the daemon away (with several coordinators on one PostgreSQL).
+    pub fallback_servers: Vec<String>,
     /// API key with the `daemon` scope.
     pub api_key: Option<String>,
     /// Directory for the outbox, repository caches, worktrees and status. Default:
@@ -52,6 +55,7 @@ impl Default for DaemonConfig {
     fn default() -> Self {
         DaemonConfig {
             server: "ws://127.0.0.1:7070/ws/daemon".into(),
+            fallback_servers: Vec::new(),
             api_key: None,
             data_dir: None,
             machine_id: None,
@@ -74,6 +78,7 @@ impl std::fmt::Debug for DaemonConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DaemonConfig")
             .field("server", &self.server)
+            .field("fallback_servers", &self.fallback_servers)
             .field("api_key", &self.api_key.as_ref().map(|_| "***"))
             .field("data_dir", &self.data_dir)
             .field("machine_id", &self.machine_id)
@@ -126,6 +131,14 @@ impl DaemonConfig {
                 "daemon.server",
                 "must be a ws://, wss://, http:// or https:// URL",
             );
+        }
+        for (i, u) in self.fallback_servers.iter().enumerate() {
+            if normalize_url(u).is_none() {
+                return Err(ConfigError::new(
+                    format!("daemon.fallback_servers[{i}]"),
+                    "must be a ws://, wss://, http:// or https:// URL",
+                ));
+            }
         }
         if self.max_concurrent_tasks == 0 || self.max_concurrent_tasks > 1000 {
             return bad("daemon.max_concurrent_tasks", "must be between 1 and 1000");

@@ -188,7 +188,10 @@ pub fn hostname() -> String {
 pub async fn start(cfg: DaemonConfig, data_dir: PathBuf) -> Result<DaemonHandle, StartError> {
     cfg.validate()?;
     let api_key = cfg.api_key.clone().ok_or(StartError::NoKey)?;
-    let url = normalize_url(&cfg.server).unwrap_or_else(|| cfg.server.clone());
+    let urls: Vec<String> = std::iter::once(&cfg.server)
+        .chain(&cfg.fallback_servers)
+        .map(|u| normalize_url(u).unwrap_or_else(|| u.clone()))
+        .collect();
     let dir_err = |source| StartError::DataDir {
         path: data_dir.display().to_string(),
         source,
@@ -208,7 +211,7 @@ pub async fn start(cfg: DaemonConfig, data_dir: PathBuf) -> Result<DaemonHandle,
         tracing::warn!("no agent profile passed preflight; this daemon will not be given tasks until one does (see daemon.agents)");
     }
     let id = Identity {
-        url: url.clone(),
+        urls: urls.clone(),
         api_key,
         machine_id,
         hostname: cfg.hostname.clone().unwrap_or_else(hostname),
@@ -237,7 +240,7 @@ pub async fn start(cfg: DaemonConfig, data_dir: PathBuf) -> Result<DaemonHandle,
                 let s = state.borrow().clone();
                 let file = StatusFile {
                     pid: std::process::id(),
-                    upstream: url.clone(),
+                    upstream: s.upstream.clone().unwrap_or_else(|| urls[0].clone()),
                     connected: s.connected,
                     daemon_id: s.daemon_id,
                     last_error: s.last_error,

@@ -22,7 +22,8 @@ use crate::outbox::{Outbox, Pending};
 /// Who the daemon says it is.
 #[derive(Clone)]
 pub struct Identity {
-    pub url: String,
+    /// Where to connect, in order: `daemon.server`, then `daemon.fallback_servers`.
+    pub urls: Vec<String>,
     pub api_key: String,
     pub machine_id: String,
     pub hostname: String,
@@ -36,6 +37,8 @@ pub struct Identity {
 #[serde(rename_all = "camelCase")]
 pub struct LinkState {
     pub connected: bool,
+    /// The coordinator (or relay) of the current or last accepted session.
+    pub upstream: Option<String>,
     pub daemon_id: Option<String>,
     /// Why the last connection ended or failed, if it did.
     pub last_error: Option<String>,
@@ -181,7 +184,7 @@ impl Link {
 
 impl Upstream for Link {
     fn urls(&self) -> Result<Vec<String>, String> {
-        Ok(vec![self.id.url.clone()])
+        Ok(self.id.urls.clone())
     }
 
     fn hello(&mut self) -> Result<DaemonMessage, String> {
@@ -203,10 +206,11 @@ impl Upstream for Link {
         }))
     }
 
-    fn accepted(&mut self, answer: &Authenticated) -> Result<Vec<String>, String> {
-        tracing::info!(daemon_id = %answer.daemon_id, url = %self.id.url, "connected upstream");
+    fn accepted(&mut self, url: &str, answer: &Authenticated) -> Result<Vec<String>, String> {
+        tracing::info!(daemon_id = %answer.daemon_id, url, "connected upstream");
         self.state.send_modify(|s| {
             s.connected = true;
+            s.upstream = Some(url.to_string());
             s.daemon_id = Some(answer.daemon_id.clone());
         });
         self.session_stopping = self.stopping.clone();
@@ -278,7 +282,14 @@ impl Upstream for Link {
                     .send_modify(|s| s.last_error = Some(e.to_string()));
             }
             (end, Some(delay)) => {
-                tracing::warn!(url = %self.id.url, "upstream link down ({end}); retrying in {:.1}s", delay.as_secs_f64());
+                if delay.is_zero() {
+                    tracing::warn!("upstream link down ({end}); trying the next upstream");
+                } else {
+                    tracing::warn!(
+                        "upstream link down ({end}); retrying in {:.1}s",
+                        delay.as_secs_f64()
+                    );
+                }
                 self.state.send_modify(|s| {
                     s.last_error = Some(end.to_string());
                     s.reconnects += 1;

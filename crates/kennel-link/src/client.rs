@@ -137,9 +137,9 @@ pub trait Upstream: Send {
     /// connection, once the socket is open.
     fn hello(&mut self) -> Result<DaemonMessage, String>;
 
-    /// The upstream accepted this end: note it, and return the frames to send first, in order
-    /// (what it has not acknowledged).
-    fn accepted(&mut self, answer: &Authenticated) -> Result<Vec<String>, String>;
+    /// The upstream at `url` accepted this end: note it, and return the frames to send first,
+    /// in order (what it has not acknowledged).
+    fn accepted(&mut self, url: &str, answer: &Authenticated) -> Result<Vec<String>, String>;
 
     /// The next frame to send; `None` when there will never be one.
     fn outgoing(&mut self) -> impl Future<Output = Option<String>> + Send;
@@ -288,7 +288,7 @@ async fn session<U: Upstream>(
         Ok(a) => a,
         Err(end) => return (end, false),
     };
-    let end = link.carry(upstream, &answer, shutdown, again).await;
+    let end = link.carry(upstream, &url, &answer, shutdown, again).await;
     (end, true)
 }
 
@@ -357,11 +357,12 @@ impl Connection {
     async fn carry<U: Upstream>(
         &mut self,
         upstream: &mut U,
+        url: &str,
         answer: &Authenticated,
         shutdown: &mut watch::Receiver<bool>,
         mut again: std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> SessionEnd {
-        match upstream.accepted(answer) {
+        match upstream.accepted(url, answer) {
             Ok(first) => {
                 if let Err(e) = self.send_all(first).await {
                     return SessionEnd::SendFailed(e);
@@ -642,7 +643,7 @@ mod tests {
             }))
         }
 
-        fn accepted(&mut self, answer: &Authenticated) -> Result<Vec<String>, String> {
+        fn accepted(&mut self, _url: &str, answer: &Authenticated) -> Result<Vec<String>, String> {
             let _ = self.seen.send(Seen::Accepted(answer.daemon_id.clone()));
             Ok(self.replay.clone())
         }

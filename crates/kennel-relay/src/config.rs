@@ -18,6 +18,9 @@ pub use kennel_proto::ConfigError;
 pub struct RelayConfig {
     /// The coordinator (or parent relay) to connect to; normalised to `ws(s)://…/ws/daemon`.
     pub upstream: String,
+    /// Other coordinators sharing the same database, tried in order when `upstream` cannot be
+    /// reached or turns the relay away (with several coordinators on one PostgreSQL).
+    pub fallback_upstreams: Vec<String>,
     /// Key presented upstream; needs the daemon or relay scope there.
     pub api_key: Option<String>,
     /// Name (and machine id) the relay uses upstream; the coordinator lists it under this.
@@ -62,6 +65,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
             upstream: "ws://127.0.0.1:7070/ws/daemon".to_string(),
+            fallback_upstreams: Vec::new(),
             api_key: None,
             agent_name: "kennel-relay".to_string(),
             listen: SocketAddr::from(([127, 0, 0, 1], 7072)),
@@ -87,6 +91,7 @@ impl std::fmt::Debug for RelayConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RelayConfig")
             .field("upstream", &self.upstream)
+            .field("fallback_upstreams", &self.fallback_upstreams)
             .field("api_key", &self.api_key.as_ref().map(|_| "***"))
             .field("agent_name", &self.agent_name)
             .field("listen", &self.listen)
@@ -114,6 +119,11 @@ impl RelayConfig {
             |key: &str, problem: String| Err(ConfigError::new(format!("relay.{key}"), problem));
         if let Err(problem) = self.upstream_endpoint() {
             return bad("upstream", problem);
+        }
+        for (i, u) in self.fallback_upstreams.iter().enumerate() {
+            if let Err(problem) = kennel_proto::link::daemon_endpoint(u) {
+                return bad(&format!("fallback_upstreams[{i}]"), problem);
+            }
         }
         if let Err(e) = kennel_proto::validate_id("agent name", &self.agent_name) {
             return bad(
@@ -191,11 +201,42 @@ impl RelayConfig {
     pub fn upstream_endpoint(&self) -> Result<String, String> {
         kennel_proto::link::daemon_endpoint(&self.upstream)
     }
+
+    /// Every upstream to try, in order: `upstream`, then `fallback_upstreams`, normalised.
+    pub fn upstream_endpoints(&self) -> Result<Vec<String>, String> {
+        std::iter::once(&self.upstream)
+            .chain(&self.fallback_upstreams)
+            .map(|u| kennel_proto::link::daemon_endpoint(u))
+            .collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fallback_upstreams_follow_the_upstream_by_the_same_rule_and_are_checked() {
+        let c = RelayConfig {
+            upstream: "http://a:7070".into(),
+            fallback_upstreams: vec!["http://b:7070".into(), "wss://c/".into()],
+            ..RelayConfig::default()
+        };
+        assert_eq!(
+            c.upstream_endpoints().unwrap(),
+            [
+                "ws://a:7070/ws/daemon",
+                "ws://b:7070/ws/daemon",
+                "wss://c/ws/daemon"
+            ]
+        );
+        let c = RelayConfig {
+            fallback_upstreams: vec!["ftp://b".into()],
+            ..RelayConfig::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "relay.fallback_upstreams[0]");
+    }
 
     #[test]
     fn upstream_urls_are_normalised() {

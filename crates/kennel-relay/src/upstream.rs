@@ -38,19 +38,18 @@ struct RelayLink {
 
 impl Upstream for RelayLink {
     fn urls(&self) -> Result<Vec<String>, String> {
-        let url = self
-            .relay
+        self.relay
             .cfg
-            .upstream_endpoint()
-            .map_err(|e| format!("relay.upstream: {e}"))?;
-        Ok(vec![url])
+            .upstream_endpoints()
+            .map_err(|e| format!("relay.upstream: {e}"))
     }
 
     fn hello(&mut self) -> Result<DaemonMessage, String> {
         Ok(self.relay.hello())
     }
 
-    fn accepted(&mut self, answer: &Authenticated) -> Result<Vec<String>, String> {
+    fn accepted(&mut self, url: &str, answer: &Authenticated) -> Result<Vec<String>, String> {
+        tracing::info!(url, relay_id = %answer.daemon_id, "connected upstream");
         let (tx, rx) = mpsc::unbounded_channel::<String>();
         self.rx = Some(rx);
         // The core replays what the upstream has not acked through `tx`, in order.

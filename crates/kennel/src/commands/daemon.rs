@@ -68,14 +68,15 @@ pub async fn run(g: &Global, args: DaemonArgs) -> anyhow::Result<ExitCode> {
             );
             // Say when the link comes up (scripts and tests wait for this line).
             let mut state = handle.state.clone();
-            let upstream = cfg.daemon.server.clone();
+            let configured = cfg.daemon.server.clone();
             tokio::spawn(async move {
                 let mut was = false;
                 loop {
                     let now = state.borrow_and_update().clone();
                     if now.connected && !was {
                         println!(
-                            "kennel: connected to {upstream} as {}",
+                            "kennel: connected to {} as {}",
+                            now.upstream.as_deref().unwrap_or(&configured),
                             now.daemon_id.as_deref().unwrap_or("?")
                         );
                     }

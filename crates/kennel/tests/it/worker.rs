@@ -579,3 +579,43 @@ async fn messages_reach_the_agent_on_stdin() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A daemon given several coordinators skips one that does not answer and runs its work on
+/// the next, and says which it connected to.
+#[tokio::test]
+async fn a_daemon_with_fallback_servers_connects_to_the_one_that_answers() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let key = srv
+        .api()
+        .create_key("fallback daemon", &[kennel_proto::api::Scope::Daemon])
+        .await?
+        .key;
+    let dead = kennel_testkit::refused_addr().await?;
+    let toml = DAEMON.replacen(
+        "[daemon]\n",
+        &format!("[daemon]\nfallback_servers = [\"{}\"]\n", srv.ws_url()),
+        1,
+    );
+    let d = KennelDaemon::start_at(
+        bin(),
+        &format!("ws://{dead}/ws/daemon"),
+        &key,
+        "fallback-daemon",
+        &toml,
+    )
+    .await?;
+    let line = d
+        .wait_line(WAIT, |l| l.starts_with("kennel: connected to "))
+        .await?;
+    assert!(line.contains(&srv.ws_url()), "{line}");
+    let t = srv.api().submit(&sh("fallback", "echo ran", None)).await?;
+    wait_task_status(
+        &srv.url(),
+        srv.admin_key(),
+        &t.id,
+        TaskStatus::Completed,
+        SLOW,
+    )
+    .await?;
+    Ok(())
+}
