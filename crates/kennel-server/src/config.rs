@@ -25,6 +25,7 @@ pub struct ServerConfig {
     pub protocol: ProtocolConfig,
     pub api: ApiConfig,
     pub http: HttpConfig,
+    pub cluster: ClusterConfig,
 }
 
 impl Default for ServerConfig {
@@ -37,6 +38,7 @@ impl Default for ServerConfig {
             protocol: ProtocolConfig::default(),
             api: ApiConfig::default(),
             http: HttpConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -120,6 +122,26 @@ impl Default for ProtocolConfig {
     }
 }
 
+/// Several coordinators on one database: how they tell each other they are alive.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// How often a coordinator records that it is alive (and the rescuer looks for work).
+    pub beat: Span,
+    /// A coordinator not seen for this long is dead: the links of its daemons are recorded as
+    /// ended, and their attempts are retried after the reattach grace.
+    pub dead_after: Span,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            beat: Span::from_secs(2),
+            dead_after: Span::from_secs(10),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
@@ -179,6 +201,15 @@ impl ServerConfig {
                 return bad("auth.hash_key", "must be at least 32 characters");
             }
         }
+        if self.cluster.beat.as_millis() < 100 {
+            return bad("cluster.beat", "must be at least 100ms");
+        }
+        if self.cluster.dead_after.as_millis() < 3 * self.cluster.beat.as_millis() {
+            return bad(
+                "cluster.dead_after",
+                "must be at least three beats (cluster.beat), or a slow beat reads as a death",
+            );
+        }
         if self.api.max_page == 0 {
             return bad("api.max_page", "must be at least 1");
         }
@@ -200,5 +231,24 @@ impl ServerConfig {
     /// How long a daemon may stay silent before it is lost.
     pub fn silence_limit(&self) -> Duration {
         self.heartbeat_interval() * self.protocol.missed_heartbeats
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_after_shorter_than_three_beats_is_refused() {
+        let mut cfg = ServerConfig::default();
+        cfg.validate().unwrap();
+        cfg.cluster.beat = Span::from_secs(5);
+        let e = cfg.validate().unwrap_err();
+        assert_eq!(e.key, "server.cluster.dead_after");
+        cfg.cluster.dead_after = Span::from_secs(15);
+        cfg.validate().unwrap();
+        cfg.cluster.beat = Span::from_millis(50);
+        assert_eq!(cfg.validate().unwrap_err().key, "server.cluster.beat");
     }
 }

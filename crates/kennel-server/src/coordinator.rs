@@ -527,10 +527,6 @@ pub struct Coordinator {
     tail: Notify,
 }
 
-/// How often a coordinator sharing its database records that it is alive.
-const CLUSTER_BEAT: Duration = Duration::from_secs(2);
-/// A coordinator not seen for this long is dead: its daemons' links are recorded as ended.
-const CLUSTER_DEAD_AFTER: Duration = Duration::from_secs(10);
 /// The lease held by the coordinator that rescues the others' daemons.
 const RESCUE_LEASE: &str = "rescue";
 
@@ -776,7 +772,7 @@ impl Coordinator {
         }
     }
 
-    /// With several coordinators on one database: records every [`CLUSTER_BEAT`] that this one
+    /// With several coordinators on one database: records every `server.cluster.beat` that this one
     /// is alive and, on the one coordinator holding the rescue lease, rescues the work of
     /// coordinators that died ([`Coordinator::rescue`]). Returns at once on a database of its
     /// own.
@@ -784,7 +780,7 @@ impl Coordinator {
         if !self.peers.shared() {
             return;
         }
-        let beat = CLUSTER_BEAT.as_millis() as i64;
+        let beat = self.cfg.cluster.beat.as_millis() as i64;
         loop {
             self.clock
                 .sleep_until(self.clock.now_ms().saturating_add(beat))
@@ -810,12 +806,12 @@ impl Coordinator {
     }
 
     /// Run by one coordinator at a time. Links of daemons whose coordinator has not been seen
-    /// for [`CLUSTER_DEAD_AFTER`] are recorded as ended; attempts of daemons that have been
+    /// for `server.cluster.dead_after` are recorded as ended; attempts of daemons that have been
     /// gone for longer than the reattach grace (and the time it takes to notice a dead
     /// coordinator) end as lost and their tasks are retried, as the coordinator that held
     /// them would have done.
     pub async fn rescue(&self, now: i64) {
-        let dead_after = CLUSTER_DEAD_AFTER.as_millis() as i64;
+        let dead_after = self.cfg.cluster.dead_after.as_millis() as i64;
         match self.store.stranded_daemons(now - dead_after).await {
             Ok(stranded) => {
                 for d in stranded {
@@ -824,8 +820,8 @@ impl Coordinator {
                         "the coordinator holding this daemon's link stopped; recording the link as ended"
                     );
                     let reason = format!(
-                        "its coordinator stopped (not seen for {}s)",
-                        CLUSTER_DEAD_AFTER.as_secs()
+                        "its coordinator stopped (not seen for {})",
+                        self.cfg.cluster.dead_after
                     );
                     match self.store.daemon_disconnected(&d.id, &reason, now).await {
                         Ok(ev) => self.publish([ev]),
