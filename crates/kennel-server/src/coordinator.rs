@@ -184,6 +184,9 @@ struct State {
     unchecked: Vec<String>,
     /// Daemons came, went, drained or changed what they offer: check every queued task.
     recheck_all: bool,
+    /// With several coordinators: the daemons connected to the others (from the store), which
+    /// can run what is queued here just as well; only waiting reasons read it.
+    elsewhere: Vec<DaemonSlot>,
 }
 
 impl State {
@@ -241,8 +244,12 @@ impl State {
 
     /// Why no connected daemon can run `task` (free slots aside), or `None` if one can.
     fn why_unschedulable(&self, task: &Task) -> Option<String> {
-        let mut connected: Vec<&DaemonSlot> =
-            self.daemons.values().filter(|d| d.conn.is_some()).collect();
+        let mut connected: Vec<&DaemonSlot> = self
+            .daemons
+            .values()
+            .filter(|d| d.conn.is_some())
+            .chain(&self.elsewhere)
+            .collect();
         if connected.is_empty() {
             return Some(
                 "no daemon is connected (start one with `kennel daemon`, or check that yours \
@@ -525,6 +532,9 @@ pub struct Coordinator {
     peers: Arc<dyn Peers>,
     /// Wakes the event tail ([`Coordinator::run_event_tail`]) when events were committed.
     tail: Notify,
+    /// With several coordinators: this one holds the rescue lease, and so also announces
+    /// which queued tasks wait and why (one coordinator does, for all).
+    leading: std::sync::atomic::AtomicBool,
 }
 
 /// The lease held by the coordinator that rescues the others' daemons.
@@ -591,6 +601,7 @@ impl Coordinator {
             due: Mutex::new(Some(due)),
             peers,
             tail: Notify::new(),
+            leading: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -794,7 +805,16 @@ impl Coordinator {
                 );
                 continue;
             }
-            match self.store.lease(RESCUE_LEASE, me, now, 3 * beat).await {
+            let lead = self.store.lease(RESCUE_LEASE, me, now, 3 * beat).await;
+            let leading = matches!(lead, Ok(true));
+            if leading
+                != self
+                    .leading
+                    .swap(leading, std::sync::atomic::Ordering::Relaxed)
+            {
+                self.lock().recheck_all = true;
+            }
+            match lead {
                 Ok(true) => self.rescue(now).await,
                 Ok(false) => {}
                 Err(e) => tracing::error!(
@@ -910,6 +930,7 @@ impl Coordinator {
                 Heard::Resync => self.resync().await,
                 Heard::Signals(signals) => {
                     let mut tasks: Vec<String> = Vec::new();
+                    let mut events = false;
                     for s in signals {
                         match s {
                             Signal::Task { id } => {
@@ -917,7 +938,7 @@ impl Coordinator {
                                     tasks.push(id);
                                 }
                             }
-                            Signal::Events => self.tail.notify_one(),
+                            Signal::Events => events = true,
                             Signal::Output { task } => {
                                 let _ = self.output.send(Arc::from(task.as_str()));
                             }
@@ -935,6 +956,13 @@ impl Coordinator {
                                 "failed to read a task another coordinator changed"
                             ),
                         }
+                    }
+                    if events {
+                        // Streams show what changed once this coordinator has mirrored it;
+                        // a daemon may have come or gone elsewhere: waiting reasons are
+                        // checked again.
+                        self.lock().recheck_all = true;
+                        self.tail.notify_one();
                     }
                 }
             }
@@ -1113,15 +1141,28 @@ impl Coordinator {
         loop {
             tick.tick().await;
             let now = Instant::now();
-            let (changes, expired) = {
+            if self.peers.shared() && !self.leading.load(std::sync::atomic::Ordering::Relaxed) {
+                // Another coordinator announces waiting tasks for all.
                 let mut st = self.lock();
-                let idle = !st.recheck_all
+                st.unchecked.clear();
+                st.waiting.clear();
+                continue;
+            }
+            let idle = {
+                let st = self.lock();
+                !st.recheck_all
                     && st.unchecked.is_empty()
                     && st.waiting.values().all(|w| w.announced)
-                    && timeout.is_none();
-                if idle {
-                    continue;
-                }
+                    && timeout.is_none()
+            };
+            if idle {
+                continue;
+            }
+            if self.peers.shared() {
+                self.refresh_elsewhere().await;
+            }
+            let (changes, expired) = {
+                let mut st = self.lock();
                 let changes = st.refresh_waiting(now);
                 let expired: Vec<(String, String)> = match timeout {
                     Some(t) => st
@@ -1140,6 +1181,30 @@ impl Coordinator {
             for (task_id, reason) in expired {
                 self.fail_unschedulable(&task_id, &reason).await;
             }
+        }
+    }
+
+    /// Reads which daemons the other coordinators hold, for the waiting reasons.
+    async fn refresh_elsewhere(&self) {
+        match self.store.list_daemons().await {
+            Ok(all) => {
+                let mut st = self.lock();
+                let here: HashSet<String> = st
+                    .daemons
+                    .values()
+                    .filter(|d| d.conn.is_some())
+                    .map(|d| d.id.clone())
+                    .collect();
+                st.elsewhere = all
+                    .iter()
+                    .filter(|d| d.connected && !here.contains(&d.id))
+                    .map(slot_from)
+                    .collect();
+            }
+            Err(e) => tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "failed to read the other coordinators' daemons for waiting reasons"
+            ),
         }
     }
 
@@ -2675,6 +2740,7 @@ mod cluster_tests {
             tokio::spawn(coord.clone().run_timers());
             tokio::spawn(coord.clone().run_peers(heard));
             tokio::spawn(coord.clone().run_event_tail());
+            tokio::spawn(coord.clone().run_waiting_watch());
             coord
         }
     }
@@ -2792,8 +2858,15 @@ mod cluster_tests {
         })
         .await
         .unwrap_or_else(|_| panic!("A's stream did not show the dispatch: {seen:?}"));
-        // Nothing is left in A's queue.
-        assert!(a.lock().queued.is_empty());
+        // Nothing is left in A's queue once it has heard B's signal (which may come after the
+        // event: A's tail reads whatever is committed).
+        tokio::time::timeout(PROMPTLY, async {
+            while !a.lock().queued.is_empty() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("A took the task out of its queue");
     }
 
     #[tokio::test]
@@ -2858,5 +2931,36 @@ mod cluster_tests {
         assert_eq!((spawn.task_id.as_str(), spawn.attempt), (t.id.as_str(), 2));
         let attempts = c.store.list_attempts(&t.id).await.unwrap();
         assert_eq!(attempts[0].status, AttemptStatus::Lost);
+    }
+
+    #[tokio::test]
+    async fn the_leading_coordinator_says_why_a_task_waits_from_every_coordinators_daemons() {
+        let c = Cluster::new().await;
+        let a = c.coordinator("c-a").await;
+        let b = c.coordinator("c-b").await;
+        a.leading.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (daemon_id, _rx) = daemon(&b, "m1").await;
+        let mut events = a.subscribe_events();
+        a.submit(CreateTask {
+            agent: Some("nosuch".into()),
+            ..task("typo")
+        })
+        .await
+        .unwrap();
+        let reason = tokio::time::timeout(PROMPTLY, async {
+            loop {
+                let ev = events.recv().await.unwrap();
+                if ev.kind == "task.waiting" {
+                    return ev.data["reason"].as_str().unwrap_or_default().to_string();
+                }
+            }
+        })
+        .await
+        .expect("the leader announces the waiting task");
+        assert!(
+            reason.contains("no connected daemon offers agent \"nosuch\"")
+                && reason.contains(&daemon_id),
+            "{reason}"
+        );
     }
 }
