@@ -2,12 +2,18 @@
 //! and their sessions, API keys (hashed) and the event log.
 //!
 //! Every state change that users can observe is written together with its event in one
-//! transaction, and returned to the caller so it can be published live. Callers never see SQL;
-//! a PostgreSQL implementation can follow without touching them. Time is passed in (`now`, in
-//! milliseconds since the epoch) so the callers' clocks stay injectable. The rules of the
-//! task and attempt lifecycle live in [`machine`], apart from any backend.
+//! transaction, and returned to the caller so it can be published live. Callers never see SQL.
+//! Two backends implement it: [`SqliteStore`] (one file, one coordinator) and [`PgStore`]
+//! (PostgreSQL, several coordinators on one database); [`open`] picks one from a location.
+//! Time is passed in (`now`, in milliseconds since the epoch) so the callers' clocks stay
+//! injectable. The rules of the task and attempt lifecycle live in [`machine`], apart from any
+//! backend; what rows mean and which events a change records are shared too (`rows`,
+//! `events`), so a backend holds only its SQL.
 
+mod events;
 pub mod machine;
+mod postgres;
+mod rows;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -17,7 +23,20 @@ use kennel_proto::api::{ApiKey, Attempt, Daemon, Event, OutputChunk, Scope, Task
 use kennel_proto::link::{OutputStream, RepoSpec};
 use kennel_proto::{AttemptStatus, TaskStatus};
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
+
+/// Opens the store at `location`: a `postgres://` or `postgresql://` URL connects to
+/// PostgreSQL ([`PgStore::connect`]), anything else is the path of a SQLite file
+/// ([`SqliteStore::open`]).
+pub async fn open(location: &str) -> Result<std::sync::Arc<dyn Backend>> {
+    if PgStore::handles(location) {
+        Ok(std::sync::Arc::new(PgStore::connect(location).await?))
+    } else {
+        let path = std::path::Path::new(location);
+        Ok(std::sync::Arc::new(SqliteStore::open(path).await?))
+    }
+}
 
 /// Milliseconds since the Unix epoch, UTC.
 pub type Millis = i64;
@@ -34,24 +53,39 @@ pub fn rfc3339(ms: Millis) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
+/// Reads an RFC 3339 timestamp back into milliseconds; 0 when it does not parse.
+pub(crate) fn millis_from_rfc3339(s: &str) -> Millis {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+        .unwrap_or(0)
+}
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error")]
     Database(#[from] rusqlite::Error),
+    #[error("database error")]
+    Postgres(#[from] sqlx::Error),
     #[error("failed to apply database migration {version}")]
     Migrate {
         version: u32,
         #[source]
-        source: rusqlite::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error(
         "the database schema is at version {found} but this kennel knows only up to {known}; \
          run a newer kennel or restore a matching backup"
     )]
     SchemaTooNew { found: u32, known: u32 },
+    #[error(
+        "no schema named in the PostgreSQL search path ({search_path}) exists to hold kennel's \
+         tables; create it, or name another in the URL (`?options=-c search_path=NAME`)"
+    )]
+    NoSchema { search_path: String },
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// `path` is a file's path or a PostgreSQL URL without its password.
     #[error("failed to open database at {path}")]
     Open {
         path: String,
@@ -83,6 +117,35 @@ pub struct NewTask {
     pub env: BTreeMap<String, String>,
     pub timeout_secs: Option<u64>,
     pub max_attempts: u32,
+}
+
+impl NewTask {
+    /// The task as stored at `now`: queued, never dispatched.
+    pub(crate) fn queued(self, now: Millis) -> Task {
+        Task {
+            id: self.id,
+            name: self.name,
+            prompt: self.prompt,
+            repo: self.repo,
+            agent: self.agent,
+            labels: self.labels,
+            priority: self.priority,
+            env: self.env,
+            timeout_secs: self.timeout_secs,
+            max_attempts: self.max_attempts,
+            status: TaskStatus::Queued,
+            attempt: 0,
+            daemon_id: None,
+            created_at: rfc3339(now),
+            updated_at: rfc3339(now),
+            finished_at: None,
+            error: None,
+            exit_code: None,
+            branch: None,
+            commit: None,
+            waiting: None,
+        }
+    }
 }
 
 /// A task with its position in the creation order (for FIFO scheduling).
@@ -234,6 +297,18 @@ pub enum Revoke {
     NotFound,
     /// The key is the only live admin key; it stays live.
     LastAdmin(ApiKey),
+}
+
+impl Revoke {
+    /// Whether revoking `key` would leave no live admin key, given every `live` (unrevoked)
+    /// key; the answer of [`Store::revoke_key_keeping_an_admin`] is then
+    /// [`Revoke::LastAdmin`].
+    pub(crate) fn is_last_admin(key: &KeyRecord, live: &[KeyRecord]) -> bool {
+        let is_admin = |k: &KeyRecord| k.info.scopes.contains(&Scope::Admin);
+        key.info.revoked_at.is_none()
+            && is_admin(key)
+            && live.iter().filter(|k| is_admin(k)).count() <= 1
+    }
 }
 
 /// The one storage interface of the coordinator.

@@ -12,7 +12,7 @@
 use kennel_proto::link::OutputStream;
 use kennel_proto::{AttemptStatus, TaskStatus};
 
-use crate::{Effect, EndAttempt, Report, Retry};
+use crate::{Applied, Effect, EndAttempt, Report, Retry};
 
 /// What the store holds about a task, as far as the rules need it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +38,43 @@ pub struct AttemptFacts {
     pub task: TaskFacts,
 }
 
+impl TaskFacts {
+    /// The facts once a dispatch as `attempt`, decided by [`dispatch`], is written.
+    pub fn dispatched(self, attempt: u32, to: Step) -> TaskFacts {
+        TaskFacts {
+            status: to.task,
+            attempt,
+            ..self
+        }
+    }
+}
+
+impl AttemptFacts {
+    /// The facts once `change`, decided by [`report`] for the report numbered `seq`, is
+    /// written: what a backend that decides several reports before writing them reads for
+    /// the next report of the same attempt or task.
+    pub fn after(&self, seq: u64, change: &Change<'_>) -> AttemptFacts {
+        let mut f = self.clone();
+        f.last_seq = seq;
+        match change {
+            Change::Seq | Change::Output(_) => {}
+            Change::Live { to, .. } | Change::Finish { to, .. } => {
+                f.status = to.attempt;
+                f.task.status = to.task;
+            }
+            Change::End(ending) => {
+                f.status = ending.attempt;
+                f.task.status = match ending.task {
+                    TaskAfter::Requeued => TaskStatus::Queued,
+                    TaskAfter::Ended(status) => status,
+                };
+                f.task.returned_attempts += u32::from(ending.returned);
+            }
+        }
+        f
+    }
+}
+
 /// What to do with one daemon report.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict<'r> {
@@ -49,6 +86,20 @@ pub enum Verdict<'r> {
     Gap { expected: u64 },
     /// Fenced off: change nothing.
     Stale(Stale),
+}
+
+impl<'r> Verdict<'r> {
+    /// The change to write, or the answer to give without writing anything.
+    pub fn into_change(self, r: &Report) -> Result<Change<'r>, Applied> {
+        match self {
+            Verdict::Apply(change) => Ok(change),
+            Verdict::Duplicate { last_seq } => Err(Applied::Duplicate { last_seq }),
+            Verdict::Gap { expected } => Err(Applied::Gap { expected }),
+            Verdict::Stale(stale) => Err(Applied::Stale {
+                reason: stale.reason(r),
+            }),
+        }
+    }
 }
 
 /// Why a report is fenced off.
@@ -1140,6 +1191,73 @@ mod tests {
                 assert_eq!(end_queued(&task(status, 1), to), want, "{status} to {to}");
             }
         }
+    }
+
+    /// Reports decided one after another on facts carried forward in memory (as a backend
+    /// deciding a batch before writing it does) get the verdicts they would get one at a time.
+    #[test]
+    fn facts_carried_forward_decide_the_next_report_as_the_stored_ones_would() {
+        use AttemptStatus as A;
+        let step = |facts: &AttemptFacts, r: &Report| {
+            let change = match report(Some(facts), r) {
+                Verdict::Apply(change) => change,
+                other => panic!("seq {} applies: {other:?}", r.seq),
+            };
+            facts.after(r.seq, &change)
+        };
+        let f = attempt(A::Dispatched, 0);
+        let f = step(&f, &report_of(1, Effect::Accepted));
+        assert_eq!(
+            (f.status, f.task.status, f.last_seq),
+            (A::Running, TaskStatus::Running, 1)
+        );
+        let f = step(&f, &report_of(2, output("a")));
+        assert_eq!((f.status, f.last_seq), (A::Running, 2));
+        let f = step(&f, &report_of(3, status_change("paused")));
+        assert_eq!((f.status, f.task.status), (A::Paused, TaskStatus::Paused));
+        assert_eq!(
+            report(Some(&f), &report_of(3, output("again"))),
+            Verdict::Duplicate { last_seq: 3 }
+        );
+        let done = step(&f, &report_of(4, complete(true)));
+        assert_eq!(
+            (done.status, done.task.status),
+            (A::Completed, TaskStatus::Completed)
+        );
+        assert_eq!(
+            report(Some(&done), &report_of(5, output("late"))),
+            Verdict::Stale(Stale::Over {
+                status: A::Completed,
+                current: 1
+            })
+        );
+
+        // An attempt handed back: the task is queued again and the attempt is not charged.
+        let back = step(&f, &report_of(4, status_change(RETURNED)));
+        assert_eq!(
+            (back.status, back.task.status),
+            (A::Returned, TaskStatus::Queued)
+        );
+        assert_eq!((back.task.returned_attempts, back.last_seq), (1, 4));
+        // Out of attempts: the task ends as the machine said.
+        let last = counted(attempt(A::Running, 0), 3, 3, 0);
+        let lost_report = Report {
+            attempt: 3,
+            ..report_of(1, status_change("lost"))
+        };
+        let lost = step(&last, &lost_report);
+        assert_eq!((lost.status, lost.task.status), (A::Lost, TaskStatus::Lost));
+        assert_eq!(lost.task.returned_attempts, 0);
+    }
+
+    #[test]
+    fn a_dispatch_carried_forward_refuses_the_same_attempt_again() {
+        let queued = task(TaskStatus::Queued, 1);
+        let to = dispatch(&queued, 2).expect("the next attempt goes out");
+        let after = queued.dispatched(2, to);
+        assert_eq!((after.status, after.attempt), (TaskStatus::Dispatched, 2));
+        assert_eq!(dispatch(&after, 2), None);
+        assert_eq!(after.max_attempts, queued.max_attempts);
     }
 
     #[test]

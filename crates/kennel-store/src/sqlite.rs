@@ -16,12 +16,10 @@ mod writer;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use kennel_proto::api::{ApiKey, Attempt, Daemon, Event, OutputChunk, Scope, Task};
-use kennel_proto::link::{OutputStream, RepoSpec};
+use kennel_proto::api::{ApiKey, Attempt, Daemon, Event, OutputChunk, Task};
 use kennel_proto::TaskStatus;
 use rusqlite::types::ToSql;
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -29,13 +27,15 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use self::readers::Readers;
 use self::wal_flusher::WalFlusher;
 use self::writer::Writer;
+use crate::events::NewEvent;
 use crate::machine::{
-    self, AttemptFacts, Change, Chunk, Ending, Outcome, Step, TaskAfter, TaskFacts, Verdict,
+    self, AttemptFacts, Change, Chunk, Ending, Outcome, Step, TaskAfter, TaskFacts,
 };
+use crate::rows::{self, columns, daemon_select, to_json};
 use crate::{
-    parse_scopes, rfc3339, Applied, DaemonHello, Dispatch, EndAttempt, Ended, GatewayOp,
-    GatewayRows, GatewayStore, KeyRecord, Millis, NewTask, QueuedTask, Report, Result, Revoke,
-    Store, StoreError, TaskFilter,
+    millis_from_rfc3339, Applied, DaemonHello, Dispatch, EndAttempt, Ended, GatewayOp, GatewayRows,
+    GatewayStore, KeyRecord, Millis, NewTask, QueuedTask, Report, Result, Revoke, Store,
+    StoreError, TaskFilter,
 };
 
 /// SQLite implementation of [`Store`]. Cloning shares the writer thread and the read pool.
@@ -43,36 +43,6 @@ use crate::{
 pub struct SqliteStore {
     writer: Writer,
     readers: Arc<Readers>,
-}
-
-/// The columns [`task_from_row`] reads, in its order.
-macro_rules! task_columns {
-    () => {
-        "seq, id, name, prompt, repo_url, base_branch, agent, labels, priority, env, \
-         timeout_secs, max_attempts, status, attempt, daemon_id, created_at, updated_at, \
-         finished_at, error, exit_code, branch, commit_sha"
-    };
-}
-
-/// The statuses of a task that holds a live attempt, as an SQL list (`'dispatched',…`), from
-/// [`TaskStatus::is_active`] so that the SQL cannot drift from the enum.
-fn active_statuses() -> String {
-    let quoted: Vec<String> = TaskStatus::ALL
-        .into_iter()
-        .filter(|s| s.is_active())
-        .map(|s| format!("'{}'", s.as_str()))
-        .collect();
-    quoted.join(",")
-}
-
-/// Selects daemons with their live task count, as [`daemon_from_row`] reads them; `tail`
-/// filters and orders.
-fn daemon_select(tail: &str) -> String {
-    format!(
-        "SELECT d.*, (SELECT COUNT(*) FROM tasks t WHERE t.daemon_id = d.id \
-         AND t.status IN ({})) AS active_tasks FROM daemons d {tail}",
-        active_statuses()
-    )
 }
 
 impl SqliteStore {
@@ -124,57 +94,7 @@ impl SqliteStore {
     }
 }
 
-fn json_map(s: &str, what: &str) -> Result<BTreeMap<String, String>> {
-    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
-}
-
-fn to_json<T: serde::Serialize>(v: &T) -> String {
-    // Maps of strings and JSON values always serialise.
-    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
-}
-
-fn status<T: FromStr>(s: &str) -> Result<T> {
-    s.parse()
-        .map_err(|_| StoreError::Corrupt(format!("unknown status `{s}`")))
-}
-
-/// Reads a row of [`task_columns!`].
-fn task_from_row(row: &Row<'_>) -> Result<QueuedTask> {
-    let repo_url: Option<String> = row.get(4)?;
-    let base_branch: Option<String> = row.get(5)?;
-    let labels: String = row.get(7)?;
-    let env: String = row.get(9)?;
-    let st: String = row.get(12)?;
-    Ok(QueuedTask {
-        order: row.get(0)?,
-        task: Task {
-            id: row.get(1)?,
-            name: row.get(2)?,
-            prompt: row.get(3)?,
-            repo: repo_url.map(|url| RepoSpec {
-                url,
-                base_branch: base_branch.unwrap_or_default(),
-            }),
-            agent: row.get(6)?,
-            labels: json_map(&labels, "task labels")?,
-            priority: row.get(8)?,
-            env: json_map(&env, "task env")?,
-            timeout_secs: row.get::<_, Option<i64>>(10)?.map(|v| v as u64),
-            max_attempts: row.get::<_, i64>(11)? as u32,
-            status: status(&st)?,
-            attempt: row.get::<_, i64>(13)? as u32,
-            daemon_id: row.get(14)?,
-            created_at: rfc3339(row.get(15)?),
-            updated_at: rfc3339(row.get(16)?),
-            finished_at: row.get::<_, Option<i64>>(17)?.map(rfc3339),
-            error: row.get(18)?,
-            exit_code: row.get::<_, Option<i64>>(19)?.map(|v| v as i32),
-            branch: row.get(20)?,
-            commit: row.get(21)?,
-            waiting: None,
-        },
-    })
-}
+rows::impl_columns!(Row<'_>, get);
 
 /// Runs a cached statement and maps every row with `from_row`.
 fn query_all<T>(
@@ -192,18 +112,18 @@ fn query_all<T>(
     Ok(out)
 }
 
-/// Runs a statement returning [`task_columns!`] rows and collects them.
+/// Runs a statement returning `columns!(task)` rows and collects them.
 fn query_tasks(conn: &Connection, sql: &str, args: &[&dyn ToSql]) -> Result<Vec<QueuedTask>> {
-    query_all(conn, sql, args, task_from_row)
+    query_all(conn, sql, args, |row| rows::task(row))
 }
 
-/// Runs a statement returning at most one [`task_columns!`] row (a select by id or an
+/// Runs a statement returning at most one `columns!(task)` row (a select by id or an
 /// `UPDATE … RETURNING`).
 fn query_task(conn: &Connection, sql: &str, args: &[&dyn ToSql]) -> Result<Option<Task>> {
     let mut stmt = conn.prepare_cached(sql)?;
     let mut rows = stmt.query(args)?;
     let task = match rows.next()? {
-        Some(row) => Some(task_from_row(row)?.task),
+        Some(row) => Some(rows::task(row)?.task),
         None => None,
     };
     // Step to the end so an `UPDATE … RETURNING` is complete before the statement resets.
@@ -214,31 +134,21 @@ fn query_task(conn: &Connection, sql: &str, args: &[&dyn ToSql]) -> Result<Optio
 fn load_task(conn: &Connection, id: &str) -> Result<Option<Task>> {
     query_task(
         conn,
-        concat!("SELECT ", task_columns!(), " FROM tasks WHERE id = ?1"),
+        concat!("SELECT ", columns!(task), " FROM tasks WHERE id = ?1"),
         &[&id],
     )
 }
 
-/// Reads [`TaskFacts`] from the columns `status, attempt, max_attempts, returned_attempts` of
-/// the task, starting at column `at`.
-fn task_facts_from(row: &Row<'_>, at: usize) -> Result<TaskFacts> {
-    let st: String = row.get(at)?;
-    Ok(TaskFacts {
-        status: status(&st)?,
-        attempt: row.get::<_, i64>(at + 1)? as u32,
-        max_attempts: row.get::<_, i64>(at + 2)? as u32,
-        returned_attempts: row.get::<_, i64>(at + 3)? as u32,
-    })
-}
-
 /// What the state machine needs to know about a task; `None` when there is no such task.
 fn load_task_facts(conn: &Connection, id: &str) -> Result<Option<TaskFacts>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT status, attempt, max_attempts, returned_attempts FROM tasks WHERE id = ?1",
-    )?;
+    let mut stmt = conn.prepare_cached(concat!(
+        "SELECT ",
+        columns!(task_facts),
+        " FROM tasks WHERE id = ?1"
+    ))?;
     let mut rows = stmt.query([id])?;
     let facts = match rows.next()? {
-        Some(row) => Some(task_facts_from(row, 0)?),
+        Some(row) => Some(rows::task_facts(row, 0)?),
         None => None,
     };
     Ok(facts)
@@ -251,23 +161,17 @@ fn load_attempt_facts(
     task_id: &str,
     attempt: u32,
 ) -> Result<Option<AttemptFacts>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT a.daemon_id, a.status, a.last_seq, \
-         t.status, t.attempt, t.max_attempts, t.returned_attempts \
-         FROM attempts a JOIN tasks t ON t.id = a.task_id \
-         WHERE a.task_id = ?1 AND a.attempt = ?2",
-    )?;
+    let mut stmt = conn.prepare_cached(concat!(
+        "SELECT ",
+        columns!(attempt_facts),
+        " FROM attempts a JOIN tasks t ON t.id = a.task_id \
+         WHERE a.task_id = ?1 AND a.attempt = ?2"
+    ))?;
     let mut rows = stmt.query(params![task_id, attempt as i64])?;
-    let Some(row) = rows.next()? else {
-        return Ok(None);
-    };
-    let st: String = row.get(1)?;
-    Ok(Some(AttemptFacts {
-        holder: row.get(0)?,
-        status: status(&st)?,
-        last_seq: row.get::<_, i64>(2)? as u64,
-        task: task_facts_from(row, 3)?,
-    }))
+    match rows.next()? {
+        Some(row) => Ok(Some(rows::attempt_facts(row, 0)?)),
+        None => Ok(None),
+    }
 }
 
 /// Records a daemon's link as ended, with its event.
@@ -281,122 +185,46 @@ fn disconnect(conn: &Connection, daemon_id: &str, reason: &str, now: Millis) -> 
          WHERE daemon_id = ?3 AND disconnected_at IS NULL",
     )?
     .execute(params![now, reason, daemon_id])?;
-    insert_event(
-        conn,
-        "daemon.disconnected",
-        None,
-        Some(daemon_id),
-        serde_json::json!({ "reason": reason }),
-        now,
-    )
-}
-
-fn daemon_from_row(row: &Row<'_>) -> Result<Daemon> {
-    let agents: String = row.get("agents")?;
-    let labels: String = row.get("labels")?;
-    Ok(Daemon {
-        id: row.get("id")?,
-        machine_id: row.get("machine_id")?,
-        hostname: row.get("hostname")?,
-        connected: row.get::<_, i64>("connected")? != 0,
-        draining: row.get::<_, i64>("draining")? != 0,
-        max_concurrent_tasks: row.get::<_, i64>("max_concurrent_tasks")? as u32,
-        active_tasks: row.get::<_, i64>("active_tasks")? as u32,
-        labels: json_map(&labels, "daemon labels")?,
-        agents: serde_json::from_str(&agents)
-            .map_err(|e| StoreError::Corrupt(format!("daemon agents: {e}")))?,
-        version: row.get("version")?,
-        protocol_version: row.get::<_, i64>("protocol_version")? as u32,
-        connected_at: row.get::<_, Option<i64>>("connected_at")?.map(rfc3339),
-        last_seen_at: row.get::<_, Option<i64>>("last_seen_at")?.map(rfc3339),
-        key_id: row.get("key_id")?,
-    })
+    insert_event(conn, NewEvent::daemon_disconnected(daemon_id, reason), now)
 }
 
 fn query_daemons(conn: &Connection, sql: &str, args: &[&dyn ToSql]) -> Result<Vec<Daemon>> {
-    query_all(conn, sql, args, daemon_from_row)
+    query_all(conn, sql, args, |row| rows::daemon(row))
 }
 
 fn load_daemon(conn: &Connection, id: &str) -> Result<Option<Daemon>> {
     Ok(query_daemons(conn, &daemon_select("WHERE d.id = ?1"), &[&id])?.pop())
 }
 
-fn key_from_row(row: &Row<'_>) -> Result<KeyRecord> {
-    let scopes: String = row.get("scopes")?;
-    Ok(KeyRecord {
-        info: ApiKey {
-            id: row.get("id")?,
-            name: row.get("name")?,
-            scopes: parse_scopes(&scopes)?,
-            created_at: rfc3339(row.get("created_at")?),
-            last_used_at: row.get::<_, Option<i64>>("last_used_at")?.map(rfc3339),
-            revoked_at: row.get::<_, Option<i64>>("revoked_at")?.map(rfc3339),
-        },
-        hash: row.get("hash")?,
-    })
-}
+const KEY_BY_ID: &str = concat!("SELECT ", columns!(key), " FROM api_keys WHERE id = ?1");
+
+/// Revokes a key (keeping the time of an earlier revocation) and returns it.
+const REVOKE_KEY: &str = concat!(
+    "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?1) WHERE id = ?2 RETURNING ",
+    columns!(key)
+);
 
 fn query_keys(conn: &Connection, sql: &str, args: &[&dyn ToSql]) -> Result<Vec<KeyRecord>> {
-    query_all(conn, sql, args, key_from_row)
+    query_all(conn, sql, args, |row| rows::key(row))
 }
 
-fn event_from_row(row: &Row<'_>) -> Result<Event> {
-    let data: String = row.get("data")?;
-    Ok(Event {
-        id: row.get("id")?,
-        kind: row.get("kind")?,
-        task_id: row.get("task_id")?,
-        daemon_id: row.get("daemon_id")?,
-        data: serde_json::from_str(&data)
-            .map_err(|e| StoreError::Corrupt(format!("event data: {e}")))?,
-        at: rfc3339(row.get("at")?),
-    })
-}
-
-fn insert_event(
-    conn: &Connection,
-    kind: &str,
-    task_id: Option<&str>,
-    daemon_id: Option<&str>,
-    data: serde_json::Value,
-    now: Millis,
-) -> Result<Event> {
+/// Stores `event` at `now`.
+fn insert_event(conn: &Connection, event: NewEvent, now: Millis) -> Result<Event> {
     conn.prepare_cached(
         "INSERT INTO events (kind, task_id, daemon_id, data, at) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
-    .execute(params![kind, task_id, daemon_id, to_json(&data), now])?;
-    Ok(Event {
-        id: conn.last_insert_rowid(),
-        kind: kind.to_string(),
-        task_id: task_id.map(str::to_string),
-        daemon_id: daemon_id.map(str::to_string),
-        data,
-        at: rfc3339(now),
-    })
-}
-
-/// The `task.status` event every task state change writes.
-fn status_event_data(task: &Task) -> serde_json::Value {
-    serde_json::json!({
-        "status": task.status,
-        "attempt": task.attempt,
-        "daemonId": task.daemon_id,
-        "error": task.error,
-        "exitCode": task.exit_code,
-        "branch": task.branch,
-        "commit": task.commit,
-    })
+    .execute(params![
+        event.kind,
+        event.task_id,
+        event.daemon_id,
+        to_json(&event.data),
+        now
+    ])?;
+    Ok(event.stored(conn.last_insert_rowid(), now))
 }
 
 fn task_status_event(conn: &Connection, task: &Task, now: Millis) -> Result<Event> {
-    insert_event(
-        conn,
-        "task.status",
-        Some(&task.id),
-        task.daemon_id.as_deref(),
-        status_event_data(task),
-        now,
-    )
+    insert_event(conn, NewEvent::task_status(task), now)
 }
 
 /// Ends an attempt; see [`Store::end_attempt`].
@@ -448,7 +276,7 @@ fn write_ending(
             concat!(
                 "UPDATE tasks SET status = ?1, daemon_id = NULL, updated_at = ?2, error = ?3 \
                  WHERE id = ?4 RETURNING ",
-                task_columns!()
+                columns!(task)
             ),
             &[&TaskStatus::Queued.as_str(), &now, &ending.error, &task_id],
         ),
@@ -457,7 +285,7 @@ fn write_ending(
             concat!(
                 "UPDATE tasks SET status = ?1, updated_at = ?2, finished_at = ?2, error = ?3 \
                  WHERE id = ?4 RETURNING ",
-                task_columns!()
+                columns!(task)
             ),
             &[&status.as_str(), &now, &ending.error, &task_id],
         ),
@@ -483,7 +311,7 @@ fn end_queued_tx(
         concat!(
             "UPDATE tasks SET status = ?1, updated_at = ?2, finished_at = ?2, error = ?3 \
              WHERE id = ?4 RETURNING ",
-            task_columns!()
+            columns!(task)
         ),
         &[&status.as_str(), &now, &error, &task_id],
     )?;
@@ -500,15 +328,9 @@ fn end_queued_tx(
 /// Applies one report: loads the attempt, asks [`machine::report`] and writes its verdict.
 fn apply_one(conn: &Connection, r: &Report, now: Millis) -> Result<Applied> {
     let facts = load_attempt_facts(conn, &r.task_id, r.attempt)?;
-    let change = match machine::report(facts.as_ref(), r) {
-        Verdict::Apply(change) => change,
-        Verdict::Duplicate { last_seq } => return Ok(Applied::Duplicate { last_seq }),
-        Verdict::Gap { expected } => return Ok(Applied::Gap { expected }),
-        Verdict::Stale(stale) => {
-            return Ok(Applied::Stale {
-                reason: stale.reason(r),
-            })
-        }
+    let change = match machine::report(facts.as_ref(), r).into_change(r) {
+        Ok(change) => change,
+        Err(answer) => return Ok(answer),
     };
     let changed = match change {
         Change::Seq => {
@@ -569,7 +391,7 @@ fn set_live_status(
         conn,
         concat!(
             "UPDATE tasks SET status = ?1, updated_at = ?2 WHERE id = ?3 RETURNING ",
-            task_columns!()
+            columns!(task)
         ),
         &[&to.task.as_str(), &now, &r.task_id],
     )
@@ -602,7 +424,7 @@ fn finish(
             "UPDATE tasks SET status = ?1, updated_at = ?2, finished_at = ?2, \
              error = ?3, exit_code = ?4, branch = ?5, commit_sha = ?6 WHERE id = ?7 \
              RETURNING ",
-            task_columns!()
+            columns!(task)
         ),
         &[
             &to.task.as_str(),
@@ -616,24 +438,9 @@ fn finish(
     )
 }
 
-/// Stores a chunk of output under the report's seq; progress is stored as JSON on its own
-/// stream.
+/// Stores a chunk of output under the report's seq.
 fn insert_output(conn: &Connection, r: &Report, chunk: &Chunk<'_>, now: Millis) -> Result<()> {
-    let progress;
-    let (stream, text, is_partial) = match chunk {
-        Chunk::Output {
-            stream,
-            text,
-            is_partial,
-        } => (*stream, *text, *is_partial),
-        Chunk::Progress { summary, detail } => {
-            progress = match detail {
-                Some(d) => to_json(&serde_json::json!({"summary": summary, "detail": d})),
-                None => to_json(&serde_json::json!({ "summary": summary })),
-            };
-            (OutputStream::Progress, progress.as_str(), false)
-        }
-    };
+    let (stream, text, is_partial) = rows::stored_chunk(chunk);
     conn.prepare_cached(
         "INSERT INTO task_output (task_id, attempt, seq, stream, output, is_partial, at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -666,6 +473,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_task(&self, t: NewTask, now: Millis) -> Result<(QueuedTask, Event)> {
+        let task = t.queued(now);
         self.write(move |conn| {
             conn.prepare_cached(
                 "INSERT INTO tasks (id, name, prompt, repo_url, base_branch, agent, labels, \
@@ -674,57 +482,23 @@ impl Store for SqliteStore {
                  ?13, ?13)",
             )?
             .execute(params![
-                t.id,
-                t.name,
-                t.prompt,
-                t.repo.as_ref().map(|r| r.url.as_str()),
-                t.repo.as_ref().map(|r| r.base_branch.as_str()),
-                t.agent,
-                to_json(&t.labels),
-                t.priority,
-                to_json(&t.env),
-                t.timeout_secs.map(|v| v as i64),
-                t.max_attempts as i64,
-                TaskStatus::Queued.as_str(),
+                task.id,
+                task.name,
+                task.prompt,
+                task.repo.as_ref().map(|r| r.url.as_str()),
+                task.repo.as_ref().map(|r| r.base_branch.as_str()),
+                task.agent,
+                to_json(&task.labels),
+                task.priority,
+                to_json(&task.env),
+                task.timeout_secs.map(|v| v as i64),
+                task.max_attempts as i64,
+                task.status.as_str(),
                 now,
             ])?;
             // `seq` is the rowid.
             let order = conn.last_insert_rowid();
-            let task = Task {
-                id: t.id,
-                name: t.name,
-                prompt: t.prompt,
-                repo: t.repo,
-                agent: t.agent,
-                labels: t.labels,
-                priority: t.priority,
-                env: t.env,
-                timeout_secs: t.timeout_secs,
-                max_attempts: t.max_attempts,
-                status: TaskStatus::Queued,
-                attempt: 0,
-                daemon_id: None,
-                created_at: rfc3339(now),
-                updated_at: rfc3339(now),
-                finished_at: None,
-                error: None,
-                exit_code: None,
-                branch: None,
-                commit: None,
-                waiting: None,
-            };
-            let ev = insert_event(
-                conn,
-                "task.created",
-                Some(&task.id),
-                None,
-                serde_json::json!({
-                    "status": task.status,
-                    "name": task.name,
-                    "priority": task.priority,
-                }),
-                now,
-            )?;
+            let ev = insert_event(conn, NewEvent::task_created(&task), now)?;
             Ok((QueuedTask { order, task }, ev))
         })
         .await
@@ -738,8 +512,7 @@ impl Store for SqliteStore {
     async fn list_tasks(&self, f: &TaskFilter) -> Result<Vec<QueuedTask>> {
         let f = f.clone();
         self.read(move |conn| {
-            let mut sql =
-                String::from(concat!("SELECT ", task_columns!(), " FROM tasks WHERE 1=1"));
+            let mut sql = String::from(concat!("SELECT ", columns!(task), " FROM tasks WHERE 1=1"));
             let status = f.status.map(|s| s.as_str());
             let limit = f.limit as i64;
             let mut args: Vec<&dyn ToSql> = Vec::new();
@@ -765,23 +538,12 @@ impl Store for SqliteStore {
     async fn list_attempts(&self, task_id: &str) -> Result<Vec<Attempt>> {
         let task_id = task_id.to_string();
         self.read(move |conn| {
-            let mut stmt =
-                conn.prepare_cached("SELECT * FROM attempts WHERE task_id = ?1 ORDER BY attempt")?;
-            let mut rows = stmt.query([&task_id])?;
-            let mut out = Vec::new();
-            while let Some(row) = rows.next()? {
-                let st: String = row.get("status")?;
-                out.push(Attempt {
-                    attempt: row.get::<_, i64>("attempt")? as u32,
-                    daemon_id: row.get("daemon_id")?,
-                    status: status(&st)?,
-                    dispatched_at: rfc3339(row.get("dispatched_at")?),
-                    started_at: row.get::<_, Option<i64>>("started_at")?.map(rfc3339),
-                    finished_at: row.get::<_, Option<i64>>("finished_at")?.map(rfc3339),
-                    error: row.get("error")?,
-                });
-            }
-            Ok(out)
+            let sql = concat!(
+                "SELECT ",
+                columns!(attempt),
+                " FROM attempts WHERE task_id = ?1 ORDER BY attempt"
+            );
+            query_all(conn, sql, &[&task_id], |row| rows::attempt(row))
         })
         .await
     }
@@ -793,7 +555,7 @@ impl Store for SqliteStore {
                 conn,
                 concat!(
                     "SELECT ",
-                    task_columns!(),
+                    columns!(task),
                     " FROM tasks WHERE status = ?1 ORDER BY seq"
                 ),
                 &[&TaskStatus::Queued.as_str()],
@@ -804,15 +566,7 @@ impl Store for SqliteStore {
 
     async fn active_tasks(&self) -> Result<Vec<Task>> {
         self.write(|conn| {
-            let sql = format!(
-                concat!(
-                    "SELECT ",
-                    task_columns!(),
-                    " FROM tasks WHERE status IN ({}) ORDER BY seq"
-                ),
-                active_statuses()
-            );
-            let tasks = query_tasks(conn, &sql, &[])?;
+            let tasks = query_tasks(conn, &rows::active_tasks_select(), &[])?;
             Ok(tasks.into_iter().map(|q| q.task).collect())
         })
         .await
@@ -826,7 +580,7 @@ impl Store for SqliteStore {
             let mut out = BTreeMap::new();
             while let Some(row) = rows.next()? {
                 let st: String = row.get(0)?;
-                out.insert(status(&st)?, row.get::<_, i64>(1)? as u64);
+                out.insert(rows::status(&st)?, row.get::<_, i64>(1)? as u64);
             }
             Ok(out)
         })
@@ -853,7 +607,7 @@ impl Store for SqliteStore {
                     concat!(
                         "UPDATE tasks SET status = ?1, attempt = ?2, daemon_id = ?3, \
                          updated_at = ?4, error = NULL WHERE id = ?5 RETURNING ",
-                        task_columns!()
+                        columns!(task)
                     ),
                     &[&to.task.as_str(), &attempt, &d.daemon_id, &now, &d.task_id],
                 )?;
@@ -941,7 +695,7 @@ impl Store for SqliteStore {
                 conn,
                 concat!(
                     "UPDATE tasks SET status = ?1, updated_at = ?2 WHERE id = ?3 RETURNING ",
-                    task_columns!()
+                    columns!(task)
                 ),
                 &[&to.task.as_str(), &now, &task_id],
             )?;
@@ -970,31 +724,19 @@ impl Store for SqliteStore {
     ) -> Result<Vec<OutputChunk>> {
         let task_id = task_id.to_string();
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT seq, stream, output, is_partial, at FROM task_output \
-                 WHERE task_id = ?1 AND attempt = ?2 AND seq > ?3 ORDER BY seq LIMIT ?4",
-            )?;
-            let mut rows = stmt.query(params![
-                task_id,
-                attempt as i64,
-                after_seq as i64,
-                limit as i64
-            ])?;
-            let mut out = Vec::new();
-            while let Some(row) = rows.next()? {
-                let stream: String = row.get(1)?;
-                out.push(OutputChunk {
-                    task_id: task_id.clone(),
-                    attempt,
-                    seq: row.get::<_, i64>(0)? as u64,
-                    stream: OutputStream::parse(&stream)
-                        .ok_or_else(|| StoreError::Corrupt(format!("output stream `{stream}`")))?,
-                    output: row.get(2)?,
-                    is_partial: row.get(3)?,
-                    at: rfc3339(row.get(4)?),
-                });
-            }
-            Ok(out)
+            let sql = concat!(
+                "SELECT ",
+                columns!(output),
+                " FROM task_output WHERE task_id = ?1 AND attempt = ?2 AND seq > ?3 \
+                 ORDER BY seq LIMIT ?4"
+            );
+            let args: [&dyn ToSql; 4] = [
+                &task_id,
+                &(attempt as i64),
+                &(after_seq as i64),
+                &(limit as i64),
+            ];
+            query_all(conn, sql, &args, |row| rows::output(row, &task_id, attempt))
         })
         .await
     }
@@ -1037,19 +779,7 @@ impl Store for SqliteStore {
                  VALUES (?1, ?2, ?3)",
             )?
             .execute(params![daemon_id, h.remote_addr, now])?;
-            let ev = insert_event(
-                conn,
-                "daemon.connected",
-                None,
-                Some(&daemon_id),
-                serde_json::json!({
-                    "hostname": h.hostname,
-                    "machineId": h.machine_id,
-                    "maxConcurrentTasks": h.max_concurrent_tasks,
-                    "agents": h.agents,
-                }),
-                now,
-            )?;
+            let ev = insert_event(conn, NewEvent::daemon_connected(&daemon_id, &h), now)?;
             let daemon = load_daemon(conn, &daemon_id)?.ok_or_else(|| {
                 StoreError::Corrupt(format!("daemon {daemon_id} vanished while it was stored"))
             })?;
@@ -1167,14 +897,7 @@ impl Store for SqliteStore {
             if n == 0 {
                 return Ok(None);
             }
-            let ev = insert_event(
-                conn,
-                "daemon.draining",
-                None,
-                Some(&daemon_id),
-                serde_json::json!({ "draining": draining }),
-                now,
-            )?;
+            let ev = insert_event(conn, NewEvent::daemon_draining(&daemon_id, draining), now)?;
             let daemon = load_daemon(conn, &daemon_id)?.ok_or_else(|| {
                 StoreError::Corrupt(format!("daemon {daemon_id} vanished while it was updated"))
             })?;
@@ -1233,7 +956,7 @@ impl Store for SqliteStore {
                 key.info.name,
                 key.hash,
                 to_json(&key.info.scopes),
-                now_from_rfc3339(&key.info.created_at),
+                millis_from_rfc3339(&key.info.created_at),
             ])?;
             Ok(())
         })
@@ -1242,15 +965,18 @@ impl Store for SqliteStore {
 
     async fn find_key(&self, id: &str) -> Result<Option<KeyRecord>> {
         let id = id.to_string();
-        self.read(move |conn| {
-            Ok(query_keys(conn, "SELECT * FROM api_keys WHERE id = ?1", &[&id])?.pop())
-        })
-        .await
+        self.read(move |conn| Ok(query_keys(conn, KEY_BY_ID, &[&id])?.pop()))
+            .await
     }
 
     async fn list_keys(&self) -> Result<Vec<ApiKey>> {
         self.read(|conn| {
-            let keys = query_keys(conn, "SELECT * FROM api_keys ORDER BY created_at, id", &[])?;
+            let sql = concat!(
+                "SELECT ",
+                columns!(key),
+                " FROM api_keys ORDER BY created_at, id"
+            );
+            let keys = query_keys(conn, sql, &[])?;
             Ok(keys.into_iter().map(|k| k.info).collect())
         })
         .await
@@ -1259,12 +985,7 @@ impl Store for SqliteStore {
     async fn revoke_key(&self, id: &str, now: Millis) -> Result<Option<ApiKey>> {
         let id = id.to_string();
         self.write(move |conn| {
-            let keys = query_keys(
-                conn,
-                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?1) WHERE id = ?2 \
-                 RETURNING *",
-                &[&now, &id],
-            )?;
+            let keys = query_keys(conn, REVOKE_KEY, &[&now, &id])?;
             Ok(keys.into_iter().next().map(|k| k.info))
         })
         .await
@@ -1273,24 +994,18 @@ impl Store for SqliteStore {
     async fn revoke_key_keeping_an_admin(&self, id: &str, now: Millis) -> Result<Revoke> {
         let id = id.to_string();
         self.write(move |conn| {
-            let Some(key) = query_keys(conn, "SELECT * FROM api_keys WHERE id = ?1", &[&id])?.pop()
-            else {
+            let Some(key) = query_keys(conn, KEY_BY_ID, &[&id])?.pop() else {
                 return Ok(Revoke::NotFound);
             };
-            let is_admin = |k: &KeyRecord| k.info.scopes.contains(&Scope::Admin);
-            if key.info.revoked_at.is_none() && is_admin(&key) {
-                let live =
-                    query_keys(conn, "SELECT * FROM api_keys WHERE revoked_at IS NULL", &[])?;
-                if live.iter().filter(|k| is_admin(k)).count() <= 1 {
-                    return Ok(Revoke::LastAdmin(key.info));
-                }
+            let sql = concat!(
+                "SELECT ",
+                columns!(key),
+                " FROM api_keys WHERE revoked_at IS NULL"
+            );
+            if Revoke::is_last_admin(&key, &query_keys(conn, sql, &[])?) {
+                return Ok(Revoke::LastAdmin(key.info));
             }
-            let keys = query_keys(
-                conn,
-                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?1) WHERE id = ?2 \
-                 RETURNING *",
-                &[&now, &id],
-            )?;
+            let keys = query_keys(conn, REVOKE_KEY, &[&now, &id])?;
             Ok(keys
                 .into_iter()
                 .next()
@@ -1327,32 +1042,20 @@ impl Store for SqliteStore {
         data: serde_json::Value,
         now: Millis,
     ) -> Result<Event> {
-        let kind = kind.to_string();
-        let task_id = task_id.map(str::to_string);
-        let daemon_id = daemon_id.map(str::to_string);
-        self.write(move |conn| {
-            insert_event(
-                conn,
-                &kind,
-                task_id.as_deref(),
-                daemon_id.as_deref(),
-                data,
-                now,
-            )
-        })
-        .await
+        let event = NewEvent::new(kind, task_id, daemon_id, data);
+        self.write(move |conn| insert_event(conn, event, now)).await
     }
 
     async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<Event>> {
         self.read(move |conn| {
-            let mut stmt =
-                conn.prepare_cached("SELECT * FROM events WHERE id > ?1 ORDER BY id LIMIT ?2")?;
-            let mut rows = stmt.query(params![after_id, limit as i64])?;
-            let mut out = Vec::new();
-            while let Some(row) = rows.next()? {
-                out.push(event_from_row(row)?);
-            }
-            Ok(out)
+            let sql = concat!(
+                "SELECT ",
+                columns!(event),
+                " FROM events WHERE id > ?1 ORDER BY id LIMIT ?2"
+            );
+            query_all(conn, sql, &[&after_id, &(limit as i64)], |row| {
+                rows::event(row)
+            })
         })
         .await
     }
@@ -1438,62 +1141,4 @@ fn append_capped(conn: &Connection, table: &str, body: &str, keep: u32) -> rusql
     ))?
     .execute(params![keep as i64])?;
     Ok(())
-}
-
-/// Key records carry RFC 3339 strings; the table wants milliseconds.
-fn now_from_rfc3339(s: &str) -> i64 {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
-        .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn key(id: &str, scopes: Vec<Scope>) -> KeyRecord {
-        KeyRecord {
-            info: ApiKey {
-                id: id.into(),
-                name: id.into(),
-                scopes,
-                created_at: rfc3339(0),
-                last_used_at: None,
-                revoked_at: None,
-            },
-            hash: vec![1; 32],
-        }
-    }
-
-    #[tokio::test]
-    async fn the_last_live_admin_key_stays() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("k.db")).await.unwrap();
-        for k in [
-            key("admin1", vec![Scope::Admin]),
-            key("admin2", vec![Scope::Client, Scope::Admin]),
-            key("client", vec![Scope::Client]),
-        ] {
-            store.insert_key(&k).await.unwrap();
-        }
-        let revoke = |id: &'static str| {
-            let store = store.clone();
-            async move { store.revoke_key_keeping_an_admin(id, 5).await.unwrap() }
-        };
-        assert!(matches!(revoke("admin1").await, Revoke::Revoked(k) if k.revoked_at.is_some()));
-        assert!(matches!(revoke("admin2").await, Revoke::LastAdmin(k) if k.revoked_at.is_none()));
-        // Revoking again is harmless; other scopes never count.
-        assert!(matches!(revoke("admin1").await, Revoke::Revoked(_)));
-        assert!(matches!(revoke("client").await, Revoke::Revoked(_)));
-        assert_eq!(revoke("nope").await, Revoke::NotFound);
-        let live: Vec<_> = store
-            .list_keys()
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|k| k.revoked_at.is_none())
-            .map(|k| k.id)
-            .collect();
-        assert_eq!(live, vec!["admin2".to_string()]);
-    }
 }

@@ -70,7 +70,10 @@ impl From<MigrateError> for StoreError {
     fn from(e: MigrateError) -> Self {
         match e {
             MigrateError::TooNew { found, known } => StoreError::SchemaTooNew { found, known },
-            MigrateError::Apply { version, source } => StoreError::Migrate { version, source },
+            MigrateError::Apply { version, source } => StoreError::Migrate {
+                version,
+                source: source.into(),
+            },
             MigrateError::Version(e) => StoreError::Database(e),
         }
     }

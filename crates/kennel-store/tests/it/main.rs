@@ -1,28 +1,68 @@
-//! The `Store` contract, checked through the trait on a real SQLite file: exactly-once
-//! reports, conditional dispatch, retries and terminal states, pause and resume, events in
-//! commit order, keys, that committed state is there after reopening the file, and that a
-//! status the store does not know is an error.
+//! The `Store` contract, checked through the trait on both backends — a real SQLite file and
+//! a real PostgreSQL schema — by the same test bodies: exactly-once reports, conditional
+//! dispatch, retries and terminal states, pause and resume, events in commit order, keys, that
+//! committed state is there after reopening, and that a status the store does not know is an
+//! error. `coordinators` adds what only PostgreSQL is for: several stores writing at once.
+
+// The test bodies are plain async fns, run once per backend by `#[tokio::test]` wrappers, so
+// clippy does not take them for tests.
+#![allow(clippy::unwrap_used)]
+
+mod coordinators;
+mod db;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use kennel_proto::api::{ApiKey, Scope};
-use kennel_proto::link::OutputStream;
+use kennel_proto::link::{OutputStream, RejectCode};
 use kennel_proto::{AttemptStatus, TaskStatus};
 use kennel_store::{
-    Applied, Backend, DaemonHello, Dispatch, Effect, EndAttempt, GatewayOp, KeyRecord, NewTask,
-    Report, Retry, SqliteStore, Store, StoreError, TaskFilter,
+    Applied, DaemonHello, Dispatch, Effect, EndAttempt, GatewayOp, KeyRecord, NewTask, Report,
+    Retry, Store, StoreError, TaskFilter,
 };
+
+use crate::db::Db;
 
 const NOW: i64 = 1_790_000_000_000;
 
-async fn open(dir: &tempfile::TempDir) -> Arc<dyn Backend> {
-    Arc::new(
-        SqliteStore::open(&dir.path().join("kennel.db"))
-            .await
-            .expect("open store"),
-    )
+/// Declares each test once per backend: `sqlite::NAME` and `postgres::NAME` run the async fn
+/// `NAME(db)` on a fresh database of that backend.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Db::sqlite().await).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Db::postgres().await).await
+                }
+            )*
+        }
+    };
 }
+
+on_both_backends!(
+    reports_apply_exactly_once_and_in_order,
+    a_batch_of_reports_decides_as_one_report_at_a_time_would,
+    dispatch_is_conditional_and_attempts_end_with_retry_or_terminal_state,
+    one_batch_cannot_dispatch_an_attempt_twice,
+    pause_and_resume_move_task_and_attempt_and_a_paused_task_holds_its_slot,
+    an_unknown_status_in_the_database_is_reported_as_corrupt_not_guessed,
+    state_and_events_survive_reopening_in_commit_order,
+    keys_are_stored_hashed_and_revocable,
+    the_last_live_admin_key_stays,
+    gateway_state_round_trips_and_keeps_only_the_newest_rows,
+    daemon_links_belong_to_one_coordinator_and_stranded_ones_are_found,
+    daemons_register_refresh_and_drain,
+    the_location_picks_the_backend,
+);
 
 fn new_task(id: &str, max_attempts: u32) -> NewTask {
     NewTask {
@@ -89,10 +129,8 @@ async fn dispatched(store: &dyn Store, task: &str, attempt: u32, daemon: &str) {
     );
 }
 
-#[tokio::test]
-async fn reports_apply_exactly_once_and_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir).await;
+async fn reports_apply_exactly_once_and_in_order(db: Db) {
+    let store = db.open().await;
     store.create_task(new_task("t1", 3), NOW).await.unwrap();
     store
         .daemon_connected("d1", &hello("m1"), NOW)
@@ -165,10 +203,8 @@ async fn reports_apply_exactly_once_and_in_order() {
     assert!(matches!(after[1], Applied::Stale { .. }));
 }
 
-#[tokio::test]
-async fn dispatch_is_conditional_and_attempts_end_with_retry_or_terminal_state() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir).await;
+async fn dispatch_is_conditional_and_attempts_end_with_retry_or_terminal_state(db: Db) {
+    let store = db.open().await;
     store.create_task(new_task("t1", 2), NOW).await.unwrap();
     dispatched(store.as_ref(), "t1", 1, "d1").await;
     // A second dispatch of the same attempt (another coordinator, a race) does nothing.
@@ -281,10 +317,8 @@ async fn dispatch_is_conditional_and_attempts_end_with_retry_or_terminal_state()
     assert_eq!(counts.get(&TaskStatus::Lost), Some(&2));
 }
 
-#[tokio::test]
-async fn pause_and_resume_move_task_and_attempt_and_a_paused_task_holds_its_slot() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir).await;
+async fn pause_and_resume_move_task_and_attempt_and_a_paused_task_holds_its_slot(db: Db) {
+    let store = db.open().await;
     store
         .daemon_connected("d1", &hello("m1"), NOW)
         .await
@@ -335,23 +369,18 @@ async fn pause_and_resume_move_task_and_attempt_and_a_paused_task_holds_its_slot
     assert_eq!(attempt_status().await, AttemptStatus::Running);
 }
 
-#[tokio::test]
-async fn an_unknown_status_in_the_file_is_reported_as_corrupt_not_guessed() {
-    let dir = tempfile::tempdir().unwrap();
+async fn an_unknown_status_in_the_database_is_reported_as_corrupt_not_guessed(db: Db) {
     {
-        let store = open(&dir).await;
+        let store = db.open().await;
         store.create_task(new_task("t1", 3), NOW).await.unwrap();
         dispatched(store.as_ref(), "t1", 1, "d1").await;
     }
-    let corrupt = |sql: &str| {
-        let conn = rusqlite::Connection::open(dir.path().join("kennel.db")).unwrap();
-        conn.execute(sql, []).unwrap();
-    };
     let is_corrupt =
         |e: &StoreError| matches!(e, StoreError::Corrupt(m) if m.contains("levitating"));
 
-    corrupt("UPDATE attempts SET status = 'levitating'");
-    let store = open(&dir).await;
+    db.execute("UPDATE attempts SET status = 'levitating'")
+        .await;
+    let store = db.open().await;
     let err = store
         .apply(&[report("d1", "t1", 1, 1, Effect::Accepted)], NOW)
         .await
@@ -359,8 +388,8 @@ async fn an_unknown_status_in_the_file_is_reported_as_corrupt_not_guessed() {
     assert!(is_corrupt(&err), "{err}");
     drop(store);
 
-    corrupt("UPDATE tasks SET status = 'levitating'");
-    let store = open(&dir).await;
+    db.execute("UPDATE tasks SET status = 'levitating'").await;
+    let store = db.open().await;
     let end = EndAttempt {
         task_id: "t1",
         attempt: 1,
@@ -375,11 +404,9 @@ async fn an_unknown_status_in_the_file_is_reported_as_corrupt_not_guessed() {
     assert!(is_corrupt(&err), "{err}");
 }
 
-#[tokio::test]
-async fn state_and_events_survive_reopening_in_commit_order() {
-    let dir = tempfile::tempdir().unwrap();
+async fn state_and_events_survive_reopening_in_commit_order(db: Db) {
     {
-        let store = open(&dir).await;
+        let store = db.open().await;
         for i in 0..5 {
             store
                 .create_task(new_task(&format!("t{i}"), 1), NOW + i)
@@ -388,7 +415,7 @@ async fn state_and_events_survive_reopening_in_commit_order() {
         }
         dispatched(store.as_ref(), "t0", 1, "d1").await;
     }
-    let store = open(&dir).await;
+    let store = db.open().await;
     let queued: Vec<_> = store
         .queued_tasks()
         .await
@@ -416,10 +443,8 @@ async fn state_and_events_survive_reopening_in_commit_order() {
     assert_eq!(ids, vec!["t4", "t3"], "newest first");
 }
 
-#[tokio::test]
-async fn keys_are_stored_hashed_and_revocable() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir).await;
+async fn keys_are_stored_hashed_and_revocable(db: Db) {
+    let store = db.open().await;
     let rec = KeyRecord {
         info: ApiKey {
             id: "0123456789ab".into(),
@@ -445,11 +470,9 @@ async fn keys_are_stored_hashed_and_revocable() {
     assert!(store.revoke_key("nope", NOW).await.unwrap().is_none());
 }
 
-#[tokio::test]
-async fn gateway_state_round_trips_and_keeps_only_the_newest_rows() {
-    let dir = tempfile::tempdir().unwrap();
+async fn gateway_state_round_trips_and_keeps_only_the_newest_rows(db: Db) {
     {
-        let store = open(&dir).await;
+        let store = db.open().await;
         let mut ops = vec![
             GatewayOp::Put("health:a".into(), "{\"requests\":1}".into()),
             GatewayOp::Put("totals".into(), "{}".into()),
@@ -474,7 +497,7 @@ async fn gateway_state_round_trips_and_keeps_only_the_newest_rows() {
         });
         store.gateway_write(ops).await.unwrap();
     }
-    let store = open(&dir).await;
+    let store = db.open().await;
     let rows = store.gateway_state(100, 100).await.unwrap();
     assert_eq!(
         rows.kv,
@@ -503,10 +526,8 @@ async fn gateway_state_round_trips_and_keeps_only_the_newest_rows() {
 /// Several coordinators on one database: a daemon's link belongs to the coordinator that
 /// holds it, a late disconnect from another one changes nothing, a coordinator that stops
 /// being seen strands its daemons, and one lease holder at a time.
-#[tokio::test]
-async fn daemon_links_belong_to_one_coordinator_and_stranded_ones_are_found() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir).await;
+async fn daemon_links_belong_to_one_coordinator_and_stranded_ones_are_found(db: Db) {
+    let store = db.open().await;
     store.coordinator_seen("c-a", NOW).await.unwrap();
     store.coordinator_seen("c-b", NOW).await.unwrap();
     store
@@ -569,4 +590,351 @@ async fn daemon_links_belong_to_one_coordinator_and_stranded_ones_are_found() {
         .lease("rescue", "c-b", NOW + 1_901, 1_000)
         .await
         .unwrap());
+}
+
+fn dispatch(task: &str, attempt: u32, daemon: &str) -> Dispatch {
+    Dispatch {
+        task_id: task.into(),
+        attempt,
+        daemon_id: daemon.into(),
+    }
+}
+
+/// The tasks `t1` (3 attempts), `t2` (1) and `t3` (2), each dispatched as attempt 1 to `d1`.
+async fn three_dispatched_tasks(store: &dyn Store) {
+    store
+        .daemon_connected("d1", &hello("m1"), NOW)
+        .await
+        .unwrap();
+    for (id, max) in [("t1", 3), ("t2", 1), ("t3", 2)] {
+        store.create_task(new_task(id, max), NOW).await.unwrap();
+        dispatched(store, id, 1, "d1").await;
+    }
+}
+
+/// A backend may decide a whole batch before writing it (PostgreSQL does): every report must
+/// still be decided on what the reports before it in the batch did.
+async fn a_batch_of_reports_decides_as_one_report_at_a_time_would(db: Db) {
+    let progress = |summary: &str| Effect::Progress {
+        summary: summary.into(),
+        detail: Some(serde_json::json!({ "n": 1 })),
+    };
+    let status = |s: &str| Effect::StatusChange {
+        new_status: s.parse().ok(),
+    };
+    let complete = Effect::Complete {
+        success: true,
+        error: None,
+        exit_code: Some(0),
+        branch: Some("kennel/t1".into()),
+        commit: Some("abc".into()),
+    };
+    let rejected = Effect::Rejected {
+        reason: "full".into(),
+        code: Some(RejectCode::AtCapacity),
+    };
+    let batch = vec![
+        report("d1", "t1", 1, 1, Effect::Accepted),
+        report("d1", "t2", 1, 1, Effect::Accepted),
+        report("d1", "t1", 1, 3, out("gap")),
+        report("d1", "t1", 1, 2, out("a")),
+        report("d1", "t3", 1, 1, out("before accepting")),
+        report("d1", "t1", 1, 3, progress("half")),
+        report("d1", "t2", 1, 2, rejected),
+        report("d1", "t1", 1, 4, status("paused")),
+        report("d1", "t2", 1, 3, out("after the refusal")),
+        report("d1", "t1", 1, 5, out("b")),
+        report("d1", "t3", 1, 2, status("lost")),
+        report("d1", "t1", 1, 6, status("running")),
+        report("d1", "t3", 1, 2, out("resent")),
+        report("d2", "t1", 1, 7, out("not the holder")),
+        report("d1", "t1", 1, 7, complete),
+        report("d1", "t1", 1, 7, out("resent")),
+        report("d1", "t1", 1, 8, out("late")),
+        report("d1", "t4", 1, 1, out("no such task")),
+    ];
+
+    let one_by_one = db.another().await;
+    let (batched, single) = (db.open().await, one_by_one.open().await);
+    three_dispatched_tasks(batched.as_ref()).await;
+    three_dispatched_tasks(single.as_ref()).await;
+    let got = batched.apply(&batch, NOW).await.unwrap();
+    let mut want = Vec::new();
+    for r in &batch {
+        want.extend(single.apply(std::slice::from_ref(r), NOW).await.unwrap());
+    }
+    assert_eq!(got, want);
+    let kinds: Vec<&str> = got
+        .iter()
+        .map(|a| match a {
+            Applied::Done { task: Some(_), .. } => "changed",
+            Applied::Done { .. } => "done",
+            Applied::Duplicate { .. } => "duplicate",
+            Applied::Gap { .. } => "gap",
+            Applied::Stale { .. } => "stale",
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "changed",
+            "changed",
+            "gap",
+            "done",
+            "done",
+            "done",
+            "changed",
+            "changed",
+            "stale",
+            "done",
+            "changed",
+            "changed",
+            "duplicate",
+            "stale",
+            "changed",
+            "duplicate",
+            "stale",
+            "stale"
+        ]
+    );
+
+    for store in [&batched, &single] {
+        let t1 = store.get_task("t1").await.unwrap().unwrap();
+        assert_eq!(t1.status, TaskStatus::Completed);
+        let t2 = store.get_task("t2").await.unwrap().unwrap();
+        assert_eq!(
+            t2.status,
+            TaskStatus::Queued,
+            "a refusal at capacity is free"
+        );
+        let t3 = store.get_task("t3").await.unwrap().unwrap();
+        assert_eq!(t3.status, TaskStatus::Queued, "one of two attempts lost");
+        let chunks = store.task_output("t1", 1, 0, 100).await.unwrap();
+        let got: Vec<_> = chunks
+            .iter()
+            .map(|c| (c.seq, c.stream, c.output.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (2, OutputStream::Stdout, "a"),
+                (
+                    3,
+                    OutputStream::Progress,
+                    r#"{"detail":{"n":1},"summary":"half"}"#
+                ),
+                (5, OutputStream::Stdout, "b"),
+            ]
+        );
+    }
+    for task in ["t1", "t2", "t3"] {
+        assert_eq!(
+            batched.list_attempts(task).await.unwrap(),
+            single.list_attempts(task).await.unwrap(),
+            "{task}"
+        );
+        assert_eq!(
+            batched.get_task(task).await.unwrap(),
+            single.get_task(task).await.unwrap(),
+            "{task}"
+        );
+    }
+    assert_eq!(
+        batched.events_after(0, 100).await.unwrap(),
+        single.events_after(0, 100).await.unwrap()
+    );
+    // Every seq applied is recorded: the next report of t1 is a duplicate up to 7.
+    let again = batched
+        .apply(&[report("d1", "t1", 1, 7, out("x"))], NOW)
+        .await
+        .unwrap();
+    assert_eq!(again, [Applied::Duplicate { last_seq: 7 }]);
+}
+
+async fn one_batch_cannot_dispatch_an_attempt_twice(db: Db) {
+    let store = db.open().await;
+    store.create_task(new_task("t1", 3), NOW).await.unwrap();
+    let got = store
+        .dispatch(
+            &[
+                dispatch("t1", 1, "d1"),
+                dispatch("t1", 1, "d2"),
+                dispatch("t1", 2, "d1"),
+                dispatch("nope", 1, "d1"),
+            ],
+            NOW,
+        )
+        .await
+        .unwrap();
+    let (task, event) = got[0].as_ref().expect("the first dispatch goes out");
+    assert_eq!(
+        (task.status, task.attempt, task.daemon_id.as_deref()),
+        (TaskStatus::Dispatched, 1, Some("d1"))
+    );
+    assert_eq!(event.kind, "task.status");
+    assert!(got[1..].iter().all(Option::is_none), "{got:?}");
+    let attempts = store.list_attempts("t1").await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].daemon_id, "d1");
+    assert!(store.dispatch(&[], NOW).await.unwrap().is_empty());
+    assert!(store.apply(&[], NOW).await.unwrap().is_empty());
+}
+
+fn key(id: &str, scopes: Vec<Scope>) -> KeyRecord {
+    KeyRecord {
+        info: ApiKey {
+            id: id.into(),
+            name: id.into(),
+            scopes,
+            created_at: "2026-11-21T00:00:00Z".into(),
+            last_used_at: None,
+            revoked_at: None,
+        },
+        hash: vec![1; 32],
+    }
+}
+
+async fn the_last_live_admin_key_stays(db: Db) {
+    use kennel_store::Revoke;
+    let store = db.open().await;
+    for k in [
+        key("admin1", vec![Scope::Admin]),
+        key("admin2", vec![Scope::Client, Scope::Admin]),
+        key("client", vec![Scope::Client]),
+    ] {
+        store.insert_key(&k).await.unwrap();
+    }
+    let revoke = |id: &'static str| {
+        let store = store.clone();
+        async move { store.revoke_key_keeping_an_admin(id, 5).await.unwrap() }
+    };
+    assert!(matches!(revoke("admin1").await, Revoke::Revoked(k) if k.revoked_at.is_some()));
+    assert!(matches!(revoke("admin2").await, Revoke::LastAdmin(k) if k.revoked_at.is_none()));
+    // Revoking again is harmless; other scopes never count.
+    assert!(matches!(revoke("admin1").await, Revoke::Revoked(_)));
+    assert!(matches!(revoke("client").await, Revoke::Revoked(_)));
+    assert_eq!(revoke("nope").await, Revoke::NotFound);
+    let live: Vec<_> = store
+        .list_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|k| k.revoked_at.is_none())
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(live, vec!["admin2".to_string()]);
+    store.touch_key("admin2", NOW).await.unwrap();
+    let found = store.find_key("admin2").await.unwrap().unwrap();
+    assert_eq!(found.info.last_used_at, Some(kennel_store::rfc3339(NOW)));
+    assert_eq!(found.info.created_at, "2026-11-21T00:00:00Z");
+}
+
+async fn daemons_register_refresh_and_drain(db: Db) {
+    let store = db.open().await;
+    let first = DaemonHello {
+        key_id: Some("k1".into()),
+        labels: BTreeMap::from([("gpu".to_string(), "yes".to_string())]),
+        remote_addr: Some("10.0.0.1:5000".into()),
+        ..hello("m1")
+    };
+    let (d, ev) = store.daemon_connected("d1", &first, NOW).await.unwrap();
+    assert_eq!(ev.kind, "daemon.connected");
+    assert_eq!(ev.data["machineId"], "m1");
+    assert!(d.connected && !d.draining);
+    assert_eq!((d.key_id.as_deref(), d.active_tasks), (Some("k1"), 0));
+    assert_eq!(d.labels.get("gpu").map(String::as_str), Some("yes"));
+    // Reconnecting with an admin key (no key id) keeps the binding; new fields replace old.
+    let again = DaemonHello {
+        max_concurrent_tasks: 5,
+        ..hello("m1")
+    };
+    let (d, _) = store.daemon_connected("d1", &again, NOW + 1).await.unwrap();
+    assert_eq!(
+        (d.key_id.as_deref(), d.max_concurrent_tasks),
+        (Some("k1"), 5)
+    );
+    assert!(d.labels.is_empty());
+    store
+        .daemon_connected("d0", &hello("m0"), NOW)
+        .await
+        .unwrap();
+    let by_machine = store.daemon_by_machine("m1").await.unwrap().unwrap();
+    assert_eq!(by_machine.id, "d1");
+    assert!(store.daemon_by_machine("m9").await.unwrap().is_none());
+
+    store.create_task(new_task("t1", 1), NOW).await.unwrap();
+    store.create_task(new_task("t2", 1), NOW).await.unwrap();
+    dispatched(store.as_ref(), "t1", 1, "d1").await;
+    let d = store.get_daemon("d1").await.unwrap().unwrap();
+    assert_eq!(d.active_tasks, 1);
+    let on_d1 = store
+        .list_tasks(&TaskFilter {
+            daemon_id: Some("d1".into()),
+            limit: 10,
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(on_d1.len(), 1);
+    let newest = store
+        .list_tasks(&TaskFilter {
+            limit: 10,
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap();
+    let before = store
+        .list_tasks(&TaskFilter {
+            before: Some(newest[0].order),
+            limit: 10,
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(before.len(), 1);
+    assert_eq!(before[0].task.id, "t1");
+
+    let (d, ev) = store
+        .set_draining("d1", true, NOW + 2)
+        .await
+        .unwrap()
+        .expect("a known daemon drains");
+    assert!(d.draining);
+    assert_eq!(
+        (ev.kind.as_str(), &ev.data["draining"]),
+        ("daemon.draining", &serde_json::json!(true))
+    );
+    assert!(store.set_draining("d9", true, NOW).await.unwrap().is_none());
+    store.daemon_seen("d1", NOW + 3).await.unwrap();
+    let ids: Vec<_> = store
+        .list_daemons()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(ids, ["d0", "d1"], "by hostname");
+
+    let ev = store
+        .daemon_disconnected("d1", "closed", NOW + 4)
+        .await
+        .unwrap();
+    assert_eq!(
+        (ev.kind.as_str(), ev.daemon_id.as_deref()),
+        ("daemon.disconnected", Some("d1"))
+    );
+    let d = store.get_daemon("d1").await.unwrap().unwrap();
+    assert!(!d.connected);
+    assert_eq!(d.last_seen_at, Some(kennel_store::rfc3339(NOW + 4)));
+    store.reset_connections(NOW + 5).await.unwrap();
+    assert!(!store.get_daemon("d0").await.unwrap().unwrap().connected);
+    assert!(store.get_daemon("d9").await.unwrap().is_none());
+    store.ping().await.unwrap();
+}
+
+async fn the_location_picks_the_backend(db: Db) {
+    let store = kennel_store::open(&db.location()).await.unwrap();
+    assert_eq!(store.backend(), db.backend());
+    store.create_task(new_task("t1", 1), NOW).await.unwrap();
+    assert!(db.open().await.get_task("t1").await.unwrap().is_some());
 }

@@ -1,0 +1,841 @@
+//! The PostgreSQL store: several coordinators on one database, each with its own [`PgStore`]
+//! (a small pool of connections), every trait call one transaction or one statement.
+//!
+//! What keeps it correct with several writers at once:
+//! - the task lifecycle ([`lifecycle`]) locks the rows it decides on before the state machine
+//!   decides, tasks in id order, so coordinators wait for each other instead of deciding on
+//!   stale facts, and one attempt can be dispatched only once;
+//! - every transaction that writes events writes them last, taking their ids from a counter
+//!   row whose lock it holds until it commits ([`insert_events`]): ids are handed out in commit
+//!   order and become visible in id order, so a reader resuming after an id (`events_after`,
+//!   SSE's `Last-Event-ID` on any coordinator) never skips one;
+//! - revoking a key locks the live keys it counts; a daemon's link is ended only by the
+//!   coordinator holding it, checked under the daemon row's lock.
+//!
+//! This module holds the SQL only: the rules are the machine's (`machine`), what rows mean is
+//! `rows`, what events say is `events`. It never logs or reports the URL's password.
+
+mod lifecycle;
+mod schema;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kennel_proto::api::{ApiKey, Attempt, Daemon, Event, OutputChunk, Task};
+use kennel_proto::TaskStatus;
+use sqlx::postgres::{
+    PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow, Postgres,
+};
+use sqlx::{Connection, Row};
+
+use crate::events::NewEvent;
+use crate::rows::{self, columns, daemon_select, to_json};
+use crate::{
+    millis_from_rfc3339, Applied, DaemonHello, Dispatch, EndAttempt, Ended, GatewayOp, GatewayRows,
+    GatewayStore, KeyRecord, Millis, NewTask, QueuedTask, Report, Result, Revoke, Store,
+    StoreError, TaskFilter,
+};
+
+/// Connections per store (per coordinator): enough for the scheduler, the daemon links' report
+/// batches and API reads to overlap, few enough that three coordinators stay far below
+/// PostgreSQL's default of 100 connections.
+const POOL_SIZE: u32 = 8;
+
+/// How long connecting, or waiting for a free connection, may take before the call fails.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection idle for longer is pinged before use, so one the server dropped meanwhile is
+/// replaced instead of failing a call; busier ones are used at once (a ping per call would
+/// double the round trips).
+const PING_WHEN_IDLE: Duration = Duration::from_secs(5);
+
+/// PostgreSQL implementation of [`Store`] and [`GatewayStore`]. Cloning shares the pool.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+rows::impl_columns!(PgRow, try_get);
+
+impl PgStore {
+    /// Whether `location` names a PostgreSQL database rather than a SQLite file.
+    pub(crate) fn handles(location: &str) -> bool {
+        location.starts_with("postgres://") || location.starts_with("postgresql://")
+    }
+
+    /// Connects to the database at `url` (`postgres://user:password@host:port/database`; the
+    /// parameter `options=-c search_path=NAME` picks the schema, which must exist) and brings
+    /// its schema up to date.
+    pub async fn connect(url: &str) -> Result<PgStore> {
+        let open_err = |e: sqlx::Error| StoreError::Open {
+            path: redact(url),
+            source: e.into(),
+        };
+        let options: PgConnectOptions = url.parse().map_err(open_err)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .min_connections(1)
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_WHEN_IDLE {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
+            .connect_with(options)
+            .await
+            .map_err(open_err)?;
+        schema::migrate(&pool).await?;
+        Ok(PgStore { pool })
+    }
+
+    /// Closes every connection; calls made afterwards fail.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Runs `query` on the pool and decodes every row it returns with `decode`.
+    async fn rows<T>(
+        &self,
+        query: Query<'_>,
+        decode: impl Fn(&PgRow) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(decode).collect()
+    }
+}
+
+/// `url` without its password and parameters, for messages.
+fn redact(url: &str) -> String {
+    let base = url.split('?').next().unwrap_or_default();
+    let Some((scheme, rest)) = base.split_once("://") else {
+        return "(a URL that does not parse)".into();
+    };
+    match rest.rsplit_once('@') {
+        Some((user, host)) => {
+            let user = user.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}@{host}")
+        }
+        None => format!("{scheme}://{rest}"),
+    }
+}
+
+type Query<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
+
+/// Decodes rows of `columns!(task)`.
+fn tasks_of(rows: &[PgRow]) -> Result<Vec<QueuedTask>> {
+    rows.iter().map(rows::task).collect()
+}
+
+/// Stores `events` at `now`, in order, and returns them with their ids.
+///
+/// Must be the last statement of its transaction: it locks the `event_ids` counter until the
+/// transaction ends, so the next writer of events takes its ids only once these are visible.
+/// Anything after it would hold up every other writer of events (and a row lock taken after it
+/// could deadlock with one taken before it elsewhere).
+async fn insert_events(
+    conn: &mut PgConnection,
+    events: Vec<NewEvent>,
+    now: Millis,
+) -> Result<Vec<Event>> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = events.len() as i64;
+    let last: i64 = sqlx::query_scalar(
+        "WITH ids AS (UPDATE event_ids SET last = last + $1 RETURNING last), \
+         stored AS (INSERT INTO events (id, kind, task_id, daemon_id, data, at) \
+         SELECT ids.last - $1 + e.n, e.kind, e.task_id, e.daemon_id, e.data, $6 \
+         FROM ids, UNNEST($2::text[], $3::text[], $4::text[], $5::text[]) \
+         WITH ORDINALITY AS e(kind, task_id, daemon_id, data, n)) \
+         SELECT last FROM ids",
+    )
+    .bind(n)
+    .bind(events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.task_id.clone()).collect::<Vec<_>>())
+    .bind(
+        events
+            .iter()
+            .map(|e| e.daemon_id.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(events.iter().map(|e| to_json(&e.data)).collect::<Vec<_>>())
+    .bind(now)
+    .fetch_one(&mut *conn)
+    .await?;
+    let first = last - n + 1;
+    Ok(events
+        .into_iter()
+        .zip(first..)
+        .map(|(e, id)| e.stored(id, now))
+        .collect())
+}
+
+/// Loads one daemon with its live task count.
+async fn load_daemon(conn: &mut PgConnection, id: &str) -> Result<Daemon> {
+    let row = sqlx::query(&daemon_select("WHERE d.id = $1"))
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let row = row.ok_or_else(|| {
+        StoreError::Corrupt(format!("daemon {id} vanished while it was being stored"))
+    })?;
+    rows::daemon(&row)
+}
+
+/// Records a daemon's link as ended, with its event.
+async fn disconnect(
+    conn: &mut PgConnection,
+    daemon_id: &str,
+    reason: &str,
+    now: Millis,
+) -> Result<Event> {
+    sqlx::query(
+        "WITH s AS (UPDATE daemon_sessions SET disconnected_at = $1, reason = $2 \
+         WHERE daemon_id = $3 AND disconnected_at IS NULL) \
+         UPDATE daemons SET connected = FALSE, coordinator_id = NULL, last_seen_at = $1 \
+         WHERE id = $3",
+    )
+    .bind(now)
+    .bind(reason)
+    .bind(daemon_id)
+    .execute(&mut *conn)
+    .await?;
+    let event = NewEvent::daemon_disconnected(daemon_id, reason);
+    let mut events = insert_events(conn, vec![event], now).await?;
+    events
+        .pop()
+        .ok_or_else(|| StoreError::Corrupt("an event was not stored".into()))
+}
+
+/// Revokes a key (keeping the time of an earlier revocation) and returns it.
+const REVOKE_KEY: &str = concat!(
+    "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2 RETURNING ",
+    columns!(key)
+);
+
+#[async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn create_task(&self, t: NewTask, now: Millis) -> Result<(QueuedTask, Event)> {
+        let task = t.queued(now);
+        let event = NewEvent::task_created(&task);
+        // One statement: the task, and its event with the next id (see `insert_events`).
+        let row = sqlx::query(
+            "WITH t AS (INSERT INTO tasks (id, name, prompt, repo_url, base_branch, agent, \
+             labels, priority, env, timeout_secs, max_attempts, status, attempt, created_at, \
+             updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 0, $13, \
+             $13) RETURNING seq), \
+             ids AS (UPDATE event_ids SET last = last + 1 RETURNING last), \
+             e AS (INSERT INTO events (id, kind, task_id, data, at) \
+             SELECT last, $14, $1, $15, $13 FROM ids) \
+             SELECT t.seq, ids.last FROM t, ids",
+        )
+        .bind(&task.id)
+        .bind(&task.name)
+        .bind(&task.prompt)
+        .bind(task.repo.as_ref().map(|r| r.url.as_str()))
+        .bind(task.repo.as_ref().map(|r| r.base_branch.as_str()))
+        .bind(&task.agent)
+        .bind(to_json(&task.labels))
+        .bind(i64::from(task.priority))
+        .bind(to_json(&task.env))
+        .bind(task.timeout_secs.map(|v| v as i64))
+        .bind(i64::from(task.max_attempts))
+        .bind(task.status.as_str())
+        .bind(now)
+        .bind(&event.kind)
+        .bind(to_json(&event.data))
+        .fetch_one(&self.pool)
+        .await?;
+        let (order, id): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        Ok((QueuedTask { order, task }, event.stored(id, now)))
+    }
+
+    async fn get_task(&self, id: &str) -> Result<Option<Task>> {
+        let query = sqlx::query(concat!(
+            "SELECT ",
+            columns!(task),
+            " FROM tasks WHERE id = $1"
+        ))
+        .bind(id);
+        Ok(self.rows(query, rows::task).await?.pop().map(|q| q.task))
+    }
+
+    async fn list_tasks(&self, f: &TaskFilter) -> Result<Vec<QueuedTask>> {
+        let mut sql = String::from(concat!("SELECT ", columns!(task), " FROM tasks WHERE TRUE"));
+        let mut n = 0;
+        let mut and = |sql: &mut String, condition: &str| {
+            n += 1;
+            sql.push_str(&format!(" AND {condition} ${n}"));
+        };
+        if f.status.is_some() {
+            and(&mut sql, "status =");
+        }
+        if f.daemon_id.is_some() {
+            and(&mut sql, "daemon_id =");
+        }
+        if f.before.is_some() {
+            and(&mut sql, "seq <");
+        }
+        sql.push_str(&format!(" ORDER BY seq DESC LIMIT ${}", n + 1));
+        let mut query = sqlx::query(&sql);
+        if let Some(status) = f.status {
+            query = query.bind(status.as_str());
+        }
+        if let Some(daemon) = &f.daemon_id {
+            query = query.bind(daemon);
+        }
+        if let Some(before) = f.before {
+            query = query.bind(before);
+        }
+        self.rows(query.bind(i64::from(f.limit)), rows::task).await
+    }
+
+    async fn list_attempts(&self, task_id: &str) -> Result<Vec<Attempt>> {
+        let query = sqlx::query(concat!(
+            "SELECT ",
+            columns!(attempt),
+            " FROM attempts WHERE task_id = $1 ORDER BY attempt"
+        ));
+        self.rows(query.bind(task_id), rows::attempt).await
+    }
+
+    async fn queued_tasks(&self) -> Result<Vec<QueuedTask>> {
+        let query = sqlx::query(concat!(
+            "SELECT ",
+            columns!(task),
+            " FROM tasks WHERE status = $1 ORDER BY seq"
+        ));
+        let queued = TaskStatus::Queued.as_str();
+        self.rows(query.bind(queued), rows::task).await
+    }
+
+    async fn active_tasks(&self) -> Result<Vec<Task>> {
+        let sql = rows::active_tasks_select();
+        let tasks = self.rows(sqlx::query(&sql), rows::task).await?;
+        Ok(tasks.into_iter().map(|q| q.task).collect())
+    }
+
+    async fn count_tasks(&self) -> Result<BTreeMap<TaskStatus, u64>> {
+        let rows = sqlx::query("SELECT status, COUNT(*) FROM tasks GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = BTreeMap::new();
+        for row in &rows {
+            let status: String = row.try_get(0)?;
+            let n: i64 = row.try_get(1)?;
+            out.insert(rows::status(&status)?, n as u64);
+        }
+        Ok(out)
+    }
+
+    async fn dispatch(
+        &self,
+        batch: &[Dispatch],
+        now: Millis,
+    ) -> Result<Vec<Option<(Task, Event)>>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await?;
+        let out = lifecycle::dispatch(&mut tx, batch, now).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn apply(&self, batch: &[Report], now: Millis) -> Result<Vec<Applied>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await?;
+        let out = lifecycle::apply(&mut tx, batch, now).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn end_attempt(&self, end: &EndAttempt<'_>, now: Millis) -> Result<Option<Ended>> {
+        let mut tx = self.pool.begin().await?;
+        let out = lifecycle::end_attempt(&mut tx, end, now).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn cancel_queued(&self, task_id: &str, now: Millis) -> Result<Option<Ended>> {
+        let (status, why) = (TaskStatus::Cancelled, "cancelled before it ran");
+        let mut tx = self.pool.begin().await?;
+        let out = lifecycle::end_queued(&mut tx, task_id, status, why, now).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn fail_queued(&self, task_id: &str, reason: &str, now: Millis) -> Result<Option<Ended>> {
+        let mut tx = self.pool.begin().await?;
+        let out = lifecycle::end_queued(&mut tx, task_id, TaskStatus::Failed, reason, now).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn set_paused(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        paused: bool,
+        now: Millis,
+    ) -> Result<Option<Ended>> {
+        let mut tx = self.pool.begin().await?;
+        let out = lifecycle::set_paused(&mut tx, task_id, attempt, paused, now).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn task_output(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<OutputChunk>> {
+        let query = sqlx::query(concat!(
+            "SELECT ",
+            columns!(output),
+            " FROM task_output WHERE task_id = $1 AND attempt = $2 AND seq > $3 \
+             ORDER BY seq LIMIT $4"
+        ))
+        .bind(task_id)
+        .bind(i64::from(attempt))
+        .bind(after_seq as i64)
+        .bind(i64::from(limit));
+        self.rows(query, |row| rows::output(row, task_id, attempt))
+            .await
+    }
+
+    async fn daemon_connected(
+        &self,
+        daemon_id: &str,
+        h: &DaemonHello,
+        now: Millis,
+    ) -> Result<(Daemon, Event)> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "WITH d AS (INSERT INTO daemons (id, machine_id, hostname, max_concurrent_tasks, \
+             labels, agents, version, protocol_version, connected, connected_at, last_seen_at, \
+             key_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, TRUE, $9, $9, $10) \
+             ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, \
+             max_concurrent_tasks = excluded.max_concurrent_tasks, labels = excluded.labels, \
+             agents = excluded.agents, version = excluded.version, \
+             protocol_version = excluded.protocol_version, connected = TRUE, \
+             connected_at = excluded.connected_at, last_seen_at = excluded.last_seen_at, \
+             key_id = COALESCE(excluded.key_id, daemons.key_id)) \
+             INSERT INTO daemon_sessions (daemon_id, remote_addr, connected_at) \
+             VALUES ($1, $11, $9)",
+        )
+        .bind(daemon_id)
+        .bind(&h.machine_id)
+        .bind(&h.hostname)
+        .bind(i64::from(h.max_concurrent_tasks))
+        .bind(to_json(&h.labels))
+        .bind(to_json(&h.agents))
+        .bind(&h.version)
+        .bind(i64::from(h.protocol_version))
+        .bind(now)
+        .bind(&h.key_id)
+        .bind(&h.remote_addr)
+        .execute(&mut *tx)
+        .await?;
+        let daemon = load_daemon(&mut tx, daemon_id).await?;
+        let event = NewEvent::daemon_connected(daemon_id, h);
+        let mut events = insert_events(&mut tx, vec![event], now).await?;
+        tx.commit().await?;
+        let event = events
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt("an event was not stored".into()))?;
+        Ok((daemon, event))
+    }
+
+    async fn daemon_disconnected(
+        &self,
+        daemon_id: &str,
+        reason: &str,
+        now: Millis,
+    ) -> Result<Event> {
+        let mut tx = self.pool.begin().await?;
+        let event = disconnect(&mut tx, daemon_id, reason, now).await?;
+        tx.commit().await?;
+        Ok(event)
+    }
+
+    async fn daemon_held_by(&self, daemon_id: &str, coordinator: &str) -> Result<()> {
+        sqlx::query("UPDATE daemons SET coordinator_id = $1 WHERE id = $2")
+            .bind(coordinator)
+            .bind(daemon_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn daemon_left(
+        &self,
+        daemon_id: &str,
+        coordinator: &str,
+        reason: &str,
+        now: Millis,
+    ) -> Result<Option<Event>> {
+        let mut tx = self.pool.begin().await?;
+        let held: Option<Option<String>> =
+            sqlx::query_scalar("SELECT coordinator_id FROM daemons WHERE id = $1 FOR UPDATE")
+                .bind(daemon_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if matches!(&held, Some(Some(c)) if c != coordinator) {
+            return Ok(None);
+        }
+        let event = disconnect(&mut tx, daemon_id, reason, now).await?;
+        tx.commit().await?;
+        Ok(Some(event))
+    }
+
+    async fn coordinator_seen(&self, coordinator: &str, now: Millis) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO coordinators (id, started_at, seen_at) VALUES ($1, $2, $2) \
+             ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
+        )
+        .bind(coordinator)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn stranded_daemons(&self, before: Millis) -> Result<Vec<Daemon>> {
+        let sql = daemon_select(
+            "LEFT JOIN coordinators c ON c.id = d.coordinator_id \
+             WHERE d.connected AND (c.id IS NULL OR c.seen_at < $1) ORDER BY d.id",
+        );
+        self.rows(sqlx::query(&sql).bind(before), rows::daemon)
+            .await
+    }
+
+    async fn lease(&self, name: &str, holder: &str, now: Millis, ttl_ms: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO leases (name, holder, until) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
+             until = excluded.until WHERE leases.holder = excluded.holder \
+             OR leases.until < $4",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(now.saturating_add(ttl_ms))
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn daemon_seen(&self, daemon_id: &str, now: Millis) -> Result<()> {
+        sqlx::query("UPDATE daemons SET last_seen_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(daemon_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_draining(
+        &self,
+        daemon_id: &str,
+        draining: bool,
+        now: Millis,
+    ) -> Result<Option<(Daemon, Event)>> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("UPDATE daemons SET draining = $1 WHERE id = $2")
+            .bind(draining)
+            .bind(daemon_id)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let daemon = load_daemon(&mut tx, daemon_id).await?;
+        let event = NewEvent::daemon_draining(daemon_id, draining);
+        let mut events = insert_events(&mut tx, vec![event], now).await?;
+        tx.commit().await?;
+        Ok(events.pop().map(|event| (daemon, event)))
+    }
+
+    async fn get_daemon(&self, daemon_id: &str) -> Result<Option<Daemon>> {
+        let sql = daemon_select("WHERE d.id = $1");
+        let query = sqlx::query(&sql).bind(daemon_id);
+        Ok(self.rows(query, rows::daemon).await?.pop())
+    }
+
+    async fn daemon_by_machine(&self, machine_id: &str) -> Result<Option<Daemon>> {
+        let sql = daemon_select("WHERE d.machine_id = $1");
+        let query = sqlx::query(&sql).bind(machine_id);
+        Ok(self.rows(query, rows::daemon).await?.pop())
+    }
+
+    async fn list_daemons(&self) -> Result<Vec<Daemon>> {
+        let sql = daemon_select("ORDER BY d.hostname, d.id");
+        self.rows(sqlx::query(&sql), rows::daemon).await
+    }
+
+    async fn reset_connections(&self, now: Millis) -> Result<()> {
+        sqlx::query(
+            "WITH s AS (UPDATE daemon_sessions SET disconnected_at = $1, \
+             reason = 'coordinator restarted' WHERE disconnected_at IS NULL) \
+             UPDATE daemons SET connected = FALSE WHERE connected",
+        )
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_key(&self, key: &KeyRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, name, hash, scopes, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&key.info.id)
+        .bind(&key.info.name)
+        .bind(&key.hash)
+        .bind(to_json(&key.info.scopes))
+        .bind(millis_from_rfc3339(&key.info.created_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn find_key(&self, id: &str) -> Result<Option<KeyRecord>> {
+        let query = sqlx::query(concat!(
+            "SELECT ",
+            columns!(key),
+            " FROM api_keys WHERE id = $1"
+        ));
+        Ok(self.rows(query.bind(id), rows::key).await?.pop())
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ApiKey>> {
+        let query = sqlx::query(concat!(
+            "SELECT ",
+            columns!(key),
+            " FROM api_keys ORDER BY created_at, id"
+        ));
+        self.rows(query, |row| Ok(rows::key(row)?.info)).await
+    }
+
+    async fn revoke_key(&self, id: &str, now: Millis) -> Result<Option<ApiKey>> {
+        let query = sqlx::query(REVOKE_KEY).bind(now).bind(id);
+        Ok(self.rows(query, rows::key).await?.pop().map(|k| k.info))
+    }
+
+    async fn revoke_key_keeping_an_admin(&self, id: &str, now: Millis) -> Result<Revoke> {
+        let mut tx = self.pool.begin().await?;
+        // The key and every live key, locked: two admins revoking each other's keys at once
+        // are decided one after the other, the second on what the first left.
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(key),
+            " FROM api_keys WHERE id = $1 OR revoked_at IS NULL ORDER BY id FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let keys: Vec<KeyRecord> = rows.iter().map(rows::key).collect::<Result<_>>()?;
+        let Some(key) = keys.iter().find(|k| k.info.id == id) else {
+            return Ok(Revoke::NotFound);
+        };
+        let live: Vec<KeyRecord> = keys
+            .iter()
+            .filter(|k| k.info.revoked_at.is_none())
+            .cloned()
+            .collect();
+        if Revoke::is_last_admin(key, &live) {
+            return Ok(Revoke::LastAdmin(key.info.clone()));
+        }
+        let row = sqlx::query(REVOKE_KEY)
+            .bind(now)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let revoked = row.as_ref().map(rows::key).transpose()?;
+        tx.commit().await?;
+        Ok(revoked.map_or(Revoke::NotFound, |k| Revoke::Revoked(k.info)))
+    }
+
+    async fn touch_key(&self, id: &str, now: Millis) -> Result<()> {
+        sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn count_keys(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+
+    async fn record_event(
+        &self,
+        kind: &str,
+        task_id: Option<&str>,
+        daemon_id: Option<&str>,
+        data: serde_json::Value,
+        now: Millis,
+    ) -> Result<Event> {
+        let event = NewEvent::new(kind, task_id, daemon_id, data);
+        let mut conn = self.pool.acquire().await?;
+        let mut events = insert_events(&mut conn, vec![event], now).await?;
+        events
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt("an event was not stored".into()))
+    }
+
+    async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<Event>> {
+        let query = sqlx::query(concat!(
+            "SELECT ",
+            columns!(event),
+            " FROM events WHERE id > $1 ORDER BY id LIMIT $2"
+        ));
+        let query = query.bind(after_id).bind(i64::from(limit));
+        self.rows(query, rows::event).await
+    }
+
+    async fn last_event_id(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT last FROM event_ids")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+}
+
+#[async_trait]
+impl GatewayStore for PgStore {
+    async fn gateway_state(&self, heartbeats: u32, incidents: u32) -> Result<GatewayRows> {
+        let mut conn = self.pool.acquire().await?;
+        let kv = sqlx::query_as("SELECT key, value FROM gateway_kv ORDER BY key")
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut rows = GatewayRows {
+            kv,
+            ..GatewayRows::default()
+        };
+        for (table, keep, out) in [
+            ("gateway_heartbeats", heartbeats, &mut rows.heartbeats),
+            ("gateway_incidents", incidents, &mut rows.incidents),
+        ] {
+            let sql = format!(
+                "SELECT body FROM (SELECT id, body FROM {table} ORDER BY id DESC LIMIT $1) \
+                 AS newest ORDER BY id"
+            );
+            *out = sqlx::query_scalar(&sql)
+                .bind(i64::from(keep))
+                .fetch_all(&mut *conn)
+                .await?;
+        }
+        Ok(rows)
+    }
+
+    async fn gateway_write(&self, ops: Vec<GatewayOp>) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for op in &ops {
+            let (sql, a, b): (&str, Option<&str>, Option<&str>) = match op {
+                GatewayOp::Put(k, v) => (
+                    "INSERT INTO gateway_kv (key, value) VALUES ($1, $2) \
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    Some(k),
+                    Some(v),
+                ),
+                GatewayOp::Delete(k) => ("DELETE FROM gateway_kv WHERE key = $1", Some(k), None),
+                GatewayOp::Heartbeat { body, keep } => {
+                    append_capped(&mut tx, "gateway_heartbeats", body, *keep).await?;
+                    continue;
+                }
+                GatewayOp::Incident { body, keep } => {
+                    append_capped(&mut tx, "gateway_incidents", body, *keep).await?;
+                    continue;
+                }
+                GatewayOp::ClearHeartbeats => ("DELETE FROM gateway_heartbeats", None, None),
+                GatewayOp::ClearIncidents => ("DELETE FROM gateway_incidents", None, None),
+            };
+            let mut query = sqlx::query(sql);
+            for value in [a, b].into_iter().flatten() {
+                query = query.bind(value);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Appends `body` to a gateway log table and keeps only its newest `keep` rows.
+async fn append_capped(conn: &mut PgConnection, table: &str, body: &str, keep: u32) -> Result<()> {
+    sqlx::query(&format!("INSERT INTO {table} (body) VALUES ($1)"))
+        .bind(body)
+        .execute(&mut *conn)
+        .await?;
+    let sql = format!("DELETE FROM {table} WHERE id <= (SELECT MAX(id) FROM {table}) - $1");
+    sqlx::query(&sql)
+        .bind(i64::from(keep))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_show_the_url_without_its_password_or_parameters() {
+        let cases = [
+            (
+                "postgres://kennel:s3cret@db.example:5432/kennel?options=-c%20search_path%3Dk",
+                "postgres://kennel@db.example:5432/kennel",
+            ),
+            ("postgresql://u:p@ss/w@rd@host/db", "postgresql://u@host/db"),
+            (
+                "postgres://root@127.0.0.1/test",
+                "postgres://root@127.0.0.1/test",
+            ),
+            ("postgres://host/db?password=x", "postgres://host/db"),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(redact(url), shown, "{url}");
+        }
+    }
+
+    /// Connecting can run on a spawned task (the future is `Send`, which a careless use of
+    /// sqlx's executors breaks); checked when the tests compile.
+    #[allow(dead_code)]
+    fn connecting_is_spawnable() {
+        fn spawnable<F: std::future::Future + Send + 'static>(_: F) {}
+        spawnable(async { PgStore::connect("postgres://h/db").await.map(drop) });
+        spawnable(async { crate::open("postgres://h/db").await.map(drop) });
+    }
+
+    #[test]
+    fn postgres_urls_pick_postgres_and_anything_else_is_a_file() {
+        assert!(PgStore::handles("postgres://h/db"));
+        assert!(PgStore::handles("postgresql://h/db"));
+        assert!(!PgStore::handles("/var/lib/kennel/kennel.db"));
+        assert!(!PgStore::handles("postgres.db"));
+    }
+}

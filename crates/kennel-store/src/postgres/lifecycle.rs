@@ -1,0 +1,487 @@
+//! The task lifecycle on PostgreSQL: dispatches, daemon reports, server-side ends, pause and
+//! resume, and the end of queued tasks, each inside the caller's transaction.
+//!
+//! Every function first locks the rows it decides on and reads their facts in the same
+//! statement: task rows in id order (and, for reports, then their attempt rows), so that
+//! coordinators writing at once wait for each other instead of deciding on stale facts, and
+//! two transactions locking overlapping sets cannot deadlock. Every transaction that changes
+//! an attempt holds its task's lock first. Then [`machine`] decides and the verdict is written;
+//! events come last ([`insert_events`]). Nothing here decides a transition itself.
+//!
+//! A batch is decided in memory before it is written: the facts a decision changes are
+//! carried forward to the next item of the batch ([`AttemptFacts::after`],
+//! [`TaskFacts::dispatched`]), and the writes go in a few statements for the whole batch.
+
+use std::collections::HashMap;
+
+use kennel_proto::api::{Event, Task};
+use kennel_proto::TaskStatus;
+use sqlx::postgres::PgConnection;
+
+use super::{insert_events, tasks_of, Query};
+use crate::events::NewEvent;
+use crate::machine::{self, AttemptFacts, Change, Ending, Outcome, Step, TaskAfter, TaskFacts};
+use crate::rows::{self, columns};
+use crate::{Applied, Dispatch, EndAttempt, Ended, Millis, Report, Result, StoreError};
+
+/// Locks the tasks `ids` in id order and reads their facts; a task that does not exist is
+/// missing from the answer.
+async fn lock_tasks(
+    conn: &mut PgConnection,
+    ids: Vec<String>,
+) -> Result<HashMap<String, TaskFacts>> {
+    let rows = sqlx::query(concat!(
+        "SELECT ",
+        columns!(task_facts),
+        ", id FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+    ))
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut facts = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        facts.insert(rows::Columns::text(row, 4)?, rows::task_facts(row, 0)?);
+    }
+    Ok(facts)
+}
+
+/// Locks one task and reads its facts; `None` when there is no such task.
+async fn lock_task(conn: &mut PgConnection, id: &str) -> Result<Option<TaskFacts>> {
+    Ok(lock_tasks(conn, vec![id.to_string()]).await?.remove(id))
+}
+
+/// Runs a statement that returns at most one `columns!(task)` row.
+async fn one_task(conn: &mut PgConnection, query: Query<'_>) -> Result<Option<Task>> {
+    let mut tasks = tasks_of(&query.fetch_all(&mut *conn).await?)?;
+    Ok(tasks.pop().map(|q| q.task))
+}
+
+/// Records the `task.status` event of a changed task; what a server-side change answers.
+async fn ended(conn: &mut PgConnection, task: Option<Task>, now: Millis) -> Result<Option<Ended>> {
+    let Some(task) = task else {
+        return Ok(None);
+    };
+    let events = insert_events(conn, vec![NewEvent::task_status(&task)], now).await?;
+    Ok(Some(Ended { task, events }))
+}
+
+/// See [`crate::Store::dispatch`].
+pub(super) async fn dispatch(
+    conn: &mut PgConnection,
+    batch: &[Dispatch],
+    now: Millis,
+) -> Result<Vec<Option<(Task, Event)>>> {
+    let ids = batch.iter().map(|d| d.task_id.clone()).collect();
+    let mut facts = lock_tasks(conn, ids).await?;
+    // The dispatches the machine lets go out, by their place in the batch.
+    let mut out: Vec<Option<Step>> = Vec::with_capacity(batch.len());
+    for d in batch {
+        let step = facts.get_mut(&d.task_id).and_then(|f| {
+            let to = machine::dispatch(f, d.attempt)?;
+            *f = f.dispatched(d.attempt, to);
+            Some(to)
+        });
+        out.push(step);
+    }
+    let going: Vec<(&Dispatch, Step)> = batch
+        .iter()
+        .zip(&out)
+        .filter_map(|(d, step)| step.map(|s| (d, s)))
+        .collect();
+    if going.is_empty() {
+        return Ok(vec![None; batch.len()]);
+    }
+    let column = |f: fn(&(&Dispatch, Step)) -> String| going.iter().map(f).collect::<Vec<_>>();
+    let written = sqlx::query(concat!(
+        "WITH d AS (SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], \
+         $5::text[]) AS d(tid, n, holder, task_status, attempt_status)), \
+         a AS (INSERT INTO attempts (task_id, attempt, daemon_id, status, dispatched_at) \
+         SELECT tid, n, holder, attempt_status, $6 FROM d) \
+         UPDATE tasks SET status = d.task_status, attempt = d.n, daemon_id = d.holder, \
+         updated_at = $6, error = NULL FROM d WHERE id = d.tid RETURNING ",
+        columns!(task)
+    ))
+    .bind(column(|(d, _)| d.task_id.clone()))
+    .bind(
+        going
+            .iter()
+            .map(|(d, _)| i64::from(d.attempt))
+            .collect::<Vec<_>>(),
+    )
+    .bind(column(|(d, _)| d.daemon_id.clone()))
+    .bind(column(|(_, s)| s.task.as_str().to_string()))
+    .bind(column(|(_, s)| s.attempt.as_str().to_string()))
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut tasks: HashMap<String, Task> = tasks_of(&written)?
+        .into_iter()
+        .map(|q| (q.task.id.clone(), q.task))
+        .collect();
+    let mut dispatched = Vec::with_capacity(going.len());
+    for (d, _) in &going {
+        let task = tasks.remove(&d.task_id).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "task {} vanished while it was dispatched",
+                d.task_id
+            ))
+        })?;
+        dispatched.push(task);
+    }
+    let events = dispatched.iter().map(NewEvent::task_status).collect();
+    let mut events = insert_events(conn, events, now).await?.into_iter();
+    let mut dispatched = dispatched.into_iter();
+    Ok(out
+        .into_iter()
+        .map(|step| {
+            step?;
+            Some((dispatched.next()?, events.next()?))
+        })
+        .collect())
+}
+
+/// The facts of one report's attempt and task, as locked and as carried forward.
+#[derive(Default)]
+struct Facts {
+    tasks: HashMap<String, TaskFacts>,
+    attempts: HashMap<(String, u32), AttemptFacts>,
+}
+
+impl Facts {
+    fn get(&self, r: &Report) -> Option<AttemptFacts> {
+        let attempt = self.attempts.get(&(r.task_id.clone(), r.attempt))?;
+        let task = *self.tasks.get(&r.task_id)?;
+        Some(AttemptFacts {
+            task,
+            ..attempt.clone()
+        })
+    }
+
+    fn set(&mut self, r: &Report, facts: AttemptFacts) {
+        self.tasks.insert(r.task_id.clone(), facts.task);
+        self.attempts.insert((r.task_id.clone(), r.attempt), facts);
+    }
+}
+
+/// Locks the tasks and attempts `batch` reports on and reads their facts.
+async fn lock_attempts(conn: &mut PgConnection, batch: &[Report]) -> Result<Facts> {
+    let mut wanted: Vec<(&str, u32)> = batch
+        .iter()
+        .map(|r| (r.task_id.as_str(), r.attempt))
+        .collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let rows = sqlx::query(concat!(
+        "SELECT ",
+        columns!(attempt_facts),
+        ", a.task_id, a.attempt FROM UNNEST($1::text[], $2::bigint[]) AS w(tid, n) \
+         JOIN tasks t ON t.id = w.tid JOIN attempts a ON a.task_id = w.tid AND a.attempt = w.n \
+         ORDER BY t.id, a.attempt FOR UPDATE OF t, a"
+    ))
+    .bind(
+        wanted
+            .iter()
+            .map(|(t, _)| t.to_string())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        wanted
+            .iter()
+            .map(|(_, n)| i64::from(*n))
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut facts = Facts::default();
+    for row in &rows {
+        let f = rows::attempt_facts(row, 0)?;
+        let task_id = rows::Columns::text(row, 7)?;
+        let attempt = rows::Columns::int(row, 8)? as u32;
+        facts.tasks.insert(task_id.clone(), f.task);
+        facts.attempts.insert((task_id, attempt), f);
+    }
+    Ok(facts)
+}
+
+/// Chunks of output to store, column by column (for `UNNEST`).
+#[derive(Default)]
+struct Chunks {
+    task_ids: Vec<String>,
+    attempts: Vec<i64>,
+    seqs: Vec<i64>,
+    streams: Vec<String>,
+    texts: Vec<String>,
+    partial: Vec<bool>,
+}
+
+/// What a batch of reports writes beyond its status changes: output and applied seqs.
+#[derive(Default)]
+struct Appended {
+    output: Chunks,
+    /// The highest seq applied per attempt.
+    seqs: HashMap<(String, u32), u64>,
+}
+
+impl Appended {
+    fn chunk(&mut self, r: &Report, chunk: &machine::Chunk<'_>) {
+        let (stream, text, is_partial) = rows::stored_chunk(chunk);
+        let o = &mut self.output;
+        o.task_ids.push(r.task_id.clone());
+        o.attempts.push(i64::from(r.attempt));
+        o.seqs.push(r.seq as i64);
+        o.streams.push(stream.as_str().to_string());
+        o.texts.push(text.into_owned());
+        o.partial.push(is_partial);
+    }
+
+    /// Stores the output and the seqs, in one statement.
+    async fn write(self, conn: &mut PgConnection, now: Millis) -> Result<()> {
+        if self.seqs.is_empty() {
+            return Ok(());
+        }
+        let (tasks, attempts, seqs): (Vec<String>, Vec<i64>, Vec<i64>) = self
+            .seqs
+            .into_iter()
+            .map(|((t, a), s)| (t, i64::from(a), s as i64))
+            .fold(Default::default(), |mut acc, (t, a, s)| {
+                acc.0.push(t);
+                acc.1.push(a);
+                acc.2.push(s);
+                acc
+            });
+        let o = self.output;
+        sqlx::query(
+            "WITH o AS (INSERT INTO task_output \
+             (task_id, attempt, seq, stream, output, is_partial, at) \
+             SELECT tid, n, seq, stream, output, partial, $7 FROM UNNEST($1::text[], \
+             $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::bool[]) \
+             AS o(tid, n, seq, stream, output, partial)) \
+             UPDATE attempts SET last_seq = s.seq FROM UNNEST($8::text[], $9::bigint[], \
+             $10::bigint[]) AS s(tid, n, seq) WHERE task_id = s.tid AND attempt = s.n",
+        )
+        .bind(o.task_ids)
+        .bind(o.attempts)
+        .bind(o.seqs)
+        .bind(o.streams)
+        .bind(o.texts)
+        .bind(o.partial)
+        .bind(now)
+        .bind(tasks)
+        .bind(attempts)
+        .bind(seqs)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// See [`crate::Store::apply`].
+pub(super) async fn apply(
+    conn: &mut PgConnection,
+    batch: &[Report],
+    now: Millis,
+) -> Result<Vec<Applied>> {
+    let mut facts = lock_attempts(conn, batch).await?;
+    let mut appended = Appended::default();
+    let mut out = Vec::with_capacity(batch.len());
+    // The status event of each changed task, by its report's place in the batch.
+    let mut changed = Vec::new();
+    for r in batch {
+        let now_facts = facts.get(r);
+        let change = match machine::report(now_facts.as_ref(), r).into_change(r) {
+            Ok(change) => change,
+            Err(answer) => {
+                out.push(answer);
+                continue;
+            }
+        };
+        if let Some(f) = &now_facts {
+            facts.set(r, f.after(r.seq, &change));
+        }
+        appended.seqs.insert((r.task_id.clone(), r.attempt), r.seq);
+        let task = match change {
+            Change::Seq => None,
+            Change::Output(chunk) => {
+                appended.chunk(r, &chunk);
+                None
+            }
+            Change::Live { to, started } => write_live(conn, r, to, started, now).await?,
+            Change::End(ending) => write_ending(conn, &r.task_id, r.attempt, &ending, now).await?,
+            Change::Finish { to, outcome } => write_finish(conn, r, to, &outcome, now).await?,
+        };
+        if let Some(task) = &task {
+            changed.push((out.len(), NewEvent::task_status(task)));
+        }
+        out.push(Applied::Done {
+            events: Vec::new(),
+            task: task.map(Box::new),
+        });
+    }
+    appended.write(conn, now).await?;
+    let (at, events): (Vec<usize>, Vec<NewEvent>) = changed.into_iter().unzip();
+    let events = insert_events(conn, events, now).await?;
+    for (i, event) in at.into_iter().zip(events) {
+        if let Applied::Done { events, .. } = &mut out[i] {
+            events.push(event);
+        }
+    }
+    Ok(out)
+}
+
+/// Moves a live attempt and its task to `to`; returns the task after.
+async fn write_live(
+    conn: &mut PgConnection,
+    r: &Report,
+    to: Step,
+    started: bool,
+    now: Millis,
+) -> Result<Option<Task>> {
+    let query = sqlx::query(concat!(
+        "WITH a AS (UPDATE attempts SET status = $1, started_at = COALESCE(started_at, $2) \
+         WHERE task_id = $3 AND attempt = $4) \
+         UPDATE tasks SET status = $5, updated_at = $6 WHERE id = $3 RETURNING ",
+        columns!(task)
+    ))
+    .bind(to.attempt.as_str())
+    .bind(started.then_some(now))
+    .bind(&r.task_id)
+    .bind(i64::from(r.attempt))
+    .bind(to.task.as_str())
+    .bind(now);
+    one_task(conn, query).await
+}
+
+/// Ends the attempt and its task as the agent finished, with what it reported; returns the
+/// task after.
+async fn write_finish(
+    conn: &mut PgConnection,
+    r: &Report,
+    to: Step,
+    outcome: &Outcome<'_>,
+    now: Millis,
+) -> Result<Option<Task>> {
+    let query = sqlx::query(concat!(
+        "WITH a AS (UPDATE attempts SET status = $1, finished_at = $2, error = $3, \
+         started_at = COALESCE(started_at, $2) WHERE task_id = $4 AND attempt = $5) \
+         UPDATE tasks SET status = $6, updated_at = $2, finished_at = $2, error = $3, \
+         exit_code = $7, branch = $8, commit_sha = $9 WHERE id = $4 RETURNING ",
+        columns!(task)
+    ))
+    .bind(to.attempt.as_str())
+    .bind(now)
+    .bind(outcome.error)
+    .bind(&r.task_id)
+    .bind(i64::from(r.attempt))
+    .bind(to.task.as_str())
+    .bind(outcome.exit_code.map(i64::from))
+    .bind(outcome.branch)
+    .bind(outcome.commit);
+    one_task(conn, query).await
+}
+
+/// Writes how an attempt ended and what became of its task; returns the task after.
+async fn write_ending(
+    conn: &mut PgConnection,
+    task_id: &str,
+    attempt: u32,
+    ending: &Ending,
+    now: Millis,
+) -> Result<Option<Task>> {
+    let (sql, status) = match ending.task {
+        TaskAfter::Requeued => (
+            concat!(
+                "WITH a AS (UPDATE attempts SET status = $1, finished_at = $2, error = $3 \
+                 WHERE task_id = $4 AND attempt = $5) \
+                 UPDATE tasks SET status = $6, daemon_id = NULL, updated_at = $2, error = $7, \
+                 returned_attempts = returned_attempts + $8 WHERE id = $4 RETURNING ",
+                columns!(task)
+            ),
+            TaskStatus::Queued,
+        ),
+        TaskAfter::Ended(status) => (
+            concat!(
+                "WITH a AS (UPDATE attempts SET status = $1, finished_at = $2, error = $3 \
+                 WHERE task_id = $4 AND attempt = $5) \
+                 UPDATE tasks SET status = $6, updated_at = $2, finished_at = $2, error = $7, \
+                 returned_attempts = returned_attempts + $8 WHERE id = $4 RETURNING ",
+                columns!(task)
+            ),
+            status,
+        ),
+    };
+    let query = sqlx::query(sql)
+        .bind(ending.attempt.as_str())
+        .bind(now)
+        .bind(&ending.reason)
+        .bind(task_id)
+        .bind(i64::from(attempt))
+        .bind(status.as_str())
+        .bind(&ending.error)
+        .bind(i64::from(ending.returned));
+    one_task(conn, query).await
+}
+
+/// See [`crate::Store::end_attempt`].
+pub(super) async fn end_attempt(
+    conn: &mut PgConnection,
+    end: &EndAttempt<'_>,
+    now: Millis,
+) -> Result<Option<Ended>> {
+    let facts = lock_task(conn, end.task_id).await?;
+    let Some(ending) = facts.and_then(|f| machine::end_attempt(&f, end)) else {
+        return Ok(None);
+    };
+    let task = write_ending(conn, end.task_id, end.attempt, &ending, now).await?;
+    ended(conn, task, now).await
+}
+
+/// Ends a task that is still queued as `status`; see [`crate::Store::cancel_queued`].
+pub(super) async fn end_queued(
+    conn: &mut PgConnection,
+    task_id: &str,
+    status: TaskStatus,
+    error: &str,
+    now: Millis,
+) -> Result<Option<Ended>> {
+    let facts = lock_task(conn, task_id).await?;
+    let Some(status) = facts.and_then(|f| machine::end_queued(&f, status)) else {
+        return Ok(None);
+    };
+    let query = sqlx::query(concat!(
+        "UPDATE tasks SET status = $1, updated_at = $2, finished_at = $2, error = $3 \
+         WHERE id = $4 RETURNING ",
+        columns!(task)
+    ))
+    .bind(status.as_str())
+    .bind(now)
+    .bind(error)
+    .bind(task_id);
+    let task = one_task(conn, query).await?;
+    ended(conn, task, now).await
+}
+
+/// See [`crate::Store::set_paused`].
+pub(super) async fn set_paused(
+    conn: &mut PgConnection,
+    task_id: &str,
+    attempt: u32,
+    paused: bool,
+    now: Millis,
+) -> Result<Option<Ended>> {
+    let facts = lock_task(conn, task_id).await?;
+    let Some(to) = facts.and_then(|f| machine::pause(&f, attempt, paused)) else {
+        return Ok(None);
+    };
+    let query = sqlx::query(concat!(
+        "WITH a AS (UPDATE attempts SET status = $1 WHERE task_id = $2 AND attempt = $3) \
+         UPDATE tasks SET status = $4, updated_at = $5 WHERE id = $2 RETURNING ",
+        columns!(task)
+    ))
+    .bind(to.attempt.as_str())
+    .bind(task_id)
+    .bind(i64::from(attempt))
+    .bind(to.task.as_str())
+    .bind(now);
+    let task = one_task(conn, query).await?;
+    ended(conn, task, now).await
+}

@@ -1,0 +1,338 @@
+//! What PostgreSQL is for: several coordinators, each with its own store, on one database at
+//! once. Dispatch hands each attempt out once, a report delivered twice applies once, event ids
+//! become visible in id order, and migrating is safe however many start together.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use kennel_proto::AttemptStatus;
+use kennel_proto::TaskStatus;
+use kennel_store::{EndAttempt, PgStore, Retry, Store, StoreError};
+use tokio::task::JoinSet;
+
+use crate::db::{Schema, DEADLINE};
+use crate::{dispatch, hello, new_task, out, report, NOW};
+
+/// Runs the futures in `set` to the end within the deadline; returns what they returned.
+async fn all<T: 'static>(mut set: JoinSet<T>) -> Vec<T> {
+    let joined = async {
+        let mut got = Vec::new();
+        while let Some(r) = set.join_next().await {
+            got.push(r.expect("a writer panicked"));
+        }
+        got
+    };
+    tokio::time::timeout(DEADLINE, joined)
+        .await
+        .expect("the concurrent writers finish in time (a deadlock would not)")
+}
+
+/// A fresh schema with the stores of two coordinators on it.
+async fn two_coordinators() -> (Schema, Arc<PgStore>, Arc<PgStore>) {
+    let schema = Schema::create().await;
+    let (a, b) = (schema.connect().await, schema.connect().await);
+    (schema, Arc::new(a), Arc::new(b))
+}
+
+/// `n` task ids, and the same in reverse: the orders two coordinators take them in.
+fn task_ids(n: usize) -> (Vec<String>, Vec<String>) {
+    let ids: Vec<String> = (0..n).map(|i| format!("t{i:03}")).collect();
+    let reversed = ids.iter().rev().cloned().collect();
+    (ids, reversed)
+}
+
+/// Two coordinators race for the same queued tasks, in opposite orders and in batches, round
+/// after round: each attempt goes to exactly one daemon, and neither coordinator fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_dispatching_the_same_tasks_hand_each_attempt_out_once() {
+    const TASKS: usize = 60;
+    const ROUNDS: u32 = 3;
+    let (_schema, a, b) = two_coordinators().await;
+    let (ids, reversed) = task_ids(TASKS);
+    for id in &ids {
+        a.create_task(new_task(id, ROUNDS), NOW).await.unwrap();
+    }
+    for attempt in 1..=ROUNDS {
+        let mut racers = JoinSet::new();
+        let racing = [(a.clone(), "da", &ids), (b.clone(), "db", &reversed)];
+        for (store, daemon, order) in racing {
+            let order = order.clone();
+            racers.spawn(async move {
+                let mut won = Vec::new();
+                for chunk in order.chunks(7) {
+                    let batch: Vec<_> =
+                        chunk.iter().map(|t| dispatch(t, attempt, daemon)).collect();
+                    let got = store.dispatch(&batch, NOW).await.expect("dispatch");
+                    won.extend(got.into_iter().flatten().map(|(task, _)| task));
+                }
+                won
+            });
+        }
+        let mut winners: BTreeMap<String, String> = BTreeMap::new();
+        for task in all(racers).await.into_iter().flatten() {
+            assert_eq!(task.attempt, attempt);
+            let daemon = task
+                .daemon_id
+                .clone()
+                .expect("a dispatched task has a daemon");
+            let twice = winners.insert(task.id.clone(), daemon);
+            assert!(
+                twice.is_none(),
+                "{} attempt {attempt} went out twice",
+                task.id
+            );
+        }
+        assert_eq!(
+            winners.len(),
+            TASKS,
+            "every task went out in round {attempt}"
+        );
+        for id in &ids {
+            let attempts = a.list_attempts(id).await.unwrap();
+            assert_eq!(attempts.len(), attempt as usize, "{id}");
+            assert_eq!(attempts.last().unwrap().daemon_id, winners[id], "{id}");
+            // Back to the queue for the next round.
+            let end = EndAttempt {
+                task_id: id,
+                attempt,
+                status: AttemptStatus::Lost,
+                reason: "daemon lost",
+                retry: Retry::Charged,
+                terminal: TaskStatus::Lost,
+            };
+            a.end_attempt(&end, NOW)
+                .await
+                .unwrap()
+                .expect("a live attempt ends");
+        }
+    }
+    let counts = b.count_tasks().await.unwrap();
+    assert_eq!(counts.get(&TaskStatus::Lost), Some(&(TASKS as u64)));
+}
+
+/// A daemon's reports reach two coordinators at once (it reconnected and replays its outbox):
+/// every report applies once, the copy is a duplicate, and the output is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_replayed_through_two_coordinators_at_once_apply_once() {
+    const TASKS: usize = 20;
+    const SEQS: u64 = 30;
+    let (_schema, a, b) = two_coordinators().await;
+    let (ids, reversed) = task_ids(TASKS);
+    a.daemon_connected("d1", &hello("m1"), NOW).await.unwrap();
+    for id in &ids {
+        a.create_task(new_task(id, 1), NOW).await.unwrap();
+        crate::dispatched(a.as_ref(), id, 1, "d1").await;
+    }
+    let mut racers = JoinSet::new();
+    for (store, order) in [(a.clone(), ids.clone()), (b.clone(), reversed)] {
+        racers.spawn(async move {
+            let mut done = 0;
+            for seq in (1..=SEQS).step_by(3) {
+                // Three reports of every task per batch, tasks interleaved.
+                let batch: Vec<_> = (seq..seq + 3)
+                    .flat_map(|s| {
+                        order
+                            .iter()
+                            .map(move |t| report("d1", t, 1, s, out(&format!("{s}"))))
+                    })
+                    .collect();
+                let got = store.apply(&batch, NOW).await.expect("apply");
+                for (r, applied) in batch.iter().zip(got) {
+                    match applied {
+                        kennel_store::Applied::Done { .. } => done += 1,
+                        kennel_store::Applied::Duplicate { last_seq } => {
+                            assert!(last_seq >= r.seq)
+                        }
+                        other => panic!("seq {} of {}: {other:?}", r.seq, r.task_id),
+                    }
+                }
+            }
+            done
+        });
+    }
+    let done: usize = all(racers).await.into_iter().sum();
+    assert_eq!(
+        done,
+        TASKS * SEQS as usize,
+        "each report applied exactly once"
+    );
+    for id in &ids {
+        let chunks = b.task_output(id, 1, 0, 1000).await.unwrap();
+        let seqs: Vec<u64> = chunks.iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, (1..=SEQS).collect::<Vec<_>>(), "{id}");
+    }
+}
+
+/// Writers on two coordinators store events at once while a reader on a third follows them
+/// with `events_after` from the last id it saw, as an SSE stream resuming with `Last-Event-ID`
+/// does: it never finds an id missing below one it has seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_ids_become_visible_in_id_order_under_concurrent_writers() {
+    const WRITERS: usize = 8;
+    const EACH: usize = 60;
+    let (schema, a, b) = two_coordinators().await;
+    let reader = schema.connect().await;
+    let mut writers = JoinSet::new();
+    for w in 0..WRITERS {
+        let store = if w % 2 == 0 { a.clone() } else { b.clone() };
+        writers.spawn(async move {
+            for i in 0..EACH {
+                // Events of three kinds of transaction: alone, with a task, with a daemon.
+                match i % 3 {
+                    0 => {
+                        let data = serde_json::json!({ "writer": w, "i": i });
+                        store
+                            .record_event("test.tick", None, None, data, NOW)
+                            .await
+                            .map(drop)
+                    }
+                    1 => {
+                        let task = new_task(&format!("t{w}-{i}"), 1);
+                        store.create_task(task, NOW).await.map(drop)
+                    }
+                    _ => {
+                        let machine = format!("m{w}");
+                        store
+                            .daemon_connected(&format!("d{w}"), &hello(&machine), NOW)
+                            .await
+                            .map(drop)
+                    }
+                }
+                .expect("write an event");
+            }
+        });
+    }
+    let total = (WRITERS * EACH) as i64;
+    let follow = async {
+        let (mut last, mut reads_while_writing) = (0_i64, 0);
+        while last < total {
+            let writing = !writers.is_empty() && writers.try_join_next().is_none();
+            let got = reader.events_after(last, 50).await.expect("read events");
+            for e in &got {
+                assert_eq!(
+                    e.id,
+                    last + 1,
+                    "after {last} the next visible event is {}",
+                    e.id
+                );
+                last = e.id;
+            }
+            if writing && !got.is_empty() {
+                reads_while_writing += 1;
+            }
+            if got.is_empty() {
+                tokio::task::yield_now().await;
+            }
+        }
+        reads_while_writing
+    };
+    let reads_while_writing = tokio::time::timeout(DEADLINE, follow)
+        .await
+        .expect("the reader sees every event in time");
+    all(writers).await;
+    assert!(
+        reads_while_writing > 1,
+        "the reader followed the writers while they wrote ({reads_while_writing} reads)"
+    );
+    assert_eq!(reader.last_event_id().await.unwrap(), total);
+    assert!(reader.events_after(total, 10).await.unwrap().is_empty());
+}
+
+/// The versions recorded in the schema's migration table.
+async fn versions(schema: &Schema) -> Vec<i64> {
+    let mut conn = schema.server_connection().await;
+    let sql = format!(
+        "SELECT version FROM {}.kennel_migrations ORDER BY version",
+        schema.name
+    );
+    sqlx::query_scalar(&sql)
+        .fetch_all(&mut conn)
+        .await
+        .expect("read the recorded versions")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_schema_is_migrated_once_whoever_connects_and_however_many_at_once() {
+    // One after the other: the second finds the schema current and its data in place.
+    let schema = Schema::create().await;
+    let first = schema.connect().await;
+    first.create_task(new_task("t1", 1), NOW).await.unwrap();
+    first.close().await;
+    let second = schema.connect().await;
+    assert!(second.get_task("t1").await.unwrap().is_some());
+    assert_eq!(versions(&schema).await, [1]);
+
+    // Four coordinators starting at once on an empty schema: one migrates, all work.
+    let schema = Schema::create().await;
+    let mut starting = JoinSet::new();
+    for _ in 0..4 {
+        let url = schema.url.clone();
+        starting.spawn(async move { PgStore::connect(&url).await });
+    }
+    let stores: Vec<PgStore> = all(starting)
+        .await
+        .into_iter()
+        .map(|s| s.expect("every coordinator starts"))
+        .collect();
+    assert_eq!(versions(&schema).await, [1]);
+    for (i, store) in stores.iter().enumerate() {
+        store
+            .create_task(new_task(&format!("t{i}"), 1), NOW)
+            .await
+            .unwrap();
+    }
+    assert_eq!(stores[0].last_event_id().await.unwrap(), 4);
+}
+
+#[tokio::test]
+async fn a_schema_of_a_newer_kennel_or_no_schema_at_all_is_refused_with_what_to_do() {
+    let schema = Schema::create().await;
+    schema.connect().await.close().await;
+    let mut conn = schema.server_connection().await;
+    let sql = format!(
+        "INSERT INTO {}.kennel_migrations (version) VALUES (99)",
+        schema.name
+    );
+    sqlx::raw_sql(&sql).execute(&mut conn).await.unwrap();
+    let err = PgStore::connect(&schema.url)
+        .await
+        .err()
+        .expect("a newer schema is refused");
+    assert!(
+        matches!(
+            err,
+            StoreError::SchemaTooNew {
+                found: 99,
+                known: 1
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("run a newer kennel"), "{err}");
+
+    let missing = Schema::named("kennel_t_no_such_schema");
+    let err = PgStore::connect(&missing.url)
+        .await
+        .err()
+        .expect("no schema to migrate");
+    assert!(matches!(err, StoreError::NoSchema { .. }), "{err:?}");
+    assert!(err.to_string().contains("kennel_t_no_such_schema"), "{err}");
+    assert!(err.to_string().contains("create it"), "{err}");
+}
+
+#[tokio::test]
+async fn a_database_refusing_the_connection_is_an_error_naming_it_without_its_password() {
+    let host = Schema::named("unused").host();
+    let url = format!("postgres://kennel_no_such_role:s3cret@{host}/kennel?sslmode=disable");
+    let err = PgStore::connect(&url)
+        .await
+        .err()
+        .expect("the role does not exist");
+    let shown = format!("{err} / {:?}", std::error::Error::source(&err));
+    assert!(
+        shown.contains(&format!("postgres://kennel_no_such_role@{host}/kennel")),
+        "{shown}"
+    );
+    assert!(!shown.contains("s3cret"), "{shown}");
+    assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
+}
