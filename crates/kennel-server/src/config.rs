@@ -20,6 +20,10 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Directory for the SQLite database, the hash key and the first admin key.
     pub data_dir: PathBuf,
+    /// A PostgreSQL URL (`postgres://user:password@host/db`, `?options=-c%20search_path%3Dx`
+    /// for a schema): several coordinators share it, daemons connect to any of them. Unset:
+    /// SQLite in `data_dir`, one coordinator.
+    pub database_url: Option<String>,
     pub auth: AuthConfig,
     pub scheduler: SchedulerConfig,
     pub protocol: ProtocolConfig,
@@ -33,6 +37,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             data_dir: default_data_dir(),
+            database_url: None,
             auth: AuthConfig::default(),
             scheduler: SchedulerConfig::default(),
             protocol: ProtocolConfig::default(),
@@ -201,6 +206,21 @@ impl ServerConfig {
                 return bad("auth.hash_key", "must be at least 32 characters");
             }
         }
+        if let Some(url) = &self.database_url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return bad(
+                    "database_url",
+                    "must be a postgres:// or postgresql:// URL (leave it unset for SQLite in data_dir)",
+                );
+            }
+            if self.auth.hash_key.is_none() {
+                return bad(
+                    "auth.hash_key",
+                    "must be set when database_url is: every coordinator on one database must \
+                     hash API keys with the same secret (at least 32 characters)",
+                );
+            }
+        }
         if self.cluster.beat.as_millis() < 100 {
             return bad("cluster.beat", "must be at least 100ms");
         }
@@ -250,5 +270,20 @@ mod tests {
         cfg.validate().unwrap();
         cfg.cluster.beat = Span::from_millis(50);
         assert_eq!(cfg.validate().unwrap_err().key, "server.cluster.beat");
+    }
+
+    #[test]
+    fn a_database_url_must_be_postgres_and_comes_with_a_shared_hash_key() {
+        let mut cfg = ServerConfig {
+            database_url: Some("mysql://h/db".into()),
+            ..ServerConfig::default()
+        };
+        assert_eq!(cfg.validate().unwrap_err().key, "server.database_url");
+        cfg.database_url = Some("postgres://root@127.0.0.1/test".into());
+        let e = cfg.validate().unwrap_err();
+        assert_eq!(e.key, "server.auth.hash_key");
+        assert!(e.problem.contains("same secret"), "{e}");
+        cfg.auth.hash_key = Some("x".repeat(32));
+        cfg.validate().unwrap();
     }
 }

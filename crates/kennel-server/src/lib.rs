@@ -57,6 +57,8 @@ pub enum StartError {
     Config(#[from] config::ConfigError),
     #[error("failed to open the store")]
     Store(#[from] kennel_store::StoreError),
+    #[error("failed to listen to the other coordinators on PostgreSQL")]
+    Peers(#[source] sqlx::Error),
     /// The cause is left to the `#[source]` chain, which the binary prints once.
     #[error("failed to bind {addr} (is another kennel server running? pick another address with --listen)")]
     Bind {
@@ -149,9 +151,26 @@ impl Server {
             source,
         };
         std::fs::create_dir_all(&cfg.data_dir).map_err(data_err)?;
-        let store: Arc<dyn Backend> =
-            Arc::new(SqliteStore::open(&cfg.data_dir.join("kennel.db")).await?);
-        Self::prepare(cfg, store, Arc::new(SystemClock), listener).await
+        let Some(url) = cfg.database_url.clone() else {
+            let store: Arc<dyn Backend> =
+                Arc::new(SqliteStore::open(&cfg.data_dir.join("kennel.db")).await?);
+            return Self::prepare(cfg, store, Arc::new(SystemClock), None, listener).await;
+        };
+        // Several coordinators on one PostgreSQL: the store, and the channel to the others.
+        let store = kennel_store::open(&url).await?;
+        let id = format!("c-{}", ids::time_ordered());
+        let (peers, heard) = cluster::PgPeers::start(&url, id)
+            .await
+            .map_err(StartError::Peers)?;
+        let peers: Arc<dyn cluster::Peers> = peers;
+        Self::prepare(
+            cfg,
+            store,
+            Arc::new(SystemClock),
+            Some((peers, heard)),
+            listener,
+        )
+        .await
     }
 
     /// Starts on a given store and clock (tests, other backends).
@@ -161,7 +180,7 @@ impl Server {
         clock: Arc<dyn Clock>,
     ) -> Result<Server, StartError> {
         let listener = Self::bind(&cfg).await?;
-        Self::prepare(cfg, store, clock, listener).await
+        Self::prepare(cfg, store, clock, None, listener).await
     }
 
     /// Everything after the listener is bound and the store is open: keys, the first admin
@@ -170,6 +189,10 @@ impl Server {
         cfg: ServerConfig,
         backend: Arc<dyn Backend>,
         clock: Arc<dyn Clock>,
+        peers: Option<(
+            Arc<dyn cluster::Peers>,
+            tokio::sync::mpsc::UnboundedReceiver<cluster::Heard>,
+        )>,
         listener: tokio::net::TcpListener,
     ) -> Result<Server, StartError> {
         let store: Arc<dyn Store> = backend.clone();
@@ -192,11 +215,25 @@ impl Server {
                 },
             })?;
 
-        let coord = Coordinator::new(store.clone(), clock.clone(), cfg.clone());
+        let (coord, heard) = match peers {
+            Some((peers, heard)) => (
+                Coordinator::with_peers(store.clone(), clock.clone(), cfg.clone(), peers),
+                Some(heard),
+            ),
+            None => (
+                Coordinator::new(store.clone(), clock.clone(), cfg.clone()),
+                None,
+            ),
+        };
         coord.restore().await?;
         tokio::spawn(coord.clone().run_scheduler());
         tokio::spawn(coord.clone().run_timers());
         tokio::spawn(coord.clone().run_waiting_watch());
+        if let Some(heard) = heard {
+            tokio::spawn(coord.clone().run_peers(heard));
+            tokio::spawn(coord.clone().run_event_tail());
+            tokio::spawn(coord.clone().run_cluster());
+        }
 
         let state = Arc::new(AppState {
             coord,
@@ -255,7 +292,18 @@ async fn bootstrap_admin(
             Some(_) => {}
             None => {
                 if let Some(rec) = keys.record_for(k, "configured admin", vec![Scope::Admin], now) {
-                    store.insert_key(&rec).await.map_err(Bootstrap::Store)?;
+                    if let Err(e) = store.insert_key(&rec).await {
+                        // Another coordinator on the same database, starting at the same time
+                        // with the same key, may have stored it first.
+                        if store
+                            .find_key(&id)
+                            .await
+                            .map_err(Bootstrap::Store)?
+                            .is_none()
+                        {
+                            return Err(Bootstrap::Store(e));
+                        }
+                    }
                 }
             }
         }

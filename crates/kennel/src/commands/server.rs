@@ -22,6 +22,10 @@ pub struct ServerArgs {
     /// Directory for the database and keys.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// PostgreSQL URL shared by several coordinators (`server.database_url`; unset: SQLite in
+    /// the data directory). Needs `server.auth.hash_key`, the same on every coordinator.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
 }
 
 /// Sets up logging to stderr: `RUST_LOG`, else the config's `log`, else `info`. The filter is
@@ -59,6 +63,9 @@ pub async fn run(g: &Global, args: ServerArgs) -> anyhow::Result<ExitCode> {
     if let Some(d) = &args.data_dir {
         overrides.push(("server.data_dir", Value::from(d.display().to_string())));
     }
+    if let Some(u) = &args.database_url {
+        overrides.push(("server.database_url", Value::from(u.clone())));
+    }
     let (cfg, file) = config::load(g.config.as_deref(), &overrides)?;
     init_tracing(cfg.log.as_deref());
     if let Some(f) = &file {
@@ -67,6 +74,11 @@ pub async fn run(g: &Global, args: ServerArgs) -> anyhow::Result<ExitCode> {
     let (server, _lock) = start_locked(&cfg.server).await?;
     println!("kennel: listening on http://{}", server.addr);
     println!("kennel: data in {}", cfg.server.data_dir.display());
+    if let Some(url) = &cfg.server.database_url {
+        // Never the password: only what follows the credentials.
+        let place = url.rsplit_once('@').map_or(url.as_str(), |(_, rest)| rest);
+        println!("kennel: state in PostgreSQL at {place}, shared with any other coordinator there");
+    }
     if let Some(key) = &server.new_admin_key {
         println!(
             "kennel: created the first admin key (shown once; also saved to {}):\n  {key}",
