@@ -5,6 +5,7 @@ mod agent_failure;
 mod api;
 mod claude;
 mod cli;
+mod cluster;
 mod delivery;
 mod gateway;
 mod limits;
