@@ -78,6 +78,15 @@ struct DispatchArgs {
     /// Concurrent submitters in the throughput phase.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Keep the state in PostgreSQL (a fresh schema of the database at
+    /// `KENNEL_TEST_POSTGRES_URL`, default `postgres://root@127.0.0.1:5432/test`) instead of
+    /// SQLite.
+    #[arg(long)]
+    postgres: bool,
+    /// Coordinators sharing that database (needs --postgres); daemons and submits are spread
+    /// over them in turn.
+    #[arg(long, default_value_t = 1)]
+    coordinators: usize,
 }
 
 impl Timings {
@@ -129,11 +138,28 @@ impl Drop for TempDir {
 const ADMIN_KEY: &str = "kennel-bench-admin-key-0123456789";
 
 pub(crate) fn start_server(bin: &PathBuf) -> anyhow::Result<ServerProc> {
-    let dir = std::env::temp_dir().join(format!("kennel-bench-{}", std::process::id()));
+    start_server_with(bin, 0, None)
+}
+
+/// The `n`th server of a benchmark; with `database_url`, on that PostgreSQL with the hash key
+/// every coordinator of it shares.
+pub(crate) fn start_server_with(
+    bin: &PathBuf,
+    n: usize,
+    database_url: Option<&str>,
+) -> anyhow::Result<ServerProc> {
+    let dir = std::env::temp_dir().join(format!("kennel-bench-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let dir = TempDir(dir);
-    let mut child = Command::new(bin)
+    let mut cmd = Command::new(bin);
+    if let Some(url) = database_url {
+        cmd.env("KENNEL_SERVER__DATABASE_URL", url).env(
+            "KENNEL_SERVER__AUTH__HASH_KEY",
+            "kennel-bench-hash-key-0123456789abcdef",
+        );
+    }
+    let mut child = cmd
         .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&dir.0)
         .env("KENNEL_SERVER__AUTH__ADMIN_KEY", ADMIN_KEY)
@@ -280,8 +306,29 @@ pub(crate) async fn submit(http: &reqwest::Client, url: &str, name: &str) -> any
 }
 
 async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
-    let server = start_server(&args.kennel_bin)?;
-    let ws_url = format!("{}/ws/daemon", server.url.replacen("http://", "ws://", 1));
+    if args.coordinators == 0 || (args.coordinators > 1 && !args.postgres) {
+        bail!(
+            "--coordinators {} needs --postgres (several coordinators share one PostgreSQL)",
+            args.coordinators
+        );
+    }
+    let schema = match args.postgres {
+        true => Some(kennel_testkit::PgSchema::create().await?),
+        false => None,
+    };
+    let mut servers = Vec::new();
+    for n in 0..args.coordinators {
+        servers.push(start_server_with(
+            &args.kennel_bin,
+            n,
+            schema.as_ref().map(|s| s.url()),
+        )?);
+    }
+    let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
+    let ws_urls: Vec<String> = urls
+        .iter()
+        .map(|u| format!("{}/ws/daemon", u.replacen("http://", "ws://", 1)))
+        .collect();
     let timings = Arc::new(Mutex::new(Timings::default()));
     let completed = Arc::new(AtomicU64::new(0));
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(args.daemons as usize + 1);
@@ -289,7 +336,7 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     for n in 0..args.daemons {
         let (u, t, c, r) = (
-            ws_url.clone(),
+            ws_urls[n as usize % ws_urls.len()].clone(),
             timings.clone(),
             completed.clone(),
             ready_tx.clone(),
@@ -314,8 +361,12 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
         .pool_max_idle_per_host(256)
         .build()?;
     println!("machine: {}", machine());
+    let store = match args.postgres {
+        true => format!("PostgreSQL, {} coordinator(s)", args.coordinators),
+        false => "SQLite".to_string(),
+    };
     println!(
-        "setup: kennel server (SQLite, {}) with {} daemons x {} slots on loopback",
+        "setup: kennel server ({store}, {}) with {} daemons x {} slots on loopback",
         args.kennel_bin.display(),
         args.daemons,
         args.capacity
@@ -335,7 +386,7 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
             .map_err(|_| anyhow::anyhow!("poisoned"))?
             .submitted
             .insert(name.clone(), Instant::now());
-        let (h, u) = (http.clone(), server.url.clone());
+        let (h, u) = (http.clone(), urls[i as usize % urls.len()].clone());
         handles.push(tokio::spawn(async move { submit(&h, &u, &name).await }));
     }
     for h in handles {
@@ -368,14 +419,15 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
         let start = Instant::now();
         let mut workers = Vec::new();
         for _ in 0..args.concurrency {
-            let (h, u, next, n) = (http.clone(), server.url.clone(), next.clone(), args.tasks);
+            let (h, urls, next, n) = (http.clone(), urls.clone(), next.clone(), args.tasks);
             workers.push(tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= n {
                         return anyhow::Ok(());
                     }
-                    submit(&h, &u, &format!("tp-{i}")).await?;
+                    let u = &urls[i as usize % urls.len()];
+                    submit(&h, u, &format!("tp-{i}")).await?;
                 }
             }));
         }
@@ -401,7 +453,10 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
         );
     }
     stopping.store(true, Ordering::Relaxed);
-    drop(server);
+    drop(servers);
+    if let Some(schema) = schema {
+        schema.drop_schema().await?;
+    }
     Ok(())
 }
 
