@@ -5,10 +5,10 @@
 //! - the task lifecycle ([`lifecycle`]) locks the rows it decides on before the state machine
 //!   decides, tasks in id order, so coordinators wait for each other instead of deciding on
 //!   stale facts, and one attempt can be dispatched only once;
-//! - events are stored with their change and numbered once it has committed, by one numbering
-//!   at a time ([`numbering`]): ids are global and become visible in id order, so a reader
-//!   resuming after an id (`events_after`, SSE's `Last-Event-ID` on any coordinator) never
-//!   skips one;
+//! - every transaction that writes events writes them last, taking their ids from a counter
+//!   row whose lock it holds until it commits ([`insert_events`]): ids are handed out in commit
+//!   order and become visible in id order, so a reader resuming after an id (`events_after`,
+//!   SSE's `Last-Event-ID` on any coordinator) never skips one;
 //! - revoking a key locks the live keys it counts; a daemon's link is ended only by the
 //!   coordinator holding it, checked under the daemon row's lock.
 //!
@@ -16,7 +16,6 @@
 //! `rows`, what events say is `events`. It never logs or reports the URL's password.
 
 mod lifecycle;
-mod numbering;
 mod schema;
 
 use std::collections::BTreeMap;
@@ -30,7 +29,6 @@ use sqlx::postgres::{
 };
 use sqlx::{Connection, Row};
 
-use self::numbering::{insert_event, insert_events};
 use crate::events::NewEvent;
 use crate::rows::{self, columns, daemon_select, to_json};
 use crate::{
@@ -92,9 +90,7 @@ impl PgStore {
             .await
             .map_err(open_err)?;
         schema::migrate(&pool).await?;
-        let store = PgStore { pool };
-        store.number_waiting().await?;
-        Ok(store)
+        Ok(PgStore { pool })
     }
 
     /// Closes every connection; calls made afterwards fail.
@@ -135,6 +131,50 @@ fn tasks_of(rows: &[PgRow]) -> Result<Vec<QueuedTask>> {
     rows.iter().map(rows::task).collect()
 }
 
+/// Stores `events` at `now`, in order, and returns them with their ids.
+///
+/// Must be the last statement of its transaction: it locks the `event_ids` counter until the
+/// transaction ends, so the next writer of events takes its ids only once these are visible.
+/// Anything after it would hold up every other writer of events (and a row lock taken after it
+/// could deadlock with one taken before it elsewhere).
+async fn insert_events(
+    conn: &mut PgConnection,
+    events: Vec<NewEvent>,
+    now: Millis,
+) -> Result<Vec<Event>> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = events.len() as i64;
+    let last: i64 = sqlx::query_scalar(
+        "WITH ids AS (UPDATE event_ids SET last = last + $1 RETURNING last), \
+         stored AS (INSERT INTO events (id, kind, task_id, daemon_id, data, at) \
+         SELECT ids.last - $1 + e.n, e.kind, e.task_id, e.daemon_id, e.data, $6 \
+         FROM ids, UNNEST($2::text[], $3::text[], $4::text[], $5::text[]) \
+         WITH ORDINALITY AS e(kind, task_id, daemon_id, data, n)) \
+         SELECT last FROM ids",
+    )
+    .bind(n)
+    .bind(events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.task_id.clone()).collect::<Vec<_>>())
+    .bind(
+        events
+            .iter()
+            .map(|e| e.daemon_id.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(events.iter().map(|e| to_json(&e.data)).collect::<Vec<_>>())
+    .bind(now)
+    .fetch_one(&mut *conn)
+    .await?;
+    let first = last - n + 1;
+    Ok(events
+        .into_iter()
+        .zip(first..)
+        .map(|(e, id)| e.stored(id, now))
+        .collect())
+}
+
 /// Loads one daemon with its live task count.
 async fn load_daemon(conn: &mut PgConnection, id: &str) -> Result<Daemon> {
     let row = sqlx::query(&daemon_select("WHERE d.id = $1"))
@@ -165,7 +205,11 @@ async fn disconnect(
     .bind(daemon_id)
     .execute(&mut *conn)
     .await?;
-    insert_event(conn, NewEvent::daemon_disconnected(daemon_id, reason), now).await
+    let event = NewEvent::daemon_disconnected(daemon_id, reason);
+    let mut events = insert_events(conn, vec![event], now).await?;
+    events
+        .pop()
+        .ok_or_else(|| StoreError::Corrupt("an event was not stored".into()))
 }
 
 /// Revokes a key (keeping the time of an earlier revocation) and returns it.
@@ -188,15 +232,16 @@ impl Store for PgStore {
     async fn create_task(&self, t: NewTask, now: Millis) -> Result<(QueuedTask, Event)> {
         let task = t.queued(now);
         let event = NewEvent::task_created(&task);
-        // One statement: the task and its event.
+        // One statement: the task, and its event with the next id (see `insert_events`).
         let row = sqlx::query(
             "WITH t AS (INSERT INTO tasks (id, name, prompt, repo_url, base_branch, agent, \
              labels, priority, env, timeout_secs, max_attempts, status, attempt, created_at, \
              updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 0, $13, \
              $13) RETURNING seq), \
-             e AS (INSERT INTO events (kind, task_id, data, at) VALUES ($14, $1, $15, $13) \
-             RETURNING seq) \
-             SELECT t.seq, e.seq FROM t, e",
+             ids AS (UPDATE event_ids SET last = last + 1 RETURNING last), \
+             e AS (INSERT INTO events (id, kind, task_id, data, at) \
+             SELECT last, $14, $1, $15, $13 FROM ids) \
+             SELECT t.seq, ids.last FROM t, ids",
         )
         .bind(&task.id)
         .bind(&task.name)
@@ -215,9 +260,8 @@ impl Store for PgStore {
         .bind(to_json(&event.data))
         .fetch_one(&self.pool)
         .await?;
-        let (order, seq): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
-        self.numbered((QueuedTask { order, task }, event.stored(seq, now)))
-            .await
+        let (order, id): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        Ok((QueuedTask { order, task }, event.stored(id, now)))
     }
 
     async fn get_task(&self, id: &str) -> Result<Option<Task>> {
@@ -309,7 +353,7 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         let out = lifecycle::dispatch(&mut tx, batch, now).await?;
         tx.commit().await?;
-        self.numbered(out).await
+        Ok(out)
     }
 
     async fn apply(&self, batch: &[Report], now: Millis) -> Result<Vec<Applied>> {
@@ -319,14 +363,14 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         let out = lifecycle::apply(&mut tx, batch, now).await?;
         tx.commit().await?;
-        self.numbered(out).await
+        Ok(out)
     }
 
     async fn end_attempt(&self, end: &EndAttempt<'_>, now: Millis) -> Result<Option<Ended>> {
         let mut tx = self.pool.begin().await?;
         let out = lifecycle::end_attempt(&mut tx, end, now).await?;
         tx.commit().await?;
-        self.numbered(out).await
+        Ok(out)
     }
 
     async fn cancel_queued(&self, task_id: &str, now: Millis) -> Result<Option<Ended>> {
@@ -334,14 +378,14 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         let out = lifecycle::end_queued(&mut tx, task_id, status, why, now).await?;
         tx.commit().await?;
-        self.numbered(out).await
+        Ok(out)
     }
 
     async fn fail_queued(&self, task_id: &str, reason: &str, now: Millis) -> Result<Option<Ended>> {
         let mut tx = self.pool.begin().await?;
         let out = lifecycle::end_queued(&mut tx, task_id, TaskStatus::Failed, reason, now).await?;
         tx.commit().await?;
-        self.numbered(out).await
+        Ok(out)
     }
 
     async fn set_paused(
@@ -354,7 +398,7 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         let out = lifecycle::set_paused(&mut tx, task_id, attempt, paused, now).await?;
         tx.commit().await?;
-        self.numbered(out).await
+        Ok(out)
     }
 
     async fn task_output(
@@ -412,9 +456,13 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await?;
         let daemon = load_daemon(&mut tx, daemon_id).await?;
-        let event = insert_event(&mut tx, NewEvent::daemon_connected(daemon_id, h), now).await?;
+        let event = NewEvent::daemon_connected(daemon_id, h);
+        let mut events = insert_events(&mut tx, vec![event], now).await?;
         tx.commit().await?;
-        self.numbered((daemon, event)).await
+        let event = events
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt("an event was not stored".into()))?;
+        Ok((daemon, event))
     }
 
     async fn daemon_disconnected(
@@ -426,7 +474,7 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         let event = disconnect(&mut tx, daemon_id, reason, now).await?;
         tx.commit().await?;
-        self.numbered(event).await
+        Ok(event)
     }
 
     async fn daemon_held_by(&self, daemon_id: &str, coordinator: &str) -> Result<()> {
@@ -456,11 +504,9 @@ impl Store for PgStore {
         }
         let event = disconnect(&mut tx, daemon_id, reason, now).await?;
         tx.commit().await?;
-        self.numbered(Some(event)).await
+        Ok(Some(event))
     }
 
-    /// Also numbers the events a dead writer left without an id, so they reach the readers
-    /// within a beat even when nothing else is written.
     async fn coordinator_seen(&self, coordinator: &str, now: Millis) -> Result<()> {
         sqlx::query(
             "INSERT INTO coordinators (id, started_at, seen_at) VALUES ($1, $2, $2) \
@@ -470,7 +516,7 @@ impl Store for PgStore {
         .bind(now)
         .execute(&self.pool)
         .await?;
-        self.number_waiting().await
+        Ok(())
     }
 
     async fn stranded_daemons(&self, before: Millis) -> Result<Vec<Daemon>> {
@@ -524,9 +570,9 @@ impl Store for PgStore {
         }
         let daemon = load_daemon(&mut tx, daemon_id).await?;
         let event = NewEvent::daemon_draining(daemon_id, draining);
-        let event = insert_event(&mut tx, event, now).await?;
+        let mut events = insert_events(&mut tx, vec![event], now).await?;
         tx.commit().await?;
-        self.numbered(Some((daemon, event))).await
+        Ok(events.pop().map(|event| (daemon, event)))
     }
 
     async fn get_daemon(&self, daemon_id: &str) -> Result<Option<Daemon>> {
@@ -656,9 +702,10 @@ impl Store for PgStore {
     ) -> Result<Event> {
         let event = NewEvent::new(kind, task_id, daemon_id, data);
         let mut conn = self.pool.acquire().await?;
-        let event = insert_event(&mut conn, event, now).await?;
-        drop(conn);
-        self.numbered(event).await
+        let mut events = insert_events(&mut conn, vec![event], now).await?;
+        events
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt("an event was not stored".into()))
     }
 
     async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<Event>> {
@@ -672,11 +719,9 @@ impl Store for PgStore {
     }
 
     async fn last_event_id(&self) -> Result<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM events")
-                .fetch_one(&self.pool)
-                .await?,
-        )
+        Ok(sqlx::query_scalar("SELECT last FROM event_ids")
+            .fetch_one(&self.pool)
+            .await?)
     }
 }
 

@@ -97,44 +97,25 @@ CREATE TABLE api_keys (
 );
 
 -- Event ids are global and become visible in id order, so a reader resuming after id n
--- (`Last-Event-ID`, on any coordinator) never skips one. Ids taken from a sequence while the
--- event is written would not do: transactions take ids in one order and commit in another.
--- So an event is written with its change but without an id (`seq` only orders what waits);
--- once committed it gets its id from `kennel_sequence_events`, which numbers every committed
--- event still without one, after the highest id given, under a lock held until it commits:
--- ids are handed out, and become visible, in order, and have no gaps. The writers' commits
--- stay concurrent; only the numbering, a batch at a time, is serial.
+-- (`Last-Event-ID`, on any coordinator) never skips one. A plain sequence would not do: ids
+-- are taken in one order and committed in another. Every transaction that writes events
+-- takes its ids from `event_ids` as its last statement; the row lock it holds until it
+-- commits makes the next writer wait, so ids are handed out, and become visible, in commit
+-- order. Rolled-back ids are handed out again: ids have no gaps.
 CREATE TABLE events (
-    seq       BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    id        BIGINT UNIQUE,
+    id        BIGINT PRIMARY KEY,
     kind      TEXT NOT NULL,
     task_id   TEXT,
     daemon_id TEXT,
     data      TEXT NOT NULL,
     at        BIGINT NOT NULL
 );
-CREATE INDEX events_waiting ON events (seq) WHERE id IS NULL;
 
--- Numbers the committed events without an id (oldest `seq` first) and returns the ids of the
--- events `own` (by `seq`), numbered now or before. Each statement of a VOLATILE function sees
--- what committed before it started, so the events counted after the lock include every
--- earlier numbering. The lock is per schema: clusters in other schemas do not wait.
-CREATE FUNCTION kennel_sequence_events(own BIGINT[])
-RETURNS TABLE (event_seq BIGINT, event_id BIGINT)
-LANGUAGE plpgsql VOLATILE AS $$
-DECLARE
-    given BIGINT;
-BEGIN
-    -- "kevs" in ASCII; migrations lock "kenl".
-    PERFORM pg_advisory_xact_lock(1801811571, hashtext(current_schema()));
-    SELECT COALESCE(MAX(e.id), 0) INTO given FROM events e;
-    UPDATE events e SET id = given + w.n
-    FROM (SELECT e2.seq, row_number() OVER (ORDER BY e2.seq) AS n
-          FROM events e2 WHERE e2.id IS NULL) AS w
-    WHERE e.seq = w.seq;
-    RETURN QUERY SELECT e.seq, e.id FROM events e WHERE e.seq = ANY (own);
-END
-$$;
+CREATE TABLE event_ids (
+    one  BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one),
+    last BIGINT NOT NULL
+);
+INSERT INTO event_ids (last) VALUES (0);
 
 -- The LLM gateway's state: key → JSON text, and its newest heartbeats and incidents.
 CREATE TABLE gateway_kv (

@@ -5,9 +5,8 @@
 //! statement: task rows in id order (and, for reports, then their attempt rows), so that
 //! coordinators writing at once wait for each other instead of deciding on stale facts, and
 //! two transactions locking overlapping sets cannot deadlock. Every transaction that changes
-//! an attempt holds its task's lock first. Then [`machine`] decides and the verdict is written,
-//! with its events ([`insert_events`]; numbered once committed). Nothing here decides a
-//! transition itself.
+//! an attempt holds its task's lock first. Then [`machine`] decides and the verdict is written;
+//! events come last ([`insert_events`]). Nothing here decides a transition itself.
 //!
 //! A batch is decided in memory before it is written: the facts a decision changes are
 //! carried forward to the next item of the batch ([`AttemptFacts::after`],
