@@ -2522,11 +2522,28 @@ mod timer_tests {
         );
         tokio::spawn(coord.clone().run_scheduler());
         tokio::spawn(coord.clone().run_timers());
-        let daemon_id = coord.resolve_daemon_id("m1").await.unwrap();
+        let (daemon_id, rx, conn_id) = connect_daemon(&coord, "m1").await;
+        Rig {
+            _dir: dir,
+            clock,
+            coord,
+            daemon_id,
+            rx,
+            conn_id,
+        }
+    }
+
+    /// Connects a daemon with one slot for agent "a" to `coord`: its id, what it is sent, and
+    /// its connection id.
+    pub(super) async fn connect_daemon(
+        coord: &Arc<Coordinator>,
+        machine: &str,
+    ) -> (String, LinkRx, u64) {
+        let daemon_id = coord.resolve_daemon_id(machine).await.unwrap();
         let (tx, rx) = outbound::channel(64);
         let hello = DaemonHello {
-            machine_id: "m1".into(),
-            hostname: "m1".into(),
+            machine_id: machine.into(),
+            hostname: machine.into(),
             max_concurrent_tasks: 1,
             labels: BTreeMap::new(),
             agents: vec!["a".into()],
@@ -2545,14 +2562,7 @@ mod timer_tests {
             .attach(&daemon_id, hello, Vec::new(), tx, authenticated, "k")
             .await
             .unwrap();
-        Rig {
-            _dir: dir,
-            clock,
-            coord,
-            daemon_id,
-            rx,
-            conn_id: attached.conn_id,
-        }
+        (daemon_id, rx, attached.conn_id)
     }
 
     /// The next `spawnTask` the daemon is sent.
@@ -2665,9 +2675,8 @@ mod timer_tests {
 #[allow(clippy::unwrap_used)]
 mod cluster_tests {
     use super::*;
-    use crate::outbound::{self, LinkRx, Outbound};
+    use crate::outbound::{LinkRx, Outbound};
     use kennel_clock::ManualClock;
-    use kennel_proto::link::Authenticated;
 
     const PROMPTLY: Duration = Duration::from_secs(10);
     const START: i64 = 1_800_000_000_000;
@@ -2747,29 +2756,7 @@ mod cluster_tests {
 
     /// Connects a daemon with one slot for agent "a" to `coord`.
     async fn daemon(coord: &Arc<Coordinator>, machine: &str) -> (String, LinkRx) {
-        let daemon_id = coord.resolve_daemon_id(machine).await.unwrap();
-        let (tx, rx) = outbound::channel(64);
-        let hello = DaemonHello {
-            machine_id: machine.into(),
-            hostname: machine.into(),
-            max_concurrent_tasks: 1,
-            labels: BTreeMap::new(),
-            agents: vec!["a".into()],
-            version: "test".into(),
-            protocol_version: 1,
-            remote_addr: None,
-            key_id: None,
-        };
-        let authenticated = ServerMessage::Authenticated(Authenticated {
-            daemon_id: daemon_id.clone(),
-            heartbeat_interval_secs: 10,
-            protocol_version: 1,
-            max_frame_bytes: 1 << 20,
-        });
-        coord
-            .attach(&daemon_id, hello, Vec::new(), tx, authenticated, "k")
-            .await
-            .unwrap();
+        let (daemon_id, rx, _) = super::timer_tests::connect_daemon(coord, machine).await;
         (daemon_id, rx)
     }
 
