@@ -297,6 +297,7 @@ async fn config_show_redacts_secrets_and_lists_built_in_profiles() -> anyhow::Re
     std::fs::write(
         &file,
         "[daemon]\nserver = \"wss://site:pw-from-file@coord.example/ws/daemon\"\n\
+         [server.protocol]\nheartbeat_interval = \"90s\"\n\
          [[gateway.upstreams]]\nname = \"a\"\nkind = \"anthropic\"\n\
          base_url = \"https://api.example\"\napi_key_env = \"UPSTREAM_KEY\"\n",
     )?;
@@ -352,6 +353,17 @@ async fn config_show_redacts_secrets_and_lists_built_in_profiles() -> anyhow::Re
         "{stdout}"
     );
     assert!(stdout.contains("GPU = \"a100\""), "{stdout}");
+    // Durations are printed in their shortest form with a unit, under keys without one, and
+    // one under a secret-sounding name (`cooldowns.auth`) is a duration, not a secret.
+    for duration in [
+        "heartbeat_interval = \"1m30s\"",
+        "worktree_retention = \"1d\"",
+        "auth = \"10m\"",
+        "total_timeout = \"10m\"",
+        "unschedulable_timeout = \"0s\"",
+    ] {
+        assert!(stdout.contains(duration), "{duration} in {stdout}");
+    }
     for built_in in [
         "# built-in\n[daemon.agents.aider]\nkind = \"aider\"",
         "# built-in\n[daemon.agents.codex]\nkind = \"codex\"",
@@ -372,5 +384,8 @@ async fn config_show_redacts_secrets_and_lists_built_in_profiles() -> anyhow::Re
     assert_eq!(v["daemon"]["agents"]["codex"]["kind"], "codex");
     assert_eq!(v["agent_origins"]["aider"], "builtin");
     assert_eq!(v["agent_origins"]["claude"], "builtin_changed");
+    assert_eq!(v["server"]["protocol"]["heartbeat_interval"], "1m30s");
+    assert_eq!(v["gateway"]["cooldowns"]["auth"], "10m");
+    assert_eq!(v["relay"]["history_retention"], "30d");
     Ok(())
 }
