@@ -101,14 +101,16 @@ impl Schema {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let schema = Schema::named(&name);
+        // Not dropped until it exists: a server that cannot be reached fails the test with
+        // what to do, not also with a failure to drop the schema there.
+        let schema = std::mem::ManuallyDrop::new(Schema::named(&name));
         let mut conn = schema.server_connection().await;
         let sql = format!("DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}");
         sqlx::raw_sql(&sql)
             .execute(&mut conn)
             .await
             .expect("create the test schema");
-        schema
+        std::mem::ManuallyDrop::into_inner(schema)
     }
 
     /// A schema named `name`, which is not created.
