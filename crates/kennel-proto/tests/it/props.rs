@@ -385,3 +385,30 @@ fn every_fixture_decodes_consistently() {
         );
     }
 }
+
+/// A number in a progress detail reaches the next hop exactly: the coordinator and the relay
+/// re-encode what a daemon sent, and a float that moved by one unit in the last place would be a
+/// changed report. The first four are ones serde_json's default parser reads back one unit off
+/// unless its exact float parsing (`float_roundtrip`) is on.
+#[test]
+fn floats_in_a_detail_survive_decode_and_encode_exactly() {
+    for f in [
+        215492859907334.66_f64,
+        2.9867642218664106e-10,
+        1.7802719962921167e-19,
+        -4.199010356643058e-19,
+        5e-324,
+        1.7976931348623157e308,
+    ] {
+        let frame = serde_json::json!({
+            "type": "taskProgress", "taskId": "t-1", "attempt": 1, "seq": 1,
+            "summary": "s", "detail": { "costUsd": f },
+        })
+        .to_string();
+        let Ok(Decoded::Known(m)) = decode_daemon_frame(&frame, DEFAULT_MAX_FRAME_BYTES) else {
+            panic!("a progress frame decodes: {frame}");
+        };
+        let again: Value = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert_eq!(again["detail"]["costUsd"].as_f64(), Some(f), "{frame}");
+    }
+}
