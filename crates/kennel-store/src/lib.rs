@@ -96,6 +96,13 @@ pub enum StoreError {
     /// of it was stored. Shared because every operation of the group reports the same cause.
     #[error("failed to commit to the database: {0}")]
     Commit(std::sync::Arc<rusqlite::Error>),
+    /// A PostgreSQL write group's transaction failed outside its calls (connecting, locking,
+    /// storing events); nothing of it was stored. Shared by every call of the group.
+    #[error("failed to write to the database: {0}")]
+    NotStored(std::sync::Arc<sqlx::Error>),
+    /// A PostgreSQL write group's commit failed: whether it was stored is unknown.
+    #[error("the database did not confirm a commit (whether it was stored is unknown): {0}")]
+    CommitUnknown(std::sync::Arc<sqlx::Error>),
     #[error("the store's writer thread stopped; restart kennel")]
     WriterStopped,
     #[error("a store operation did not finish: {0}")]

@@ -15,6 +15,7 @@
 //! This module holds the SQL only: the rules are the machine's (`machine`), what rows mean is
 //! `rows`, what events say is `events`. It never logs or reports the URL's password.
 
+mod group;
 mod lifecycle;
 mod schema;
 
@@ -23,17 +24,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use kennel_proto::api::{ApiKey, Attempt, Daemon, Event, OutputChunk, Task};
-use kennel_proto::TaskStatus;
+use kennel_proto::{AttemptStatus, TaskStatus};
 use sqlx::postgres::{
     PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow, Postgres,
 };
 use sqlx::{Connection, Row};
 
+use self::group::Tx;
 use crate::events::NewEvent;
 use crate::rows::{self, columns, daemon_select, to_json};
 use crate::{
     millis_from_rfc3339, Applied, DaemonHello, Dispatch, EndAttempt, Ended, GatewayOp, GatewayRows,
-    GatewayStore, KeyRecord, Millis, NewTask, QueuedTask, Report, Result, Revoke, Store,
+    GatewayStore, KeyRecord, Millis, NewTask, QueuedTask, Report, Result, Retry, Revoke, Store,
     StoreError, TaskFilter,
 };
 
@@ -50,10 +52,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// double the round trips).
 const PING_WHEN_IDLE: Duration = Duration::from_secs(5);
 
-/// PostgreSQL implementation of [`Store`] and [`GatewayStore`]. Cloning shares the pool.
+/// PostgreSQL implementation of [`Store`] and [`GatewayStore`]. Cloning shares the pool and
+/// the writers.
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Where every write that records events goes, to share commits ([`group`]).
+    writers: group::Writers,
 }
 
 rows::impl_columns!(PgRow, try_get);
@@ -90,7 +95,28 @@ impl PgStore {
             .await
             .map_err(open_err)?;
         schema::migrate(&pool).await?;
-        Ok(PgStore { pool })
+        let writers = group::Writers::start(pool.clone());
+        Ok(PgStore { pool, writers })
+    }
+
+    /// Ends the task `task_id`, if still queued, as `status` for `reason`.
+    async fn end_queued(
+        &self,
+        task_id: &str,
+        status: TaskStatus,
+        reason: &str,
+        now: Millis,
+    ) -> Result<Option<Ended>> {
+        let input = (task_id.to_string(), status, reason.to_string(), now);
+        self.writers
+            .call(
+                vec![input.0.clone()],
+                input,
+                |tx, (id, status, reason, now)| {
+                    Box::pin(lifecycle::end_queued(tx, id, *status, reason, *now))
+                },
+            )
+            .await
     }
 
     /// Closes every connection; calls made afterwards fail.
@@ -131,48 +157,40 @@ fn tasks_of(rows: &[PgRow]) -> Result<Vec<QueuedTask>> {
     rows.iter().map(rows::task).collect()
 }
 
-/// Stores `events` at `now`, in order, and returns them with their ids.
+/// Stores `events`, each with its time, in order, and returns the id of the first; the
+/// others follow it.
 ///
 /// Must be the last statement of its transaction: it locks the `event_ids` counter until the
 /// transaction ends, so the next writer of events takes its ids only once these are visible.
 /// Anything after it would hold up every other writer of events (and a row lock taken after it
-/// could deadlock with one taken before it elsewhere).
+/// could deadlock with one taken before it elsewhere). [`group`] calls it.
 async fn insert_events(
     conn: &mut PgConnection,
-    events: Vec<NewEvent>,
-    now: Millis,
-) -> Result<Vec<Event>> {
+    events: &[(NewEvent, Millis)],
+) -> sqlx::Result<i64> {
     if events.is_empty() {
-        return Ok(Vec::new());
+        return Ok(0);
     }
     let n = events.len() as i64;
+    let column =
+        |f: fn(&NewEvent) -> Option<String>| events.iter().map(|(e, _)| f(e)).collect::<Vec<_>>();
     let last: i64 = sqlx::query_scalar(
         "WITH ids AS (UPDATE event_ids SET last = last + $1 RETURNING last), \
          stored AS (INSERT INTO events (id, kind, task_id, daemon_id, data, at) \
-         SELECT ids.last - $1 + e.n, e.kind, e.task_id, e.daemon_id, e.data, $6 \
-         FROM ids, UNNEST($2::text[], $3::text[], $4::text[], $5::text[]) \
-         WITH ORDINALITY AS e(kind, task_id, daemon_id, data, n)) \
+         SELECT ids.last - $1 + e.n, e.kind, e.task_id, e.daemon_id, e.data, e.at \
+         FROM ids, UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[]) \
+         WITH ORDINALITY AS e(kind, task_id, daemon_id, data, at, n)) \
          SELECT last FROM ids",
     )
     .bind(n)
-    .bind(events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.task_id.clone()).collect::<Vec<_>>())
-    .bind(
-        events
-            .iter()
-            .map(|e| e.daemon_id.clone())
-            .collect::<Vec<_>>(),
-    )
-    .bind(events.iter().map(|e| to_json(&e.data)).collect::<Vec<_>>())
-    .bind(now)
+    .bind(column(|e| Some(e.kind.clone())))
+    .bind(column(|e| e.task_id.clone()))
+    .bind(column(|e| e.daemon_id.clone()))
+    .bind(column(|e| Some(to_json(&e.data))))
+    .bind(events.iter().map(|(_, at)| *at).collect::<Vec<_>>())
     .fetch_one(&mut *conn)
     .await?;
-    let first = last - n + 1;
-    Ok(events
-        .into_iter()
-        .zip(first..)
-        .map(|(e, id)| e.stored(id, now))
-        .collect())
+    Ok(last - n + 1)
 }
 
 /// Loads one daemon with its live task count.
@@ -188,12 +206,7 @@ async fn load_daemon(conn: &mut PgConnection, id: &str) -> Result<Daemon> {
 }
 
 /// Records a daemon's link as ended, with its event.
-async fn disconnect(
-    conn: &mut PgConnection,
-    daemon_id: &str,
-    reason: &str,
-    now: Millis,
-) -> Result<Event> {
+async fn disconnect(tx: &mut Tx, daemon_id: &str, reason: &str, now: Millis) -> Result<Event> {
     sqlx::query(
         "WITH s AS (UPDATE daemon_sessions SET disconnected_at = $1, reason = $2 \
          WHERE daemon_id = $3 AND disconnected_at IS NULL) \
@@ -203,13 +216,84 @@ async fn disconnect(
     .bind(now)
     .bind(reason)
     .bind(daemon_id)
-    .execute(&mut *conn)
+    .execute(&mut **tx)
     .await?;
-    let event = NewEvent::daemon_disconnected(daemon_id, reason);
-    let mut events = insert_events(conn, vec![event], now).await?;
-    events
-        .pop()
-        .ok_or_else(|| StoreError::Corrupt("an event was not stored".into()))
+    Ok(tx.event(NewEvent::daemon_disconnected(daemon_id, reason), now))
+}
+
+/// Stores a new task, with its `task.created` event.
+async fn insert_task(tx: &mut Tx, task: &Task, now: Millis) -> Result<(QueuedTask, Event)> {
+    let order: i64 = sqlx::query_scalar(
+        "INSERT INTO tasks (id, name, prompt, repo_url, base_branch, agent, labels, priority, \
+         env, timeout_secs, max_attempts, status, attempt, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 0, $13, $13) RETURNING seq",
+    )
+    .bind(&task.id)
+    .bind(&task.name)
+    .bind(&task.prompt)
+    .bind(task.repo.as_ref().map(|r| r.url.as_str()))
+    .bind(task.repo.as_ref().map(|r| r.base_branch.as_str()))
+    .bind(&task.agent)
+    .bind(to_json(&task.labels))
+    .bind(i64::from(task.priority))
+    .bind(to_json(&task.env))
+    .bind(task.timeout_secs.map(|v| v as i64))
+    .bind(i64::from(task.max_attempts))
+    .bind(task.status.as_str())
+    .bind(now)
+    .fetch_one(&mut **tx)
+    .await?;
+    let event = tx.event(NewEvent::task_created(task), now);
+    let task = task.clone();
+    Ok((QueuedTask { order, task }, event))
+}
+
+/// Records a daemon's accepted link: the daemon's row, a session, the event.
+async fn connect_daemon(
+    tx: &mut Tx,
+    daemon_id: &str,
+    h: &DaemonHello,
+    now: Millis,
+) -> Result<(Daemon, Event)> {
+    sqlx::query(CONNECT_DAEMON)
+        .bind(daemon_id)
+        .bind(&h.machine_id)
+        .bind(&h.hostname)
+        .bind(i64::from(h.max_concurrent_tasks))
+        .bind(to_json(&h.labels))
+        .bind(to_json(&h.agents))
+        .bind(&h.version)
+        .bind(i64::from(h.protocol_version))
+        .bind(now)
+        .bind(&h.key_id)
+        .bind(&h.remote_addr)
+        .execute(&mut **tx)
+        .await?;
+    let daemon = load_daemon(tx, daemon_id).await?;
+    let event = tx.event(NewEvent::daemon_connected(daemon_id, h), now);
+    Ok((daemon, event))
+}
+
+/// Upserts a daemon's row as connected and opens a session.
+const CONNECT_DAEMON: &str = "WITH d AS (INSERT INTO daemons (id, machine_id, hostname, \
+     max_concurrent_tasks, labels, agents, version, protocol_version, connected, connected_at, \
+     last_seen_at, key_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, TRUE, $9, $9, $10) \
+     ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, \
+     max_concurrent_tasks = excluded.max_concurrent_tasks, labels = excluded.labels, \
+     agents = excluded.agents, version = excluded.version, \
+     protocol_version = excluded.protocol_version, connected = TRUE, \
+     connected_at = excluded.connected_at, last_seen_at = excluded.last_seen_at, \
+     key_id = COALESCE(excluded.key_id, daemons.key_id)) \
+     INSERT INTO daemon_sessions (daemon_id, remote_addr, connected_at) VALUES ($1, $11, $9)";
+
+/// [`EndAttempt`] with its text owned, to be run again if its group fails.
+struct OwnedEnd {
+    task_id: String,
+    reason: String,
+    attempt: u32,
+    status: AttemptStatus,
+    retry: Retry,
+    terminal: TaskStatus,
 }
 
 /// Revokes a key (keeping the time of an earlier revocation) and returns it.
@@ -231,37 +315,11 @@ impl Store for PgStore {
 
     async fn create_task(&self, t: NewTask, now: Millis) -> Result<(QueuedTask, Event)> {
         let task = t.queued(now);
-        let event = NewEvent::task_created(&task);
-        // One statement: the task, and its event with the next id (see `insert_events`).
-        let row = sqlx::query(
-            "WITH t AS (INSERT INTO tasks (id, name, prompt, repo_url, base_branch, agent, \
-             labels, priority, env, timeout_secs, max_attempts, status, attempt, created_at, \
-             updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 0, $13, \
-             $13) RETURNING seq), \
-             ids AS (UPDATE event_ids SET last = last + 1 RETURNING last), \
-             e AS (INSERT INTO events (id, kind, task_id, data, at) \
-             SELECT last, $14, $1, $15, $13 FROM ids) \
-             SELECT t.seq, ids.last FROM t, ids",
-        )
-        .bind(&task.id)
-        .bind(&task.name)
-        .bind(&task.prompt)
-        .bind(task.repo.as_ref().map(|r| r.url.as_str()))
-        .bind(task.repo.as_ref().map(|r| r.base_branch.as_str()))
-        .bind(&task.agent)
-        .bind(to_json(&task.labels))
-        .bind(i64::from(task.priority))
-        .bind(to_json(&task.env))
-        .bind(task.timeout_secs.map(|v| v as i64))
-        .bind(i64::from(task.max_attempts))
-        .bind(task.status.as_str())
-        .bind(now)
-        .bind(&event.kind)
-        .bind(to_json(&event.data))
-        .fetch_one(&self.pool)
-        .await?;
-        let (order, id): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
-        Ok((QueuedTask { order, task }, event.stored(id, now)))
+        self.writers
+            .call(Vec::new(), (task, now), |tx, (task, now)| {
+                Box::pin(insert_task(tx, task, *now))
+            })
+            .await
     }
 
     async fn get_task(&self, id: &str) -> Result<Option<Task>> {
@@ -350,42 +408,62 @@ impl Store for PgStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.pool.begin().await?;
-        let out = lifecycle::dispatch(&mut tx, batch, now).await?;
-        tx.commit().await?;
-        Ok(out)
+        let tasks = batch.iter().map(|d| d.task_id.clone()).collect();
+        self.writers
+            .call(tasks, (batch.to_vec(), now), |tx, (batch, now)| {
+                Box::pin(lifecycle::dispatch(tx, batch, *now))
+            })
+            .await
     }
 
     async fn apply(&self, batch: &[Report], now: Millis) -> Result<Vec<Applied>> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.pool.begin().await?;
-        let out = lifecycle::apply(&mut tx, batch, now).await?;
-        tx.commit().await?;
-        Ok(out)
+        let tasks = batch.iter().map(|r| r.task_id.clone()).collect();
+        self.writers
+            .call(tasks, (batch.to_vec(), now), |tx, (batch, now)| {
+                Box::pin(lifecycle::apply(tx, batch, *now))
+            })
+            .await
     }
 
     async fn end_attempt(&self, end: &EndAttempt<'_>, now: Millis) -> Result<Option<Ended>> {
-        let mut tx = self.pool.begin().await?;
-        let out = lifecycle::end_attempt(&mut tx, end, now).await?;
-        tx.commit().await?;
-        Ok(out)
+        let owned = OwnedEnd {
+            task_id: end.task_id.to_string(),
+            reason: end.reason.to_string(),
+            attempt: end.attempt,
+            status: end.status,
+            retry: end.retry,
+            terminal: end.terminal,
+        };
+        let tasks = vec![owned.task_id.clone()];
+        self.writers
+            .call(tasks, (owned, now), |tx, (owned, now)| {
+                Box::pin(async move {
+                    let end = EndAttempt {
+                        task_id: &owned.task_id,
+                        reason: &owned.reason,
+                        attempt: owned.attempt,
+                        status: owned.status,
+                        retry: owned.retry,
+                        terminal: owned.terminal,
+                    };
+                    lifecycle::end_attempt(tx, &end, *now).await
+                })
+            })
+            .await
     }
 
     async fn cancel_queued(&self, task_id: &str, now: Millis) -> Result<Option<Ended>> {
-        let (status, why) = (TaskStatus::Cancelled, "cancelled before it ran");
-        let mut tx = self.pool.begin().await?;
-        let out = lifecycle::end_queued(&mut tx, task_id, status, why, now).await?;
-        tx.commit().await?;
-        Ok(out)
+        let why = "cancelled before it ran";
+        self.end_queued(task_id, TaskStatus::Cancelled, why, now)
+            .await
     }
 
     async fn fail_queued(&self, task_id: &str, reason: &str, now: Millis) -> Result<Option<Ended>> {
-        let mut tx = self.pool.begin().await?;
-        let out = lifecycle::end_queued(&mut tx, task_id, TaskStatus::Failed, reason, now).await?;
-        tx.commit().await?;
-        Ok(out)
+        self.end_queued(task_id, TaskStatus::Failed, reason, now)
+            .await
     }
 
     async fn set_paused(
@@ -395,10 +473,16 @@ impl Store for PgStore {
         paused: bool,
         now: Millis,
     ) -> Result<Option<Ended>> {
-        let mut tx = self.pool.begin().await?;
-        let out = lifecycle::set_paused(&mut tx, task_id, attempt, paused, now).await?;
-        tx.commit().await?;
-        Ok(out)
+        let input = (task_id.to_string(), attempt, paused, now);
+        self.writers
+            .call(
+                vec![input.0.clone()],
+                input,
+                |tx, (task_id, attempt, paused, now)| {
+                    Box::pin(lifecycle::set_paused(tx, task_id, *attempt, *paused, *now))
+                },
+            )
+            .await
     }
 
     async fn task_output(
@@ -428,41 +512,12 @@ impl Store for PgStore {
         h: &DaemonHello,
         now: Millis,
     ) -> Result<(Daemon, Event)> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "WITH d AS (INSERT INTO daemons (id, machine_id, hostname, max_concurrent_tasks, \
-             labels, agents, version, protocol_version, connected, connected_at, last_seen_at, \
-             key_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, TRUE, $9, $9, $10) \
-             ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, \
-             max_concurrent_tasks = excluded.max_concurrent_tasks, labels = excluded.labels, \
-             agents = excluded.agents, version = excluded.version, \
-             protocol_version = excluded.protocol_version, connected = TRUE, \
-             connected_at = excluded.connected_at, last_seen_at = excluded.last_seen_at, \
-             key_id = COALESCE(excluded.key_id, daemons.key_id)) \
-             INSERT INTO daemon_sessions (daemon_id, remote_addr, connected_at) \
-             VALUES ($1, $11, $9)",
-        )
-        .bind(daemon_id)
-        .bind(&h.machine_id)
-        .bind(&h.hostname)
-        .bind(i64::from(h.max_concurrent_tasks))
-        .bind(to_json(&h.labels))
-        .bind(to_json(&h.agents))
-        .bind(&h.version)
-        .bind(i64::from(h.protocol_version))
-        .bind(now)
-        .bind(&h.key_id)
-        .bind(&h.remote_addr)
-        .execute(&mut *tx)
-        .await?;
-        let daemon = load_daemon(&mut tx, daemon_id).await?;
-        let event = NewEvent::daemon_connected(daemon_id, h);
-        let mut events = insert_events(&mut tx, vec![event], now).await?;
-        tx.commit().await?;
-        let event = events
-            .pop()
-            .ok_or_else(|| StoreError::Corrupt("an event was not stored".into()))?;
-        Ok((daemon, event))
+        let input = (daemon_id.to_string(), h.clone(), now);
+        self.writers
+            .call(Vec::new(), input, |tx, (id, h, now)| {
+                Box::pin(connect_daemon(tx, id, h, *now))
+            })
+            .await
     }
 
     async fn daemon_disconnected(
@@ -471,10 +526,12 @@ impl Store for PgStore {
         reason: &str,
         now: Millis,
     ) -> Result<Event> {
-        let mut tx = self.pool.begin().await?;
-        let event = disconnect(&mut tx, daemon_id, reason, now).await?;
-        tx.commit().await?;
-        Ok(event)
+        let input = (daemon_id.to_string(), reason.to_string(), now);
+        self.writers
+            .call(Vec::new(), input, |tx, (id, reason, now)| {
+                Box::pin(disconnect(tx, id, reason, *now))
+            })
+            .await
     }
 
     async fn daemon_held_by(&self, daemon_id: &str, coordinator: &str) -> Result<()> {
@@ -493,18 +550,31 @@ impl Store for PgStore {
         reason: &str,
         now: Millis,
     ) -> Result<Option<Event>> {
-        let mut tx = self.pool.begin().await?;
-        let held: Option<Option<String>> =
-            sqlx::query_scalar("SELECT coordinator_id FROM daemons WHERE id = $1 FOR UPDATE")
-                .bind(daemon_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if matches!(&held, Some(Some(c)) if c != coordinator) {
-            return Ok(None);
-        }
-        let event = disconnect(&mut tx, daemon_id, reason, now).await?;
-        tx.commit().await?;
-        Ok(Some(event))
+        let input = (
+            daemon_id.to_string(),
+            coordinator.to_string(),
+            reason.to_string(),
+        );
+        self.writers
+            .call(
+                Vec::new(),
+                (input, now),
+                |tx, ((id, coordinator, reason), now)| {
+                    Box::pin(async move {
+                        let held: Option<Option<String>> = sqlx::query_scalar(
+                            "SELECT coordinator_id FROM daemons WHERE id = $1 FOR UPDATE",
+                        )
+                        .bind(id)
+                        .fetch_optional(&mut **tx)
+                        .await?;
+                        if matches!(&held, Some(Some(c)) if c != coordinator) {
+                            return Ok(None);
+                        }
+                        Ok(Some(disconnect(tx, id, reason, *now).await?))
+                    })
+                },
+            )
+            .await
     }
 
     async fn coordinator_seen(&self, coordinator: &str, now: Millis) -> Result<()> {
@@ -559,20 +629,24 @@ impl Store for PgStore {
         draining: bool,
         now: Millis,
     ) -> Result<Option<(Daemon, Event)>> {
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query("UPDATE daemons SET draining = $1 WHERE id = $2")
-            .bind(draining)
-            .bind(daemon_id)
-            .execute(&mut *tx)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Ok(None);
-        }
-        let daemon = load_daemon(&mut tx, daemon_id).await?;
-        let event = NewEvent::daemon_draining(daemon_id, draining);
-        let mut events = insert_events(&mut tx, vec![event], now).await?;
-        tx.commit().await?;
-        Ok(events.pop().map(|event| (daemon, event)))
+        let input = (daemon_id.to_string(), draining, now);
+        self.writers
+            .call(Vec::new(), input, |tx, (id, draining, now)| {
+                Box::pin(async move {
+                    let done = sqlx::query("UPDATE daemons SET draining = $1 WHERE id = $2")
+                        .bind(*draining)
+                        .bind(id)
+                        .execute(&mut **tx)
+                        .await?;
+                    if done.rows_affected() == 0 {
+                        return Ok(None);
+                    }
+                    let daemon = load_daemon(tx, id).await?;
+                    let event = tx.event(NewEvent::daemon_draining(id, *draining), *now);
+                    Ok(Some((daemon, event)))
+                })
+            })
+            .await
     }
 
     async fn get_daemon(&self, daemon_id: &str) -> Result<Option<Daemon>> {
@@ -701,11 +775,11 @@ impl Store for PgStore {
         now: Millis,
     ) -> Result<Event> {
         let event = NewEvent::new(kind, task_id, daemon_id, data);
-        let mut conn = self.pool.acquire().await?;
-        let mut events = insert_events(&mut conn, vec![event], now).await?;
-        events
-            .pop()
-            .ok_or_else(|| StoreError::Corrupt("an event was not stored".into()))
+        self.writers
+            .call(Vec::new(), (event, now), |tx, (event, now)| {
+                Box::pin(async move { Ok(tx.event(event.clone(), *now)) })
+            })
+            .await
     }
 
     async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<Event>> {

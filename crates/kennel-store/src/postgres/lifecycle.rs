@@ -18,7 +18,8 @@ use kennel_proto::api::{Event, Task};
 use kennel_proto::TaskStatus;
 use sqlx::postgres::PgConnection;
 
-use super::{insert_events, tasks_of, Query};
+use super::group::Tx;
+use super::{tasks_of, Query};
 use crate::events::NewEvent;
 use crate::machine::{self, AttemptFacts, Change, Ending, Outcome, Step, TaskAfter, TaskFacts};
 use crate::rows::{self, columns};
@@ -57,22 +58,20 @@ async fn one_task(conn: &mut PgConnection, query: Query<'_>) -> Result<Option<Ta
 }
 
 /// Records the `task.status` event of a changed task; what a server-side change answers.
-async fn ended(conn: &mut PgConnection, task: Option<Task>, now: Millis) -> Result<Option<Ended>> {
-    let Some(task) = task else {
-        return Ok(None);
-    };
-    let events = insert_events(conn, vec![NewEvent::task_status(&task)], now).await?;
-    Ok(Some(Ended { task, events }))
+fn ended(tx: &mut Tx, task: Option<Task>, now: Millis) -> Option<Ended> {
+    let task = task?;
+    let events = vec![tx.event(NewEvent::task_status(&task), now)];
+    Some(Ended { task, events })
 }
 
 /// See [`crate::Store::dispatch`].
 pub(super) async fn dispatch(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     batch: &[Dispatch],
     now: Millis,
 ) -> Result<Vec<Option<(Task, Event)>>> {
     let ids = batch.iter().map(|d| d.task_id.clone()).collect();
-    let mut facts = lock_tasks(conn, ids).await?;
+    let mut facts = lock_tasks(tx, ids).await?;
     // The dispatches the machine lets go out, by their place in the batch.
     let mut out: Vec<Option<Step>> = Vec::with_capacity(batch.len());
     for d in batch {
@@ -112,7 +111,7 @@ pub(super) async fn dispatch(
     .bind(column(|(_, s)| s.task.as_str().to_string()))
     .bind(column(|(_, s)| s.attempt.as_str().to_string()))
     .bind(now)
-    .fetch_all(&mut *conn)
+    .fetch_all(&mut **tx)
     .await?;
     let mut tasks: HashMap<String, Task> = tasks_of(&written)?
         .into_iter()
@@ -129,7 +128,7 @@ pub(super) async fn dispatch(
         dispatched.push(task);
     }
     let events = dispatched.iter().map(NewEvent::task_status).collect();
-    let mut events = insert_events(conn, events, now).await?.into_iter();
+    let mut events = tx.events(events, now).into_iter();
     let mut dispatched = dispatched.into_iter();
     Ok(out
         .into_iter()
@@ -276,12 +275,8 @@ impl Appended {
 }
 
 /// See [`crate::Store::apply`].
-pub(super) async fn apply(
-    conn: &mut PgConnection,
-    batch: &[Report],
-    now: Millis,
-) -> Result<Vec<Applied>> {
-    let mut facts = lock_attempts(conn, batch).await?;
+pub(super) async fn apply(tx: &mut Tx, batch: &[Report], now: Millis) -> Result<Vec<Applied>> {
+    let mut facts = lock_attempts(tx, batch).await?;
     let mut appended = Appended::default();
     let mut out = Vec::with_capacity(batch.len());
     // The status event of each changed task, by its report's place in the batch.
@@ -305,9 +300,9 @@ pub(super) async fn apply(
                 appended.chunk(r, &chunk);
                 None
             }
-            Change::Live { to, started } => write_live(conn, r, to, started, now).await?,
-            Change::End(ending) => write_ending(conn, &r.task_id, r.attempt, &ending, now).await?,
-            Change::Finish { to, outcome } => write_finish(conn, r, to, &outcome, now).await?,
+            Change::Live { to, started } => write_live(tx, r, to, started, now).await?,
+            Change::End(ending) => write_ending(tx, &r.task_id, r.attempt, &ending, now).await?,
+            Change::Finish { to, outcome } => write_finish(tx, r, to, &outcome, now).await?,
         };
         if let Some(task) = &task {
             changed.push((out.len(), NewEvent::task_status(task)));
@@ -317,9 +312,9 @@ pub(super) async fn apply(
             task: task.map(Box::new),
         });
     }
-    appended.write(conn, now).await?;
+    appended.write(tx, now).await?;
     let (at, events): (Vec<usize>, Vec<NewEvent>) = changed.into_iter().unzip();
-    let events = insert_events(conn, events, now).await?;
+    let events = tx.events(events, now);
     for (i, event) in at.into_iter().zip(events) {
         if let Applied::Done { events, .. } = &mut out[i] {
             events.push(event);
@@ -423,27 +418,27 @@ async fn write_ending(
 
 /// See [`crate::Store::end_attempt`].
 pub(super) async fn end_attempt(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     end: &EndAttempt<'_>,
     now: Millis,
 ) -> Result<Option<Ended>> {
-    let facts = lock_task(conn, end.task_id).await?;
+    let facts = lock_task(tx, end.task_id).await?;
     let Some(ending) = facts.and_then(|f| machine::end_attempt(&f, end)) else {
         return Ok(None);
     };
-    let task = write_ending(conn, end.task_id, end.attempt, &ending, now).await?;
-    ended(conn, task, now).await
+    let task = write_ending(tx, end.task_id, end.attempt, &ending, now).await?;
+    Ok(ended(tx, task, now))
 }
 
 /// Ends a task that is still queued as `status`; see [`crate::Store::cancel_queued`].
 pub(super) async fn end_queued(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     task_id: &str,
     status: TaskStatus,
     error: &str,
     now: Millis,
 ) -> Result<Option<Ended>> {
-    let facts = lock_task(conn, task_id).await?;
+    let facts = lock_task(tx, task_id).await?;
     let Some(status) = facts.and_then(|f| machine::end_queued(&f, status)) else {
         return Ok(None);
     };
@@ -456,19 +451,19 @@ pub(super) async fn end_queued(
     .bind(now)
     .bind(error)
     .bind(task_id);
-    let task = one_task(conn, query).await?;
-    ended(conn, task, now).await
+    let task = one_task(tx, query).await?;
+    Ok(ended(tx, task, now))
 }
 
 /// See [`crate::Store::set_paused`].
 pub(super) async fn set_paused(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     task_id: &str,
     attempt: u32,
     paused: bool,
     now: Millis,
 ) -> Result<Option<Ended>> {
-    let facts = lock_task(conn, task_id).await?;
+    let facts = lock_task(tx, task_id).await?;
     let Some(to) = facts.and_then(|f| machine::pause(&f, attempt, paused)) else {
         return Ok(None);
     };
@@ -482,6 +477,6 @@ pub(super) async fn set_paused(
     .bind(i64::from(attempt))
     .bind(to.task.as_str())
     .bind(now);
-    let task = one_task(conn, query).await?;
-    ended(conn, task, now).await
+    let task = one_task(tx, query).await?;
+    Ok(ended(tx, task, now))
 }

@@ -341,3 +341,100 @@ async fn a_database_refusing_the_connection_is_an_error_naming_it_without_its_pa
     assert!(!shown.contains("s3cret"), "{shown}");
     assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
 }
+
+/// How many transactions stored the events of `schema` (each row's `xmin` is the transaction
+/// that inserted it).
+async fn transactions_that_stored_events(schema: &Schema) -> i64 {
+    let mut conn = schema.server_connection().await;
+    let sql = format!(
+        "SELECT COUNT(DISTINCT xmin::text) FROM {}.events",
+        schema.name
+    );
+    sqlx::query_scalar(&sql)
+        .fetch_one(&mut conn)
+        .await
+        .expect("count the transactions")
+}
+
+/// Many writes of one coordinator at once share commits, and each still answers with the ids
+/// its events were stored under: what SSE sends first live must be what it resends after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_commits_and_each_answers_with_its_stored_event_ids() {
+    const CALLS: usize = 300;
+    let schema = Schema::create().await;
+    let store = Arc::new(schema.connect().await);
+    let mut set = JoinSet::new();
+    for i in 0..CALLS {
+        let store = store.clone();
+        set.spawn(async move {
+            let event = if i % 2 == 0 {
+                let task = new_task(&format!("t{i}"), 1);
+                store.create_task(task, NOW).await.expect("create a task").1
+            } else {
+                let data = serde_json::json!({ "i": i });
+                store
+                    .record_event("test.tick", None, None, data, NOW)
+                    .await
+                    .expect("record an event")
+            };
+            (i, event)
+        });
+    }
+    let answered = all(set).await;
+    let stored = store.events_after(0, 1000).await.unwrap();
+    assert_eq!(stored.len(), CALLS);
+    let by_id: BTreeMap<i64, _> = stored.into_iter().map(|e| (e.id, e)).collect();
+    for (i, event) in &answered {
+        let kept = by_id
+            .get(&event.id)
+            .unwrap_or_else(|| panic!("call {i} answered id {}, which is not stored", event.id));
+        assert_eq!(kept, event, "call {i}: the answer is the stored event");
+    }
+    let transactions = transactions_that_stored_events(&schema).await;
+    assert!(
+        transactions < CALLS as i64,
+        "{CALLS} concurrent writes took {transactions} transactions: none shared a commit"
+    );
+}
+
+/// A write that fails among others sharing its transaction fails alone: the others are stored
+/// and answered, the failing one gets its error, and no event id is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_failing_among_concurrent_writes_fails_alone() {
+    const CALLS: usize = 120;
+    let schema = Schema::create().await;
+    let store = Arc::new(schema.connect().await);
+    let mut set = JoinSet::new();
+    for i in 0..CALLS {
+        let store = store.clone();
+        // Calls 40 and 41 submit the same task id: one of them must fail.
+        let id = if i == 41 {
+            "t40".to_string()
+        } else {
+            format!("t{i}")
+        };
+        set.spawn(async move { (i, store.create_task(new_task(&id, 1), NOW).await) });
+    }
+    let answered = all(set).await;
+    let failed: Vec<usize> = answered
+        .iter()
+        .filter(|(_, r)| r.is_err())
+        .map(|(i, _)| *i)
+        .collect();
+    assert_eq!(
+        failed.len(),
+        1,
+        "exactly one of calls 40 and 41 fails: {failed:?}"
+    );
+    assert!(failed[0] == 40 || failed[0] == 41, "{failed:?}");
+    let stored = store.events_after(0, 1000).await.unwrap();
+    let ids: Vec<i64> = stored.iter().map(|e| e.id).collect();
+    assert_eq!(ids, (1..CALLS as i64).collect::<Vec<_>>(), "no id skipped");
+    for (i, result) in &answered {
+        if let Ok((queued, event)) = result {
+            assert_eq!(&stored[event.id as usize - 1], event, "call {i}");
+            let kept = store.get_task(&queued.task.id).await.unwrap();
+            assert_eq!(kept.as_ref(), Some(&queued.task), "call {i}");
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! Group commit on PostgreSQL: a coordinator's writes that record events share transactions.
+//!
+//! Every transaction that stores events holds the `event_ids` counter row from its insert to
+//! its commit (see [`super::insert_events`]), so across all coordinators only one such commit
+//! is in flight at a time. Run one call per transaction and the cluster tops out at one call
+//! per commit. Here a few writer tasks per store each take every call already queued (up to
+//! [`MAX_GROUP`]), run them in one transaction, store all their events in one statement at the
+//! end and commit once: the counter is held for one insert and one commit per group, however
+//! many calls it holds.
+//!
+//! - **An answer means committed.** Callers get their answers only after the group commits.
+//!   A call's events are handed out with provisional ids while it runs ([`Tx::events`]) and
+//!   numbered once the group's events are stored ([`Numbered`]).
+//! - **A failing call fails alone.** When a call fails inside a group, the group is rolled
+//!   back (nothing of it was committed) and each of its calls is run again in a transaction of
+//!   its own, so only the failing one gets an error. Calls are therefore `Fn`, not `FnOnce`.
+//!   A failed commit is another matter: whether it took effect is unknown, so every call of
+//!   the group gets the error and none is run again.
+//! - **No deadlock between groups.** A group first locks every task its calls will lock, in id
+//!   order, in one statement; calls then lock them again (a no-op) and the attempts under
+//!   them. Two groups, of this coordinator or another, meet on task rows in the same order.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use kennel_proto::api::Event;
+use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::{Postgres, Transaction};
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use super::insert_events;
+use crate::events::NewEvent;
+use crate::{Applied, Ended, Millis, Result, StoreError};
+
+/// Most calls in one group; bounds how long the first of them waits for its answer.
+const MAX_GROUP: usize = 256;
+
+/// Writer tasks per store. Two let one group run its statements while the other waits on the
+/// counter or its commit.
+const WRITERS: usize = 2;
+
+/// A future borrowing the transaction it runs in.
+pub(super) type TxFuture<'t, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 't>>;
+
+/// The transaction a group's calls run in, and the events they leave to be stored at its end.
+pub(super) struct Tx {
+    conn: Transaction<'static, Postgres>,
+    events: Vec<(NewEvent, Millis)>,
+}
+
+impl Tx {
+    /// Queues `events`, recorded at `now`, to be stored when the group's calls have run;
+    /// returns them with provisional ids (negative, numbered by [`Numbered`] after the store).
+    pub(super) fn events(&mut self, events: Vec<NewEvent>, now: Millis) -> Vec<Event> {
+        events
+            .into_iter()
+            .map(|e| {
+                self.events.push((e.clone(), now));
+                e.stored(-(self.events.len() as i64), now)
+            })
+            .collect()
+    }
+
+    /// Queues one event; see [`Tx::events`].
+    pub(super) fn event(&mut self, event: NewEvent, now: Millis) -> Event {
+        let mut events = self.events(vec![event], now);
+        events.pop().expect("one event in, one out")
+    }
+}
+
+impl std::ops::Deref for Tx {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+}
+
+/// An answer holding events whose ids are provisional until its group's events are stored.
+pub(super) trait Numbered {
+    /// Calls `f` on every event of the answer.
+    fn each_event(&mut self, f: &mut dyn FnMut(&mut Event));
+}
+
+impl Numbered for Event {
+    fn each_event(&mut self, f: &mut dyn FnMut(&mut Event)) {
+        f(self)
+    }
+}
+
+impl<T: Numbered> Numbered for Option<T> {
+    fn each_event(&mut self, f: &mut dyn FnMut(&mut Event)) {
+        if let Some(t) = self {
+            t.each_event(f)
+        }
+    }
+}
+
+impl<T: Numbered> Numbered for Vec<T> {
+    fn each_event(&mut self, f: &mut dyn FnMut(&mut Event)) {
+        for t in self {
+            t.each_event(f)
+        }
+    }
+}
+
+/// A row with its event: a created task, a dispatch, a daemon's change.
+impl<T> Numbered for (T, Event) {
+    fn each_event(&mut self, f: &mut dyn FnMut(&mut Event)) {
+        f(&mut self.1)
+    }
+}
+
+impl Numbered for Ended {
+    fn each_event(&mut self, f: &mut dyn FnMut(&mut Event)) {
+        self.events.iter_mut().for_each(f)
+    }
+}
+
+impl Numbered for Applied {
+    fn each_event(&mut self, f: &mut dyn FnMut(&mut Event)) {
+        if let Applied::Done { events, .. } = self {
+            events.iter_mut().for_each(f)
+        }
+    }
+}
+
+/// Handle to a store's writer tasks; cloning shares them. They end when every handle is gone.
+#[derive(Clone)]
+pub(super) struct Writers {
+    calls: mpsc::UnboundedSender<Box<dyn Job>>,
+}
+
+impl Writers {
+    /// Starts the writer tasks on `pool`. Must be called inside a tokio runtime.
+    pub(super) fn start(pool: PgPool) -> Writers {
+        let (calls, queue) = mpsc::unbounded_channel();
+        let queue = Arc::new(Mutex::new(queue));
+        for _ in 0..WRITERS {
+            tokio::spawn(run(pool.clone(), queue.clone()));
+        }
+        Writers { calls }
+    }
+
+    /// Runs `work` on `input` in a group's transaction and answers once the group has
+    /// committed. `tasks` are the tasks `work` may lock (see the module's notes on deadlock).
+    pub(super) async fn call<I, T>(
+        &self,
+        tasks: Vec<String>,
+        input: I,
+        work: Work<I, T>,
+    ) -> Result<T>
+    where
+        I: Send + Sync + 'static,
+        T: Numbered + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let call = Call {
+            tasks,
+            input,
+            work,
+            reply,
+            result: None,
+        };
+        self.calls
+            .send(Box::new(call))
+            .map_err(|_| StoreError::WriterStopped)?;
+        answer.await.map_err(|_| StoreError::WriterStopped)?
+    }
+}
+
+/// One queued call, type-erased so calls of any answer type share the queue.
+trait Job: Send {
+    /// The caller stopped waiting: skip the work.
+    fn abandoned(&self) -> bool;
+    /// The tasks the work may lock.
+    fn tasks(&self) -> &[String];
+    /// Runs the work in `tx` and keeps its result; false when it failed.
+    fn run<'t>(&'t mut self, tx: &'t mut Tx) -> Pin<Box<dyn Future<Output = bool> + Send + 't>>;
+    /// Gives the kept answer's provisional event ids their place from `first` on.
+    fn number(&mut self, first: i64);
+    /// Sends the kept result, or `instead` when the transaction did not store it.
+    fn answer(self: Box<Self>, instead: Option<StoreError>);
+}
+
+/// A call's work: run on its input in a group's transaction; run again, alone, when another
+/// call of its group failed.
+pub(super) type Work<I, T> = for<'t> fn(&'t mut Tx, &'t I) -> TxFuture<'t, T>;
+
+struct Call<I, T> {
+    tasks: Vec<String>,
+    input: I,
+    work: Work<I, T>,
+    reply: oneshot::Sender<Result<T>>,
+    result: Option<Result<T>>,
+}
+
+impl<I, T> Job for Call<I, T>
+where
+    I: Send + Sync + 'static,
+    T: Numbered + Send + 'static,
+{
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+
+    fn tasks(&self) -> &[String] {
+        &self.tasks
+    }
+
+    fn run<'t>(&'t mut self, tx: &'t mut Tx) -> Pin<Box<dyn Future<Output = bool> + Send + 't>> {
+        Box::pin(async move {
+            let result = (self.work)(tx, &self.input).await;
+            let ok = result.is_ok();
+            self.result = Some(result);
+            ok
+        })
+    }
+
+    fn number(&mut self, first: i64) {
+        if let Some(Ok(answer)) = &mut self.result {
+            answer.each_event(&mut |e| {
+                if e.id < 0 {
+                    e.id = first - e.id - 1;
+                }
+            });
+        }
+    }
+
+    fn answer(self: Box<Self>, instead: Option<StoreError>) {
+        let result = match (instead, self.result) {
+            (Some(e), _) => Err(e),
+            (None, Some(result)) => result,
+            (None, None) => Err(StoreError::Aborted("the call was never run".into())),
+        };
+        let _ = self.reply.send(result);
+    }
+}
+
+/// One writer: takes the calls queued at a time and commits them as one group.
+async fn run(pool: PgPool, queue: Arc<Mutex<mpsc::UnboundedReceiver<Box<dyn Job>>>>) {
+    loop {
+        let mut group = Vec::new();
+        {
+            let mut queue = queue.lock().await;
+            match queue.recv().await {
+                Some(job) => group.push(job),
+                None => return,
+            }
+            while group.len() < MAX_GROUP {
+                match queue.try_recv() {
+                    Ok(job) => group.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
+        group.retain(|job| !job.abandoned());
+        let outcome = commit(&pool, &mut group).await;
+        if matches!(outcome, Outcome::CallFailed) && group.len() > 1 {
+            // Nothing of the group was stored: each call again, on its own, so only the
+            // failing one fails.
+            for job in group {
+                let mut alone = vec![job];
+                let outcome = commit(&pool, &mut alone).await;
+                answer_all(alone, &outcome);
+            }
+        } else {
+            answer_all(group, &outcome);
+        }
+    }
+}
+
+/// Answers every call of `group` as `outcome` says: with its own result, or with the
+/// transaction's error.
+fn answer_all(group: Vec<Box<dyn Job>>, outcome: &Outcome) {
+    for job in group {
+        job.answer(match outcome {
+            Outcome::Committed | Outcome::CallFailed => None,
+            Outcome::NotStored(cause) => Some(StoreError::NotStored(cause.clone())),
+            Outcome::Unknown(cause) => Some(StoreError::CommitUnknown(cause.clone())),
+        });
+    }
+}
+
+/// How a group's transaction ended.
+enum Outcome {
+    Committed,
+    /// A call failed (its result holds why); nothing was stored.
+    CallFailed,
+    /// The transaction failed outside the calls (connecting, locking, storing events);
+    /// nothing was stored.
+    NotStored(Arc<sqlx::Error>),
+    /// The commit failed: whether it took effect is unknown, so no call may run again.
+    Unknown(Arc<sqlx::Error>),
+}
+
+/// Runs `group` in one transaction: locks its tasks, runs each call, stores their events,
+/// commits.
+async fn commit(pool: &PgPool, group: &mut [Box<dyn Job>]) -> Outcome {
+    if group.is_empty() {
+        return Outcome::Committed;
+    }
+    let mut tx = match pool.begin().await {
+        Ok(conn) => Tx {
+            conn,
+            events: Vec::new(),
+        },
+        Err(e) => return Outcome::NotStored(Arc::new(e)),
+    };
+    let mut tasks: Vec<String> = group.iter().flat_map(|j| j.tasks()).cloned().collect();
+    if group.len() > 1 && !tasks.is_empty() {
+        tasks.sort_unstable();
+        tasks.dedup();
+        let locked = sqlx::query("SELECT 1 FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(tasks)
+            .execute(&mut *tx)
+            .await;
+        if let Err(e) = locked {
+            return Outcome::NotStored(Arc::new(e));
+        }
+    }
+    for job in group.iter_mut() {
+        if !job.run(&mut tx).await {
+            return Outcome::CallFailed;
+        }
+    }
+    let Tx { mut conn, events } = tx;
+    match insert_events(&mut conn, &events).await {
+        Ok(first) => group.iter_mut().for_each(|job| job.number(first)),
+        Err(e) => return Outcome::NotStored(Arc::new(e)),
+    }
+    match conn.commit().await {
+        Ok(()) => Outcome::Committed,
+        Err(e) => Outcome::Unknown(Arc::new(e)),
+    }
+}
