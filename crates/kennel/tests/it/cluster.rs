@@ -104,32 +104,36 @@ async fn any_coordinator_takes_submits_streams_events_and_cancels_work_linked_to
     schema.drop_schema().await
 }
 
-#[tokio::test]
-async fn kill_9_of_a_coordinator_loses_no_task_and_runs_none_twice() -> anyhow::Result<()> {
-    let schema = PgSchema::create().await?;
-    let mut cs = coordinators(&schema, 3).await?;
-    let d1 = daemon(&cs[0], &[&cs[1], &cs[2]]).await?;
-    let _d2 = daemon(&cs[2], &[&cs[1], &cs[0]]).await?;
-    let mut tasks = Vec::new();
-    for i in 0..20 {
-        let t = cs[1]
-            .api()
-            .submit(&sh(&format!("t{i}"), &format!("sleep 0.3; echo done {i}")))
-            .await?;
-        tasks.push(t);
-    }
-    // Once a few have finished, the first coordinator dies; its daemon moves on.
-    wait(&cs[1], &tasks[2], TaskStatus::Completed).await?;
-    cs[0].kill9().await?;
-    d1.wait_line(SLOW, |l| {
-        l.starts_with("kennel: connected to ") && !l.contains(&cs[0].ws_url())
-    })
-    .await?;
+/// The lines a task of [`lines`] prints, in order.
+fn expected_lines(i: usize) -> Vec<String> {
+    (1..=3).map(|n| format!("line {n} of {i}")).collect()
+}
 
+/// The lines of output of attempt `attempt` of task `id`, in order.
+async fn output_lines(srv: &KennelServer, id: &str, attempt: u32) -> anyhow::Result<Vec<String>> {
+    let out = srv.api().output(id, Some(attempt), 0).await?;
+    Ok(out.items.into_iter().map(|o| o.output).collect())
+}
+
+/// A task printing three numbered lines after a short pause, so that some are running at any
+/// moment.
+fn lines(i: usize) -> CreateTask {
+    sh(
+        &format!("t{i}"),
+        &format!("sleep 0.05; for n in 1 2 3; do echo line $n of {i}; done"),
+    )
+}
+
+/// Every task completed with exactly one completed attempt, and that attempt's output is what
+/// [`lines`] prints, in order; returns the attempts per task.
+async fn all_completed_once(
+    srv: &KennelServer,
+    tasks: &[Task],
+) -> anyhow::Result<BTreeMap<usize, usize>> {
     let mut runs = BTreeMap::new();
     for (i, t) in tasks.iter().enumerate() {
-        let done = wait(&cs[2], t, TaskStatus::Completed).await?;
-        let detail = cs[1].api().task(&t.id).await?;
+        let done = wait(srv, t, TaskStatus::Completed).await?;
+        let detail = srv.api().task(&t.id).await?;
         let completed = detail
             .attempts
             .iter()
@@ -139,13 +143,177 @@ async fn kill_9_of_a_coordinator_loses_no_task_and_runs_none_twice() -> anyhow::
             completed, 1,
             "task {i} completed {completed} times: {detail:?}"
         );
-        let out = cs[2].api().output(&t.id, Some(done.attempt), 0).await?;
-        let text: String = out.items.iter().map(|o| o.output.as_str()).collect();
-        assert!(text.contains(&format!("done {i}")), "task {i}: {text:?}");
+        let printed = output_lines(srv, &t.id, done.attempt).await?;
+        assert_eq!(
+            printed,
+            expected_lines(i),
+            "task {i}: output complete and in order"
+        );
         runs.insert(i, detail.attempts.len());
     }
+    Ok(runs)
+}
+
+#[tokio::test]
+async fn kill_9_of_a_coordinator_loses_no_task_and_runs_none_twice() -> anyhow::Result<()> {
+    let schema = PgSchema::create().await?;
+    let mut cs = coordinators(&schema, 3).await?;
+    // Three daemons of two slots, one on each coordinator: six slots for 200 tasks.
+    let d1 = daemon(&cs[0], &[&cs[1], &cs[2]]).await?;
+    let _d2 = daemon(&cs[1], &[&cs[2], &cs[0]]).await?;
+    let _d3 = daemon(&cs[2], &[&cs[1], &cs[0]]).await?;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        tasks.push(cs[1].api().submit(&lines(i)).await?);
+    }
+    // Once some have finished, the first coordinator dies; its daemon moves on.
+    wait(&cs[1], &tasks[20], TaskStatus::Completed).await?;
+    cs[0].kill9().await?;
+    d1.wait_line(SLOW, |l| {
+        l.starts_with("kennel: connected to ") && !l.contains(&cs[0].ws_url())
+    })
+    .await?;
+
+    let runs = all_completed_once(&cs[2], &tasks).await?;
     drop(cs);
     schema.drop_schema().await?;
-    eprintln!("attempts per task: {runs:?}");
+    let retried: Vec<_> = runs.iter().filter(|(_, n)| **n > 1).collect();
+    eprintln!("tasks with more than one attempt: {retried:?}");
     Ok(())
+}
+
+/// An SSE client that loses its coordinator resumes on another with `Last-Event-ID` and
+/// misses nothing: event ids are global.
+#[tokio::test]
+async fn an_event_stream_resumes_on_another_coordinator_from_its_last_event_id(
+) -> anyhow::Result<()> {
+    let schema = PgSchema::create().await?;
+    let cs = coordinators(&schema, 3).await?;
+    let (a, b, c) = (&cs[0], &cs[1], &cs[2]);
+    let events = |srv: &KennelServer| format!("{}/api/v1/events", srv.url());
+    let mut on_a = EventStream::connect(&events(a), Some(a.admin_key()), None).await?;
+    let first = b.api().submit(&sh("first", "true")).await?;
+    let seen = on_a
+        .wait_for(SLOW, |m| {
+            m.event == "task.created" && m.data.contains(&first.id)
+        })
+        .await?;
+    let last = seen.id.clone();
+    drop(on_a);
+
+    // While no stream is open, more happens, on two other coordinators.
+    let mut later = Vec::new();
+    for (i, srv) in [b, c, b, c].into_iter().enumerate() {
+        later.push(srv.api().submit(&sh(&format!("later{i}"), "true")).await?);
+    }
+    let mut on_c = EventStream::connect(&events(c), Some(c.admin_key()), Some(&last)).await?;
+    let mut expected: i64 = last.parse()?;
+    let mut created = Vec::new();
+    while created.len() < later.len() {
+        let m = on_c.next(SLOW).await?;
+        let id: i64 = m.id.parse()?;
+        expected += 1;
+        assert_eq!(id, expected, "ids continue from {last} without a gap");
+        if m.event == "task.created" {
+            created.push(m.json()?["taskId"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    let later: Vec<String> = later.into_iter().map(|t| t.id).collect();
+    assert_eq!(created, later, "every later submit, in order");
+    drop(cs);
+    schema.drop_schema().await
+}
+
+/// A key revoked on one coordinator stops working on the others, within the key cache's
+/// 5 s (the deadline adds room for a loaded machine).
+#[tokio::test]
+async fn a_key_revoked_on_one_coordinator_is_refused_by_every_coordinator() -> anyhow::Result<()> {
+    let schema = PgSchema::create().await?;
+    let cs = coordinators(&schema, 3).await?;
+    let key = cs[0]
+        .api()
+        .create_key("ci", &[kennel_proto::api::Scope::Client])
+        .await?;
+    let status = |srv: &KennelServer| {
+        let api = srv.api();
+        let secret = key.key.clone();
+        async move {
+            let (status, _) = api
+                .raw(reqwest::Method::GET, "/api/v1/tasks", Some(&secret), None)
+                .await?;
+            anyhow::Ok(status.as_u16())
+        }
+    };
+    for srv in &cs {
+        assert_eq!(
+            status(srv).await?,
+            200,
+            "the new key works on {}",
+            srv.url()
+        );
+    }
+    let _: serde_json::Value = cs[2]
+        .api()
+        .delete(&format!("/api/v1/keys/{}", key.info.id))
+        .await?;
+    let started = std::time::Instant::now();
+    let deadline = started + Duration::from_secs(10);
+    let mut refused = BTreeMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    while refused.len() < cs.len() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the revoked key still works on some coordinators after 10 s: refused by {refused:?}"
+        );
+        tick.tick().await;
+        for srv in &cs {
+            if !refused.contains_key(&srv.url()) && status(srv).await? == 401 {
+                refused.insert(srv.url(), started.elapsed());
+            }
+        }
+    }
+    eprintln!("refused after: {refused:?}");
+    drop(cs);
+    schema.drop_schema().await
+}
+
+/// Every coordinator dies at once and comes back: finished work, queued work, keys and a task
+/// that was running all survive.
+#[tokio::test]
+async fn restarting_every_coordinator_keeps_tasks_keys_and_running_work() -> anyhow::Result<()> {
+    let schema = PgSchema::create().await?;
+    let mut cs = coordinators(&schema, 2).await?;
+    let key = cs[0]
+        .api()
+        .create_key("ci", &[kennel_proto::api::Scope::Client])
+        .await?;
+    let _d = daemon(&cs[0], &[&cs[1]]).await?;
+    let done = cs[1].api().submit(&lines(0)).await?;
+    wait(&cs[0], &done, TaskStatus::Completed).await?;
+    let running = cs[1]
+        .api()
+        .submit(&sh("running", "sleep 3; echo still here"))
+        .await?;
+    wait(&cs[1], &running, TaskStatus::Running).await?;
+
+    for c in cs.iter_mut() {
+        c.kill9().await?;
+    }
+    for c in cs.iter_mut() {
+        c.restart().await?;
+    }
+    let with_key = cs[1].api().with_key(Some(key.key.clone()));
+    let kept = with_key.task(&done.id).await?;
+    assert_eq!(kept.task.status, TaskStatus::Completed);
+    all_completed_once(&cs[1], &[done]).await?;
+    let finished = wait(&cs[0], &running, TaskStatus::Completed).await?;
+    let printed = output_lines(&cs[0], &running.id, finished.attempt).await?;
+    assert_eq!(printed, ["still here"]);
+    // Work submitted after the restart runs too.
+    let after = cs[0].api().submit(&lines(1)).await?;
+    let finished = wait(&cs[1], &after, TaskStatus::Completed).await?;
+    let printed = output_lines(&cs[1], &after.id, finished.attempt).await?;
+    assert_eq!(printed, expected_lines(1));
+    drop(cs);
+    schema.drop_schema().await
 }
