@@ -200,12 +200,17 @@ impl KeyRing {
         Ok(Some(Principal { key_id: id, scopes }))
     }
 
-    /// Forgets a cached key (after a revoke on this coordinator).
+    /// Forgets a cached key (after a revoke on this coordinator or another).
     pub fn forget(&self, id: &str) {
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
+    }
+
+    /// Forgets every cached key: revocations were missed, so none is trusted from the cache.
+    pub fn forget_all(&self) {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
 

@@ -680,6 +680,11 @@ impl Coordinator {
         let _ = self.revoked.send(Arc::from(key_id));
     }
 
+    /// Ids of keys as they are revoked, here or (with several coordinators) on another.
+    pub fn subscribe_revoked(&self) -> broadcast::Receiver<Arc<str>> {
+        self.revoked.subscribe()
+    }
+
     /// Resolves when `key_id` is revoked on this coordinator. Subscribe before serving a
     /// long-lived response, so a revoke while it runs ends it.
     pub fn revocation_of(&self, key_id: &str) -> impl std::future::Future<Output = ()> + Send {

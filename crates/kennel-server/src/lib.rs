@@ -244,6 +244,10 @@ impl Server {
             clock,
             metrics: metrics_handle(),
         });
+        tokio::spawn(forget_revoked_keys(
+            state.coord.subscribe_revoked(),
+            Arc::downgrade(&state),
+        ));
         let router = router(state.clone(), cfg.api.max_body_bytes);
         let addr = listener.local_addr().map_err(StartError::Serve)?;
         Ok(Server {
@@ -276,6 +280,26 @@ enum Bootstrap {
 
 /// Makes sure an admin key exists: the configured one, or a new one on the very first start
 /// (returned so the caller can print it once, and written to `<data_dir>/admin.key`).
+/// Drops each revoked key from the key cache as the coordinator hears of it, so a key revoked
+/// on another coordinator stops working here at once rather than when its cache entry expires.
+async fn forget_revoked_keys(
+    mut revoked: tokio::sync::broadcast::Receiver<Arc<str>>,
+    state: std::sync::Weak<AppState>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let got = revoked.recv().await;
+        let Some(state) = state.upgrade() else {
+            return;
+        };
+        match got {
+            Ok(key_id) => state.keys.forget(&key_id),
+            Err(RecvError::Lagged(_)) => state.keys.forget_all(),
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
 async fn bootstrap_admin(
     cfg: &ServerConfig,
     store: &dyn Store,

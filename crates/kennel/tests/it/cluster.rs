@@ -224,8 +224,9 @@ async fn an_event_stream_resumes_on_another_coordinator_from_its_last_event_id(
     schema.drop_schema().await
 }
 
-/// A key revoked on one coordinator stops working on the others, within the key cache's
-/// 5 s (the deadline adds room for a loaded machine).
+/// A key revoked on one coordinator stops working on the others at once: they hear of it and
+/// drop it from their key cache, so it does not live on for the cache's 5 s. (The deadline is
+/// below those 5 s, and far above the tens of milliseconds it takes.)
 #[tokio::test]
 async fn a_key_revoked_on_one_coordinator_is_refused_by_every_coordinator() -> anyhow::Result<()> {
     let schema = PgSchema::create().await?;
@@ -257,13 +258,13 @@ async fn a_key_revoked_on_one_coordinator_is_refused_by_every_coordinator() -> a
         .delete(&format!("/api/v1/keys/{}", key.info.id))
         .await?;
     let started = std::time::Instant::now();
-    let deadline = started + Duration::from_secs(10);
+    let deadline = started + Duration::from_secs(4);
     let mut refused = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     while refused.len() < cs.len() {
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
-            "the revoked key still works on some coordinators after 10 s: refused by {refused:?}"
+            "the revoked key still works on some coordinators after 4 s: refused by {refused:?}"
         );
         tick.tick().await;
         for srv in &cs {
