@@ -408,9 +408,9 @@ impl Store for PgStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let tasks = batch.iter().map(|d| d.task_id.clone()).collect();
+        // No tasks to lock first: a dispatch skips tasks others hold rather than wait for them.
         self.writers
-            .call(tasks, (batch.to_vec(), now), |tx, (batch, now)| {
+            .call(Vec::new(), (batch.to_vec(), now), |tx, (batch, now)| {
                 Box::pin(lifecycle::dispatch(tx, batch, *now))
             })
             .await

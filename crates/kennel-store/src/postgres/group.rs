@@ -16,9 +16,10 @@
 //!   its own, so only the failing one gets an error. Calls are therefore `Fn`, not `FnOnce`.
 //!   A failed commit is another matter: whether it took effect is unknown, so every call of
 //!   the group gets the error and none is run again.
-//! - **No deadlock between groups.** A group first locks every task its calls will lock, in id
-//!   order, in one statement; calls then lock them again (a no-op) and the attempts under
-//!   them. Two groups, of this coordinator or another, meet on task rows in the same order.
+//! - **No deadlock between groups.** A group first locks every task its calls will wait for,
+//!   in id order, in one statement; calls then lock them again (a no-op) and the attempts
+//!   under them. Two groups, of this coordinator or another, meet on task rows in the same
+//!   order. (Dispatches lock with `SKIP LOCKED`, which never waits.)
 
 use std::future::Future;
 use std::pin::Pin;

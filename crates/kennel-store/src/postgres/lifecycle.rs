@@ -4,9 +4,12 @@
 //! Every function first locks the rows it decides on and reads their facts in the same
 //! statement: task rows in id order (and, for reports, then their attempt rows), so that
 //! coordinators writing at once wait for each other instead of deciding on stale facts, and
-//! two transactions locking overlapping sets cannot deadlock. Every transaction that changes
-//! an attempt holds its task's lock first. Then [`machine`] decides and the verdict is written;
-//! events come last ([`insert_events`]). Nothing here decides a transition itself.
+//! two transactions locking overlapping sets cannot deadlock. A dispatch alone does not wait:
+//! it skips tasks another transaction holds (`SKIP LOCKED`), since every coordinator tries to
+//! dispatch the same queued tasks and the one holding a task is deciding it. Every transaction
+//! that changes an attempt holds its task's lock first. Then [`machine`] decides and the
+//! verdict is written; events are queued on the [`Tx`] and stored when the group's calls have
+//! run. Nothing here decides a transition itself.
 //!
 //! A batch is decided in memory before it is written: the facts a decision changes are
 //! carried forward to the next item of the batch ([`AttemptFacts::after`],
@@ -25,20 +28,35 @@ use crate::machine::{self, AttemptFacts, Change, Ending, Outcome, Step, TaskAfte
 use crate::rows::{self, columns};
 use crate::{Applied, Dispatch, EndAttempt, Ended, Millis, Report, Result, StoreError};
 
-/// Locks the tasks `ids` in id order and reads their facts; a task that does not exist is
-/// missing from the answer.
+/// How to take a row lock another transaction holds.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// Wait for it: the decision needs this row.
+    Yes,
+    /// Leave the row out: another coordinator is deciding on it.
+    SkipLocked,
+}
+
+/// Locks the tasks `ids` in id order and reads their facts; a task that does not exist (or,
+/// with [`Wait::SkipLocked`], that another transaction holds) is missing from the answer.
 async fn lock_tasks(
     conn: &mut PgConnection,
     ids: Vec<String>,
+    wait: Wait,
 ) -> Result<HashMap<String, TaskFacts>> {
-    let rows = sqlx::query(concat!(
-        "SELECT ",
-        columns!(task_facts),
-        ", id FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE"
-    ))
-    .bind(ids)
-    .fetch_all(&mut *conn)
-    .await?;
+    let sql = match wait {
+        Wait::Yes => concat!(
+            "SELECT ",
+            columns!(task_facts),
+            ", id FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+        ),
+        Wait::SkipLocked => concat!(
+            "SELECT ",
+            columns!(task_facts),
+            ", id FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED"
+        ),
+    };
+    let rows = sqlx::query(sql).bind(ids).fetch_all(&mut *conn).await?;
     let mut facts = HashMap::with_capacity(rows.len());
     for row in &rows {
         facts.insert(rows::Columns::text(row, 4)?, rows::task_facts(row, 0)?);
@@ -48,7 +66,9 @@ async fn lock_tasks(
 
 /// Locks one task and reads its facts; `None` when there is no such task.
 async fn lock_task(conn: &mut PgConnection, id: &str) -> Result<Option<TaskFacts>> {
-    Ok(lock_tasks(conn, vec![id.to_string()]).await?.remove(id))
+    Ok(lock_tasks(conn, vec![id.to_string()], Wait::Yes)
+        .await?
+        .remove(id))
 }
 
 /// Runs a statement that returns at most one `columns!(task)` row.
@@ -71,7 +91,9 @@ pub(super) async fn dispatch(
     now: Millis,
 ) -> Result<Vec<Option<(Task, Event)>>> {
     let ids = batch.iter().map(|d| d.task_id.clone()).collect();
-    let mut facts = lock_tasks(tx, ids).await?;
+    // A task another coordinator is dispatching (or ending) right now is left to it: this
+    // coordinator neither waits for that transaction nor gets the task.
+    let mut facts = lock_tasks(tx, ids, Wait::SkipLocked).await?;
     // The dispatches the machine lets go out, by their place in the batch.
     let mut out: Vec<Option<Step>> = Vec::with_capacity(batch.len());
     for d in batch {
