@@ -438,3 +438,51 @@ async fn a_write_failing_among_concurrent_writes_fails_alone() {
         }
     }
 }
+
+/// Heartbeats are written together, within about a second, the newest of each daemon's kept;
+/// closing the store writes what is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_of_many_daemons_are_written_together_and_the_newest_wins() {
+    const DAEMONS: usize = 300;
+    let schema = Schema::create().await;
+    let store = schema.connect().await;
+    for d in 0..DAEMONS {
+        store
+            .daemon_connected(&format!("d{d}"), &hello(&format!("m{d}")), NOW)
+            .await
+            .unwrap();
+    }
+    for d in 0..DAEMONS {
+        let id = format!("d{d}");
+        store.daemon_seen(&id, NOW + 5_000).await.unwrap();
+        store.daemon_seen(&id, NOW + 9_000).await.unwrap();
+        store.daemon_seen(&id, NOW + 7_000).await.unwrap();
+    }
+    let seen_at = |store: PgStore| async move {
+        let daemons = store.list_daemons().await.unwrap();
+        daemons
+            .into_iter()
+            .map(|d| d.last_seen_at.unwrap_or_default())
+            .collect::<Vec<_>>()
+    };
+    let newest = kennel_store::rfc3339(NOW + 9_000);
+    let written = async {
+        loop {
+            let all = seen_at(store.clone()).await;
+            if all.iter().all(|t| *t == newest) {
+                return all.len();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    let n = tokio::time::timeout(DEADLINE, written)
+        .await
+        .expect("every heartbeat is written within the deadline");
+    assert_eq!(n, DAEMONS);
+
+    store.daemon_seen("d0", NOW + 20_000).await.unwrap();
+    store.close().await;
+    let other = schema.connect().await;
+    let d0 = other.get_daemon("d0").await.unwrap().unwrap();
+    assert_eq!(d0.last_seen_at, Some(kennel_store::rfc3339(NOW + 20_000)));
+}
