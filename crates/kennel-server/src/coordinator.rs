@@ -951,14 +951,15 @@ impl Coordinator {
                             Signal::Revoked { key } => self.close_revoked(&key),
                         }
                     }
-                    for id in tasks {
-                        match self.store.get_task(&id).await {
-                            Ok(Some(task)) => self.observe_elsewhere(task),
-                            Ok(None) => {}
+                    if !tasks.is_empty() {
+                        match self.store.get_tasks(&tasks).await {
+                            Ok(changed) => changed
+                                .into_iter()
+                                .for_each(|task| self.observe_elsewhere(task)),
                             Err(e) => tracing::error!(
-                                task_id = id,
+                                tasks = tasks.len(),
                                 error = &e as &dyn std::error::Error,
-                                "failed to read a task another coordinator changed"
+                                "failed to read tasks another coordinator changed"
                             ),
                         }
                     }

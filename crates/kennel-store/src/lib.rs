@@ -328,6 +328,15 @@ pub trait Store: Send + Sync + 'static {
 
     async fn create_task(&self, task: NewTask, now: Millis) -> Result<(QueuedTask, Event)>;
     async fn get_task(&self, id: &str) -> Result<Option<Task>>;
+    /// The tasks of `ids` that exist, in no particular order: what a coordinator reads when
+    /// others tell it that tasks changed. A backend may read them in one query.
+    async fn get_tasks(&self, ids: &[String]) -> Result<Vec<Task>> {
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            found.extend(self.get_task(id).await?);
+        }
+        Ok(found)
+    }
     async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<QueuedTask>>;
     async fn list_attempts(&self, task_id: &str) -> Result<Vec<Attempt>>;
     /// Every queued task, oldest first: rebuilds the scheduler's queue at start.

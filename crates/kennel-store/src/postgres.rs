@@ -394,6 +394,17 @@ impl Store for PgStore {
         Ok(self.rows(query, rows::task).await?.pop().map(|q| q.task))
     }
 
+    async fn get_tasks(&self, ids: &[String]) -> Result<Vec<Task>> {
+        let query = sqlx::query(concat!(
+            "SELECT ",
+            columns!(task),
+            " FROM tasks WHERE id = ANY($1)"
+        ))
+        .bind(ids);
+        let tasks = self.rows(query, rows::task).await?;
+        Ok(tasks.into_iter().map(|q| q.task).collect())
+    }
+
     async fn list_tasks(&self, f: &TaskFilter) -> Result<Vec<QueuedTask>> {
         let mut sql = String::from(concat!("SELECT ", columns!(task), " FROM tasks WHERE TRUE"));
         let mut n = 0;

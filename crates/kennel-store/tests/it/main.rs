@@ -62,6 +62,7 @@ on_both_backends!(
     daemon_links_belong_to_one_coordinator_and_stranded_ones_are_found,
     daemons_register_refresh_and_drain,
     the_location_picks_the_backend,
+    tasks_are_read_many_at_a_time,
 );
 
 fn new_task(id: &str, max_attempts: u32) -> NewTask {
@@ -201,6 +202,22 @@ async fn reports_apply_exactly_once_and_in_order(db: Db) {
         .unwrap();
     assert_eq!(after[0], Applied::Duplicate { last_seq: 4 });
     assert!(matches!(after[1], Applied::Stale { .. }));
+}
+
+/// `get_tasks` returns the tasks that exist among those asked for, each once, as `get_task`
+/// would.
+async fn tasks_are_read_many_at_a_time(db: Db) {
+    let store = db.open().await;
+    for id in ["t1", "t2", "t3"] {
+        store.create_task(new_task(id, 1), NOW).await.unwrap();
+    }
+    let asked: Vec<String> = ["t3", "nope", "t1"].map(String::from).to_vec();
+    let mut got = store.get_tasks(&asked).await.unwrap();
+    got.sort_by(|a, b| a.id.cmp(&b.id));
+    let one = store.get_task("t1").await.unwrap().unwrap();
+    let three = store.get_task("t3").await.unwrap().unwrap();
+    assert_eq!(got, [one, three]);
+    assert!(store.get_tasks(&[]).await.unwrap().is_empty());
 }
 
 async fn dispatch_is_conditional_and_attempts_end_with_retry_or_terminal_state(db: Db) {
