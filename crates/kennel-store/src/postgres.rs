@@ -283,31 +283,53 @@ async fn disconnect(tx: &mut Tx, daemon_id: &str, reason: &str, now: Millis) -> 
     Ok(tx.event(NewEvent::daemon_disconnected(daemon_id, reason), now))
 }
 
-/// Stores a new task, with its `task.created` event.
-async fn insert_task(tx: &mut Tx, task: &Task, now: Millis) -> Result<(QueuedTask, Event)> {
-    let order: i64 = sqlx::query_scalar(
+/// Stores new tasks, in one statement, each with its `task.created` event.
+async fn insert_tasks(
+    tx: &mut Tx,
+    tasks: &[&Task],
+    now: Millis,
+) -> Result<Vec<(QueuedTask, Event)>> {
+    let column = |f: fn(&Task) -> Option<String>| tasks.iter().map(|t| f(t)).collect::<Vec<_>>();
+    let number = |f: fn(&Task) -> Option<i64>| tasks.iter().map(|t| f(t)).collect::<Vec<_>>();
+    let rows = sqlx::query(
         "INSERT INTO tasks (id, name, prompt, repo_url, base_branch, agent, labels, priority, \
          env, timeout_secs, max_attempts, status, attempt, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 0, $13, $13) RETURNING seq",
+         SELECT id, name, prompt, repo_url, base_branch, agent, labels, priority, env, \
+         timeout_secs, max_attempts, status, 0, $13, $13 FROM UNNEST($1::text[], $2::text[], \
+         $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[], $9::text[], \
+         $10::bigint[], $11::bigint[], $12::text[]) WITH ORDINALITY AS t(id, name, prompt, \
+         repo_url, base_branch, agent, labels, priority, env, timeout_secs, max_attempts, \
+         status, n) ORDER BY n RETURNING id, seq",
     )
-    .bind(&task.id)
-    .bind(&task.name)
-    .bind(&task.prompt)
-    .bind(task.repo.as_ref().map(|r| r.url.as_str()))
-    .bind(task.repo.as_ref().map(|r| r.base_branch.as_str()))
-    .bind(&task.agent)
-    .bind(to_json(&task.labels))
-    .bind(i64::from(task.priority))
-    .bind(to_json(&task.env))
-    .bind(task.timeout_secs.map(|v| v as i64))
-    .bind(i64::from(task.max_attempts))
-    .bind(task.status.as_str())
+    .bind(column(|t| Some(t.id.clone())))
+    .bind(column(|t| Some(t.name.clone())))
+    .bind(column(|t| Some(t.prompt.clone())))
+    .bind(column(|t| t.repo.as_ref().map(|r| r.url.clone())))
+    .bind(column(|t| t.repo.as_ref().map(|r| r.base_branch.clone())))
+    .bind(column(|t| Some(t.agent.clone())))
+    .bind(column(|t| Some(to_json(&t.labels))))
+    .bind(number(|t| Some(i64::from(t.priority))))
+    .bind(column(|t| Some(to_json(&t.env))))
+    .bind(number(|t| t.timeout_secs.map(|v| v as i64)))
+    .bind(number(|t| Some(i64::from(t.max_attempts))))
+    .bind(column(|t| Some(t.status.as_str().to_string())))
     .bind(now)
-    .fetch_one(&mut **tx)
+    .fetch_all(&mut **tx)
     .await?;
-    let event = tx.event(NewEvent::task_created(task), now);
-    let task = task.clone();
-    Ok((QueuedTask { order, task }, event))
+    let mut order: HashMap<String, i64> = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        order.insert(row.try_get(0)?, row.try_get(1)?);
+    }
+    let mut created = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let order = order.get(&task.id).copied().ok_or_else(|| {
+            StoreError::Corrupt(format!("task {} was not stored with the others", task.id))
+        })?;
+        let event = tx.event(NewEvent::task_created(task), now);
+        let task = (*task).clone();
+        created.push((QueuedTask { order, task }, event));
+    }
+    Ok(created)
 }
 
 /// Records a daemon's accepted link: the daemon's row, a session, the event.
@@ -376,12 +398,7 @@ impl Store for PgStore {
     }
 
     async fn create_task(&self, t: NewTask, now: Millis) -> Result<(QueuedTask, Event)> {
-        let task = t.queued(now);
-        self.writers
-            .call(Vec::new(), (task, now), |tx, (task, now)| {
-                Box::pin(insert_task(tx, task, *now))
-            })
-            .await
+        self.writers.create(t.queued(now), now).await
     }
 
     async fn get_task(&self, id: &str) -> Result<Option<Task>> {
@@ -493,12 +510,7 @@ impl Store for PgStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let tasks = batch.iter().map(|r| r.task_id.clone()).collect();
-        self.writers
-            .call(tasks, (batch.to_vec(), now), |tx, (batch, now)| {
-                Box::pin(lifecycle::apply(tx, batch, *now))
-            })
-            .await
+        self.writers.apply(batch.to_vec(), now).await
     }
 
     async fn end_attempt(&self, end: &EndAttempt<'_>, now: Millis) -> Result<Option<Ended>> {

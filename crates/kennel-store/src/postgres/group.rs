@@ -30,9 +30,11 @@ use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::{Postgres, Transaction};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use super::insert_events;
+use kennel_proto::api::Task;
+
+use super::{insert_events, insert_tasks, lifecycle};
 use crate::events::NewEvent;
-use crate::{Applied, Ended, Millis, Result, StoreError};
+use crate::{Applied, Ended, Millis, QueuedTask, Report, Result, StoreError};
 
 /// Most calls in one group; bounds how long the first of them waits for its answer.
 const MAX_GROUP: usize = 256;
@@ -161,11 +163,57 @@ impl Writers {
         I: Send + Sync + 'static,
         T: Numbered + Send + 'static,
     {
+        self.send(tasks, input, work, None).await
+    }
+
+    /// Stores a new task; in a group, with the group's other new tasks in one statement.
+    pub(super) async fn create(&self, task: Task, now: Millis) -> Result<(QueuedTask, Event)> {
+        let merge: Merger<(Task, Millis), (QueuedTask, Event)> = |c| Merge::Create {
+            task: &c.input.0,
+            now: c.input.1,
+            result: &mut c.result,
+        };
+        let work: Work<(Task, Millis), (QueuedTask, Event)> = |tx, (task, now)| {
+            Box::pin(async move {
+                let mut created = insert_tasks(tx, &[task], *now).await?;
+                created
+                    .pop()
+                    .ok_or_else(|| StoreError::Corrupt("a new task was not stored".into()))
+            })
+        };
+        self.send(Vec::new(), (task, now), work, Some(merge)).await
+    }
+
+    /// Applies a link's reports; in a group, with the group's other reports as one batch.
+    pub(super) async fn apply(&self, batch: Vec<Report>, now: Millis) -> Result<Vec<Applied>> {
+        let tasks = batch.iter().map(|r| r.task_id.clone()).collect();
+        let merge: Merger<(Vec<Report>, Millis), Vec<Applied>> = |c| Merge::Apply {
+            batch: &c.input.0,
+            now: c.input.1,
+            result: &mut c.result,
+        };
+        let work: Work<(Vec<Report>, Millis), Vec<Applied>> =
+            |tx, (batch, now)| Box::pin(lifecycle::apply(tx, batch, *now));
+        self.send(tasks, (batch, now), work, Some(merge)).await
+    }
+
+    async fn send<I, T>(
+        &self,
+        tasks: Vec<String>,
+        input: I,
+        work: Work<I, T>,
+        merge: Option<Merger<I, T>>,
+    ) -> Result<T>
+    where
+        I: Send + Sync + 'static,
+        T: Numbered + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
         let call = Call {
             tasks,
             input,
             work,
+            merge,
             reply,
             result: None,
         };
@@ -176,6 +224,23 @@ impl Writers {
     }
 }
 
+/// A call a group runs together with the others of its kind, and where its result goes.
+enum Merge<'a> {
+    Create {
+        task: &'a Task,
+        now: Millis,
+        result: &'a mut Option<Result<(QueuedTask, Event)>>,
+    },
+    Apply {
+        batch: &'a [Report],
+        now: Millis,
+        result: &'a mut Option<Result<Vec<Applied>>>,
+    },
+}
+
+/// How a call of a kind that merges shows itself to its group.
+type Merger<I, T> = for<'a> fn(&'a mut Call<I, T>) -> Merge<'a>;
+
 /// One queued call, type-erased so calls of any answer type share the queue.
 trait Job: Send {
     /// The caller stopped waiting: skip the work.
@@ -184,6 +249,8 @@ trait Job: Send {
     fn tasks(&self) -> &[String];
     /// Runs the work in `tx` and keeps its result; false when it failed.
     fn run<'t>(&'t mut self, tx: &'t mut Tx) -> Pin<Box<dyn Future<Output = bool> + Send + 't>>;
+    /// The call as one of a kind its group runs together, if it is.
+    fn merge(&mut self) -> Option<Merge<'_>>;
     /// Gives the kept answer's provisional event ids their place from `first` on.
     fn number(&mut self, first: i64);
     /// Sends the kept result, or `instead` when the transaction did not store it.
@@ -198,6 +265,7 @@ struct Call<I, T> {
     tasks: Vec<String>,
     input: I,
     work: Work<I, T>,
+    merge: Option<Merger<I, T>>,
     reply: oneshot::Sender<Result<T>>,
     result: Option<Result<T>>,
 }
@@ -222,6 +290,11 @@ where
             self.result = Some(result);
             ok
         })
+    }
+
+    fn merge(&mut self) -> Option<Merge<'_>> {
+        let merge = self.merge?;
+        Some(merge(self))
     }
 
     fn number(&mut self, first: i64) {
@@ -289,6 +362,54 @@ fn answer_all(group: Vec<Box<dyn Job>>, outcome: &Outcome) {
     }
 }
 
+/// Runs the calls of a group: new tasks in one statement, reports as one batch, the others one
+/// by one.
+async fn run_merged(tx: &mut Tx, group: &mut [Box<dyn Job>]) -> Result<(), Outcome> {
+    let (mut creates, mut applies, mut others) = (Vec::new(), Vec::new(), Vec::new());
+    for job in group.iter_mut() {
+        // Whether it merges is asked first; the borrow of the answer then ends.
+        if job.merge().is_none() {
+            others.push(job);
+            continue;
+        }
+        match job.merge() {
+            Some(Merge::Create { task, now, result }) => creates.push((task, now, result)),
+            Some(Merge::Apply { batch, now, result }) => applies.push((batch, now, result)),
+            None => {}
+        }
+    }
+    if !creates.is_empty() {
+        let now = creates.iter().map(|(_, now, _)| *now).max().unwrap_or_default();
+        let tasks: Vec<&Task> = creates.iter().map(|(task, _, _)| *task).collect();
+        let created = insert_tasks(tx, &tasks, now)
+            .await
+            .map_err(|_| Outcome::CallFailed)?;
+        for ((_, _, result), one) in creates.into_iter().zip(created) {
+            *result = Some(Ok(one));
+        }
+    }
+    if !applies.is_empty() {
+        let now = applies.iter().map(|(_, now, _)| *now).max().unwrap_or_default();
+        let all: Vec<Report> = applies
+            .iter()
+            .flat_map(|(batch, _, _)| batch.iter().cloned())
+            .collect();
+        let mut applied = lifecycle::apply(tx, &all, now)
+            .await
+            .map_err(|_| Outcome::CallFailed)?
+            .into_iter();
+        for (batch, _, result) in applies {
+            *result = Some(Ok(applied.by_ref().take(batch.len()).collect()));
+        }
+    }
+    for job in others {
+        if !job.run(tx).await {
+            return Err(Outcome::CallFailed);
+        }
+    }
+    Ok(())
+}
+
 /// How a group's transaction ended.
 enum Outcome {
     Committed,
@@ -326,10 +447,12 @@ async fn commit(pool: &PgPool, group: &mut [Box<dyn Job>]) -> Outcome {
             return Outcome::NotStored(Arc::new(e));
         }
     }
-    for job in group.iter_mut() {
-        if !job.run(&mut tx).await {
+    if group.len() == 1 {
+        if !group[0].run(&mut tx).await {
             return Outcome::CallFailed;
         }
+    } else if let Err(e) = run_merged(&mut tx, group).await {
+        return e;
     }
     let Tx { mut conn, events } = tx;
     match insert_events(&mut conn, &events).await {

@@ -342,15 +342,16 @@ async fn a_database_refusing_the_connection_is_an_error_naming_it_without_its_pa
     assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
 }
 
-/// How many transactions stored the events of `schema` (each row's `xmin` is the transaction
-/// that inserted it).
-async fn transactions_that_stored_events(schema: &Schema) -> i64 {
+/// How many transactions stored the events of `schema` with ids above `after` (each row's
+/// `xmin` is the transaction that inserted it).
+async fn transactions_that_stored_events(schema: &Schema, after: i64) -> i64 {
     let mut conn = schema.server_connection().await;
     let sql = format!(
-        "SELECT COUNT(DISTINCT xmin::text) FROM {}.events",
+        "SELECT COUNT(DISTINCT xmin::text) FROM {}.events WHERE id > $1",
         schema.name
     );
     sqlx::query_scalar(&sql)
+        .bind(after)
         .fetch_one(&mut conn)
         .await
         .expect("count the transactions")
@@ -390,7 +391,7 @@ async fn concurrent_writes_share_commits_and_each_answers_with_its_stored_event_
             .unwrap_or_else(|| panic!("call {i} answered id {}, which is not stored", event.id));
         assert_eq!(kept, event, "call {i}: the answer is the stored event");
     }
-    let transactions = transactions_that_stored_events(&schema).await;
+    let transactions = transactions_that_stored_events(&schema, 0).await;
     assert!(
         transactions < CALLS as i64,
         "{CALLS} concurrent writes took {transactions} transactions: none shared a commit"
@@ -485,4 +486,82 @@ async fn heartbeats_of_many_daemons_are_written_together_and_the_newest_wins() {
     let other = schema.connect().await;
     let d0 = other.get_daemon("d0").await.unwrap().unwrap();
     assert_eq!(d0.last_seen_at, Some(kennel_store::rfc3339(NOW + 20_000)));
+}
+
+/// Reports of many links applied at once are decided together in one batch per group, and
+/// each link still gets the answers its own reports would get alone: running, output stored in
+/// order, completed, each with its stored events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_of_many_links_applied_at_once_answer_each_link_as_alone() {
+    const LINKS: usize = 60;
+    let schema = Schema::create().await;
+    let store = Arc::new(schema.connect().await);
+    for l in 0..LINKS {
+        let (task, daemon) = (format!("t{l:02}"), format!("d{l:02}"));
+        store.create_task(new_task(&task, 1), NOW).await.unwrap();
+        let sent = store.dispatch(&[dispatch(&task, 1, &daemon)], NOW).await;
+        assert!(sent.unwrap()[0].is_some(), "{task} dispatched");
+    }
+    let setup = store.last_event_id().await.unwrap();
+    let mut set = JoinSet::new();
+    for l in 0..LINKS {
+        let store = store.clone();
+        set.spawn(async move {
+            let (task, daemon) = (format!("t{l:02}"), format!("d{l:02}"));
+            let done = kennel_store::Effect::Complete {
+                success: true,
+                error: None,
+                exit_code: Some(0),
+                branch: None,
+                commit: None,
+            };
+            let batch = [
+                report(&daemon, &task, 1, 1, kennel_store::Effect::Accepted),
+                report(&daemon, &task, 1, 2, out(&format!("a{l}"))),
+                report(&daemon, &task, 1, 3, out(&format!("b{l}"))),
+                report(&daemon, &task, 1, 4, done),
+            ];
+            (l, store.apply(&batch, NOW).await.expect("apply"))
+        });
+    }
+    let answered = all(set).await;
+    let stored: BTreeMap<i64, _> = store
+        .events_after(0, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.id, e))
+        .collect();
+    for (l, applied) in answered {
+        let task = format!("t{l:02}");
+        let statuses: Vec<_> = applied
+            .iter()
+            .map(|a| match a {
+                kennel_store::Applied::Done { task, events } => {
+                    for e in events {
+                        assert_eq!(stored.get(&e.id), Some(e), "link {l}: stored as answered");
+                    }
+                    task.as_ref().map(|t| t.status)
+                }
+                other => panic!("link {l}: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            statuses,
+            [
+                Some(TaskStatus::Running),
+                None,
+                None,
+                Some(TaskStatus::Completed)
+            ],
+            "link {l}"
+        );
+        let output = store.task_output(&task, 1, 0, 10).await.unwrap();
+        let lines: Vec<_> = output.iter().map(|o| o.output.as_str()).collect();
+        assert_eq!(lines, [format!("a{l}"), format!("b{l}")], "link {l}");
+    }
+    assert!(
+        transactions_that_stored_events(&schema, setup).await < LINKS as i64,
+        "the links' reports shared transactions"
+    );
 }
