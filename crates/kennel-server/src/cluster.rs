@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 
+use kennel_proto::TaskStatus;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -27,9 +28,17 @@ pub const MAX_PAYLOAD: usize = 7_900;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "k", rename_all = "camelCase")]
 pub enum Signal {
-    /// A task's status changed here. Receivers read it again: a queued task goes into their
-    /// queue, any other leaves it, and an attempt they hold is released if it ended.
-    Task { id: String },
+    /// A task's status changed here, to `status` with attempt `attempt`. A queued task goes
+    /// into the receivers' queues (they read it from the store), any other leaves them, and an
+    /// attempt they hold is released if it ended. Without a status (a coordinator of an
+    /// earlier version) receivers read the task to know.
+    Task {
+        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<TaskStatus>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attempt: Option<u32>,
+    },
     /// Events were committed: the event tails read what is new.
     Events,
     /// A task's output grew: its output streams read what is new.
@@ -281,6 +290,8 @@ mod tests {
     fn task(n: usize) -> Signal {
         Signal::Task {
             id: format!("t-{n:032}"),
+            status: Some(TaskStatus::Running),
+            attempt: Some(1),
         }
     }
 

@@ -219,17 +219,43 @@ impl State {
                     self.enqueue(task.clone());
                 }
             }
+            status => self.observe_status(&task.id, status),
+        }
+    }
+
+    /// [`State::observe`] of a task that is not queued.
+    fn observe_status(&mut self, id: &str, status: TaskStatus) {
+        match status {
             TaskStatus::Completed
             | TaskStatus::Failed
             | TaskStatus::Cancelled
-            | TaskStatus::Lost => self.release(&task.id),
+            | TaskStatus::Lost => self.release(id),
             TaskStatus::Running | TaskStatus::Paused => {
-                if let Some(l) = self.live.get_mut(&task.id) {
+                if let Some(l) = self.live.get_mut(id) {
                     l.accepted = true;
                 }
             }
-            TaskStatus::Dispatched => {}
+            TaskStatus::Queued | TaskStatus::Dispatched => {}
         }
+    }
+
+    /// The first part of observing a change another coordinator made: the task leaves this
+    /// queue unless it is queued, and an attempt of it held here is released if the change
+    /// is of a newer attempt. False when the change is of an older attempt than the one held
+    /// here (a signal overtaken by a later one): it is then ignored.
+    fn observe_elsewhere(&mut self, id: &str, status: TaskStatus, attempt: u32) -> bool {
+        if let Some(l) = self.live.get(id) {
+            if attempt < l.attempt {
+                return false;
+            }
+            if attempt > l.attempt {
+                self.release(id);
+            }
+        }
+        if status != TaskStatus::Queued {
+            self.unqueue(id);
+        }
+        true
     }
 
     fn release(&mut self, task_id: &str) {
@@ -708,9 +734,15 @@ impl Coordinator {
             let mut any = false;
             for ev in events {
                 any = true;
-                if let Some(t) = ev.task_id {
+                if let Some(id) = ev.task_id {
                     if matches!(ev.kind.as_str(), "task.created" | "task.status") {
-                        self.peers.send(Signal::Task { id: t });
+                        let status = serde_json::from_value(ev.data["status"].clone()).ok();
+                        let attempt = ev.data["attempt"].as_u64().unwrap_or(0) as u32;
+                        self.peers.send(Signal::Task {
+                            id,
+                            status,
+                            attempt: Some(attempt),
+                        });
                     }
                 }
             }
@@ -934,11 +966,20 @@ impl Coordinator {
             match h {
                 Heard::Resync => self.resync().await,
                 Heard::Signals(signals) => {
+                    // Tasks to read: queued here or there (a queue needs the whole task), or
+                    // of a signal without its status.
                     let mut tasks: Vec<String> = Vec::new();
                     let mut events = false;
                     for s in signals {
                         match s {
-                            Signal::Task { id } => {
+                            Signal::Task {
+                                id,
+                                status: Some(status),
+                                attempt: Some(attempt),
+                            } if status != TaskStatus::Queued => {
+                                self.observe_status_elsewhere(&id, status, attempt)
+                            }
+                            Signal::Task { id, .. } => {
                                 if !tasks.contains(&id) {
                                     tasks.push(id);
                                 }
@@ -980,17 +1021,20 @@ impl Coordinator {
     /// if that ended.
     fn observe_elsewhere(&self, task: Task) {
         let mut st = self.lock();
-        if task.status != TaskStatus::Queued {
-            st.unqueue(&task.id);
+        if st.observe_elsewhere(&task.id, task.status, task.attempt) {
+            st.observe(&task);
         }
-        match st.live.get(&task.id) {
-            Some(l) if l.attempt == task.attempt => st.observe(&task),
-            Some(_) => {
-                // A newer attempt: the one held here is over.
-                st.release(&task.id);
-                st.observe(&task);
-            }
-            None => st.observe(&task),
+        st.update_gauges();
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// As [`Coordinator::observe_elsewhere`] for a task that is not queued, known only by its
+    /// status and attempt (from a signal, without reading it).
+    fn observe_status_elsewhere(&self, id: &str, status: TaskStatus, attempt: u32) {
+        let mut st = self.lock();
+        if st.observe_elsewhere(id, status, attempt) {
+            st.observe_status(id, status);
         }
         st.update_gauges();
         drop(st);
@@ -2924,6 +2968,33 @@ mod cluster_tests {
         assert_eq!((spawn.task_id.as_str(), spawn.attempt), (t.id.as_str(), 2));
         let attempts = c.store.list_attempts(&t.id).await.unwrap();
         assert_eq!(attempts[0].status, AttemptStatus::Lost);
+    }
+
+    /// A signal of another coordinator carries a task's status and attempt; one overtaken by
+    /// a newer change (an older attempt than this coordinator holds) is ignored, one of a
+    /// newer attempt releases the attempt held here.
+    #[tokio::test]
+    async fn a_status_signal_of_an_older_attempt_is_ignored_and_of_a_newer_one_releases() {
+        let c = Cluster::new().await;
+        let a = c.coordinator("c-a").await;
+        let (daemon_id, mut rx) = daemon(&a, "m1").await;
+        let t = a.submit(task("held")).await.unwrap();
+        spawn_of(&mut rx).await;
+        accept(&a, &daemon_id, &t.id, 1).await;
+        let held = |a: &Coordinator| a.lock().live.get(&t.id).map(|l| l.attempt);
+        assert_eq!(held(&a), Some(1));
+
+        a.observe_status_elsewhere(&t.id, TaskStatus::Failed, 0);
+        assert_eq!(
+            held(&a),
+            Some(1),
+            "an older attempt's end leaves attempt 1 held"
+        );
+        a.observe_status_elsewhere(&t.id, TaskStatus::Running, 1);
+        assert_eq!(held(&a), Some(1), "its own attempt running: still held");
+        a.observe_status_elsewhere(&t.id, TaskStatus::Dispatched, 2);
+        assert_eq!(held(&a), None, "a newer attempt elsewhere: released here");
+        assert!(a.lock().queued.is_empty(), "and not queued here");
     }
 
     #[tokio::test]
