@@ -1,8 +1,11 @@
-//! `kennel-bench connections`: many idle daemons on one coordinator. Starts the real
-//! `kennel server`, connects N protocol-level daemons (64 handshakes in flight at a time, as
-//! a fleet reconnecting would; each then heartbeats every 5 s), and reports:
-//! - resident memory per connected daemon (server RSS with N connected minus RSS before, / N);
-//! - the server's CPU while it only processes heartbeats (N / 5 per second), over a window;
+//! `kennel-bench connections`: many idle daemons on one coordinator, or spread over several
+//! on one PostgreSQL (`--postgres --coordinators N`). Starts the real `kennel server`(s),
+//! connects N protocol-level daemons (64 handshakes in flight at a time, as a fleet
+//! reconnecting would; each then heartbeats every 5 s), and reports:
+//! - resident memory per connected daemon (the servers' RSS with N connected minus RSS
+//!   before, / N);
+//! - the servers' CPU (and PostgreSQL's) while they only process heartbeats (N / 5 per
+//!   second), over a window;
 //! - submit → `spawnTask` latency for tasks submitted at a fixed rate with all N connected.
 //!
 //! Raises its own open-files limit to the hard limit; the server raises its own.
@@ -13,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::{machine, percentile, run_daemon, start_server, submit, Timings};
+use crate::{machine, percentile, run_daemon, start_server_with, submit, Timings};
 
 #[derive(Debug, clap::Args)]
 pub struct ConnectionsArgs {
@@ -31,6 +34,27 @@ pub struct ConnectionsArgs {
     tasks: u64,
     #[arg(long, default_value_t = 100)]
     rate: u32,
+    /// Keep the state in PostgreSQL (a fresh schema of the database at
+    /// `KENNEL_TEST_POSTGRES_URL`, default `postgres://root@127.0.0.1:5432/test`).
+    #[arg(long)]
+    postgres: bool,
+    /// Coordinators sharing that database (needs --postgres); daemons and submits are spread
+    /// over them in turn.
+    #[arg(long, default_value_t = 1)]
+    coordinators: usize,
+}
+
+/// CPU time all processes named `name` have used, in clock ticks.
+fn cpu_ticks_named(name: &str) -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+        })
+        .filter_map(cpu_ticks)
+        .sum()
 }
 
 /// Resident memory of a process, in KiB.
@@ -61,14 +85,52 @@ fn raise_open_files() {
 }
 
 pub async fn run(a: ConnectionsArgs) -> anyhow::Result<()> {
+    if a.coordinators == 0 || (a.coordinators > 1 && !a.postgres) {
+        anyhow::bail!(
+            "--coordinators {} needs --postgres (several coordinators share one PostgreSQL)",
+            a.coordinators
+        );
+    }
     raise_open_files();
-    let server = start_server(&a.kennel_bin)?;
-    let pid = server.child.id();
-    let ws_url = format!("{}/ws/daemon", server.url.replacen("http://", "ws://", 1));
+    let schema = match a.postgres {
+        true => Some(kennel_testkit::PgSchema::create().await?),
+        false => None,
+    };
+    let mut servers = Vec::new();
+    for n in 0..a.coordinators {
+        servers.push(start_server_with(
+            &a.kennel_bin,
+            n,
+            schema.as_ref().map(|s| s.url()),
+        )?);
+    }
+    let pids: Vec<u32> = servers.iter().map(|s| s.child.id()).collect();
+    let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
+    let ws_urls: Vec<String> = urls
+        .iter()
+        .map(|u| format!("{}/ws/daemon", u.replacen("http://", "ws://", 1)))
+        .collect();
+    let rss = || -> anyhow::Result<u64> {
+        pids.iter()
+            .map(|pid| rss_kib(*pid).context("cannot read a server's memory"))
+            .sum()
+    };
+    let ticks = || -> anyhow::Result<u64> {
+        pids.iter()
+            .map(|pid| cpu_ticks(*pid).context("cannot read a server's CPU time"))
+            .sum()
+    };
     println!("machine: {}", machine());
-    // Let the server finish starting (store, scheduler) before the baseline.
+    match a.postgres {
+        true => println!(
+            "setup: {} coordinator(s) on PostgreSQL, {} daemons spread over them",
+            a.coordinators, a.daemons
+        ),
+        false => println!("setup: one coordinator on SQLite, {} daemons", a.daemons),
+    }
+    // Let the servers finish starting (store, scheduler) before the baseline.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let base = rss_kib(pid).context("cannot read the server's memory")?;
+    let base = rss()?;
 
     let timings = Arc::new(Mutex::new(Timings::default()));
     let completed = Arc::new(AtomicU64::new(0));
@@ -77,7 +139,8 @@ pub async fn run(a: ConnectionsArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     for n in 0..a.daemons {
         let permit = handshakes.clone().acquire_owned().await?;
-        let (u, t, c) = (ws_url.clone(), timings.clone(), completed.clone());
+        let u = ws_urls[n as usize % ws_urls.len()].clone();
+        let (t, c) = (timings.clone(), completed.clone());
         let (one_tx, mut one_rx) = tokio::sync::mpsc::channel(1);
         let all = ready_tx.clone();
         tokio::spawn(async move {
@@ -98,17 +161,17 @@ pub async fn run(a: ConnectionsArgs) -> anyhow::Result<()> {
     let connect_secs = started.elapsed().as_secs_f64();
     // One heartbeat round so every link has settled into its steady state.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let with = rss_kib(pid).context("cannot read the server's memory")?;
+    let with = rss()?;
     let per_conn = (with.saturating_sub(base)) as f64 * 1024.0 / a.daemons as f64;
     println!(
-        "{} daemons connected in {connect_secs:.1}s; server RSS {base} KiB before, {with} KiB \
+        "{} daemons connected in {connect_secs:.1}s; servers' RSS {base} KiB before, {with} KiB \
          after: {:.1} KiB per connected daemon",
         a.daemons,
         per_conn / 1024.0
     );
 
     // Clock ticks per second of /proc's CPU times (100 on Linux in practice).
-    let ticks = std::process::Command::new("getconf")
+    let clk_tck = std::process::Command::new("getconf")
         .arg("CLK_TCK")
         .output()
         .ok()
@@ -119,17 +182,25 @@ pub async fn run(a: ConnectionsArgs) -> anyhow::Result<()> {
                 .ok()
         })
         .unwrap_or(100.0);
-    let t0 = cpu_ticks(pid).context("cannot read the server's CPU time")?;
+    let (t0, pg0) = (ticks()?, cpu_ticks_named("postgres"));
     tokio::time::sleep(Duration::from_secs(a.heartbeat_window_secs)).await;
-    let t1 = cpu_ticks(pid).context("cannot read the server's CPU time")?;
-    let cpu = (t1 - t0) as f64 / ticks / a.heartbeat_window_secs as f64;
+    let (t1, pg1) = (ticks()?, cpu_ticks_named("postgres"));
+    let window = a.heartbeat_window_secs as f64;
+    let cpu = (t1 - t0) as f64 / clk_tck / window;
     let per_sec = a.daemons as f64 / 5.0;
     println!(
-        "heartbeats: {per_sec:.0}/s for {}s; server CPU {:.1}% of one core ({:.1} µs per heartbeat)",
+        "heartbeats: {per_sec:.0}/s for {}s; servers' CPU {:.1}% of one core ({:.1} µs per heartbeat)",
         a.heartbeat_window_secs,
         cpu * 100.0,
         cpu * 1e6 / per_sec
     );
+    if a.postgres {
+        let pg = pg1.saturating_sub(pg0) as f64 / clk_tck / window;
+        println!(
+            "  PostgreSQL's CPU meanwhile (every postgres process on the machine): {:.1}% of one core",
+            pg * 100.0
+        );
+    }
 
     let http = reqwest::Client::new();
     let period = Duration::from_secs_f64(1.0 / a.rate.max(1) as f64);
@@ -143,7 +214,7 @@ pub async fn run(a: ConnectionsArgs) -> anyhow::Result<()> {
             .map_err(|_| anyhow::anyhow!("poisoned"))?
             .submitted
             .insert(name.clone(), Instant::now());
-        let (h, u) = (http.clone(), server.url.clone());
+        let (h, u) = (http.clone(), urls[i as usize % urls.len()].clone());
         handles.push(tokio::spawn(async move { submit(&h, &u, &name).await }));
     }
     for h in handles {
@@ -174,5 +245,9 @@ pub async fn run(a: ConnectionsArgs) -> anyhow::Result<()> {
         percentile(&lat, 0.99),
         lat.len()
     );
+    drop(servers);
+    if let Some(schema) = schema {
+        schema.drop_schema().await?;
+    }
     Ok(())
 }

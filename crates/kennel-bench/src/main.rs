@@ -137,10 +137,6 @@ impl Drop for TempDir {
 
 const ADMIN_KEY: &str = "kennel-bench-admin-key-0123456789";
 
-pub(crate) fn start_server(bin: &PathBuf) -> anyhow::Result<ServerProc> {
-    start_server_with(bin, 0, None)
-}
-
 /// The `n`th server of a benchmark; with `database_url`, on that PostgreSQL with the hash key
 /// every coordinator of it shares.
 pub(crate) fn start_server_with(
