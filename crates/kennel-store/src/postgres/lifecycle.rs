@@ -296,13 +296,39 @@ impl Appended {
     }
 }
 
+/// The status changes of a batch of reports, in rounds: a round holds at most one change per
+/// task, so its live changes are written in one statement and its finishes in another (ends,
+/// which are rare, one by one); a task's next change goes to the next round. Each change keeps
+/// the place of its report in the batch, which orders the events.
+#[derive(Default)]
+struct Round<'r> {
+    live: Vec<(usize, &'r Report, Step, bool)>,
+    finish: Vec<(usize, &'r Report, Step, Outcome<'r>)>,
+    end: Vec<(usize, &'r Report, Ending)>,
+}
+
+/// The round for the next change of `r`'s task: the one after its latest change's.
+fn next_round<'a, 'r>(
+    rounds: &'a mut Vec<Round<'r>>,
+    last_round: &mut HashMap<&'r str, usize>,
+    r: &'r Report,
+) -> &'a mut Round<'r> {
+    let n = last_round.get(r.task_id.as_str()).map_or(0, |n| n + 1);
+    last_round.insert(&r.task_id, n);
+    if rounds.len() <= n {
+        rounds.push(Round::default());
+    }
+    &mut rounds[n]
+}
+
 /// See [`crate::Store::apply`].
 pub(super) async fn apply(tx: &mut Tx, batch: &[Report], now: Millis) -> Result<Vec<Applied>> {
     let mut facts = lock_attempts(tx, batch).await?;
     let mut appended = Appended::default();
     let mut out = Vec::with_capacity(batch.len());
-    // The status event of each changed task, by its report's place in the batch.
-    let mut changed = Vec::new();
+    let mut rounds: Vec<Round<'_>> = Vec::new();
+    // The round of each task's latest change.
+    let mut last_round: HashMap<&str, usize> = HashMap::new();
     for r in batch {
         let now_facts = facts.get(r);
         let change = match machine::report(now_facts.as_ref(), r).into_change(r) {
@@ -316,84 +342,179 @@ pub(super) async fn apply(tx: &mut Tx, batch: &[Report], now: Millis) -> Result<
             facts.set(r, f.after(r.seq, &change));
         }
         appended.seqs.insert((r.task_id.clone(), r.attempt), r.seq);
-        let task = match change {
-            Change::Seq => None,
-            Change::Output(chunk) => {
-                appended.chunk(r, &chunk);
-                None
-            }
-            Change::Live { to, started } => write_live(tx, r, to, started, now).await?,
-            Change::End(ending) => write_ending(tx, &r.task_id, r.attempt, &ending, now).await?,
-            Change::Finish { to, outcome } => write_finish(tx, r, to, &outcome, now).await?,
-        };
-        if let Some(task) = &task {
-            changed.push((out.len(), NewEvent::task_status(task)));
-        }
+        let at = out.len();
         out.push(Applied::Done {
             events: Vec::new(),
-            task: task.map(Box::new),
+            task: None,
         });
+        match change {
+            Change::Seq => {}
+            Change::Output(chunk) => appended.chunk(r, &chunk),
+            Change::Live { to, started } => next_round(&mut rounds, &mut last_round, r)
+                .live
+                .push((at, r, to, started)),
+            Change::End(ending) => next_round(&mut rounds, &mut last_round, r)
+                .end
+                .push((at, r, ending)),
+            Change::Finish { to, outcome } => next_round(&mut rounds, &mut last_round, r)
+                .finish
+                .push((at, r, to, outcome)),
+        }
     }
     appended.write(tx, now).await?;
-    let (at, events): (Vec<usize>, Vec<NewEvent>) = changed.into_iter().unzip();
-    let events = tx.events(events, now);
-    for (i, event) in at.into_iter().zip(events) {
-        if let Applied::Done { events, .. } = &mut out[i] {
+    let mut changed = Vec::new();
+    for round in rounds {
+        changed.extend(write_live(tx, &round.live, now).await?);
+        changed.extend(write_finish(tx, &round.finish, now).await?);
+        for (at, r, ending) in &round.end {
+            let task = write_ending(tx, &r.task_id, r.attempt, ending, now).await?;
+            changed.extend(task.map(|t| (*at, t)));
+        }
+    }
+    // Events in the order of the reports that caused them, as one report at a time would.
+    changed.sort_by_key(|(at, _)| *at);
+    for (at, task) in changed {
+        let event = tx.event(NewEvent::task_status(&task), now);
+        if let Applied::Done { events, task: t } = &mut out[at] {
             events.push(event);
+            *t = Some(Box::new(task));
         }
     }
     Ok(out)
 }
 
-/// Moves a live attempt and its task to `to`; returns the task after.
+/// Moves live attempts and their tasks (one change per task) to their steps; returns each
+/// changed task with the place of its report.
 async fn write_live(
     conn: &mut PgConnection,
-    r: &Report,
-    to: Step,
-    started: bool,
+    changes: &[(usize, &Report, Step, bool)],
     now: Millis,
-) -> Result<Option<Task>> {
+) -> Result<Vec<(usize, Task)>> {
+    if changes.is_empty() {
+        return Ok(Vec::new());
+    }
     let query = sqlx::query(concat!(
-        "WITH a AS (UPDATE attempts SET status = $1, started_at = COALESCE(started_at, $2) \
-         WHERE task_id = $3 AND attempt = $4) \
-         UPDATE tasks SET status = $5, updated_at = $6 WHERE id = $3 RETURNING ",
+        "WITH c AS (SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bool[], \
+         $5::text[]) AS c(tid, n, attempt_status, started, task_status)), \
+         a AS (UPDATE attempts SET status = c.attempt_status, started_at = CASE WHEN c.started \
+         THEN COALESCE(started_at, $6) ELSE started_at END FROM c \
+         WHERE task_id = c.tid AND attempt = c.n) \
+         UPDATE tasks SET status = c.task_status, updated_at = $6 FROM c WHERE id = c.tid \
+         RETURNING ",
         columns!(task)
     ))
-    .bind(to.attempt.as_str())
-    .bind(started.then_some(now))
-    .bind(&r.task_id)
-    .bind(i64::from(r.attempt))
-    .bind(to.task.as_str())
+    .bind(
+        changes
+            .iter()
+            .map(|c| c.1.task_id.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        changes
+            .iter()
+            .map(|c| i64::from(c.1.attempt))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        changes
+            .iter()
+            .map(|c| c.2.attempt.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(changes.iter().map(|c| c.3).collect::<Vec<_>>())
+    .bind(
+        changes
+            .iter()
+            .map(|c| c.2.task.as_str())
+            .collect::<Vec<_>>(),
+    )
     .bind(now);
-    one_task(conn, query).await
+    let places = changes.iter().map(|c| (c.1.task_id.as_str(), c.0));
+    changed_tasks(conn, query, places).await
 }
 
-/// Ends the attempt and its task as the agent finished, with what it reported; returns the
-/// task after.
+/// Ends attempts and their tasks as their agents finished (one change per task), with what
+/// they reported; returns each changed task with the place of its report.
 async fn write_finish(
     conn: &mut PgConnection,
-    r: &Report,
-    to: Step,
-    outcome: &Outcome<'_>,
+    changes: &[(usize, &Report, Step, Outcome<'_>)],
     now: Millis,
-) -> Result<Option<Task>> {
+) -> Result<Vec<(usize, Task)>> {
+    if changes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let text = |f: for<'o> fn(&'o Outcome<'o>) -> Option<&'o str>| {
+        changes
+            .iter()
+            .map(|c| f(&c.3).map(str::to_string))
+            .collect::<Vec<_>>()
+    };
     let query = sqlx::query(concat!(
-        "WITH a AS (UPDATE attempts SET status = $1, finished_at = $2, error = $3, \
-         started_at = COALESCE(started_at, $2) WHERE task_id = $4 AND attempt = $5) \
-         UPDATE tasks SET status = $6, updated_at = $2, finished_at = $2, error = $3, \
-         exit_code = $7, branch = $8, commit_sha = $9 WHERE id = $4 RETURNING ",
+        "WITH c AS (SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], \
+         $5::text[], $6::bigint[], $7::text[], $8::text[]) AS c(tid, n, attempt_status, why, \
+         task_status, code, br, sha)), \
+         a AS (UPDATE attempts SET status = c.attempt_status, finished_at = $9, error = c.why, \
+         started_at = COALESCE(started_at, $9) FROM c WHERE task_id = c.tid AND attempt = c.n) \
+         UPDATE tasks SET status = c.task_status, updated_at = $9, finished_at = $9, \
+         error = c.why, exit_code = c.code, branch = c.br, commit_sha = c.sha \
+         FROM c WHERE id = c.tid RETURNING ",
         columns!(task)
     ))
-    .bind(to.attempt.as_str())
-    .bind(now)
-    .bind(outcome.error)
-    .bind(&r.task_id)
-    .bind(i64::from(r.attempt))
-    .bind(to.task.as_str())
-    .bind(outcome.exit_code.map(i64::from))
-    .bind(outcome.branch)
-    .bind(outcome.commit);
-    one_task(conn, query).await
+    .bind(
+        changes
+            .iter()
+            .map(|c| c.1.task_id.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        changes
+            .iter()
+            .map(|c| i64::from(c.1.attempt))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        changes
+            .iter()
+            .map(|c| c.2.attempt.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(text(|o| o.error))
+    .bind(
+        changes
+            .iter()
+            .map(|c| c.2.task.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        changes
+            .iter()
+            .map(|c| c.3.exit_code.map(i64::from))
+            .collect::<Vec<_>>(),
+    )
+    .bind(text(|o| o.branch))
+    .bind(text(|o| o.commit))
+    .bind(now);
+    let places = changes.iter().map(|c| (c.1.task_id.as_str(), c.0));
+    changed_tasks(conn, query, places).await
+}
+
+/// Runs a statement returning `columns!(task)` rows of changed tasks, and pairs each with the
+/// place of the report that changed it (`places`: task id → place, one per task).
+async fn changed_tasks<'a>(
+    conn: &mut PgConnection,
+    query: Query<'_>,
+    places: impl Iterator<Item = (&'a str, usize)>,
+) -> Result<Vec<(usize, Task)>> {
+    let places: HashMap<&str, usize> = places.collect();
+    let rows = query.fetch_all(&mut *conn).await?;
+    let mut changed = Vec::with_capacity(rows.len());
+    for q in tasks_of(&rows)? {
+        let at = places.get(q.task.id.as_str()).copied().ok_or_else(|| {
+            StoreError::Corrupt(format!("task {} changed without a report", q.task.id))
+        })?;
+        changed.push((at, q.task));
+    }
+    Ok(changed)
 }
 
 /// Writes how an attempt ended and what became of its task; returns the task after.
