@@ -383,6 +383,36 @@ pub(super) async fn apply(tx: &mut Tx, batch: &[Report], now: Millis) -> Result<
     Ok(out)
 }
 
+/// What every batched status change binds, column by column: the task, the attempt, the
+/// attempt's and the task's new statuses; and the place of each task's report in the batch.
+struct Steps<'a> {
+    tasks: Vec<&'a str>,
+    attempts: Vec<i64>,
+    attempt_statuses: Vec<&'static str>,
+    task_statuses: Vec<&'static str>,
+    places: HashMap<&'a str, usize>,
+}
+
+impl<'a> Steps<'a> {
+    fn of(changes: impl Iterator<Item = (usize, &'a Report, Step)>) -> Steps<'a> {
+        let mut steps = Steps {
+            tasks: Vec::new(),
+            attempts: Vec::new(),
+            attempt_statuses: Vec::new(),
+            task_statuses: Vec::new(),
+            places: HashMap::new(),
+        };
+        for (at, r, step) in changes {
+            steps.tasks.push(&r.task_id);
+            steps.attempts.push(i64::from(r.attempt));
+            steps.attempt_statuses.push(step.attempt.as_str());
+            steps.task_statuses.push(step.task.as_str());
+            steps.places.insert(&r.task_id, at);
+        }
+        steps
+    }
+}
+
 /// Moves live attempts and their tasks (one change per task) to their steps; returns each
 /// changed task with the place of its report.
 async fn write_live(
@@ -393,9 +423,10 @@ async fn write_live(
     if changes.is_empty() {
         return Ok(Vec::new());
     }
+    let steps = Steps::of(changes.iter().map(|c| (c.0, c.1, c.2)));
     let query = sqlx::query(concat!(
-        "WITH c AS (SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bool[], \
-         $5::text[]) AS c(tid, n, attempt_status, started, task_status)), \
+        "WITH c AS (SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], \
+         $5::bool[]) AS c(tid, n, attempt_status, task_status, started)), \
          a AS (UPDATE attempts SET status = c.attempt_status, started_at = CASE WHEN c.started \
          THEN COALESCE(started_at, $6) ELSE started_at END FROM c \
          WHERE task_id = c.tid AND attempt = c.n) \
@@ -403,34 +434,13 @@ async fn write_live(
          RETURNING ",
         columns!(task)
     ))
-    .bind(
-        changes
-            .iter()
-            .map(|c| c.1.task_id.clone())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        changes
-            .iter()
-            .map(|c| i64::from(c.1.attempt))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        changes
-            .iter()
-            .map(|c| c.2.attempt.as_str())
-            .collect::<Vec<_>>(),
-    )
+    .bind(steps.tasks)
+    .bind(steps.attempts)
+    .bind(steps.attempt_statuses)
+    .bind(steps.task_statuses)
     .bind(changes.iter().map(|c| c.3).collect::<Vec<_>>())
-    .bind(
-        changes
-            .iter()
-            .map(|c| c.2.task.as_str())
-            .collect::<Vec<_>>(),
-    )
     .bind(now);
-    let places = changes.iter().map(|c| (c.1.task_id.as_str(), c.0));
-    changed_tasks(conn, query, places).await
+    changed_tasks(conn, query, &steps.places).await
 }
 
 /// Ends attempts and their tasks as their agents finished (one change per task), with what
@@ -443,16 +453,14 @@ async fn write_finish(
     if changes.is_empty() {
         return Ok(Vec::new());
     }
+    let steps = Steps::of(changes.iter().map(|c| (c.0, c.1, c.2)));
     let text = |f: for<'o> fn(&'o Outcome<'o>) -> Option<&'o str>| {
-        changes
-            .iter()
-            .map(|c| f(&c.3).map(str::to_string))
-            .collect::<Vec<_>>()
+        changes.iter().map(|c| f(&c.3)).collect::<Vec<_>>()
     };
     let query = sqlx::query(concat!(
         "WITH c AS (SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], \
-         $5::text[], $6::bigint[], $7::text[], $8::text[]) AS c(tid, n, attempt_status, why, \
-         task_status, code, br, sha)), \
+         $5::text[], $6::bigint[], $7::text[], $8::text[]) AS c(tid, n, attempt_status, \
+         task_status, why, code, br, sha)), \
          a AS (UPDATE attempts SET status = c.attempt_status, finished_at = $9, error = c.why, \
          started_at = COALESCE(started_at, $9) FROM c WHERE task_id = c.tid AND attempt = c.n) \
          UPDATE tasks SET status = c.task_status, updated_at = $9, finished_at = $9, \
@@ -460,31 +468,11 @@ async fn write_finish(
          FROM c WHERE id = c.tid RETURNING ",
         columns!(task)
     ))
-    .bind(
-        changes
-            .iter()
-            .map(|c| c.1.task_id.clone())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        changes
-            .iter()
-            .map(|c| i64::from(c.1.attempt))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        changes
-            .iter()
-            .map(|c| c.2.attempt.as_str())
-            .collect::<Vec<_>>(),
-    )
+    .bind(steps.tasks)
+    .bind(steps.attempts)
+    .bind(steps.attempt_statuses)
+    .bind(steps.task_statuses)
     .bind(text(|o| o.error))
-    .bind(
-        changes
-            .iter()
-            .map(|c| c.2.task.as_str())
-            .collect::<Vec<_>>(),
-    )
     .bind(
         changes
             .iter()
@@ -494,18 +482,16 @@ async fn write_finish(
     .bind(text(|o| o.branch))
     .bind(text(|o| o.commit))
     .bind(now);
-    let places = changes.iter().map(|c| (c.1.task_id.as_str(), c.0));
-    changed_tasks(conn, query, places).await
+    changed_tasks(conn, query, &steps.places).await
 }
 
 /// Runs a statement returning `columns!(task)` rows of changed tasks, and pairs each with the
-/// place of the report that changed it (`places`: task id → place, one per task).
-async fn changed_tasks<'a>(
+/// place of the report that changed it.
+async fn changed_tasks(
     conn: &mut PgConnection,
     query: Query<'_>,
-    places: impl Iterator<Item = (&'a str, usize)>,
+    places: &HashMap<&str, usize>,
 ) -> Result<Vec<(usize, Task)>> {
-    let places: HashMap<&str, usize> = places.collect();
     let rows = query.fetch_all(&mut *conn).await?;
     let mut changed = Vec::with_capacity(rows.len());
     for q in tasks_of(&rows)? {
