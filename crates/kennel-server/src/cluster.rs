@@ -38,6 +38,11 @@ pub enum Signal {
         status: Option<TaskStatus>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         attempt: Option<u32>,
+        /// The sender has a free slot for this newly queued task and dispatches it: the
+        /// others queue it only if it is still queued after [`CLAIM_WAIT`], so that they do
+        /// not all race for it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        claimed: bool,
     },
     /// Events were committed: the event tails read what is new.
     Events,
@@ -48,6 +53,10 @@ pub enum Signal {
     /// An API key was revoked: links and streams it opened close now.
     Revoked { key: String },
 }
+
+/// How long the other coordinators leave a claimed task to its claimer (see
+/// [`Signal::Task`]); past it, one still queued is theirs to dispatch too.
+pub const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What travels in one `NOTIFY`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -292,6 +301,7 @@ mod tests {
             id: format!("t-{n:032}"),
             status: Some(TaskStatus::Running),
             attempt: Some(1),
+            claimed: false,
         }
     }
 

@@ -462,6 +462,16 @@ impl State {
     }
 
     /// Picks up to `max` (task, daemon) pairs and reserves them in memory.
+    /// Whether a daemon linked here could take `task` now.
+    fn has_slot_for(&self, task: &Task) -> bool {
+        schedule::pick(
+            self.daemons.values().map(DaemonSlot::candidate),
+            &needs(task),
+            Ties::MostFreeThenIdlest,
+        )
+        .is_some()
+    }
+
     fn pick(&mut self, max: usize) -> Vec<(Pending, Dispatch)> {
         let mut out = Vec::new();
         let mut free: u32 = self
@@ -591,6 +601,9 @@ enum Timer {
     },
     /// Recording dispatches failed a second ago: try again.
     Redispatch,
+    /// Another coordinator claimed this queued task [`crate::cluster::CLAIM_WAIT`] ago: queue
+    /// it here too if it is still queued.
+    Claimed { task_id: String },
 }
 
 impl Coordinator {
@@ -650,6 +663,9 @@ impl Coordinator {
                     tokio::spawn(async move { me.grace_expired(&daemon_id, generation).await });
                 }
                 Timer::Redispatch => me.kick(),
+                Timer::Claimed { task_id } => {
+                    tokio::spawn(async move { me.claim_expired(&task_id).await });
+                }
             }
         }
     }
@@ -734,17 +750,7 @@ impl Coordinator {
             let mut any = false;
             for ev in events {
                 any = true;
-                if let Some(id) = ev.task_id {
-                    if matches!(ev.kind.as_str(), "task.created" | "task.status") {
-                        let status = serde_json::from_value(ev.data["status"].clone()).ok();
-                        let attempt = ev.data["attempt"].as_u64().unwrap_or(0) as u32;
-                        self.peers.send(Signal::Task {
-                            id,
-                            status,
-                            attempt: Some(attempt),
-                        });
-                    }
-                }
+                self.signal_task(&ev, false);
             }
             if any {
                 self.peers.send(Signal::Events);
@@ -754,6 +760,24 @@ impl Coordinator {
         }
         for ev in events {
             self.broadcast(ev);
+        }
+    }
+
+    /// Tells the other coordinators of a task's new status, if `ev` records one; `claimed`
+    /// when this coordinator has a free slot for the newly queued task and dispatches it.
+    fn signal_task(&self, ev: &Event, claimed: bool) {
+        let Some(id) = &ev.task_id else {
+            return;
+        };
+        if matches!(ev.kind.as_str(), "task.created" | "task.status") {
+            let status = serde_json::from_value(ev.data["status"].clone()).ok();
+            let attempt = ev.data["attempt"].as_u64().unwrap_or(0) as u32;
+            self.peers.send(Signal::Task {
+                id: id.clone(),
+                status,
+                attempt: Some(attempt),
+                claimed,
+            });
         }
     }
 
@@ -976,9 +1000,15 @@ impl Coordinator {
                                 id,
                                 status: Some(status),
                                 attempt: Some(attempt),
+                                ..
                             } if status != TaskStatus::Queued => {
                                 self.observe_status_elsewhere(&id, status, attempt)
                             }
+                            Signal::Task {
+                                id, claimed: true, ..
+                            } => self
+                                .deadlines
+                                .after(crate::cluster::CLAIM_WAIT, Timer::Claimed { task_id: id }),
                             Signal::Task { id, .. } => {
                                 if !tasks.contains(&id) {
                                     tasks.push(id);
@@ -1027,6 +1057,20 @@ impl Coordinator {
         st.update_gauges();
         drop(st);
         self.wake.notify_one();
+    }
+
+    /// The claimer of a task had [`crate::cluster::CLAIM_WAIT`] to dispatch it: if it is still
+    /// queued, it is queued here too.
+    async fn claim_expired(&self, task_id: &str) {
+        match self.store.get_task(task_id).await {
+            Ok(Some(task)) if task.status == TaskStatus::Queued => self.observe_elsewhere(task),
+            Ok(_) => {}
+            Err(e) => tracing::error!(
+                task_id,
+                error = &e as &dyn std::error::Error,
+                "failed to read a task another coordinator claimed"
+            ),
+        }
     }
 
     /// As [`Coordinator::observe_elsewhere`] for a task that is not queued, known only by its
@@ -1509,15 +1553,24 @@ impl Coordinator {
         let new = self.validate_task(req)?;
         let (queued, ev) = self.store.create_task(new, self.clock.now_ms()).await?;
         let mut task = queued.task.clone();
-        {
+        let claimed = {
             let mut st = self.lock();
             // Said at once in the answer; announced as an event once it has settled.
             task.waiting = st.why_unschedulable(&task);
+            let claimed = st.has_slot_for(&task);
             st.enqueue(queued.task);
             st.update_gauges();
-        }
+            claimed
+        };
         metrics::counter!("kennel_tasks_submitted_total").increment(1);
-        self.publish([ev]);
+        if self.peers.shared() {
+            // As `publish`, with the claim.
+            self.signal_task(&ev, claimed);
+            self.peers.send(Signal::Events);
+            self.tail.notify_one();
+        } else {
+            self.broadcast(ev);
+        }
         self.wake.notify_one();
         Ok(task)
     }
@@ -2968,6 +3021,82 @@ mod cluster_tests {
         assert_eq!((spawn.task_id.as_str(), spawn.attempt), (t.id.as_str(), 2));
         let attempts = c.store.list_attempts(&t.id).await.unwrap();
         assert_eq!(attempts[0].status, AttemptStatus::Lost);
+    }
+
+    /// A coordinator with a free slot claims the task submitted to it: the others leave it to
+    /// that coordinator, and queue it themselves only if it is still queued once the claim
+    /// has had its time.
+    #[tokio::test]
+    async fn a_claimed_task_is_left_to_its_claimer_until_the_claim_wait_is_over() {
+        let c = Cluster::new().await;
+        let a = c.coordinator("c-a").await;
+        let b = c.coordinator("c-b").await;
+        let (_da, mut rx_a) = daemon(&a, "m1").await;
+        let (_db, mut rx_b) = daemon(&b, "m2").await;
+
+        // Submitted on A, which has a free slot: A's daemon runs it, B never queues it.
+        let t = a.submit(task("mine")).await.unwrap();
+        assert_eq!(spawn_of(&mut rx_a).await.task_id, t.id);
+        status_becomes(&c.store, &t.id, TaskStatus::Dispatched).await;
+        assert!(b.lock().queued.is_empty(), "B left the claimed task to A");
+
+        // A claimer that never dispatches (it died, its slot was gone): after the wait, B does.
+        let new = |id: &str, agent: &str| kennel_store::NewTask {
+            id: id.into(),
+            name: id.into(),
+            prompt: id.into(),
+            repo: None,
+            agent: agent.into(),
+            labels: BTreeMap::new(),
+            priority: 0,
+            env: BTreeMap::new(),
+            timeout_secs: None,
+            max_attempts: 1,
+        };
+        let (orphan, _) = c
+            .store
+            .create_task(new("t-orphan", "a"), START)
+            .await
+            .unwrap();
+        // A task nobody can run, signalled after the claim without one: once B has queued it,
+        // B has heard the claim too (signals are handled in order).
+        let (marker, _) = c
+            .store
+            .create_task(new("t-marker", "zzz"), START)
+            .await
+            .unwrap();
+        let ghost = Member {
+            id: "c-ghost".into(),
+            bus: c.bus.clone(),
+        };
+        for (t, claimed) in [(&orphan, true), (&marker, false)] {
+            ghost.send(Signal::Task {
+                id: t.task.id.clone(),
+                status: Some(TaskStatus::Queued),
+                attempt: Some(0),
+                claimed,
+            });
+        }
+        tokio::time::timeout(PROMPTLY, async {
+            while !b.lock().queued.contains_key("t-marker") {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("B queues the unclaimed task");
+        let taken = {
+            let st = b.lock();
+            st.queued.contains_key("t-orphan") || st.live.contains_key("t-orphan")
+        };
+        assert!(!taken, "B leaves the claimed task to its claimer for now");
+        while let Some(o) = rx_b.try_recv() {
+            assert!(
+                !matches!(o, Outbound::Msg(ref m) if matches!(**m, ServerMessage::SpawnTask(_))),
+                "B dispatched nothing"
+            );
+        }
+        c.clock.advance(crate::cluster::CLAIM_WAIT);
+        assert_eq!(spawn_of(&mut rx_b).await.task_id, orphan.task.id);
     }
 
     /// A signal of another coordinator carries a task's status and attempt; one overtaken by
