@@ -173,6 +173,9 @@ type QueueKey = (Reverse<i32>, String);
 struct State {
     queue: BTreeMap<QueueKey, Pending>,
     queued: HashMap<String, QueueKey>,
+    /// Queued tasks another coordinator claimed, until it dispatches them or the claim
+    /// lapses ([`Timer::Claimed`]).
+    claimed_elsewhere: HashSet<String>,
     daemons: HashMap<String, DaemonSlot>,
     by_machine: HashMap<String, String>,
     live: HashMap<String, Live>,
@@ -244,6 +247,7 @@ impl State {
     /// is of a newer attempt. False when the change is of an older attempt than the one held
     /// here (a signal overtaken by a later one): it is then ignored.
     fn observe_elsewhere(&mut self, id: &str, status: TaskStatus, attempt: u32) -> bool {
+        self.claimed_elsewhere.remove(id);
         if let Some(l) = self.live.get(id) {
             if attempt < l.attempt {
                 return false;
@@ -1006,9 +1010,13 @@ impl Coordinator {
                             }
                             Signal::Task {
                                 id, claimed: true, ..
-                            } => self
-                                .deadlines
-                                .after(crate::cluster::CLAIM_WAIT, Timer::Claimed { task_id: id }),
+                            } => {
+                                self.lock().claimed_elsewhere.insert(id.clone());
+                                self.deadlines.after(
+                                    crate::cluster::CLAIM_WAIT,
+                                    Timer::Claimed { task_id: id },
+                                )
+                            }
                             Signal::Task { id, .. } => {
                                 if !tasks.contains(&id) {
                                     tasks.push(id);
@@ -1062,6 +1070,10 @@ impl Coordinator {
     /// The claimer of a task had [`crate::cluster::CLAIM_WAIT`] to dispatch it: if it is still
     /// queued, it is queued here too.
     async fn claim_expired(&self, task_id: &str) {
+        if !self.lock().claimed_elsewhere.remove(task_id) {
+            // It was dispatched (or changed) meanwhile: nothing to check.
+            return;
+        }
         match self.store.get_task(task_id).await {
             Ok(Some(task)) if task.status == TaskStatus::Queued => self.observe_elsewhere(task),
             Ok(_) => {}
