@@ -466,6 +466,41 @@ impl State {
     }
 
     /// Picks up to `max` (task, daemon) pairs and reserves them in memory.
+    /// Reserves a slot for a new task with these needs, as [`State::pick`] would for a queued
+    /// one, if a daemon linked here can take it and nothing queued here waits before it;
+    /// returns the daemon.
+    fn reserve_for_new(
+        &mut self,
+        task_id: &str,
+        agent: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Option<String> {
+        if !self.queue.is_empty() {
+            return None;
+        }
+        let needs = Needs { agent, labels };
+        let daemon_id = schedule::pick(
+            self.daemons.values().map(DaemonSlot::candidate),
+            &needs,
+            Ties::MostFreeThenIdlest,
+        )?
+        .to_string();
+        self.picks += 1;
+        let slot = self.daemons.get_mut(&daemon_id)?;
+        slot.last_pick = self.picks;
+        slot.held.insert(task_id.to_string());
+        self.live.insert(
+            task_id.to_string(),
+            Live {
+                attempt: 1,
+                daemon_id: daemon_id.clone(),
+                accepted: false,
+                queued: false,
+            },
+        );
+        Some(daemon_id)
+    }
+
     /// Whether a daemon linked here could take `task` now.
     fn has_slot_for(&self, task: &Task) -> bool {
         schedule::pick(
@@ -1435,7 +1470,6 @@ impl Coordinator {
                 return Err(e);
             }
         };
-        let accept = self.cfg.scheduler.accept_timeout.get();
         let mut events = Vec::new();
         {
             let mut st = self.lock();
@@ -1445,26 +1479,31 @@ impl Coordinator {
                     st.release(&d.task_id);
                     continue;
                 };
-                let conn = st.daemons.get(&d.daemon_id).and_then(|s| s.conn.clone());
-                if let Some(conn) = conn {
-                    conn.send(ServerMessage::SpawnTask(spawn_message(&task, d.attempt)));
-                }
-                metrics::histogram!("kennel_dispatch_latency_seconds")
-                    .record(pending.since.elapsed().as_secs_f64());
-                metrics::counter!("kennel_dispatches_total").increment(1);
+                self.hand_out(&st, d, &task, pending.since);
                 events.push(ev);
-                self.deadlines.after(
-                    accept,
-                    Timer::Lease {
-                        task_id: d.task_id,
-                        attempt: d.attempt,
-                    },
-                );
             }
             st.update_gauges();
         }
         self.publish(events);
         Ok(())
+    }
+
+    /// A dispatch is recorded: the daemon is sent the task, and its lease starts.
+    fn hand_out(&self, st: &State, d: Dispatch, task: &Task, since: Instant) {
+        let conn = st.daemons.get(&d.daemon_id).and_then(|s| s.conn.clone());
+        if let Some(conn) = conn {
+            conn.send(ServerMessage::SpawnTask(spawn_message(task, d.attempt)));
+        }
+        metrics::histogram!("kennel_dispatch_latency_seconds")
+            .record(since.elapsed().as_secs_f64());
+        metrics::counter!("kennel_dispatches_total").increment(1);
+        self.deadlines.after(
+            self.cfg.scheduler.accept_timeout.get(),
+            Timer::Lease {
+                task_id: d.task_id,
+                attempt: d.attempt,
+            },
+        );
     }
 
     async fn lease_expired(self: &Arc<Self>, task_id: &str, attempt: u32) {
@@ -1563,6 +1602,16 @@ impl Coordinator {
     /// Validates and stores a new task, then queues it.
     pub async fn submit(&self, req: CreateTask) -> Result<Task, ApiError> {
         let new = self.validate_task(req)?;
+        // With PostgreSQL, a task that can go to a daemon here right away is dispatched in its
+        // submit's transaction: one commit on its way to the daemon instead of two.
+        if self.peers.shared() {
+            let slot = self
+                .lock()
+                .reserve_for_new(&new.id, &new.agent, &new.labels);
+            if let Some(daemon_id) = slot {
+                return self.submit_dispatched(new, daemon_id).await;
+            }
+        }
         let (queued, ev) = self.store.create_task(new, self.clock.now_ms()).await?;
         let mut task = queued.task.clone();
         let claimed = {
@@ -1585,6 +1634,58 @@ impl Coordinator {
         }
         self.wake.notify_one();
         Ok(task)
+    }
+
+    /// Creates `new` already dispatched to `daemon_id`, whose slot [`State::reserve_for_new`]
+    /// reserved.
+    async fn submit_dispatched(&self, new: NewTask, daemon_id: String) -> Result<Task, ApiError> {
+        let since = Instant::now();
+        let task_id = new.id.clone();
+        let now = self.clock.now_ms();
+        let (queued, created, dispatched) =
+            match self.store.create_and_dispatch(new, &daemon_id, now).await {
+                Ok(done) => done,
+                Err(e) => {
+                    self.lock().release(&task_id);
+                    return Err(e.into());
+                }
+            };
+        metrics::counter!("kennel_tasks_submitted_total").increment(1);
+        let task = {
+            let mut st = self.lock();
+            let task = match dispatched {
+                Some((task, ev)) => {
+                    let d = Dispatch {
+                        task_id: task_id.clone(),
+                        attempt: 1,
+                        daemon_id,
+                    };
+                    self.hand_out(&st, d, &task, since);
+                    Some((task, ev))
+                }
+                None => {
+                    // Not expected for a task nobody else knows yet; queue it as usual.
+                    st.release(&task_id);
+                    st.enqueue(queued.task.clone());
+                    None
+                }
+            };
+            st.update_gauges();
+            task
+        };
+        match task {
+            Some((task, ev)) => {
+                // Others hear only of the dispatch (the event tails read the task's creation
+                // from the store): it was never queued for them to take.
+                self.publish([ev]);
+                Ok(task)
+            }
+            None => {
+                self.publish([created]);
+                self.wake.notify_one();
+                Ok(queued.task)
+            }
+        }
     }
 
     fn validate_task(&self, req: CreateTask) -> Result<NewTask, ApiError> {
@@ -3046,8 +3147,10 @@ mod cluster_tests {
         let (_da, mut rx_a) = daemon(&a, "m1").await;
         let (_db, mut rx_b) = daemon(&b, "m2").await;
 
-        // Submitted on A, which has a free slot: A's daemon runs it, B never queues it.
+        // Submitted on A, which has a free slot and nothing queued: dispatched in its submit,
+        // to A's daemon; B never queues it.
         let t = a.submit(task("mine")).await.unwrap();
+        assert_eq!((t.status, t.attempt), (TaskStatus::Dispatched, 1));
         assert_eq!(spawn_of(&mut rx_a).await.task_id, t.id);
         status_becomes(&c.store, &t.id, TaskStatus::Dispatched).await;
         assert!(b.lock().queued.is_empty(), "B left the claimed task to A");

@@ -328,6 +328,24 @@ pub trait Store: Send + Sync + 'static {
 
     async fn create_task(&self, task: NewTask, now: Millis) -> Result<(QueuedTask, Event)>;
     async fn get_task(&self, id: &str) -> Result<Option<Task>>;
+    /// Creates `task` and dispatches it at once as attempt 1 to `daemon_id`: what a
+    /// coordinator with a free slot and an empty queue does with a new task. A backend may do
+    /// both in one transaction. The dispatch is `None` if the state machine refused it.
+    async fn create_and_dispatch(
+        &self,
+        task: NewTask,
+        daemon_id: &str,
+        now: Millis,
+    ) -> Result<(QueuedTask, Event, Option<(Task, Event)>)> {
+        let (queued, created) = self.create_task(task, now).await?;
+        let d = Dispatch {
+            task_id: queued.task.id.clone(),
+            attempt: 1,
+            daemon_id: daemon_id.to_string(),
+        };
+        let dispatched = self.dispatch(&[d], now).await?.pop().flatten();
+        Ok((queued, created, dispatched))
+    }
     /// The tasks of `ids` that exist, in no particular order: what a coordinator reads when
     /// others tell it that tasks changed. A backend may read them in one query.
     async fn get_tasks(&self, ids: &[String]) -> Result<Vec<Task>> {

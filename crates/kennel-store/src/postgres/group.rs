@@ -120,6 +120,16 @@ impl<T> Numbered for (T, Event) {
     }
 }
 
+/// A created task's event, and its dispatch's if it was dispatched at once.
+impl<T, U> Numbered for (T, Event, Option<(U, Event)>) {
+    fn each_event(&mut self, f: &mut dyn FnMut(&mut Event)) {
+        f(&mut self.1);
+        if let Some((_, e)) = &mut self.2 {
+            f(e)
+        }
+    }
+}
+
 impl Numbered for Ended {
     fn each_event(&mut self, f: &mut dyn FnMut(&mut Event)) {
         self.events.iter_mut().for_each(f)
@@ -379,7 +389,11 @@ async fn run_merged(tx: &mut Tx, group: &mut [Box<dyn Job>]) -> Result<(), Outco
         }
     }
     if !creates.is_empty() {
-        let now = creates.iter().map(|(_, now, _)| *now).max().unwrap_or_default();
+        let now = creates
+            .iter()
+            .map(|(_, now, _)| *now)
+            .max()
+            .unwrap_or_default();
         let tasks: Vec<&Task> = creates.iter().map(|(task, _, _)| *task).collect();
         let created = insert_tasks(tx, &tasks, now)
             .await
@@ -389,7 +403,11 @@ async fn run_merged(tx: &mut Tx, group: &mut [Box<dyn Job>]) -> Result<(), Outco
         }
     }
     if !applies.is_empty() {
-        let now = applies.iter().map(|(_, now, _)| *now).max().unwrap_or_default();
+        let now = applies
+            .iter()
+            .map(|(_, now, _)| *now)
+            .max()
+            .unwrap_or_default();
         let all: Vec<Report> = applies
             .iter()
             .flat_map(|(batch, _, _)| batch.iter().cloned())

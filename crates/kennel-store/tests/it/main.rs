@@ -63,6 +63,7 @@ on_both_backends!(
     daemons_register_refresh_and_drain,
     the_location_picks_the_backend,
     tasks_are_read_many_at_a_time,
+    a_new_task_is_created_and_dispatched_at_once,
 );
 
 fn new_task(id: &str, max_attempts: u32) -> NewTask {
@@ -202,6 +203,30 @@ async fn reports_apply_exactly_once_and_in_order(db: Db) {
         .unwrap();
     assert_eq!(after[0], Applied::Duplicate { last_seq: 4 });
     assert!(matches!(after[1], Applied::Stale { .. }));
+}
+
+/// `create_and_dispatch` stores a task and its first attempt on a daemon, with both events in
+/// order, as `create_task` then `dispatch` would.
+async fn a_new_task_is_created_and_dispatched_at_once(db: Db) {
+    let store = db.open().await;
+    let (queued, created, dispatched) = store
+        .create_and_dispatch(new_task("t1", 1), "d1", NOW)
+        .await
+        .unwrap();
+    let (task, ev) = dispatched.expect("a new task is dispatched");
+    assert_eq!(queued.task.status, TaskStatus::Queued);
+    assert_eq!((task.status, task.attempt), (TaskStatus::Dispatched, 1));
+    assert_eq!(task.daemon_id.as_deref(), Some("d1"));
+    assert_eq!(
+        (created.kind.as_str(), ev.kind.as_str()),
+        ("task.created", "task.status")
+    );
+    let stored = store.events_after(0, 10).await.unwrap();
+    assert_eq!(stored, [created, ev]);
+    let attempts = store.list_attempts("t1").await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].daemon_id, "d1");
+    assert_eq!(store.get_task("t1").await.unwrap(), Some(task));
 }
 
 /// `get_tasks` returns the tasks that exist among those asked for, each once, as `get_task`
