@@ -408,23 +408,8 @@ impl Store for PgStore {
         daemon_id: &str,
         now: Millis,
     ) -> Result<(QueuedTask, Event, Option<(Task, Event)>)> {
-        let input = (t.queued(now), daemon_id.to_string(), now);
         self.writers
-            .call(Vec::new(), input, |tx, (task, daemon_id, now)| {
-                Box::pin(async move {
-                    let mut created = insert_tasks(tx, &[task], *now).await?;
-                    let (queued, event) = created
-                        .pop()
-                        .ok_or_else(|| StoreError::Corrupt("a new task was not stored".into()))?;
-                    let d = Dispatch {
-                        task_id: task.id.clone(),
-                        attempt: 1,
-                        daemon_id: daemon_id.clone(),
-                    };
-                    let dispatched = lifecycle::dispatch(tx, &[d], *now).await?.pop().flatten();
-                    Ok((queued, event, dispatched))
-                })
-            })
+            .create_dispatched(t.queued(now), daemon_id.to_string(), now)
             .await
     }
 

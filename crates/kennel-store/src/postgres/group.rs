@@ -34,7 +34,7 @@ use kennel_proto::api::Task;
 
 use super::{insert_events, insert_tasks, lifecycle};
 use crate::events::NewEvent;
-use crate::{Applied, Ended, Millis, QueuedTask, Report, Result, StoreError};
+use crate::{Applied, Dispatch, Ended, Millis, QueuedTask, Report, Result, StoreError};
 
 /// Most calls in one group; bounds how long the first of them waits for its answer.
 const MAX_GROUP: usize = 256;
@@ -194,6 +194,32 @@ impl Writers {
         self.send(Vec::new(), (task, now), work, Some(merge)).await
     }
 
+    /// Stores a new task dispatched at once to `daemon_id`; in a group, with the group's other
+    /// new tasks in one statement and their dispatches as one batch.
+    pub(super) async fn create_dispatched(
+        &self,
+        task: Task,
+        daemon_id: String,
+        now: Millis,
+    ) -> Result<CreatedDispatched> {
+        type Input = (Task, String, Millis);
+        let merge: Merger<Input, CreatedDispatched> = |c| Merge::CreateDispatched {
+            task: &c.input.0,
+            daemon_id: &c.input.1,
+            now: c.input.2,
+            result: &mut c.result,
+        };
+        let work: Work<Input, CreatedDispatched> = |tx, (task, daemon_id, now)| {
+            Box::pin(async move {
+                let mut done = create_dispatched(tx, &[(task, daemon_id)], *now).await?;
+                done.pop()
+                    .ok_or_else(|| StoreError::Corrupt("a new task was not stored".into()))
+            })
+        };
+        self.send(Vec::new(), (task, daemon_id, now), work, Some(merge))
+            .await
+    }
+
     /// Applies a link's reports; in a group, with the group's other reports as one batch.
     pub(super) async fn apply(&self, batch: Vec<Report>, now: Millis) -> Result<Vec<Applied>> {
         let tasks = batch.iter().map(|r| r.task_id.clone()).collect();
@@ -246,7 +272,17 @@ enum Merge<'a> {
         now: Millis,
         result: &'a mut Option<Result<Vec<Applied>>>,
     },
+    CreateDispatched {
+        task: &'a Task,
+        daemon_id: &'a str,
+        now: Millis,
+        result: &'a mut Option<Result<CreatedDispatched>>,
+    },
 }
+
+/// A task created and dispatched at once: the stored task, its creation's event, and the
+/// dispatch with its event unless the state machine refused it.
+pub(super) type CreatedDispatched = (QueuedTask, Event, Option<(Task, Event)>);
 
 /// How a call of a kind that merges shows itself to its group.
 type Merger<I, T> = for<'a> fn(&'a mut Call<I, T>) -> Merge<'a>;
@@ -376,6 +412,7 @@ fn answer_all(group: Vec<Box<dyn Job>>, outcome: &Outcome) {
 /// by one.
 async fn run_merged(tx: &mut Tx, group: &mut [Box<dyn Job>]) -> Result<(), Outcome> {
     let (mut creates, mut applies, mut others) = (Vec::new(), Vec::new(), Vec::new());
+    let mut dispatched = Vec::new();
     for job in group.iter_mut() {
         // Whether it merges is asked first; the borrow of the answer then ends.
         if job.merge().is_none() {
@@ -385,6 +422,12 @@ async fn run_merged(tx: &mut Tx, group: &mut [Box<dyn Job>]) -> Result<(), Outco
         match job.merge() {
             Some(Merge::Create { task, now, result }) => creates.push((task, now, result)),
             Some(Merge::Apply { batch, now, result }) => applies.push((batch, now, result)),
+            Some(Merge::CreateDispatched {
+                task,
+                daemon_id,
+                now,
+                result,
+            }) => dispatched.push(((task, daemon_id), now, result)),
             None => {}
         }
     }
@@ -399,6 +442,20 @@ async fn run_merged(tx: &mut Tx, group: &mut [Box<dyn Job>]) -> Result<(), Outco
             .await
             .map_err(|_| Outcome::CallFailed)?;
         for ((_, _, result), one) in creates.into_iter().zip(created) {
+            *result = Some(Ok(one));
+        }
+    }
+    if !dispatched.is_empty() {
+        let now = dispatched
+            .iter()
+            .map(|(_, now, _)| *now)
+            .max()
+            .unwrap_or_default();
+        let tasks: Vec<(&Task, &str)> = dispatched.iter().map(|(t, _, _)| *t).collect();
+        let done = create_dispatched(tx, &tasks, now)
+            .await
+            .map_err(|_| Outcome::CallFailed)?;
+        for ((_, _, result), one) in dispatched.into_iter().zip(done) {
             *result = Some(Ok(one));
         }
     }
@@ -426,6 +483,31 @@ async fn run_merged(tx: &mut Tx, group: &mut [Box<dyn Job>]) -> Result<(), Outco
         }
     }
     Ok(())
+}
+
+/// Stores new tasks in one statement and dispatches each at once as attempt 1 to its daemon,
+/// in one batch.
+async fn create_dispatched(
+    tx: &mut Tx,
+    tasks: &[(&Task, &str)],
+    now: Millis,
+) -> Result<Vec<CreatedDispatched>> {
+    let new: Vec<&Task> = tasks.iter().map(|(t, _)| *t).collect();
+    let created = insert_tasks(tx, &new, now).await?;
+    let batch: Vec<Dispatch> = tasks
+        .iter()
+        .map(|(t, daemon_id)| Dispatch {
+            task_id: t.id.clone(),
+            attempt: 1,
+            daemon_id: daemon_id.to_string(),
+        })
+        .collect();
+    let sent = lifecycle::dispatch(tx, &batch, now).await?;
+    Ok(created
+        .into_iter()
+        .zip(sent)
+        .map(|((queued, event), sent)| (queued, event, sent))
+        .collect())
 }
 
 /// How a group's transaction ended.

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use kennel_proto::api::Event;
 use kennel_proto::AttemptStatus;
 use kennel_proto::TaskStatus;
 use kennel_store::{EndAttempt, PgStore, Retry, Store, StoreError};
@@ -368,22 +369,34 @@ async fn concurrent_writes_share_commits_and_each_answers_with_its_stored_event_
     for i in 0..CALLS {
         let store = store.clone();
         set.spawn(async move {
-            let event = if i % 2 == 0 {
-                let task = new_task(&format!("t{i}"), 1);
-                store.create_task(task, NOW).await.expect("create a task").1
-            } else {
-                let data = serde_json::json!({ "i": i });
-                store
-                    .record_event("test.tick", None, None, data, NOW)
-                    .await
-                    .expect("record an event")
+            let task = new_task(&format!("t{i}"), 1);
+            let events = match i % 3 {
+                0 => vec![store.create_task(task, NOW).await.expect("create").1],
+                1 => {
+                    let (_, created, sent) = store
+                        .create_and_dispatch(task, &format!("d{i}"), NOW)
+                        .await
+                        .expect("create and dispatch");
+                    let (task, sent) = sent.expect("a new task is dispatched");
+                    assert_eq!(task.daemon_id, Some(format!("d{i}")));
+                    vec![created, sent]
+                }
+                _ => {
+                    let data = serde_json::json!({ "i": i });
+                    let recorded = store.record_event("test.tick", None, None, data, NOW);
+                    vec![recorded.await.expect("record an event")]
+                }
             };
-            (i, event)
+            (i, events)
         });
     }
-    let answered = all(set).await;
+    let answered: Vec<(usize, Event)> = all(set)
+        .await
+        .into_iter()
+        .flat_map(|(i, events)| events.into_iter().map(move |e| (i, e)))
+        .collect();
     let stored = store.events_after(0, 1000).await.unwrap();
-    assert_eq!(stored.len(), CALLS);
+    assert_eq!(stored.len(), answered.len());
     let by_id: BTreeMap<i64, _> = stored.into_iter().map(|e| (e.id, e)).collect();
     for (i, event) in &answered {
         let kept = by_id
