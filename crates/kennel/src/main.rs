@@ -119,7 +119,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // The chain once, outermost first: `kennel: failed to X: because Y: because Z`.
-            eprintln!("kennel: {e:#}");
+            eprintln!("kennel: {}", chain(&e));
             ExitCode::from(exit_code(&e))
         }
     }
@@ -138,6 +138,25 @@ pub mod exit {
 }
 
 /// [`exit::USAGE`] for configuration mistakes anywhere in the chain, else [`exit::FAILURE`].
+/// The error and its causes, outermost first, joined by `: `. A cause whose text the one
+/// before it already shows is left out: some libraries print their cause and also return it
+/// as the source, which would show it twice.
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut before = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if before.is_empty() || !before.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        before = text;
+    }
+    out
+}
+
 fn exit_code(e: &anyhow::Error) -> u8 {
     let misconfigured = e
         .chain()
@@ -159,5 +178,38 @@ fn quiet_on_closed_pipe() {
     // the default disposition of SIGPIPE; no handler code is installed.
     unsafe {
         let _ = signal(Signal::SIGPIPE, SigHandler::SigDfl);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Both(std::io::Error);
+
+    impl std::fmt::Display for Both {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "error communicating with database: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Both {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn the_chain_shows_each_cause_once() {
+        let io = std::io::Error::other("invalid peer certificate: UnknownIssuer");
+        let e = anyhow::Error::new(Both(io)).context("failed to open the store");
+        assert_eq!(
+            chain(&e),
+            "failed to open the store: error communicating with database: invalid peer \
+             certificate: UnknownIssuer"
+        );
+        let plain = anyhow::anyhow!("no such file").context("failed to read kennel.toml");
+        assert_eq!(chain(&plain), "failed to read kennel.toml: no such file");
     }
 }

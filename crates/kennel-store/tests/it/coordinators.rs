@@ -578,3 +578,46 @@ async fn reports_of_many_links_applied_at_once_answer_each_link_as_alone() {
         "the links' reports shared transactions"
     );
 }
+
+/// `sslmode` in the URL is honoured: `require` connects over TLS (the test server has TLS on),
+/// and `verify-full` against a certificate no known authority signed is refused with a
+/// message naming the database (not its password) and the certificate problem.
+#[tokio::test]
+async fn the_url_asks_for_tls_and_gets_it_or_a_clear_refusal() {
+    let schema = Schema::create().await;
+    let store = PgStore::connect(&format!("{}&sslmode=require", schema.url))
+        .await
+        .expect("connect over TLS");
+    store.ping().await.unwrap();
+    let mut conn = schema.server_connection().await;
+    let over_tls: Vec<bool> = sqlx::query_scalar(
+        "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid \
+         WHERE a.application_name = $1",
+    )
+    .bind(&schema.name)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert!(
+        !over_tls.is_empty() && over_tls.iter().all(|ssl| *ssl),
+        "the store's connections use TLS: {over_tls:?}"
+    );
+    store.close().await;
+
+    let url = format!("{}&sslmode=verify-full", schema.url);
+    let err = PgStore::connect(&url)
+        .await
+        .err()
+        .expect("the test server's certificate is signed by no known authority");
+    let mut shown = err.to_string();
+    let mut cause = std::error::Error::source(&err);
+    while let Some(c) = cause {
+        shown.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    assert!(
+        shown.contains("failed to open database at postgres://"),
+        "{shown}"
+    );
+    assert!(shown.to_lowercase().contains("certificate"), "{shown}");
+}
