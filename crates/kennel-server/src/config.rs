@@ -154,6 +154,9 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Largest page a list endpoint returns.
     pub max_page: u32,
+    /// How long the event log keeps an event (what SSE resumes from with `Last-Event-ID`).
+    /// Tasks, attempts and output are kept regardless.
+    pub event_retention: Span,
 }
 
 impl Default for ApiConfig {
@@ -161,6 +164,7 @@ impl Default for ApiConfig {
         ApiConfig {
             max_body_bytes: 4 << 20,
             max_page: 1000,
+            event_retention: Span::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -221,6 +225,9 @@ impl ServerConfig {
                 );
             }
         }
+        if self.api.event_retention.as_millis() < 3_600_000 {
+            return bad("api.event_retention", "must be at least 1h");
+        }
         if self.cluster.beat.as_millis() < 100 {
             return bad("cluster.beat", "must be at least 100ms");
         }
@@ -258,6 +265,16 @@ impl ServerConfig {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_retention_under_an_hour_is_refused() {
+        let mut cfg = ServerConfig::default();
+        cfg.api.event_retention = Span::from_secs(59 * 60);
+        let e = cfg.validate().unwrap_err();
+        assert_eq!(e.key, "server.api.event_retention");
+        cfg.api.event_retention = Span::from_secs(3600);
+        cfg.validate().unwrap();
+    }
 
     #[test]
     fn a_dead_after_shorter_than_three_beats_is_refused() {

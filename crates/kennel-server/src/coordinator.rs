@@ -64,6 +64,9 @@ fn human_bytes(n: usize) -> String {
 /// Most dispatches recorded in one store transaction.
 const DISPATCH_BATCH: usize = 256;
 
+/// How often the event log is pruned of events older than `api.event_retention`.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 /// How long a task must stay unschedulable before it is announced as waiting: long enough that
 /// daemons reconnecting after a coordinator restart do not flood the event stream, short
 /// enough that a user sees why within a second or two.
@@ -922,6 +925,39 @@ impl Coordinator {
                     "failed to take the rescue lease"
                 ),
             }
+        }
+    }
+
+    /// Prunes the event log every [`PRUNE_EVERY`] until the process ends.
+    pub async fn run_retention(self: Arc<Self>) {
+        loop {
+            let every = PRUNE_EVERY.as_millis() as i64;
+            self.clock
+                .sleep_until(self.clock.now_ms().saturating_add(every))
+                .await;
+            self.prune_events().await;
+        }
+    }
+
+    /// Deletes events older than `api.event_retention`; with several coordinators, only the
+    /// one holding the rescue lease does, so they do not all run the same delete.
+    pub async fn prune_events(&self) {
+        if self.peers.shared() && !self.leading.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let keep = self.cfg.api.event_retention.as_millis() as i64;
+        let before = self.clock.now_ms().saturating_sub(keep);
+        match self.store.prune_events(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                events = n,
+                retention = %self.cfg.api.event_retention,
+                "pruned the event log"
+            ),
+            Err(e) => tracing::error!(
+                error = &e as &dyn std::error::Error,
+                "failed to prune the event log; trying again in an hour"
+            ),
         }
     }
 
@@ -3212,6 +3248,37 @@ mod cluster_tests {
         }
         c.clock.advance(crate::cluster::CLAIM_WAIT);
         assert_eq!(spawn_of(&mut rx_b).await.task_id, orphan.task.id);
+    }
+
+    /// The event log is pruned past `api.event_retention`, by the coordinator holding the
+    /// rescue lease only.
+    #[tokio::test]
+    async fn only_the_leading_coordinator_prunes_the_event_log_past_the_retention() {
+        let c = Cluster::new().await;
+        let a = c.coordinator("c-a").await;
+        let b = c.coordinator("c-b").await;
+        a.leading.store(true, std::sync::atomic::Ordering::Relaxed);
+        for name in ["one", "two", "three"] {
+            a.submit(task(name)).await.unwrap();
+        }
+        let count =
+            |store: Arc<dyn Store>| async move { store.events_after(0, 100).await.unwrap().len() };
+        let before = count(c.store.clone()).await;
+        assert!(before >= 3, "{before} events");
+        let retention = ServerConfig::default().api.event_retention.as_millis();
+        c.clock.advance(Duration::from_millis(retention + 1));
+        b.prune_events().await;
+        assert_eq!(
+            count(c.store.clone()).await,
+            before,
+            "B does not lead: it leaves them"
+        );
+        a.prune_events().await;
+        assert_eq!(
+            count(c.store.clone()).await,
+            1,
+            "A prunes all but the newest"
+        );
     }
 
     /// A signal of another coordinator carries a task's status and attempt; one overtaken by

@@ -229,6 +229,7 @@ impl Server {
         tokio::spawn(coord.clone().run_scheduler());
         tokio::spawn(coord.clone().run_timers());
         tokio::spawn(coord.clone().run_waiting_watch());
+        tokio::spawn(coord.clone().run_retention());
         if let Some(heard) = heard {
             tokio::spawn(coord.clone().run_peers(heard));
             tokio::spawn(coord.clone().run_event_tail());

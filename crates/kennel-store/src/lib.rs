@@ -464,7 +464,17 @@ pub trait Store: Send + Sync + 'static {
     async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<Event>>;
     /// The id of the newest event, 0 when there is none.
     async fn last_event_id(&self) -> Result<i64>;
+    /// Deletes the events recorded before `before`, oldest first up to the first one that is
+    /// not, and always keeps the newest (ids go on from it); returns how many went. Streams
+    /// resuming from an id that was deleted start at the oldest event kept.
+    async fn prune_events(&self, before: Millis) -> Result<u64>;
 }
+
+/// What [`Store::prune_events`] runs, with the time as its only parameter (`$1` / `?1`): from
+/// the oldest event up to the first recorded at or after it, which walks only what goes.
+pub(crate) const PRUNE_EVENTS: &str = "DELETE FROM events WHERE id < COALESCE(\
+     (SELECT id FROM events WHERE at >= $1 ORDER BY id LIMIT 1), \
+     (SELECT MAX(id) FROM events))";
 
 /// The LLM gateway's own state, kept beside the coordinator's in the same database. Separate
 /// from [`Store`] so the coordinator depends on nothing of the gateway's.

@@ -889,6 +889,14 @@ impl Store for PgStore {
         self.rows(query, rows::event).await
     }
 
+    async fn prune_events(&self, before: Millis) -> Result<u64> {
+        let done = sqlx::query(crate::PRUNE_EVENTS)
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn last_event_id(&self) -> Result<i64> {
         Ok(sqlx::query_scalar("SELECT last FROM event_ids")
             .fetch_one(&self.pool)

@@ -1066,6 +1066,14 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn prune_events(&self, before: Millis) -> Result<u64> {
+        self.write(move |conn| {
+            // SQLite reads `$1` as a numbered parameter, as PostgreSQL does.
+            Ok(conn.execute(crate::PRUNE_EVENTS, params![before])? as u64)
+        })
+        .await
+    }
 }
 
 #[async_trait]

@@ -650,7 +650,11 @@ mod tests {
         }
         // The table is complete: every duration the configuration holds is in it, but for
         // those that came after the change and never had an old spelling.
-        const NEVER_OLD: [&str; 2] = ["/server/cluster/beat", "/server/cluster/dead_after"];
+        const NEVER_OLD: [&str; 3] = [
+            "/server/api/event_retention",
+            "/server/cluster/beat",
+            "/server/cluster/dead_after",
+        ];
         let mut durations = Vec::new();
         spans(&new, String::new(), &mut durations);
         durations.retain(|d| !NEVER_OLD.contains(&d.as_str()));

@@ -64,6 +64,7 @@ on_both_backends!(
     the_location_picks_the_backend,
     tasks_are_read_many_at_a_time,
     a_new_task_is_created_and_dispatched_at_once,
+    old_events_are_pruned_and_ids_go_on_from_the_newest,
 );
 
 fn new_task(id: &str, max_attempts: u32) -> NewTask {
@@ -203,6 +204,39 @@ async fn reports_apply_exactly_once_and_in_order(db: Db) {
         .unwrap();
     assert_eq!(after[0], Applied::Duplicate { last_seq: 4 });
     assert!(matches!(after[1], Applied::Stale { .. }));
+}
+
+/// `prune_events` deletes what was recorded before a time, never the newest event, and new
+/// events take ids after it.
+async fn old_events_are_pruned_and_ids_go_on_from_the_newest(db: Db) {
+    let store = db.open().await;
+    let mut ids = Vec::new();
+    for at in [1_000, 2_000, 3_000] {
+        let e = store
+            .record_event("test.tick", None, None, serde_json::json!({}), NOW + at)
+            .await
+            .unwrap();
+        ids.push(e.id);
+    }
+    assert_eq!(store.prune_events(NOW + 2_500).await.unwrap(), 2);
+    let left: Vec<i64> = store
+        .events_after(0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(left, [ids[2]]);
+    assert_eq!(
+        store.prune_events(NOW + 10_000).await.unwrap(),
+        0,
+        "the newest stays"
+    );
+    let next = store
+        .record_event("test.tick", None, None, serde_json::json!({}), NOW + 4_000)
+        .await
+        .unwrap();
+    assert_eq!(next.id, ids[2] + 1);
 }
 
 /// `create_and_dispatch` stores a task and its first attempt on a daemon, with both events in
