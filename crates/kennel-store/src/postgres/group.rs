@@ -502,7 +502,7 @@ async fn create_dispatched(
             daemon_id: daemon_id.to_string(),
         })
         .collect();
-    let sent = lifecycle::dispatch(tx, &batch, now).await?;
+    let sent = lifecycle::dispatch_new(tx, &new, &batch, now).await?;
     Ok(created
         .into_iter()
         .zip(sent)
@@ -535,6 +535,7 @@ async fn commit(pool: &PgPool, group: &mut [Box<dyn Job>]) -> Outcome {
         },
         Err(e) => return Outcome::NotStored(Arc::new(e)),
     };
+    // Tasks first, in id order, before any other row a call of the group locks.
     let mut tasks: Vec<String> = group.iter().flat_map(|j| j.tasks()).cloned().collect();
     if group.len() > 1 && !tasks.is_empty() {
         tasks.sort_unstable();

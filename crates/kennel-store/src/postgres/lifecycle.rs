@@ -93,7 +93,41 @@ pub(super) async fn dispatch(
     let ids = batch.iter().map(|d| d.task_id.clone()).collect();
     // A task another coordinator is dispatching (or ending) right now is left to it: this
     // coordinator neither waits for that transaction nor gets the task.
-    let mut facts = lock_tasks(tx, ids, Wait::SkipLocked).await?;
+    let facts = lock_tasks(tx, ids, Wait::SkipLocked).await?;
+    dispatch_decided(tx, batch, facts, now).await
+}
+
+/// Dispatches tasks this transaction has just stored: nobody else can see them yet, so their
+/// facts are what they were stored with and nothing needs locking.
+pub(super) async fn dispatch_new(
+    tx: &mut Tx,
+    tasks: &[&Task],
+    batch: &[Dispatch],
+    now: Millis,
+) -> Result<Vec<Option<(Task, Event)>>> {
+    let facts = tasks
+        .iter()
+        .map(|t| {
+            let facts = TaskFacts {
+                status: t.status,
+                attempt: t.attempt,
+                max_attempts: t.max_attempts,
+                returned_attempts: 0,
+            };
+            (t.id.clone(), facts)
+        })
+        .collect();
+    dispatch_decided(tx, batch, facts, now).await
+}
+
+/// Dispatches `batch` on the tasks' `facts` (locked, or new): what the machine lets go out is
+/// written, with its events.
+async fn dispatch_decided(
+    tx: &mut Tx,
+    batch: &[Dispatch],
+    mut facts: HashMap<String, TaskFacts>,
+    now: Millis,
+) -> Result<Vec<Option<(Task, Event)>>> {
     // The dispatches the machine lets go out, by their place in the batch.
     let mut out: Vec<Option<Step>> = Vec::with_capacity(batch.len());
     for d in batch {
