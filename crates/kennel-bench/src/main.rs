@@ -149,6 +149,13 @@ pub(crate) fn start_server_with(
     std::fs::create_dir_all(&dir)?;
     let dir = TempDir(dir);
     let mut cmd = Command::new(bin);
+    // The server reads every `KENNEL_*` variable as configuration; the bench's own (such as
+    // `KENNEL_TEST_POSTGRES_URL`) are not for it.
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("KENNEL_") {
+            cmd.env_remove(name);
+        }
+    }
     if let Some(url) = database_url {
         cmd.env("KENNEL_SERVER__DATABASE_URL", url).env(
             "KENNEL_SERVER__AUTH__HASH_KEY",
