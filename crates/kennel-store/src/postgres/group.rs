@@ -432,11 +432,7 @@ async fn run_merged(tx: &mut Tx, group: &mut [Box<dyn Job>]) -> Result<(), Outco
         }
     }
     if !creates.is_empty() {
-        let now = creates
-            .iter()
-            .map(|(_, now, _)| *now)
-            .max()
-            .unwrap_or_default();
+        let now = latest(&creates);
         let tasks: Vec<&Task> = creates.iter().map(|(task, _, _)| *task).collect();
         let created = insert_tasks(tx, &tasks, now)
             .await
@@ -446,11 +442,7 @@ async fn run_merged(tx: &mut Tx, group: &mut [Box<dyn Job>]) -> Result<(), Outco
         }
     }
     if !dispatched.is_empty() {
-        let now = dispatched
-            .iter()
-            .map(|(_, now, _)| *now)
-            .max()
-            .unwrap_or_default();
+        let now = latest(&dispatched);
         let tasks: Vec<(&Task, &str)> = dispatched.iter().map(|(t, _, _)| *t).collect();
         let done = create_dispatched(tx, &tasks, now)
             .await
@@ -460,11 +452,7 @@ async fn run_merged(tx: &mut Tx, group: &mut [Box<dyn Job>]) -> Result<(), Outco
         }
     }
     if !applies.is_empty() {
-        let now = applies
-            .iter()
-            .map(|(_, now, _)| *now)
-            .max()
-            .unwrap_or_default();
+        let now = latest(&applies);
         let all: Vec<Report> = applies
             .iter()
             .flat_map(|(batch, _, _)| batch.iter().cloned())
@@ -483,6 +471,15 @@ async fn run_merged(tx: &mut Tx, group: &mut [Box<dyn Job>]) -> Result<(), Outco
         }
     }
     Ok(())
+}
+
+/// The latest time among merged calls: what their shared statements record.
+fn latest<A, R>(calls: &[(A, Millis, R)]) -> Millis {
+    calls
+        .iter()
+        .map(|(_, now, _)| *now)
+        .max()
+        .unwrap_or_default()
 }
 
 /// Stores new tasks in one statement and dispatches each at once as attempt 1 to its daemon,
