@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::{machine, percentile, run_daemon, start_server_with, submit, Timings};
+use crate::{machine, percentile, run_daemon, start_servers, submit, Timings};
 
 #[derive(Debug, clap::Args)]
 pub struct ConnectionsArgs {
@@ -85,25 +85,8 @@ fn raise_open_files() {
 }
 
 pub async fn run(a: ConnectionsArgs) -> anyhow::Result<()> {
-    if a.coordinators == 0 || (a.coordinators > 1 && !a.postgres) {
-        anyhow::bail!(
-            "--coordinators {} needs --postgres (several coordinators share one PostgreSQL)",
-            a.coordinators
-        );
-    }
     raise_open_files();
-    let schema = match a.postgres {
-        true => Some(kennel_testkit::PgSchema::create().await?),
-        false => None,
-    };
-    let mut servers = Vec::new();
-    for n in 0..a.coordinators {
-        servers.push(start_server_with(
-            &a.kennel_bin,
-            n,
-            schema.as_ref().map(|s| s.url()),
-        )?);
-    }
+    let (schema, servers) = start_servers(&a.kennel_bin, a.postgres, a.coordinators).await?;
     let pids: Vec<u32> = servers.iter().map(|s| s.child.id()).collect();
     let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
     let ws_urls: Vec<String> = urls

@@ -308,25 +308,33 @@ pub(crate) async fn submit(http: &reqwest::Client, url: &str, name: &str) -> any
     Ok(())
 }
 
-async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
-    if args.coordinators == 0 || (args.coordinators > 1 && !args.postgres) {
+/// The servers of a benchmark: one on SQLite, or `coordinators` on a fresh schema of the
+/// PostgreSQL at `KENNEL_TEST_POSTGRES_URL` (returned, to drop at the end).
+pub(crate) async fn start_servers(
+    bin: &PathBuf,
+    postgres: bool,
+    coordinators: usize,
+) -> anyhow::Result<(Option<kennel_testkit::PgSchema>, Vec<ServerProc>)> {
+    if coordinators == 0 || (coordinators > 1 && !postgres) {
         bail!(
-            "--coordinators {} needs --postgres (several coordinators share one PostgreSQL)",
-            args.coordinators
+            "--coordinators {coordinators} needs --postgres (several coordinators share one \
+             PostgreSQL)"
         );
     }
-    let schema = match args.postgres {
+    let schema = match postgres {
         true => Some(kennel_testkit::PgSchema::create().await?),
         false => None,
     };
     let mut servers = Vec::new();
-    for n in 0..args.coordinators {
-        servers.push(start_server_with(
-            &args.kennel_bin,
-            n,
-            schema.as_ref().map(|s| s.url()),
-        )?);
+    for n in 0..coordinators {
+        servers.push(start_server_with(bin, n, schema.as_ref().map(|s| s.url()))?);
     }
+    Ok((schema, servers))
+}
+
+async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
+    let (schema, servers) =
+        start_servers(&args.kennel_bin, args.postgres, args.coordinators).await?;
     let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
     let ws_urls: Vec<String> = urls
         .iter()

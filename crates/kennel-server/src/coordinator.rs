@@ -468,7 +468,6 @@ impl State {
         metrics::gauge!("kennel_capacity_used").set(used as f64);
     }
 
-    /// Picks up to `max` (task, daemon) pairs and reserves them in memory.
     /// Reserves a slot for a new task with these needs, as [`State::pick`] would for a queued
     /// one, if a daemon linked here can take it and nothing queued here waits before it;
     /// returns the daemon.
@@ -481,39 +480,29 @@ impl State {
         if !self.queue.is_empty() {
             return None;
         }
-        let needs = Needs { agent, labels };
-        let daemon_id = schedule::pick(
-            self.daemons.values().map(DaemonSlot::candidate),
-            &needs,
-            Ties::MostFreeThenIdlest,
-        )?
-        .to_string();
-        self.picks += 1;
-        let slot = self.daemons.get_mut(&daemon_id)?;
-        slot.last_pick = self.picks;
-        slot.held.insert(task_id.to_string());
-        self.live.insert(
-            task_id.to_string(),
-            Live {
-                attempt: 1,
-                daemon_id: daemon_id.clone(),
-                accepted: false,
-                queued: false,
-            },
-        );
+        let daemon_id = best_daemon(&self.daemons, &Needs { agent, labels })?;
+        hold(&mut self.picks, &mut self.daemons, &daemon_id, task_id);
+        self.go_live(task_id, &daemon_id, 1);
         Some(daemon_id)
     }
 
     /// Whether a daemon linked here could take `task` now.
     fn has_slot_for(&self, task: &Task) -> bool {
-        schedule::pick(
-            self.daemons.values().map(DaemonSlot::candidate),
-            &needs(task),
-            Ties::MostFreeThenIdlest,
-        )
-        .is_some()
+        best_daemon(&self.daemons, &needs(task)).is_some()
     }
 
+    /// Records attempt `attempt` of `task_id` as handed to `daemon_id`, not yet accepted.
+    fn go_live(&mut self, task_id: &str, daemon_id: &str, attempt: u32) {
+        let live = Live {
+            attempt,
+            daemon_id: daemon_id.to_string(),
+            accepted: false,
+            queued: false,
+        };
+        self.live.insert(task_id.to_string(), live);
+    }
+
+    /// Picks up to `max` (task, daemon) pairs and reserves them in memory.
     fn pick(&mut self, max: usize) -> Vec<(Pending, Dispatch)> {
         let mut out = Vec::new();
         let mut free: u32 = self
@@ -527,21 +516,15 @@ impl State {
             if free == 0 || chosen_keys.len() >= max {
                 break;
             }
-            let best = schedule::pick(
-                self.daemons.values().map(DaemonSlot::candidate),
-                &needs(&pending.task),
-                Ties::MostFreeThenIdlest,
-            );
-            let Some(daemon_id) = best.map(str::to_string) else {
+            let Some(daemon_id) = best_daemon(&self.daemons, &needs(&pending.task)) else {
                 continue;
             };
-            self.picks += 1;
-            let slot = self
-                .daemons
-                .get_mut(&daemon_id)
-                .unwrap_or_else(|| unreachable!("picked from the same map"));
-            slot.last_pick = self.picks;
-            slot.held.insert(pending.task.id.clone());
+            hold(
+                &mut self.picks,
+                &mut self.daemons,
+                &daemon_id,
+                &pending.task.id,
+            );
             free -= 1;
             chosen_keys.push((key.clone(), daemon_id));
         }
@@ -549,15 +532,7 @@ impl State {
             if let Some(p) = self.queue.remove(&key) {
                 self.queued.remove(&p.task.id);
                 let attempt = p.task.attempt + 1;
-                self.live.insert(
-                    p.task.id.clone(),
-                    Live {
-                        attempt,
-                        daemon_id: daemon_id.clone(),
-                        accepted: false,
-                        queued: false,
-                    },
-                );
+                self.go_live(&p.task.id, &daemon_id, attempt);
                 let d = Dispatch {
                     task_id: p.task.id.clone(),
                     attempt,
@@ -567,6 +542,30 @@ impl State {
             }
         }
         out
+    }
+}
+
+/// The daemon linked here that a task with `needs` goes to: least loaded, then longest idle.
+fn best_daemon(daemons: &HashMap<String, DaemonSlot>, needs: &Needs<'_>) -> Option<String> {
+    schedule::pick(
+        daemons.values().map(DaemonSlot::candidate),
+        needs,
+        Ties::MostFreeThenIdlest,
+    )
+    .map(str::to_string)
+}
+
+/// Reserves a slot of `daemon_id` (one of `daemons`) for `task_id`, counting the pick.
+fn hold(
+    picks: &mut u64,
+    daemons: &mut HashMap<String, DaemonSlot>,
+    daemon_id: &str,
+    task_id: &str,
+) {
+    *picks += 1;
+    if let Some(slot) = daemons.get_mut(daemon_id) {
+        slot.last_pick = *picks;
+        slot.held.insert(task_id.to_string());
     }
 }
 
@@ -786,13 +785,19 @@ impl Coordinator {
     }
 
     fn publish(&self, events: impl IntoIterator<Item = Event>) {
+        self.publish_claiming(events, false)
+    }
+
+    /// [`Coordinator::publish`]; with `claimed`, the task signals say this coordinator will
+    /// dispatch the queued tasks they name (see [`Signal::Task`]).
+    fn publish_claiming(&self, events: impl IntoIterator<Item = Event>, claimed: bool) {
         if self.peers.shared() {
             // Every coordinator's streams are fed by its event tail, in the store's id order,
             // whichever coordinator committed the event; the others re-read changed tasks.
             let mut any = false;
             for ev in events {
                 any = true;
-                self.signal_task(&ev, false);
+                self.signal_task(&ev, claimed);
             }
             if any {
                 self.peers.send(Signal::Events);
@@ -1660,14 +1665,7 @@ impl Coordinator {
             claimed
         };
         metrics::counter!("kennel_tasks_submitted_total").increment(1);
-        if self.peers.shared() {
-            // As `publish`, with the claim.
-            self.signal_task(&ev, claimed);
-            self.peers.send(Signal::Events);
-            self.tail.notify_one();
-        } else {
-            self.broadcast(ev);
-        }
+        self.publish_claiming([ev], claimed);
         self.wake.notify_one();
         Ok(task)
     }
@@ -3189,7 +3187,10 @@ mod cluster_tests {
         assert_eq!((t.status, t.attempt), (TaskStatus::Dispatched, 1));
         assert_eq!(spawn_of(&mut rx_a).await.task_id, t.id);
         status_becomes(&c.store, &t.id, TaskStatus::Dispatched).await;
-        assert!(b.lock().queued.is_empty(), "B left the claimed task to A");
+        assert!(
+            b.lock().queued.is_empty(),
+            "B never queued the task A dispatched"
+        );
 
         // A claimer that never dispatches (it died, its slot was gone): after the wait, B does.
         let new = |id: &str, agent: &str| kennel_store::NewTask {

@@ -279,8 +279,6 @@ enum Bootstrap {
     AdminKeyRevoked(String),
 }
 
-/// Makes sure an admin key exists: the configured one, or a new one on the very first start
-/// (returned so the caller can print it once, and written to `<data_dir>/admin.key`).
 /// Drops each revoked key from the key cache as the coordinator hears of it, so a key revoked
 /// on another coordinator stops working here at once rather than when its cache entry expires.
 async fn forget_revoked_keys(
@@ -301,6 +299,8 @@ async fn forget_revoked_keys(
     }
 }
 
+/// Makes sure an admin key exists: the configured one, or a new one on the very first start
+/// (returned so the caller can print it once, and written to `<data_dir>/admin.key`).
 async fn bootstrap_admin(
     cfg: &ServerConfig,
     store: &dyn Store,

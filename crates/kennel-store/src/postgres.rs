@@ -1,5 +1,7 @@
 //! The PostgreSQL store: several coordinators on one database, each with its own [`PgStore`]
-//! (a small pool of connections), every trait call one transaction or one statement.
+//! (a small pool of connections). Every write that records events goes through the store's
+//! writers, which commit concurrent calls together ([`group`]); anything else is one
+//! statement on the pool.
 //!
 //! What keeps it correct with several writers at once:
 //! - the task lifecycle ([`lifecycle`]) locks the rows it decides on before the state machine
@@ -398,7 +400,8 @@ impl Store for PgStore {
     }
 
     async fn create_task(&self, t: NewTask, now: Millis) -> Result<(QueuedTask, Event)> {
-        self.writers.create(t.queued(now), now).await
+        let (queued, created, _) = self.writers.create(t.queued(now), None, now).await?;
+        Ok((queued, created))
     }
 
     /// In one transaction: the dispatch needs no second commit.
@@ -409,7 +412,7 @@ impl Store for PgStore {
         now: Millis,
     ) -> Result<(QueuedTask, Event, Option<(Task, Event)>)> {
         self.writers
-            .create_dispatched(t.queued(now), daemon_id.to_string(), now)
+            .create(t.queued(now), Some(daemon_id.to_string()), now)
             .await
     }
 

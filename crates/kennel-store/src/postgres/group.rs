@@ -13,9 +13,12 @@
 //!   numbered once the group's events are stored ([`Numbered`]).
 //! - **A failing call fails alone.** When a call fails inside a group, the group is rolled
 //!   back (nothing of it was committed) and each of its calls is run again in a transaction of
-//!   its own, so only the failing one gets an error. Calls are therefore `Fn`, not `FnOnce`.
-//!   A failed commit is another matter: whether it took effect is unknown, so every call of
+//!   its own, so only the failing one gets an error. A call is therefore a function and the
+//!   input it keeps ([`Work`]), run as often as needed. A failed commit is another matter: whether it took effect is unknown, so every call of
 //!   the group gets the error and none is run again.
+//! - **Calls of a kind run together.** A group's new tasks are inserted in one statement (and
+//!   those dispatched at submit dispatched as one batch), and its links' reports are decided as
+//!   one batch ([`Merge`]); other calls run one by one.
 //! - **No deadlock between groups.** A group first locks every task its calls will wait for,
 //!   in id order, in one statement; calls then lock them again (a no-op) and the attempts
 //!   under them. Two groups, of this coordinator or another, meet on task rows in the same
@@ -25,12 +28,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use kennel_proto::api::Event;
+use kennel_proto::api::{Event, Task};
 use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::{Postgres, Transaction};
 use tokio::sync::{mpsc, oneshot, Mutex};
-
-use kennel_proto::api::Task;
 
 use super::{insert_events, insert_tasks, lifecycle};
 use crate::events::NewEvent;
@@ -176,47 +177,29 @@ impl Writers {
         self.send(tasks, input, work, None).await
     }
 
-    /// Stores a new task; in a group, with the group's other new tasks in one statement.
-    pub(super) async fn create(&self, task: Task, now: Millis) -> Result<(QueuedTask, Event)> {
-        let merge: Merger<(Task, Millis), (QueuedTask, Event)> = |c| Merge::Create {
-            task: &c.input.0,
-            now: c.input.1,
-            result: &mut c.result,
-        };
-        let work: Work<(Task, Millis), (QueuedTask, Event)> = |tx, (task, now)| {
-            Box::pin(async move {
-                let mut created = insert_tasks(tx, &[task], *now).await?;
-                created
-                    .pop()
-                    .ok_or_else(|| StoreError::Corrupt("a new task was not stored".into()))
-            })
-        };
-        self.send(Vec::new(), (task, now), work, Some(merge)).await
-    }
-
-    /// Stores a new task dispatched at once to `daemon_id`; in a group, with the group's other
-    /// new tasks in one statement and their dispatches as one batch.
-    pub(super) async fn create_dispatched(
+    /// Stores a new task, dispatched at once to `dispatch_to` if given; in a group, with the
+    /// group's other new tasks in one statement and their dispatches as one batch.
+    pub(super) async fn create(
         &self,
         task: Task,
-        daemon_id: String,
+        dispatch_to: Option<String>,
         now: Millis,
     ) -> Result<CreatedDispatched> {
-        type Input = (Task, String, Millis);
-        let merge: Merger<Input, CreatedDispatched> = |c| Merge::CreateDispatched {
+        type Input = (Task, Option<String>, Millis);
+        let merge: Merger<Input, CreatedDispatched> = |c| Merge::Create {
             task: &c.input.0,
-            daemon_id: &c.input.1,
+            dispatch_to: c.input.1.as_deref(),
             now: c.input.2,
             result: &mut c.result,
         };
-        let work: Work<Input, CreatedDispatched> = |tx, (task, daemon_id, now)| {
+        let work: Work<Input, CreatedDispatched> = |tx, (task, dispatch_to, now)| {
             Box::pin(async move {
-                let mut done = create_dispatched(tx, &[(task, daemon_id)], *now).await?;
+                let mut done = create(tx, &[(task, dispatch_to.as_deref())], *now).await?;
                 done.pop()
                     .ok_or_else(|| StoreError::Corrupt("a new task was not stored".into()))
             })
         };
-        self.send(Vec::new(), (task, daemon_id, now), work, Some(merge))
+        self.send(Vec::new(), (task, dispatch_to, now), work, Some(merge))
             .await
     }
 
@@ -264,23 +247,18 @@ impl Writers {
 enum Merge<'a> {
     Create {
         task: &'a Task,
+        dispatch_to: Option<&'a str>,
         now: Millis,
-        result: &'a mut Option<Result<(QueuedTask, Event)>>,
+        result: &'a mut Option<Result<CreatedDispatched>>,
     },
     Apply {
         batch: &'a [Report],
         now: Millis,
         result: &'a mut Option<Result<Vec<Applied>>>,
     },
-    CreateDispatched {
-        task: &'a Task,
-        daemon_id: &'a str,
-        now: Millis,
-        result: &'a mut Option<Result<CreatedDispatched>>,
-    },
 }
 
-/// A task created and dispatched at once: the stored task, its creation's event, and the
+/// A created task: the stored task, its creation's event, and, for one dispatched at once, the
 /// dispatch with its event unless the state machine refused it.
 pub(super) type CreatedDispatched = (QueuedTask, Event, Option<(Task, Event)>);
 
@@ -412,7 +390,6 @@ fn answer_all(group: Vec<Box<dyn Job>>, outcome: &Outcome) {
 /// by one.
 async fn run_merged(tx: &mut Tx, group: &mut [Box<dyn Job>]) -> Result<(), Outcome> {
     let (mut creates, mut applies, mut others) = (Vec::new(), Vec::new(), Vec::new());
-    let mut dispatched = Vec::new();
     for job in group.iter_mut() {
         // Whether it merges is asked first; the borrow of the answer then ends.
         if job.merge().is_none() {
@@ -420,34 +397,23 @@ async fn run_merged(tx: &mut Tx, group: &mut [Box<dyn Job>]) -> Result<(), Outco
             continue;
         }
         match job.merge() {
-            Some(Merge::Create { task, now, result }) => creates.push((task, now, result)),
-            Some(Merge::Apply { batch, now, result }) => applies.push((batch, now, result)),
-            Some(Merge::CreateDispatched {
+            Some(Merge::Create {
                 task,
-                daemon_id,
+                dispatch_to,
                 now,
                 result,
-            }) => dispatched.push(((task, daemon_id), now, result)),
+            }) => creates.push(((task, dispatch_to), now, result)),
+            Some(Merge::Apply { batch, now, result }) => applies.push((batch, now, result)),
             None => {}
         }
     }
     if !creates.is_empty() {
         let now = latest(&creates);
-        let tasks: Vec<&Task> = creates.iter().map(|(task, _, _)| *task).collect();
-        let created = insert_tasks(tx, &tasks, now)
+        let tasks: Vec<(&Task, Option<&str>)> = creates.iter().map(|(t, _, _)| *t).collect();
+        let created = create(tx, &tasks, now)
             .await
             .map_err(|_| Outcome::CallFailed)?;
         for ((_, _, result), one) in creates.into_iter().zip(created) {
-            *result = Some(Ok(one));
-        }
-    }
-    if !dispatched.is_empty() {
-        let now = latest(&dispatched);
-        let tasks: Vec<(&Task, &str)> = dispatched.iter().map(|(t, _, _)| *t).collect();
-        let done = create_dispatched(tx, &tasks, now)
-            .await
-            .map_err(|_| Outcome::CallFailed)?;
-        for ((_, _, result), one) in dispatched.into_iter().zip(done) {
             *result = Some(Ok(one));
         }
     }
@@ -482,28 +448,39 @@ fn latest<A, R>(calls: &[(A, Millis, R)]) -> Millis {
         .unwrap_or_default()
 }
 
-/// Stores new tasks in one statement and dispatches each at once as attempt 1 to its daemon,
+/// Stores new tasks in one statement, and dispatches those with a daemon at once as attempt 1
 /// in one batch.
-async fn create_dispatched(
+async fn create(
     tx: &mut Tx,
-    tasks: &[(&Task, &str)],
+    tasks: &[(&Task, Option<&str>)],
     now: Millis,
 ) -> Result<Vec<CreatedDispatched>> {
     let new: Vec<&Task> = tasks.iter().map(|(t, _)| *t).collect();
     let created = insert_tasks(tx, &new, now).await?;
-    let batch: Vec<Dispatch> = tasks
+    let (fresh, batch): (Vec<&Task>, Vec<Dispatch>) = tasks
         .iter()
-        .map(|(t, daemon_id)| Dispatch {
-            task_id: t.id.clone(),
-            attempt: 1,
-            daemon_id: daemon_id.to_string(),
+        .filter_map(|(t, daemon_id)| {
+            let d = Dispatch {
+                task_id: t.id.clone(),
+                attempt: 1,
+                daemon_id: (*daemon_id)?.to_string(),
+            };
+            Some((*t, d))
         })
-        .collect();
-    let sent = lifecycle::dispatch_new(tx, &new, &batch, now).await?;
+        .unzip();
+    let mut sent = if batch.is_empty() {
+        Vec::new()
+    } else {
+        lifecycle::dispatch_new(tx, &fresh, &batch, now).await?
+    }
+    .into_iter();
     Ok(created
         .into_iter()
-        .zip(sent)
-        .map(|((queued, event), sent)| (queued, event, sent))
+        .zip(tasks)
+        .map(|((queued, event), (_, daemon_id))| {
+            let sent = daemon_id.and_then(|_| sent.next().flatten());
+            (queued, event, sent)
+        })
         .collect())
 }
 

@@ -44,19 +44,19 @@ async fn lock_tasks(
     ids: Vec<String>,
     wait: Wait,
 ) -> Result<HashMap<String, TaskFacts>> {
-    let sql = match wait {
-        Wait::Yes => concat!(
-            "SELECT ",
-            columns!(task_facts),
-            ", id FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE"
-        ),
-        Wait::SkipLocked => concat!(
-            "SELECT ",
-            columns!(task_facts),
-            ", id FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED"
-        ),
+    let lock = match wait {
+        Wait::Yes => "FOR UPDATE",
+        Wait::SkipLocked => "FOR UPDATE SKIP LOCKED",
     };
-    let rows = sqlx::query(sql).bind(ids).fetch_all(&mut *conn).await?;
+    let sql = format!(
+        concat!(
+            "SELECT ",
+            columns!(task_facts),
+            ", id FROM tasks WHERE id = ANY($1) ORDER BY id {}"
+        ),
+        lock
+    );
+    let rows = sqlx::query(&sql).bind(ids).fetch_all(&mut *conn).await?;
     let mut facts = HashMap::with_capacity(rows.len());
     for row in &rows {
         facts.insert(rows::Columns::text(row, 4)?, rows::task_facts(row, 0)?);
