@@ -14,7 +14,10 @@ use sqlx::Executor;
 use crate::{Result, StoreError};
 
 /// Migration `n` is `MIGRATIONS[n - 1]`.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/postgres/0001_init.sql"),
+    include_str!("../../migrations/postgres/0002_daemon_load.sql"),
+];
 
 /// The first key of the migration lock (`pg_advisory_xact_lock(key, hash of the schema)`):
 /// "kenl" in ASCII, so it does not collide with other applications' locks by chance.

@@ -84,6 +84,44 @@ impl Db {
     }
 }
 
+impl Db {
+    /// How the database would run `sql`: SQLite's `EXPLAIN QUERY PLAN`, PostgreSQL's `EXPLAIN`
+    /// with sequential scans priced out (so an index that applies is used even on a tiny
+    /// table), one line per step.
+    pub async fn plan(&self, sql: &str) -> String {
+        match self {
+            Db::Sqlite(dir) => {
+                let conn = rusqlite::Connection::open(dir.path().join("kennel.db"))
+                    .expect("open the SQLite file");
+                let mut stmt = conn
+                    .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                    .expect("plan the statement");
+                let steps = stmt
+                    .query_map([], |row| row.get::<_, String>(3))
+                    .expect("read the plan");
+                steps
+                    .map(|s| s.expect("a step"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }
+            Db::Postgres(schema) => {
+                let mut conn = PgConnection::connect(&schema.url)
+                    .await
+                    .expect("connect to the schema");
+                sqlx::raw_sql("SET enable_seqscan = off")
+                    .execute(&mut conn)
+                    .await
+                    .expect("price out sequential scans");
+                let steps: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {sql}"))
+                    .fetch_all(&mut conn)
+                    .await
+                    .expect("plan the statement");
+                steps.join("\n")
+            }
+        }
+    }
+}
+
 /// A schema of the test PostgreSQL, made for one test and dropped with this value.
 pub struct Schema {
     pub name: String,

@@ -62,6 +62,7 @@ on_both_backends!(
     daemon_links_belong_to_one_coordinator_and_stranded_ones_are_found,
     daemons_register_refresh_and_drain,
     the_location_picks_the_backend,
+    a_daemons_live_task_count_reads_only_its_live_tasks,
     tasks_are_read_many_at_a_time,
     a_new_task_is_created_and_dispatched_at_once,
     old_events_are_pruned_and_ids_go_on_from_the_newest,
@@ -1013,4 +1014,24 @@ async fn the_location_picks_the_backend(db: Db) {
     assert_eq!(store.backend(), db.backend());
     store.create_task(new_task("t1", 1), NOW).await.unwrap();
     assert!(db.open().await.get_task("t1").await.unwrap().is_some());
+}
+
+async fn a_daemons_live_task_count_reads_only_its_live_tasks(db: Db) {
+    // Opening migrates the database.
+    db.open().await;
+    let live: Vec<String> = TaskStatus::ALL
+        .into_iter()
+        .filter(|s| s.is_active())
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    let count = format!(
+        "SELECT COUNT(*) FROM tasks t WHERE t.daemon_id = 'd1' AND t.status IN ({})",
+        live.join(", ")
+    );
+    let plan = db.plan(&count).await;
+    assert!(
+        plan.contains("tasks_daemon_live"),
+        "the count of a daemon's live tasks should use the index of live tasks, whose \
+         condition must name exactly the live statuses; the plan was:\n{plan}"
+    );
 }
