@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod link;
+pub mod policy;
 pub mod span;
 pub mod status;
 pub mod validate;
