@@ -4,6 +4,7 @@
 //! This crate does no I/O and knows nothing of tokio: it is the contract between the
 //! coordinator, daemons, relays and the CLI, so a third-party daemon can depend on it alone.
 
+pub mod agents;
 pub mod api;
 pub mod link;
 pub mod policy;

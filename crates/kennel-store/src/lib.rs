@@ -10,10 +10,12 @@
 //! backend; what rows mean and which events a change records are shared too (`rows`,
 //! `events`), so a backend holds only its SQL.
 
+pub mod agents;
 mod events;
 pub mod machine;
 mod postgres;
 mod rows;
+mod sql;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -23,6 +25,9 @@ use kennel_proto::api::{ApiKey, Attempt, Daemon, Event, OutputChunk, Scope, Task
 use kennel_proto::link::{OutputStream, RepoSpec};
 use kennel_proto::{AttemptStatus, TaskStatus};
 
+pub use agents::{
+    Advance, AgentStore, Changed, Claim, GuardCheck, NewCommand, NewMessage, PolicyChange, Spawned,
+};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -487,11 +492,11 @@ pub trait GatewayStore: Send + Sync + 'static {
     async fn gateway_write(&self, ops: Vec<GatewayOp>) -> Result<()>;
 }
 
-/// A database that holds both: what a backend implements, and what `kennel up` shares
-/// between its coordinator and its gateway.
-pub trait Backend: Store + GatewayStore {}
+/// A database that holds it all: what a backend implements, and what `kennel up` shares
+/// between its coordinator, its lifecycle manager and its gateway.
+pub trait Backend: Store + GatewayStore + AgentStore {}
 
-impl<T: Store + GatewayStore> Backend for T {}
+impl<T: Store + GatewayStore + AgentStore> Backend for T {}
 
 /// The LLM gateway's state as stored: JSON texts the gateway encodes and decodes itself.
 #[derive(Debug, Clone, Default, PartialEq)]

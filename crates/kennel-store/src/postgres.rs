@@ -17,6 +17,7 @@
 //! This module holds the SQL only: the rules are the machine's (`machine`), what rows mean is
 //! `rows`, what events say is `events`. It never logs or reports the URL's password.
 
+mod agents;
 mod group;
 mod lifecycle;
 mod schema;

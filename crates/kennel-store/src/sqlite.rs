@@ -9,6 +9,7 @@
 //! loses nothing. This module holds the SQL; it must keep each trait method's effects in one
 //! job, so they commit or roll back together with the events they write.
 
+mod agents;
 mod readers;
 mod schema;
 mod wal_flusher;

@@ -17,6 +17,7 @@ use crate::{Result, StoreError};
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_init.sql"),
     include_str!("../../migrations/postgres/0002_daemon_load.sql"),
+    include_str!("../../migrations/postgres/0003_agents.sql"),
 ];
 
 /// The first key of the migration lock (`pg_advisory_xact_lock(key, hash of the schema)`):

@@ -25,6 +25,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0004_daemon_key.sql"),
     include_str!("../../migrations/sqlite/0005_coordinators.sql"),
     include_str!("../../migrations/sqlite/0006_daemon_load.sql"),
+    include_str!("../../migrations/sqlite/0007_agents.sql"),
 ];
 
 const SCHEMA: Schema = Schema {

@@ -8,6 +8,7 @@
 // clippy does not take them for tests.
 #![allow(clippy::unwrap_used)]
 
+mod agents;
 mod coordinators;
 mod db;
 
