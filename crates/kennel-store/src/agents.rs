@@ -144,13 +144,16 @@ pub trait AgentStore: Send + Sync + 'static {
 
     // The agent registry.
 
-    /// Registers (or registers again) an agent; its epoch goes up by one each time.
+    /// Registers (or registers again) an agent; its epoch goes up by one each time. `key_id`
+    /// is the API key registering it (none for a spawned agent): an id registered by another
+    /// key is not taken over (`None`).
     async fn register_agent(
         &self,
         agent: &RegisterAgent,
         spawned: Option<&Spawned>,
+        key_id: Option<&str>,
         now: Millis,
-    ) -> Result<Changed<Agent>>;
+    ) -> Result<Changed<Option<Agent>>>;
     /// Checks `guard` against the agent's current instance, and on success records it seen.
     async fn agent_heartbeat(
         &self,
@@ -167,7 +170,8 @@ pub trait AgentStore: Send + Sync + 'static {
         reason: &str,
         now: Millis,
     ) -> Result<Changed<Option<Agent>>>;
-    /// Marks offline every online agent last seen before `before`.
+    /// Marks offline every online agent that registered itself and was last seen before
+    /// `before`. (A spawned agent lives as long as its process on the daemon.)
     async fn mark_stale_agents(&self, before: Millis, now: Millis) -> Result<Changed<Vec<Agent>>>;
     async fn get_agent(&self, id: &str) -> Result<Option<Agent>>;
     async fn list_agents(&self) -> Result<Vec<Agent>>;
@@ -183,7 +187,7 @@ pub trait AgentStore: Send + Sync + 'static {
     ) -> Result<Changed<(Message, bool)>>;
     async fn get_message(&self, id: &str) -> Result<Option<Message>>;
     /// The messages for agent `agent_id` after `after_seq`, oldest first: those to its id and
-    /// to every address it answers to. Those queued become delivered to it. Claimable messages
+    /// to every address it answers to (only its id for a name not in the registry). Those queued become delivered to it. Claimable messages
     /// are listed while unclaimed or claimed by it.
     async fn inbox(
         &self,
@@ -309,11 +313,13 @@ macro_rules! impl_agent_store {
                 &self,
                 agent: &kennel_proto::agents::RegisterAgent,
                 spawned: Option<&$crate::agents::Spawned>,
+                key_id: Option<&str>,
                 now: $crate::Millis,
-            ) -> $crate::Result<$crate::agents::Changed<kennel_proto::agents::Agent>> {
+            ) -> $crate::Result<$crate::agents::Changed<Option<kennel_proto::agents::Agent>>> {
                 let (agent, spawned) = (agent.clone(), spawned.cloned());
+                let key_id = key_id.map(str::to_string);
                 $write!(self, s => $crate::agents::ops::register_agent(
-                    s, &agent, spawned.as_ref(), now
+                    s, &agent, spawned.as_ref(), key_id.as_deref(), now
                 ))
             }
             async fn agent_heartbeat(
@@ -740,13 +746,14 @@ pub(crate) mod ops {
         sql: &mut S,
         a: &RegisterAgent,
         spawned: Option<&Spawned>,
+        key_id: Option<&str>,
         now: Millis,
-    ) -> Result<Changed<Agent>> {
-        sql.execute(
+    ) -> Result<Changed<Option<Agent>>> {
+        let n = sql.execute(
             "INSERT INTO agents (id, name, machine, daemon_id, policy, spawn_request_id, label, \
              tags, capabilities, channels, instance_id, epoch, online, registered_at, \
-             last_seen_at, last_active_at, offline_reason) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 1, TRUE, ?12, ?12, ?12, NULL) \
+             last_seen_at, last_active_at, offline_reason, key_id) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 1, TRUE, ?12, ?12, ?12, NULL, ?13) \
              ON CONFLICT (id) DO UPDATE SET name = excluded.name, machine = excluded.machine, \
              daemon_id = excluded.daemon_id, policy = excluded.policy, \
              spawn_request_id = excluded.spawn_request_id, label = excluded.label, \
@@ -754,7 +761,9 @@ pub(crate) mod ops {
              channels = excluded.channels, instance_id = excluded.instance_id, \
              epoch = agents.epoch + 1, online = TRUE, registered_at = excluded.registered_at, \
              last_seen_at = excluded.last_seen_at, last_active_at = excluded.last_active_at, \
-             offline_reason = NULL",
+             offline_reason = NULL \
+             WHERE agents.key_id = excluded.key_id \
+             OR (agents.key_id IS NULL AND excluded.key_id IS NULL)",
             params![
                 &a.id,
                 &a.name,
@@ -768,9 +777,16 @@ pub(crate) mod ops {
                 json_text(&a.channels),
                 &a.instance_id,
                 now,
+                key_id,
             ],
         )
         .await?;
+        if n == 0 {
+            return Ok(Changed {
+                value: None,
+                events: Vec::new(),
+            });
+        }
         let stored = load_agent(sql, &a.id)
             .await?
             .ok_or_else(|| corrupt("agent registry", "a registered agent vanished"))?;
@@ -783,7 +799,7 @@ pub(crate) mod ops {
             "spawnRequestId": stored.spawn_request_id, "machine": stored.machine,
         });
         rec.record("agent.registered", data, now)?;
-        Ok(rec.done(stored))
+        Ok(rec.done(Some(stored)))
     }
 
     async fn guard<S: Sql>(sql: &mut S, id: &str, guard: &SessionGuard) -> Result<GuardCheck> {
@@ -875,7 +891,8 @@ pub(crate) mod ops {
     ) -> Result<Changed<Vec<Agent>>> {
         let rows = sql
             .fetch(
-                "SELECT id, last_seen_at FROM agents WHERE online AND last_seen_at < ?1 ORDER BY id",
+                "SELECT id, last_seen_at FROM agents \
+                 WHERE online AND daemon_id IS NULL AND last_seen_at < ?1 ORDER BY id",
                 params![before],
             )
             .await?;
@@ -1039,13 +1056,12 @@ pub(crate) mod ops {
         limit: u32,
         now: Millis,
     ) -> Result<Changed<Vec<Message>>> {
-        let Some(agent) = load_agent(sql, agent_id).await? else {
-            return Ok(Changed {
-                value: Vec::new(),
-                events: Vec::new(),
-            });
+        // Someone not in the registry (a person sending from the CLI) gets what was sent to
+        // their name.
+        let to: Vec<String> = match load_agent(sql, agent_id).await? {
+            Some(agent) => addresses(&agent).into_iter().collect(),
+            None => vec![agent_id.to_string()],
         };
-        let to: Vec<String> = addresses(&agent).into_iter().collect();
         let query = format!(
             "{MESSAGE} WHERE recipient IN ({}) AND seq > ?1 AND state <> 'expired' \
              AND (NOT claimable OR claimed_by IS NULL OR claimed_by = ?2 \

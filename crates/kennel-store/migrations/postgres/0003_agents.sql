@@ -27,6 +27,8 @@ CREATE TABLE policy_states (
     updated_at BIGINT NOT NULL
 );
 
+-- `key_id`: the API key that registered the agent (none for one a policy spawned); only that
+-- key may register it again or act as it.
 CREATE TABLE agents (
     id               TEXT PRIMARY KEY,
     name             TEXT NOT NULL,
@@ -44,7 +46,8 @@ CREATE TABLE agents (
     registered_at    BIGINT NOT NULL,
     last_seen_at     BIGINT NOT NULL,
     last_active_at   BIGINT NOT NULL,
-    offline_reason   TEXT
+    offline_reason   TEXT,
+    key_id           TEXT
 );
 
 CREATE TABLE messages (

@@ -176,12 +176,13 @@ async fn a_stale_agent_instance_is_refused_and_silent_agents_go_offline(db: Db) 
         spawn_request_id: "reviewer-1".into(),
     };
     let first = store
-        .register_agent(&agent("a1", "i1"), Some(&spawned), NOW)
+        .register_agent(&agent("a1", "i1"), Some(&spawned), Some("k1"), NOW)
         .await
         .unwrap();
-    assert_eq!(first.value.epoch, 1);
-    assert!(first.value.online);
-    assert_eq!(first.value.policy.as_deref(), Some("reviewer"));
+    let a1 = first.value.clone().unwrap();
+    assert_eq!(a1.epoch, 1);
+    assert!(a1.online);
+    assert_eq!(a1.policy.as_deref(), Some("reviewer"));
     assert_eq!(kinds(&first.events), ["agent.registered"]);
     let old = SessionGuard {
         instance_id: "i1".into(),
@@ -194,10 +195,21 @@ async fn a_stale_agent_instance_is_refused_and_silent_agents_go_offline(db: Db) 
 
     // A new instance registers: the old one is fenced out.
     let second = store
-        .register_agent(&agent("a1", "i2"), Some(&spawned), NOW + 2)
+        .register_agent(&agent("a1", "i2"), Some(&spawned), Some("k1"), NOW + 2)
         .await
         .unwrap();
-    assert_eq!(second.value.epoch, 2);
+    assert_eq!(second.value.unwrap().epoch, 2);
+    // Another key cannot take the id over.
+    let taken = store
+        .register_agent(&agent("a1", "evil"), None, Some("k2"), NOW + 2)
+        .await
+        .unwrap();
+    assert!(taken.value.is_none());
+    assert!(taken.events.is_empty());
+    assert_eq!(
+        store.get_agent("a1").await.unwrap().unwrap().instance_id,
+        "i2"
+    );
     assert_eq!(
         store.agent_heartbeat("a1", &old, NOW + 3).await.unwrap(),
         GuardCheck::Stale { epoch: 2 }
@@ -221,33 +233,41 @@ async fn a_stale_agent_instance_is_refused_and_silent_agents_go_offline(db: Db) 
         GuardCheck::Unknown
     );
 
-    // Silent past the deadline: offline, with why.
-    store
-        .register_agent(&agent("a2", "j1"), None, NOW + 100)
-        .await
-        .unwrap();
+    // Silent past the deadline: offline, with why. A spawned agent (a1) lives as long as its
+    // process, whatever its heartbeats.
+    for (id, at) in [("a2", NOW + 100), ("a3", NOW)] {
+        store
+            .register_agent(&agent(id, "j1"), None, Some("k1"), at)
+            .await
+            .unwrap();
+    }
     let stale = store.mark_stale_agents(NOW + 50, NOW + 200).await.unwrap();
     let ids: Vec<&str> = stale.value.iter().map(|a| a.id.as_str()).collect();
-    assert_eq!(ids, ["a1"]);
+    assert_eq!(ids, ["a3"]);
     assert_eq!(kinds(&stale.events), ["agent.offline"]);
-    let a1 = store.get_agent("a1").await.unwrap().unwrap();
-    assert!(!a1.online);
-    assert!(a1.offline_reason.unwrap().contains("no heartbeat since"));
+    let a3 = store.get_agent("a3").await.unwrap().unwrap();
+    assert!(!a3.online);
+    assert!(a3.offline_reason.unwrap().contains("no heartbeat since"));
     assert!(store.get_agent("a2").await.unwrap().unwrap().online);
+    assert!(store.get_agent("a1").await.unwrap().unwrap().online);
     // Offline once.
     assert!(store
-        .agent_offline("a1", "again", NOW + 300)
+        .agent_offline("a3", "again", NOW + 300)
         .await
         .unwrap()
         .value
         .is_none());
     // A heartbeat of the current instance brings it back.
+    let a3_guard = SessionGuard {
+        instance_id: "j1".into(),
+        epoch: 1,
+    };
     store
-        .agent_heartbeat("a1", &current, NOW + 400)
+        .agent_heartbeat("a3", &a3_guard, NOW + 400)
         .await
         .unwrap();
-    assert!(store.get_agent("a1").await.unwrap().unwrap().online);
-    assert_eq!(store.list_agents().await.unwrap().len(), 2);
+    assert!(store.get_agent("a3").await.unwrap().unwrap().online);
+    assert_eq!(store.list_agents().await.unwrap().len(), 3);
 }
 
 async fn messages_reach_every_address_form_once_and_duplicates_are_not_stored_twice(db: Db) {
@@ -263,11 +283,11 @@ async fn messages_reach_every_address_form_once_and_duplicates_are_not_stored_tw
         spawn_request_id: "reviewer-1".into(),
     };
     store
-        .register_agent(&reg, Some(&spawned), NOW)
+        .register_agent(&reg, Some(&spawned), Some("k1"), NOW)
         .await
         .unwrap();
     store
-        .register_agent(&agent("a2", "i1"), None, NOW)
+        .register_agent(&agent("a2", "i1"), None, Some("k1"), NOW)
         .await
         .unwrap();
 
@@ -327,6 +347,14 @@ async fn messages_reach_every_address_form_once_and_duplicates_are_not_stored_tw
         .unwrap()
         .value
         .is_empty());
+    // A name outside the registry reads what was sent to it.
+    store
+        .send_message(&message("to-user", "user"), NOW)
+        .await
+        .unwrap();
+    let user = store.inbox("user", 0, 100, NOW).await.unwrap();
+    let ids: Vec<&str> = user.value.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["to-user"]);
 
     // Idempotency: the same key from the same sender is the first message.
     let mut keyed = message("k1", "a1");
@@ -362,7 +390,10 @@ async fn the_first_claim_wins_and_an_expired_claim_is_released(db: Db) {
     for id in ["a1", "a2"] {
         let mut reg = agent(id, "i");
         reg.tags = vec!["worker".into()];
-        store.register_agent(&reg, None, NOW).await.unwrap();
+        store
+            .register_agent(&reg, None, Some("k1"), NOW)
+            .await
+            .unwrap();
     }
     let mut job = message("job", "tag:worker");
     job.claimable = true;
@@ -491,11 +522,11 @@ async fn the_first_claim_wins_and_an_expired_claim_is_released(db: Db) {
 async fn messages_expire_unread_and_are_read_by_their_recipients_only(db: Db) {
     let store = db.open().await;
     store
-        .register_agent(&agent("a1", "i"), None, NOW)
+        .register_agent(&agent("a1", "i"), None, Some("k1"), NOW)
         .await
         .unwrap();
     store
-        .register_agent(&agent("a2", "i"), None, NOW)
+        .register_agent(&agent("a2", "i"), None, Some("k1"), NOW)
         .await
         .unwrap();
     let mut short = message("short", "a1");
@@ -634,7 +665,7 @@ async fn two_coordinators_racing_for_one_claim_give_it_to_exactly_one_agent() {
     for id in ["a1", "a2"] {
         let mut reg = agent(id, "i");
         reg.tags = vec!["worker".into()];
-        a.register_agent(&reg, None, NOW).await.unwrap();
+        a.register_agent(&reg, None, Some("k1"), NOW).await.unwrap();
     }
     for n in 0..20 {
         let id = format!("job{n}");
