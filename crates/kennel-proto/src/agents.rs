@@ -46,6 +46,9 @@ pub struct Agent {
     /// Why it went offline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offline_reason: Option<String>,
+    /// The API key that registered it; only that key may act as it. Never sent.
+    #[serde(skip)]
+    pub key_id: Option<String>,
 }
 
 /// What an agent presents on every call after registering, to prove it is the current
@@ -383,6 +386,63 @@ pub struct PolicyVersion {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<SpawnPolicy>,
     pub at: String,
+}
+
+/// A stored policy as the API shows it: the document, its version, and where the reconciler
+/// has its agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyView {
+    pub policy: SpawnPolicy,
+    pub version: i64,
+    pub updated_at: String,
+    /// `stopped`, `starting`, `running`, `stopping` or `backoff`; absent until reconciled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// The reconciler's state: agent, restarts, failures, backoff, last error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub state: Option<serde_json::Value>,
+}
+
+/// A page of an inbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct InboxPage {
+    pub messages: Vec<Message>,
+    /// Pass as `after` for the next page: the last message's `seq`, or `after` again when the
+    /// page is empty.
+    pub next_cursor: i64,
+}
+
+/// Who acts on a message: an agent, with its session guard when it has one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ActAs {
+    pub agent_id: String,
+    /// With `epoch`: the agent's session guard; a stale one is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<i64>,
+}
+
+/// Body of `POST /api/v1/messages/{id}/claim`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClaimMessage {
+    pub agent_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<i64>,
+    /// How long the claim holds before another agent may take the message (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
 }
 
 #[cfg(test)]

@@ -435,6 +435,26 @@ pub struct RepoSpec {
     pub base_branch: String,
 }
 
+impl RepoSpec {
+    /// Longest repository URL, in bytes.
+    pub const MAX_URL: usize = 2048;
+
+    /// Checks what a repository must be before it reaches `git`: a URL of 1 to 2048 bytes
+    /// that is not blank and cannot be read as a flag, and a valid base branch. The error is
+    /// the field (`repo.url`, `repo.baseBranch`) and what is wrong with it.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.url.trim().is_empty() || self.url.len() > Self::MAX_URL {
+            let reason = format!("must be 1 to {} characters", Self::MAX_URL);
+            return Err(("repo.url", reason));
+        }
+        if self.url.starts_with('-') {
+            return Err(("repo.url", "must not start with `-`".into()));
+        }
+        crate::validate_base_branch(&self.base_branch)
+            .map_err(|e| ("repo.baseBranch", e.reason.to_string()))
+    }
+}
+
 /// Limits the daemon enforces on one attempt.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

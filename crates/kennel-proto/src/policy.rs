@@ -10,13 +10,22 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::link::RepoSpec;
-use crate::validate::{validate_base_branch, validate_id};
+use crate::validate::validate_id;
 
 /// Longest delay in a backoff schedule, and longest keepalive or timeout: a week, in seconds.
 pub const MAX_POLICY_SECS: u64 = 7 * 24 * 3600;
 
 /// Most steps in a backoff schedule.
 pub const MAX_BACKOFF_STEPS: usize = 32;
+
+/// Most target labels, tags and capabilities of a policy.
+pub const MAX_NAMES: usize = 64;
+
+/// Longest target label value, in characters.
+pub const MAX_LABEL_VALUE: usize = 256;
+
+/// Most provider arguments and environment variables of a policy.
+pub const MAX_ARGS: usize = 256;
 
 /// A spawn policy: which agent to keep running where, when, and how to restart it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,16 +207,39 @@ impl SpawnPolicy {
         }
         for (k, v) in &self.target.labels {
             id("target.labels", k)?;
-            if v.is_empty() {
-                return Err(fail("target.labels", format!("`{k}` has an empty value")));
+            if v.is_empty() || v.chars().count() > MAX_LABEL_VALUE {
+                return Err(fail(
+                    "target.labels",
+                    format!("`{k}` must have a value of 1 to {MAX_LABEL_VALUE} characters"),
+                ));
+            }
+        }
+        for (field, n) in [
+            ("target.labels", self.target.labels.len()),
+            ("tags", self.tags.len()),
+            ("capabilities", self.capabilities.len()),
+        ] {
+            if n > MAX_NAMES {
+                return Err(fail(
+                    field,
+                    format!("has {n} entries; at most {MAX_NAMES} are allowed"),
+                ));
+            }
+        }
+        for (field, n) in [
+            ("providerArgs", self.provider_args.len()),
+            ("env", self.env.len()),
+        ] {
+            if n > MAX_ARGS {
+                return Err(fail(
+                    field,
+                    format!("has {n} entries; at most {MAX_ARGS} are allowed"),
+                ));
             }
         }
         if let Some(repo) = &self.repo {
-            if repo.url.trim().is_empty() {
-                return Err(fail("repo.url", "must not be empty".into()));
-            }
-            validate_base_branch(&repo.base_branch)
-                .map_err(|e| fail("repo.baseBranch", e.reason.to_string()))?;
+            repo.check()
+                .map_err(|(field, reason)| fail(field, reason))?;
         }
         if let Some(label) = &self.label {
             id("label", label)?;
@@ -336,6 +368,15 @@ mod tests {
             (|p| p.tags = vec!["a b".into()], "`tags`"),
             (
                 |p| {
+                    p.repo = Some(RepoSpec {
+                        url: "--upload-pack=x".into(),
+                        base_branch: String::new(),
+                    })
+                },
+                "`repo.url` must not start with `-`",
+            ),
+            (
+                |p| {
                     p.env.insert("1X".into(), "v".into());
                 },
                 "`env` `1X`",
@@ -344,7 +385,7 @@ mod tests {
                 |p| {
                     p.target.labels.insert("gpu".into(), String::new());
                 },
-                "`target.labels` `gpu` has an empty value",
+                "`target.labels` `gpu` must have a value of 1 to 256 characters",
             ),
         ];
         for (change, expected) in cases {

@@ -287,7 +287,7 @@ const REPO_URL_PATTERN: &str =
 const MAX_KEY_NAME: usize = 100;
 
 /// The object schema of property `name` of component `schema`.
-fn property<'a>(
+pub(crate) fn property<'a>(
     schemas: &'a mut std::collections::BTreeMap<String, RefOr<Schema>>,
     schema: &str,
     name: &str,
@@ -296,7 +296,7 @@ fn property<'a>(
     object(parent.properties.get_mut(name)?)
 }
 
-fn object(s: &mut RefOr<Schema>) -> Option<&mut Object> {
+pub(crate) fn object(s: &mut RefOr<Schema>) -> Option<&mut Object> {
     match s {
         RefOr::T(Schema::Object(o)) => Some(o),
         _ => None,
@@ -304,7 +304,7 @@ fn object(s: &mut RefOr<Schema>) -> Option<&mut Object> {
 }
 
 /// Sets a string's length bounds (characters) and pattern.
-fn text(o: &mut Object, min: usize, max: usize, pattern: Option<&str>) {
+pub(crate) fn text(o: &mut Object, min: usize, max: usize, pattern: Option<&str>) {
     o.min_length = Some(min);
     o.max_length = (max != usize::MAX).then_some(max);
     o.pattern = pattern.map(str::to_string);
@@ -312,7 +312,7 @@ fn text(o: &mut Object, min: usize, max: usize, pattern: Option<&str>) {
 
 /// Says that the server counts `max` in bytes of UTF-8, where `maxLength` counts characters:
 /// text in multi-byte characters reaches the limit sooner.
-fn in_bytes(o: &mut Object, max: usize) {
+pub(crate) fn in_bytes(o: &mut Object, max: usize) {
     let note = format!("At most {max} bytes of UTF-8.");
     o.description = Some(match o.description.take() {
         Some(d) => format!("{d} {note}"),
@@ -320,7 +320,7 @@ fn in_bytes(o: &mut Object, max: usize) {
     });
 }
 
-fn string_schema(min: usize, max: usize, pattern: Option<&str>) -> Object {
+pub(crate) fn string_schema(min: usize, max: usize, pattern: Option<&str>) -> Object {
     let mut o = Object::with_type(Type::String);
     text(&mut o, min, max, pattern);
     o
@@ -328,7 +328,7 @@ fn string_schema(min: usize, max: usize, pattern: Option<&str>) -> Object {
 
 /// The OpenAPI document, with the page limit this server is configured with.
 pub async fn openapi_json(_p: Principal, State(app): S) -> Json<utoipa::openapi::OpenApi> {
-    let mut doc = ApiDoc::openapi();
+    let mut doc = document();
     let max_page = app.coord.cfg.api.max_page;
     let limit = doc
         .paths
@@ -344,6 +344,17 @@ pub async fn openapi_json(_p: Principal, State(app): S) -> Json<utoipa::openapi:
         limit.default = Some(DEFAULT_PAGE.min(max_page).into());
     }
     Json(doc)
+}
+
+/// The whole API's document: the coordinator's operations and the long-lived agents'
+/// ([`crate::agents::AgentsDoc`]), with what every operation that needs a key can answer.
+pub fn document() -> utoipa::openapi::OpenApi {
+    use utoipa::Modify;
+    let mut doc = ApiDoc::openapi();
+    doc.merge(crate::agents::AgentsDoc::openapi());
+    AuthResponses.modify(&mut doc);
+    NoNullParameters.modify(&mut doc);
+    doc
 }
 
 /// The API docs page: a static shell that asks for a key and renders `/api/openapi.json`.
@@ -966,7 +977,7 @@ mod tests {
 
     #[test]
     fn id_parameters_carry_the_one_id_pattern() {
-        let doc = ApiDoc::openapi();
+        let doc = document();
         let mut seen = 0;
         for (path, op) in operations(&doc) {
             for p in op.parameters.iter().flatten() {
@@ -998,7 +1009,7 @@ mod tests {
 
     #[test]
     fn every_keyed_operation_documents_the_key_check() {
-        let doc = ApiDoc::openapi();
+        let doc = document();
         for (path, op) in operations(&doc) {
             let keyed = op.security.is_none();
             assert_eq!(keyed, !["/health", "/ready"].contains(&path), "{path}");

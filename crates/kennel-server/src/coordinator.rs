@@ -784,6 +784,14 @@ impl Coordinator {
         }
     }
 
+    /// Publishes events committed by another component (the lifecycle manager's changes):
+    /// to this coordinator's streams, and with several coordinators to the others'.
+    pub fn publish_events(&self, events: Vec<Event>) {
+        if !events.is_empty() {
+            self.publish(events)
+        }
+    }
+
     fn publish(&self, events: impl IntoIterator<Item = Event>) {
         self.publish_claiming(events, false)
     }
@@ -1741,14 +1749,8 @@ impl Coordinator {
             .unwrap_or_else(|| self.cfg.scheduler.default_agent.clone());
         validate_id("agent profile", &agent).map_err(|e| ApiError::invalid(e.to_string()))?;
         if let Some(repo) = &req.repo {
-            if repo.url.trim().is_empty() || repo.url.len() > 2048 {
-                return bad("`repo.url` must be 1 to 2048 characters".into());
-            }
-            if repo.url.starts_with('-') {
-                return bad("`repo.url` must not start with `-`".into());
-            }
-            kennel_proto::validate_base_branch(&repo.base_branch)
-                .map_err(|e| ApiError::invalid(format!("`repo.baseBranch`: {e}")))?;
+            repo.check()
+                .map_err(|(field, reason)| ApiError::invalid(format!("`{field}` {reason}")))?;
         }
         for (k, v) in &req.labels {
             validate_id("label name", k).map_err(|e| ApiError::invalid(e.to_string()))?;

@@ -5,6 +5,7 @@
 //! untouched), then opens the store, restores the live state and runs until the shutdown
 //! future resolves. The binary only loads configuration and calls it.
 
+pub mod agents;
 pub mod api;
 pub mod auth;
 pub mod cluster;
@@ -13,6 +14,7 @@ pub mod coordinator;
 pub mod error;
 pub mod hub;
 pub mod ids;
+pub mod lifecycle;
 pub mod stream;
 
 use std::future::Future;
@@ -23,7 +25,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 use kennel_proto::api::Scope;
-use kennel_store::{rfc3339, Backend, GatewayStore, SqliteStore, Store};
+use kennel_store::{rfc3339, AgentStore, Backend, GatewayStore, SqliteStore, Store};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tower_http::cors::CorsLayer;
 
@@ -41,6 +43,8 @@ pub use kennel_link::{outbound, ws};
 pub struct AppState {
     pub coord: Arc<Coordinator>,
     pub store: Arc<dyn Store>,
+    /// The same database: the lifecycle manager's policies, agents, messages and commands.
+    pub agents: Arc<dyn AgentStore>,
     /// The same database, for a gateway embedded beside this coordinator (`kennel up`).
     pub gateway_store: Arc<dyn GatewayStore>,
     pub keys: KeyRing,
@@ -196,6 +200,7 @@ impl Server {
         listener: tokio::net::TcpListener,
     ) -> Result<Server, StartError> {
         let store: Arc<dyn Store> = backend.clone();
+        let agents: Arc<dyn AgentStore> = backend.clone();
         let gateway_store: Arc<dyn GatewayStore> = backend;
         let data_err = |source| StartError::DataDir {
             path: cfg.data_dir.display().to_string(),
@@ -236,9 +241,15 @@ impl Server {
             tokio::spawn(coord.clone().run_cluster());
         }
 
+        tokio::spawn(lifecycle::run_sweeper(
+            agents.clone(),
+            coord.clone(),
+            clock.clone(),
+        ));
         let state = Arc::new(AppState {
             coord,
             store,
+            agents,
             gateway_store,
             keys,
             pre_auth: ws::PreAuthSlots::new(cfg.protocol.max_unauthenticated),
@@ -361,7 +372,8 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/daemons/{id}/undrain", post(api::undrain_daemon))
         .route("/keys", post(api::create_key).get(api::list_keys))
         .route("/keys/{id}", axum::routing::delete(api::revoke_key))
-        .route("/status", get(api::status));
+        .route("/status", get(api::status))
+        .merge(agents::routes());
     Router::new()
         .nest("/api/v1", v1)
         .route("/api/openapi.json", get(api::openapi_json))

@@ -711,7 +711,7 @@ pub(crate) mod ops {
 
     const AGENT: &str = "SELECT id, name, machine, daemon_id, policy, spawn_request_id, label, \
          tags, capabilities, channels, instance_id, epoch, online, registered_at, last_seen_at, \
-         last_active_at, offline_reason FROM agents";
+         last_active_at, offline_reason, key_id FROM agents";
 
     fn agent(row: &dyn Columns) -> Result<Agent> {
         Ok(Agent {
@@ -732,6 +732,7 @@ pub(crate) mod ops {
             last_seen_at: rfc3339(row.int(14)?),
             last_active_at: rfc3339(row.int(15)?),
             offline_reason: row.text_opt(16)?,
+            key_id: row.text_opt(17)?,
         })
     }
 

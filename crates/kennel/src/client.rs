@@ -177,6 +177,21 @@ impl Client {
         self.send(self.request(Method::DELETE, path)).await
     }
 
+    /// DELETE answered with no body (204).
+    pub async fn delete_no_content(&self, path: &str) -> anyhow::Result<()> {
+        let resp = self
+            .request(Method::DELETE, path)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = resp.bytes().await.unwrap_or_default();
+            return Err(api_error(status, &bytes));
+        }
+        Ok(())
+    }
+
     /// Opens a server-sent event stream.
     pub async fn sse(
         &self,

@@ -63,6 +63,12 @@ pub enum Command {
     Daemons(commands::daemons::DaemonsArgs),
     /// Create, list and revoke API keys (admin); `recover` mints an admin key when locked out.
     Keys(KeysArgs),
+    /// Spawn policies that keep long-lived agents running: apply, list, show, history, delete.
+    Policy(commands::policy::PolicyArgs),
+    /// The registry of long-lived agents.
+    Agents(commands::agents::AgentsArgs),
+    /// Messages between agents: send, read an inbox, claim.
+    Msg(commands::msg::MsgArgs),
     /// Show the coordinator's state: daemons, capacity, tasks by state.
     Status(StatusArgs),
     /// Inspect configuration.

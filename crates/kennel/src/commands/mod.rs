@@ -1,11 +1,14 @@
 //! One module per subcommand. Each turns parsed arguments into library or API calls and
 //! prints the result as a table or, with `--json`, as JSON.
 
+pub mod agents;
 pub mod config_cmd;
 pub mod daemon;
 pub mod daemons;
 pub mod gateway;
 pub mod keys;
+pub mod msg;
+pub mod policy;
 pub mod relay;
 pub mod server;
 pub mod task;
@@ -39,6 +42,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Task(a) => task::run(&client(&g, &a.target)?, &g, a.cmd).await,
         Command::Daemons(a) => daemons::run(&client(&g, &a.target)?, &g, a).await,
         Command::Keys(a) => keys::run(&g, &a.target, a.cmd).await,
+        Command::Policy(a) => policy::run(&client(&g, &a.target)?, &g, a.cmd).await,
+        Command::Agents(a) => agents::run(&client(&g, &a.target)?, &g, a).await,
+        Command::Msg(a) => msg::run(&client(&g, &a.target)?, &g, a.cmd).await,
         Command::Status(a) => status(&client(&g, &a.target)?, &g).await,
         Command::Config(cmd) => config_cmd::run(&g, cmd),
     }

@@ -2,6 +2,7 @@
 //! protocol-level test daemons, the REST API, server-sent events and the CLI.
 
 mod agent_failure;
+mod agents;
 mod api;
 mod claude;
 mod cli;
