@@ -132,6 +132,7 @@ async fn drive(
             agent: "echo".into(),
             env: Default::default(),
             limits: TaskLimits::default(),
+            session: None,
         });
         let start = Instant::now();
         sink.send(Message::Text(spawn.to_json().into())).await?;

@@ -486,6 +486,19 @@ impl ClaudeEvent {
     }
 }
 
+/// The answer in a Claude Code stream-json `result` line: its `result` text, unless the turn
+/// failed.
+pub fn result_text(line: &str) -> Option<String> {
+    let event: Value = serde_json::from_str(line).ok()?;
+    if event.get("is_error").and_then(Value::as_bool) == Some(true) {
+        return None;
+    }
+    event
+        .get("result")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}
+
 fn init_progress(event: &Value) -> Progress {
     let model = event.get("model").and_then(Value::as_str);
     Progress {

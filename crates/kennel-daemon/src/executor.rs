@@ -18,9 +18,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kennel_proto::link::{
-    OutputStream, RejectCode, SpawnTask, TaskAccepted, TaskComplete, TaskOutput, TaskProgress,
-    TaskRejected, TaskStatusChange, RETURNED,
+    AgentMessage, MessageDelivered, OutputStream, RejectCode, SpawnTask, TaskAccepted,
+    TaskComplete, TaskOutput, TaskProgress, TaskRejected, TaskStatusChange, RETURNED,
 };
+
 use kennel_proto::{validate_id, DaemonMessage};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -40,6 +41,12 @@ pub enum Control {
         grace: Duration,
     },
     Message(String),
+    /// A message for a session agent (`deliverMessage`): written to its stdin once per id.
+    Deliver {
+        message_id: String,
+        from: String,
+        body: String,
+    },
     /// The upstream refused the attempt as stale: stop at once, report nothing more.
     Drop,
     /// The daemon is stopping: interrupt the agent and hand the attempt back (`returned`), so
@@ -47,6 +54,14 @@ pub enum Control {
     Return {
         grace: Duration,
     },
+}
+
+/// What a session agent's run keeps: the messages written to it, and the last one, whose
+/// sender its answers go to.
+#[derive(Debug, Default)]
+struct Session {
+    delivered: std::collections::HashSet<String>,
+    last: Option<(String, String)>,
 }
 
 struct Running {
@@ -527,6 +542,19 @@ impl Executor {
         control: &mut mpsc::UnboundedReceiver<Control>,
     ) -> AgentEnd {
         let (tid, att) = (spawn.task_id.as_str(), spawn.attempt);
+        // A session agent takes messages on stdin for as long as it runs: Claude Code reads
+        // them as stream-json turns whatever the profile says.
+        let mut session = spawn.session.as_ref().map(|_| Session::default());
+        let session_profile;
+        let profile = if session.is_some() && profile.kind == AgentKind::Claude {
+            session_profile = AgentProfile {
+                stream_input: true,
+                ..profile.clone()
+            };
+            &session_profile
+        } else {
+            profile
+        };
         let argv = agent::render_argv(profile, &spawn.prompt, tid, workdir);
         let mut env = profile.env.clone();
         env.extend(spawn.env.clone());
@@ -553,17 +581,22 @@ impl Executor {
                 "outbox failed to record the process group"
             );
         }
-        if profile.prompt_on_stdin() {
+        if profile.prompt_on_stdin() && !(session.is_some() && spawn.prompt.trim().is_empty()) {
             let first = agent::claude_user_message(&spawn.prompt);
             if let Err(e) = proc.write_stdin(&first).await {
                 self.note(tid, att, &format!("failed to send the prompt: {e}"));
             }
         }
+        // A session runs until it is stopped: the profile's limit is for one task's run.
+        let profile_limit = profile
+            .timeout
+            .map(|t| t.get())
+            .filter(|_| session.is_none());
         let limit = spawn
             .limits
             .timeout_secs
             .map(Duration::from_secs)
-            .or(profile.timeout.map(|t| t.get()));
+            .or(profile_limit);
         let deadline = async {
             match limit {
                 Some(d) => tokio::time::sleep(d).await,
@@ -586,15 +619,17 @@ impl Executor {
                     loop {
                         tokio::select! {
                             biased;
-                            Some(line) = lines.recv() => self.read(tid, att, &mut reader, line),
+                            Some(line) = lines.recv() => self.read(tid, att, &mut reader, line, session.as_ref()),
                             r = &mut stop => break r,
                         }
                     }
                 };
                 while let Ok(line) = lines.try_recv() {
-                    self.read(tid, att, &mut reader, line);
+                    self.read(tid, att, &mut reader, line, session.as_ref());
                 }
-                self.deliver(tid, att, reader.finish());
+                let rest = reader.finish();
+                self.replies(tid, att, &rest, session.as_ref());
+                self.deliver(tid, att, rest);
                 let why = stopping.take().map(|(w, _)| w).unwrap_or_default();
                 let code = status.as_ref().ok().map(process::exit_code);
                 if why == "dropped" {
@@ -619,7 +654,7 @@ impl Executor {
             }
             tokio::select! {
                 biased;
-                Some(line) = lines.recv() => self.read(tid, att, &mut reader, line),
+                Some(line) = lines.recv() => self.read(tid, att, &mut reader, line, session.as_ref()),
                 c = control.recv() => match c {
                     Some(Control::Pause) if !paused => match proc.pause() {
                         Ok(()) => {
@@ -648,6 +683,37 @@ impl Executor {
                             }
                         }
                     }
+                    Some(Control::Deliver { message_id, from, body }) => match session.as_mut() {
+                        None => self.note(tid, att, "a message for a session agent came for a task that is not one; dropped"),
+                        Some(sess) => {
+                            if !sess.delivered.contains(&message_id) {
+                                let text = if claude {
+                                    agent::claude_user_message(&body)
+                                } else {
+                                    // One message a line for a `command` agent.
+                                    body.replace(['\r', '\n'], " ")
+                                };
+                                match proc.write_stdin(&text).await {
+                                    Ok(()) => {
+                                        sess.delivered.insert(message_id.clone());
+                                        sess.last = Some((from, message_id.clone()));
+                                    }
+                                    Err(e) => {
+                                        self.note(tid, att, &format!("failed to deliver message {message_id}: {e}"));
+                                        continue;
+                                    }
+                                }
+                            }
+                            self.emit(tid, att, |seq| {
+                                DaemonMessage::MessageDelivered(MessageDelivered {
+                                    task_id: tid.to_string(),
+                                    attempt: att,
+                                    seq,
+                                    message_id,
+                                })
+                            });
+                        }
+                    },
                     Some(Control::Interrupt { grace }) => stopping = Some(("interrupted by request".into(), grace)),
                     Some(Control::Drop) => stopping = Some(("dropped".into(), Duration::ZERO)),
                     Some(Control::Return { grace }) => stopping = Some((RETURNED.into(), grace)),
@@ -659,9 +725,11 @@ impl Executor {
                 }
                 status = proc.wait() => {
                     while let Some(line) = lines.recv().await {
-                        self.read(tid, att, &mut reader, line);
+                        self.read(tid, att, &mut reader, line, session.as_ref());
                     }
-                    self.deliver(tid, att, reader.finish());
+                    let rest = reader.finish();
+                self.replies(tid, att, &rest, session.as_ref());
+                self.deliver(tid, att, rest);
                     return AgentEnd::Done(match status {
                         Ok(s) => {
                             let code = process::exit_code(&s);
@@ -681,8 +749,55 @@ impl Executor {
         }
     }
 
-    fn read(&self, tid: &str, att: u32, reader: &mut OutputReader, line: Line) {
-        self.deliver(tid, att, reader.read(line));
+    fn read(
+        &self,
+        tid: &str,
+        att: u32,
+        reader: &mut OutputReader,
+        line: Line,
+        session: Option<&Session>,
+    ) {
+        let readings = reader.read(line);
+        self.replies(tid, att, &readings, session);
+        self.deliver(tid, att, readings);
+    }
+
+    /// A session agent's answers among `readings`, each sent as `agentMessage` to the sender
+    /// of the last message delivered: Claude Code's `result` texts, a `command` agent's
+    /// stdout lines.
+    fn replies(&self, tid: &str, att: u32, readings: &[Reading], session: Option<&Session>) {
+        let Some(session) = session else {
+            return;
+        };
+        for reading in readings {
+            let body = match reading {
+                Reading::Output(line) if line.stream == OutputStream::Stdout && !line.partial => {
+                    Some(line.text.clone())
+                }
+                Reading::Event { progress, raw } if progress.detail["event"] == "result" => {
+                    let text: String = raw.iter().map(|l| l.text.as_str()).collect();
+                    agent::result_text(&text)
+                }
+                _ => None,
+            };
+            let Some(body) = body.filter(|b| !b.trim().is_empty()) else {
+                continue;
+            };
+            let (to, in_reply_to) = match &session.last {
+                Some((from, id)) => (Some(from.clone()), Some(id.clone())),
+                None => (None, None),
+            };
+            self.emit(tid, att, |seq| {
+                DaemonMessage::AgentMessage(AgentMessage {
+                    task_id: tid.to_string(),
+                    attempt: att,
+                    seq,
+                    body,
+                    to,
+                    in_reply_to,
+                })
+            });
+        }
     }
 
     /// Sends what the reader made of the agent's output. An event goes as its progress entry

@@ -158,6 +158,15 @@ impl Link {
                     grace: Duration::from_secs(c.grace_secs),
                 },
             ),
+            ServerMessage::DeliverMessage(m) => self.exec.control(
+                &m.task_id,
+                m.attempt,
+                Control::Deliver {
+                    message_id: m.message_id,
+                    from: m.from,
+                    body: m.body,
+                },
+            ),
             ServerMessage::SendMessage(m) => {
                 self.exec
                     .control(&m.task_id, m.attempt, Control::Message(m.message))

@@ -75,6 +75,9 @@ pub struct Task {
     /// it just waits for a free slot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
+    /// Present for a long-lived agent's session, started by a spawn policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<crate::link::SessionSpec>,
 }
 
 /// One attempt of a task: one dispatch to one daemon.

@@ -56,6 +56,10 @@ pub enum OutputStream {
     Stderr,
     /// Structured progress summaries (`taskProgress`), stored beside the output.
     Progress,
+    /// A session agent's answer (`agentMessage`), stored as JSON `{to, inReplyTo, body}`.
+    Message,
+    /// A message handed to a session agent (`messageDelivered`): the message's id.
+    Delivered,
 }
 
 impl OutputStream {
@@ -64,6 +68,8 @@ impl OutputStream {
             OutputStream::Stdout => "stdout",
             OutputStream::Stderr => "stderr",
             OutputStream::Progress => "progress",
+            OutputStream::Message => "message",
+            OutputStream::Delivered => "delivered",
         }
     }
 
@@ -72,6 +78,8 @@ impl OutputStream {
             "stdout" => Some(OutputStream::Stdout),
             "stderr" => Some(OutputStream::Stderr),
             "progress" => Some(OutputStream::Progress),
+            "message" => Some(OutputStream::Message),
+            "delivered" => Some(OutputStream::Delivered),
             _ => None,
         }
     }
@@ -251,6 +259,33 @@ pub struct TaskQueued {
     pub reason: Option<String>,
 }
 
+/// A session agent handed a message to its process: written to its stdin once per attempt,
+/// whatever the redeliveries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageDelivered {
+    pub task_id: String,
+    pub attempt: u32,
+    pub seq: u64,
+    pub message_id: String,
+}
+
+/// What a session agent said: one answer, to the sender of the message it answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentMessage {
+    pub task_id: String,
+    pub attempt: u32,
+    pub seq: u64,
+    pub body: String,
+    /// Who it goes to (an address); absent: the sender of the last message delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// The message it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_reply_to: Option<String>,
+}
+
 /// Everything a daemon (or a relay acting as one) sends upstream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
@@ -265,6 +300,8 @@ pub enum DaemonMessage {
     TaskComplete(TaskComplete),
     Capacity(Capacity),
     TaskQueued(TaskQueued),
+    MessageDelivered(MessageDelivered),
+    AgentMessage(AgentMessage),
 }
 
 /// The (task, attempt, seq) header of a task-scoped daemon message.
@@ -288,6 +325,8 @@ impl DaemonMessage {
             DaemonMessage::TaskComplete(_) => "taskComplete",
             DaemonMessage::Capacity(_) => "capacity",
             DaemonMessage::TaskQueued(_) => "taskQueued",
+            DaemonMessage::MessageDelivered(_) => "messageDelivered",
+            DaemonMessage::AgentMessage(_) => "agentMessage",
         }
     }
 
@@ -304,6 +343,8 @@ impl DaemonMessage {
             DaemonMessage::TaskProgress(m) => (&m.task_id, m.attempt, m.seq),
             DaemonMessage::TaskStatusChange(m) => (&m.task_id, m.attempt, m.seq),
             DaemonMessage::TaskComplete(m) => (&m.task_id, m.attempt, m.seq),
+            DaemonMessage::MessageDelivered(m) => (&m.task_id, m.attempt, m.seq),
+            DaemonMessage::AgentMessage(m) => (&m.task_id, m.attempt, m.seq),
         };
         Some(SeqHeader {
             task_id,
@@ -361,22 +402,39 @@ impl DaemonMessage {
                 }
                 Ok(())
             }
-            other => {
-                // Every other variant is task-scoped, so the header exists.
-                let Some(h) = other.seq_header() else {
-                    return Ok(());
-                };
-                validate_id("task id", h.task_id)?;
-                if h.attempt == 0 {
-                    return Err(FrameError::invalid("attempt starts at 1"));
-                }
-                if h.seq == 0 {
-                    return Err(FrameError::invalid("seq starts at 1"));
-                }
-                Ok(())
+            DaemonMessage::MessageDelivered(m) => {
+                validate_id("message id", &m.message_id)?;
+                task_scoped(self)
             }
+            DaemonMessage::AgentMessage(m) => {
+                if let Some(to) = &m.to {
+                    crate::agents::Address::parse(to)
+                        .map_err(|e| FrameError::invalid(&e.to_string()))?;
+                }
+                if let Some(id) = &m.in_reply_to {
+                    validate_id("message id", id)?;
+                }
+                task_scoped(self)
+            }
+            other => task_scoped(other),
         }
     }
+}
+
+/// Checks the header of a task-scoped message.
+fn task_scoped(m: &DaemonMessage) -> Result<(), FrameError> {
+    // Every task-scoped variant has the header; the others have nothing to check here.
+    let Some(h) = m.seq_header() else {
+        return Ok(());
+    };
+    validate_id("task id", h.task_id)?;
+    if h.attempt == 0 {
+        return Err(FrameError::invalid("attempt starts at 1"));
+    }
+    if h.seq == 0 {
+        return Err(FrameError::invalid("seq starts at 1"));
+    }
+    Ok(())
 }
 
 /// WebSocket close codes a server (coordinator or relay) ends a daemon link with
@@ -479,6 +537,34 @@ pub struct SpawnTask {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub limits: TaskLimits,
+    /// Present for a long-lived agent a spawn policy keeps running: the daemon keeps its stdin
+    /// open for `deliverMessage` and sends its answers as `agentMessage`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionSpec>,
+}
+
+/// What makes a spawned task a long-lived agent's session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct SessionSpec {
+    /// The spawn policy it runs for.
+    pub policy: String,
+    /// The agent's id in the registry; its answers come from it.
+    pub agent_id: String,
+}
+
+/// A message for a session agent, to write to its stdin. Sent again after a reconnect until
+/// `messageDelivered` for it arrives; the daemon writes each message id once per attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliverMessage {
+    pub task_id: String,
+    pub attempt: u32,
+    pub message_id: String,
+    /// The sender, whom the answer goes to.
+    pub from: String,
+    pub body: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -579,6 +665,7 @@ pub enum ServerMessage {
     ResumeTask(TaskCommand),
     InterruptTask(InterruptTask),
     SendMessage(SendMessage),
+    DeliverMessage(DeliverMessage),
     Ack(Ack),
     Error(ErrorFrame),
 }
@@ -592,6 +679,7 @@ impl ServerMessage {
             ServerMessage::ResumeTask(_) => "resumeTask",
             ServerMessage::InterruptTask(_) => "interruptTask",
             ServerMessage::SendMessage(_) => "sendMessage",
+            ServerMessage::DeliverMessage(_) => "deliverMessage",
             ServerMessage::Ack(_) => "ack",
             ServerMessage::Error(_) => "error",
         }
@@ -679,7 +767,7 @@ struct TypeOnly {
     type_name: String,
 }
 
-const DAEMON_TYPES: [&str; 10] = [
+const DAEMON_TYPES: [&str; 12] = [
     "authenticate",
     "heartbeat",
     "taskAccepted",
@@ -690,15 +778,18 @@ const DAEMON_TYPES: [&str; 10] = [
     "taskComplete",
     "capacity",
     "taskQueued",
+    "messageDelivered",
+    "agentMessage",
 ];
 
-const SERVER_TYPES: [&str; 8] = [
+const SERVER_TYPES: [&str; 9] = [
     "authenticated",
     "spawnTask",
     "pauseTask",
     "resumeTask",
     "interruptTask",
     "sendMessage",
+    "deliverMessage",
     "ack",
     "error",
 ];

@@ -471,6 +471,7 @@ mod tests {
             agent: "command".into(),
             env: Default::default(),
             limits: Default::default(),
+            session: None,
         }
     }
 

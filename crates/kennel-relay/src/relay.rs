@@ -571,6 +571,7 @@ impl Relay {
                 }
             }
             ServerMessage::SendMessage(c) => self.to_holder(&c.task_id, c.attempt, frame),
+            ServerMessage::DeliverMessage(c) => self.to_holder(&c.task_id, c.attempt, frame),
             ServerMessage::Ack(a) => self.acks(&[(a, frame)]),
             ServerMessage::Error(e) => self.upstream_error(e, frame),
             ServerMessage::Authenticated(_) => {
@@ -1334,6 +1335,7 @@ mod tests {
             agent: agent.into(),
             env: BTreeMap::new(),
             limits: Default::default(),
+            session: None,
         });
         let f = m.to_json();
         (m, f)

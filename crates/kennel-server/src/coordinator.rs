@@ -784,6 +784,12 @@ impl Coordinator {
         }
     }
 
+    /// Whether this coordinator runs the work one coordinator does for all (it holds the
+    /// rescue lease); always, on a database of its own.
+    pub fn leads(&self) -> bool {
+        !self.peers.shared() || self.leading.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Publishes events committed by another component (the lifecycle manager's changes):
     /// to this coordinator's streams, and with several coordinators to the others'.
     pub fn publish_events(&self, events: Vec<Event>) {
@@ -1650,7 +1656,23 @@ impl Coordinator {
 
     /// Validates and stores a new task, then queues it.
     pub async fn submit(&self, req: CreateTask) -> Result<Task, ApiError> {
-        let new = self.validate_task(req)?;
+        let new = self.validate_task(req, false)?;
+        self.submit_new(new).await
+    }
+
+    /// Submits a long-lived agent's session for the lifecycle manager: a task like any other,
+    /// whose daemon keeps the agent's stdin open and reports its answers.
+    pub async fn submit_session(
+        &self,
+        req: CreateTask,
+        session: kennel_proto::link::SessionSpec,
+    ) -> Result<Task, ApiError> {
+        let mut new = self.validate_task(req, true)?;
+        new.session = Some(session);
+        self.submit_new(new).await
+    }
+
+    async fn submit_new(&self, new: NewTask) -> Result<Task, ApiError> {
         // With PostgreSQL, a task that can go to a daemon here right away is dispatched in its
         // submit's transaction: one commit on its way to the daemon instead of two.
         if self.peers.shared() {
@@ -1730,12 +1752,14 @@ impl Coordinator {
         }
     }
 
-    fn validate_task(&self, req: CreateTask) -> Result<NewTask, ApiError> {
+    /// Checks a submitted task; `session` is the task of a long-lived agent, whose prompt
+    /// (its first turn) may be empty.
+    fn validate_task(&self, req: CreateTask, session: bool) -> Result<NewTask, ApiError> {
         let bad = |m: String| Err(ApiError::invalid(m));
         if req.name.trim().is_empty() || req.name.chars().count() > 200 {
             return bad("`name` must be 1 to 200 characters".into());
         }
-        if req.prompt.is_empty() {
+        if req.prompt.is_empty() && !session {
             return bad("`prompt` must not be empty".into());
         }
         if req.prompt.len() > 512 * 1024 {
@@ -1800,6 +1824,7 @@ impl Coordinator {
             env: req.env,
             timeout_secs: req.timeout_secs,
             max_attempts,
+            session: None,
         })
     }
 
@@ -1969,6 +1994,29 @@ impl Coordinator {
                 task_id: id.to_string(),
                 attempt: task.attempt,
                 message,
+            }),
+        );
+        Ok(())
+    }
+
+    /// Hands a message to a session agent's daemon (`deliverMessage`). The lifecycle manager
+    /// sends it again until the daemon confirms it; the daemon writes it once.
+    pub async fn deliver_to_session(
+        &self,
+        task: &Task,
+        message_id: &str,
+        from: &str,
+        body: &str,
+    ) -> Result<(), ApiError> {
+        let holder = self.holder(task).await?;
+        self.send_to_holder(
+            holder,
+            ServerMessage::DeliverMessage(kennel_proto::link::DeliverMessage {
+                task_id: task.id.clone(),
+                attempt: task.attempt,
+                message_id: message_id.to_string(),
+                from: from.to_string(),
+                body: body.to_string(),
             }),
         );
         Ok(())
@@ -2522,6 +2570,7 @@ fn spawn_message(task: &Task, attempt: u32) -> SpawnTask {
         limits: TaskLimits {
             timeout_secs: task.timeout_secs,
         },
+        session: task.session.clone(),
     }
 }
 
@@ -2555,6 +2604,7 @@ mod tests {
             branch: None,
             commit: None,
             waiting: None,
+            session: None,
         }
     }
 
@@ -3206,6 +3256,7 @@ mod cluster_tests {
             env: BTreeMap::new(),
             timeout_secs: None,
             max_attempts: 1,
+            session: None,
         };
         let (orphan, _) = c
             .store

@@ -14,7 +14,7 @@ use axum::response::Response;
 use kennel_auth::Principal;
 use kennel_link::handshake::{close_now, Admitted, Gate, Handshake, Refusal};
 use kennel_proto::api::Scope;
-use kennel_proto::link::{Ack, Authenticate, ErrorCode, ErrorFrame, ServerMessage};
+use kennel_proto::link::{Ack, Authenticate, ErrorCode, ErrorFrame, OutputStream, ServerMessage};
 use kennel_proto::{decode_daemon_frame, DaemonMessage, Decoded, FrameError};
 use kennel_store::{Applied, DaemonHello, Effect, Report};
 
@@ -466,6 +466,36 @@ fn to_report(daemon_id: &str, m: DaemonMessage) -> Option<Report> {
                 commit: m.commit,
             },
         ),
+        // A session agent's deliveries and answers are kept in the attempt's output, exactly
+        // once like the rest of it; the lifecycle manager reads them from there.
+        DaemonMessage::MessageDelivered(m) => (
+            m.task_id,
+            m.attempt,
+            m.seq,
+            Effect::Output {
+                stream: OutputStream::Delivered,
+                output: m.message_id,
+                is_partial: false,
+            },
+        ),
+        DaemonMessage::AgentMessage(m) => {
+            let output = serde_json::json!({
+                "to": m.to,
+                "inReplyTo": m.in_reply_to,
+                "body": m.body,
+            })
+            .to_string();
+            (
+                m.task_id,
+                m.attempt,
+                m.seq,
+                Effect::Output {
+                    stream: OutputStream::Message,
+                    output,
+                    is_partial: false,
+                },
+            )
+        }
         DaemonMessage::Authenticate(_)
         | DaemonMessage::Heartbeat(_)
         | DaemonMessage::Capacity(_)

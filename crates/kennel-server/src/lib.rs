@@ -246,6 +246,14 @@ impl Server {
             coord.clone(),
             clock.clone(),
         ));
+        let manager = lifecycle::Lifecycle::new(
+            agents.clone(),
+            store.clone(),
+            coord.clone(),
+            clock.clone(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        );
+        tokio::spawn(manager.run());
         let state = Arc::new(AppState {
             coord,
             store,

@@ -196,6 +196,12 @@ pub trait AgentStore: Send + Sync + 'static {
         limit: u32,
         now: Millis,
     ) -> Result<Changed<Vec<Message>>>;
+    /// Messages for agent `agent_id` (to any address it answers to) still queued and not
+    /// claimable, oldest first: what a session agent's daemon is to be handed.
+    async fn pending_for(&self, agent_id: &str, limit: u32) -> Result<Vec<Message>>;
+    /// Records that a queued message was handed to `agent_id` (its daemon confirmed it);
+    /// false if it was not queued.
+    async fn mark_delivered(&self, id: &str, agent_id: &str, now: Millis) -> Result<Changed<bool>>;
     /// Claims a claimable message for `ttl_ms`: the first claim wins; an expired claim can be
     /// taken over. With a `guard`, refused for a stale instance.
     async fn claim_message(
@@ -386,6 +392,23 @@ macro_rules! impl_agent_store {
             ) -> $crate::Result<$crate::agents::Changed<Vec<kennel_proto::agents::Message>>> {
                 let agent_id = agent_id.to_string();
                 $write!(self, s => $crate::agents::ops::inbox(s, &agent_id, after_seq, limit, now))
+            }
+            async fn pending_for(
+                &self,
+                agent_id: &str,
+                limit: u32,
+            ) -> $crate::Result<Vec<kennel_proto::agents::Message>> {
+                let agent_id = agent_id.to_string();
+                $read!(self, s => $crate::agents::ops::pending_for(s, &agent_id, limit))
+            }
+            async fn mark_delivered(
+                &self,
+                id: &str,
+                agent_id: &str,
+                now: $crate::Millis,
+            ) -> $crate::Result<$crate::agents::Changed<bool>> {
+                let (id, agent_id) = (id.to_string(), agent_id.to_string());
+                $write!(self, s => $crate::agents::ops::mark_delivered(s, &id, &agent_id, now))
             }
             async fn claim_message(
                 &self,
@@ -1103,6 +1126,50 @@ pub(crate) mod ops {
             rec.record("message.delivered", data, now)?;
         }
         Ok(rec.done(found))
+    }
+
+    pub async fn pending_for<S: Sql>(
+        sql: &mut S,
+        agent_id: &str,
+        limit: u32,
+    ) -> Result<Vec<Message>> {
+        let Some(agent) = load_agent(sql, agent_id).await? else {
+            return Ok(Vec::new());
+        };
+        let to: Vec<String> = addresses(&agent).into_iter().collect();
+        let query = format!(
+            "{MESSAGE} WHERE recipient IN ({}) AND state = 'queued' AND NOT claimable \
+             ORDER BY seq LIMIT ?1",
+            placeholders(2, to.len())
+        );
+        let mut args: Vec<Param> = vec![i64::from(limit).into()];
+        args.extend(to.into_iter().map(Param::from));
+        let rows = sql.fetch(&query, &args).await?;
+        rows.iter().map(|r| message(r.as_ref())).collect()
+    }
+
+    pub async fn mark_delivered<S: Sql>(
+        sql: &mut S,
+        id: &str,
+        agent_id: &str,
+        now: Millis,
+    ) -> Result<Changed<bool>> {
+        let n = sql
+            .execute(
+                "UPDATE messages SET state = 'delivered', delivered_at = ?1, delivered_to = ?2 \
+                 WHERE id = ?3 AND state = 'queued'",
+                params![now, agent_id, id],
+            )
+            .await?;
+        let mut rec = Recorder {
+            sql,
+            events: Vec::new(),
+        };
+        if n > 0 {
+            let data = serde_json::json!({ "messageId": id, "agentId": agent_id });
+            rec.record("message.delivered", data, now)?;
+        }
+        Ok(rec.done(n > 0))
     }
 
     pub async fn claim_message<S: Sql>(

@@ -129,6 +129,8 @@ pub struct NewTask {
     pub env: BTreeMap<String, String>,
     pub timeout_secs: Option<u64>,
     pub max_attempts: u32,
+    /// Present for a long-lived agent's session.
+    pub session: Option<kennel_proto::link::SessionSpec>,
 }
 
 impl NewTask {
@@ -156,6 +158,7 @@ impl NewTask {
             branch: None,
             commit: None,
             waiting: None,
+            session: self.session,
         }
     }
 }

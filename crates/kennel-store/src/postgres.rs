@@ -296,13 +296,13 @@ async fn insert_tasks(
     let number = |f: fn(&Task) -> Option<i64>| tasks.iter().map(|t| f(t)).collect::<Vec<_>>();
     let rows = sqlx::query(
         "INSERT INTO tasks (id, name, prompt, repo_url, base_branch, agent, labels, priority, \
-         env, timeout_secs, max_attempts, status, attempt, created_at, updated_at) \
+         env, timeout_secs, max_attempts, status, attempt, created_at, updated_at, session) \
          SELECT id, name, prompt, repo_url, base_branch, agent, labels, priority, env, \
-         timeout_secs, max_attempts, status, 0, $13, $13 FROM UNNEST($1::text[], $2::text[], \
-         $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[], $9::text[], \
-         $10::bigint[], $11::bigint[], $12::text[]) WITH ORDINALITY AS t(id, name, prompt, \
-         repo_url, base_branch, agent, labels, priority, env, timeout_secs, max_attempts, \
-         status, n) ORDER BY n RETURNING id, seq",
+         timeout_secs, max_attempts, status, 0, $13, $13, session FROM UNNEST($1::text[], \
+         $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[], \
+         $9::text[], $10::bigint[], $11::bigint[], $12::text[], $14::text[]) WITH ORDINALITY \
+         AS t(id, name, prompt, repo_url, base_branch, agent, labels, priority, env, \
+         timeout_secs, max_attempts, status, session, n) ORDER BY n RETURNING id, seq",
     )
     .bind(column(|t| Some(t.id.clone())))
     .bind(column(|t| Some(t.name.clone())))
@@ -317,6 +317,7 @@ async fn insert_tasks(
     .bind(number(|t| Some(i64::from(t.max_attempts))))
     .bind(column(|t| Some(t.status.as_str().to_string())))
     .bind(now)
+    .bind(column(|t| t.session.as_ref().map(to_json)))
     .fetch_all(&mut **tx)
     .await?;
     let mut order: HashMap<String, i64> = HashMap::with_capacity(rows.len());

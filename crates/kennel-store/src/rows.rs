@@ -66,7 +66,7 @@ macro_rules! columns {
     (task) => {
         "seq, id, name, prompt, repo_url, base_branch, agent, labels, priority, env, \
          timeout_secs, max_attempts, status, attempt, daemon_id, created_at, updated_at, \
-         finished_at, error, exit_code, branch, commit_sha"
+         finished_at, error, exit_code, branch, commit_sha, session"
     };
     (task_facts) => {
         "status, attempt, max_attempts, returned_attempts"
@@ -178,6 +178,11 @@ pub(crate) fn task(row: &impl Columns) -> Result<QueuedTask> {
             branch: row.text_opt(20)?,
             commit: row.text_opt(21)?,
             waiting: None,
+            session: row
+                .text_opt(22)?
+                .map(|s| serde_json::from_str(&s))
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(format!("task session: {e}")))?,
         },
     })
 }

@@ -479,8 +479,8 @@ impl Store for SqliteStore {
             conn.prepare_cached(
                 "INSERT INTO tasks (id, name, prompt, repo_url, base_branch, agent, labels, \
                  priority, env, timeout_secs, max_attempts, status, attempt, created_at, \
-                 updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 0, \
-                 ?13, ?13)",
+                 updated_at, session) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, \
+                 ?12, 0, ?13, ?13, ?14)",
             )?
             .execute(params![
                 task.id,
@@ -496,6 +496,7 @@ impl Store for SqliteStore {
                 task.max_attempts as i64,
                 task.status.as_str(),
                 now,
+                task.session.as_ref().map(to_json),
             ])?;
             // `seq` is the rowid.
             let order = conn.last_insert_rowid();

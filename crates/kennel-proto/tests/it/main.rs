@@ -90,6 +90,16 @@ const DAEMON_SHAPES: &[Shape] = &[
         required: &["taskId", "attempt"],
         optional: &["reason"],
     },
+    Shape {
+        name: "messageDelivered",
+        required: &["taskId", "attempt", "seq", "messageId"],
+        optional: &[],
+    },
+    Shape {
+        name: "agentMessage",
+        required: &["taskId", "attempt", "seq", "body"],
+        optional: &["to", "inReplyTo"],
+    },
 ];
 
 const SERVER_SHAPES: &[Shape] = &[
@@ -101,7 +111,7 @@ const SERVER_SHAPES: &[Shape] = &[
     Shape {
         name: "spawnTask",
         required: &["taskId", "attempt", "taskName", "prompt", "agent"],
-        optional: &["repo", "env", "limits"],
+        optional: &["repo", "env", "limits", "session"],
     },
     Shape {
         name: "pauseTask",
@@ -121,6 +131,11 @@ const SERVER_SHAPES: &[Shape] = &[
     Shape {
         name: "sendMessage",
         required: &["taskId", "attempt", "message"],
+        optional: &[],
+    },
+    Shape {
+        name: "deliverMessage",
+        required: &["taskId", "attempt", "messageId", "from", "body"],
         optional: &[],
     },
     Shape {
@@ -150,6 +165,8 @@ fn daemon_variant(m: &DaemonMessage) -> &'static str {
         DaemonMessage::TaskComplete(_) => "taskComplete",
         DaemonMessage::Capacity(_) => "capacity",
         DaemonMessage::TaskQueued(_) => "taskQueued",
+        DaemonMessage::MessageDelivered(_) => "messageDelivered",
+        DaemonMessage::AgentMessage(_) => "agentMessage",
     }
 }
 
@@ -162,6 +179,7 @@ fn server_variant(m: &ServerMessage) -> &'static str {
         ServerMessage::ResumeTask(_) => "resumeTask",
         ServerMessage::InterruptTask(_) => "interruptTask",
         ServerMessage::SendMessage(_) => "sendMessage",
+        ServerMessage::DeliverMessage(_) => "deliverMessage",
         ServerMessage::Ack(_) => "ack",
         ServerMessage::Error(_) => "error",
     }
@@ -332,9 +350,11 @@ fn each_fixture_directory_holds_exactly_one_file_per_message_type() {
             .collect();
         assert_eq!(found, expected, "{side:?} fixtures");
         let types = match side {
-            // `capacity` and `taskQueued` joined v1 for relays; older daemons never send them.
-            Side::Daemon => 10,
-            Side::Server => 8,
+            // `capacity` and `taskQueued` joined v1 for relays, `messageDelivered`,
+            // `agentMessage` and `deliverMessage` for session agents; older daemons never send
+            // them.
+            Side::Daemon => 12,
+            Side::Server => 9,
         };
         assert_eq!(
             expected.len(),
@@ -638,7 +658,7 @@ fn task_scoped_daemon_shapes() -> impl Iterator<Item = &'static Shape> {
 }
 
 #[test]
-fn six_daemon_messages_are_task_scoped() {
+fn eight_daemon_messages_are_task_scoped() {
     let names: Vec<&str> = task_scoped_daemon_shapes().map(|s| s.name).collect();
     assert_eq!(
         names,
@@ -648,7 +668,9 @@ fn six_daemon_messages_are_task_scoped() {
             "taskOutput",
             "taskProgress",
             "taskStatusChange",
-            "taskComplete"
+            "taskComplete",
+            "messageDelivered",
+            "agentMessage"
         ]
     );
 }
@@ -865,7 +887,7 @@ fn the_protocol_document_examples_decode() {
         blocks += 1;
         rest = &body[end..];
     }
-    assert_eq!(blocks, 18, "one example per message type");
+    assert_eq!(blocks, 21, "one example per message type");
 
     let (mut up, mut down) = (0, 0);
     for line in doc.lines() {

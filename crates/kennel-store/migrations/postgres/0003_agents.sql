@@ -89,3 +89,7 @@ CREATE TABLE commands (
     deadline_at BIGINT NOT NULL
 );
 CREATE INDEX commands_open ON commands (deadline_at) WHERE state IN ('requested', 'delivered', 'running');
+
+-- A task that is a long-lived agent's session: its policy and agent id (JSON), sent to the
+-- daemon with the task.
+ALTER TABLE tasks ADD COLUMN session TEXT;

@@ -81,6 +81,7 @@ fn new_task(id: &str, max_attempts: u32) -> NewTask {
         env: BTreeMap::new(),
         timeout_secs: None,
         max_attempts,
+        session: None,
     }
 }
 

@@ -471,6 +471,22 @@ impl LogPrinter {
                     .unwrap_or(&chunk.output);
                 (!quiet).then(|| (Sink::Stdout, format!("» {summary}\n")))
             }
+            OutputStream::Delivered => Some((
+                Sink::Stdout,
+                format!("« message {} handed to the agent\n", chunk.output),
+            )),
+            OutputStream::Message => {
+                let m = serde_json::from_str::<serde_json::Value>(&chunk.output).ok();
+                let field = |k: &str| {
+                    m.as_ref()
+                        .and_then(|m| m.get(k))
+                        .and_then(serde_json::Value::as_str)
+                        .map(str::to_owned)
+                };
+                let to = field("to").unwrap_or_else(|| "user".into());
+                let body = field("body").unwrap_or_else(|| chunk.output.clone());
+                Some((Sink::Stdout, format!("» to {to}: {body}\n")))
+            }
         })
     }
 
