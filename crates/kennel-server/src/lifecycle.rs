@@ -191,6 +191,9 @@ impl Lifecycle {
             state: decision.state.clone(),
             task_id: before.task_id.clone(),
         };
+        if after.state.waiting_for_target {
+            after.state.last_error = Some(no_target(policy));
+        }
         for action in &decision.actions {
             match action {
                 Action::Spawn { request_id } => match self.spawn(policy, request_id).await {
@@ -441,6 +444,27 @@ fn concerns_agents(kind: &str) -> bool {
         || kind.starts_with("policy.")
         || kind.starts_with("task.")
         || kind.starts_with("daemon.")
+}
+
+/// Why no daemon can take `policy`'s agent, with what the policy asks for.
+fn no_target(policy: &SpawnPolicy) -> String {
+    let mut wants = format!("agent profile `{}`", policy.provider);
+    if !policy.target.labels.is_empty() {
+        let labels: Vec<String> = policy
+            .target
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        wants.push_str(&format!(" and labels {}", labels.join(",")));
+    }
+    if let Some(d) = &policy.target.daemon {
+        wants.push_str(&format!(" on daemon `{d}`"));
+    }
+    format!(
+        "no online daemon offers {wants}; a daemon leaves out a profile whose program it \
+         cannot find (its log says why; `kennel daemons` lists what each offers)"
+    )
 }
 
 /// Whether daemon `d` can run `policy`'s agent now.

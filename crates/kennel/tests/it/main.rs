@@ -9,6 +9,7 @@ mod cli;
 mod cluster;
 mod delivery;
 mod gateway;
+mod lifecycle;
 mod limits;
 mod newuser;
 mod openapi;
