@@ -94,14 +94,12 @@ fn default_stop_timeout() -> u64 {
     10
 }
 
-/// Which daemons may run a policy's agent.
+/// Which daemons may run a policy's agent. To pin an agent to one machine, give that daemon a
+/// label of its own (`[daemon] labels = { host = "box1" }`) and select it here.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Target {
-    /// This daemon only (its id, or its machine id).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub daemon: Option<String>,
     /// Labels the daemon must carry, all of them with equal values.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
@@ -202,9 +200,6 @@ impl SpawnPolicy {
         };
         id("name", &self.name)?;
         id("provider", &self.provider)?;
-        if let Some(d) = &self.target.daemon {
-            id("target.daemon", d)?;
-        }
         for (k, v) in &self.target.labels {
             id("target.labels", k)?;
             if v.is_empty() || v.chars().count() > MAX_LABEL_VALUE {

@@ -24,7 +24,7 @@ use kennel_proto::agents::{
 use kennel_proto::api::{ErrorBody, Scope};
 use kennel_proto::policy::{SpawnPolicy, MAX_BACKOFF_STEPS, MAX_NAMES, MAX_POLICY_SECS};
 use kennel_proto::validate_id;
-use kennel_store::{Claim, GuardCheck, NewMessage, PolicyChange};
+use kennel_store::{Claim, GuardCheck, NewMessage, PolicyChange, Sent};
 use serde::Deserialize;
 use utoipa::openapi::schema::{AdditionalProperties, ArrayItems, Object, Schema, Type};
 use utoipa::openapi::RefOr;
@@ -106,7 +106,6 @@ impl utoipa::Modify for AgentConstraints {
             ("SpawnPolicy", "provider"),
             ("SpawnPolicy", "label"),
             ("SpawnPolicy", "permissionMode"),
-            ("Target", "daemon"),
             ("RegisterAgent", "id"),
             ("RegisterAgent", "machine"),
             ("RegisterAgent", "instanceId"),
@@ -615,6 +614,7 @@ pub async fn inbox(
         (status = 201, description = "the message, queued", body = Message),
         (status = 400, description = "the body is invalid; the message names the field", body = ErrorBody),
         (status = 403, description = "`from` is an agent registered with another key", body = ErrorBody),
+        (status = 409, description = "the sender used this idempotency key for another message", body = ErrorBody),
         (status = 413, description = "the body is larger than `api.max_body_bytes`", body = ErrorBody),
     ))]
 pub async fn send_message(
@@ -682,15 +682,21 @@ pub async fn send_message(
     };
     let sent = app.agents.send_message(&message, now).await?;
     app.coord.publish_events(sent.events);
-    let (stored, duplicate) = sent.value;
+    let (stored, how) = sent.value;
+    let status = match how {
+        Sent::New => StatusCode::CREATED,
+        Sent::Duplicate => StatusCode::OK,
+        Sent::KeyReused => {
+            return Err(ApiError::conflict(format!(
+                "idempotency key already used by `{from}` for another message ({}); use a new \
+                 key for a new message",
+                stored.id
+            )))
+        }
+    };
     if registered.is_some() {
         app.agents.agent_active(&from, now).await?;
     }
-    let status = if duplicate {
-        StatusCode::OK
-    } else {
-        StatusCode::CREATED
-    };
     Ok((status, Json(stored)))
 }
 

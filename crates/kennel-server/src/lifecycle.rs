@@ -458,9 +458,6 @@ fn no_target(policy: &SpawnPolicy) -> String {
             .collect();
         wants.push_str(&format!(" and labels {}", labels.join(",")));
     }
-    if let Some(d) = &policy.target.daemon {
-        wants.push_str(&format!(" on daemon `{d}`"));
-    }
     format!(
         "no online daemon offers {wants}; a daemon leaves out a profile whose program it \
          cannot find (its log says why; `kennel daemons` lists what each offers)"
@@ -477,11 +474,6 @@ fn serves(d: &Daemon, policy: &SpawnPolicy) -> bool {
             .labels
             .iter()
             .all(|(k, v)| d.labels.get(k) == Some(v))
-        && policy
-            .target
-            .daemon
-            .as_ref()
-            .is_none_or(|t| t == &d.id || t == &d.machine_id)
 }
 
 /// The stand-in for a deleted policy while its agent stops: only its name and timeouts count.

@@ -74,6 +74,19 @@ pub struct NewMessage {
     pub reply_to: Option<String>,
 }
 
+/// What sending a message did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Stored and queued.
+    New,
+    /// The sender sent this message before with the same idempotency key: that one is
+    /// returned and nothing is stored.
+    Duplicate,
+    /// The sender used the idempotency key for a different message (another recipient, body
+    /// or kind): that one is returned and nothing is stored.
+    KeyReused,
+}
+
 /// What a claim came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -179,12 +192,12 @@ pub trait AgentStore: Send + Sync + 'static {
     // Messages.
 
     /// Stores a message; with an idempotency key already used by its sender, returns the
-    /// first message instead (`true`: it was a duplicate) and records nothing.
+    /// first message instead ([`Sent`] says whether it was the same) and records nothing.
     async fn send_message(
         &self,
         message: &NewMessage,
         now: Millis,
-    ) -> Result<Changed<(Message, bool)>>;
+    ) -> Result<Changed<(Message, Sent)>>;
     async fn get_message(&self, id: &str) -> Result<Option<Message>>;
     /// The messages for agent `agent_id` after `after_seq`, oldest first: those to its id and
     /// to every address it answers to (only its id for a name not in the registry). Those queued become delivered to it. Claimable messages
@@ -372,7 +385,7 @@ macro_rules! impl_agent_store {
                 &self,
                 message: &$crate::agents::NewMessage,
                 now: $crate::Millis,
-            ) -> $crate::Result<$crate::agents::Changed<(kennel_proto::agents::Message, bool)>> {
+            ) -> $crate::Result<$crate::agents::Changed<(kennel_proto::agents::Message, $crate::agents::Sent)>> {
                 let message = message.clone();
                 $write!(self, s => $crate::agents::ops::send_message(s, &message, now))
             }
@@ -987,7 +1000,7 @@ pub(crate) mod ops {
         sql: &mut S,
         m: &NewMessage,
         now: Millis,
-    ) -> Result<Changed<(Message, bool)>> {
+    ) -> Result<Changed<(Message, Sent)>> {
         if let Some(key) = &m.idempotency_key {
             let first = sql
                 .fetch_one(
@@ -996,8 +1009,21 @@ pub(crate) mod ops {
                 )
                 .await?;
             if let Some(row) = first {
+                let first = message(row.as_ref())?;
+                let same = first.to == m.to.to_string()
+                    && first.body == m.body
+                    && first.kind == m.kind
+                    && first.subject == m.subject
+                    && first.claimable == m.claimable
+                    && first.payload == m.payload
+                    && first.reply_to == m.reply_to;
+                let how = if same {
+                    Sent::Duplicate
+                } else {
+                    Sent::KeyReused
+                };
                 return Ok(Changed {
-                    value: (message(row.as_ref())?, true),
+                    value: (first, how),
                     events: Vec::new(),
                 });
             }
@@ -1034,7 +1060,7 @@ pub(crate) mod ops {
             "claimable": m.claimable,
         });
         rec.record("message.available", data, now)?;
-        Ok(rec.done((stored, false)))
+        Ok(rec.done((stored, Sent::New)))
     }
 
     pub async fn get_message<S: Sql>(sql: &mut S, id: &str) -> Result<Option<Message>> {

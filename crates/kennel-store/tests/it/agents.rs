@@ -303,7 +303,7 @@ async fn messages_reach_every_address_form_once_and_duplicates_are_not_stored_tw
         ("m8", "tag:go"),
     ] {
         let sent = store.send_message(&message(id, to), NOW).await.unwrap();
-        assert!(!sent.value.1);
+        assert_eq!(sent.value.1, kennel_store::Sent::New);
         assert_eq!(kinds(&sent.events), ["message.available"]);
         assert_eq!(sent.value.0.state, MessageState::Queued);
         seqs.push(sent.value.0.seq);
@@ -362,24 +362,25 @@ async fn messages_reach_every_address_form_once_and_duplicates_are_not_stored_tw
     let first = store.send_message(&keyed, NOW).await.unwrap();
     let mut again = keyed.clone();
     again.id = "k2".into();
-    again.body = "another body".into();
     let dup = store.send_message(&again, NOW + 1).await.unwrap();
-    assert!(dup.value.1);
+    assert_eq!(dup.value.1, kennel_store::Sent::Duplicate);
     assert!(dup.events.is_empty());
     assert_eq!(dup.value.0.id, "k1");
     assert_eq!(dup.value.0, first.value.0);
     assert!(store.get_message("k2").await.unwrap().is_none());
+    // The key again for another message: refused, the first is what the key names.
+    let mut other = again.clone();
+    other.id = "k3".into();
+    other.body = "another body".into();
+    let reused = store.send_message(&other, NOW + 2).await.unwrap();
+    assert_eq!(reused.value.1, kennel_store::Sent::KeyReused);
+    assert_eq!(reused.value.0.id, "k1");
+    assert!(store.get_message("k3").await.unwrap().is_none());
     // Another sender may use the same key.
-    let mut other_sender = again.clone();
+    let mut other_sender = other.clone();
     other_sender.from = "a2".into();
-    assert!(
-        !store
-            .send_message(&other_sender, NOW)
-            .await
-            .unwrap()
-            .value
-            .1
-    );
+    let sent = store.send_message(&other_sender, NOW).await.unwrap();
+    assert_eq!(sent.value.1, kennel_store::Sent::New);
 
     assert!(store.delete_message("m8", NOW).await.unwrap().value);
     assert!(store.get_message("m8").await.unwrap().is_none());
