@@ -68,7 +68,7 @@ const DEFAULT_INBOX_PAGE: u32 = 100;
 #[openapi(
     paths(
         apply_policy, list_policies, get_policy, policy_history, delete_policy,
-        register_agent, agent_heartbeat, list_agents, get_agent, inbox,
+        register_agent, agent_heartbeat, list_agents, get_agent, inbox, inbox_stream,
         send_message, get_message, claim_message, release_claim, read_message, delete_message,
         list_commands, get_command
     ),
@@ -606,6 +606,127 @@ pub async fn inbox(
     }))
 }
 
+/// One server-sent event of `GET /api/v1/agents/{id}/inbox/stream`, as an SSE client reads
+/// it (the OpenAPI document's schema of each event; never built).
+#[derive(utoipa::ToSchema)]
+pub struct InboxStreamEvent {
+    /// `message`, or `error` when the stream ends early (data: why).
+    #[schema(min_length = 1)]
+    pub event: String,
+    /// The message's `seq`, usable as `Last-Event-ID` and `after`.
+    #[schema(pattern = "^[0-9]+$")]
+    pub id: Option<String>,
+    /// The `Message` as JSON (the reason, for `error`).
+    pub data: String,
+}
+
+/// An agent's inbox as server-sent events: the messages after `after` (or `Last-Event-ID`),
+/// then each new one as it arrives; each is delivered to the agent as it is sent, as a poll
+/// of the inbox would.
+#[utoipa::path(get, path = "/api/v1/agents/{id}/inbox/stream",
+    params(
+        IdParam,
+        InboxQuery,
+        ("Last-Event-ID" = Option<String>, Header, pattern = "^[0-9]{0,18}$",
+            description = "seq of the last message received: resume after it"),
+    ),
+    tag = "messages",
+    responses(
+        (status = 200, description = "the inbox, then new messages as they come", content_type = "text/event-stream", body = InboxStreamEvent),
+        (status = 400, description = "the id, a parameter or Last-Event-ID is invalid", body = ErrorBody),
+        (status = 404, description = "an agent key asked for an agent that is not registered", body = ErrorBody),
+        (status = 409, description = "a stale instance: the agent registered again since", body = ErrorBody),
+    ))]
+pub async fn inbox_stream(
+    p: Principal,
+    State(app): S,
+    id: PathId,
+    headers: axum::http::HeaderMap,
+    q: Result<Query<InboxQuery>, axum::extract::rejection::QueryRejection>,
+) -> AppResult<axum::response::Response> {
+    use axum::response::sse::Event as SseEvent;
+    use tokio::sync::broadcast::error::RecvError;
+    p.require(CLIENT_OR_AGENT)?;
+    let id = path_id("agent id", id)?;
+    let Query(q) = q.map_err(query_error)?;
+    let mut after = q.after.unwrap_or(0);
+    if after < 0 {
+        return Err(ApiError::invalid("`after` must be 0 or more"));
+    }
+    if let Some(last) = crate::stream::last_event_id(&headers)? {
+        after = crate::api::decimal(last, 18)
+            .and_then(|n| i64::try_from(n).ok())
+            .ok_or_else(|| {
+                ApiError::invalid(format!("Last-Event-ID `{last}` is not a message seq"))
+            })?;
+    }
+    let limit = page_limit(q.limit, DEFAULT_INBOX_PAGE, 1000)?;
+    let guard = guard_of(q.instance_id, q.epoch)?;
+    if p.scopes
+        .iter()
+        .any(|s| matches!(s, Scope::Admin | Scope::Client))
+    {
+        if let Some(g) = guard {
+            check_guard(&app, &id, &g).await?;
+        }
+    } else {
+        act_as(&p, &app, &id, guard).await?;
+    }
+    let mut live = app.coord.subscribe_events();
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let revoked = app.coord.revocation_of(&p.key_id);
+    tokio::spawn(async move {
+        let follow = async {
+            loop {
+                // Everything after the cursor, page by page; then wait for news.
+                loop {
+                    let page = app
+                        .agents
+                        .inbox(&id, after, limit, app.clock.now_ms())
+                        .await?;
+                    app.coord.publish_events(page.events);
+                    let n = page.value.len();
+                    for m in page.value {
+                        after = m.seq;
+                        let ev = SseEvent::default()
+                            .id(m.seq.to_string())
+                            .event("message")
+                            .json_data(&m)
+                            .map_err(|e| ApiError::internal(e.to_string()))?;
+                        if tx.send(Ok(ev)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    if n < limit as usize {
+                        break;
+                    }
+                }
+                loop {
+                    tokio::select! {
+                        ev = live.recv() => match ev {
+                            Ok(e) if e.kind.starts_with("message.") => break,
+                            Ok(_) => {}
+                            Err(RecvError::Lagged(_)) => break,
+                            Err(RecvError::Closed) => return Ok(()),
+                        },
+                        () = tx.closed() => return Ok(()),
+                    }
+                }
+            }
+        };
+        let r: Result<(), ApiError> = tokio::select! {
+            r = follow => r,
+            () = revoked => Err(ApiError::unauthorized(crate::stream::KEY_REVOKED)),
+        };
+        if let Err(e) = r {
+            let _ = tx
+                .send(Ok(SseEvent::default().event("error").data(e.to_string())))
+                .await;
+        }
+    });
+    Ok(crate::stream::sse_response(rx))
+}
+
 /// Send a message. With an `idempotencyKey` already used by the sender, the first message is
 /// returned (200) and nothing is sent again.
 #[utoipa::path(post, path = "/api/v1/messages", request_body = SendMessage, tag = "messages",
@@ -922,6 +1043,7 @@ pub fn routes() -> axum::Router<Arc<AppState>> {
         .route("/agents/{id}", get(get_agent))
         .route("/agents/{id}/heartbeat", post(agent_heartbeat))
         .route("/agents/{id}/inbox", get(inbox))
+        .route("/agents/{id}/inbox/stream", get(inbox_stream))
         .route("/messages", post(send_message))
         .route("/messages/{id}", get(get_message).delete(delete_message))
         .route("/messages/{id}/claim", post(claim_message))

@@ -25,11 +25,12 @@ use kennel_lifecycle::{
     reconcile, reconcile_retired, retire, Action, AgentFact, Facts, ManagedState,
 };
 use kennel_proto::agents::{Address, RegisterAgent};
+use kennel_proto::agents::{CommandState, MessageState};
 use kennel_proto::api::{CreateTask, Daemon, Task};
 use kennel_proto::link::{OutputStream, SessionSpec};
 use kennel_proto::policy::SpawnPolicy;
 use kennel_proto::TaskStatus;
-use kennel_store::{AgentStore, NewMessage, Spawned, Store};
+use kennel_store::{AgentStore, NewCommand, NewMessage, Spawned, Store};
 use serde::{Deserialize, Serialize};
 
 use crate::coordinator::Coordinator;
@@ -51,6 +52,12 @@ struct Kept {
     state: ManagedState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     task_id: Option<String>,
+    /// The `agent.spawn` command of the current agent, until it ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    spawn_command: Option<String>,
+    /// The `agent.shutdown` command of the current agent, until it ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stop_command: Option<String>,
 }
 
 /// What the manager remembers between passes, and loses at a restart without harm.
@@ -140,9 +147,28 @@ impl Lifecycle {
             kept.insert(name, serde_json::from_value(state).unwrap_or_default());
         }
         let daemons = self.store.list_daemons().await?;
+        let mut by_status: BTreeMap<&'static str, u64> = BTreeMap::new();
         for (name, policy) in &policies {
             let before = kept.remove(name).unwrap_or_default();
-            self.one(policy, before, &daemons, false).await?;
+            let after = self.one(policy, before, &daemons, false).await?;
+            *by_status.entry(after.as_str()).or_default() += 1;
+        }
+        for status in ["stopped", "starting", "running", "stopping", "backoff"] {
+            let n = by_status.get(status).copied().unwrap_or(0);
+            metrics::gauge!("kennel_policies", "status" => status).set(n as f64);
+        }
+        let counts = self.agents.message_counts().await?;
+        for state in [
+            MessageState::Queued,
+            MessageState::Delivered,
+            MessageState::Read,
+            MessageState::Expired,
+        ] {
+            let n = counts
+                .iter()
+                .find(|(s, _)| *s == state)
+                .map_or(0, |(_, n)| *n);
+            metrics::gauge!("kennel_messages", "state" => state.as_str()).set(n as f64);
         }
         // States of deleted policies: their agents are stopped, then the state goes.
         for (name, before) in kept {
@@ -159,7 +185,7 @@ impl Lifecycle {
         before: Kept,
         daemons: &[Daemon],
         retired: bool,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<kennel_lifecycle::PolicyStatus, Box<dyn std::error::Error + Send + Sync>> {
         let now = self.clock.now_ms();
         let task = match &before.task_id {
             Some(id) => self.coord.task(id).await.ok(),
@@ -189,7 +215,7 @@ impl Lifecycle {
         };
         let mut after = Kept {
             state: decision.state.clone(),
-            task_id: before.task_id.clone(),
+            ..before.clone()
         };
         if after.state.waiting_for_target {
             after.state.last_error = Some(no_target(policy));
@@ -197,7 +223,16 @@ impl Lifecycle {
         for action in &decision.actions {
             match action {
                 Action::Spawn { request_id } => match self.spawn(policy, request_id).await {
-                    Ok(task) => after.task_id = Some(task.id),
+                    Ok(task) => {
+                        let args = serde_json::json!({
+                            "taskId": task.id, "provider": policy.provider,
+                        });
+                        let deadline = secs(policy.spawn_timeout_secs);
+                        after.spawn_command = self
+                            .command("agent.spawn", policy, request_id, args, now + deadline)
+                            .await;
+                        after.task_id = Some(task.id);
+                    }
                     Err(reason) => {
                         // Refused before any daemon saw it: a start that failed, at once.
                         tracing::warn!(policy = %policy.name, "failed to spawn the agent: {reason}");
@@ -211,19 +246,47 @@ impl Lifecycle {
                         after.task_id = None;
                     }
                 },
-                Action::Stop { reason, .. } => {
+                Action::Stop {
+                    request_id,
+                    graceful,
+                    timeout_ms,
+                    reason,
+                } => {
                     if let Some(id) = &before.task_id {
                         tracing::info!(policy = %policy.name, task_id = %id, "stopping the agent: {reason}");
-                        if let Err(e) = self.coord.cancel(id).await {
-                            tracing::warn!(task_id = %id, "failed to stop the agent's task: {e}");
+                        let args = serde_json::json!({
+                            "graceful": graceful, "timeoutMs": timeout_ms, "reason": reason,
+                        });
+                        let deadline = *timeout_ms as i64 + 5_000;
+                        let command = self
+                            .command("agent.shutdown", policy, request_id, args, now + deadline)
+                            .await;
+                        match self.coord.cancel(id).await {
+                            Ok(_) => self.advance(&command, CommandState::Delivered, None).await,
+                            Err(e) => {
+                                tracing::warn!(task_id = %id, "failed to stop the agent's task: {e}");
+                                let why = format!("failed to stop the agent's task: {e}");
+                                self.advance(&command, CommandState::Failed, Some(&why))
+                                    .await;
+                            }
                         }
+                        after.stop_command = command;
                     }
                 }
             }
         }
+        self.track_commands(&mut after, task.as_ref()).await;
         if retired && after.state.status == kennel_lifecycle::PolicyStatus::Stopped {
             self.agents.forget_policy_state(&policy.name).await?;
-            return Ok(());
+            return Ok(after.state.status);
+        }
+        if after.state.restart_count > before.state.restart_count {
+            metrics::counter!("kennel_agent_restarts_total", "policy" => policy.name.clone())
+                .increment(1);
+        }
+        if after.state.consecutive_failures > before.state.consecutive_failures {
+            metrics::counter!("kennel_agent_failures_total", "policy" => policy.name.clone())
+                .increment(1);
         }
         if after != before {
             let changed = decision.status_changed(&before.state);
@@ -244,7 +307,92 @@ impl Lifecycle {
             }
             self.coord.publish_events(saved.events);
         }
-        Ok(())
+        Ok(after.state.status)
+    }
+
+    /// Records a command to the agent; its id, unless it could not be stored.
+    async fn command(
+        &self,
+        kind: &str,
+        policy: &SpawnPolicy,
+        target: &str,
+        args: serde_json::Value,
+        deadline_at: i64,
+    ) -> Option<String> {
+        let c = NewCommand {
+            id: format!("c-{}", crate::ids::time_ordered()),
+            kind: kind.to_string(),
+            policy: Some(policy.name.clone()),
+            target: target.to_string(),
+            args,
+            deadline_at,
+        };
+        match self.agents.create_command(&c, self.clock.now_ms()).await {
+            Ok(done) => {
+                self.coord.publish_events(done.events);
+                Some(c.id)
+            }
+            Err(e) => {
+                tracing::error!(
+                    error = &e as &dyn std::error::Error,
+                    "failed to record a command"
+                );
+                None
+            }
+        }
+    }
+
+    /// Moves a command on, if there is one and the move is allowed.
+    async fn advance(&self, id: &Option<String>, next: CommandState, error: Option<&str>) {
+        let Some(id) = id else {
+            return;
+        };
+        match self
+            .agents
+            .advance_command(id, next, error, self.clock.now_ms())
+            .await
+        {
+            Ok(done) => self.coord.publish_events(done.events),
+            Err(e) => tracing::error!(
+                error = &e as &dyn std::error::Error,
+                "failed to update a command"
+            ),
+        }
+    }
+
+    /// Moves the agent's open commands along with its task: a spawn is delivered once the task
+    /// is dispatched and succeeds once the agent runs, or fails with the policy's reason; a
+    /// shutdown succeeds once the task ended.
+    async fn track_commands(&self, kept: &mut Kept, task: Option<&Task>) {
+        use kennel_lifecycle::PolicyStatus as P;
+        if kept.spawn_command.is_some() {
+            let status = task.map(|t| t.status);
+            if matches!(status, Some(TaskStatus::Dispatched)) {
+                self.advance(&kept.spawn_command, CommandState::Delivered, None)
+                    .await;
+            }
+            match kept.state.status {
+                P::Running | P::Stopping => {
+                    self.advance(&kept.spawn_command, CommandState::Running, None)
+                        .await;
+                    self.advance(&kept.spawn_command, CommandState::Succeeded, None)
+                        .await;
+                    kept.spawn_command = None;
+                }
+                P::Backoff | P::Stopped => {
+                    let why = kept.state.last_error.clone();
+                    self.advance(&kept.spawn_command, CommandState::Failed, why.as_deref())
+                        .await;
+                    kept.spawn_command = None;
+                }
+                P::Starting => {}
+            }
+        }
+        if kept.stop_command.is_some() && task.is_none_or(|t| t.status.is_terminal()) {
+            self.advance(&kept.stop_command, CommandState::Succeeded, None)
+                .await;
+            kept.stop_command = None;
+        }
     }
 
     /// What the reconciler knows of the current agent, from its task.
@@ -436,6 +584,10 @@ struct Said {
     in_reply_to: Option<String>,
     #[serde(default)]
     body: String,
+}
+
+fn secs(s: u64) -> i64 {
+    i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX)
 }
 
 /// Events after which a pass may have something to do.

@@ -29,12 +29,12 @@ use crate::AppState;
 const PAGE: u32 = 500;
 
 /// Why a stream ends when its key is revoked.
-const KEY_REVOKED: &str = "the API key of this stream was revoked; the stream ends";
+pub(crate) const KEY_REVOKED: &str = "the API key of this stream was revoked; the stream ends";
 
 type SseStream = axum::response::Response;
 
 /// An SSE response fed by a channel, with keep-alive comments so proxies keep it open.
-fn sse_response(rx: mpsc::Receiver<Result<SseEvent, Infallible>>) -> SseStream {
+pub(crate) fn sse_response(rx: mpsc::Receiver<Result<SseEvent, Infallible>>) -> SseStream {
     Sse::new(ReceiverStream::new(rx))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
@@ -153,7 +153,7 @@ pub struct OutputStreamQuery {
 }
 
 /// The `Last-Event-ID` a reconnecting client sends; an empty one counts as none.
-fn last_event_id(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+pub(crate) fn last_event_id(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     let Some(v) = headers.get("last-event-id") else {
         return Ok(None);
     };

@@ -238,6 +238,8 @@ pub trait AgentStore: Send + Sync + 'static {
     /// Expires every unread message whose time to live ran out.
     async fn expire_messages(&self, now: Millis) -> Result<Changed<Vec<String>>>;
     async fn delete_message(&self, id: &str, now: Millis) -> Result<Changed<bool>>;
+    /// How many messages are in each state, for metrics.
+    async fn message_counts(&self) -> Result<Vec<(MessageState, u64)>>;
     /// Messages to `address` still queued: what an on-demand policy starts for.
     async fn queued_for(&self, address: &Address) -> Result<u32>;
 
@@ -470,6 +472,11 @@ macro_rules! impl_agent_store {
             ) -> $crate::Result<$crate::agents::Changed<bool>> {
                 let id = id.to_string();
                 $write!(self, s => $crate::agents::ops::delete_message(s, &id, now))
+            }
+            async fn message_counts(
+                &self,
+            ) -> $crate::Result<Vec<(kennel_proto::agents::MessageState, u64)>> {
+                $read!(self, s => $crate::agents::ops::message_counts(s))
             }
             async fn queued_for(
                 &self,
@@ -1395,6 +1402,23 @@ pub(crate) mod ops {
             )?;
         }
         Ok(rec.done(n > 0))
+    }
+
+    pub async fn message_counts<S: Sql>(sql: &mut S) -> Result<Vec<(MessageState, u64)>> {
+        let rows = sql
+            .fetch(
+                "SELECT state, COUNT(*) FROM messages GROUP BY state ORDER BY state",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let state = r.text(0)?;
+                let state = MessageState::parse(&state)
+                    .ok_or_else(|| corrupt("message state", format!("unknown state `{state}`")))?;
+                Ok((state, u64::try_from(r.int(1)?).unwrap_or(0)))
+            })
+            .collect()
     }
 
     pub async fn queued_for<S: Sql>(sql: &mut S, address: &str) -> Result<u32> {

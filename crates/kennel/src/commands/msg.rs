@@ -101,26 +101,28 @@ pub async fn run(c: &Client, g: &Global, cmd: MsgCmd) -> anyhow::Result<ExitCode
             follow,
             after,
         } => {
-            let mut cursor = after;
-            // Subscribe before the first read, so nothing sent in between is missed.
-            let mut events = match follow {
-                true => Some(c.sse("/api/v1/events", None).await?),
-                false => None,
-            };
-            cursor = print_page(c, g, &agent, cursor).await?;
-            let Some(events) = events.as_mut() else {
+            if !follow {
+                print_page(c, g, &agent, after).await?;
                 return Ok(ExitCode::SUCCESS);
-            };
+            }
+            // The inbox's own stream: what is there, then each new message as it comes.
+            let path = format!("/api/v1/agents/{agent}/inbox/stream?after={after}");
+            let mut events = c.sse(&path, None).await?;
             while let Some(ev) = events.next().await {
                 let ev = match ev {
                     Ok(ev) => ev,
-                    Err(e) => bail!("the event stream broke: {e}"),
+                    Err(e) => bail!("the inbox stream broke: {e}"),
                 };
-                if ev.event == "message.available" || ev.event == "message.claim.released" {
-                    cursor = print_page(c, g, &agent, cursor).await?;
+                match ev.event.as_str() {
+                    "message" => {
+                        let m: Message = serde_json::from_str(&ev.data)?;
+                        print_message(g, &m)?;
+                    }
+                    "error" => bail!("the server ended the inbox stream: {}", ev.data),
+                    _ => {}
                 }
             }
-            bail!("the server closed the event stream");
+            bail!("the server closed the inbox stream");
         }
         MsgCmd::Claim { id, agent, ttl } => {
             let req = ClaimMessage {
@@ -154,19 +156,7 @@ async fn print_page(c: &Client, g: &Global, agent: &str, mut cursor: i64) -> any
             .get(&format!("/api/v1/agents/{agent}/inbox?after={cursor}"))
             .await?;
         for m in &page.messages {
-            if g.json {
-                print_json(m)?;
-            } else {
-                let subject = m
-                    .subject
-                    .as_deref()
-                    .map(|s| format!(" [{s}]"))
-                    .unwrap_or_default();
-                println!(
-                    "#{} {} from {} to {}{}: {}",
-                    m.seq, m.id, m.from, m.to, subject, m.body
-                );
-            }
+            print_message(g, m)?;
         }
         let done = page.messages.is_empty() || page.next_cursor == cursor;
         cursor = page.next_cursor;
@@ -174,4 +164,20 @@ async fn print_page(c: &Client, g: &Global, agent: &str, mut cursor: i64) -> any
             return Ok(cursor);
         }
     }
+}
+
+fn print_message(g: &Global, m: &Message) -> anyhow::Result<()> {
+    if g.json {
+        return print_json(m);
+    }
+    let subject = m
+        .subject
+        .as_deref()
+        .map(|s| format!(" [{s}]"))
+        .unwrap_or_default();
+    println!(
+        "#{} {} from {} to {}{}: {}",
+        m.seq, m.id, m.from, m.to, subject, m.body
+    );
+    Ok(())
 }

@@ -321,3 +321,37 @@ async fn messages_survive_a_kill_9_and_the_inbox_cursor_goes_on_through_the_cli(
     assert!(out(&agents).contains("a1"), "{}", out(&agents));
     Ok(())
 }
+
+#[tokio::test]
+async fn an_inbox_streams_what_is_there_then_each_new_message_and_resumes_after_the_last(
+) -> anyhow::Result<()> {
+    let srv = server().await?;
+    let key = srv.api().create_key("a", &[Scope::Agent]).await?;
+    let a = srv.api().with_key(Some(key.key.clone()));
+    let _: Agent = a.post("/api/v1/agents", &reg("a1", "p")).await?;
+    let send = |body: &str| {
+        let body = serde_json::json!({ "to": "tag:worker", "body": body });
+        let api = srv.api();
+        async move { api.post::<_, Message>("/api/v1/messages", &body).await }
+    };
+    send("first").await?;
+    let url = format!("{}/api/v1/agents/a1/inbox/stream", srv.url());
+    let mut stream = EventStream::connect(&url, Some(&key.key), None).await?;
+    let first = stream.wait_for(WAIT, |m| m.event == "message").await?;
+    assert!(first.data.contains("\"first\""), "{}", first.data);
+    send("second").await?;
+    let second = stream.wait_for(WAIT, |m| m.event == "message").await?;
+    assert!(second.data.contains("\"second\""), "{}", second.data);
+    drop(stream);
+
+    // Resumed after the first: only what came after it.
+    let mut resumed = EventStream::connect(&url, Some(&key.key), Some(&first.id)).await?;
+    let next = resumed.wait_for(WAIT, |m| m.event == "message").await?;
+    assert_eq!(next.id, second.id);
+    // Another agent key may not follow this inbox.
+    let other = srv.api().create_key("b", &[Scope::Agent]).await?;
+    assert!(EventStream::connect(&url, Some(&other.key), None)
+        .await
+        .is_err());
+    Ok(())
+}

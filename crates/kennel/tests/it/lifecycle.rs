@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use kennel_proto::agents::{Agent, InboxPage, Message, MessageState, RegisterAgent};
+use kennel_proto::agents::{
+    Agent, Command, CommandState, InboxPage, Message, MessageState, RegisterAgent,
+};
 use kennel_proto::api::Scope;
 use kennel_testkit::sse::{EventStream, SseMsg};
 use kennel_testkit::{Api, KennelDaemon, KennelServer, ScriptedAnthropic};
@@ -127,6 +129,24 @@ async fn a_message_to_an_on_demand_policy_starts_its_agent_the_reply_reaches_the
     wait_policy(&mut ev, "reviewer", "running").await?;
     ev.wait_for(SLOW, |m| is_message_from(m, "reviewer-1"))
         .await?;
+    let (_, metrics) = srv
+        .api()
+        .raw(
+            reqwest::Method::GET,
+            "/metrics",
+            Some(srv.admin_key()),
+            None,
+        )
+        .await?;
+    for line in [
+        "kennel_policies{status=\"running\"} 1",
+        "kennel_messages{state=",
+    ] {
+        assert!(
+            metrics.contains(line),
+            "no `{line}` in /metrics:\n{metrics}"
+        );
+    }
     let got = inbox(&triager, "triager").await?;
     assert_eq!(got.len(), 1, "{got:#?}");
     assert_eq!(got[0].body, "echo: look at PR 7");
@@ -143,6 +163,21 @@ async fn a_message_to_an_on_demand_policy_starts_its_agent_the_reply_reaches_the
     wait_policy(&mut ev, "reviewer", "stopped").await?;
     let agent: Agent = srv.api().get("/api/v1/agents/reviewer-1").await?;
     assert!(!agent.online);
+    // Each step was a command with its correlation id, its state and its deadline.
+    let commands: Vec<Command> = srv.api().get("/api/v1/commands").await?;
+    let done: Vec<(&str, &str, CommandState)> = commands
+        .iter()
+        .rev()
+        .map(|c| (c.kind.as_str(), c.target.as_str(), c.state))
+        .collect();
+    assert_eq!(
+        done,
+        [
+            ("agent.spawn", "reviewer-1", CommandState::Succeeded),
+            ("agent.shutdown", "reviewer-1", CommandState::Succeeded),
+        ]
+    );
+    assert_eq!(commands[0].args["graceful"], true);
 
     // Mail again: a new agent.
     send(&triager, "triager", "policy:reviewer", "and PR 8").await?;
