@@ -77,11 +77,16 @@ pub enum StopReason {
     Update,
     /// Its policy was deleted: stopped for good.
     Retired,
+    /// Someone asked for a restart (an `agent.restart` command): started again.
+    Requested,
 }
 
 impl StopReason {
     fn restarts(self) -> bool {
-        matches!(self, StopReason::DailyRestart | StopReason::Update)
+        matches!(
+            self,
+            StopReason::DailyRestart | StopReason::Update | StopReason::Requested
+        )
     }
 
     fn describe(self) -> &'static str {
@@ -90,6 +95,7 @@ impl StopReason {
             StopReason::DailyRestart => "daily restart",
             StopReason::Update => "restart for a new kennel version",
             StopReason::Retired => "its policy was deleted",
+            StopReason::Requested => "restart requested",
         }
     }
 }
@@ -154,6 +160,8 @@ pub struct Facts {
     pub target_online: bool,
     /// The coordinator's version now.
     pub version: String,
+    /// Someone asked for the running agent to be restarted.
+    pub restart_requested: bool,
 }
 
 /// What the manager must do to carry out a decision.
@@ -354,7 +362,9 @@ impl Run<'_> {
         let since_spawn = self.s.last_spawn_at.unwrap_or(self.now);
         let idle = self.now - last_active_at.max(since_spawn);
         let p = self.policy;
-        if p.mode == PolicyMode::OnDemand
+        if self.facts.restart_requested {
+            self.stop(StopReason::Requested);
+        } else if p.mode == PolicyMode::OnDemand
             && self.facts.queued_messages == 0
             && idle >= secs(p.on_demand.keepalive_seconds)
         {

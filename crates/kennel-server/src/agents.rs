@@ -67,7 +67,7 @@ const DEFAULT_INBOX_PAGE: u32 = 100;
 #[derive(OpenApi)]
 #[openapi(
     paths(
-        apply_policy, list_policies, get_policy, policy_history, delete_policy,
+        apply_policy, list_policies, get_policy, policy_history, delete_policy, restart_policy,
         register_agent, agent_heartbeat, list_agents, get_agent, inbox, inbox_stream,
         send_message, get_message, claim_message, release_claim, read_message, delete_message,
         list_commands, get_command
@@ -438,6 +438,58 @@ pub async fn delete_policy(p: Principal, State(app): S, name: PathId) -> AppResu
         return Err(ApiError::not_found(format!("no policy `{name}`")));
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Restart a policy's running agent: an `agent.restart` command the lifecycle manager carries
+/// out (stop gracefully, start a new agent). Follow it with `GET /api/v1/commands/{id}`.
+#[utoipa::path(post, path = "/api/v1/policies/{id}/restart", params(IdParam), tag = "policies",
+    responses(
+        (status = 202, description = "the restart command, requested", body = Command),
+        (status = 400, description = "the name is invalid", body = ErrorBody),
+        (status = 404, description = "no such policy", body = ErrorBody),
+        (status = 409, description = "the policy's agent is not running", body = ErrorBody),
+    ))]
+pub async fn restart_policy(
+    p: Principal,
+    State(app): S,
+    name: PathId,
+) -> AppResult<(StatusCode, Json<Command>)> {
+    p.require(CLIENT)?;
+    let name = policy_name(name)?;
+    let record = app
+        .agents
+        .get_policy(&name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no policy `{name}`")))?;
+    let state = state_of(&app, &name).await?;
+    let status = state
+        .as_ref()
+        .and_then(|s| s["status"].as_str())
+        .unwrap_or("stopped")
+        .to_string();
+    let agent = state
+        .as_ref()
+        .and_then(|s| s["spawnRequestId"].as_str())
+        .map(str::to_string);
+    let (true, Some(agent)) = (status == "running", agent) else {
+        return Err(ApiError::conflict(format!(
+            "policy `{name}`'s agent is not running (it is {status}); nothing to restart"
+        )));
+    };
+    let now = app.clock.now_ms();
+    let policy = &record.policy;
+    let deadline = (policy.stop_timeout_secs + policy.spawn_timeout_secs + 60) as i64 * 1000;
+    let command = kennel_store::NewCommand {
+        id: format!("c-{}", crate::ids::time_ordered()),
+        kind: "agent.restart".into(),
+        policy: Some(name.clone()),
+        target: agent,
+        args: serde_json::json!({}),
+        deadline_at: now + deadline,
+    };
+    let done = app.agents.create_command(&command, now).await?;
+    app.coord.publish_events(done.events);
+    Ok((StatusCode::ACCEPTED, Json(done.value)))
 }
 
 /// Register an agent (again): it gets the next epoch. Calls carrying an older epoch are
@@ -1039,6 +1091,7 @@ pub fn routes() -> axum::Router<Arc<AppState>> {
         .route("/policies", post(apply_policy).get(list_policies))
         .route("/policies/{id}", get(get_policy).delete(delete_policy))
         .route("/policies/{id}/history", get(policy_history))
+        .route("/policies/{id}/restart", post(restart_policy))
         .route("/agents", post(register_agent).get(list_agents))
         .route("/agents/{id}", get(get_agent))
         .route("/agents/{id}/heartbeat", post(agent_heartbeat))

@@ -58,6 +58,9 @@ struct Kept {
     /// The `agent.shutdown` command of the current agent, until it ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     stop_command: Option<String>,
+    /// An `agent.restart` command being carried out, until the new agent runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    restart_command: Option<String>,
 }
 
 /// What the manager remembers between passes, and loses at a restart without harm.
@@ -147,10 +150,17 @@ impl Lifecycle {
             kept.insert(name, serde_json::from_value(state).unwrap_or_default());
         }
         let daemons = self.store.list_daemons().await?;
+        let open = self.agents.list_commands(true, 1_000).await?;
+        let restarts: BTreeMap<String, String> = open
+            .into_iter()
+            .filter(|c| c.kind == "agent.restart" && c.state == CommandState::Requested)
+            .filter_map(|c| Some((c.policy?, c.id)))
+            .collect();
         let mut by_status: BTreeMap<&'static str, u64> = BTreeMap::new();
         for (name, policy) in &policies {
             let before = kept.remove(name).unwrap_or_default();
-            let after = self.one(policy, before, &daemons, false).await?;
+            let restart = restarts.get(name).cloned();
+            let after = self.one(policy, before, &daemons, restart, false).await?;
             *by_status.entry(after.as_str()).or_default() += 1;
         }
         for status in ["stopped", "starting", "running", "stopping", "backoff"] {
@@ -173,7 +183,7 @@ impl Lifecycle {
         // States of deleted policies: their agents are stopped, then the state goes.
         for (name, before) in kept {
             let policy = placeholder(&name);
-            self.one(&policy, before, &daemons, true).await?;
+            self.one(&policy, before, &daemons, None, true).await?;
         }
         Ok(())
     }
@@ -184,6 +194,7 @@ impl Lifecycle {
         policy: &SpawnPolicy,
         before: Kept,
         daemons: &[Daemon],
+        restart: Option<String>,
         retired: bool,
     ) -> Result<kennel_lifecycle::PolicyStatus, Box<dyn std::error::Error + Send + Sync>> {
         let now = self.clock.now_ms();
@@ -203,7 +214,22 @@ impl Lifecycle {
                 .await?,
             target_online: daemons.iter().any(|d| serves(d, policy)),
             version: self.version.clone(),
+            restart_requested: false,
         };
+        // A restart asked for through the API: carried out on a running agent, refused else.
+        let mut facts = facts;
+        if let Some(id) = &restart {
+            if before.state.status == kennel_lifecycle::PolicyStatus::Running {
+                facts.restart_requested = true;
+            } else {
+                let why = format!(
+                    "the agent is not running (its policy is {}); nothing to restart",
+                    before.state.status.as_str()
+                );
+                self.advance(&Some(id.clone()), CommandState::Failed, Some(&why))
+                    .await;
+            }
+        }
         let decision = if retired {
             if before.state.status == kennel_lifecycle::PolicyStatus::Stopping {
                 reconcile_retired(policy, &before.state, &facts, now)
@@ -217,6 +243,10 @@ impl Lifecycle {
             state: decision.state.clone(),
             ..before.clone()
         };
+        if facts.restart_requested {
+            self.advance(&restart, CommandState::Running, None).await;
+            after.restart_command = restart.clone();
+        }
         if after.state.waiting_for_target {
             after.state.last_error = Some(no_target(policy));
         }
@@ -386,6 +416,22 @@ impl Lifecycle {
                     kept.spawn_command = None;
                 }
                 P::Starting => {}
+            }
+        }
+        if kept.restart_command.is_some() {
+            match kept.state.status {
+                P::Running if kept.spawn_command.is_none() && kept.stop_command.is_none() => {
+                    self.advance(&kept.restart_command, CommandState::Succeeded, None)
+                        .await;
+                    kept.restart_command = None;
+                }
+                P::Backoff | P::Stopped => {
+                    let why = kept.state.last_error.clone();
+                    self.advance(&kept.restart_command, CommandState::Failed, why.as_deref())
+                        .await;
+                    kept.restart_command = None;
+                }
+                _ => {}
             }
         }
         if kept.stop_command.is_some() && task.is_none_or(|t| t.status.is_terminal()) {

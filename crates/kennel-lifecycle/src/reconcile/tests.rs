@@ -25,6 +25,7 @@ fn facts() -> Facts {
         queued_messages: 0,
         target_online: true,
         version: "1.0.0".into(),
+        restart_requested: false,
     }
 }
 
@@ -481,4 +482,24 @@ fn the_state_round_trips_through_json_for_the_store() {
     assert!(json.contains("\"status\":\"backoff\""), "{json}");
     let back: ManagedState = serde_json::from_str(&json).expect("decode");
     assert_eq!(back, sim.state);
+}
+
+#[test]
+fn a_requested_restart_stops_the_running_agent_and_starts_a_new_one_at_once() {
+    let mut sim = Sim::new("always-on");
+    sim.run(T0);
+    sim.facts.restart_requested = true;
+    let actions = sim.at(T0 + S);
+    assert!(is_stop(&actions, true), "{actions:?}");
+    let Action::Stop { reason, .. } = &actions[0] else {
+        unreachable!()
+    };
+    assert!(reason.contains("restart requested"), "{reason}");
+    sim.facts.agent = gone("stopped");
+    assert_eq!(sim.at(T0 + 2 * S), [spawn("reviewer-2")]);
+    assert_eq!(sim.state.restart_count, 1);
+    assert_eq!(
+        sim.state.consecutive_failures, 0,
+        "a restart is not a failure"
+    );
 }

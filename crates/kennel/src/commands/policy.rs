@@ -37,6 +37,8 @@ pub enum PolicyCmd {
     History { name: String },
     /// Delete a policy; its agent is stopped.
     Delete { name: String },
+    /// Restart a policy's running agent (stop it gracefully, start a new one).
+    Restart { name: String },
 }
 
 pub async fn run(c: &Client, g: &Global, cmd: PolicyCmd) -> anyhow::Result<ExitCode> {
@@ -104,6 +106,19 @@ pub async fn run(c: &Client, g: &Global, cmd: PolicyCmd) -> anyhow::Result<ExitC
                     })
                     .collect();
                 print!("{}", table::render(&["VERSION", "AT", "POLICY"], &rows));
+            }
+        }
+        PolicyCmd::Restart { name } => {
+            let command: kennel_proto::agents::Command = c
+                .post_empty(&format!("/api/v1/policies/{name}/restart"))
+                .await?;
+            if g.json {
+                print_json(&command)?;
+            } else {
+                println!(
+                    "restart of `{name}` requested as command {}; `kennel policy show {name}` follows it",
+                    command.id
+                );
             }
         }
         PolicyCmd::Delete { name } => {

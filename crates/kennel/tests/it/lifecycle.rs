@@ -224,6 +224,31 @@ async fn a_killed_always_on_agent_is_restarted_after_its_backoff() -> anyhow::Re
     let state = wait_policy(&mut ev, "keeper", "running").await?;
     assert_eq!(state["spawns"], 3);
     assert_eq!(state["consecutiveFailures"], 2);
+
+    // A restart asked for: the agent is stopped and a new one started, not counted a failure.
+    let command: Command = srv
+        .api()
+        .post_empty("/api/v1/policies/keeper/restart")
+        .await?;
+    assert_eq!(command.state, CommandState::Requested);
+    wait_policy(&mut ev, "keeper", "stopping").await?;
+    // The command succeeds once the new agent runs (recorded just before the policy's state).
+    ev.wait_for(SLOW, |m| {
+        m.event == "command.state.changed"
+            && m.json().is_ok_and(|v| {
+                v["data"]["commandId"] == command.id.as_str() && v["data"]["state"] == "succeeded"
+            })
+    })
+    .await?;
+    let state = wait_policy(&mut ev, "keeper", "running").await?;
+    assert_eq!(
+        (state["spawns"].as_i64(), state["restartCount"].as_i64()),
+        (Some(4), Some(1))
+    );
+    assert_eq!(
+        state["consecutiveFailures"], 2,
+        "a restart is not a failure"
+    );
     Ok(())
 }
 
