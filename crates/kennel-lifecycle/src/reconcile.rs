@@ -13,8 +13,8 @@
 //! - **running**: the agent gone is a failure. After `backoff.resetAfterSeconds` of healthy
 //!   running the failure count starts again from zero. An idle `on-demand` agent is stopped
 //!   after its keepalive; a daily restart (24 h since its spawn, idle for an hour) and a
-//!   restart after the coordinator's version changed (idle for a minute) stop it to start it
-//!   again.
+//!   restart after the coordinator's release changed (idle for `restartOnUpdateIdleSecs`, a
+//!   minute by default) stop it to start it again.
 //! - **stopping**: once the agent is gone, what the stop was for follows (stopped, or a new
 //!   spawn); an agent still there after `stopTimeoutSecs` is killed.
 //! - **backoff**: after failure `n` (counted from zero) the policy waits
@@ -33,9 +33,6 @@ pub const DAILY_RESTART_IDLE_MS: Millis = 3_600_000;
 
 /// How long an agent runs before its daily restart is due.
 pub const DAILY_RESTART_AFTER_MS: Millis = 24 * 3_600_000;
-
-/// How long an agent must have been idle before it is restarted for a new coordinator version.
-pub const UPDATE_RESTART_IDLE_MS: Millis = 60_000;
 
 /// Why a policy waits in backoff while no daemon can take its agent.
 pub const NO_TARGET: &str =
@@ -374,7 +371,7 @@ impl Run<'_> {
             && idle >= DAILY_RESTART_IDLE_MS
         {
             self.stop(StopReason::DailyRestart);
-        } else if self.update_pending() && idle >= UPDATE_RESTART_IDLE_MS {
+        } else if self.update_pending() && idle >= secs(p.restart_on_update_idle_secs) {
             self.stop(StopReason::Update);
         }
     }
@@ -545,7 +542,7 @@ impl Run<'_> {
                     );
                 }
                 if self.update_pending() {
-                    due.push(active + UPDATE_RESTART_IDLE_MS);
+                    due.push(active + secs(p.restart_on_update_idle_secs));
                 }
                 due.into_iter().min()
             }

@@ -72,9 +72,13 @@ pub struct SpawnPolicy {
     /// Delays between restarts after failures.
     #[serde(default)]
     pub backoff: Backoff,
-    /// Restart the agent (when idle for a minute) after the coordinator's version changed.
+    /// Restart the agent (once idle for `restartOnUpdateIdleSecs`) after the coordinator's
+    /// release changed (`server.agents.release`, by default kennel's version).
     #[serde(default)]
     pub restart_on_update: bool,
+    /// Seconds without a message in or out before a restart for an update.
+    #[serde(default = "default_update_idle")]
+    pub restart_on_update_idle_secs: u64,
     /// Restart the agent once it has run for 24 hours (when idle for an hour).
     #[serde(default)]
     pub scheduled_daily_restart: bool,
@@ -84,6 +88,10 @@ pub struct SpawnPolicy {
     /// Seconds a graceful stop may take before the agent is killed.
     #[serde(default = "default_stop_timeout")]
     pub stop_timeout_secs: u64,
+}
+
+fn default_update_idle() -> u64 {
+    60
 }
 
 fn default_spawn_timeout() -> u64 {
@@ -280,6 +288,11 @@ impl SpawnPolicy {
             1,
         )?;
         secs("spawnTimeoutSecs", self.spawn_timeout_secs, 1)?;
+        secs(
+            "restartOnUpdateIdleSecs",
+            self.restart_on_update_idle_secs,
+            1,
+        )?;
         secs("stopTimeoutSecs", self.stop_timeout_secs, 1)?;
         if self.backoff.schedule.is_empty() || self.backoff.schedule.len() > MAX_BACKOFF_STEPS {
             return Err(fail(

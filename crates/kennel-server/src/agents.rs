@@ -142,6 +142,11 @@ impl utoipa::Modify for AgentConstraints {
         field("Backoff", "resetAfterSeconds", &secs(1, MAX_POLICY_SECS));
         field("SpawnPolicy", "spawnTimeoutSecs", &secs(1, MAX_POLICY_SECS));
         field("SpawnPolicy", "stopTimeoutSecs", &secs(1, MAX_POLICY_SECS));
+        field(
+            "SpawnPolicy",
+            "restartOnUpdateIdleSecs",
+            &secs(1, MAX_POLICY_SECS),
+        );
         // Lists of names, and maps keyed by names.
         let names = |o: &mut utoipa::openapi::schema::Array| {
             o.max_items = Some(MAX_NAMES);

@@ -30,6 +30,7 @@ pub struct ServerConfig {
     pub api: ApiConfig,
     pub http: HttpConfig,
     pub cluster: ClusterConfig,
+    pub agents: AgentsConfig,
 }
 
 impl Default for ServerConfig {
@@ -44,6 +45,7 @@ impl Default for ServerConfig {
             api: ApiConfig::default(),
             http: HttpConfig::default(),
             cluster: ClusterConfig::default(),
+            agents: AgentsConfig::default(),
         }
     }
 }
@@ -125,6 +127,16 @@ impl Default for ProtocolConfig {
             max_unauthenticated: 128,
         }
     }
+}
+
+/// Long-lived agents: what the lifecycle manager compares and waits for.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentsConfig {
+    /// The release policies with `restartOnUpdate` follow: when it differs from the one their
+    /// agent was started under, the agent is restarted once idle. Unset: kennel's own version.
+    /// Set it to roll such agents on a deploy of your own (new tools on the daemons, say).
+    pub release: Option<String>,
 }
 
 /// Several coordinators on one database: how they tell each other they are alive.

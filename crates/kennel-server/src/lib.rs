@@ -251,7 +251,10 @@ impl Server {
             store.clone(),
             coord.clone(),
             clock.clone(),
-            env!("CARGO_PKG_VERSION").to_string(),
+            cfg.agents
+                .release
+                .clone()
+                .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string()),
         );
         tokio::spawn(manager.run());
         let state = Arc::new(AppState {

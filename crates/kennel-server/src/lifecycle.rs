@@ -692,6 +692,7 @@ fn placeholder(name: &str) -> SpawnPolicy {
         on_demand: Default::default(),
         backoff: Default::default(),
         restart_on_update: false,
+        restart_on_update_idle_secs: 60,
         scheduled_daily_restart: false,
         spawn_timeout_secs: 120,
         stop_timeout_secs: 10,

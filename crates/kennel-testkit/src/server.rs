@@ -50,7 +50,7 @@ pub struct KennelServer {
     bin: PathBuf,
     data_dir: DataDir,
     /// Kept alive for as long as the server may be restarted with `--config` pointing at it.
-    _config: Option<tempfile::NamedTempFile>,
+    config: Option<tempfile::NamedTempFile>,
     extra_args: Vec<OsString>,
     admin_key: String,
     addr: SocketAddr,
@@ -128,12 +128,18 @@ impl KennelServer {
         Ok(KennelServer {
             bin: bin.to_path_buf(),
             data_dir,
-            _config: config,
+            config,
             extra_args,
             admin_key,
             addr,
             child: Some(child),
         })
+    }
+
+    /// The configuration file it was started with, if any: rewrite it before
+    /// [`KennelServer::restart`] to restart with other settings.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config.as_ref().map(|f| f.path())
     }
 
     /// `http://127.0.0.1:PORT`, without a trailing slash.

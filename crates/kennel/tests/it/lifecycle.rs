@@ -465,3 +465,37 @@ ANTHROPIC_API_KEY = "sk-ant-kennel-test"
     assert_eq!(got[0].reply_to.as_deref(), Some(asked.id.as_str()));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_new_release_restarts_the_agents_of_policies_that_follow_it_once_they_are_idle(
+) -> anyhow::Result<()> {
+    let config = |release: &str| format!("[server.agents]\nrelease = \"{release}\"\n");
+    let mut srv = crate::server_with(&config("r1")).await?;
+    let _d = KennelDaemon::start(bin(), &srv, &daemon_config("release", "")).await?;
+    let mut ev = events(&srv).await?;
+    for (name, follows) in [("follower", true), ("steady", false)] {
+        apply(
+            &srv,
+            serde_json::json!({
+                "name": name, "provider": "echoer", "mode": "always-on",
+                "restartOnUpdate": follows, "restartOnUpdateIdleSecs": 1,
+            }),
+        )
+        .await?;
+        let state = wait_policy(&mut ev, name, "running").await?;
+        assert_eq!(state["spawnedVersion"], "r1");
+    }
+
+    // A deploy: the coordinator comes back with another release.
+    std::fs::write(srv.config_path().expect("a config file"), config("r2"))?;
+    srv.restart().await?;
+    let mut ev = events(&srv).await?;
+    wait_policy(&mut ev, "follower", "stopping").await?;
+    let state = wait_policy(&mut ev, "follower", "running").await?;
+    assert_eq!(state["spawnedVersion"], "r2");
+    assert_eq!(state["restartCount"], 1);
+    let steady: serde_json::Value = srv.api().get("/api/v1/policies/steady").await?;
+    assert_eq!(steady["state"]["spawnedVersion"], "r1", "{steady}");
+    assert_eq!(steady["status"], "running");
+    Ok(())
+}
