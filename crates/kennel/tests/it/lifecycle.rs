@@ -435,7 +435,10 @@ ANTHROPIC_API_KEY = "sk-ant-kennel-test"
     let mut ev = events(&srv).await?;
     apply(
         &srv,
-        serde_json::json!({ "name": "claude-reviewer", "provider": "claude", "mode": "on-demand" }),
+        serde_json::json!({
+            "name": "claude-reviewer", "provider": "claude", "mode": "on-demand",
+            "onDemand": { "keepaliveSeconds": 2 },
+        }),
     )
     .await?;
     let triager = sender(&srv, "triager").await?;
@@ -463,6 +466,8 @@ ANTHROPIC_API_KEY = "sk-ant-kennel-test"
     assert_eq!(got.len(), 1, "{got:#?}");
     assert_eq!(got[0].body, "LGTM: please review PR 9");
     assert_eq!(got[0].reply_to.as_deref(), Some(asked.id.as_str()));
+    // Idle past its keepalive: Claude Code is stopped.
+    wait_policy(&mut ev, "claude-reviewer", "stopped").await?;
     Ok(())
 }
 
