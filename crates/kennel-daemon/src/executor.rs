@@ -56,6 +56,9 @@ pub enum Control {
     },
 }
 
+/// Why an agent stops on `interruptTask`.
+const INTERRUPTED: &str = "interrupted by request";
+
 /// What a session agent's run keeps: the messages written to it, and the last one, whose
 /// sender its answers go to.
 #[derive(Debug, Default)]
@@ -644,6 +647,17 @@ impl Executor {
                     return AgentEnd::Returned;
                 }
                 self.note(tid, att, &why);
+                // A session agent stopped by request has done what it was for: its work is
+                // kept (committed and pushed) and the session ends completed.
+                if session.is_some() && why == INTERRUPTED {
+                    return AgentEnd::Done(Outcome {
+                        success: true,
+                        error: None,
+                        exit_code: code,
+                        branch: None,
+                        commit: None,
+                    });
+                }
                 return AgentEnd::Done(Outcome {
                     success: false,
                     error: Some(why),
@@ -714,7 +728,7 @@ impl Executor {
                             });
                         }
                     },
-                    Some(Control::Interrupt { grace }) => stopping = Some(("interrupted by request".into(), grace)),
+                    Some(Control::Interrupt { grace }) => stopping = Some((INTERRUPTED.into(), grace)),
                     Some(Control::Drop) => stopping = Some(("dropped".into(), Duration::ZERO)),
                     Some(Control::Return { grace }) => stopping = Some((RETURNED.into(), grace)),
                     None => stopping = Some((RETURNED.into(), grace)),

@@ -1999,6 +1999,25 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Asks the daemon running `task` to stop its agent (`interruptTask`) without ending the
+    /// attempt here: the agent gets `grace_secs` to finish, and the daemon reports how the
+    /// attempt ended (a session agent stopped this way ends completed, its work pushed).
+    pub async fn interrupt(&self, task: &Task, grace_secs: u64) -> Result<(), ApiError> {
+        if !task.status.is_active() {
+            return Ok(());
+        }
+        let holder = self.holder(task).await?;
+        self.send_to_holder(
+            holder,
+            ServerMessage::InterruptTask(InterruptTask {
+                task_id: task.id.clone(),
+                attempt: task.attempt,
+                grace_secs,
+            }),
+        );
+        Ok(())
+    }
+
     /// Hands a message to a session agent's daemon (`deliverMessage`). The lifecycle manager
     /// sends it again until the daemon confirms it; the daemon writes it once.
     pub async fn deliver_to_session(

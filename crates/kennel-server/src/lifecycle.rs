@@ -291,8 +291,17 @@ impl Lifecycle {
                         let command = self
                             .command("agent.shutdown", policy, request_id, args, now + deadline)
                             .await;
-                        match self.coord.cancel(id).await {
-                            Ok(_) => self.advance(&command, CommandState::Delivered, None).await,
+                        // A graceful stop lets the agent finish (its daemon pushes its work and
+                        // reports the end); a forced one ends the attempt at once.
+                        let stopped = match (graceful, &task) {
+                            (true, Some(t)) => {
+                                let grace = timeout_ms.div_ceil(1000);
+                                self.coord.interrupt(t, grace).await
+                            }
+                            _ => self.coord.cancel(id).await.map(|_| ()),
+                        };
+                        match stopped {
+                            Ok(()) => self.advance(&command, CommandState::Delivered, None).await,
                             Err(e) => {
                                 tracing::warn!(task_id = %id, "failed to stop the agent's task: {e}");
                                 let why = format!("failed to stop the agent's task: {e}");

@@ -504,3 +504,51 @@ async fn a_new_release_restarts_the_agents_of_policies_that_follow_it_once_they_
     assert_eq!(steady["status"], "running");
     Ok(())
 }
+
+#[tokio::test]
+async fn an_agent_stopped_on_purpose_keeps_its_work_on_a_pushed_branch() -> anyhow::Result<()> {
+    let git = kennel_testkit::GitFixture::new(&[])?;
+    let srv = server().await?;
+    let config = r#"
+[daemon]
+max_concurrent_tasks = 1
+
+[daemon.agents.notes]
+kind = "command"
+command = ["sh", "-c", "while IFS= read -r line; do echo \"$line\" >> NOTES.md; echo \"noted: $line\"; done"]
+"#;
+    let _d = KennelDaemon::start(bin(), &srv, config).await?;
+    let mut ev = events(&srv).await?;
+    apply(
+        &srv,
+        serde_json::json!({
+            "name": "scribe", "provider": "notes", "mode": "always-on",
+            "repo": { "url": git.url(), "baseBranch": "main" },
+        }),
+    )
+    .await?;
+    let state = wait_policy(&mut ev, "scribe", "running").await?;
+    let task_id = state["taskId"].as_str().unwrap_or_default().to_string();
+    send(&srv.api(), "user", "scribe-1", "remember the milk").await?;
+    ev.wait_for(SLOW, |m| is_message_from(m, "scribe-1"))
+        .await?;
+
+    // A restart stops the agent gracefully: its session ends completed, its notes pushed.
+    let _: Command = srv
+        .api()
+        .post_empty("/api/v1/policies/scribe/restart")
+        .await?;
+    let done = kennel_testkit::wait_task_status(
+        &srv.url(),
+        srv.admin_key(),
+        &task_id,
+        kennel_proto::TaskStatus::Completed,
+        SLOW,
+    )
+    .await?;
+    let branch = format!("kennel/{task_id}");
+    assert_eq!(done.branch.as_deref(), Some(branch.as_str()));
+    assert_eq!(git.show(&branch, "NOTES.md")?, "remember the milk");
+    wait_policy(&mut ev, "scribe", "running").await?;
+    Ok(())
+}
