@@ -328,7 +328,10 @@ impl Lifecycle {
                 .increment(1);
         }
         if after != before {
-            let changed = decision.status_changed(&before.state);
+            // What a user watches: the status, and the counts that say how it fares.
+            let changed = decision.status_changed(&before.state)
+                || after.state.consecutive_failures != before.state.consecutive_failures
+                || after.state.restart_count != before.state.restart_count;
             let value = serde_json::to_value(&after)?;
             let status = after.state.status.as_str();
             let saved = self

@@ -202,7 +202,7 @@ async fn a_killed_always_on_agent_is_restarted_after_its_backoff() -> anyhow::Re
         &srv,
         serde_json::json!({
             "name": "keeper", "provider": "echoer", "mode": "always-on",
-            "backoff": { "schedule": [1, 2], "resetAfterSeconds": 600 },
+            "backoff": { "schedule": [1, 2], "resetAfterSeconds": 3 },
         }),
     )
     .await?;
@@ -225,6 +225,29 @@ async fn a_killed_always_on_agent_is_restarted_after_its_backoff() -> anyhow::Re
     assert_eq!(state["spawns"], 3);
     assert_eq!(state["consecutiveFailures"], 2);
 
+    // Healthy for resetAfterSeconds: the failures are forgiven, and the next one waits the
+    // schedule's first delay again.
+    ev.wait_for(SLOW, |m| {
+        m.event == "policy.state.changed"
+            && m.json().is_ok_and(|v| {
+                v["data"]["policy"] == "keeper"
+                    && v["data"]["status"] == "running"
+                    && v["data"]["state"]["consecutiveFailures"] == 0
+            })
+    })
+    .await?;
+    let killed = std::process::Command::new("pkill")
+        .args(["-KILL", "-f", &marker])
+        .status()?;
+    assert!(killed.success());
+    let state = wait_policy(&mut ev, "keeper", "backoff").await?;
+    let delay = (state["backoffUntil"].as_i64().unwrap_or(0)
+        - state["lastStopAt"].as_i64().unwrap_or(0))
+        / 1000;
+    assert_eq!((delay, state["consecutiveFailures"].as_i64()), (1, Some(1)));
+    let state = wait_policy(&mut ev, "keeper", "running").await?;
+    assert_eq!(state["spawns"], 4);
+
     // A restart asked for: the agent is stopped and a new one started, not counted a failure.
     let command: Command = srv
         .api()
@@ -243,10 +266,10 @@ async fn a_killed_always_on_agent_is_restarted_after_its_backoff() -> anyhow::Re
     let state = wait_policy(&mut ev, "keeper", "running").await?;
     assert_eq!(
         (state["spawns"].as_i64(), state["restartCount"].as_i64()),
-        (Some(4), Some(1))
+        (Some(5), Some(1))
     );
     assert_eq!(
-        state["consecutiveFailures"], 2,
+        state["consecutiveFailures"], 1,
         "a restart is not a failure"
     );
     Ok(())
