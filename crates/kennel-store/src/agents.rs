@@ -200,7 +200,9 @@ pub trait AgentStore: Send + Sync + 'static {
     ) -> Result<Changed<(Message, Sent)>>;
     async fn get_message(&self, id: &str) -> Result<Option<Message>>;
     /// The messages for agent `agent_id` after `after_seq`, oldest first: those to its id and
-    /// to every address it answers to (only its id for a name not in the registry). Those queued become delivered to it. Claimable messages
+    /// to every address it answers to (only its id for a name not in the registry). A message
+    /// still queued is listed whatever the cursor: with several coordinators, one stored
+    /// before the cursor's message can become visible after it, and is not skipped. Those queued become delivered to it. Claimable messages
     /// are listed while unclaimed or claimed by it.
     async fn inbox(
         &self,
@@ -1120,7 +1122,8 @@ pub(crate) mod ops {
             None => vec![agent_id.to_string()],
         };
         let query = format!(
-            "{MESSAGE} WHERE recipient IN ({}) AND seq > ?1 AND state <> 'expired' \
+            "{MESSAGE} WHERE recipient IN ({}) AND state <> 'expired' \
+             AND (seq > ?1 OR (state = 'queued' AND NOT claimable)) \
              AND (NOT claimable OR claimed_by IS NULL OR claimed_by = ?2 \
              OR claim_expires_at <= ?3) ORDER BY seq LIMIT ?4",
             placeholders(5, to.len())

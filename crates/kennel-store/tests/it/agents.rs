@@ -338,6 +338,23 @@ async fn messages_reach_every_address_form_once_and_duplicates_are_not_stored_tw
     assert!(rest.events.is_empty());
     let limited = store.inbox("a1", 0, 2, NOW + 2).await.unwrap();
     assert_eq!(limited.value.len(), 2);
+    // Messages still queued with a seq at or below the cursor (committed late by another
+    // coordinator) are listed anyway, once.
+    let late = store
+        .send_message(&message("late", "a1"), NOW)
+        .await
+        .unwrap();
+    let later = store
+        .send_message(&message("later", "a1"), NOW)
+        .await
+        .unwrap();
+    assert!(later.value.0.seq > late.value.0.seq);
+    let cursor = later.value.0.seq;
+    let got = store.inbox("a1", cursor, 100, NOW + 3).await.unwrap();
+    let ids: Vec<&str> = got.value.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["late", "later"]);
+    let again = store.inbox("a1", cursor, 100, NOW + 4).await.unwrap();
+    assert!(again.value.is_empty(), "delivered now, not listed twice");
     let other = store.inbox("a2", 0, 100, NOW + 2).await.unwrap();
     let ids: Vec<&str> = other.value.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids, ["m7"]);
