@@ -706,17 +706,7 @@ pub async fn inbox_stream(
     p.require(CLIENT_OR_AGENT)?;
     let id = path_id("agent id", id)?;
     let Query(q) = q.map_err(query_error)?;
-    let mut after = q.after.unwrap_or(0);
-    if after < 0 {
-        return Err(ApiError::invalid("`after` must be 0 or more"));
-    }
-    if let Some(last) = crate::stream::last_event_id(&headers)? {
-        after = crate::api::decimal(last, 18)
-            .and_then(|n| i64::try_from(n).ok())
-            .ok_or_else(|| {
-                ApiError::invalid(format!("Last-Event-ID `{last}` is not a message seq"))
-            })?;
-    }
+    let mut after = crate::stream::resume_after(&headers, q.after, "a message seq")?;
     let limit = page_limit(q.limit, DEFAULT_INBOX_PAGE, 1000)?;
     let guard = guard_of(q.instance_id, q.epoch)?;
     if p.scopes
@@ -878,6 +868,22 @@ pub async fn send_message(
     Ok((status, Json(stored)))
 }
 
+/// Checks a call on message `{id}` made as agent `agent_id` (claim, release, read): the
+/// ids, the agent's key and its session guard. Returns the message id.
+async fn on_message(
+    p: &Principal,
+    app: &AppState,
+    id: PathId,
+    agent_id: &str,
+    instance_id: Option<String>,
+    epoch: Option<i64>,
+) -> AppResult<String> {
+    let id = path_id("message id", id)?;
+    let guard = guard_of(instance_id, epoch)?;
+    act_as_agent(p, app, agent_id, guard).await?;
+    Ok(id)
+}
+
 /// One message.
 #[utoipa::path(get, path = "/api/v1/messages/{id}", params(IdParam), tag = "messages",
     responses(
@@ -915,10 +921,8 @@ pub async fn claim_message(
     body: Result<JsonBody<ClaimMessage>, ApiError>,
 ) -> AppResult<Json<Message>> {
     p.require(CLIENT_OR_AGENT)?;
-    let id = path_id("message id", id)?;
     let JsonBody(req) = body?;
-    let guard = guard_of(req.instance_id, req.epoch)?;
-    act_as_agent(&p, &app, &req.agent_id, guard).await?;
+    let id = on_message(&p, &app, id, &req.agent_id, req.instance_id, req.epoch).await?;
     let ttl = req.ttl_secs.unwrap_or(DEFAULT_CLAIM_SECS);
     if !(1..=MAX_CLAIM_SECS).contains(&ttl) {
         return Err(ApiError::invalid(format!(
@@ -967,10 +971,8 @@ pub async fn release_claim(
     body: Result<JsonBody<ActAs>, ApiError>,
 ) -> AppResult<StatusCode> {
     p.require(CLIENT_OR_AGENT)?;
-    let id = path_id("message id", id)?;
     let JsonBody(who) = body?;
-    let guard = guard_of(who.instance_id, who.epoch)?;
-    act_as_agent(&p, &app, &who.agent_id, guard).await?;
+    let id = on_message(&p, &app, id, &who.agent_id, who.instance_id, who.epoch).await?;
     let done = app
         .agents
         .release_claim(&id, &who.agent_id, app.clock.now_ms())
@@ -1003,10 +1005,8 @@ pub async fn read_message(
     body: Result<JsonBody<ActAs>, ApiError>,
 ) -> AppResult<Json<Message>> {
     p.require(CLIENT_OR_AGENT)?;
-    let id = path_id("message id", id)?;
     let JsonBody(who) = body?;
-    let guard = guard_of(who.instance_id, who.epoch)?;
-    act_as_agent(&p, &app, &who.agent_id, guard).await?;
+    let id = on_message(&p, &app, id, &who.agent_id, who.instance_id, who.epoch).await?;
     let now = app.clock.now_ms();
     let done = app.agents.mark_read(&id, &who.agent_id, now).await?;
     app.coord.publish_events(done.events);

@@ -152,8 +152,32 @@ pub struct OutputStreamQuery {
     after_seq: Option<u64>,
 }
 
+/// Where a stream of numbered items resumes: after `Last-Event-ID` if the client sent one,
+/// else after the `after` parameter, else from the start. `what` names the number (`an event
+/// id`, `a message seq`) in the refusal.
+pub(crate) fn resume_after(
+    headers: &HeaderMap,
+    after: Option<i64>,
+    what: &str,
+) -> Result<i64, ApiError> {
+    let after = after.unwrap_or(0);
+    if after < 0 {
+        return Err(ApiError::invalid(format!(
+            "`after` must be {what} (0 or more); leave it out to start at the beginning"
+        )));
+    }
+    match last_event_id(headers)? {
+        Some(last) => decimal(last, 18)
+            .and_then(|n| i64::try_from(n).ok())
+            .ok_or_else(|| {
+                ApiError::invalid(format!("Last-Event-ID `{last}` is not {what} (0 or more)"))
+            }),
+        None => Ok(after),
+    }
+}
+
 /// The `Last-Event-ID` a reconnecting client sends; an empty one counts as none.
-pub(crate) fn last_event_id(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+fn last_event_id(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     let Some(v) = headers.get("last-event-id") else {
         return Ok(None);
     };
@@ -337,21 +361,7 @@ pub async fn events(
 ) -> Result<SseStream, ApiError> {
     p.require(&[kennel_proto::api::Scope::Client])?;
     let Query(q) = q.map_err(query_error)?;
-    let mut after = q.after.unwrap_or(0);
-    if after < 0 {
-        return Err(ApiError::invalid(
-            "`after` must be an event id (0 or more); leave it out to start at the beginning",
-        ));
-    }
-    if let Some(last) = last_event_id(&headers)? {
-        after = decimal(last, 18)
-            .and_then(|n| i64::try_from(n).ok())
-            .ok_or_else(|| {
-                ApiError::invalid(format!(
-                    "Last-Event-ID `{last}` is not an event id (0 or more)"
-                ))
-            })?;
-    }
+    let after = resume_after(&headers, q.after, "an event id")?;
     if let Some(t) = &q.task {
         validate_id("task id", t).map_err(|e| ApiError::invalid(e.to_string()))?;
     }

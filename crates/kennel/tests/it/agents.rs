@@ -9,9 +9,8 @@ use kennel_proto::api::Scope;
 use kennel_testkit::sse::EventStream;
 use kennel_testkit::Api;
 use reqwest::{Method, StatusCode};
-use tokio::process::Command;
 
-use crate::{bin, server, WAIT};
+use crate::{server, WAIT};
 
 fn reg(id: &str, instance: &str) -> RegisterAgent {
     RegisterAgent {
@@ -29,17 +28,7 @@ async fn agent_api(srv: &kennel_testkit::KennelServer, name: &str) -> anyhow::Re
     Ok(srv.api().with_key(Some(key.key)))
 }
 
-async fn kennel(srv: &kennel_testkit::KennelServer, args: &[&str]) -> anyhow::Result<Output> {
-    Ok(Command::new(bin())
-        .args(args)
-        .env("KENNEL_URL", srv.url())
-        .env("KENNEL_API_KEY", srv.admin_key())
-        .env_remove("KENNEL_CONFIG")
-        .current_dir(srv.data_dir())
-        .kill_on_drop(true)
-        .output()
-        .await?)
-}
+use crate::kennel_cli as kennel;
 
 fn out(o: &Output) -> String {
     format!(

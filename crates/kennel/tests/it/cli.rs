@@ -6,17 +6,7 @@ use tokio::process::Command;
 
 use crate::{bin, daemon, server, WAIT};
 
-async fn kennel(srv: &kennel_testkit::KennelServer, args: &[&str]) -> anyhow::Result<Output> {
-    Ok(Command::new(bin())
-        .args(args)
-        .env("KENNEL_URL", srv.url())
-        .env("KENNEL_API_KEY", srv.admin_key())
-        .env_remove("KENNEL_CONFIG")
-        .current_dir(srv.data_dir())
-        .kill_on_drop(true)
-        .output()
-        .await?)
-}
+use crate::kennel_cli as kennel;
 
 fn text(o: &Output) -> (String, String) {
     (

@@ -34,6 +34,19 @@ pub fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_kennel"))
 }
 
+/// `kennel ARGS` as a client of `srv` with its admin key, run to completion.
+pub async fn kennel_cli(srv: &KennelServer, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    Ok(tokio::process::Command::new(bin())
+        .args(args)
+        .env("KENNEL_URL", srv.url())
+        .env("KENNEL_API_KEY", srv.admin_key())
+        .env_remove("KENNEL_CONFIG")
+        .current_dir(srv.data_dir())
+        .kill_on_drop(true)
+        .output()
+        .await?)
+}
+
 pub async fn server() -> anyhow::Result<KennelServer> {
     KennelServer::start(bin(), &[]).await
 }
