@@ -352,6 +352,7 @@ pub fn document() -> utoipa::openapi::OpenApi {
     use utoipa::Modify;
     let mut doc = ApiDoc::openapi();
     doc.merge(crate::agents::AgentsDoc::openapi());
+    doc.merge(crate::stories::StoriesDoc::openapi());
     AuthResponses.modify(&mut doc);
     NoNullParameters.modify(&mut doc);
     doc

@@ -15,6 +15,8 @@ pub mod error;
 pub mod hub;
 pub mod ids;
 pub mod lifecycle;
+pub mod rendezvous;
+pub mod stories;
 pub mod stream;
 
 use std::future::Future;
@@ -45,6 +47,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// The same database: the lifecycle manager's policies, agents, messages and commands.
     pub agents: Arc<dyn AgentStore>,
+    /// The build agents' pipeline, synced over `WS /crdt-sync`.
+    pub rendezvous: Option<Arc<rendezvous::Rendezvous>>,
     /// The same database, for a gateway embedded beside this coordinator (`kennel up`).
     pub gateway_store: Arc<dyn GatewayStore>,
     pub keys: KeyRing,
@@ -257,10 +261,21 @@ impl Server {
                 .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string()),
         );
         tokio::spawn(manager.run());
+        let rendezvous = match rendezvous::Rendezvous::open(&cfg.data_dir) {
+            Ok(rv) => Some(rv),
+            Err(e) => {
+                tracing::error!(
+                    error = &e as &dyn std::error::Error,
+                    "the build agents' pipeline could not be opened; /crdt-sync and the story API are off"
+                );
+                None
+            }
+        };
         let state = Arc::new(AppState {
             coord,
             store,
             agents,
+            rendezvous,
             gateway_store,
             keys,
             pre_auth: ws::PreAuthSlots::new(cfg.protocol.max_unauthenticated),
@@ -384,12 +399,14 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/keys", post(api::create_key).get(api::list_keys))
         .route("/keys/{id}", axum::routing::delete(api::revoke_key))
         .route("/status", get(api::status))
-        .merge(agents::routes());
+        .merge(agents::routes())
+        .merge(stories::routes());
     Router::new()
         .nest("/api/v1", v1)
         .route("/api/openapi.json", get(api::openapi_json))
         .route("/api/docs", get(api::docs_page))
         .route("/ws/daemon", get(hub::ws_daemon))
+        .route("/crdt-sync", get(rendezvous::crdt_sync))
         .route("/health", get(api::health))
         .route("/ready", get(api::ready))
         .route("/metrics", get(api::metrics_text))

@@ -69,6 +69,8 @@ pub enum Command {
     Agents(commands::agents::AgentsArgs),
     /// Messages between agents: send, read an inbox, claim.
     Msg(commands::msg::MsgArgs),
+    /// The build agents' stories: add, list, show, move, block, delete.
+    Story(commands::story::StoryArgs),
     /// Show the coordinator's state: daemons, capacity, tasks by state.
     Status(StatusArgs),
     /// Inspect configuration.

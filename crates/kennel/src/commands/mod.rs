@@ -11,6 +11,7 @@ pub mod msg;
 pub mod policy;
 pub mod relay;
 pub mod server;
+pub mod story;
 pub mod task;
 pub mod up;
 
@@ -45,6 +46,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy(a) => policy::run(&client(&g, &a.target)?, &g, a.cmd).await,
         Command::Agents(a) => agents::run(&client(&g, &a.target)?, &g, a).await,
         Command::Msg(a) => msg::run(&client(&g, &a.target)?, &g, a.cmd).await,
+        Command::Story(a) => story::run(&client(&g, &a.target)?, &g, a.cmd).await,
         Command::Status(a) => status(&client(&g, &a.target)?, &g).await,
         Command::Config(cmd) => config_cmd::run(&g, cmd),
     }

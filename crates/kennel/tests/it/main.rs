@@ -19,6 +19,7 @@ mod resilience;
 mod scheduling;
 mod security;
 mod soak;
+mod stories;
 mod worker;
 
 use std::path::Path;
