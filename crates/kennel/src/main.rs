@@ -63,7 +63,8 @@ pub enum Command {
     Daemons(commands::daemons::DaemonsArgs),
     /// Create, list and revoke API keys (admin); `recover` mints an admin key when locked out.
     Keys(KeysArgs),
-    /// Spawn policies that keep long-lived agents running: apply, list, show, history, delete.
+    /// Spawn policies that keep long-lived agents running: apply, list, show, history, restart,
+    /// delete.
     Policy(commands::policy::PolicyArgs),
     /// The registry of long-lived agents.
     Agents(commands::agents::AgentsArgs),
