@@ -12,7 +12,8 @@ pub fn random_hex(bytes: usize) -> String {
     hex(&buf)
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// `bytes` as lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -25,6 +26,18 @@ fn hex(bytes: &[u8]) -> String {
 /// A new key: `kn_<id>_<secret>`.
 pub(crate) fn new_key() -> String {
     format!("kn_{}_{}", random_hex(6), random_hex(24))
+}
+
+/// A new one-time join token for a build agent: `kj_<id>_<secret>`, shaped like a key.
+pub fn new_join_token() -> String {
+    format!("kj_{}_{}", random_hex(6), random_hex(24))
+}
+
+/// The `<id>` of a join token `kj_<id>_<secret>`, or `None` for anything else.
+pub fn join_token_id(token: &str) -> Option<&str> {
+    let (id, secret) = token.strip_prefix("kj_")?.split_once('_')?;
+    let hexes = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (hexes(id, 12) && hexes(secret, 48)).then_some(id)
 }
 
 /// The id under which a presented key is stored: the `<id>` of `kn_<id>_<secret>`, or a

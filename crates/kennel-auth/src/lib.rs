@@ -17,7 +17,7 @@ mod recover;
 mod ring;
 
 pub use config::AuthConfig;
-pub use key::{key_id, random_hex};
+pub use key::{hex, join_token_id, key_id, new_join_token, random_hex};
 pub use list::KeyList;
 pub use private_file::write_private;
 pub use recover::{recover_admin, RecoverError, Recovered};

@@ -110,6 +110,12 @@ impl KeyRing {
         self.hasher.hash(key)
     }
 
+    /// Whether `presented` hashes to `stored`, compared in constant time.
+    pub fn matches(&self, presented: &str, stored: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        self.hash(presented).ct_eq(stored).into()
+    }
+
     /// Creates a new key with `scopes`; returns the plaintext (shown once) and its record.
     pub fn mint(&self, name: &str, scopes: Vec<Scope>, created_at: String) -> (String, KeyRecord) {
         let key = new_key();

@@ -438,3 +438,36 @@ pub struct BlockStory {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
+
+/// Body of `POST /api/v1/agent-tokens`: a one-time join token for a build agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateJoinToken {
+    /// Who it is for; the key it becomes is named after it.
+    pub name: String,
+    /// Seconds until it expires unused (default 3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+}
+
+/// A join token, shown once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedJoinToken {
+    /// The token: give it to the agent (`kennel agent --join-token`). The server keeps only a
+    /// hash.
+    pub token: String,
+    pub id: String,
+    pub name: String,
+    pub expires_at: String,
+}
+
+/// Body of `POST /api/v1/agent-tokens/exchange`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExchangeJoinToken {
+    pub token: String,
+}

@@ -14,6 +14,7 @@ pub mod coordinator;
 pub mod error;
 pub mod hub;
 pub mod ids;
+pub mod join;
 pub mod lifecycle;
 pub mod rendezvous;
 pub mod stories;
@@ -400,7 +401,8 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/keys/{id}", axum::routing::delete(api::revoke_key))
         .route("/status", get(api::status))
         .merge(agents::routes())
-        .merge(stories::routes());
+        .merge(stories::routes())
+        .merge(join::routes());
     Router::new()
         .nest("/api/v1", v1)
         .route("/api/openapi.json", get(api::openapi_json))

@@ -87,6 +87,19 @@ pub enum Sent {
     KeyReused,
 }
 
+/// What redeeming a join token came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redeem {
+    /// Taken: the name it was made for.
+    Taken { name: String },
+    /// It was exchanged before.
+    Used,
+    /// Its time ran out.
+    Expired,
+    /// No such token (or the secret does not match).
+    Unknown,
+}
+
 /// What a claim came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -244,6 +257,22 @@ pub trait AgentStore: Send + Sync + 'static {
     async fn message_counts(&self) -> Result<Vec<(MessageState, u64)>>;
     /// Messages to `address` still queued: what an on-demand policy starts for.
     async fn queued_for(&self, address: &Address) -> Result<u32>;
+
+    // Join tokens.
+
+    /// Stores a join token's keyed hash (hex) under its id.
+    async fn create_join_token(
+        &self,
+        id: &str,
+        name: &str,
+        hash_hex: &str,
+        expires_at: Millis,
+        now: Millis,
+    ) -> Result<()>;
+    /// The stored hash (hex) of a join token, for the caller to check the secret.
+    async fn join_token_hash(&self, id: &str) -> Result<Option<String>>;
+    /// Takes a join token once: refused when used or expired. `key_id` is the key it becomes.
+    async fn redeem_join_token(&self, id: &str, key_id: &str, now: Millis) -> Result<Redeem>;
 
     // Commands.
 
@@ -486,6 +515,34 @@ macro_rules! impl_agent_store {
             ) -> $crate::Result<u32> {
                 let address = address.to_string();
                 $read!(self, s => $crate::agents::ops::queued_for(s, &address))
+            }
+            async fn create_join_token(
+                &self,
+                id: &str,
+                name: &str,
+                hash_hex: &str,
+                expires_at: $crate::Millis,
+                now: $crate::Millis,
+            ) -> $crate::Result<()> {
+                let (id, name, hash) = (id.to_string(), name.to_string(), hash_hex.to_string());
+                $write!(self, s => $crate::agents::ops::create_join_token(
+                    s, &id, &name, &hash, expires_at, now
+                ))
+                .map(|c| c.value)
+            }
+            async fn join_token_hash(&self, id: &str) -> $crate::Result<Option<String>> {
+                let id = id.to_string();
+                $read!(self, s => $crate::agents::ops::join_token_hash(s, &id))
+            }
+            async fn redeem_join_token(
+                &self,
+                id: &str,
+                key_id: &str,
+                now: $crate::Millis,
+            ) -> $crate::Result<$crate::agents::Redeem> {
+                let (id, key_id) = (id.to_string(), key_id.to_string());
+                $write!(self, s => $crate::agents::ops::redeem_join_token(s, &id, &key_id, now))
+                    .map(|c| c.value)
             }
             async fn create_command(
                 &self,
@@ -1436,6 +1493,76 @@ pub(crate) mod ops {
             None => 0,
         };
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    // Join tokens.
+
+    pub async fn create_join_token<S: Sql>(
+        sql: &mut S,
+        id: &str,
+        name: &str,
+        hash: &str,
+        expires_at: Millis,
+        now: Millis,
+    ) -> Result<Changed<()>> {
+        sql.execute(
+            "INSERT INTO join_tokens (id, name, hash, created_at, expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![id, name, hash, now, expires_at],
+        )
+        .await?;
+        Ok(Changed {
+            value: (),
+            events: Vec::new(),
+        })
+    }
+
+    pub async fn join_token_hash<S: Sql>(sql: &mut S, id: &str) -> Result<Option<String>> {
+        let row = sql
+            .fetch_one("SELECT hash FROM join_tokens WHERE id = ?1", params![id])
+            .await?;
+        row.map(|r| r.text(0)).transpose()
+    }
+
+    pub async fn redeem_join_token<S: Sql>(
+        sql: &mut S,
+        id: &str,
+        key_id: &str,
+        now: Millis,
+    ) -> Result<Changed<Redeem>> {
+        let done = |value| Changed {
+            value,
+            events: Vec::new(),
+        };
+        let Some(row) = sql
+            .fetch_one(
+                "SELECT name, expires_at, used_at FROM join_tokens WHERE id = ?1",
+                params![id],
+            )
+            .await?
+        else {
+            return Ok(done(Redeem::Unknown));
+        };
+        let (name, expires_at, used_at) = (row.text(0)?, row.int(1)?, row.int_opt(2)?);
+        if used_at.is_some() {
+            return Ok(done(Redeem::Used));
+        }
+        if expires_at <= now {
+            return Ok(done(Redeem::Expired));
+        }
+        // Conditional: of two exchanges at once, one takes it.
+        let n = sql
+            .execute(
+                "UPDATE join_tokens SET used_at = ?1, key_id = ?2 \
+                 WHERE id = ?3 AND used_at IS NULL AND expires_at > ?1",
+                params![now, key_id, id],
+            )
+            .await?;
+        Ok(done(if n == 1 {
+            Redeem::Taken { name }
+        } else {
+            Redeem::Used
+        }))
     }
 
     // Commands.

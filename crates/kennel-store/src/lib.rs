@@ -26,8 +26,8 @@ use kennel_proto::link::{OutputStream, RepoSpec};
 use kennel_proto::{AttemptStatus, TaskStatus};
 
 pub use agents::{
-    Advance, AgentStore, Changed, Claim, GuardCheck, NewCommand, NewMessage, PolicyChange, Sent,
-    Spawned,
+    Advance, AgentStore, Changed, Claim, GuardCheck, NewCommand, NewMessage, PolicyChange, Redeem,
+    Sent, Spawned,
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

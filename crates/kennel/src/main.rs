@@ -72,6 +72,8 @@ pub enum Command {
     Msg(commands::msg::MsgArgs),
     /// The build agents' stories: add, list, show, move, block, delete.
     Story(commands::story::StoryArgs),
+    /// One-time join tokens for build agents (admin).
+    AgentTokens(commands::agent_tokens::AgentTokensArgs),
     /// Show the coordinator's state: daemons, capacity, tasks by state.
     Status(StatusArgs),
     /// Inspect configuration.

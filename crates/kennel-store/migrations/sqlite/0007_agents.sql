@@ -93,3 +93,15 @@ CREATE INDEX commands_open ON commands (deadline_at) WHERE state IN ('requested'
 -- A task that is a long-lived agent's session: its policy and agent id (JSON), sent to the
 -- daemon with the task.
 ALTER TABLE tasks ADD COLUMN session TEXT;
+
+-- One-time join tokens for build agents: exchanged once, before they expire, for an agent key.
+-- `hash` is the keyed hash of the token (hex); the token itself is never stored.
+CREATE TABLE join_tokens (
+    id         TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    hash       TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at    INTEGER,
+    key_id     TEXT
+);

@@ -5,7 +5,9 @@
 
 use kennel_proto::agents::{Address, CommandState, MessageState, RegisterAgent, SessionGuard};
 use kennel_proto::policy::SpawnPolicy;
-use kennel_store::{Advance, Claim, GuardCheck, NewCommand, NewMessage, PolicyChange, Spawned};
+use kennel_store::{
+    Advance, Claim, GuardCheck, NewCommand, NewMessage, PolicyChange, Redeem, Spawned,
+};
 
 use crate::db::Db;
 use crate::NOW;
@@ -38,6 +40,7 @@ on_both_backends!(
     the_first_claim_wins_and_an_expired_claim_is_released,
     messages_expire_unread_and_are_read_by_their_recipients_only,
     commands_move_forward_and_expire_past_their_deadline,
+    a_join_token_is_taken_once_and_not_after_it_expires,
 );
 
 fn policy(name: &str, mode: &str) -> SpawnPolicy {
@@ -672,6 +675,44 @@ async fn commands_move_forward_and_expire_past_their_deadline(db: Db) {
         store.get_command("c1").await.unwrap().unwrap().args["graceful"],
         true
     );
+}
+
+async fn a_join_token_is_taken_once_and_not_after_it_expires(db: Db) {
+    let store = db.open().await;
+    store
+        .create_join_token("t1", "laptop", "abcd", NOW + 1_000, NOW)
+        .await
+        .unwrap();
+    store
+        .create_join_token("t2", "ci-box", "ef01", NOW + 1_000, NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.join_token_hash("t1").await.unwrap().as_deref(),
+        Some("abcd")
+    );
+    assert_eq!(
+        store.redeem_join_token("t1", "k1", NOW + 1).await.unwrap(),
+        Redeem::Taken {
+            name: "laptop".into()
+        }
+    );
+    assert_eq!(
+        store.redeem_join_token("t1", "k2", NOW + 2).await.unwrap(),
+        Redeem::Used
+    );
+    assert_eq!(
+        store
+            .redeem_join_token("t2", "k3", NOW + 1_000)
+            .await
+            .unwrap(),
+        Redeem::Expired
+    );
+    assert_eq!(
+        store.redeem_join_token("nope", "k4", NOW).await.unwrap(),
+        Redeem::Unknown
+    );
+    assert!(store.join_token_hash("nope").await.unwrap().is_none());
 }
 
 /// Two coordinators (two stores on one schema) claim one message at the same moment, many

@@ -1,6 +1,7 @@
 //! One module per subcommand. Each turns parsed arguments into library or API calls and
 //! prints the result as a table or, with `--json`, as JSON.
 
+pub mod agent_tokens;
 pub mod agents;
 pub mod config_cmd;
 pub mod daemon;
@@ -47,6 +48,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agents(a) => agents::run(&client(&g, &a.target)?, &g, a).await,
         Command::Msg(a) => msg::run(&client(&g, &a.target)?, &g, a.cmd).await,
         Command::Story(a) => story::run(&client(&g, &a.target)?, &g, a.cmd).await,
+        Command::AgentTokens(a) => agent_tokens::run(&client(&g, &a.target)?, &g, a.cmd).await,
         Command::Status(a) => status(&client(&g, &a.target)?, &g).await,
         Command::Config(cmd) => config_cmd::run(&g, cmd),
     }

@@ -151,3 +151,58 @@ async fn the_sync_needs_an_agent_key() -> anyhow::Result<()> {
     assert!(connect(&srv, "kn_nope_nope").await.is_err());
     Ok(())
 }
+
+#[tokio::test]
+async fn a_join_token_becomes_an_agent_key_once() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let minted = kennel(&srv, &["agent-tokens", "create", "--name", "laptop"]).await?;
+    assert!(minted.status.success(), "{minted:?}");
+    let token = String::from_utf8(minted.stdout)?.trim().to_string();
+    assert!(token.starts_with("kj_"), "{token}");
+
+    // No key: the token is the credential.
+    let body = serde_json::json!({ "token": token }).to_string();
+    let (status, text) = srv
+        .api()
+        .raw(
+            reqwest::Method::POST,
+            "/api/v1/agent-tokens/exchange",
+            None,
+            Some(body.clone()),
+        )
+        .await?;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{text}");
+    let key: kennel_proto::api::CreatedKey = serde_json::from_str(&text)?;
+    assert_eq!(key.info.scopes, [Scope::Agent]);
+    assert_eq!(key.info.name, "agent laptop");
+    // The key it became syncs the pipeline.
+    let mut ws = connect(&srv, &key.key).await?;
+    let mut agent = Pipeline::new("laptop");
+    let mut state = sync::State::new();
+    sync_until(&mut agent, &mut state, &mut ws, |_| true).await?;
+
+    // Once only; and a made-up token is refused the same way.
+    let (status, text) = srv
+        .api()
+        .raw(
+            reqwest::Method::POST,
+            "/api/v1/agent-tokens/exchange",
+            None,
+            Some(body),
+        )
+        .await?;
+    assert_eq!(status, reqwest::StatusCode::UNAUTHORIZED);
+    assert!(text.contains("used already"), "{text}");
+    let fake = serde_json::json!({ "token": format!("kj_{}_{}", "0".repeat(12), "0".repeat(48)) });
+    let (status, _) = srv
+        .api()
+        .raw(
+            reqwest::Method::POST,
+            "/api/v1/agent-tokens/exchange",
+            None,
+            Some(fake.to_string()),
+        )
+        .await?;
+    assert_eq!(status, reqwest::StatusCode::UNAUTHORIZED);
+    Ok(())
+}
