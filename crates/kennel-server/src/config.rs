@@ -130,13 +130,24 @@ impl Default for ProtocolConfig {
 }
 
 /// Long-lived agents: what the lifecycle manager compares and waits for.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentsConfig {
     /// The release policies with `restartOnUpdate` follow: when it differs from the one their
     /// agent was started under, the agent is restarted once idle. Unset: kennel's own version.
     /// Set it to roll such agents on a deploy of your own (new tools on the daemons, say).
     pub release: Option<String>,
+    /// An agent that registered itself and sent no heartbeat for this long is offline.
+    pub stale_after: Span,
+}
+
+impl Default for AgentsConfig {
+    fn default() -> Self {
+        AgentsConfig {
+            release: None,
+            stale_after: Span::from_secs(60),
+        }
+    }
 }
 
 /// Several coordinators on one database: how they tell each other they are alive.

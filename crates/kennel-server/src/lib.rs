@@ -250,6 +250,7 @@ impl Server {
             agents.clone(),
             coord.clone(),
             clock.clone(),
+            cfg.agents.stale_after.as_millis() as i64,
         ));
         let manager = lifecycle::Lifecycle::new(
             agents.clone(),

@@ -41,9 +41,6 @@ const SWEEP_EVERY_MS: i64 = 1_000;
 /// Reconcile at least this often, events or not.
 pub const TICK_MS: i64 = 1_000;
 
-/// An agent that registered itself and sent no heartbeat for this long is offline.
-pub const AGENT_STALE_AFTER_MS: i64 = 60_000;
-
 /// What is stored per policy: the reconciler's state, and the task of its current agent.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -711,17 +708,18 @@ fn placeholder(name: &str) -> SpawnPolicy {
     }
 }
 
-/// Runs the timers until the process ends.
+/// Runs the timers until the process ends; `stale_after_ms` is `server.agents.stale_after`.
 pub async fn run_sweeper(
     agents: Arc<dyn AgentStore>,
     coord: Arc<Coordinator>,
     clock: Arc<dyn Clock>,
+    stale_after_ms: i64,
 ) {
     loop {
         clock
             .sleep_until(clock.now_ms().saturating_add(SWEEP_EVERY_MS))
             .await;
-        sweep(agents.as_ref(), &coord, clock.now_ms()).await;
+        sweep(agents.as_ref(), &coord, clock.now_ms(), stale_after_ms).await;
     }
 }
 
@@ -729,7 +727,7 @@ pub async fn run_sweeper(
 /// that ran out are released, agents that stopped heartbeating go offline, commands past
 /// their deadline expire. Each is one conditional statement, so several coordinators running
 /// it at once do each change once.
-pub async fn sweep(agents: &dyn AgentStore, coord: &Coordinator, now: i64) {
+pub async fn sweep(agents: &dyn AgentStore, coord: &Coordinator, now: i64, stale_after_ms: i64) {
     let report = |what: &str, e: &kennel_store::StoreError| {
         tracing::error!(
             error = e as &dyn std::error::Error,
@@ -744,10 +742,7 @@ pub async fn sweep(agents: &dyn AgentStore, coord: &Coordinator, now: i64) {
         Ok(c) => coord.publish_events(c.events),
         Err(e) => report("release expired claims", &e),
     }
-    match agents
-        .mark_stale_agents(now - AGENT_STALE_AFTER_MS, now)
-        .await
-    {
+    match agents.mark_stale_agents(now - stale_after_ms, now).await {
         Ok(c) => coord.publish_events(c.events),
         Err(e) => report("mark silent agents offline", &e),
     }

@@ -650,7 +650,8 @@ mod tests {
         }
         // The table is complete: every duration the configuration holds is in it, but for
         // those that came after the change and never had an old spelling.
-        const NEVER_OLD: [&str; 3] = [
+        const NEVER_OLD: [&str; 4] = [
+            "/server/agents/stale_after",
             "/server/api/event_retention",
             "/server/cluster/beat",
             "/server/cluster/dead_after",

@@ -344,3 +344,41 @@ async fn an_inbox_streams_what_is_there_then_each_new_message_and_resumes_after_
         .is_err());
     Ok(())
 }
+
+#[tokio::test]
+async fn a_self_registered_agent_that_stops_heartbeating_goes_offline_after_stale_after(
+) -> anyhow::Result<()> {
+    let srv = crate::server_with("[server.agents]\nstale_after = \"1s\"\n").await?;
+    let a = agent_api(&srv, "a").await?;
+    let mut events = EventStream::connect(
+        &format!("{}/api/v1/events", srv.url()),
+        Some(srv.admin_key()),
+        None,
+    )
+    .await?;
+    let _: Agent = a.post("/api/v1/agents", &reg("quiet", "p1")).await?;
+    let offline = events
+        .wait_for(WAIT, |m| m.event == "agent.offline")
+        .await?;
+    assert!(
+        offline.data.contains("no heartbeat since"),
+        "{}",
+        offline.data
+    );
+    let agent: Agent = a.get("/api/v1/agents/quiet").await?;
+    assert!(!agent.online);
+    // Its next heartbeat brings it back.
+    let guard = r#"{"instanceId":"p1","epoch":1}"#.to_string();
+    let (status, _) = a
+        .raw(
+            Method::POST,
+            "/api/v1/agents/quiet/heartbeat",
+            a.key(),
+            Some(guard),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let agent: Agent = a.get("/api/v1/agents/quiet").await?;
+    assert!(agent.online);
+    Ok(())
+}
