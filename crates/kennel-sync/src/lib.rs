@@ -10,6 +10,8 @@
 //! - [`liveness`]: when a node counts as gone, judged by each observer's own clock from when
 //!   it last saw the node's heartbeat counter move, never by comparing timestamps written on
 //!   other machines.
+//! - [`plan`]: what an agent does next (claim, start, stop, release a gone owner's claim,
+//!   block), a pure function of its copy of the document, what it runs and what it saw.
 //! - [`store`]: the document on disk, the one source of truth: an append-only file of
 //!   incremental saves, compacted now and then.
 //!
@@ -17,8 +19,10 @@
 
 pub mod liveness;
 pub mod pipeline;
+pub mod plan;
 pub mod store;
 
 pub use liveness::Liveness;
 pub use pipeline::{Pipeline, PipelineError, Stage, Story, StoryUpdate};
+pub use plan::{plan, Situation, Step};
 pub use store::DocFile;
