@@ -254,7 +254,7 @@ async fn act_as(
                 "agent `{id}` was registered with another key; only that key may act as it"
             )))
         }
-        None if p.scopes.contains(&Scope::Admin) || p.scopes.contains(&Scope::Client) => {}
+        None if is_operator(p) => {}
         None => {
             return Err(ApiError::not_found(format!(
                 "no agent `{id}` is registered; register it with POST /api/v1/agents first"
@@ -265,6 +265,29 @@ async fn act_as(
         check_guard(app, id, &g).await?;
     }
     Ok(agent)
+}
+
+/// A person's key (`admin` or `client`), as opposed to an agent's.
+fn is_operator(p: &Principal) -> bool {
+    p.scopes
+        .iter()
+        .any(|s| matches!(s, Scope::Admin | Scope::Client))
+}
+
+/// Checks that `p` may read agent `id`'s inbox: a person's key any inbox (an operator looking
+/// in), an agent key only its agents'. A session guard, when given, must be current.
+async fn may_read_inbox(
+    p: &Principal,
+    app: &AppState,
+    id: &str,
+    guard: Option<SessionGuard>,
+) -> AppResult<()> {
+    if !is_operator(p) {
+        act_as(p, app, id, guard).await?;
+    } else if let Some(g) = guard {
+        check_guard(app, id, &g).await?;
+    }
+    Ok(())
 }
 
 async fn check_guard(app: &AppState, id: &str, guard: &SessionGuard) -> AppResult<()> {
@@ -636,18 +659,7 @@ pub async fn inbox(
     }
     let limit = page_limit(q.limit, DEFAULT_INBOX_PAGE, 1000)?;
     let guard = guard_of(q.instance_id, q.epoch)?;
-    if p.scopes
-        .iter()
-        .any(|s| matches!(s, Scope::Admin | Scope::Client))
-    {
-        // An operator looking in; a guard still has to be the current one.
-        validate_id("agent id", &id).map_err(invalid)?;
-        if let Some(g) = guard {
-            check_guard(&app, &id, &g).await?;
-        }
-    } else {
-        act_as(&p, &app, &id, guard).await?;
-    }
+    may_read_inbox(&p, &app, &id, guard).await?;
     let page = app
         .agents
         .inbox(&id, after, limit, app.clock.now_ms())
@@ -709,16 +721,7 @@ pub async fn inbox_stream(
     let mut after = crate::stream::resume_after(&headers, q.after, "a message seq")?;
     let limit = page_limit(q.limit, DEFAULT_INBOX_PAGE, 1000)?;
     let guard = guard_of(q.instance_id, q.epoch)?;
-    if p.scopes
-        .iter()
-        .any(|s| matches!(s, Scope::Admin | Scope::Client))
-    {
-        if let Some(g) = guard {
-            check_guard(&app, &id, &g).await?;
-        }
-    } else {
-        act_as(&p, &app, &id, guard).await?;
-    }
+    may_read_inbox(&p, &app, &id, guard).await?;
     let mut live = app.coord.subscribe_events();
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let revoked = app.coord.revocation_of(&p.key_id);
@@ -794,17 +797,8 @@ pub async fn send_message(
     let JsonBody(req) = body?;
     let to = Address::parse(&req.to).map_err(invalid)?;
     let from = req.from.unwrap_or_else(|| "user".to_string());
+    // An agent key sends as one of its agents; a person's key as any name not registered.
     let registered = act_as(&p, &app, &from, None).await?;
-    if registered.is_none()
-        && !p
-            .scopes
-            .iter()
-            .any(|s| matches!(s, Scope::Admin | Scope::Client))
-    {
-        return Err(ApiError::forbidden(
-            "an agent key sends as one of its agents",
-        ));
-    }
     let kind = req.kind.unwrap_or_else(|| "chat".to_string());
     validate_id("message kind", &kind).map_err(invalid)?;
     if req.body.is_empty() || req.body.len() > MAX_MESSAGE_BODY {

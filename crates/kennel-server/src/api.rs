@@ -13,6 +13,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
+use kennel_proto::agents::MessageState;
 use kennel_proto::api::{
     ApiKey, CreateKey, CreateTask, CreatedKey, Daemon, ErrorBody, Page, Scope, SendMessageRequest,
     ServerStatus, Task, TaskDetail,
@@ -941,6 +942,19 @@ pub async fn metrics_text(p: Principal, State(app): S) -> AppResult<Response> {
     for s in TaskStatus::ALL {
         metrics::gauge!("kennel_tasks", "state" => s.as_str())
             .set(counts.get(&s).copied().unwrap_or(0) as f64);
+    }
+    let messages = app.agents.message_counts().await?;
+    for state in [
+        MessageState::Queued,
+        MessageState::Delivered,
+        MessageState::Read,
+        MessageState::Expired,
+    ] {
+        let n = messages
+            .iter()
+            .find(|(s, _)| *s == state)
+            .map_or(0, |(_, n)| *n);
+        metrics::gauge!("kennel_messages", "state" => state.as_str()).set(n as f64);
     }
     let body = app.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())

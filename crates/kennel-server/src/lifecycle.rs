@@ -24,8 +24,8 @@ use kennel_clock::Clock;
 use kennel_lifecycle::{
     reconcile, reconcile_retired, retire, Action, AgentFact, Facts, ManagedState,
 };
+use kennel_proto::agents::CommandState;
 use kennel_proto::agents::{Address, RegisterAgent};
-use kennel_proto::agents::{CommandState, MessageState};
 use kennel_proto::api::{CreateTask, Daemon, Task};
 use kennel_proto::link::{OutputStream, SessionSpec};
 use kennel_proto::policy::SpawnPolicy;
@@ -164,19 +164,6 @@ impl Lifecycle {
             let n = by_status.get(status).copied().unwrap_or(0);
             metrics::gauge!("kennel_policies", "status" => status).set(n as f64);
         }
-        let counts = self.agents.message_counts().await?;
-        for state in [
-            MessageState::Queued,
-            MessageState::Delivered,
-            MessageState::Read,
-            MessageState::Expired,
-        ] {
-            let n = counts
-                .iter()
-                .find(|(s, _)| *s == state)
-                .map_or(0, |(_, n)| *n);
-            metrics::gauge!("kennel_messages", "state" => state.as_str()).set(n as f64);
-        }
         // States of deleted policies: their agents are stopped, then the state goes.
         for (name, before) in kept {
             let policy = placeholder(&name);
@@ -203,6 +190,16 @@ impl Lifecycle {
         if let (Some(task), Some(agent_id)) = (&task, &agent_id) {
             self.follow(policy, task, agent_id, now).await?;
         }
+        // A restart asked for through the API: carried out on a running agent, refused else.
+        let running = before.state.status == kennel_lifecycle::PolicyStatus::Running;
+        if let (Some(id), false) = (&restart, running) {
+            let why = format!(
+                "the agent is not running (its policy is {}); nothing to restart",
+                before.state.status.as_str()
+            );
+            self.advance(&Some(id.clone()), CommandState::Failed, Some(&why))
+                .await;
+        }
         let facts = Facts {
             agent: self.agent_fact(&before, task.as_ref()),
             queued_messages: self
@@ -211,22 +208,8 @@ impl Lifecycle {
                 .await?,
             target_online: daemons.iter().any(|d| serves(d, policy)),
             version: self.version.clone(),
-            restart_requested: false,
+            restart_requested: restart.is_some() && running,
         };
-        // A restart asked for through the API: carried out on a running agent, refused else.
-        let mut facts = facts;
-        if let Some(id) = &restart {
-            if before.state.status == kennel_lifecycle::PolicyStatus::Running {
-                facts.restart_requested = true;
-            } else {
-                let why = format!(
-                    "the agent is not running (its policy is {}); nothing to restart",
-                    before.state.status.as_str()
-                );
-                self.advance(&Some(id.clone()), CommandState::Failed, Some(&why))
-                    .await;
-            }
-        }
         let decision = if retired {
             if before.state.status == kennel_lifecycle::PolicyStatus::Stopping {
                 reconcile_retired(policy, &before.state, &facts, now)

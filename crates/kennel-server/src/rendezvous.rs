@@ -16,7 +16,6 @@ use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
 use kennel_proto::api::Scope;
-use kennel_sync::pipeline::NewStory;
 use kennel_sync::store::DocFileError;
 use kennel_sync::{DocFile, Pipeline, PipelineError, Stage, Story};
 
@@ -217,21 +216,5 @@ async fn serve(app: Arc<AppState>, mut socket: WebSocket) {
             },
             r = changed.changed() => if r.is_err() { return },
         }
-    }
-}
-
-/// A story as the API takes it.
-pub fn new_story(req: kennel_proto::api::CreateStory) -> NewStory {
-    NewStory {
-        id: req
-            .id
-            .unwrap_or_else(|| format!("s-{}", crate::ids::time_ordered())),
-        title: req.title,
-        body: req.body.unwrap_or_default(),
-        profile: req.profile.unwrap_or_else(|| "claude".into()),
-        repo: req.repo.as_ref().map(|r| r.url.clone()).unwrap_or_default(),
-        base_branch: req.repo.map(|r| r.base_branch).unwrap_or_default(),
-        depends_on: req.depends_on,
-        max_retries: req.max_retries.unwrap_or(2),
     }
 }

@@ -12,6 +12,7 @@ use kennel_proto::api::{
 };
 use kennel_proto::link::RepoSpec;
 use kennel_proto::validate_id;
+use kennel_sync::pipeline::NewStory;
 use kennel_sync::{PipelineError, Stage, Story};
 use utoipa::openapi::schema::{ArrayItems, Object, Schema};
 use utoipa::openapi::RefOr;
@@ -22,7 +23,7 @@ use crate::api::{
 };
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::rendezvous::{announce, new_story, Rendezvous, RendezvousError};
+use crate::rendezvous::{announce, Rendezvous, RendezvousError};
 use crate::AppState;
 
 type AppResult<T> = Result<T, ApiError>;
@@ -156,6 +157,22 @@ fn view(s: Story) -> StoryView {
         commit: s.commit,
         failures: s.failures,
         last_error: s.last_error,
+    }
+}
+
+/// A story as the API takes it.
+fn new_story(req: CreateStory) -> NewStory {
+    NewStory {
+        id: req
+            .id
+            .unwrap_or_else(|| format!("s-{}", crate::ids::time_ordered())),
+        title: req.title,
+        body: req.body.unwrap_or_default(),
+        profile: req.profile.unwrap_or_else(|| "claude".into()),
+        repo: req.repo.as_ref().map(|r| r.url.clone()).unwrap_or_default(),
+        base_branch: req.repo.map(|r| r.base_branch).unwrap_or_default(),
+        depends_on: req.depends_on,
+        max_retries: req.max_retries.unwrap_or(2),
     }
 }
 
