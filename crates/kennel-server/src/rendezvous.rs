@@ -8,16 +8,15 @@
 //! whenever its document changes (a story added here, or another agent's changes). A story's
 //! stage changes become `story.stage` events in the event log.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use automerge::sync::{self, SyncDoc};
+use automerge::sync;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
 use kennel_proto::api::Scope;
-use kennel_sync::store::DocFileError;
-use kennel_sync::{DocFile, Pipeline, PipelineError, Stage, Story};
+pub use kennel_sync::{Moved, ReplicaError as RendezvousError};
+use kennel_sync::{Pipeline, PipelineError, Replica, Story};
 
 use crate::auth::Principal;
 use crate::error::ApiError;
@@ -29,58 +28,24 @@ pub const NODE: &str = "rendezvous";
 /// Largest sync message accepted from an agent.
 const MAX_SYNC_BYTES: usize = 16 << 20;
 
-/// Why the rendezvous could not do something.
-#[derive(Debug, thiserror::Error)]
-pub enum RendezvousError {
-    #[error(transparent)]
-    File(#[from] DocFileError),
-    #[error(transparent)]
-    Pipeline(#[from] PipelineError),
-    #[error("an agent's sync message was refused")]
-    Sync(#[source] Box<automerge::AutomergeError>),
-    #[error("an agent sent a frame that is not an Automerge sync message: {0}")]
-    NotSync(String),
-}
-
-struct Inner {
-    pipeline: Pipeline,
-    file: DocFile,
-}
-
 /// The coordinator's copy of the pipeline.
 pub struct Rendezvous {
-    inner: Mutex<Inner>,
-    /// Bumped on every change, so connections send it on.
-    changed: tokio::sync::watch::Sender<u64>,
+    replica: Arc<Replica>,
 }
-
-/// A story whose stage moved: id, from, to.
-pub type Moved = (String, Stage, Stage);
 
 impl Rendezvous {
     /// Opens (or starts) the pipeline file in `data_dir`.
     pub fn open(data_dir: &std::path::Path) -> Result<Arc<Rendezvous>, RendezvousError> {
-        let file = DocFile::new(&data_dir.join("pipeline.automerge"));
-        let doc = file.load()?;
-        Ok(Arc::new(Rendezvous {
-            inner: Mutex::new(Inner {
-                pipeline: Pipeline::from_doc(doc, NODE),
-                file,
-            }),
-            changed: tokio::sync::watch::channel(0).0,
-        }))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        let replica = Replica::open(&data_dir.join("pipeline.automerge"), NODE)?;
+        Ok(Arc::new(Rendezvous { replica }))
     }
 
     pub fn stories(&self) -> Vec<Story> {
-        self.lock().pipeline.stories()
+        self.replica.read(Pipeline::stories)
     }
 
     pub fn story(&self, id: &str) -> Option<Story> {
-        self.lock().pipeline.story(id)
+        self.replica.read(|p| p.story(id))
     }
 
     /// Runs `f` on the pipeline, stores what it changed and tells the connections; returns
@@ -89,65 +54,8 @@ impl Rendezvous {
         &self,
         f: impl FnOnce(&mut Pipeline) -> Result<T, PipelineError>,
     ) -> Result<(T, Vec<Moved>), RendezvousError> {
-        let mut inner = self.lock();
-        let before = stages(&inner.pipeline);
-        let out = f(&mut inner.pipeline)?;
-        let moved = self.commit(&mut inner, &before)?;
-        Ok((out, moved))
+        self.replica.edit(f)
     }
-
-    fn commit(
-        &self,
-        inner: &mut Inner,
-        before: &BTreeMap<String, Stage>,
-    ) -> Result<Vec<Moved>, RendezvousError> {
-        let Inner { pipeline, file } = inner;
-        if file.append(pipeline.doc_mut())? > 0 {
-            self.changed.send_modify(|n| *n += 1);
-        }
-        let after = stages(pipeline);
-        Ok(after
-            .into_iter()
-            .filter_map(|(id, to)| match before.get(&id) {
-                Some(from) if *from != to => Some((id, *from, to)),
-                _ => None,
-            })
-            .collect())
-    }
-
-    /// Applies an agent's sync message.
-    fn receive(
-        &self,
-        state: &mut sync::State,
-        bytes: &[u8],
-    ) -> Result<Vec<Moved>, RendezvousError> {
-        let message =
-            sync::Message::decode(bytes).map_err(|e| RendezvousError::NotSync(e.to_string()))?;
-        let mut inner = self.lock();
-        let before = stages(&inner.pipeline);
-        inner
-            .pipeline
-            .doc_mut()
-            .sync()
-            .receive_sync_message(state, message)
-            .map_err(|e| RendezvousError::Sync(Box::new(e)))?;
-        self.commit(&mut inner, &before)
-    }
-
-    /// The next sync message for a connection, if it needs one.
-    fn generate(&self, state: &mut sync::State) -> Option<Vec<u8>> {
-        let mut inner = self.lock();
-        let message = inner
-            .pipeline
-            .doc_mut()
-            .sync()
-            .generate_sync_message(state)?;
-        Some(message.encode())
-    }
-}
-
-fn stages(p: &Pipeline) -> BTreeMap<String, Stage> {
-    p.stories().into_iter().map(|s| (s.id, s.stage)).collect()
 }
 
 /// Records each moved story as a `story.stage` event and publishes them.
@@ -190,8 +98,9 @@ async fn serve(app: Arc<AppState>, mut socket: WebSocket) {
     let Some(rv) = app.rendezvous.clone() else {
         return;
     };
+    let rv = rv.replica.clone();
     let mut state = sync::State::new();
-    let mut changed = rv.changed.subscribe();
+    let mut changed = rv.subscribe();
     loop {
         while let Some(bytes) = rv.generate(&mut state) {
             if socket.send(WsMessage::Binary(bytes.into())).await.is_err() {

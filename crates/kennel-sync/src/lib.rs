@@ -12,17 +12,20 @@
 //!   other machines.
 //! - [`plan`]: what an agent does next (claim, start, stop, release a gone owner's claim,
 //!   block), a pure function of its copy of the document, what it runs and what it saw.
+//! - [`replica`]: a peer's copy, shared by its sync connections and its own edits.
 //! - [`store`]: the document on disk, the one source of truth: an append-only file of
 //!   incremental saves, compacted now and then.
 //!
-//! This crate does no networking and reads no clock: time is passed in.
+//! This crate does no networking and reads no clock: time is passed in, messages are bytes.
 
 pub mod liveness;
 pub mod pipeline;
 pub mod plan;
+pub mod replica;
 pub mod store;
 
 pub use liveness::Liveness;
 pub use pipeline::{Pipeline, PipelineError, Stage, Story, StoryUpdate};
 pub use plan::{plan, Situation, Step};
+pub use replica::{Moved, Replica, ReplicaError};
 pub use store::DocFile;
