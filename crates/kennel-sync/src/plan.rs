@@ -152,7 +152,7 @@ mod tests {
         let seen = Liveness::new(600_000);
         let none = BTreeSet::new();
         // The two it ranks first (the claims it is likeliest to win).
-        let mut ranked = vec!["s0".to_string(), "s1".into(), "s2".into()];
+        let mut ranked = ["s0".to_string(), "s1".into(), "s2".into()];
         ranked.sort_by_key(|s| claim_rank("a", s));
         let (first, second) = (ranked[0].clone(), ranked[1].clone());
         let steps = plan(&p, &seen, &at(&none, 2, 0));
