@@ -142,7 +142,8 @@ impl DaemonHandle {
     }
 }
 
-fn read_or_create_machine_id(dir: &Path) -> std::io::Result<String> {
+/// The id kept in `<dir>/machine-id`, made once (`<host>-<16 hex>`).
+pub fn read_or_create_machine_id(dir: &Path) -> std::io::Result<String> {
     let path = dir.join("machine-id");
     match std::fs::read_to_string(&path) {
         Ok(s) if kennel_proto::validate_id("machine id", s.trim()).is_ok() => {

@@ -5,8 +5,9 @@
 //!
 //! The sync protocol is Automerge's: binary frames, each one sync message, with a sync state
 //! per connection. The rendezvous answers every message it receives and sends what changed
-//! whenever its document changes (a story added here, or another agent's changes). A story's
-//! stage changes become `story.stage` events in the event log.
+//! whenever its document changes (a story added here, or another agent's changes). It grants
+//! each story's first claim it receives ([`Pipeline::grant`]). A story's stage changes become
+//! `story.stage` events in the event log.
 
 use std::sync::Arc;
 
@@ -41,11 +42,11 @@ impl Rendezvous {
     }
 
     pub fn stories(&self) -> Vec<Story> {
-        self.replica.read(Pipeline::stories)
+        self.replica.stories()
     }
 
     pub fn story(&self, id: &str) -> Option<Story> {
-        self.replica.read(|p| p.story(id))
+        self.replica.story(id)
     }
 
     /// Runs `f` on the pipeline, stores what it changed and tells the connections; returns
@@ -74,6 +75,20 @@ pub async fn announce(app: &AppState, moved: Vec<Moved>) {
             ),
         }
     }
+}
+
+/// Applies an agent's sync message, then grants the claims it brought that are the first on
+/// their story ([`Pipeline::grant`]): the grant goes back to the agent in the answer.
+fn receive_and_grant(
+    rv: &Replica,
+    state: &mut sync::State,
+    bytes: &[u8],
+) -> Result<Vec<Moved>, RendezvousError> {
+    let mut moved = rv.receive(state, bytes)?;
+    let (granted, more) = rv.grant()?;
+    tracing::debug!(bytes = bytes.len(), ?granted, "sync message received");
+    moved.extend(more);
+    Ok(moved)
 }
 
 /// `WS /crdt-sync`: an agent (an `agent`-scope key) syncing its copy of the pipeline.
@@ -109,7 +124,7 @@ async fn serve(app: Arc<AppState>, mut socket: WebSocket) {
         }
         tokio::select! {
             frame = socket.recv() => match frame {
-                Some(Ok(WsMessage::Binary(bytes))) => match rv.receive(&mut state, &bytes) {
+                Some(Ok(WsMessage::Binary(bytes))) => match receive_and_grant(&rv, &mut state, &bytes) {
                     Ok(moved) => announce(&app, moved).await,
                     Err(e) => {
                         tracing::warn!(error = &e as &dyn std::error::Error, "closing a /crdt-sync connection");

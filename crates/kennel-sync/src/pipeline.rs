@@ -5,16 +5,20 @@
 //!   person put it), `profile`, `repo`, `baseBranch`, `dependsOn` (a list), `maxRetries`,
 //!   `blocked` (why, when blocked), `deleted` (a tombstone: set, never cleared), and two maps
 //!   keyed by node id, each entry written only by that node or about it:
-//!   - `claims[node] = {since, released}`: the node asked for the story; `released` once it,
-//!     or a node that saw it gone, gave it up;
+//!   - `claims[node] = {since, released, granted}`: the node asked for the story; `released`
+//!     once it, or a node that saw it gone, gave it up; `granted` once the rendezvous saw it
+//!     first;
 //!   - `progress[node] = {stage, branch, commit, failures, error}`: what that node did.
 //! - `node:<id>`: a map made by the node itself: `heartbeat` (a counter it increments) and
 //!   `addr` (where it serves `/crdt-sync`).
 //!
-//! **Who owns a story** is computed, never stored: among the claims not released, the one
-//! whose `sha256(node id, story id)` is lowest. Every node computes it the same way from the
-//! same merged document, so concurrent claims settle on one winner after merging, whoever
-//! merged first. **Where a story is** is the owner's progress if it has any, else the stage a
+//! **Who owns a story** is computed, never stored: among the claims not released, the granted
+//! one if there is one, else the one whose `sha256(node id, story id)` is lowest. Every node
+//! computes it the same way from the same merged document, so concurrent claims settle on one
+//! winner after merging, whoever merged first. The rendezvous grants a story's first claim it
+//! sees ([`Pipeline::grant`]): agents connected to it build only granted claims, so a claim
+//! that reaches it later cannot take over a story already being built; agents cut off from
+//! it fall back on the ranks. **Where a story is** is the owner's progress if it has any, else the stage a
 //! person set: a node that lost the claim may have pushed a branch while cut off, but its
 //! progress is not the owner's and moves nothing.
 
@@ -127,6 +131,8 @@ pub struct Story {
     pub blocked: Option<String>,
     /// The winning claim's node.
     pub owner: Option<String>,
+    /// Whether the winning claim was granted by the rendezvous ([`Pipeline::grant`]).
+    pub granted: bool,
     /// Every node with a claim not released.
     pub claimants: Vec<String>,
     /// The owner's result so far.
@@ -287,7 +293,35 @@ impl Pipeline {
         };
         self.doc.put(&mine, "since", now)?;
         self.doc.put(&mine, "released", false)?;
+        self.doc.put(&mine, "granted", false)?;
         Ok(())
+    }
+
+    /// The rendezvous grants each story claimed by nodes but granted to none the claim that
+    /// ranks first among those it has; returns the stories it granted. A granted claim owns
+    /// the story before any claim that is not (see [`Pipeline::story`]): claims reach the
+    /// rendezvous one after the other, so the first it saw keeps the story, however a later
+    /// concurrent claim ranks. Only the rendezvous calls this.
+    ///
+    /// `stories` are the stories to look at, as read before (a caller keeping them current
+    /// passes those that may need a grant).
+    pub fn grant(&mut self, stories: &[Story]) -> Result<Vec<String>> {
+        let mut granted = Vec::new();
+        for s in stories {
+            if s.granted || s.claimants.is_empty() {
+                continue;
+            }
+            let Some(owner) = &s.owner else {
+                continue;
+            };
+            let obj = self.story_obj(&s.id)?;
+            let claims = self.container(&obj, "claims")?;
+            if let Some(c) = self.obj(&claims, owner) {
+                self.doc.put(&c, "granted", true)?;
+                granted.push(s.id.clone());
+            }
+        }
+        Ok(granted)
     }
 
     /// Releases `node`'s claim on a story: its own giving up, or another node's for a node it
@@ -365,6 +399,15 @@ impl Pipeline {
         Ok(self.int(&n, "heartbeat").unwrap_or(0))
     }
 
+    /// A node's heartbeat counter and sync address.
+    pub fn node(&self, id: &str) -> Option<(i64, String)> {
+        let n = self.obj(&ROOT, &node_key(id))?;
+        Some((
+            self.int(&n, "heartbeat").unwrap_or(0),
+            self.text(&n, "addr").unwrap_or_default(),
+        ))
+    }
+
     /// Every node with its heartbeat counter and sync address.
     pub fn nodes(&self) -> BTreeMap<String, (i64, String)> {
         let mut out = BTreeMap::new();
@@ -395,10 +438,24 @@ impl Pipeline {
             })
             .collect();
         claimants.sort();
-        let owner = claimants
+        let granted: Vec<&String> = claimants
             .iter()
-            .min_by_key(|node| claim_rank(node, id))
-            .cloned();
+            .filter(|node| {
+                self.obj(&claims, node)
+                    .is_some_and(|c| self.flag(&c, "granted"))
+            })
+            .collect();
+        // A granted claim wins over any other; among equals, the lowest rank.
+        let owner = if granted.is_empty() {
+            claimants.iter().min_by_key(|node| claim_rank(node, id))
+        } else {
+            granted.into_iter().min_by_key(|node| claim_rank(node, id))
+        }
+        .cloned();
+        let owner_granted = owner.as_ref().is_some_and(|o| {
+            self.obj(&claims, o)
+                .is_some_and(|c| self.flag(&c, "granted"))
+        });
         let progress = self.obj(&s, "progress")?;
         let mine = owner.as_ref().and_then(|o| self.obj(&progress, o));
         let base = self
@@ -441,6 +498,7 @@ impl Pipeline {
                 .map_or(0, |n| u32::try_from(n).unwrap_or(0)),
             last_error: mine.as_ref().and_then(|p| self.text(p, "error")),
             owner,
+            granted: owner_granted,
             claimants,
         })
     }

@@ -7,15 +7,16 @@
 //! - a story this node runs but no longer owns (another claim won after a merge): stop it, and
 //!   never let its result count ([`crate::Pipeline::record`] refuses);
 //! - a story this node owns that has failed `maxRetries` times: block it, with the last error;
-//! - a story this node owns and does not run: start it, while there is room;
+//! - a story this node owns and does not run: start it, while there is room; it holds room
+//!   whether started or not, so a node never claims more than it can build;
 //! - a story owned by a node this one saw go silent for the TTL ([`crate::Liveness`]): release
 //!   that claim, then claim it;
 //! - a story nobody owns: claim it, while there is room.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::pipeline::claim_rank;
-use crate::{Liveness, Pipeline, Stage, Story};
+use crate::{Liveness, Stage, Story};
 
 /// One thing for the loop to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,20 +46,25 @@ pub struct Situation<'a> {
 }
 
 /// Whether every dependency of `s` is done.
-fn ready(p: &Pipeline, s: &Story) -> bool {
+fn ready(all: &BTreeMap<String, Story>, s: &Story) -> bool {
     s.depends_on.iter().all(|d| {
-        p.story(d)
+        all.get(d)
             .is_some_and(|dep| matches!(dep.stage, Stage::Done | Stage::Archived))
     })
 }
 
-/// The steps for this node (`p.me()`) now.
-pub fn plan(p: &Pipeline, seen: &Liveness, at: &Situation<'_>) -> Vec<Step> {
-    let me = p.me();
+/// The steps for node `me` now, from every story as its copy of the pipeline has them
+/// ([`crate::replica::View`]).
+pub fn plan(
+    me: &str,
+    all: &BTreeMap<String, Story>,
+    seen: &Liveness,
+    at: &Situation<'_>,
+) -> Vec<Step> {
     let mut steps = Vec::new();
     // In the order of this node's claim ranks: nodes claiming at once tend to pick stories
     // they would win, so fewer claims collide.
-    let mut stories = p.stories();
+    let mut stories: Vec<&Story> = all.values().collect();
     stories.sort_by_cached_key(|s| claim_rank(me, &s.id));
     // Lost ones first: they free room.
     for s in &stories {
@@ -71,12 +77,16 @@ pub fn plan(p: &Pipeline, seen: &Liveness, at: &Situation<'_>) -> Vec<Step> {
         .iter()
         .filter(|id| !steps.contains(&Step::Stop((*id).clone())))
         .count();
-    for s in &stories {
-        if s.stage != Stage::Current || s.blocked.is_some() || !ready(p, s) {
-            continue;
-        }
-        let mine = s.owner.as_deref() == Some(me);
-        if mine && s.failures >= s.max_retries.max(1) {
+    let eligible: Vec<&Story> = stories
+        .iter()
+        .copied()
+        .filter(|s| s.stage == Stage::Current && s.blocked.is_none() && ready(all, s))
+        .collect();
+    // What it owns first. Each story it owns and does not run holds room too, started or
+    // not, so it never claims more than it can build: what it claims but cannot start would
+    // sit unbuilt while every other node sees it taken.
+    for s in eligible.iter().filter(|s| s.owner.as_deref() == Some(me)) {
+        if s.failures >= s.max_retries.max(1) {
             let reason = format!(
                 "{} attempts failed; last: {}",
                 s.failures,
@@ -86,17 +96,16 @@ pub fn plan(p: &Pipeline, seen: &Liveness, at: &Situation<'_>) -> Vec<Step> {
                 story: s.id.clone(),
                 reason,
             });
-            continue;
-        }
-        if mine {
-            if !at.running.contains(&s.id) && busy < at.capacity {
+        } else if !at.running.contains(&s.id) {
+            if busy < at.capacity {
                 steps.push(Step::Start(s.id.clone()));
-                busy += 1;
             }
-            continue;
+            busy += 1;
         }
+    }
+    for s in eligible.iter().filter(|s| s.owner.as_deref() != Some(me)) {
         if busy >= at.capacity {
-            continue;
+            break;
         }
         match &s.owner {
             Some(owner) if seen.is_live(owner, at.now) => {}
@@ -121,6 +130,13 @@ pub fn plan(p: &Pipeline, seen: &Liveness, at: &Situation<'_>) -> Vec<Step> {
 mod tests {
     use super::*;
     use crate::pipeline::{NewStory, StoryUpdate};
+    use crate::Pipeline;
+
+    /// [`plan`] on `p` as read now.
+    fn plan_of(p: &Pipeline, seen: &Liveness, at: &Situation<'_>) -> Vec<Step> {
+        let all = p.stories().into_iter().map(|s| (s.id.clone(), s)).collect();
+        plan(p.me(), &all, seen, at)
+    }
 
     fn pipeline(me: &str, n: usize) -> Pipeline {
         let mut p = Pipeline::new(me);
@@ -155,20 +171,42 @@ mod tests {
         let mut ranked = ["s0".to_string(), "s1".into(), "s2".into()];
         ranked.sort_by_key(|s| claim_rank("a", s));
         let (first, second) = (ranked[0].clone(), ranked[1].clone());
-        let steps = plan(&p, &seen, &at(&none, 2, 0));
+        let steps = plan_of(&p, &seen, &at(&none, 2, 0));
         assert_eq!(
             steps,
             [Step::Claim(first.clone()), Step::Claim(second.clone())]
         );
         p.claim(&first, 0).unwrap();
         p.claim(&second, 0).unwrap();
-        let steps = plan(&p, &seen, &at(&none, 2, 0));
+        let steps = plan_of(&p, &seen, &at(&none, 2, 0));
         assert_eq!(
             steps,
             [Step::Start(first.clone()), Step::Start(second.clone())]
         );
         let running: BTreeSet<String> = [first, second].into();
-        assert!(plan(&p, &seen, &at(&running, 2, 0)).is_empty(), "full");
+        assert!(plan_of(&p, &seen, &at(&running, 2, 0)).is_empty(), "full");
+    }
+
+    #[test]
+    fn a_node_claims_no_more_than_it_can_build_even_before_it_starts() {
+        let mut p = pipeline("a", 4);
+        let seen = Liveness::new(600_000);
+        let none = BTreeSet::new();
+        for step in plan_of(&p, &seen, &at(&none, 2, 0)) {
+            if let Step::Claim(id) = step {
+                p.claim(&id, 0).unwrap();
+            }
+        }
+        // Its two claims are not started yet (the loop lets claims settle first): the next
+        // plans start them and claim nothing more.
+        for _ in 0..3 {
+            let steps = plan_of(&p, &seen, &at(&none, 2, 0));
+            assert_eq!(steps.len(), 2, "{steps:?}");
+            assert!(
+                steps.iter().all(|s| matches!(s, Step::Start(_))),
+                "{steps:?}"
+            );
+        }
     }
 
     #[test]
@@ -186,7 +224,7 @@ mod tests {
         let running: BTreeSet<String> = ids.iter().cloned().collect();
         let mut seen = Liveness::new(1_000);
         seen.observe("b", a.nodes()["b"].0, 0);
-        let steps = plan(&a, &seen, &at(&running, 8, 0));
+        let steps = plan_of(&a, &seen, &at(&running, 8, 0));
         let lost: Vec<&Step> = steps
             .iter()
             .filter(|s| matches!(s, Step::Stop(_)))
@@ -203,7 +241,7 @@ mod tests {
         assert_eq!(lost.len(), b_owns, "{steps:?}");
 
         // b goes silent: a releases b's claims and takes the stories.
-        let steps = plan(&a, &seen, &at(&BTreeSet::new(), 8, 1_000));
+        let steps = plan_of(&a, &seen, &at(&BTreeSet::new(), 8, 1_000));
         for s in a.stories() {
             if s.owner.as_deref() == Some("b") {
                 assert!(steps.contains(&Step::Release {
@@ -229,7 +267,7 @@ mod tests {
         p.move_story("s2", Stage::Current).unwrap();
         let seen = Liveness::new(600_000);
         let none = BTreeSet::new();
-        let claims: Vec<Step> = plan(&p, &seen, &at(&none, 9, 0));
+        let claims: Vec<Step> = plan_of(&p, &seen, &at(&none, 9, 0));
         assert!(!claims.contains(&Step::Claim("s2".into())), "{claims:?}");
         p.claim("s0", 0).unwrap();
         p.record(
@@ -240,7 +278,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert!(plan(&p, &seen, &at(&none, 9, 0)).contains(&Step::Claim("s2".into())));
+        assert!(plan_of(&p, &seen, &at(&none, 9, 0)).contains(&Step::Claim("s2".into())));
         p.claim("s2", 0).unwrap();
         p.record(
             "s2",
@@ -250,7 +288,7 @@ mod tests {
             },
         )
         .unwrap();
-        let steps = plan(&p, &seen, &at(&none, 9, 0));
+        let steps = plan_of(&p, &seen, &at(&none, 9, 0));
         assert!(
             steps.contains(&Step::Block {
                 story: "s2".into(),

@@ -9,6 +9,7 @@
 
 pub mod anthropic;
 pub mod api;
+pub mod build_agent;
 pub mod daemon;
 pub mod deadline;
 pub mod gateway;
@@ -25,6 +26,7 @@ pub mod worker;
 
 pub use anthropic::ScriptedAnthropic;
 pub use api::Api;
+pub use build_agent::KennelAgent;
 pub use daemon::{DaemonOpts, SeqCounters, TestDaemon, WsMessage, ABNORMAL_CLOSE, NO_STATUS_CLOSE};
 pub use deadline::within;
 pub use gateway::KennelGateway;

@@ -34,13 +34,13 @@ pub struct KennelDaemon {
 
 /// Lines a child printed, and a way to wait for one.
 #[derive(Default)]
-struct Lines {
+pub(crate) struct Lines {
     seen: std::sync::Mutex<Vec<String>>,
     added: tokio::sync::Notify,
 }
 
 impl Lines {
-    fn push(&self, line: String) {
+    pub(crate) fn push(&self, line: String) {
         self.seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -48,13 +48,43 @@ impl Lines {
         self.added.notify_waiters();
     }
 
-    fn find(&self, pred: &impl Fn(&str) -> bool) -> Option<String> {
+    /// The first line from the `from`-th on for which `pred` holds.
+    pub(crate) fn find(&self, from: usize, pred: &impl Fn(&str) -> bool) -> Option<String> {
         self.seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
+            .skip(from)
             .find(|l| pred(l))
             .cloned()
+    }
+
+    /// How many lines were printed so far.
+    pub(crate) fn len(&self) -> usize {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// The first line from the `from`-th on for which `pred` holds, waiting at most
+    /// `deadline` for it.
+    pub(crate) async fn wait(
+        &self,
+        from: usize,
+        deadline: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        tokio::time::timeout(deadline, async {
+            loop {
+                let added = self.added.notified();
+                tokio::pin!(added);
+                added.as_mut().enable();
+                if let Some(l) = self.find(from, &pred) {
+                    return l;
+                }
+                added.await;
+            }
+        })
+        .await
+        .ok()
     }
 }
 
@@ -181,19 +211,10 @@ impl KennelDaemon {
         deadline: Duration,
         pred: impl Fn(&str) -> bool,
     ) -> anyhow::Result<String> {
-        tokio::time::timeout(deadline, async {
-            loop {
-                let added = self.stdout.added.notified();
-                tokio::pin!(added);
-                added.as_mut().enable();
-                if let Some(l) = self.stdout.find(&pred) {
-                    return l;
-                }
-                added.await;
-            }
-        })
-        .await
-        .map_err(|_| anyhow!("the daemon printed no matching line within {deadline:?}"))
+        self.stdout
+            .wait(0, deadline, pred)
+            .await
+            .ok_or_else(|| anyhow!("the daemon printed no matching line within {deadline:?}"))
     }
 
     /// Sends SIGTERM, as an operator or a service manager stopping it cleanly would; does not

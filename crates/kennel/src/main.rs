@@ -72,6 +72,8 @@ pub enum Command {
     Msg(commands::msg::MsgArgs),
     /// The build agents' stories: add, list, show, move, block, delete.
     Story(commands::story::StoryArgs),
+    /// Run a build agent: sync the stories with a rendezvous, claim and build them.
+    Agent(commands::agent::AgentArgs),
     /// One-time join tokens for build agents (admin).
     AgentTokens(commands::agent_tokens::AgentTokensArgs),
     /// Show the coordinator's state: daemons, capacity, tasks by state.
@@ -112,6 +114,7 @@ fn main() -> ExitCode {
             | Command::Daemon(_)
             | Command::Relay(_)
             | Command::Gateway(_)
+            | Command::Agent(_)
     );
     if !serves {
         quiet_on_closed_pipe();

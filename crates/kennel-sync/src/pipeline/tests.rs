@@ -297,3 +297,43 @@ fn failures_and_blocking_are_recorded_with_their_reasons() {
         (2, "ws://127.0.0.1:1/crdt-sync".into())
     );
 }
+
+#[test]
+fn the_claim_the_rendezvous_grants_first_keeps_the_story_against_a_later_better_ranked_one() {
+    let mut rendezvous = Pipeline::new("rendezvous");
+    for i in 0..20 {
+        rendezvous.add_story(&story(&format!("s{i}")), 0).unwrap();
+        rendezvous.move_story(&format!("s{i}"), Stage::Current).unwrap();
+    }
+    let mut a = fork(&mut rendezvous, "a");
+    let mut b = fork(&mut rendezvous, "b");
+    // A story on which b's claim ranks first; a claims it first.
+    let id = (0..20)
+        .map(|i| format!("s{i}"))
+        .find(|s| claim_rank("b", s) < claim_rank("a", s))
+        .expect("b ranks first on some story");
+    a.claim(&id, 0).unwrap();
+    b.claim(&id, 0).unwrap();
+    // a's claim reaches the rendezvous first, which grants it.
+    rendezvous.doc_mut().merge(a.doc_mut()).unwrap();
+    let seen = rendezvous.stories();
+    assert_eq!(rendezvous.grant(&seen).unwrap(), [id.clone()]);
+    assert!(rendezvous.grant(&rendezvous.stories()).unwrap().is_empty(), "once");
+    // b's claim arrives later: a keeps the story on every node, though b ranks first.
+    rendezvous.doc_mut().merge(b.doc_mut()).unwrap();
+    meet(&mut a, &mut rendezvous);
+    meet(&mut b, &mut rendezvous);
+    for p in [&rendezvous, &a, &b] {
+        let s = p.story(&id).unwrap();
+        assert_eq!((s.owner.as_deref(), s.granted), (Some("a"), true), "{}", p.me());
+        assert_eq!(s.claimants, ["a", "b"]);
+    }
+    assert!(rendezvous.grant(&rendezvous.stories()).unwrap().is_empty());
+    // A granted claim given up (its node gone) no longer counts: the next claim is granted.
+    b.release(&id, "a").unwrap();
+    meet(&mut b, &mut rendezvous);
+    let s = rendezvous.story(&id).unwrap();
+    assert_eq!((s.owner.as_deref(), s.granted), (Some("b"), false));
+    assert_eq!(rendezvous.grant(&rendezvous.stories()).unwrap(), [id.clone()]);
+    assert!(rendezvous.story(&id).unwrap().granted);
+}

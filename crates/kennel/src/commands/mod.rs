@@ -1,6 +1,7 @@
 //! One module per subcommand. Each turns parsed arguments into library or API calls and
 //! prints the result as a table or, with `--json`, as JSON.
 
+pub mod agent;
 pub mod agent_tokens;
 pub mod agents;
 pub mod config_cmd;
@@ -32,6 +33,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             | Command::Daemon(_)
             | Command::Gateway(_)
             | Command::Relay(_)
+            | Command::Agent(_)
     ) {
         raise_open_files_limit();
     }
@@ -41,6 +43,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Daemon(args) => daemon::run(&g, args).await,
         Command::Gateway(args) => gateway::run(&g, args).await,
         Command::Relay(args) => relay::run(&g, args).await,
+        Command::Agent(args) => agent::run(&g, args).await,
         Command::Task(a) => task::run(&client(&g, &a.target)?, &g, a.cmd).await,
         Command::Daemons(a) => daemons::run(&client(&g, &a.target)?, &g, a).await,
         Command::Keys(a) => keys::run(&g, &a.target, a.cmd).await,

@@ -4,6 +4,7 @@
 mod agent_failure;
 mod agents;
 mod api;
+mod build_agents;
 mod claude;
 mod cli;
 mod cluster;

@@ -1,0 +1,211 @@
+//! Build agents (`kennel agent`) as real processes against a coordinator's rendezvous: they
+//! join with one-time tokens, claim stories from the shared pipeline, build them with a
+//! `command` profile in worktrees of a real (local bare) repository, push their branches and
+//! advance the stories. Synchronised on the event stream and the agents' output, never on
+//! sleeps.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use kennel_testkit::sse::EventStream;
+use kennel_testkit::{within, GitFixture, KennelAgent, KennelServer};
+
+use crate::{bin, kennel_cli as kennel, server};
+
+/// Twenty builds on a loaded machine, with process starts and pushes.
+const SLOW: Duration = Duration::from_secs(120);
+
+/// Agent config: a `build` profile that notes which story it built in `log` (one line per
+/// run) and leaves a file in the worktree, so the branch has a commit; `gate` holds it until
+/// `release` exists when the story is `held`.
+fn agent_config(log: &Path, release: &Path) -> String {
+    format!(
+        r#"
+[daemon]
+max_concurrent_tasks = 2
+
+[daemon.agents.build]
+kind = "command"
+command = ["sh", "-c", "echo \"$KENNEL_STORY\" >> '{log}'; if [ \"$KENNEL_STORY\" = held ]; then while [ ! -e '{release}' ]; do sleep 0.1; done; fi; echo \"built $KENNEL_STORY\" > built.txt"]
+"#,
+        log = log.display(),
+        release = release.display(),
+    )
+}
+
+async fn token(srv: &KennelServer, name: &str) -> anyhow::Result<String> {
+    let out = kennel(srv, &["agent-tokens", "create", "--name", name]).await?;
+    anyhow::ensure!(out.status.success(), "{out:?}");
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+async fn agent(
+    srv: &KennelServer,
+    name: &str,
+    toml: &str,
+    ttl: &str,
+) -> anyhow::Result<KennelAgent> {
+    let token = token(srv, name).await?;
+    KennelAgent::start(
+        bin(),
+        &srv.url(),
+        &token,
+        toml,
+        &["--tick", "300ms", "--claim-ttl", ttl],
+    )
+    .await
+}
+
+/// Adds story `id` building `repo`, in `2_current`.
+async fn add_story(srv: &KennelServer, id: &str, repo: &str) -> anyhow::Result<()> {
+    let added = kennel(
+        srv,
+        &[
+            "story",
+            "add",
+            id,
+            "--id",
+            id,
+            "--profile",
+            "build",
+            "--repo",
+            repo,
+        ],
+    )
+    .await?;
+    anyhow::ensure!(added.status.success(), "{added:?}");
+    let moved = kennel(srv, &["story", "move", id, "2_current"]).await?;
+    anyhow::ensure!(moved.status.success(), "{moved:?}");
+    Ok(())
+}
+
+async fn events(srv: &KennelServer) -> anyhow::Result<EventStream> {
+    EventStream::connect(
+        &format!("{}/api/v1/events", srv.url()),
+        Some(srv.admin_key()),
+        None,
+    )
+    .await
+}
+
+/// Waits until every story of `ids` has moved to `3_qa` (as `story.stage` events say).
+async fn wait_built(events: &mut EventStream, ids: &[String]) -> anyhow::Result<()> {
+    let mut left: std::collections::BTreeSet<&str> = ids.iter().map(String::as_str).collect();
+    while !left.is_empty() {
+        let m = events.wait_for(SLOW, |m| m.event == "story.stage").await?;
+        let v = m.json()?;
+        if v.pointer("/data/to").and_then(|t| t.as_str()) == Some("3_qa") {
+            if let Some(id) = v.pointer("/data/storyId").and_then(|s| s.as_str()) {
+                left.remove(id);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn stories(srv: &KennelServer) -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
+    let all: Vec<serde_json::Value> = srv.api().get("/api/v1/stories").await?;
+    Ok(all
+        .into_iter()
+        .map(|s| (s["id"].as_str().unwrap_or_default().to_string(), s))
+        .collect())
+}
+
+/// How many times each story was built, from the profile's log.
+fn builds(log: &Path) -> BTreeMap<String, usize> {
+    let mut n = BTreeMap::new();
+    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+        *n.entry(line.to_string()).or_insert(0) += 1;
+    }
+    n
+}
+
+#[tokio::test]
+async fn three_agents_build_twenty_stories_each_once_and_push_their_branches() -> anyhow::Result<()>
+{
+    let srv = server().await?;
+    let repo = GitFixture::new(&[])?;
+    let scratch = tempfile::tempdir()?;
+    let log = scratch.path().join("built.log");
+    let toml = agent_config(&log, &scratch.path().join("release"));
+    let ids: Vec<String> = (0..20).map(|i| format!("s{i:02}")).collect();
+    for id in &ids {
+        add_story(&srv, id, &repo.url()).await?;
+    }
+    let mut events = events(&srv).await?;
+    let mut agents = Vec::new();
+    for name in ["a", "b", "c"] {
+        agents.push(agent(&srv, name, &toml, "10m").await?);
+    }
+    wait_built(&mut events, &ids).await?;
+
+    let n = builds(&log);
+    let once: BTreeMap<String, usize> = ids.iter().map(|id| (id.clone(), 1)).collect();
+    assert_eq!(n, once, "each story built exactly once");
+    let nodes: Vec<&str> = agents.iter().map(|a| a.node()).collect();
+    let mut owners = std::collections::BTreeSet::new();
+    for (id, s) in stories(&srv).await? {
+        assert_eq!(s["stage"], "3_qa", "{id}: {s}");
+        let owner = s["owner"].as_str().unwrap_or_default();
+        assert!(
+            nodes.contains(&owner),
+            "{id} is owned by one of the agents: {s}"
+        );
+        owners.insert(owner.to_string());
+        let branch = format!("kennel/{id}.{owner}");
+        assert_eq!(s["branch"], branch.as_str(), "{id}: {s}");
+        let commit = s["commit"].as_str().unwrap_or_default();
+        assert_eq!(repo.rev(&branch).as_deref(), Some(commit), "{id}: pushed");
+        assert_eq!(
+            repo.show(&branch, "built.txt")?.trim(),
+            format!("built {id}")
+        );
+    }
+    assert!(owners.len() > 1, "the work was shared: {owners:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_story_of_a_killed_agent_is_taken_over_after_the_claim_ttl_and_built_by_another(
+) -> anyhow::Result<()> {
+    let srv = server().await?;
+    let repo = GitFixture::new(&[])?;
+    let scratch = tempfile::tempdir()?;
+    let log = scratch.path().join("built.log");
+    let release = scratch.path().join("release");
+    let toml = agent_config(&log, &release);
+    let mut events = events(&srv).await?;
+    let mut first = agent(&srv, "first", &toml, "2s").await?;
+    add_story(&srv, "held", &repo.url()).await?;
+    // It starts building, and hangs there (its build has noted itself in the log).
+    first
+        .wait_line(SLOW, |l| l.starts_with("kennel: building held"))
+        .await?;
+    within(SLOW, "the first build to start", async {
+        while !builds(&log).contains_key("held") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await?;
+    first.kill9().await?;
+    // Its build process outlives it, as after a real crash; let it end now.
+    std::fs::write(&release, "")?;
+
+    let second = agent(&srv, "second", &toml, "2s").await?;
+    wait_built(&mut events, &["held".to_string()]).await?;
+    let s = &stories(&srv).await?["held"];
+    assert_eq!(s["owner"], second.node(), "{s}");
+    let branch = format!("kennel/held.{}", second.node());
+    assert_eq!(s["branch"], branch.as_str());
+    assert_eq!(
+        repo.rev(&branch).as_deref(),
+        Some(s["commit"].as_str().unwrap_or_default())
+    );
+    assert_eq!(
+        builds(&log)["held"],
+        2,
+        "started by the first, built by the second"
+    );
+    Ok(())
+}
