@@ -299,7 +299,10 @@ mod tests {
         let s = r.story("s1").unwrap();
         assert_eq!(s.owner.as_deref(), Some("a"));
         assert_eq!(s.branch.as_deref(), Some("kennel/s1.a"));
-        assert_eq!(r.view(|v| v.nodes.get("a").cloned()), Some((1, "ws://a".into())));
+        assert_eq!(
+            r.view(|v| v.nodes.get("a").cloned()),
+            Some((1, "ws://a".into()))
+        );
 
         r.edit(|p| p.delete_story("s1")).unwrap();
         sync_both(&r, &a);

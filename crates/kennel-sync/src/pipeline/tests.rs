@@ -303,7 +303,9 @@ fn the_claim_the_rendezvous_grants_first_keeps_the_story_against_a_later_better_
     let mut rendezvous = Pipeline::new("rendezvous");
     for i in 0..20 {
         rendezvous.add_story(&story(&format!("s{i}")), 0).unwrap();
-        rendezvous.move_story(&format!("s{i}"), Stage::Current).unwrap();
+        rendezvous
+            .move_story(&format!("s{i}"), Stage::Current)
+            .unwrap();
     }
     let mut a = fork(&mut rendezvous, "a");
     let mut b = fork(&mut rendezvous, "b");
@@ -318,14 +320,22 @@ fn the_claim_the_rendezvous_grants_first_keeps_the_story_against_a_later_better_
     rendezvous.doc_mut().merge(a.doc_mut()).unwrap();
     let seen = rendezvous.stories();
     assert_eq!(rendezvous.grant(&seen).unwrap(), [id.clone()]);
-    assert!(rendezvous.grant(&rendezvous.stories()).unwrap().is_empty(), "once");
+    assert!(
+        rendezvous.grant(&rendezvous.stories()).unwrap().is_empty(),
+        "once"
+    );
     // b's claim arrives later: a keeps the story on every node, though b ranks first.
     rendezvous.doc_mut().merge(b.doc_mut()).unwrap();
     meet(&mut a, &mut rendezvous);
     meet(&mut b, &mut rendezvous);
     for p in [&rendezvous, &a, &b] {
         let s = p.story(&id).unwrap();
-        assert_eq!((s.owner.as_deref(), s.granted), (Some("a"), true), "{}", p.me());
+        assert_eq!(
+            (s.owner.as_deref(), s.granted),
+            (Some("a"), true),
+            "{}",
+            p.me()
+        );
         assert_eq!(s.claimants, ["a", "b"]);
     }
     assert!(rendezvous.grant(&rendezvous.stories()).unwrap().is_empty());
@@ -334,6 +344,9 @@ fn the_claim_the_rendezvous_grants_first_keeps_the_story_against_a_later_better_
     meet(&mut b, &mut rendezvous);
     let s = rendezvous.story(&id).unwrap();
     assert_eq!((s.owner.as_deref(), s.granted), (Some("b"), false));
-    assert_eq!(rendezvous.grant(&rendezvous.stories()).unwrap(), [id.clone()]);
+    assert_eq!(
+        rendezvous.grant(&rendezvous.stories()).unwrap(),
+        [id.clone()]
+    );
     assert!(rendezvous.story(&id).unwrap().granted);
 }

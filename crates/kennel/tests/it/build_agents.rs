@@ -209,3 +209,99 @@ async fn a_story_of_a_killed_agent_is_taken_over_after_the_claim_ttl_and_built_b
     );
     Ok(())
 }
+
+/// Agent config for the partition: capacity 1; its builds note `<name> <story>` in `log`;
+/// stories whose id starts with `h` wait for `gates/h`, and story `s` waits for `gates/s` if
+/// `hold_s`.
+fn partition_config(name: &str, log: &Path, gates: &Path, hold_s: bool) -> String {
+    let wait = |gate: &str| {
+        format!(
+            "while [ ! -e '{}' ]; do sleep 0.1; done",
+            gates.join(gate).display()
+        )
+    };
+    let s = if hold_s { wait("s") } else { ":".into() };
+    format!(
+        r#"
+[daemon]
+max_concurrent_tasks = 1
+
+[daemon.agents.build]
+kind = "command"
+command = ["sh", "-c", "echo \"{name} $KENNEL_STORY\" >> '{log}'; case \"$KENNEL_STORY\" in h*) {h};; s) {s};; esac; echo \"built $KENNEL_STORY\" > built.txt"]
+"#,
+        log = log.display(),
+        h = wait("h"),
+    )
+}
+
+#[tokio::test]
+async fn two_agents_apart_claim_one_story_and_after_the_partition_heals_one_result_counts(
+) -> anyhow::Result<()> {
+    let srv = server().await?;
+    let repo = GitFixture::new(&[])?;
+    let scratch = tempfile::tempdir()?;
+    let (log, gates) = (
+        scratch.path().join("built.log"),
+        scratch.path().join("gates"),
+    );
+    std::fs::create_dir_all(&gates)?;
+    let proxy = kennel_testkit::FaultProxy::start(srv.addr()).await?;
+    // x reaches the rendezvous through the proxy; both hold on to their first build.
+    let x_token = token(&srv, "x").await?;
+    let x_toml = partition_config("x", &log, &gates, true);
+    let args = ["--tick", "300ms", "--claim-ttl", "10m"];
+    let x = KennelAgent::start(bin(), &proxy.url(), &x_token, &x_toml, &args).await?;
+    let y_token = token(&srv, "y").await?;
+    let y_toml = partition_config("y", &log, &gates, false);
+    let y = KennelAgent::start(bin(), &srv.url(), &y_token, &y_toml, &args).await?;
+    add_story(&srv, "h1", &repo.url()).await?;
+    add_story(&srv, "h2", &repo.url()).await?;
+    let building = |l: &str| l.starts_with("kennel: building h");
+    x.wait_line(SLOW, building).await?;
+    y.wait_line(SLOW, building).await?;
+    // Both busy: the new story waits. Then x is cut off, and both get room.
+    add_story(&srv, "s", &repo.url()).await?;
+    proxy.cut();
+    x.wait_line(SLOW, |l| l.contains("working offline")).await?;
+    std::fs::write(gates.join("h"), "")?;
+
+    // Both build it: y with the rendezvous's grant, x apart, on its rank alone.
+    let mut events = events(&srv).await?;
+    y.wait_line(SLOW, |l| l.starts_with("kennel: built s "))
+        .await?;
+    x.wait_line(SLOW, |l| l.starts_with("kennel: building s "))
+        .await?;
+    wait_built(&mut events, &["s".to_string()]).await?;
+
+    // Healed: x learns that y's claim was granted, drops its build, and its result never
+    // counts.
+    proxy.heal();
+    x.wait_line(SLOW, |l| {
+        l == "kennel: dropped s: another agent's claim won"
+    })
+    .await?;
+    std::fs::write(gates.join("s"), "")?;
+    let s = &stories(&srv).await?["s"];
+    assert_eq!(
+        (s["owner"].as_str(), s["stage"].as_str()),
+        (Some(y.node()), Some("3_qa")),
+        "{s}"
+    );
+    let y_branch = format!("kennel/s.{}", y.node());
+    assert_eq!(s["branch"], y_branch.as_str());
+    assert_eq!(repo.rev(&y_branch).as_deref(), s["commit"].as_str());
+    assert_eq!(
+        repo.rev(&format!("kennel/s.{}", x.node())),
+        None,
+        "x never pushed"
+    );
+    let claimants: Vec<&str> = s["claimants"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c.as_str()).collect())
+        .unwrap_or_default();
+    assert!(claimants.contains(&x.node()), "x's claim merged: {s}");
+    let lines = std::fs::read_to_string(&log)?;
+    assert!(lines.contains("x s") && lines.contains("y s"), "{lines}");
+    Ok(())
+}
