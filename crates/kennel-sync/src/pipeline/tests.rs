@@ -319,7 +319,7 @@ fn the_claim_the_rendezvous_grants_first_keeps_the_story_against_a_later_better_
     // a's claim reaches the rendezvous first, which grants it.
     rendezvous.doc_mut().merge(a.doc_mut()).unwrap();
     let seen = rendezvous.stories();
-    assert_eq!(rendezvous.grant(&seen).unwrap(), [id.clone()]);
+    assert_eq!(rendezvous.grant(&seen).unwrap(), vec![id.clone()]);
     assert!(
         rendezvous.grant(&rendezvous.stories()).unwrap().is_empty(),
         "once"
@@ -346,7 +346,7 @@ fn the_claim_the_rendezvous_grants_first_keeps_the_story_against_a_later_better_
     assert_eq!((s.owner.as_deref(), s.granted), (Some("b"), false));
     assert_eq!(
         rendezvous.grant(&rendezvous.stories()).unwrap(),
-        [id.clone()]
+        vec![id.clone()]
     );
     assert!(rendezvous.story(&id).unwrap().granted);
 }
