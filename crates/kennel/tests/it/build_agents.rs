@@ -305,3 +305,53 @@ async fn two_agents_apart_claim_one_story_and_after_the_partition_heals_one_resu
     assert!(lines.contains("x s") && lines.contains("y s"), "{lines}");
     Ok(())
 }
+
+#[tokio::test]
+async fn after_every_process_is_killed_and_restarted_nothing_is_lost_or_resurrected(
+) -> anyhow::Result<()> {
+    let mut srv = server().await?;
+    let repo = GitFixture::new(&[])?;
+    let scratch = tempfile::tempdir()?;
+    let log = scratch.path().join("built.log");
+    let toml = agent_config(&log, &scratch.path().join("release"));
+    let ids: Vec<String> = (0..4).map(|i| format!("s{i}")).collect();
+    for id in &ids {
+        add_story(&srv, id, &repo.url()).await?;
+    }
+    let mut first = events(&srv).await?;
+    let mut a = agent(&srv, "a", &toml, "10m").await?;
+    let mut b = agent(&srv, "b", &toml, "10m").await?;
+    wait_built(&mut first, &ids).await?;
+    let before = stories(&srv).await?;
+    let deleted = kennel(&srv, &["story", "delete", "s1"]).await?;
+    assert!(deleted.status.success(), "{deleted:?}");
+
+    // Every process dies at once, then comes back on its data.
+    for agent in [&mut a, &mut b] {
+        agent.kill9().await?;
+    }
+    srv.restart().await?;
+    a.start_again().await?;
+    b.start_again().await?;
+    let mut again = events(&srv).await?;
+    add_story(&srv, "s4", &repo.url()).await?;
+    wait_built(&mut again, &["s4".to_string()]).await?;
+
+    let after = stories(&srv).await?;
+    assert!(
+        !after.contains_key("s1"),
+        "the deleted story stays deleted: {after:?}"
+    );
+    for id in ["s0", "s2", "s3"] {
+        for field in ["stage", "owner", "branch", "commit"] {
+            assert_eq!(after[id][field], before[id][field], "{id}.{field}");
+        }
+    }
+    assert_eq!(after["s4"]["stage"], "3_qa");
+    let once: BTreeMap<String, usize> = ["s0", "s1", "s2", "s3", "s4"]
+        .iter()
+        .map(|id| (id.to_string(), 1))
+        .collect();
+    assert_eq!(builds(&log), once, "nothing was built again");
+    Ok(())
+}
