@@ -29,6 +29,7 @@ struct Cli {
     cmd: Cmd,
 }
 
+mod agents_bench;
 mod connections_bench;
 mod daemon_bench;
 mod gateway_bench;
@@ -53,6 +54,8 @@ enum Cmd {
     /// Many tasks on real daemons with crashes and clean stops: throughput, start latency,
     /// attempts per task, refusals.
     Soak(soak_bench::SoakArgs),
+    /// Build agents converging on a pipeline of stories: time, document size, sync traffic.
+    Agents(agents_bench::AgentsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -499,6 +502,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Relay(a) => relay_bench::run(a).await,
             Cmd::Soak(a) => soak_bench::run(a).await,
             Cmd::Connections(a) => connections_bench::run(a).await,
+            Cmd::Agents(a) => agents_bench::run(a).await,
         }
     });
     match r {
