@@ -355,3 +355,63 @@ async fn after_every_process_is_killed_and_restarted_nothing_is_lost_or_resurrec
     assert_eq!(builds(&log), once, "nothing was built again");
     Ok(())
 }
+
+#[tokio::test]
+async fn claude_code_builds_a_story_and_its_file_lands_on_the_agents_branch() -> anyhow::Result<()>
+{
+    crate::claude::claude_binary()?;
+    let upstream = kennel_testkit::ScriptedAnthropic::write_file("hello.txt", "hi\n").await?;
+    let home = tempfile::Builder::new()
+        .prefix("kennel-test-claude-home-")
+        .tempdir()?;
+    let repo = GitFixture::new(&[])?;
+    let srv = server().await?;
+    let toml = crate::claude::daemon_config(&upstream, home.path());
+    let token = token(&srv, "claude").await?;
+    let args = ["--tick", "300ms"];
+    let agent = KennelAgent::start(bin(), &srv.url(), &token, &toml, &args).await?;
+    let added = kennel(
+        &srv,
+        &[
+            "story",
+            "add",
+            "Say hello",
+            "--id",
+            "hello",
+            "--body",
+            "Create hello.txt containing hi",
+            "--profile",
+            "claude",
+            "--repo",
+            &repo.url(),
+        ],
+    )
+    .await?;
+    assert!(added.status.success(), "{added:?}");
+    let mut events = events(&srv).await?;
+    let moved = kennel(&srv, &["story", "move", "hello", "2_current"]).await?;
+    assert!(moved.status.success(), "{moved:?}");
+    if let Err(e) = wait_built(&mut events, &["hello".to_string()]).await {
+        let seen: Vec<String> = upstream
+            .recorded()
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.uri))
+            .collect();
+        anyhow::bail!("{e}\nupstream saw: {seen:?}");
+    }
+    let s = &stories(&srv).await?["hello"];
+    let branch = format!("kennel/hello.{}", agent.node());
+    assert_eq!(
+        (s["owner"].as_str(), s["branch"].as_str()),
+        (Some(agent.node()), Some(branch.as_str()))
+    );
+    assert_eq!(repo.rev(&branch).as_deref(), s["commit"].as_str());
+    assert_eq!(repo.show(&branch, "hello.txt")?.trim(), "hi");
+    // The prompt was the story's title and body.
+    let asked = upstream
+        .recorded()
+        .iter()
+        .any(|r| r.body.to_string().contains("Create hello.txt containing hi"));
+    assert!(asked, "Claude Code was given the story's body");
+    Ok(())
+}

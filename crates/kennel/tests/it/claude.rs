@@ -22,7 +22,7 @@ const SLOW: Duration = Duration::from_secs(120);
 const API_KEY: &str = "sk-ant-kennel-test";
 
 /// Where `claude` is on PATH, or an error that says how to install it.
-fn claude_binary() -> anyhow::Result<PathBuf> {
+pub(crate) fn claude_binary() -> anyhow::Result<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .map(|dir| dir.join("claude"))
@@ -48,7 +48,7 @@ pub(crate) fn offline_claude_env(home: &std::path::Path) -> String {
 
 /// Daemon config: the built-in `claude` profile (default argv) with an environment that
 /// points Claude Code at `upstream` and keeps it off the network and out of the real home.
-fn daemon_config(upstream: &ScriptedAnthropic, home: &std::path::Path) -> String {
+pub(crate) fn daemon_config(upstream: &ScriptedAnthropic, home: &std::path::Path) -> String {
     format!(
         r#"
 [daemon]
