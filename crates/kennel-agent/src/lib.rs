@@ -3,7 +3,9 @@
 //! stories it claims with the daemon's executor (worktree, agent process, commit, push).
 //!
 //! - [`identity`]: its node id and key, the key got once for a one-time join token.
-//! - [`peer`]: the sync connection to the rendezvous, reconnecting with backoff.
+//! - [`peer`]: a sync connection to the rendezvous or a mesh peer, reconnecting with backoff.
+//! - [`mesh`]: with `--listen`, `/crdt-sync` served to other agents, and links to a few of
+//!   them, so work goes on while the rendezvous is down.
 //! - [`work`]: the loop: heartbeat, [`kennel_sync::plan`], claims, agents started and stopped,
 //!   results recorded under the claim they were made for.
 //!
@@ -13,6 +15,7 @@
 //! it reconnects.
 
 pub mod identity;
+pub mod mesh;
 pub mod peer;
 pub mod work;
 
@@ -40,6 +43,12 @@ pub struct AgentConfig {
     pub tick: Duration,
     /// How long a claim's holder may stay silent before others take the story over.
     pub claim_ttl: Duration,
+    /// Where to serve `/crdt-sync` to other agents (the mesh); none: no mesh.
+    pub listen: Option<std::net::SocketAddr>,
+    /// The address other agents reach it on (default: `ws://<listen>/crdt-sync`).
+    pub advertise: Option<String>,
+    /// Mesh peers it keeps links to.
+    pub max_mesh_peers: usize,
     /// Agent profiles, git settings, repositories and capacity (`max_concurrent_tasks`), as
     /// for `kennel daemon`.
     pub daemon: DaemonConfig,
@@ -54,6 +63,9 @@ impl AgentConfig {
             data_dir,
             tick: Duration::from_secs(15),
             claim_ttl: Duration::from_secs(600),
+            listen: None,
+            advertise: None,
+            max_mesh_peers: 3,
             daemon,
         }
     }
@@ -76,6 +88,12 @@ pub enum AgentError {
     Outbox(#[from] kennel_daemon::outbox::OutboxError),
     #[error("the rendezvous URL {0:?} is not ws://, wss://, http:// or https://")]
     Url(String),
+    #[error("failed to listen on {addr} for mesh peers")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A running agent.
@@ -86,6 +104,8 @@ pub struct AgentHandle {
     pub replica: Arc<Replica>,
     /// Whether the rendezvous connection is up.
     pub synced: watch::Receiver<bool>,
+    /// Where other agents reach its `/crdt-sync`, when it takes part in the mesh.
+    pub advertise: Option<String>,
     /// What it does (builds started, ended, dropped), one line each; for whoever takes it.
     pub notices: Option<mpsc::UnboundedReceiver<String>>,
     shutdown: watch::Sender<bool>,
@@ -112,7 +132,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     })?;
     let urls = peer::Urls::parse(&cfg.rendezvous)?;
     let node = identity::node_id(dir)?;
-    let key = identity::key(dir, &urls.http, cfg.join_token.as_deref()).await?;
+    let creds = identity::credentials(dir, &urls.http, cfg.join_token.as_deref()).await?;
     let replica = Replica::open(&dir.join("pipeline.automerge"), &node)?;
     let outbox = Arc::new(Outbox::open(&dir.join("outbox.db"))?);
     let (out_tx, out_rx) = mpsc::unbounded_channel();
@@ -130,11 +150,43 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     let (notices_tx, notices) = mpsc::unbounded_channel();
     let link = tokio::spawn(peer::run(
         urls.ws.clone(),
-        key,
+        creds.key,
         replica.clone(),
         synced_tx,
         stop.clone(),
     ));
+    let mut tasks = vec![link];
+    let (mut mesh, mut advertise) = (None, String::new());
+    match (cfg.listen, creds.mesh_secret) {
+        (Some(addr), Some(secret)) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::Listen {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            let bound = listener.local_addr().map_err(|source| AgentError::Listen {
+                addr: addr.to_string(),
+                source,
+            })?;
+            advertise = cfg
+                .advertise
+                .clone()
+                .unwrap_or_else(|| mesh::advertised(bound));
+            tasks.push(tokio::spawn(mesh::serve(
+                listener,
+                secret.clone(),
+                replica.clone(),
+                stop.clone(),
+            )));
+            mesh = Some(mesh::Mesh::new(secret, replica.clone()));
+        }
+        (Some(_), None) => tracing::warn!(
+            "no mesh: the rendezvous gave this agent no mesh secret when it joined; \
+             join again with a new token to take part"
+        ),
+        (None, _) => {}
+    }
     let worker = work::Worker::new(work::Setup {
         node: node.clone(),
         replica: replica.clone(),
@@ -146,8 +198,11 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         logs: dir.join("logs"),
         notices: notices_tx,
         synced: synced.clone(),
+        mesh,
+        advertise: advertise.clone(),
+        max_mesh_peers: cfg.max_mesh_peers,
     });
-    let work = tokio::spawn(worker.run(out_rx, stop));
+    tasks.push(tokio::spawn(worker.run(out_rx, stop)));
     Ok(AgentHandle {
         node,
         agents,
@@ -155,6 +210,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         synced,
         notices: Some(notices),
         shutdown,
-        tasks: vec![link, work],
+        advertise: (!advertise.is_empty()).then_some(advertise),
+        tasks,
     })
 }

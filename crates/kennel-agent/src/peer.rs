@@ -12,14 +12,15 @@ use kennel_sync::Replica;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 use crate::AgentError;
 
 /// First and longest wait before reconnecting.
 const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 
-/// Largest sync message accepted from the rendezvous.
-const MAX_SYNC_BYTES: usize = 16 << 20;
+/// Largest sync message accepted from a peer.
+pub(crate) const MAX_SYNC_BYTES: usize = 16 << 20;
 
 /// The rendezvous's sync endpoint and its HTTP base.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,8 +52,8 @@ impl Urls {
     }
 }
 
-/// Keeps the agent synced with the rendezvous at `url` until `stop`; `synced` says whether a
-/// connection is up.
+/// Keeps the agent synced with the peer (the rendezvous, or a mesh peer) at `url`, presenting
+/// `key`, until `stop`; `synced` says whether a connection is up.
 pub async fn run(
     url: String,
     key: String,
@@ -71,8 +72,8 @@ pub async fn run(
             Ended::Closed => wait = BACKOFF.0,
             Ended::Failed(reason) => {
                 tracing::warn!(
-                    rendezvous = %url,
-                    "sync with the rendezvous failed: {reason}; working offline, retrying in {}s",
+                    peer = %url,
+                    "sync failed: {reason}; working on, retrying in {}s",
                     wait.as_secs()
                 );
             }
@@ -85,7 +86,7 @@ pub async fn run(
     }
 }
 
-enum Ended {
+pub(crate) enum Ended {
     /// The rendezvous closed the connection after it was up.
     Closed,
     Failed(String),
@@ -108,8 +109,16 @@ async fn session(url: &str, key: &str, replica: &Replica, synced: &watch::Sender
         Ok((ws, _)) => ws,
         Err(e) => return Ended::Failed(e.to_string()),
     };
-    tracing::info!(rendezvous = %url, "syncing with the rendezvous");
+    tracing::info!(peer = %url, "syncing");
     let _ = synced.send(true);
+    carry(ws, replica).await
+}
+
+/// Syncs `replica` over an open WebSocket until either side ends it.
+pub(crate) async fn carry<S>(ws: WebSocketStream<S>, replica: &Replica) -> Ended
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let (mut tx, mut rx) = ws.split();
     let mut state = sync::State::new();
     let mut changed = replica.subscribe();
@@ -126,12 +135,7 @@ async fn session(url: &str, key: &str, replica: &Replica, synced: &watch::Sender
                     if let Err(e) = replica.receive(&mut state, &bytes) {
                         return Ended::Failed(e.to_string());
                     }
-                    tracing::debug!(
-                        bytes = bytes.len(),
-                        their_need = state.their_need.as_ref().map_or(0, Vec::len),
-                        their_have = state.their_have.as_ref().map_or(0, Vec::len),
-                        "sync message received"
-                    );
+                    tracing::debug!(bytes = bytes.len(), "sync message received");
                 }
                 Some(Ok(Message::Close(_))) | None => return Ended::Closed,
                 Some(Err(e)) => return Ended::Failed(e.to_string()),

@@ -44,6 +44,11 @@ pub struct Setup {
     pub notices: mpsc::UnboundedSender<String>,
     /// Whether the rendezvous connection is up.
     pub synced: watch::Receiver<bool>,
+    /// Its links to other agents, when it takes part in the mesh.
+    pub mesh: Option<crate::mesh::Mesh>,
+    /// Where other agents reach it (written with each heartbeat); empty without a mesh.
+    pub advertise: String,
+    pub max_mesh_peers: usize,
 }
 
 /// The loop's state.
@@ -103,7 +108,8 @@ impl Worker {
             tokio::select! {
                 () = tokio::time::sleep_until(next_beat) => {
                     next_beat += self.s.tick;
-                    if let Err(e) = self.s.replica.edit(|p| p.heartbeat("")) {
+                    let addr = self.s.advertise.clone();
+                    if let Err(e) = self.s.replica.edit(|p| p.heartbeat(&addr)) {
                         tracing::error!(error = &e as &dyn std::error::Error, "failed to record the heartbeat");
                     }
                 }
@@ -131,6 +137,7 @@ impl Worker {
         for (node, (counter, _)) in &nodes {
             self.seen.observe(node, *counter, now);
         }
+        self.keep_mesh(&nodes, now);
         let running: BTreeSet<String> = self.running.keys().cloned().collect();
         // Slots still held by builds dropped a moment ago, until their processes are gone.
         let winding_down = self
@@ -187,6 +194,36 @@ impl Worker {
                 error = &e as &dyn std::error::Error,
                 "failed to change the pipeline"
             );
+        }
+    }
+
+    /// Keeps mesh links to the live agents it ranks first.
+    fn keep_mesh(&mut self, nodes: &BTreeMap<String, (i64, String)>, now: i64) {
+        let Some(mesh) = self.s.mesh.as_mut() else {
+            return;
+        };
+        let me = self.s.node.as_str();
+        let mut live: Vec<(&String, &String)> = nodes
+            .iter()
+            .filter(|(node, (_, addr))| {
+                node.as_str() != me && !addr.is_empty() && self.seen.is_live(node, now)
+            })
+            .map(|(node, (_, addr))| (node, addr))
+            .collect();
+        live.sort_by_cached_key(|(node, _)| kennel_sync::pipeline::claim_rank(me, node));
+        let wanted: BTreeMap<String, String> = live
+            .into_iter()
+            .take(self.s.max_mesh_peers)
+            .map(|(n, a)| (n.clone(), a.clone()))
+            .collect();
+        if mesh.keep(&wanted) {
+            let peers = mesh.peers();
+            let line = if peers.is_empty() {
+                "mesh peers: none".to_string()
+            } else {
+                format!("mesh peers: {}", peers.join(", "))
+            };
+            self.notice(line);
         }
     }
 

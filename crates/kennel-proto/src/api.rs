@@ -464,6 +464,20 @@ pub struct CreatedJoinToken {
     pub expires_at: String,
 }
 
+/// What `POST /api/v1/agent-tokens/exchange` answers: the agent's key, shown once, and the
+/// secret build agents present to one another's `/crdt-sync` on their mesh.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct JoinedAgent {
+    #[serde(flatten)]
+    pub created: CreatedKey,
+    /// The same for every agent of this rendezvous (`Authorization: Bearer` between agents);
+    /// absent when the rendezvous is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_secret: Option<String>,
+}
+
 /// Body of `POST /api/v1/agent-tokens/exchange`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use kennel_proto::api::{
-    CreateJoinToken, CreatedJoinToken, CreatedKey, ErrorBody, ExchangeJoinToken, Scope,
+    CreateJoinToken, CreatedJoinToken, CreatedKey, ErrorBody, ExchangeJoinToken, JoinedAgent, Scope,
 };
 use kennel_store::{rfc3339, Redeem};
 use utoipa::OpenApi;
@@ -100,7 +100,7 @@ pub async fn create_join_token(
 #[utoipa::path(post, path = "/api/v1/agent-tokens/exchange", request_body = ExchangeJoinToken,
     tag = "stories", security(()),
     responses(
-        (status = 201, description = "the agent's key, shown once", body = CreatedKey),
+        (status = 201, description = "the agent's key, shown once, and the mesh secret", body = JoinedAgent),
         (status = 400, description = "the body is invalid", body = ErrorBody),
         (status = 401, description = "the token is unknown, used or expired", body = ErrorBody),
         (status = 413, description = "the body is larger than `api.max_body_bytes`", body = ErrorBody),
@@ -109,7 +109,7 @@ pub async fn create_join_token(
 pub async fn exchange_join_token(
     State(app): S,
     body: Result<JsonBody<ExchangeJoinToken>, ApiError>,
-) -> AppResult<(StatusCode, Json<CreatedKey>)> {
+) -> AppResult<(StatusCode, Json<JoinedAgent>)> {
     let JsonBody(req) = body?;
     let refused = || ApiError::unauthorized("unknown join token; ask an admin for a new one");
     let id = kennel_auth::join_token_id(&req.token).ok_or_else(refused)?;
@@ -138,9 +138,15 @@ pub async fn exchange_join_token(
             tracing::info!(token_id = %id, key_id = %record.info.id, "join token exchanged");
             Ok((
                 StatusCode::CREATED,
-                Json(CreatedKey {
-                    key,
-                    info: record.info,
+                Json(JoinedAgent {
+                    created: CreatedKey {
+                        key,
+                        info: record.info,
+                    },
+                    mesh_secret: app
+                        .rendezvous
+                        .as_ref()
+                        .map(|rv| rv.mesh_secret().to_string()),
                 }),
             ))
         }

@@ -32,13 +32,38 @@ const MAX_SYNC_BYTES: usize = 16 << 20;
 /// The coordinator's copy of the pipeline.
 pub struct Rendezvous {
     replica: Arc<Replica>,
+    /// What agents present to one another on their mesh (`<data_dir>/mesh.key`, made once),
+    /// handed to each with its key.
+    mesh_secret: String,
 }
 
 impl Rendezvous {
     /// Opens (or starts) the pipeline file in `data_dir`.
     pub fn open(data_dir: &std::path::Path) -> Result<Arc<Rendezvous>, RendezvousError> {
         let replica = Replica::open(&data_dir.join("pipeline.automerge"), NODE)?;
-        Ok(Arc::new(Rendezvous { replica }))
+        let path = data_dir.join("mesh.key");
+        let mesh_secret = match std::fs::read_to_string(&path) {
+            Ok(s) if !s.trim().is_empty() => s.trim().to_string(),
+            _ => {
+                let secret = kennel_auth::random_hex(32);
+                kennel_auth::write_private(&path, &secret).map_err(|source| {
+                    RendezvousError::File(kennel_sync::store::DocFileError::Io {
+                        path: path.display().to_string(),
+                        source,
+                    })
+                })?;
+                secret
+            }
+        };
+        Ok(Arc::new(Rendezvous {
+            replica,
+            mesh_secret,
+        }))
+    }
+
+    /// The secret build agents present to one another on their mesh.
+    pub fn mesh_secret(&self) -> &str {
+        &self.mesh_secret
     }
 
     pub fn stories(&self) -> Vec<Story> {

@@ -116,6 +116,11 @@ impl KennelAgent {
         Ok(())
     }
 
+    /// Every line the agent printed on stdout, across restarts.
+    pub fn lines(&self) -> Vec<String> {
+        self.stdout.all()
+    }
+
     /// The agent's node id in the pipeline.
     pub fn node(&self) -> &str {
         &self.node

@@ -59,6 +59,11 @@ impl Lines {
             .cloned()
     }
 
+    /// Every line printed so far.
+    pub(crate) fn all(&self) -> Vec<String> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// How many lines were printed so far.
     pub(crate) fn len(&self) -> usize {
         self.seen.lock().unwrap_or_else(|p| p.into_inner()).len()

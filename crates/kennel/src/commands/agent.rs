@@ -40,6 +40,16 @@ pub struct AgentArgs {
     /// How long a story's holder may stay silent before another agent takes it over.
     #[arg(long, default_value = "10m", value_parser = Span::parse, value_name = "DURATION")]
     pub claim_ttl: Span,
+    /// Serve `/crdt-sync` to other agents on this address (`0.0.0.0:7075`, port 0 for any) and
+    /// sync with a few of them, so work goes on while the rendezvous is down.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// The address other agents reach this one on (default: ws://<--listen>/crdt-sync).
+    #[arg(long, value_name = "URL", requires = "listen")]
+    pub advertise: Option<String>,
+    /// Other agents it keeps mesh links to.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub max_mesh_peers: usize,
 }
 
 pub async fn run(g: &Global, args: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -60,6 +70,9 @@ pub async fn run(g: &Global, args: AgentArgs) -> anyhow::Result<ExitCode> {
     agent.join_token = args.join_token.clone();
     agent.tick = args.tick.get();
     agent.claim_ttl = args.claim_ttl.get();
+    agent.listen = args.listen;
+    agent.advertise = args.advertise.clone();
+    agent.max_mesh_peers = args.max_mesh_peers;
     let mut handle = kennel_agent::start(agent)
         .await
         .context("failed to start the agent")?;
@@ -74,6 +87,9 @@ pub async fn run(g: &Global, args: AgentArgs) -> anyhow::Result<ExitCode> {
         },
         dir.display()
     );
+    if let Some(addr) = &handle.advertise {
+        println!("kennel: mesh: serving /crdt-sync at {addr}");
+    }
     // Say when the sync comes up or goes (scripts and tests wait for these lines).
     let mut synced = handle.synced.clone();
     let url = args.rendezvous.clone();

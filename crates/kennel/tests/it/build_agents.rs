@@ -408,10 +408,109 @@ async fn claude_code_builds_a_story_and_its_file_lands_on_the_agents_branch() ->
     assert_eq!(repo.rev(&branch).as_deref(), s["commit"].as_str());
     assert_eq!(repo.show(&branch, "hello.txt")?.trim(), "hi");
     // The prompt was the story's title and body.
-    let asked = upstream
-        .recorded()
-        .iter()
-        .any(|r| r.body.to_string().contains("Create hello.txt containing hi"));
+    let asked = upstream.recorded().iter().any(|r| {
+        r.body
+            .to_string()
+            .contains("Create hello.txt containing hi")
+    });
     assert!(asked, "Claude Code was given the story's body");
+    Ok(())
+}
+
+/// How many peers a `kennel: mesh peers: a, b, c` line names.
+fn mesh_peers(line: &str) -> Option<usize> {
+    let peers = line.strip_prefix("kennel: mesh peers: ")?;
+    Some(if peers == "none" {
+        0
+    } else {
+        peers.split(", ").count()
+    })
+}
+
+#[tokio::test]
+async fn with_the_rendezvous_down_six_agents_go_on_over_their_mesh_of_at_most_three_links_each(
+) -> anyhow::Result<()> {
+    let mut srv = server().await?;
+    let repo = GitFixture::new(&[])?;
+    let scratch = tempfile::tempdir()?;
+    let (log, gate) = (
+        scratch.path().join("built.log"),
+        scratch.path().join("gate"),
+    );
+    let toml = format!(
+        r#"
+[daemon]
+max_concurrent_tasks = 1
+
+[daemon.agents.build]
+kind = "command"
+command = ["sh", "-c", "echo \"$KENNEL_STORY\" >> '{log}'; while [ ! -e '{gate}' ]; do sleep 0.1; done; echo \"built $KENNEL_STORY\" > built.txt"]
+"#,
+        log = log.display(),
+        gate = gate.display()
+    );
+    let mut agents = Vec::new();
+    for n in 0..6 {
+        let token = token(&srv, &format!("m{n}")).await?;
+        let args = ["--tick", "300ms", "--listen", "127.0.0.1:0"];
+        agents.push(KennelAgent::start(bin(), &srv.url(), &token, &toml, &args).await?);
+    }
+    // Each links to three of the five others, never more.
+    for a in &agents {
+        a.wait_line(SLOW, |l| mesh_peers(l) == Some(3)).await?;
+    }
+    let ids: Vec<String> = (0..12).map(|i| format!("m{i:02}")).collect();
+    for id in &ids {
+        add_story(&srv, id, &repo.url()).await?;
+    }
+    // Six builds run (one slot each) when the rendezvous goes down.
+    within(SLOW, "six builds to start", async {
+        while builds(&log).len() < 6 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await?;
+    srv.kill9().await?;
+    std::fs::write(&gate, "")?;
+    // The other six are claimed and built over the mesh alone.
+    within(
+        SLOW,
+        "every story to be built without the rendezvous",
+        async {
+            while builds(&log).len() < 12 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await?;
+    // The rendezvous comes back and learns it all.
+    srv.restart().await?;
+    let mut events = events(&srv).await?;
+    let all = stories(&srv).await?;
+    let missing: Vec<String> = ids
+        .iter()
+        .filter(|id| all.get(*id).is_none_or(|s| s["stage"] != "3_qa"))
+        .cloned()
+        .collect();
+    wait_built(&mut events, &missing).await?;
+    let once: BTreeMap<String, usize> = ids.iter().map(|id| (id.clone(), 1)).collect();
+    assert_eq!(builds(&log), once, "each story built once");
+    for (id, s) in stories(&srv).await? {
+        let branch = s["branch"].as_str().unwrap_or_default().to_string();
+        assert_eq!(
+            repo.rev(&branch).as_deref(),
+            s["commit"].as_str(),
+            "{id}: {s}"
+        );
+    }
+    for a in &agents {
+        for line in a.lines() {
+            assert!(
+                mesh_peers(&line).is_none_or(|n| n <= 3),
+                "{}: {line}",
+                a.node()
+            );
+        }
+    }
     Ok(())
 }
