@@ -16,7 +16,7 @@ use crate::Global;
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// The rendezvous: `ws://HOST:PORT/crdt-sync`, or the coordinator's `http://HOST:PORT`.
-    #[arg(long, env = "KENNEL_AGENT_RENDEZVOUS", value_name = "URL")]
+    #[arg(long, env = "KENNEL_AGENT_RENDEZVOUS", value_name = "URL", value_parser = rendezvous_url)]
     pub rendezvous: String,
     /// A one-time join token (`kennel agent-tokens create`), turned into this agent's key on
     /// its first start; later starts use the key kept in the data directory.
@@ -50,6 +50,13 @@ pub struct AgentArgs {
     /// Other agents it keeps mesh links to.
     #[arg(long, default_value_t = 3, value_name = "N")]
     pub max_mesh_peers: usize,
+}
+
+/// `--rendezvous`, checked before anything starts (a wrong one is a usage error).
+fn rendezvous_url(url: &str) -> Result<String, String> {
+    kennel_agent::peer::Urls::parse(url)
+        .map(|_| url.to_string())
+        .map_err(|e| e.to_string())
 }
 
 pub async fn run(g: &Global, args: AgentArgs) -> anyhow::Result<ExitCode> {
