@@ -514,3 +514,105 @@ command = ["sh", "-c", "echo \"$KENNEL_STORY\" >> '{log}'; while [ ! -e '{gate}'
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_story_that_keeps_failing_is_blocked_after_its_retries_with_the_reason(
+) -> anyhow::Result<()> {
+    let srv = server().await?;
+    let scratch = tempfile::tempdir()?;
+    let log = scratch.path().join("built.log");
+    let toml = format!(
+        r#"
+[daemon]
+max_concurrent_tasks = 1
+
+[daemon.agents.broken]
+kind = "command"
+command = ["sh", "-c", "echo \"$KENNEL_STORY\" >> '{log}'; echo 'no compiler here' >&2; exit 3"]
+"#,
+        log = log.display()
+    );
+    let agent = agent(&srv, "a", &toml, "10m").await?;
+    let story = kennel_proto::api::CreateStory {
+        id: Some("bad".into()),
+        title: "Build it".into(),
+        body: None,
+        profile: Some("broken".into()),
+        repo: None,
+        depends_on: Vec::new(),
+        max_retries: Some(2),
+    };
+    let _: serde_json::Value = srv.api().post("/api/v1/stories", &story).await?;
+    let moved = kennel(&srv, &["story", "move", "bad", "2_current"]).await?;
+    assert!(moved.status.success(), "{moved:?}");
+    let blocked = agent
+        .wait_line(SLOW, |l| l.starts_with("kennel: blocked bad: "))
+        .await?;
+    assert!(blocked.contains("2 attempts failed"), "{blocked}");
+    let s = &stories(&srv).await?["bad"];
+    let reason = s["blocked"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("2 attempts failed; last: "), "{s}");
+    assert!(
+        reason.contains("3"),
+        "the exit status is in the reason: {s}"
+    );
+    assert_eq!(
+        (s["failures"].as_u64(), s["stage"].as_str()),
+        (Some(2), Some("2_current"))
+    );
+    assert_eq!(builds(&log)["bad"], 2, "tried twice, then left alone");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_join_token_past_its_expiry_starts_no_agent_and_says_why() -> anyhow::Result<()> {
+    let srv = server().await?;
+    let out = kennel(
+        &srv,
+        &[
+            "--json",
+            "agent-tokens",
+            "create",
+            "--name",
+            "late",
+            "--ttl",
+            "1",
+        ],
+    )
+    .await?;
+    anyhow::ensure!(out.status.success(), "{out:?}");
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let token = created["token"].as_str().unwrap_or_default().to_string();
+    let expires = time::OffsetDateTime::parse(
+        created["expiresAt"].as_str().unwrap_or_default(),
+        &time::format_description::well_known::Rfc3339,
+    )?;
+    // Expiry is a matter of time: wait until the clock has passed it.
+    within(SLOW, "the token's expiry", async {
+        while time::OffsetDateTime::now_utc() <= expires {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().display().to_string();
+    let url = srv.url();
+    let args = [
+        "agent",
+        "--rendezvous",
+        url.as_str(),
+        "--join-token",
+        token.as_str(),
+        "--data-dir",
+        data.as_str(),
+    ];
+    let ran = kennel(&srv, &args).await?;
+    assert_eq!(ran.status.code(), Some(1), "{ran:?}");
+    let err = String::from_utf8_lossy(&ran.stderr);
+    assert!(
+        err.contains("this join token expired; ask an admin for a new one"),
+        "{err}"
+    );
+    assert!(!dir.path().join("agent.key").exists(), "no key was kept");
+    Ok(())
+}
