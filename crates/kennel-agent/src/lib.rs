@@ -143,6 +143,9 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         out_tx,
     );
     let agents = exec.preflight_all().await;
+    // What the last run's agents reported and it had not recorded yet (it stopped in between):
+    // recorded first, so a build that finished is not built again.
+    let earlier = outbox.pending()?;
     // Attempts that ran when the last process ended are reported lost, and retried.
     exec.recover();
     let (shutdown, stop) = watch::channel(false);
@@ -202,7 +205,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         advertise: advertise.clone(),
         max_mesh_peers: cfg.max_mesh_peers,
     });
-    tasks.push(tokio::spawn(worker.run(out_rx, stop)));
+    tasks.push(tokio::spawn(worker.run(earlier, out_rx, stop)));
     Ok(AgentHandle {
         node,
         agents,

@@ -11,7 +11,7 @@
 //!   story to `3_qa` with its branch and commit, a failure counts against its retries; a
 //!   result for a story this node no longer owns is discarded ([`kennel_sync::Pipeline::record`]
 //!   refuses it). Reports stay in the executor's outbox until recorded, so a crash in between
-//!   loses nothing.
+//!   loses nothing: the next start records them first.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
@@ -99,9 +99,13 @@ impl Worker {
     /// Runs until `stop`, then drops what runs.
     pub async fn run(
         mut self,
+        earlier: Vec<Pending>,
         mut reports: mpsc::UnboundedReceiver<Pending>,
         mut stop: watch::Receiver<bool>,
     ) {
+        for p in earlier {
+            self.report(p);
+        }
         let mut changed = self.s.replica.subscribe();
         let mut next_beat = tokio::time::Instant::now();
         loop {
@@ -318,23 +322,34 @@ impl Worker {
         if self.running.get(&story) == Some(&p.attempt) {
             self.running.remove(&story);
         }
+        let attempt = p.attempt;
         let update = match ended {
             Ok((branch, commit)) => {
-                self.notice(format!(
-                    "built {story} on {}; moving it to 3_qa",
-                    branch.as_deref().unwrap_or("no branch")
-                ));
+                let on = match (&branch, &commit) {
+                    (Some(b), Some(c)) => format!("{b} ({})", &c[..c.len().min(12)]),
+                    (Some(b), None) => b.clone(),
+                    _ => "no branch".into(),
+                };
+                self.notice(format!("built {story} on {on}; moving it to 3_qa"));
                 StoryUpdate {
                     stage: Some(Stage::Qa),
                     branch,
                     commit,
-                    failed: None,
+                    note: Some(format!(
+                        "attempt {attempt} on {}: built on {on}",
+                        self.s.node
+                    )),
+                    ..StoryUpdate::default()
                 }
             }
             Err(reason) => {
-                self.notice(format!("{story} attempt {} failed: {reason}", p.attempt));
+                self.notice(format!("{story} attempt {attempt} failed: {reason}"));
                 self.log(p, &format!("kennel agent: attempt failed: {reason}"));
                 StoryUpdate {
+                    note: Some(format!(
+                        "attempt {attempt} on {} failed: {reason}",
+                        self.s.node
+                    )),
                     failed: Some(reason),
                     ..StoryUpdate::default()
                 }

@@ -420,6 +420,9 @@ pub struct StoryView {
     pub failures: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The owner's attempts, one line each, oldest first.
+    #[serde(default)]
+    pub attempt_log: Vec<String>,
 }
 
 /// Body of `POST /api/v1/stories/{id}/move`.

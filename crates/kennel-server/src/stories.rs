@@ -157,6 +157,7 @@ fn view(s: Story) -> StoryView {
         commit: s.commit,
         failures: s.failures,
         last_error: s.last_error,
+        attempt_log: s.log,
     }
 }
 

@@ -8,7 +8,8 @@
 //!   - `claims[node] = {since, released, granted}`: the node asked for the story; `released`
 //!     once it, or a node that saw it gone, gave it up; `granted` once the rendezvous saw it
 //!     first;
-//!   - `progress[node] = {stage, branch, commit, failures, error}`: what that node did.
+//!   - `progress[node] = {stage, branch, commit, failures, error, log}`: what that node did,
+//!     `log` a list of one line per attempt.
 //! - `node:<id>`: a map made by the node itself: `heartbeat` (a counter it increments) and
 //!   `addr` (where it serves `/crdt-sync`).
 //!
@@ -113,6 +114,8 @@ pub struct StoryUpdate {
     pub commit: Option<String>,
     /// One more failed attempt, with why.
     pub failed: Option<String>,
+    /// A line for the story's attempt log (`attempt 2: built …`, `attempt 1 failed: …`).
+    pub note: Option<String>,
 }
 
 /// A story as the document says it is now.
@@ -140,6 +143,8 @@ pub struct Story {
     pub commit: Option<String>,
     /// The owner's failed attempts.
     pub failures: u32,
+    /// The owner's attempt log, oldest first.
+    pub log: Vec<String>,
     pub last_error: Option<String>,
 }
 
@@ -374,6 +379,14 @@ impl Pipeline {
             self.doc.put(&mine, "failures", failures)?;
             self.doc.put(&mine, "error", e.as_str())?;
         }
+        if let Some(note) = &update.note {
+            let log = match self.obj(&mine, "log") {
+                Some(l) => l,
+                None => self.doc.put_object(&mine, "log", ObjType::List)?,
+            };
+            let at = self.doc.length(&log);
+            self.doc.insert(&log, at, note.as_str())?;
+        }
         Ok(())
     }
 
@@ -496,6 +509,19 @@ impl Pipeline {
                 .as_ref()
                 .and_then(|p| self.int(p, "failures"))
                 .map_or(0, |n| u32::try_from(n).unwrap_or(0)),
+            log: mine
+                .as_ref()
+                .and_then(|p| self.obj(p, "log"))
+                .map(|l| {
+                    self.doc
+                        .values(&l)
+                        .filter_map(|(v, _)| match v {
+                            Value::Scalar(s) => s.to_str().map(str::to_string),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             last_error: mine.as_ref().and_then(|p| self.text(p, "error")),
             owner,
             granted: owner_granted,

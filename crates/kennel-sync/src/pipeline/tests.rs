@@ -95,7 +95,7 @@ fn the_loser_of_a_claim_cannot_move_the_story_and_its_progress_counts_for_nothin
             stage: Some(Stage::Qa),
             branch: Some(branch.into()),
             commit: Some("c0ffee".into()),
-            failed: None,
+            ..StoryUpdate::default()
         };
         p.record("s1", &update).unwrap();
     }
@@ -241,7 +241,7 @@ fn the_document_survives_a_restart_from_its_file_with_every_change_in_order() {
             stage: Some(Stage::Qa),
             branch: Some("kennel/s1".into()),
             commit: Some("abc".into()),
-            failed: None,
+            ..StoryUpdate::default()
         },
     )
     .unwrap();

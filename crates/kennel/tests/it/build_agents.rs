@@ -161,6 +161,12 @@ async fn three_agents_build_twenty_stories_each_once_and_push_their_branches() -
             repo.show(&branch, "built.txt")?.trim(),
             format!("built {id}")
         );
+        let log: Vec<&str> = s["attemptLog"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|l| l.as_str()).collect())
+            .unwrap_or_default();
+        let want = format!("attempt 1 on {owner}: built on {branch} (");
+        assert!(log.len() == 1 && log[0].starts_with(&want), "{id}: {log:?}");
     }
     assert!(owners.len() > 1, "the work was shared: {owners:?}");
     Ok(())
@@ -561,6 +567,15 @@ command = ["sh", "-c", "echo \"$KENNEL_STORY\" >> '{log}'; echo 'no compiler her
         (Some(2), Some("2_current"))
     );
     assert_eq!(builds(&log)["bad"], 2, "tried twice, then left alone");
+    let attempts: Vec<&str> = s["attemptLog"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|l| l.as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(attempts.len(), 2, "{s}");
+    for (n, line) in attempts.iter().enumerate() {
+        let want = format!("attempt {} on {} failed: ", n + 1, agent.node());
+        assert!(line.starts_with(&want), "{line}");
+    }
     Ok(())
 }
 

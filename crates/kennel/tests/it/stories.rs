@@ -90,7 +90,7 @@ async fn an_agent_syncs_the_pipeline_claims_a_story_and_its_progress_shows_on_th
             stage: Some(Stage::Qa),
             branch: Some("kennel/s1".into()),
             commit: Some("abc123".into()),
-            failed: None,
+            ..StoryUpdate::default()
         },
     )?;
     sync_until(&mut agent, &mut state, &mut ws, |_| true).await?;
