@@ -1,4 +1,5 @@
-//! The agent's loop. On every tick it beats its heartbeat into the document; whenever the
+//! The agent's loop. Every tick it plans, and beats its heartbeat into the document (at most
+//! every tenth of the claim TTL: each beat is a change the document keeps); whenever the
 //! document changes (its own edits, a peer's) or an agent reports, it reads who it saw alive,
 //! asks [`kennel_sync::plan`] what to do and does it:
 //! - a claim is written to the document; the story is built once the rendezvous granted it
@@ -80,6 +81,13 @@ impl Worker {
         self.started.elapsed().as_millis() as i64
     }
 
+    /// Time between heartbeats: a tick, but no more often than a tenth of the claim TTL. Each
+    /// heartbeat is a change the document keeps for good, and others need to see it move only
+    /// once per TTL (ten times is margin).
+    fn beat_every(&self) -> Duration {
+        self.s.tick.max(self.s.claim_ttl / 10)
+    }
+
     /// How long a new claim waits before its build starts: a tick, and at least
     /// [`MIN_SETTLE`].
     fn settle(&self) -> Duration {
@@ -107,14 +115,18 @@ impl Worker {
             self.report(p);
         }
         let mut changed = self.s.replica.subscribe();
-        let mut next_beat = tokio::time::Instant::now();
+        let now = tokio::time::Instant::now();
+        let (mut next_tick, mut next_beat) = (now, now);
         loop {
             tokio::select! {
-                () = tokio::time::sleep_until(next_beat) => {
-                    next_beat += self.s.tick;
-                    let addr = self.s.advertise.clone();
-                    if let Err(e) = self.s.replica.edit(|p| p.heartbeat(&addr)) {
-                        tracing::error!(error = &e as &dyn std::error::Error, "failed to record the heartbeat");
+                () = tokio::time::sleep_until(next_tick) => {
+                    next_tick += self.s.tick;
+                    if tokio::time::Instant::now() >= next_beat {
+                        next_beat += self.beat_every();
+                        let addr = self.s.advertise.clone();
+                        if let Err(e) = self.s.replica.edit(|p| p.heartbeat(&addr)) {
+                            tracing::error!(error = &e as &dyn std::error::Error, "failed to record the heartbeat");
+                        }
                     }
                 }
                 r = changed.changed() => if r.is_err() { break },

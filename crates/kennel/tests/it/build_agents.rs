@@ -555,7 +555,19 @@ command = ["sh", "-c", "echo \"$KENNEL_STORY\" >> '{log}'; echo 'no compiler her
         .wait_line(SLOW, |l| l.starts_with("kennel: blocked bad: "))
         .await?;
     assert!(blocked.contains("2 attempts failed"), "{blocked}");
-    let s = &stories(&srv).await?["bad"];
+    // The rendezvous learns it with the agent's next sync (a block moves no stage: no event).
+    let s = within(SLOW, "the rendezvous to see the story blocked", async {
+        loop {
+            if let Ok(all) = stories(&srv).await {
+                if all["bad"]["blocked"].is_string() {
+                    return all["bad"].clone();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await?;
+    let s = &s;
     let reason = s["blocked"].as_str().unwrap_or_default();
     assert!(reason.starts_with("2 attempts failed; last: "), "{s}");
     assert!(
