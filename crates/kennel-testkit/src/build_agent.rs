@@ -10,11 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
 
 use crate::server::config_file;
-use crate::worker::Lines;
+use crate::worker::{kill9, spawn_logged, Lines};
 
 /// How long an agent may take to print that it syncs.
 const SYNC_DEADLINE: Duration = Duration::from_secs(30);
@@ -80,22 +79,7 @@ impl KennelAgent {
             .arg("--data-dir")
             .arg(self.dir.path())
             .args(&self.args);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("failed to start {} agent", self.bin.display()))?;
-        let out = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow!("the agent's stdout was not captured"))?;
-        self.child = Some(child);
-        let log = self.stdout.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(out).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("[kennel agent stdout] {line}");
-                log.push(line);
-            }
-        });
+        self.child = Some(spawn_logged(cmd, "agent", self.stdout.clone())?);
         let running = self
             .stdout
             .wait(from, SYNC_DEADLINE, |l| l.starts_with(RUNNING_PREFIX))
@@ -133,14 +117,7 @@ impl KennelAgent {
     /// SIGKILL, as a crash would; waits until it is gone. Its agent processes, in groups of
     /// their own, are left running, as after a real crash.
     pub async fn kill9(&mut self) -> anyhow::Result<()> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(());
-        };
-        let _ = child.start_kill();
-        tokio::time::timeout(Duration::from_secs(10), child.wait())
-            .await
-            .map_err(|_| anyhow!("kennel agent did not exit within 10s of SIGKILL"))??;
-        Ok(())
+        kill9(self.child.take(), "agent").await
     }
 
     /// Starts the agent again on the same data directory after it stopped; returns once it

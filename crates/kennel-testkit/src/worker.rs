@@ -93,6 +93,42 @@ impl Lines {
     }
 }
 
+/// Starts `cmd` (stdout piped), printing each line it writes on stdout as
+/// `[kennel WHAT stdout] …` and keeping it in `log`.
+pub(crate) fn spawn_logged(
+    mut cmd: Command,
+    what: &'static str,
+    log: std::sync::Arc<Lines>,
+) -> anyhow::Result<Child> {
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("failed to start kennel {what}"))?;
+    let out = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("the {what}'s stdout was not captured"))?;
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(out).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("[kennel {what} stdout] {line}");
+            log.push(line);
+        }
+    });
+    Ok(child)
+}
+
+/// SIGKILL, as a crash would; waits until the process is gone. Nothing if there is none.
+pub(crate) async fn kill9(child: Option<Child>, what: &str) -> anyhow::Result<()> {
+    let Some(mut child) = child else {
+        return Ok(());
+    };
+    let _ = child.start_kill();
+    tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .map_err(|_| anyhow!("kennel {what} did not exit within 10s of SIGKILL"))??;
+    Ok(())
+}
+
 impl KennelDaemon {
     /// Starts `kennel daemon` against `server` with `toml` as its config file (agent
     /// profiles, limits). Returns once the coordinator has seen it connect.
@@ -156,31 +192,18 @@ impl KennelDaemon {
             .env("KENNEL_DAEMON__SERVER", &self.ws_url)
             .env("KENNEL_DAEMON__API_KEY", &self.key)
             .env("KENNEL_DAEMON__MACHINE_ID", &self.machine_id);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("failed to start {} daemon", self.bin.display()))?;
-        let out = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow!("the daemon's stdout was not captured"))?;
-        self.child = Some(child);
         // The daemon prints `kennel: connected to ... as <id>` each time its link comes up.
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let log = self.stdout.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(out).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("[kennel daemon stdout] {line}");
-                if line.starts_with(CONNECTED_PREFIX) {
-                    let _ = tx.send(());
-                }
-                log.push(line);
-            }
-        });
-        tokio::time::timeout(CONNECT_DEADLINE, rx.recv())
+        let from = self.stdout.len();
+        self.child = Some(spawn_logged(cmd, "daemon", self.stdout.clone())?);
+        self.stdout
+            .wait(from, CONNECT_DEADLINE, |l| l.starts_with(CONNECTED_PREFIX))
             .await
-            .map_err(|_| anyhow!("the daemon did not connect within {CONNECT_DEADLINE:?}"))?
-            .ok_or_else(|| anyhow!("the daemon exited before it connected; its log is above"))?;
+            .ok_or_else(|| {
+                anyhow!(
+                    "the daemon did not connect within {CONNECT_DEADLINE:?} (or exited); its \
+                     log is above"
+                )
+            })?;
         Ok(())
     }
 
@@ -199,14 +222,7 @@ impl KennelDaemon {
 
     /// SIGKILL, as a crash would; waits until it is gone.
     pub async fn kill9(&mut self) -> anyhow::Result<()> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(());
-        };
-        let _ = child.start_kill();
-        tokio::time::timeout(Duration::from_secs(10), child.wait())
-            .await
-            .map_err(|_| anyhow!("kennel daemon did not exit within 10s of SIGKILL"))??;
-        Ok(())
+        kill9(self.child.take(), "daemon").await
     }
 
     /// The first line the daemon printed on stdout (since it was first started) for which
