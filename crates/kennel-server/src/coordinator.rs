@@ -67,6 +67,11 @@ const DISPATCH_BATCH: usize = 256;
 /// How often the event log is pruned of events older than `api.event_retention`.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
+/// With several coordinators, how often each reads the queue from the store whatever it heard:
+/// a task committed by a coordinator that died before its signal went out is queued nowhere
+/// else (no one else has heard of it) until then.
+const QUEUE_RESYNC_EVERY: Duration = Duration::from_secs(10);
+
 /// How long a task must stay unschedulable before it is announced as waiting: long enough that
 /// daemons reconnecting after a coordinator restart do not flood the event stream, short
 /// enough that a user sees why within a second or two.
@@ -914,11 +919,17 @@ impl Coordinator {
             return;
         }
         let beat = self.cfg.cluster.beat.as_millis() as i64;
+        let resync_every = QUEUE_RESYNC_EVERY.as_millis() as i64;
+        let mut next_resync = self.clock.now_ms().saturating_add(resync_every);
         loop {
             self.clock
                 .sleep_until(self.clock.now_ms().saturating_add(beat))
                 .await;
             let now = self.clock.now_ms();
+            if now >= next_resync {
+                next_resync = now.saturating_add(resync_every);
+                self.add_queued_from_store().await;
+            }
             let me = self.peers.id();
             if let Err(e) = self.store.coordinator_seen(me, now).await {
                 tracing::error!(
@@ -1217,6 +1228,33 @@ impl Coordinator {
         }
         self.tail.notify_one();
         self.wake.notify_one();
+    }
+
+    /// Queues every queued task of the store this coordinator has not queued (one whose signal
+    /// it never heard). Adds only: a task it queued after the read would look gone.
+    async fn add_queued_from_store(&self) {
+        match self.store.queued_tasks().await {
+            Ok(queued) => {
+                let mut st = self.lock();
+                let mut added = 0;
+                for q in queued {
+                    if !st.queued.contains_key(&q.task.id) && !st.live.contains_key(&q.task.id) {
+                        st.enqueue(q.task);
+                        added += 1;
+                    }
+                }
+                if added > 0 {
+                    tracing::info!(added, "queued tasks whose signal never arrived");
+                    st.update_gauges();
+                    drop(st);
+                    self.wake.notify_one();
+                }
+            }
+            Err(e) => tracing::error!(
+                error = &e as &dyn std::error::Error,
+                "failed to reread the queue"
+            ),
+        }
     }
 
     /// Sends `frame` to `daemon` if its link is here.
@@ -3139,6 +3177,38 @@ mod cluster_tests {
         })
         .await
         .unwrap_or_else(|_| panic!("task {task_id} did not become {want}"));
+    }
+
+    #[tokio::test]
+    async fn a_task_whose_signal_never_came_is_found_in_the_store_and_runs() {
+        let c = Cluster::new().await;
+        let b = c.coordinator("c-b").await;
+        tokio::spawn(b.clone().run_cluster());
+        let (_daemon, mut rx) = daemon(&b, "m1").await;
+        // Committed by a coordinator that died before its signal went out.
+        let lost = kennel_store::NewTask {
+            id: "t-lost".into(),
+            name: "lost".into(),
+            prompt: "p".into(),
+            repo: None,
+            agent: "a".into(),
+            labels: BTreeMap::new(),
+            priority: 0,
+            env: BTreeMap::new(),
+            timeout_secs: None,
+            max_attempts: 1,
+            session: None,
+        };
+        c.store.create_task(lost, START).await.unwrap();
+        assert!(!b.lock().queued.contains_key("t-lost"), "B heard nothing");
+        // B reads the queue from the store every QUEUE_RESYNC_EVERY, and runs it.
+        // The manual clock moves a second at a time; the loop's store calls take real time.
+        for _ in 0..=QUEUE_RESYNC_EVERY.as_secs() + 1 {
+            c.clock.advance(Duration::from_secs(1));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let spawn = spawn_of(&mut rx).await;
+        assert_eq!((spawn.task_id.as_str(), spawn.attempt), ("t-lost", 1));
     }
 
     #[tokio::test]
