@@ -101,7 +101,6 @@ pub struct AgentHandle {
     pub node: String,
     /// The agent profiles that passed preflight.
     pub agents: Vec<String>,
-    pub replica: Arc<Replica>,
     /// Whether the rendezvous connection is up.
     pub synced: watch::Receiver<bool>,
     /// Where other agents reach its `/crdt-sync`, when it takes part in the mesh.
@@ -209,7 +208,6 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     Ok(AgentHandle {
         node,
         agents,
-        replica,
         synced,
         notices: Some(notices),
         shutdown,

@@ -87,7 +87,7 @@ pub async fn run(
 }
 
 pub(crate) enum Ended {
-    /// The rendezvous closed the connection after it was up.
+    /// The peer closed the connection after it was up.
     Closed,
     Failed(String),
 }

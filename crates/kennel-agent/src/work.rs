@@ -61,6 +61,8 @@ pub struct Worker {
     running: BTreeMap<String, u32>,
     /// When this node claimed a story, for the claims it made in this run.
     claimed: HashMap<String, Instant>,
+    /// The log file of each attempt writing output, open until the attempt ends.
+    logs: HashMap<(String, u32), std::fs::File>,
 }
 
 impl Worker {
@@ -72,6 +74,7 @@ impl Worker {
             seen: Liveness::new(ttl),
             running: BTreeMap::new(),
             claimed: HashMap::new(),
+            logs: HashMap::new(),
         }
     }
 
@@ -313,27 +316,32 @@ impl Worker {
                 self.log(p, &o.output);
                 return;
             }
-            DaemonMessage::TaskComplete(c) if c.success => Ok((c.branch, c.commit)),
-            DaemonMessage::TaskComplete(c) => Err(c.error.unwrap_or_else(|| match c.exit_code {
-                Some(code) => format!("the agent exited with status {code}"),
-                None => "the agent failed".into(),
-            })),
-            // No room yet (a dropped build still winding down): not a failure, try again.
-            DaemonMessage::TaskRejected(r) if r.code == Some(RejectCode::AtCapacity) => {
-                if self.running.get(&story) == Some(&p.attempt) {
-                    self.running.remove(&story);
-                }
-                return;
+            DaemonMessage::TaskComplete(c) if c.success => Some(Ok((c.branch, c.commit))),
+            DaemonMessage::TaskComplete(c) => {
+                Some(Err(c.error.unwrap_or_else(|| match c.exit_code {
+                    Some(code) => format!("the agent exited with status {code}"),
+                    None => "the agent failed".into(),
+                })))
             }
-            DaemonMessage::TaskRejected(r) => Err(r.reason),
-            DaemonMessage::TaskStatusChange(c) if c.new_status == "lost" => {
-                Err("the agent process was lost when kennel agent stopped".into())
-            }
+            // No room yet (a dropped build still winding down): not a failure, planned again.
+            DaemonMessage::TaskRejected(r) if r.code == Some(RejectCode::AtCapacity) => None,
+            DaemonMessage::TaskRejected(r) => Some(Err(r.reason)),
+            DaemonMessage::TaskStatusChange(c) if c.new_status == "lost" => Some(Err(
+                "the agent process was lost when kennel agent stopped".into(),
+            )),
             _ => return,
         };
+        if let Some(Err(reason)) = &ended {
+            self.log(p, &format!("kennel agent: attempt failed: {reason}"));
+        }
+        // The attempt has ended: its log is complete.
+        self.logs.remove(&(p.task_id.clone(), p.attempt));
         if self.running.get(&story) == Some(&p.attempt) {
             self.running.remove(&story);
         }
+        let Some(ended) = ended else {
+            return;
+        };
         let attempt = p.attempt;
         let update = match ended {
             Ok((branch, commit)) => {
@@ -356,7 +364,6 @@ impl Worker {
             }
             Err(reason) => {
                 self.notice(format!("{story} attempt {attempt} failed: {reason}"));
-                self.log(p, &format!("kennel agent: attempt failed: {reason}"));
                 StoryUpdate {
                     note: Some(format!(
                         "attempt {attempt} on {} failed: {reason}",
@@ -385,15 +392,30 @@ impl Worker {
     }
 
     /// Appends a line to the attempt's log.
-    fn log(&self, p: &Pending, line: &str) {
-        let path = self.s.logs.join(format!("{}-{}.log", p.task_id, p.attempt));
-        let written = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .and_then(|mut f| writeln!(f, "{line}"));
-        if let Err(e) = written {
-            tracing::warn!(error = &e as &dyn std::error::Error, path = %path.display(), "failed to keep output");
+    fn log(&mut self, p: &Pending, line: &str) {
+        let key = (p.task_id.clone(), p.attempt);
+        let file = match self.logs.entry(key) {
+            std::collections::hash_map::Entry::Occupied(f) => f.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let path = self.s.logs.join(format!("{}-{}.log", p.task_id, p.attempt));
+                let opened = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path);
+                match opened {
+                    Ok(f) => v.insert(f),
+                    Err(e) => {
+                        tracing::warn!(error = &e as &dyn std::error::Error, path = %path.display(), "failed to keep output");
+                        return;
+                    }
+                }
+            }
+        };
+        if let Err(e) = writeln!(file, "{line}") {
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "failed to keep output"
+            );
         }
     }
 }

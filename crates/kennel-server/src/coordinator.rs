@@ -3201,13 +3201,20 @@ mod cluster_tests {
         };
         c.store.create_task(lost, START).await.unwrap();
         assert!(!b.lock().queued.contains_key("t-lost"), "B heard nothing");
-        // B reads the queue from the store every QUEUE_RESYNC_EVERY, and runs it.
-        // The manual clock moves a second at a time; the loop's store calls take real time.
-        for _ in 0..=QUEUE_RESYNC_EVERY.as_secs() + 1 {
-            c.clock.advance(Duration::from_secs(1));
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let spawn = spawn_of(&mut rx).await;
+        // B reads the queue from the store every QUEUE_RESYNC_EVERY, and runs it. The manual
+        // clock moves a second at a time until the spawn comes (the loop's store calls take
+        // real time between its beats).
+        let spawn = tokio::time::timeout(PROMPTLY, async {
+            loop {
+                c.clock.advance(Duration::from_secs(1));
+                let next = tokio::time::timeout(Duration::from_millis(20), spawn_of(&mut rx));
+                if let Ok(spawn) = next.await {
+                    return spawn;
+                }
+            }
+        })
+        .await
+        .expect("B never found the task in the store");
         assert_eq!((spawn.task_id.as_str(), spawn.attempt), ("t-lost", 1));
     }
 

@@ -209,13 +209,6 @@ impl Replica {
         self.changed.subscribe()
     }
 
-    /// Rewrites the file as the whole document; returns its size.
-    pub fn compact(&self) -> Result<u64, ReplicaError> {
-        let mut inner = self.lock();
-        let Inner { pipeline, file, .. } = &mut *inner;
-        Ok(file.compact(pipeline.doc_mut())?)
-    }
-
     fn store(&self, inner: &mut Inner) -> Result<Vec<Moved>, ReplicaError> {
         let Inner { pipeline, file, .. } = inner;
         if file.append(pipeline.doc_mut())? > 0 {

@@ -588,6 +588,20 @@ command = ["sh", "-c", "echo \"$KENNEL_STORY\" >> '{log}'; echo 'no compiler her
         let want = format!("attempt {} on {} failed: ", n + 1, agent.node());
         assert!(line.starts_with(&want), "{line}");
     }
+    // Each attempt's output is kept beside the agent, with why it failed.
+    for attempt in [1, 2] {
+        let path = agent
+            .data_dir()
+            .join("logs")
+            .join(format!("bad.{}-{attempt}.log", agent.node()));
+        let kept = std::fs::read_to_string(&path)?;
+        assert!(
+            kept.contains("no compiler here"),
+            "{}: {kept}",
+            path.display()
+        );
+        assert!(kept.contains("kennel agent: attempt failed: "), "{kept}");
+    }
     Ok(())
 }
 
