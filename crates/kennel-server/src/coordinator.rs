@@ -67,6 +67,10 @@ const DISPATCH_BATCH: usize = 256;
 /// How often the event log is pruned of events older than `api.event_retention`.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
+/// With several coordinators, how long the event tail lets events gather after a read: a
+/// read every event commit would cost the database a statement per commit and coordinator.
+const TAIL_GATHER: Duration = Duration::from_millis(5);
+
 /// With several coordinators, how often each reads the queue from the store whatever it heard:
 /// a task committed by a coordinator that died before its signal went out is queued nowhere
 /// else (no one else has heard of it) until then.
@@ -899,11 +903,16 @@ impl Coordinator {
                     }
                 };
                 let full = page.len() == 1_000;
+                let any = !page.is_empty();
                 for ev in page {
                     last = ev.id;
                     self.broadcast(ev);
                 }
                 if !full {
+                    if any {
+                        // Under load, events that commit meanwhile are read together.
+                        tokio::time::sleep(TAIL_GATHER).await;
+                    }
                     break;
                 }
             }

@@ -17,7 +17,7 @@
 //! - **When it runs**: on every event that can matter (a message, a task or daemon change)
 //!   and at least every [`TICK_MS`]; and the sweeper's timers every second.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use kennel_clock::Clock;
@@ -78,6 +78,8 @@ pub struct Lifecycle {
     version: String,
     memory: Mutex<Memory>,
     wake: tokio::sync::Notify,
+    /// The tasks of the policies' agents: the only tasks whose events wake the manager.
+    followed: Mutex<HashSet<String>>,
 }
 
 impl Lifecycle {
@@ -96,6 +98,7 @@ impl Lifecycle {
             version,
             memory: Mutex::new(Memory::default()),
             wake: tokio::sync::Notify::new(),
+            followed: Mutex::default(),
         })
     }
 
@@ -107,7 +110,7 @@ impl Lifecycle {
             use tokio::sync::broadcast::error::RecvError;
             loop {
                 match events.recv().await {
-                    Ok(ev) if concerns_agents(&ev.kind) => me.wake.notify_one(),
+                    Ok(ev) if me.concerns_agents(&ev) => me.wake.notify_one(),
                     Ok(_) => {}
                     Err(RecvError::Lagged(_)) => me.wake.notify_one(),
                     Err(RecvError::Closed) => return,
@@ -129,6 +132,22 @@ impl Lifecycle {
         }
     }
 
+    /// Whether `ev` can change a decision: a message, policy or daemon change, or a change of
+    /// an agent's task. Other tasks' events (most of them, under load) do not wake the
+    /// manager.
+    fn concerns_agents(&self, ev: &kennel_proto::api::Event) -> bool {
+        let followed = self.followed.lock().unwrap_or_else(|p| p.into_inner());
+        concerns_agents(ev, &followed)
+    }
+
+    /// Notes that the manager follows `task_id`, an agent's task, from now on.
+    fn follow_task(&self, task_id: &str) {
+        self.followed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(task_id.to_string());
+    }
+
     /// One pass over every policy and session.
     pub async fn pass(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         // With several coordinators, the one holding the rescue lease manages every policy.
@@ -146,14 +165,26 @@ impl Lifecycle {
         for (name, state) in self.agents.policy_states().await? {
             kept.insert(name, serde_json::from_value(state).unwrap_or_default());
         }
-        let daemons = self.store.list_daemons().await?;
-        let open = self.agents.list_commands(true, 1_000).await?;
+        let idle = policies.is_empty() && kept.is_empty();
+        // Without policies, nothing below reads the daemons or the commands.
+        let daemons = if idle {
+            Vec::new()
+        } else {
+            self.store.list_daemons().await?
+        };
+        let open = if idle {
+            Vec::new()
+        } else {
+            self.agents.list_commands(true, 1_000).await?
+        };
         let restarts: BTreeMap<String, String> = open
             .into_iter()
             .filter(|c| c.kind == "agent.restart" && c.state == CommandState::Requested)
             .filter_map(|c| Some((c.policy?, c.id)))
             .collect();
         let mut by_status: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let followed: HashSet<String> = kept.values().filter_map(|k| k.task_id.clone()).collect();
+        *self.followed.lock().unwrap_or_else(|p| p.into_inner()) = followed;
         for (name, policy) in &policies {
             let before = kept.remove(name).unwrap_or_default();
             let restart = restarts.get(name).cloned();
@@ -241,6 +272,7 @@ impl Lifecycle {
                         after.spawn_command = self
                             .command("agent.spawn", policy, request_id, args, now + deadline)
                             .await;
+                        self.follow_task(&task.id);
                         after.task_id = Some(task.id);
                     }
                     Err(reason) => {
@@ -629,11 +661,13 @@ fn secs(s: u64) -> i64 {
 }
 
 /// Events after which a pass may have something to do.
-fn concerns_agents(kind: &str) -> bool {
-    kind.starts_with("message.")
-        || kind.starts_with("policy.")
-        || kind.starts_with("task.")
-        || kind.starts_with("daemon.")
+/// Whether `ev` can change a policy's decision, the agents' tasks being `followed`.
+fn concerns_agents(ev: &kennel_proto::api::Event, followed: &HashSet<String>) -> bool {
+    let kind = ev.kind.as_str();
+    if kind.starts_with("task.") {
+        return ev.task_id.as_ref().is_some_and(|t| followed.contains(t));
+    }
+    kind.starts_with("message.") || kind.starts_with("policy.") || kind.starts_with("daemon.")
 }
 
 /// Why no daemon can take `policy`'s agent, with what the policy asks for.
@@ -732,5 +766,40 @@ pub async fn sweep(agents: &dyn AgentStore, coord: &Coordinator, now: i64, stale
     match agents.expire_commands(now).await {
         Ok(c) => coord.publish_events(c.events),
         Err(e) => report("expire commands", &e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: &str, task: Option<&str>) -> kennel_proto::api::Event {
+        kennel_proto::api::Event {
+            id: 1,
+            kind: kind.into(),
+            task_id: task.map(String::from),
+            daemon_id: None,
+            data: serde_json::Value::Null,
+            at: String::new(),
+        }
+    }
+
+    #[test]
+    fn only_the_agents_tasks_among_task_events_wake_the_manager() {
+        let followed: HashSet<String> = ["t-agent".to_string()].into();
+        for kind in ["task.created", "task.status", "task.waiting"] {
+            assert!(concerns_agents(&event(kind, Some("t-agent")), &followed));
+            assert!(!concerns_agents(&event(kind, Some("t-other")), &followed));
+            assert!(!concerns_agents(&event(kind, None), &followed));
+        }
+        for kind in [
+            "message.available",
+            "policy.updated",
+            "daemon.connected",
+            "daemon.disconnected",
+        ] {
+            assert!(concerns_agents(&event(kind, None), &followed), "{kind}");
+        }
+        assert!(!concerns_agents(&event("key.revoked", None), &followed));
     }
 }

@@ -83,7 +83,7 @@ impl PgStore {
             path: redact(url),
             source: e.into(),
         };
-        let options: PgConnectOptions = url.parse().map_err(open_err)?;
+        let options = connect_options(url).map_err(open_err)?;
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
             .min_connections(1)
@@ -983,9 +983,43 @@ async fn append_capped(conn: &mut PgConnection, table: &str, body: &str, keep: u
     Ok(())
 }
 
+/// The connection options for `url`. Each run of a statement is planned for its own values
+/// and the tables' present size (`plan_cache_mode = force_custom_plan`) unless the URL sets the
+/// mode: a plan PostgreSQL keeps once made for the near-empty tables of a fresh database reads
+/// the whole table on every later run as the tables grow (measured: 19 million rows read in
+/// 10 s of 1,000 tasks/s, and a third of the throughput; docs/benchmarks.md).
+fn connect_options(url: &str) -> std::result::Result<PgConnectOptions, sqlx::Error> {
+    let options: PgConnectOptions = url.parse()?;
+    if options
+        .get_options()
+        .is_some_and(|o| o.contains("plan_cache_mode"))
+    {
+        return Ok(options);
+    }
+    Ok(options.options([("plan_cache_mode", "force_custom_plan")]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statements_are_planned_for_their_values_unless_the_url_says_otherwise() {
+        let plain = connect_options("postgres://root@127.0.0.1/test").unwrap();
+        assert_eq!(
+            plain.get_options(),
+            Some("-c plan_cache_mode=force_custom_plan")
+        );
+        let url = "postgres://h/db?options=-c%20search_path%3Dk";
+        let with_schema = connect_options(url).unwrap();
+        assert_eq!(
+            with_schema.get_options(),
+            Some("-c search_path=k -c plan_cache_mode=force_custom_plan")
+        );
+        let url = "postgres://h/db?options=-c%20plan_cache_mode%3Dauto";
+        let chosen = connect_options(url).unwrap();
+        assert_eq!(chosen.get_options(), Some("-c plan_cache_mode=auto"));
+    }
 
     #[test]
     fn messages_show_the_url_without_its_password_or_parameters() {
