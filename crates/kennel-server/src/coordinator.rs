@@ -1107,6 +1107,7 @@ impl Coordinator {
                     // Tasks to read: queued here or there (a queue needs the whole task), or
                     // of a signal without its status.
                     let mut tasks: Vec<String> = Vec::new();
+                    let mut statuses: Vec<(String, TaskStatus, u32)> = Vec::new();
                     let mut events = false;
                     for s in signals {
                         match s {
@@ -1116,7 +1117,7 @@ impl Coordinator {
                                 attempt: Some(attempt),
                                 ..
                             } if status != TaskStatus::Queued => {
-                                self.observe_status_elsewhere(&id, status, attempt)
+                                statuses.push((id, status, attempt))
                             }
                             Signal::Task {
                                 id, claimed: true, ..
@@ -1140,6 +1141,7 @@ impl Coordinator {
                             Signal::Revoked { key } => self.close_revoked(&key),
                         }
                     }
+                    self.observe_statuses_elsewhere(statuses);
                     if !tasks.is_empty() {
                         match self.store.get_tasks(&tasks).await {
                             Ok(changed) => changed
@@ -1158,6 +1160,7 @@ impl Coordinator {
                         // checked again.
                         self.lock().recheck_all = true;
                         self.tail.notify_one();
+                        self.wake.notify_one();
                     }
                 }
             }
@@ -1197,14 +1200,28 @@ impl Coordinator {
 
     /// As [`Coordinator::observe_elsewhere`] for a task that is not queued, known only by its
     /// status and attempt (from a signal, without reading it).
-    fn observe_status_elsewhere(&self, id: &str, status: TaskStatus, attempt: u32) {
+    fn observe_statuses_elsewhere(&self, statuses: Vec<(String, TaskStatus, u32)>) {
         let mut st = self.lock();
-        if st.observe_elsewhere(id, status, attempt) {
-            st.observe_status(id, status);
+        let mut changed = false;
+        for (id, status, attempt) in statuses {
+            // Most tasks another coordinator changes were never queued or run here: nothing
+            // to change, and no reason to wake the scheduler.
+            let known = st.live.contains_key(&id)
+                || st.queued.contains_key(&id)
+                || st.claimed_elsewhere.contains(&id);
+            if !known {
+                continue;
+            }
+            changed = true;
+            if st.observe_elsewhere(&id, status, attempt) {
+                st.observe_status(&id, status);
+            }
         }
-        st.update_gauges();
-        drop(st);
-        self.wake.notify_one();
+        if changed {
+            st.update_gauges();
+            drop(st);
+            self.wake.notify_one();
+        }
     }
 
     /// Signals may have been missed: the queue is read again from the store and the event
@@ -3454,15 +3471,15 @@ mod cluster_tests {
         let held = |a: &Coordinator| a.lock().live.get(&t.id).map(|l| l.attempt);
         assert_eq!(held(&a), Some(1));
 
-        a.observe_status_elsewhere(&t.id, TaskStatus::Failed, 0);
+        a.observe_statuses_elsewhere(vec![(t.id.clone(), TaskStatus::Failed, 0)]);
         assert_eq!(
             held(&a),
             Some(1),
             "an older attempt's end leaves attempt 1 held"
         );
-        a.observe_status_elsewhere(&t.id, TaskStatus::Running, 1);
+        a.observe_statuses_elsewhere(vec![(t.id.clone(), TaskStatus::Running, 1)]);
         assert_eq!(held(&a), Some(1), "its own attempt running: still held");
-        a.observe_status_elsewhere(&t.id, TaskStatus::Dispatched, 2);
+        a.observe_statuses_elsewhere(vec![(t.id.clone(), TaskStatus::Dispatched, 2)]);
         assert_eq!(held(&a), None, "a newer attempt elsewhere: released here");
         assert!(a.lock().queued.is_empty(), "and not queued here");
     }

@@ -3,9 +3,9 @@
 //! Every transaction that stores events holds the `event_ids` counter row from its insert to
 //! its commit (see [`super::insert_events`]), so across all coordinators only one such commit
 //! is in flight at a time. Run one call per transaction and the cluster tops out at one call
-//! per commit. Here a few writer tasks per store each take every call already queued (up to
-//! [`MAX_GROUP`]), run them in one transaction, store all their events in one statement at the
-//! end and commit once: the counter is held for one insert and one commit per group, however
+//! per commit. Here each writer task of a store ([`WRITERS`]) takes every call already queued
+//! (up to [`MAX_GROUP`]), runs them in one transaction, stores all their events in one
+//! statement at the end and commits once: the counter is held for one insert and one commit per group, however
 //! many calls it holds.
 //!
 //! - **An answer means committed.** Callers get their answers only after the group commits.
@@ -22,7 +22,9 @@
 //! - **No deadlock between groups.** A group first locks every task its calls will wait for,
 //!   in id order, in one statement; calls then lock them again (a no-op) and the attempts
 //!   under them. Two groups, of this coordinator or another, meet on task rows in the same
-//!   order. (Dispatches lock with `SKIP LOCKED`, which never waits.)
+//!   order. A group of merged calls only skips that statement: its reports' first statement
+//!   locks their tasks in id order, and its new tasks lock no existing row. (Dispatches lock
+//!   with `SKIP LOCKED`, which never waits.)
 
 use std::future::Future;
 use std::pin::Pin;
@@ -40,9 +42,10 @@ use crate::{Applied, Dispatch, Ended, Millis, QueuedTask, Report, Result, StoreE
 /// Most calls in one group; bounds how long the first of them waits for its answer.
 const MAX_GROUP: usize = 256;
 
-/// Writer tasks per store. Two let one group run its statements while the other waits on the
-/// counter or its commit.
-const WRITERS: usize = 2;
+/// Writer tasks per store. One makes the largest groups, so the fewest statements per call:
+/// with three coordinators at 1,000 tasks/s, p50 of submit → `spawnTask` fell from about 30
+/// to 20 ms against two writers (docs/benchmarks.md, sixth sitting).
+const WRITERS: usize = 1;
 
 /// A future borrowing the transaction it runs in.
 pub(super) type TxFuture<'t, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 't>>;
@@ -509,9 +512,12 @@ async fn commit(pool: &PgPool, group: &mut [Box<dyn Job>]) -> Outcome {
         },
         Err(e) => return Outcome::NotStored(Arc::new(e)),
     };
-    // Tasks first, in id order, before any other row a call of the group locks.
+    // Tasks first, in id order, before any other row a call of the group locks. A group of
+    // calls that all merge needs no statement for it: new tasks lock no existing row, and the
+    // reports, decided as one batch, lock their tasks in id order in their first statement.
     let mut tasks: Vec<String> = group.iter().flat_map(|j| j.tasks()).cloned().collect();
-    if group.len() > 1 && !tasks.is_empty() {
+    let all_merge = group.iter_mut().all(|j| j.merge().is_some());
+    if group.len() > 1 && !tasks.is_empty() && !all_merge {
         tasks.sort_unstable();
         tasks.dedup();
         let locked = sqlx::query("SELECT 1 FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE")
