@@ -71,6 +71,10 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// read every event commit would cost the database a statement per commit and coordinator.
 const TAIL_GATHER: Duration = Duration::from_millis(5);
 
+/// With several coordinators, how often at most one not leading reads which daemons the others
+/// hold (for the waiting reason in a submit's answer).
+const ELSEWHERE_EVERY: Duration = Duration::from_secs(2);
+
 /// With several coordinators, how often each reads the queue from the store whatever it heard:
 /// a task committed by a coordinator that died before its signal went out is queued nowhere
 /// else (no one else has heard of it) until then.
@@ -202,6 +206,9 @@ struct State {
     /// With several coordinators: the daemons connected to the others (from the store), which
     /// can run what is queued here just as well; only waiting reasons read it.
     elsewhere: Vec<DaemonSlot>,
+    /// With several coordinators, on one not leading: why queued tasks wait, as the leader
+    /// announced it (`task.waiting` events, read by the event tail).
+    waiting_heard: HashMap<String, String>,
 }
 
 impl State {
@@ -219,6 +226,7 @@ impl State {
     }
 
     fn unqueue(&mut self, task_id: &str) -> Option<Pending> {
+        self.waiting_heard.remove(task_id);
         let key = self.queued.remove(task_id)?;
         self.unchecked.push(task_id.to_string());
         self.queue.remove(&key)
@@ -906,6 +914,9 @@ impl Coordinator {
                 let any = !page.is_empty();
                 for ev in page {
                     last = ev.id;
+                    if ev.kind == "task.waiting" {
+                        self.hear_waiting(&ev);
+                    }
                     self.broadcast(ev);
                 }
                 if !full {
@@ -1398,14 +1409,29 @@ impl Coordinator {
         let timeout = Some(self.cfg.scheduler.unschedulable_timeout.get()).filter(|t| !t.is_zero());
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut read_elsewhere: Option<Instant> = None;
         loop {
             tick.tick().await;
             let now = Instant::now();
             if self.peers.shared() && !self.leading.load(std::sync::atomic::Ordering::Relaxed) {
-                // Another coordinator announces waiting tasks for all.
-                let mut st = self.lock();
-                st.unchecked.clear();
-                st.waiting.clear();
+                // Another coordinator announces waiting tasks for all. This one still says
+                // in a submit's answer why the task waits, which needs the others' daemons:
+                // read again when daemons may have changed, at most every ELSEWHERE_EVERY.
+                let due = {
+                    let mut st = self.lock();
+                    st.unchecked.clear();
+                    st.waiting.clear();
+                    let due = st.recheck_all
+                        && read_elsewhere.is_none_or(|t| now.duration_since(t) >= ELSEWHERE_EVERY);
+                    if due {
+                        st.recheck_all = false;
+                    }
+                    due
+                };
+                if due {
+                    read_elsewhere = Some(now);
+                    self.refresh_elsewhere().await;
+                }
                 continue;
             }
             let idle = {
@@ -1520,9 +1546,36 @@ impl Coordinator {
         }
     }
 
-    /// The waiting reason of a queued task, if no connected daemon can run it.
+    /// Whether another coordinator (the leader) announces waiting tasks for all.
+    fn hears_waiting(&self) -> bool {
+        !self.leads()
+    }
+
+    /// Keeps what the leader's `task.waiting` event says of a task queued here.
+    fn hear_waiting(&self, ev: &Event) {
+        let Some(task_id) = &ev.task_id else {
+            return;
+        };
+        let mut st = self.lock();
+        match ev.data["reason"].as_str() {
+            Some(reason) if st.queued.contains_key(task_id) => {
+                st.waiting_heard.insert(task_id.clone(), reason.to_string());
+            }
+            _ => {
+                st.waiting_heard.remove(task_id);
+            }
+        }
+    }
+
+    /// The waiting reason of a queued task, if no connected daemon can run it: this
+    /// coordinator's own, or on one not leading, the leader's.
     fn waiting_reason(&self, task_id: &str) -> Option<String> {
-        self.lock().waiting.get(task_id).map(|w| w.reason.clone())
+        let heard = self.hears_waiting();
+        let st = self.lock();
+        if heard {
+            return st.waiting_heard.get(task_id).cloned();
+        }
+        st.waiting.get(task_id).map(|w| w.reason.clone())
     }
 
     /// Adds what only memory knows (why a queued task waits) to a stored task.
@@ -1535,10 +1588,23 @@ impl Coordinator {
 
     /// Queued tasks no connected daemon can run, grouped by reason, oldest example first.
     pub fn waiting_summary(&self) -> Vec<WaitingTasks> {
+        let heard = self.hears_waiting();
         let st = self.lock();
         let mut groups: BTreeMap<&str, (u64, &str)> = BTreeMap::new();
-        for (id, w) in &st.waiting {
-            let g = groups.entry(w.reason.as_str()).or_insert((0, id.as_str()));
+        let reasons: Vec<(&String, &str)> = if heard {
+            st.waiting_heard
+                .iter()
+                .filter(|(id, _)| st.queued.contains_key(*id))
+                .map(|(id, r)| (id, r.as_str()))
+                .collect()
+        } else {
+            st.waiting
+                .iter()
+                .map(|(id, w)| (id, w.reason.as_str()))
+                .collect()
+        };
+        for (id, reason) in reasons {
+            let g = groups.entry(reason).or_insert((0, id.as_str()));
             g.0 += 1;
             if id.as_str() < g.1 {
                 g.1 = id.as_str();
@@ -1749,6 +1815,11 @@ impl Coordinator {
         }
         let (queued, ev) = self.store.create_task(new, self.clock.now_ms()).await?;
         let mut task = queued.task.clone();
+        if self.peers.shared() && self.lock().why_unschedulable(&task).is_some() {
+            // What this coordinator knows of the others' daemons may be old (it reads them
+            // again at most every ELSEWHERE_EVERY): read them now, so the answer is not wrong.
+            self.refresh_elsewhere().await;
+        }
         let claimed = {
             let mut st = self.lock();
             // Said at once in the answer; announced as an event once it has settled.
@@ -3513,5 +3584,57 @@ mod cluster_tests {
                 && reason.contains(&daemon_id),
             "{reason}"
         );
+    }
+
+    /// A coordinator that does not lead shows the leader's waiting reasons (read from its
+    /// `task.waiting` events) in its tasks and its status, and forgets them once the task
+    /// leaves the queue.
+    #[tokio::test]
+    async fn a_coordinator_not_leading_shows_the_leaders_waiting_reasons() {
+        let c = Cluster::new().await;
+        let a = c.coordinator("c-a").await;
+        let b = c.coordinator("c-b").await;
+        a.leading.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (_daemon_id, _rx) = daemon(&a, "m1").await;
+        let t = b
+            .submit(CreateTask {
+                agent: Some("nosuch".into()),
+                ..task("typo")
+            })
+            .await
+            .unwrap();
+        let summary = tokio::time::timeout(PROMPTLY, async {
+            loop {
+                let s = b.waiting_summary();
+                if !s.is_empty() {
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("b hears the leader's waiting reason");
+        assert_eq!(summary.len(), 1);
+        assert_eq!(summary[0].tasks, 1);
+        assert_eq!(summary[0].example_task_id, t.id);
+        assert!(
+            summary[0]
+                .reason
+                .contains("no connected daemon offers agent"),
+            "{}",
+            summary[0].reason
+        );
+        let stored = c.store.get_task(&t.id).await.unwrap().unwrap();
+        let shown = b.overlay_task(stored);
+        assert_eq!(shown.waiting.as_deref(), Some(summary[0].reason.as_str()));
+
+        b.cancel(&t.id).await.unwrap();
+        tokio::time::timeout(PROMPTLY, async {
+            while !b.waiting_summary().is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("a cancelled task no longer waits on b");
     }
 }

@@ -318,3 +318,47 @@ async fn restarting_every_coordinator_keeps_tasks_keys_and_running_work() -> any
     drop(cs);
     schema.drop_schema().await
 }
+
+/// A task no daemon of any coordinator can run: every coordinator, leading or not, says why in
+/// the task and in its status, and the submit's answer already said it.
+#[tokio::test]
+async fn every_coordinator_says_why_a_task_waits() -> anyhow::Result<()> {
+    let schema = PgSchema::create().await?;
+    let cs = coordinators(&schema, 3).await?;
+    let _d = daemon(&cs[0], &[]).await?;
+    let t = cs[2]
+        .api()
+        .submit(&CreateTask {
+            agent: Some("nosuch".into()),
+            ..sh("typo", "true")
+        })
+        .await?;
+    let said = t.waiting.clone().unwrap_or_default();
+    assert!(
+        said.contains("no connected daemon offers agent \"nosuch\""),
+        "the submit's answer: {said:?}"
+    );
+    for srv in &cs {
+        let deadline = tokio::time::Instant::now() + SLOW;
+        loop {
+            let shown = srv.api().task(&t.id).await?.task.waiting;
+            let status: kennel_proto::api::ServerStatus = srv.api().get("/api/v1/status").await?;
+            let summary = status.waiting.iter().find(|w| w.example_task_id == t.id);
+            if let (Some(reason), Some(w)) = (&shown, summary) {
+                assert!(reason.contains("nosuch"), "{reason}");
+                assert_eq!(&w.reason, reason);
+                break;
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "coordinator {} never said why {} waits (task: {shown:?}, status: {:?})",
+                srv.url(),
+                t.id,
+                status.waiting
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    drop(cs);
+    schema.drop_schema().await
+}
