@@ -54,6 +54,11 @@ pub enum Signal {
     Revoked { key: String },
 }
 
+/// Least time between two notifications of one coordinator: each wakes every other
+/// coordinator's listening connection and costs the database a transaction, so under load
+/// signals are sent in batches (three coordinators at 1,000 tasks/s sent ~500 a second).
+const SIGNAL_GATHER: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// How long the other coordinators leave a claimed task to its claimer (see
 /// [`Signal::Task`]); past it, one still queued is theirs to dispatch too.
 pub const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -218,7 +223,14 @@ async fn send_loop(
     from: String,
     mut queue: mpsc::UnboundedReceiver<Signal>,
 ) {
+    let mut last_sent: Option<tokio::time::Instant> = None;
     while let Some(first) = queue.recv().await {
+        // Under load, what comes within SIGNAL_GATHER of the last notification goes out with
+        // the next one; a signal after a quiet spell goes out at once.
+        if let Some(wait) = last_sent.and_then(|t| SIGNAL_GATHER.checked_sub(t.elapsed())) {
+            tokio::time::sleep(wait).await;
+        }
+        last_sent = Some(tokio::time::Instant::now());
         let mut batch = vec![first];
         while let Ok(s) = queue.try_recv() {
             batch.push(s);

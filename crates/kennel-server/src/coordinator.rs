@@ -69,7 +69,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// With several coordinators, how long the event tail lets events gather after a read: a
 /// read every event commit would cost the database a statement per commit and coordinator.
-const TAIL_GATHER: Duration = Duration::from_millis(5);
+const TAIL_GATHER: Duration = Duration::from_millis(50);
 
 /// With several coordinators, how often at most one not leading reads which daemons the others
 /// hold (for the waiting reason in a submit's answer).
