@@ -443,8 +443,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<Event>>;
     /// `coordinator` is alive at `now` (registered on first call).
     async fn coordinator_seen(&self, coordinator: &str, now: Millis) -> Result<()>;
-    /// Daemons recorded as connected whose coordinator was last seen before `before` (or is
-    /// unknown): their links died with it.
+    /// Daemons recorded as connected before `before` whose coordinator was last seen before
+    /// it (or is unknown): their links died with it. A link recorded since is left alone: its
+    /// holder may not have written that it holds it yet ([`Store::daemon_held_by`]).
     async fn stranded_daemons(&self, before: Millis) -> Result<Vec<Daemon>>;
     /// Takes or renews the lease `name` for `holder` until `now + ttl_ms`; `false` while
     /// another holder's lease runs.

@@ -694,7 +694,8 @@ impl Store for PgStore {
     async fn stranded_daemons(&self, before: Millis) -> Result<Vec<Daemon>> {
         let sql = daemon_select(
             "LEFT JOIN coordinators c ON c.id = d.coordinator_id \
-             WHERE d.connected AND (c.id IS NULL OR c.seen_at < $1) ORDER BY d.id",
+             WHERE d.connected AND COALESCE(d.connected_at, 0) < $1 \
+             AND (c.id IS NULL OR c.seen_at < $1) ORDER BY d.id",
         );
         self.rows(sqlx::query(&sql).bind(before), rows::daemon)
             .await

@@ -852,7 +852,8 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             let sql = daemon_select(
                 "LEFT JOIN coordinators c ON c.id = d.coordinator_id \
-                 WHERE d.connected = 1 AND (c.id IS NULL OR c.seen_at < ?1) ORDER BY d.id",
+                 WHERE d.connected = 1 AND COALESCE(d.connected_at, 0) < ?1 \
+                 AND (c.id IS NULL OR c.seen_at < ?1) ORDER BY d.id",
             );
             query_daemons(conn, &sql, &[&before])
         })

@@ -636,6 +636,28 @@ async fn daemon_links_belong_to_one_coordinator_and_stranded_ones_are_found(db: 
         stranded.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
         ["d1"]
     );
+    // A link recorded after the cutoff whose holder has not written yet that it holds it
+    // (a storm of connects delays that write) is not stranded; one recorded before it is.
+    store
+        .daemon_connected("d2", &hello("m2"), NOW + 9_000)
+        .await
+        .unwrap();
+    let ids = |ds: Vec<kennel_proto::api::Daemon>| -> Vec<String> {
+        ds.into_iter().map(|d| d.id).collect()
+    };
+    assert_eq!(
+        ids(store.stranded_daemons(NOW + 5_000).await.unwrap()),
+        ["d1"]
+    );
+    assert_eq!(
+        ids(store.stranded_daemons(NOW + 9_001).await.unwrap()),
+        ["d1", "d2"]
+    );
+    store.daemon_held_by("d2", "c-a").await.unwrap();
+    assert_eq!(
+        ids(store.stranded_daemons(NOW + 9_001).await.unwrap()),
+        ["d1"]
+    );
     // The holder's own disconnect goes through, and the daemon is stranded no more.
     let ev = store
         .daemon_left("d1", "c-b", "gone", NOW + 10_001)
