@@ -1546,11 +1546,6 @@ impl Coordinator {
         }
     }
 
-    /// Whether another coordinator (the leader) announces waiting tasks for all.
-    fn hears_waiting(&self) -> bool {
-        !self.leads()
-    }
-
     /// Keeps what the leader's `task.waiting` event says of a task queued here.
     fn hear_waiting(&self, ev: &Event) {
         let Some(task_id) = &ev.task_id else {
@@ -1570,7 +1565,7 @@ impl Coordinator {
     /// The waiting reason of a queued task, if no connected daemon can run it: this
     /// coordinator's own, or on one not leading, the leader's.
     fn waiting_reason(&self, task_id: &str) -> Option<String> {
-        let heard = self.hears_waiting();
+        let heard = !self.leads();
         let st = self.lock();
         if heard {
             return st.waiting_heard.get(task_id).cloned();
@@ -1588,7 +1583,7 @@ impl Coordinator {
 
     /// Queued tasks no connected daemon can run, grouped by reason, oldest example first.
     pub fn waiting_summary(&self) -> Vec<WaitingTasks> {
-        let heard = self.hears_waiting();
+        let heard = !self.leads();
         let st = self.lock();
         let mut groups: BTreeMap<&str, (u64, &str)> = BTreeMap::new();
         let reasons: Vec<(&String, &str)> = if heard {
@@ -3596,6 +3591,7 @@ mod cluster_tests {
         let b = c.coordinator("c-b").await;
         a.leading.store(true, std::sync::atomic::Ordering::Relaxed);
         let (_daemon_id, _rx) = daemon(&a, "m1").await;
+        let mut events = b.subscribe_events();
         let t = b
             .submit(CreateTask {
                 agent: Some("nosuch".into()),
@@ -3603,17 +3599,18 @@ mod cluster_tests {
             })
             .await
             .unwrap();
-        let summary = tokio::time::timeout(PROMPTLY, async {
+        // B's tail keeps the reason before its streams show the event.
+        tokio::time::timeout(PROMPTLY, async {
             loop {
-                let s = b.waiting_summary();
-                if !s.is_empty() {
-                    return s;
+                let ev = events.recv().await.unwrap();
+                if ev.kind == "task.waiting" && ev.task_id.as_deref() == Some(t.id.as_str()) {
+                    return;
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
         .await
-        .expect("b hears the leader's waiting reason");
+        .expect("b's stream shows the leader's task.waiting");
+        let summary = b.waiting_summary();
         assert_eq!(summary.len(), 1);
         assert_eq!(summary[0].tasks, 1);
         assert_eq!(summary[0].example_task_id, t.id);
@@ -3629,12 +3626,9 @@ mod cluster_tests {
         assert_eq!(shown.waiting.as_deref(), Some(summary[0].reason.as_str()));
 
         b.cancel(&t.id).await.unwrap();
-        tokio::time::timeout(PROMPTLY, async {
-            while !b.waiting_summary().is_empty() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("a cancelled task no longer waits on b");
+        assert!(
+            b.waiting_summary().is_empty(),
+            "a cancelled task no longer waits on b"
+        );
     }
 }

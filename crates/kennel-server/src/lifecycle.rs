@@ -660,7 +660,6 @@ fn secs(s: u64) -> i64 {
     i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX)
 }
 
-/// Events after which a pass may have something to do.
 /// Whether `ev` can change a policy's decision, the agents' tasks being `followed`.
 fn concerns_agents(ev: &kennel_proto::api::Event, followed: &HashSet<String>) -> bool {
     let kind = ev.kind.as_str();

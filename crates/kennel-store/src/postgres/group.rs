@@ -5,8 +5,8 @@
 //! is in flight at a time. Run one call per transaction and the cluster tops out at one call
 //! per commit. Here each writer task of a store ([`WRITERS`]) takes every call already queued
 //! (up to [`MAX_GROUP`]), runs them in one transaction, stores all their events in one
-//! statement at the end and commits once: the counter is held for one insert and one commit per group, however
-//! many calls it holds.
+//! statement at the end and commits once: the counter is held for one insert and one commit
+//! per group, however many calls it holds.
 //!
 //! - **An answer means committed.** Callers get their answers only after the group commits.
 //!   A call's events are handed out with provisional ids while it runs ([`Tx::events`]) and

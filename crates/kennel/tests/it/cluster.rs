@@ -326,6 +326,11 @@ async fn every_coordinator_says_why_a_task_waits() -> anyhow::Result<()> {
     let schema = PgSchema::create().await?;
     let cs = coordinators(&schema, 3).await?;
     let _d = daemon(&cs[0], &[]).await?;
+    let mut streams = Vec::new();
+    for srv in &cs {
+        let url = format!("{}/api/v1/events", srv.url());
+        streams.push(EventStream::connect(&url, Some(srv.admin_key()), None).await?);
+    }
     let t = cs[2]
         .api()
         .submit(&CreateTask {
@@ -338,26 +343,25 @@ async fn every_coordinator_says_why_a_task_waits() -> anyhow::Result<()> {
         said.contains("no connected daemon offers agent \"nosuch\""),
         "the submit's answer: {said:?}"
     );
-    for srv in &cs {
-        let deadline = tokio::time::Instant::now() + SLOW;
-        loop {
-            let shown = srv.api().task(&t.id).await?.task.waiting;
-            let status: kennel_proto::api::ServerStatus = srv.api().get("/api/v1/status").await?;
-            let summary = status.waiting.iter().find(|w| w.example_task_id == t.id);
-            if let (Some(reason), Some(w)) = (&shown, summary) {
-                assert!(reason.contains("nosuch"), "{reason}");
-                assert_eq!(&w.reason, reason);
-                break;
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "coordinator {} never said why {} waits (task: {shown:?}, status: {:?})",
-                srv.url(),
-                t.id,
-                status.waiting
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    // A coordinator keeps the leader's reason before its stream shows the event.
+    for (srv, stream) in cs.iter().zip(&mut streams) {
+        stream
+            .wait_for(SLOW, |m| {
+                m.event == "task.waiting" && m.data.contains(&t.id)
+            })
+            .await?;
+        let shown = srv.api().task(&t.id).await?.task.waiting;
+        let reason = shown.unwrap_or_default();
+        assert!(reason.contains("nosuch"), "{}: {reason:?}", srv.url());
+        let status: kennel_proto::api::ServerStatus = srv.api().get("/api/v1/status").await?;
+        let summary = status.waiting.iter().find(|w| w.example_task_id == t.id);
+        assert_eq!(
+            summary.map(|w| w.reason.as_str()),
+            Some(reason.as_str()),
+            "{}: {:?}",
+            srv.url(),
+            status.waiting
+        );
     }
     drop(cs);
     schema.drop_schema().await
