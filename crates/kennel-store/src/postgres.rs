@@ -20,6 +20,7 @@
 mod agents;
 mod group;
 mod lifecycle;
+mod new_tasks;
 mod schema;
 
 use std::collections::{BTreeMap, HashMap};
@@ -284,56 +285,6 @@ async fn disconnect(tx: &mut Tx, daemon_id: &str, reason: &str, now: Millis) -> 
     .execute(&mut **tx)
     .await?;
     Ok(tx.event(NewEvent::daemon_disconnected(daemon_id, reason), now))
-}
-
-/// Stores new tasks, in one statement, each with its `task.created` event.
-async fn insert_tasks(
-    tx: &mut Tx,
-    tasks: &[&Task],
-    now: Millis,
-) -> Result<Vec<(QueuedTask, Event)>> {
-    let column = |f: fn(&Task) -> Option<String>| tasks.iter().map(|t| f(t)).collect::<Vec<_>>();
-    let number = |f: fn(&Task) -> Option<i64>| tasks.iter().map(|t| f(t)).collect::<Vec<_>>();
-    let rows = sqlx::query(
-        "INSERT INTO tasks (id, name, prompt, repo_url, base_branch, agent, labels, priority, \
-         env, timeout_secs, max_attempts, status, attempt, created_at, updated_at, session) \
-         SELECT id, name, prompt, repo_url, base_branch, agent, labels, priority, env, \
-         timeout_secs, max_attempts, status, 0, $13, $13, session FROM UNNEST($1::text[], \
-         $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[], \
-         $9::text[], $10::bigint[], $11::bigint[], $12::text[], $14::text[]) WITH ORDINALITY \
-         AS t(id, name, prompt, repo_url, base_branch, agent, labels, priority, env, \
-         timeout_secs, max_attempts, status, session, n) ORDER BY n RETURNING id, seq",
-    )
-    .bind(column(|t| Some(t.id.clone())))
-    .bind(column(|t| Some(t.name.clone())))
-    .bind(column(|t| Some(t.prompt.clone())))
-    .bind(column(|t| t.repo.as_ref().map(|r| r.url.clone())))
-    .bind(column(|t| t.repo.as_ref().map(|r| r.base_branch.clone())))
-    .bind(column(|t| Some(t.agent.clone())))
-    .bind(column(|t| Some(to_json(&t.labels))))
-    .bind(number(|t| Some(i64::from(t.priority))))
-    .bind(column(|t| Some(to_json(&t.env))))
-    .bind(number(|t| t.timeout_secs.map(|v| v as i64)))
-    .bind(number(|t| Some(i64::from(t.max_attempts))))
-    .bind(column(|t| Some(t.status.as_str().to_string())))
-    .bind(now)
-    .bind(column(|t| t.session.as_ref().map(to_json)))
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut order: HashMap<String, i64> = HashMap::with_capacity(rows.len());
-    for row in &rows {
-        order.insert(row.try_get(0)?, row.try_get(1)?);
-    }
-    let mut created = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        let order = order.get(&task.id).copied().ok_or_else(|| {
-            StoreError::Corrupt(format!("task {} was not stored with the others", task.id))
-        })?;
-        let event = tx.event(NewEvent::task_created(task), now);
-        let task = (*task).clone();
-        created.push((QueuedTask { order, task }, event));
-    }
-    Ok(created)
 }
 
 /// Records a daemon's accepted link: the daemon's row, a session, the event.

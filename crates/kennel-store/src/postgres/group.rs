@@ -16,14 +16,14 @@
 //!   its own, so only the failing one gets an error. A call is therefore a function and the
 //!   input it keeps ([`Work`]), run as often as needed. A failed commit is another matter: whether it took effect is unknown, so every call of
 //!   the group gets the error and none is run again.
-//! - **Calls of a kind run together.** A group's new tasks are inserted in one statement (and
-//!   those dispatched at submit dispatched as one batch), and its links' reports are decided as
-//!   one batch ([`Merge`]); other calls run one by one.
+//! - **Calls of a kind run together.** A group's links' reports are decided as one batch
+//!   ([`Merge`]); other calls run one by one. New tasks are not calls of a group: they have a
+//!   writer of their own ([`super::new_tasks`]), one statement per batch.
 //! - **No deadlock between groups.** A group first locks every task its calls will wait for,
 //!   in id order, in one statement; calls then lock them again (a no-op) and the attempts
 //!   under them. Two groups, of this coordinator or another, meet on task rows in the same
 //!   order. A group of merged calls only skips that statement: its reports' first statement
-//!   locks their tasks in id order, and its new tasks lock no existing row. (Dispatches lock
+//!   locks their tasks in id order. (Dispatches lock
 //!   with `SKIP LOCKED`, which never waits.)
 
 use std::future::Future;
@@ -35,9 +35,10 @@ use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::{Postgres, Transaction};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use super::{insert_events, insert_tasks, lifecycle};
+use super::new_tasks::{self, NewCall};
+use super::{insert_events, lifecycle};
 use crate::events::NewEvent;
-use crate::{Applied, Dispatch, Ended, Millis, QueuedTask, Report, Result, StoreError};
+use crate::{Applied, Ended, Millis, QueuedTask, Report, Result, StoreError};
 
 /// Most calls in one group; bounds how long the first of them waits for its answer.
 const MAX_GROUP: usize = 256;
@@ -152,6 +153,7 @@ impl Numbered for Applied {
 #[derive(Clone)]
 pub(super) struct Writers {
     calls: mpsc::UnboundedSender<Box<dyn Job>>,
+    new_tasks: mpsc::UnboundedSender<NewCall>,
 }
 
 impl Writers {
@@ -162,7 +164,9 @@ impl Writers {
         for _ in 0..WRITERS {
             tokio::spawn(run(pool.clone(), queue.clone()));
         }
-        Writers { calls }
+        let (new_tasks, queue) = mpsc::unbounded_channel();
+        tokio::spawn(new_tasks::run(pool, queue));
+        Writers { calls, new_tasks }
     }
 
     /// Runs `work` on `input` in a group's transaction and answers once the group has
@@ -180,30 +184,25 @@ impl Writers {
         self.send(tasks, input, work, None).await
     }
 
-    /// Stores a new task, dispatched at once to `dispatch_to` if given; in a group, with the
-    /// group's other new tasks in one statement and their dispatches as one batch.
+    /// Stores a new task, dispatched at once to `dispatch_to` if given, with the other new
+    /// tasks queued meanwhile in one statement ([`new_tasks`]).
     pub(super) async fn create(
         &self,
         task: Task,
         dispatch_to: Option<String>,
         now: Millis,
     ) -> Result<CreatedDispatched> {
-        type Input = (Task, Option<String>, Millis);
-        let merge: Merger<Input, CreatedDispatched> = |c| Merge::Create {
-            task: &c.input.0,
-            dispatch_to: c.input.1.as_deref(),
-            now: c.input.2,
-            result: &mut c.result,
+        let (reply, answer) = oneshot::channel();
+        let call = NewCall {
+            task,
+            dispatch_to,
+            now,
+            reply,
         };
-        let work: Work<Input, CreatedDispatched> = |tx, (task, dispatch_to, now)| {
-            Box::pin(async move {
-                let mut done = create(tx, &[(task, dispatch_to.as_deref())], *now).await?;
-                done.pop()
-                    .ok_or_else(|| StoreError::Corrupt("a new task was not stored".into()))
-            })
-        };
-        self.send(Vec::new(), (task, dispatch_to, now), work, Some(merge))
-            .await
+        self.new_tasks
+            .send(call)
+            .map_err(|_| StoreError::WriterStopped)?;
+        answer.await.map_err(|_| StoreError::WriterStopped)?
     }
 
     /// Applies a link's reports; in a group, with the group's other reports as one batch.
@@ -248,12 +247,6 @@ impl Writers {
 
 /// A call a group runs together with the others of its kind, and where its result goes.
 enum Merge<'a> {
-    Create {
-        task: &'a Task,
-        dispatch_to: Option<&'a str>,
-        now: Millis,
-        result: &'a mut Option<Result<CreatedDispatched>>,
-    },
     Apply {
         batch: &'a [Report],
         now: Millis,
@@ -389,35 +382,17 @@ fn answer_all(group: Vec<Box<dyn Job>>, outcome: &Outcome) {
     }
 }
 
-/// Runs the calls of a group: new tasks in one statement, reports as one batch, the others one
-/// by one.
+/// Runs the calls of a group: reports as one batch, the others one by one.
 async fn run_merged(tx: &mut Tx, group: &mut [Box<dyn Job>]) -> Result<(), Outcome> {
-    let (mut creates, mut applies, mut others) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut applies, mut others) = (Vec::new(), Vec::new());
     for job in group.iter_mut() {
         // Whether it merges is asked first; the borrow of the answer then ends.
         if job.merge().is_none() {
             others.push(job);
             continue;
         }
-        match job.merge() {
-            Some(Merge::Create {
-                task,
-                dispatch_to,
-                now,
-                result,
-            }) => creates.push(((task, dispatch_to), now, result)),
-            Some(Merge::Apply { batch, now, result }) => applies.push((batch, now, result)),
-            None => {}
-        }
-    }
-    if !creates.is_empty() {
-        let now = latest(&creates);
-        let tasks: Vec<(&Task, Option<&str>)> = creates.iter().map(|(t, _, _)| *t).collect();
-        let created = create(tx, &tasks, now)
-            .await
-            .map_err(|_| Outcome::CallFailed)?;
-        for ((_, _, result), one) in creates.into_iter().zip(created) {
-            *result = Some(Ok(one));
+        if let Some(Merge::Apply { batch, now, result }) = job.merge() {
+            applies.push((batch, now, result));
         }
     }
     if !applies.is_empty() {
@@ -449,42 +424,6 @@ fn latest<A, R>(calls: &[(A, Millis, R)]) -> Millis {
         .map(|(_, now, _)| *now)
         .max()
         .unwrap_or_default()
-}
-
-/// Stores new tasks in one statement, and dispatches those with a daemon at once as attempt 1
-/// in one batch.
-async fn create(
-    tx: &mut Tx,
-    tasks: &[(&Task, Option<&str>)],
-    now: Millis,
-) -> Result<Vec<CreatedDispatched>> {
-    let new: Vec<&Task> = tasks.iter().map(|(t, _)| *t).collect();
-    let created = insert_tasks(tx, &new, now).await?;
-    let (fresh, batch): (Vec<&Task>, Vec<Dispatch>) = tasks
-        .iter()
-        .filter_map(|(t, daemon_id)| {
-            let d = Dispatch {
-                task_id: t.id.clone(),
-                attempt: 1,
-                daemon_id: (*daemon_id)?.to_string(),
-            };
-            Some((*t, d))
-        })
-        .unzip();
-    let mut sent = if batch.is_empty() {
-        Vec::new()
-    } else {
-        lifecycle::dispatch_new(tx, &fresh, &batch, now).await?
-    }
-    .into_iter();
-    Ok(created
-        .into_iter()
-        .zip(tasks)
-        .map(|((queued, event), (_, daemon_id))| {
-            let sent = daemon_id.and_then(|_| sent.next().flatten());
-            (queued, event, sent)
-        })
-        .collect())
 }
 
 /// How a group's transaction ended.

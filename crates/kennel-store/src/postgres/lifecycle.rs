@@ -97,29 +97,6 @@ pub(super) async fn dispatch(
     dispatch_decided(tx, batch, facts, now).await
 }
 
-/// Dispatches tasks this transaction has just stored: nobody else can see them yet, so their
-/// facts are what they were stored with and nothing needs locking.
-pub(super) async fn dispatch_new(
-    tx: &mut Tx,
-    tasks: &[&Task],
-    batch: &[Dispatch],
-    now: Millis,
-) -> Result<Vec<Option<(Task, Event)>>> {
-    let facts = tasks
-        .iter()
-        .map(|t| {
-            let facts = TaskFacts {
-                status: t.status,
-                attempt: t.attempt,
-                max_attempts: t.max_attempts,
-                returned_attempts: 0,
-            };
-            (t.id.clone(), facts)
-        })
-        .collect();
-    dispatch_decided(tx, batch, facts, now).await
-}
-
 /// Dispatches `batch` on the tasks' `facts` (locked, or new): what the machine lets go out is
 /// written, with its events.
 async fn dispatch_decided(

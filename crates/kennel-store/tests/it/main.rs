@@ -66,6 +66,7 @@ on_both_backends!(
     a_daemons_live_task_count_reads_only_its_live_tasks,
     tasks_are_read_many_at_a_time,
     a_new_task_is_created_and_dispatched_at_once,
+    new_tasks_submitted_together_fail_alone,
     old_events_are_pruned_and_ids_go_on_from_the_newest,
 );
 
@@ -264,6 +265,53 @@ async fn a_new_task_is_created_and_dispatched_at_once(db: Db) {
     assert_eq!(attempts.len(), 1);
     assert_eq!(attempts[0].daemon_id, "d1");
     assert_eq!(store.get_task("t1").await.unwrap(), Some(task));
+}
+
+/// New tasks submitted at once are stored together where the backend can (one statement on
+/// PostgreSQL); one whose id is taken fails alone, and every other is stored with its events.
+async fn new_tasks_submitted_together_fail_alone(db: Db) {
+    let store = db.open().await;
+    let ids = ["a", "b", "dup", "c", "dup", "d", "e", "f"];
+    let calls = ids.iter().enumerate().map(|(n, id)| {
+        let store = store.clone();
+        let task = new_task(id, 1);
+        tokio::spawn(async move {
+            match n % 2 {
+                0 => store.create_task(task, NOW).await.map(|(q, _)| q.task),
+                _ => store
+                    .create_and_dispatch(task, "d1", NOW)
+                    .await
+                    .map(|(_, _, sent)| sent.expect("a new task is dispatched").0),
+            }
+        })
+    });
+    let calls: Vec<_> = calls.collect();
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.unwrap());
+    }
+    let failed: Vec<usize> = (0..ids.len()).filter(|n| answers[*n].is_err()).collect();
+    assert_eq!(
+        failed.len(),
+        1,
+        "exactly one of the two `dup` fails: {answers:?}"
+    );
+    assert_eq!(ids[failed[0]], "dup");
+    for (n, answer) in answers.iter().enumerate() {
+        if let Ok(task) = answer {
+            assert_eq!(store.get_task(ids[n]).await.unwrap().as_ref(), Some(task));
+        }
+    }
+    // Each stored task has its creation event, and the dispatched ones their dispatch, once.
+    let events = store.events_after(0, 100).await.unwrap();
+    let created = events.iter().filter(|e| e.kind == "task.created").count();
+    let sent = events.iter().filter(|e| e.kind == "task.status").count();
+    let dispatched = answers
+        .iter()
+        .filter(|a| matches!(a, Ok(t) if t.status == TaskStatus::Dispatched))
+        .count();
+    assert_eq!((created, sent), (ids.len() - 1, dispatched));
+    assert!(events.windows(2).all(|w| w[0].id < w[1].id));
 }
 
 /// `get_tasks` returns the tasks that exist among those asked for, each once, as `get_task`
