@@ -62,6 +62,8 @@ const PING_WHEN_IDLE: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// The connection new tasks are stored on ([`new_tasks`]).
+    new_tasks: PgPool,
     /// Where every write that records events goes, to share commits ([`group`]).
     writers: group::Writers,
     /// Heartbeats not yet written: daemon id → when last seen.
@@ -84,29 +86,20 @@ impl PgStore {
             path: redact(url),
             source: e.into(),
         };
-        let options = connect_options(url).map_err(open_err)?;
-        let pool = PgPoolOptions::new()
-            .max_connections(POOL_SIZE)
-            .min_connections(1)
-            .acquire_timeout(CONNECT_TIMEOUT)
-            .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for >= PING_WHEN_IDLE {
-                        conn.ping().await?;
-                    }
-                    Ok(true)
-                })
-            })
-            .connect_with(options)
-            .await
-            .map_err(open_err)?;
+        let options = connect_options(url, "force_custom_plan").map_err(open_err)?;
+        let pool = open_pool(options, POOL_SIZE).await.map_err(open_err)?;
         schema::migrate(&pool).await?;
-        let writers = group::Writers::start(pool.clone());
+        // The statement storing new tasks inserts from its parameters and reads no table, so
+        // one plan does for every run: its own connection keeps it (`force_generic_plan`)
+        // instead of planning it again each time (the store's other statements must be).
+        let options = connect_options(url, "force_generic_plan").map_err(open_err)?;
+        let new_tasks = open_pool(options, 1).await.map_err(open_err)?;
+        let writers = group::Writers::start(pool.clone(), new_tasks.clone());
         let seen = Arc::default();
         tokio::spawn(write_seen(pool.clone(), Arc::downgrade(&seen)));
         Ok(PgStore {
             pool,
+            new_tasks,
             writers,
             seen,
         })
@@ -137,6 +130,7 @@ impl PgStore {
     pub async fn close(&self) {
         let _ = flush_seen(&self.pool, &self.seen).await;
         self.pool.close().await;
+        self.new_tasks.close().await;
     }
 
     /// Runs `query` on the pool and decodes every row it returns with `decode`.
@@ -935,12 +929,14 @@ async fn append_capped(conn: &mut PgConnection, table: &str, body: &str, keep: u
     Ok(())
 }
 
-/// The connection options for `url`. Each run of a statement is planned for its own values
-/// and the tables' present size (`plan_cache_mode = force_custom_plan`) unless the URL sets the
-/// mode: a plan PostgreSQL keeps once made for the near-empty tables of a fresh database reads
-/// the whole table on every later run as the tables grow (measured: 19 million rows read in
-/// 10 s of 1,000 tasks/s, and a third of the throughput; docs/benchmarks.md).
-fn connect_options(url: &str) -> std::result::Result<PgConnectOptions, sqlx::Error> {
+/// The connection options for `url`, with `plan_cache_mode` as given unless the URL sets it.
+///
+/// The store's pool plans each run of a statement for its own values and the tables' present
+/// size (`force_custom_plan`): a plan PostgreSQL keeps once made for the near-empty tables of
+/// a fresh database reads the whole table on every later run as the tables grow (measured: 19
+/// million rows read in 10 s of 1,000 tasks/s, and a third of the throughput;
+/// docs/benchmarks.md).
+fn connect_options(url: &str, mode: &str) -> std::result::Result<PgConnectOptions, sqlx::Error> {
     let options: PgConnectOptions = url.parse()?;
     if options
         .get_options()
@@ -948,7 +944,26 @@ fn connect_options(url: &str) -> std::result::Result<PgConnectOptions, sqlx::Err
     {
         return Ok(options);
     }
-    Ok(options.options([("plan_cache_mode", "force_custom_plan")]))
+    Ok(options.options([("plan_cache_mode", mode)]))
+}
+
+/// A pool of up to `size` connections with `options`.
+async fn open_pool(options: PgConnectOptions, size: u32) -> sqlx::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(size)
+        .min_connections(1)
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_WHEN_IDLE {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
+        .connect_with(options)
+        .await
 }
 
 #[cfg(test)]
@@ -957,19 +972,19 @@ mod tests {
 
     #[test]
     fn statements_are_planned_for_their_values_unless_the_url_says_otherwise() {
-        let plain = connect_options("postgres://root@127.0.0.1/test").unwrap();
+        let plain = connect_options("postgres://root@127.0.0.1/test", "force_custom_plan").unwrap();
         assert_eq!(
             plain.get_options(),
             Some("-c plan_cache_mode=force_custom_plan")
         );
         let url = "postgres://h/db?options=-c%20search_path%3Dk";
-        let with_schema = connect_options(url).unwrap();
+        let with_schema = connect_options(url, "force_custom_plan").unwrap();
         assert_eq!(
             with_schema.get_options(),
             Some("-c search_path=k -c plan_cache_mode=force_custom_plan")
         );
         let url = "postgres://h/db?options=-c%20plan_cache_mode%3Dauto";
-        let chosen = connect_options(url).unwrap();
+        let chosen = connect_options(url, "force_custom_plan").unwrap();
         assert_eq!(chosen.get_options(), Some("-c plan_cache_mode=auto"));
     }
 

@@ -157,16 +157,20 @@ pub(super) struct Writers {
 }
 
 impl Writers {
-    /// Starts the writer tasks on `pool`. Must be called inside a tokio runtime.
-    pub(super) fn start(pool: PgPool) -> Writers {
+    /// Starts the writer tasks on `pool`, and the writer of new tasks on `new_tasks`. Must be
+    /// called inside a tokio runtime.
+    pub(super) fn start(pool: PgPool, new_tasks: PgPool) -> Writers {
         let (calls, queue) = mpsc::unbounded_channel();
         let queue = Arc::new(Mutex::new(queue));
         for _ in 0..WRITERS {
             tokio::spawn(run(pool.clone(), queue.clone()));
         }
-        let (new_tasks, queue) = mpsc::unbounded_channel();
-        tokio::spawn(new_tasks::run(pool, queue));
-        Writers { calls, new_tasks }
+        let (sender, queue) = mpsc::unbounded_channel();
+        tokio::spawn(new_tasks::run(new_tasks, queue));
+        Writers {
+            calls,
+            new_tasks: sender,
+        }
     }
 
     /// Runs `work` on `input` in a group's transaction and answers once the group has

@@ -184,6 +184,11 @@ impl<'a> Stored<'a> {
 /// The statement that stores a batch: its tasks, the attempts of those dispatched, and their
 /// events, numbered from the counter row (held until this statement's commit, as
 /// [`super::insert_events`] does).
+///
+/// The counter is read in the answer's last step: the tasks are sorted first, so all are
+/// inserted before the counter is locked, and every other writer of events waits only for
+/// the events' insert and the commit. (PostgreSQL runs a data-modifying `WITH` query when its
+/// rows are first asked for, and those nobody reads at the end.)
 const STORE_NEW: &str = "\
 WITH ids AS (UPDATE event_ids SET last = last + $21 RETURNING last), \
 t AS (INSERT INTO tasks (id, name, prompt, repo_url, base_branch, agent, labels, priority, \
@@ -203,7 +208,7 @@ e AS (INSERT INTO events (id, kind, task_id, daemon_id, data, at) \
  SELECT ids.last - $21 + e.n, e.kind, e.task_id, e.daemon_id, e.data, e.at \
  FROM ids, UNNEST($24::text[], $25::text[], $26::text[], $27::text[], $28::bigint[]) \
  WITH ORDINALITY AS e(kind, task_id, daemon_id, data, at, n)) \
-SELECT t.id, t.seq, ids.last FROM t, ids";
+SELECT id, seq, (SELECT last FROM ids) FROM (SELECT id, seq FROM t ORDER BY seq) AS t";
 
 /// Stores `batch` in one statement; answers in its order.
 async fn store(
