@@ -31,13 +31,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use kennel_proto::api::{Event, Task};
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgPool};
-use sqlx::{Postgres, Transaction};
+use sqlx::{Executor, Postgres, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
+use super::lifecycle;
 use super::new_tasks::{self, NewCall};
-use super::{insert_events, lifecycle};
 use crate::events::NewEvent;
+use crate::rows::to_json;
 use crate::{Applied, Ended, Millis, QueuedTask, Report, Result, StoreError};
 
 /// Most calls in one group; bounds how long the first of them waits for its answer.
@@ -52,9 +54,24 @@ const WRITERS: usize = 1;
 pub(super) type TxFuture<'t, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 't>>;
 
 /// The transaction a group's calls run in, and the events they leave to be stored at its end.
+///
+/// The transaction is begun and ended by hand ([`commit`]), not with sqlx's `Transaction`, so
+/// that its events' insert and its `COMMIT` go in one message: the counter row the insert locks
+/// is then held for no round trip to the coordinator.
 pub(super) struct Tx {
-    conn: Transaction<'static, Postgres>,
+    conn: PoolConnection<Postgres>,
     events: Vec<(NewEvent, Millis)>,
+    /// Begun and not yet ended: dropped so (a panic in a call, say), the connection is closed
+    /// instead of going back to the pool inside the transaction.
+    open: bool,
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        if self.open {
+            self.conn.close_on_drop();
+        }
+    }
 }
 
 impl Tx {
@@ -448,43 +465,120 @@ async fn commit(pool: &PgPool, group: &mut [Box<dyn Job>]) -> Outcome {
     if group.is_empty() {
         return Outcome::Committed;
     }
-    let mut tx = match pool.begin().await {
-        Ok(conn) => Tx {
-            conn,
-            events: Vec::new(),
-        },
+    let conn = match pool.acquire().await {
+        Ok(conn) => conn,
         Err(e) => return Outcome::NotStored(Arc::new(e)),
     };
+    let mut tx = Tx {
+        conn,
+        events: Vec::new(),
+        open: true,
+    };
+    if let Err(e) = tx.execute("BEGIN").await {
+        return Outcome::NotStored(Arc::new(e));
+    }
+    if let Err(outcome) = run_calls(&mut tx, group).await {
+        roll_back(&mut tx).await;
+        return outcome;
+    }
+    match finish(&mut tx.conn, &tx.events).await {
+        Ok(first) => {
+            tx.open = false;
+            group.iter_mut().for_each(|job| job.number(first));
+            Outcome::Committed
+        }
+        // The database refused the insert or the commit: the transaction did not commit.
+        Err(e @ sqlx::Error::Database(_)) => {
+            roll_back(&mut tx).await;
+            Outcome::NotStored(Arc::new(e))
+        }
+        // The connection failed: whether the commit took effect is unknown, and the
+        // connection is closed (`tx.open`).
+        Err(e) => Outcome::Unknown(Arc::new(e)),
+    }
+}
+
+/// Ends a transaction that will not commit; a connection that cannot is closed, not reused.
+async fn roll_back(tx: &mut Tx) {
+    if tx.conn.execute("ROLLBACK").await.is_ok() {
+        tx.open = false;
+    }
+}
+
+/// Locks the group's tasks and runs its calls.
+async fn run_calls(tx: &mut Tx, group: &mut [Box<dyn Job>]) -> Result<(), Outcome> {
     // Tasks first, in id order, before any other row a call of the group locks. A group of
-    // calls that all merge needs no statement for it: new tasks lock no existing row, and the
-    // reports, decided as one batch, lock their tasks in id order in their first statement.
+    // calls that all merge needs no statement for it: the reports, decided as one batch, lock
+    // their tasks in id order in their first statement.
     let mut tasks: Vec<String> = group.iter().flat_map(|j| j.tasks()).cloned().collect();
     let all_merge = group.iter_mut().all(|j| j.merge().is_some());
     if group.len() > 1 && !tasks.is_empty() && !all_merge {
         tasks.sort_unstable();
         tasks.dedup();
-        let locked = sqlx::query("SELECT 1 FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        sqlx::query("SELECT 1 FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE")
             .bind(tasks)
-            .execute(&mut *tx)
-            .await;
-        if let Err(e) = locked {
-            return Outcome::NotStored(Arc::new(e));
-        }
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| Outcome::NotStored(Arc::new(e)))?;
     }
     if group.len() == 1 {
-        if !group[0].run(&mut tx).await {
-            return Outcome::CallFailed;
+        match group[0].run(tx).await {
+            true => Ok(()),
+            false => Err(Outcome::CallFailed),
         }
-    } else if let Err(e) = run_merged(&mut tx, group).await {
-        return e;
+    } else {
+        run_merged(tx, group).await
     }
-    let Tx { mut conn, events } = tx;
-    match insert_events(&mut conn, &events).await {
-        Ok(first) => group.iter_mut().for_each(|job| job.number(first)),
-        Err(e) => return Outcome::NotStored(Arc::new(e)),
+}
+
+/// The group's events, handed to [`STORE_EVENTS_AND_COMMIT`] as a setting of the transaction.
+#[derive(serde::Serialize)]
+struct StoredEvent<'a> {
+    kind: &'a str,
+    task_id: Option<&'a str>,
+    daemon_id: Option<&'a str>,
+    data: String,
+    at: Millis,
+}
+
+/// Stores the transaction's events and commits it, in one message of the simple protocol
+/// (which takes no parameters: the events come from the setting `kennel.events`, which ends
+/// with the transaction). Their ids come from the counter row, as [`super::insert_events`]
+/// takes them, locked only while this message runs; answers the first.
+const STORE_EVENTS_AND_COMMIT: &str = "\
+WITH e AS (SELECT * FROM ROWS FROM (json_to_recordset(current_setting('kennel.events')::json) \
+ AS (kind text, task_id text, daemon_id text, data text, at bigint)) WITH ORDINALITY \
+ AS e(kind, task_id, daemon_id, data, at, n)), \
+ids AS (UPDATE event_ids SET last = last + (SELECT count(*) FROM e) RETURNING last), \
+stored AS (INSERT INTO events (id, kind, task_id, daemon_id, data, at) \
+ SELECT ids.last - (SELECT count(*) FROM e) + e.n, e.kind, e.task_id, e.daemon_id, e.data, \
+ e.at FROM ids, e) \
+SELECT last - (SELECT count(*) FROM e) + 1 FROM ids; \
+COMMIT";
+
+/// Stores `events` and commits; returns the first event's id (0 without events).
+async fn finish(conn: &mut PgConnection, events: &[(NewEvent, Millis)]) -> sqlx::Result<i64> {
+    if events.is_empty() {
+        conn.execute("COMMIT").await?;
+        return Ok(0);
     }
-    match conn.commit().await {
-        Ok(()) => Outcome::Committed,
-        Err(e) => Outcome::Unknown(Arc::new(e)),
-    }
+    let stored: Vec<StoredEvent<'_>> = events
+        .iter()
+        .map(|(e, at)| StoredEvent {
+            kind: &e.kind,
+            task_id: e.task_id.as_deref(),
+            daemon_id: e.daemon_id.as_deref(),
+            data: to_json(&e.data),
+            at: *at,
+        })
+        .collect();
+    sqlx::query("SELECT length(set_config('kennel.events', $1, true))")
+        .bind(to_json(&stored))
+        .execute(&mut *conn)
+        .await?;
+    // Every answer is read, the commit's included: an error it reports must not be missed.
+    let rows = conn.fetch_all(STORE_EVENTS_AND_COMMIT).await?;
+    rows.first()
+        .ok_or(sqlx::Error::RowNotFound)?
+        .try_get::<i64, _>(0)
 }
