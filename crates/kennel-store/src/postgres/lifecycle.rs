@@ -246,12 +246,15 @@ struct Chunks {
     partial: Vec<bool>,
 }
 
-/// What a batch of reports writes beyond its status changes: output and applied seqs.
+/// The highest seq applied per attempt of a batch of reports.
+type Seqs = HashMap<(String, u32), u64>;
+
+/// What a batch of reports writes beyond its status changes: output, and the applied seqs of
+/// attempts whose status does not change (a status change writes its attempt's seq itself).
 #[derive(Default)]
 struct Appended {
     output: Chunks,
-    /// The highest seq applied per attempt.
-    seqs: HashMap<(String, u32), u64>,
+    seqs: Seqs,
 }
 
 impl Appended {
@@ -266,9 +269,9 @@ impl Appended {
         o.partial.push(is_partial);
     }
 
-    /// Stores the output and the seqs, in one statement.
+    /// Stores the output and the seqs, in one statement; none when there is neither.
     async fn write(self, conn: &mut PgConnection, now: Millis) -> Result<()> {
-        if self.seqs.is_empty() {
+        if self.seqs.is_empty() && self.output.task_ids.is_empty() {
             return Ok(());
         }
         let (tasks, attempts, seqs): (Vec<String>, Vec<i64>, Vec<i64>) = self
@@ -336,6 +339,7 @@ fn next_round<'a, 'r>(
 pub(super) async fn apply(tx: &mut Tx, batch: &[Report], now: Millis) -> Result<Vec<Applied>> {
     let mut facts = lock_attempts(tx, batch).await?;
     let mut appended = Appended::default();
+    let mut seqs = Seqs::new();
     let mut out = Vec::with_capacity(batch.len());
     let mut rounds: Vec<Round<'_>> = Vec::new();
     // The round of each task's latest change.
@@ -352,7 +356,7 @@ pub(super) async fn apply(tx: &mut Tx, batch: &[Report], now: Millis) -> Result<
         if let Some(f) = &now_facts {
             facts.set(r, f.after(r.seq, &change));
         }
-        appended.seqs.insert((r.task_id.clone(), r.attempt), r.seq);
+        seqs.insert((r.task_id.clone(), r.attempt), r.seq);
         let at = out.len();
         out.push(Applied::Done {
             events: Vec::new(),
@@ -372,13 +376,24 @@ pub(super) async fn apply(tx: &mut Tx, batch: &[Report], now: Millis) -> Result<
                 .push((at, r, to, outcome)),
         }
     }
+    // Seqs a status change writes need no statement of their own.
+    appended.seqs = seqs.clone();
+    for round in &rounds {
+        let live = round.live.iter().map(|c| c.1);
+        let finish = round.finish.iter().map(|c| c.1);
+        for r in live.chain(finish).chain(round.end.iter().map(|c| c.1)) {
+            appended.seqs.remove(&(r.task_id.clone(), r.attempt));
+        }
+    }
     appended.write(tx, now).await?;
     let mut changed = Vec::new();
     for round in rounds {
-        changed.extend(write_live(tx, &round.live, now).await?);
-        changed.extend(write_finish(tx, &round.finish, now).await?);
+        changed.extend(write_live(tx, &round.live, &seqs, now).await?);
+        changed.extend(write_finish(tx, &round.finish, &seqs, now).await?);
         for (at, r, ending) in &round.end {
-            let task = write_ending(tx, &r.task_id, r.attempt, ending, now).await?;
+            let seq = seqs.get(&(r.task_id.clone(), r.attempt)).copied();
+            let attempt = (r.task_id.as_str(), r.attempt);
+            let task = write_ending(tx, attempt, ending, seq.unwrap_or(r.seq), now).await?;
             changed.extend(task.map(|t| (*at, t)));
         }
     }
@@ -395,29 +410,34 @@ pub(super) async fn apply(tx: &mut Tx, batch: &[Report], now: Millis) -> Result<
 }
 
 /// What every batched status change binds, column by column: the task, the attempt, the
-/// attempt's and the task's new statuses; and the place of each task's report in the batch.
+/// attempt's and the task's new statuses, the highest seq the batch applies to the attempt;
+/// and the place of each task's report in the batch.
 struct Steps<'a> {
     tasks: Vec<&'a str>,
     attempts: Vec<i64>,
     attempt_statuses: Vec<&'static str>,
     task_statuses: Vec<&'static str>,
+    seqs: Vec<i64>,
     places: HashMap<&'a str, usize>,
 }
 
 impl<'a> Steps<'a> {
-    fn of(changes: impl Iterator<Item = (usize, &'a Report, Step)>) -> Steps<'a> {
+    fn of(changes: impl Iterator<Item = (usize, &'a Report, Step)>, seqs: &Seqs) -> Steps<'a> {
         let mut steps = Steps {
             tasks: Vec::new(),
             attempts: Vec::new(),
             attempt_statuses: Vec::new(),
             task_statuses: Vec::new(),
+            seqs: Vec::new(),
             places: HashMap::new(),
         };
         for (at, r, step) in changes {
+            let seq = seqs.get(&(r.task_id.clone(), r.attempt)).copied();
             steps.tasks.push(&r.task_id);
             steps.attempts.push(i64::from(r.attempt));
             steps.attempt_statuses.push(step.attempt.as_str());
             steps.task_statuses.push(step.task.as_str());
+            steps.seqs.push(seq.unwrap_or(r.seq) as i64);
             steps.places.insert(&r.task_id, at);
         }
         steps
@@ -429,17 +449,19 @@ impl<'a> Steps<'a> {
 async fn write_live(
     conn: &mut PgConnection,
     changes: &[(usize, &Report, Step, bool)],
+    seqs: &Seqs,
     now: Millis,
 ) -> Result<Vec<(usize, Task)>> {
     if changes.is_empty() {
         return Ok(Vec::new());
     }
-    let steps = Steps::of(changes.iter().map(|c| (c.0, c.1, c.2)));
+    let steps = Steps::of(changes.iter().map(|c| (c.0, c.1, c.2)), seqs);
     let query = sqlx::query(concat!(
         "WITH c AS (SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], \
-         $5::bool[]) AS c(tid, n, attempt_status, task_status, started)), \
+         $5::bool[], $7::bigint[]) AS c(tid, n, attempt_status, task_status, started, applied)), \
          a AS (UPDATE attempts SET status = c.attempt_status, started_at = CASE WHEN c.started \
-         THEN COALESCE(started_at, $6) ELSE started_at END FROM c \
+         THEN COALESCE(started_at, $6) ELSE started_at END, \
+         last_seq = GREATEST(last_seq, c.applied) FROM c \
          WHERE task_id = c.tid AND attempt = c.n) \
          UPDATE tasks SET status = c.task_status, updated_at = $6 FROM c WHERE id = c.tid \
          RETURNING ",
@@ -450,7 +472,8 @@ async fn write_live(
     .bind(steps.attempt_statuses)
     .bind(steps.task_statuses)
     .bind(changes.iter().map(|c| c.3).collect::<Vec<_>>())
-    .bind(now);
+    .bind(now)
+    .bind(steps.seqs);
     changed_tasks(conn, query, &steps.places).await
 }
 
@@ -459,21 +482,23 @@ async fn write_live(
 async fn write_finish(
     conn: &mut PgConnection,
     changes: &[(usize, &Report, Step, Outcome<'_>)],
+    seqs: &Seqs,
     now: Millis,
 ) -> Result<Vec<(usize, Task)>> {
     if changes.is_empty() {
         return Ok(Vec::new());
     }
-    let steps = Steps::of(changes.iter().map(|c| (c.0, c.1, c.2)));
+    let steps = Steps::of(changes.iter().map(|c| (c.0, c.1, c.2)), seqs);
     let text = |f: for<'o> fn(&'o Outcome<'o>) -> Option<&'o str>| {
         changes.iter().map(|c| f(&c.3)).collect::<Vec<_>>()
     };
     let query = sqlx::query(concat!(
         "WITH c AS (SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], \
-         $5::text[], $6::bigint[], $7::text[], $8::text[]) AS c(tid, n, attempt_status, \
-         task_status, why, code, br, sha)), \
+         $5::text[], $6::bigint[], $7::text[], $8::text[], $10::bigint[]) AS c(tid, n, \
+         attempt_status, task_status, why, code, br, sha, applied)), \
          a AS (UPDATE attempts SET status = c.attempt_status, finished_at = $9, error = c.why, \
-         started_at = COALESCE(started_at, $9) FROM c WHERE task_id = c.tid AND attempt = c.n) \
+         started_at = COALESCE(started_at, $9), last_seq = GREATEST(last_seq, c.applied) \
+         FROM c WHERE task_id = c.tid AND attempt = c.n) \
          UPDATE tasks SET status = c.task_status, updated_at = $9, finished_at = $9, \
          error = c.why, exit_code = c.code, branch = c.br, commit_sha = c.sha \
          FROM c WHERE id = c.tid RETURNING ",
@@ -492,7 +517,8 @@ async fn write_finish(
     )
     .bind(text(|o| o.branch))
     .bind(text(|o| o.commit))
-    .bind(now);
+    .bind(now)
+    .bind(steps.seqs);
     changed_tasks(conn, query, &steps.places).await
 }
 
@@ -514,19 +540,20 @@ async fn changed_tasks(
     Ok(changed)
 }
 
-/// Writes how an attempt ended and what became of its task; returns the task after.
+/// Writes how an attempt ended, with `seq` as its highest applied seq if higher (0 for an end
+/// no report made), and what became of its task; returns the task after.
 async fn write_ending(
     conn: &mut PgConnection,
-    task_id: &str,
-    attempt: u32,
+    (task_id, attempt): (&str, u32),
     ending: &Ending,
+    seq: u64,
     now: Millis,
 ) -> Result<Option<Task>> {
     let (sql, status) = match ending.task {
         TaskAfter::Requeued => (
             concat!(
-                "WITH a AS (UPDATE attempts SET status = $1, finished_at = $2, error = $3 \
-                 WHERE task_id = $4 AND attempt = $5) \
+                "WITH a AS (UPDATE attempts SET status = $1, finished_at = $2, error = $3, \
+                 last_seq = GREATEST(last_seq, $9) WHERE task_id = $4 AND attempt = $5) \
                  UPDATE tasks SET status = $6, daemon_id = NULL, updated_at = $2, error = $7, \
                  returned_attempts = returned_attempts + $8 WHERE id = $4 RETURNING ",
                 columns!(task)
@@ -535,8 +562,8 @@ async fn write_ending(
         ),
         TaskAfter::Ended(status) => (
             concat!(
-                "WITH a AS (UPDATE attempts SET status = $1, finished_at = $2, error = $3 \
-                 WHERE task_id = $4 AND attempt = $5) \
+                "WITH a AS (UPDATE attempts SET status = $1, finished_at = $2, error = $3, \
+                 last_seq = GREATEST(last_seq, $9) WHERE task_id = $4 AND attempt = $5) \
                  UPDATE tasks SET status = $6, updated_at = $2, finished_at = $2, error = $7, \
                  returned_attempts = returned_attempts + $8 WHERE id = $4 RETURNING ",
                 columns!(task)
@@ -552,7 +579,8 @@ async fn write_ending(
         .bind(i64::from(attempt))
         .bind(status.as_str())
         .bind(&ending.error)
-        .bind(i64::from(ending.returned));
+        .bind(i64::from(ending.returned))
+        .bind(seq as i64);
     one_task(conn, query).await
 }
 
@@ -566,7 +594,7 @@ pub(super) async fn end_attempt(
     let Some(ending) = facts.and_then(|f| machine::end_attempt(&f, end)) else {
         return Ok(None);
     };
-    let task = write_ending(tx, end.task_id, end.attempt, &ending, now).await?;
+    let task = write_ending(tx, (end.task_id, end.attempt), &ending, 0, now).await?;
     Ok(ended(tx, task, now))
 }
 
