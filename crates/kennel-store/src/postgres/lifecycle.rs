@@ -172,11 +172,39 @@ async fn dispatch_decided(
         .collect())
 }
 
-/// The facts of one report's attempt and task, as locked and as carried forward.
+/// The facts of one report's attempt and task, as locked and as carried forward; and, per
+/// task, what a finish writes as it was when locked.
 #[derive(Default)]
 struct Facts {
     tasks: HashMap<String, TaskFacts>,
     attempts: HashMap<(String, u32), AttemptFacts>,
+    unfinished: HashMap<String, Unfinished>,
+}
+
+/// The columns of a task a finish writes and a live change does not, as they were before the
+/// batch: with them, the task after a live change that a finish of the same batch follows is
+/// the finished task as written, with these and the live change's status.
+#[derive(Clone, Default)]
+struct Unfinished {
+    finished_at: Option<String>,
+    error: Option<String>,
+    exit_code: Option<i32>,
+    branch: Option<String>,
+    commit: Option<String>,
+}
+
+impl Unfinished {
+    /// `finished`, as it was after the live change to `status` that the finish followed.
+    fn before(&self, finished: &Task, status: TaskStatus) -> Task {
+        let mut task = finished.clone();
+        task.status = status;
+        task.finished_at = self.finished_at.clone();
+        task.error = self.error.clone();
+        task.exit_code = self.exit_code;
+        task.branch = self.branch.clone();
+        task.commit = self.commit.clone();
+        task
+    }
 }
 
 impl Facts {
@@ -206,7 +234,8 @@ async fn lock_attempts(conn: &mut PgConnection, batch: &[Report]) -> Result<Fact
     let rows = sqlx::query(concat!(
         "SELECT ",
         columns!(attempt_facts),
-        ", a.task_id, a.attempt FROM UNNEST($1::text[], $2::bigint[]) AS w(tid, n) \
+        ", a.task_id, a.attempt, t.finished_at, t.error, t.exit_code, t.branch, t.commit_sha \
+         FROM UNNEST($1::text[], $2::bigint[]) AS w(tid, n) \
          JOIN tasks t ON t.id = w.tid JOIN attempts a ON a.task_id = w.tid AND a.attempt = w.n \
          ORDER BY t.id, a.attempt FOR UPDATE OF t, a"
     ))
@@ -229,6 +258,14 @@ async fn lock_attempts(conn: &mut PgConnection, batch: &[Report]) -> Result<Fact
         let f = rows::attempt_facts(row, 0)?;
         let task_id = rows::Columns::text(row, 7)?;
         let attempt = rows::Columns::int(row, 8)? as u32;
+        let unfinished = Unfinished {
+            finished_at: rows::Columns::int_opt(row, 9)?.map(crate::rfc3339),
+            error: rows::Columns::text_opt(row, 10)?,
+            exit_code: rows::Columns::int_opt(row, 11)?.map(|v| v as i32),
+            branch: rows::Columns::text_opt(row, 12)?,
+            commit: rows::Columns::text_opt(row, 13)?,
+        };
+        facts.unfinished.insert(task_id.clone(), unfinished);
         facts.tasks.insert(task_id.clone(), f.task);
         facts.attempts.insert((task_id, attempt), f);
     }
@@ -314,9 +351,15 @@ impl Appended {
 /// task, so its live changes are written in one statement and its finishes in another (ends,
 /// which are rare, one by one); a task's next change goes to the next round. Each change keeps
 /// the place of its report in the batch, which orders the events.
+///
+/// A finish right after a live change of the same attempt takes the live change's place
+/// instead (the live change's slot becomes `None`): a finish writes every column a live change
+/// does, so the attempt and the task are written once, and the task after the live change is
+/// derived from the finished one ([`Unfinished::before`]). An agent that starts and ends
+/// between two batches of its link (quick tasks) costs one write instead of two.
 #[derive(Default)]
 struct Round<'r> {
-    live: Vec<(usize, &'r Report, Step, bool)>,
+    live: Vec<Option<(usize, &'r Report, Step, bool)>>,
     finish: Vec<(usize, &'r Report, Step, Outcome<'r>)>,
     end: Vec<(usize, &'r Report, Ending)>,
 }
@@ -344,6 +387,11 @@ pub(super) async fn apply(tx: &mut Tx, batch: &[Report], now: Millis) -> Result<
     let mut rounds: Vec<Round<'_>> = Vec::new();
     // The round of each task's latest change.
     let mut last_round: HashMap<&str, usize> = HashMap::new();
+    // Where each task's latest change is, when it is a live change: its round and slot.
+    let mut last_live: HashMap<&str, (usize, usize)> = HashMap::new();
+    // Live changes a finish took the place of: the place of each one's report, the task's
+    // status after it, and the place of the finish's report.
+    let mut folded: Vec<(usize, TaskStatus, usize)> = Vec::new();
     for r in batch {
         let now_facts = facts.get(r);
         let change = match machine::report(now_facts.as_ref(), r).into_change(r) {
@@ -365,21 +413,41 @@ pub(super) async fn apply(tx: &mut Tx, batch: &[Report], now: Millis) -> Result<
         match change {
             Change::Seq => {}
             Change::Output(chunk) => appended.chunk(r, &chunk),
-            Change::Live { to, started } => next_round(&mut rounds, &mut last_round, r)
-                .live
-                .push((at, r, to, started)),
-            Change::End(ending) => next_round(&mut rounds, &mut last_round, r)
-                .end
-                .push((at, r, ending)),
-            Change::Finish { to, outcome } => next_round(&mut rounds, &mut last_round, r)
-                .finish
-                .push((at, r, to, outcome)),
+            Change::Live { to, started } => {
+                let round = next_round(&mut rounds, &mut last_round, r);
+                round.live.push(Some((at, r, to, started)));
+                let slot = round.live.len() - 1;
+                last_live.insert(&r.task_id, (last_round[r.task_id.as_str()], slot));
+            }
+            Change::End(ending) => {
+                last_live.remove(r.task_id.as_str());
+                next_round(&mut rounds, &mut last_round, r)
+                    .end
+                    .push((at, r, ending))
+            }
+            Change::Finish { to, outcome } => {
+                let live = last_live.remove(r.task_id.as_str());
+                let same_attempt = |(n, slot): (usize, usize)| {
+                    let taken = rounds[n].live[slot].filter(|l| l.1.attempt == r.attempt)?;
+                    Some((n, slot, taken))
+                };
+                match live.and_then(same_attempt) {
+                    Some((n, slot, (live_at, _, step, _))) => {
+                        rounds[n].live[slot] = None;
+                        folded.push((live_at, step.task, at));
+                        rounds[n].finish.push((at, r, to, outcome));
+                    }
+                    None => next_round(&mut rounds, &mut last_round, r)
+                        .finish
+                        .push((at, r, to, outcome)),
+                }
+            }
         }
     }
     // Seqs a status change writes need no statement of their own.
     appended.seqs = seqs.clone();
     for round in &rounds {
-        let live = round.live.iter().map(|c| c.1);
+        let live = round.live.iter().flatten().map(|c| c.1);
         let finish = round.finish.iter().map(|c| c.1);
         for r in live.chain(finish).chain(round.end.iter().map(|c| c.1)) {
             appended.seqs.remove(&(r.task_id.clone(), r.attempt));
@@ -388,13 +456,23 @@ pub(super) async fn apply(tx: &mut Tx, batch: &[Report], now: Millis) -> Result<
     appended.write(tx, now).await?;
     let mut changed = Vec::new();
     for round in rounds {
-        changed.extend(write_live(tx, &round.live, &seqs, now).await?);
+        let live: Vec<_> = round.live.into_iter().flatten().collect();
+        changed.extend(write_live(tx, &live, &seqs, now).await?);
         changed.extend(write_finish(tx, &round.finish, &seqs, now).await?);
         for (at, r, ending) in &round.end {
             let seq = seqs.get(&(r.task_id.clone(), r.attempt)).copied();
             let attempt = (r.task_id.as_str(), r.attempt);
             let task = write_ending(tx, attempt, ending, seq.unwrap_or(r.seq), now).await?;
             changed.extend(task.map(|t| (*at, t)));
+        }
+    }
+    // The tasks after the live changes a finish took the place of.
+    for (live_at, status, finish_at) in folded {
+        let finished = changed.iter().find(|(at, _)| *at == finish_at);
+        if let Some((_, task)) = finished {
+            let unfinished = facts.unfinished.get(&task.id).cloned().unwrap_or_default();
+            let before = unfinished.before(task, status);
+            changed.push((live_at, before));
         }
     }
     // Events in the order of the reports that caused them, as one report at a time would.

@@ -52,6 +52,7 @@ macro_rules! on_both_backends {
 on_both_backends!(
     reports_apply_exactly_once_and_in_order,
     a_batch_of_reports_decides_as_one_report_at_a_time_would,
+    an_attempt_that_starts_and_finishes_in_one_batch_reads_as_one_report_at_a_time_would,
     dispatch_is_conditional_and_attempts_end_with_retry_or_terminal_state,
     one_batch_cannot_dispatch_an_attempt_twice,
     pause_and_resume_move_task_and_attempt_and_a_paused_task_holds_its_slot,
@@ -759,6 +760,79 @@ async fn three_dispatched_tasks(store: &dyn Store) {
         store.create_task(new_task(id, max), NOW).await.unwrap();
         dispatched(store, id, 1, "d1").await;
     }
+}
+
+/// An agent that starts and ends between two batches of its link: its live changes and its
+/// finish arrive in one batch (PostgreSQL writes the finish in the live change's place). The
+/// answers, the events and what is stored are those of one report at a time, on a second
+/// attempt after a lost first one too.
+async fn an_attempt_that_starts_and_finishes_in_one_batch_reads_as_one_report_at_a_time_would(
+    db: Db,
+) {
+    let complete = |success: bool| Effect::Complete {
+        success,
+        error: (!success).then(|| "exit 3".to_string()),
+        exit_code: Some(if success { 0 } else { 3 }),
+        branch: Some("kennel/t".into()),
+        commit: Some("abc".into()),
+    };
+    let status = |s: &str| Effect::StatusChange {
+        new_status: s.parse().ok(),
+    };
+    let one_by_one = db.another().await;
+    let (batched, single) = (db.open().await, one_by_one.open().await);
+    for store in [&batched, &single] {
+        store
+            .daemon_connected("d1", &hello("m1"), NOW)
+            .await
+            .unwrap();
+        for id in ["t1", "t2"] {
+            store.create_task(new_task(id, 2), NOW).await.unwrap();
+            dispatched(store.as_ref(), id, 1, "d1").await;
+        }
+        // t2's first attempt is lost (requeued with an error), its second dispatched.
+        let lost = report("d1", "t2", 1, 1, status("lost"));
+        store.apply(&[lost], NOW).await.unwrap();
+        dispatched(store.as_ref(), "t2", 2, "d1").await;
+    }
+    let batch = vec![
+        report("d1", "t1", 1, 1, Effect::Accepted),
+        report("d1", "t2", 2, 1, Effect::Accepted),
+        report("d1", "t1", 1, 2, status("running")),
+        report("d1", "t1", 1, 3, complete(true)),
+        report("d1", "t2", 2, 2, out("working")),
+        report("d1", "t2", 2, 3, complete(false)),
+    ];
+    let got = batched.apply(&batch, NOW + 1).await.unwrap();
+    let mut want = Vec::new();
+    for r in &batch {
+        want.extend(
+            single
+                .apply(std::slice::from_ref(r), NOW + 1)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(got, want);
+    assert_eq!(
+        batched.events_after(0, 100).await.unwrap(),
+        single.events_after(0, 100).await.unwrap()
+    );
+    for id in ["t1", "t2"] {
+        assert_eq!(
+            batched.get_task(id).await.unwrap(),
+            single.get_task(id).await.unwrap()
+        );
+        assert_eq!(
+            batched.list_attempts(id).await.unwrap(),
+            single.list_attempts(id).await.unwrap()
+        );
+    }
+    // Every seq was recorded: the reports again are duplicates.
+    let again = batched.apply(&batch, NOW + 2).await.unwrap();
+    assert!(again
+        .iter()
+        .all(|a| matches!(a, Applied::Duplicate { .. } | Applied::Stale { .. })));
 }
 
 /// A backend may decide a whole batch before writing it (PostgreSQL does): every report must
