@@ -71,6 +71,9 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// read every event commit would cost the database a statement per commit and coordinator.
 const TAIL_GATHER: Duration = Duration::from_millis(50);
 
+/// With several coordinators, how often the event tail reads even when nothing woke it.
+const TAIL_RECHECK: Duration = Duration::from_secs(1);
+
 /// With several coordinators, how often at most one not leading reads which daemons the others
 /// hold (for the waiting reason in a submit's answer).
 const ELSEWHERE_EVERY: Duration = Duration::from_secs(2);
@@ -898,7 +901,9 @@ impl Coordinator {
             }
         };
         loop {
-            self.tail.notified().await;
+            // Woken by a commit here or elsewhere; and every second regardless, for events
+            // held back behind an id whose transaction rolled back (no commit announces it).
+            let _ = tokio::time::timeout(TAIL_RECHECK, self.tail.notified()).await;
             loop {
                 let page = match self.store.events_after(last, 1_000).await {
                     Ok(p) => p,

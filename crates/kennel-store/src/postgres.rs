@@ -7,10 +7,10 @@
 //! - the task lifecycle ([`lifecycle`]) locks the rows it decides on before the state machine
 //!   decides, tasks in id order, so coordinators wait for each other instead of deciding on
 //!   stale facts, and one attempt can be dispatched only once;
-//! - every transaction that writes events writes them last, taking their ids from a counter
-//!   row whose lock it holds until it commits ([`insert_events`]): ids are handed out in commit
-//!   order and become visible in id order, so a reader resuming after an id (`events_after`,
-//!   SSE's `Last-Event-ID` on any coordinator) never skips one;
+//! - event ids come from a sequence, without a lock ([`insert_events`]), so they are
+//!   committed out of order and some go missing for good (rolled back); a reader resuming
+//!   after an id (`events_after`, SSE's `Last-Event-ID` on any coordinator) stops at a missing
+//!   id until it is committed or can no longer be, so it never skips one;
 //! - revoking a key locks the live keys it counts; a daemon's link is ended only by the
 //!   coordinator holding it, checked under the daemon row's lock.
 //!
@@ -68,6 +68,8 @@ pub struct PgStore {
     writers: group::Writers,
     /// Heartbeats not yet written: daemon id → when last seen.
     seen: Arc<Mutex<HashMap<String, Millis>>>,
+    /// What settles event ids found missing ([`PgStore::events_after`]).
+    probe: Arc<Mutex<Option<Probe>>>,
 }
 
 rows::impl_columns!(PgRow, try_get);
@@ -102,6 +104,7 @@ impl PgStore {
             new_tasks,
             writers,
             seen,
+            probe: Arc::default(),
         })
     }
 
@@ -217,32 +220,46 @@ fn tasks_of(rows: &[PgRow]) -> Result<Vec<QueuedTask>> {
     rows.iter().map(rows::task).collect()
 }
 
-/// Stores `events`, each with its time, in order, and returns the id of the first; the
-/// others follow it.
+/// The ids a write's events were stored with, in the order of its events. While the write
+/// runs, its events carry provisional ids ([`group::Tx::events`]): `-(place + 1)`.
+#[derive(Debug, Default)]
+pub(crate) struct EventIds(Vec<i64>);
+
+impl EventIds {
+    /// Gives `event` its stored id if it has a provisional one.
+    fn number(&self, event: &mut Event) {
+        if event.id < 0 {
+            let place = usize::try_from(-event.id - 1).unwrap_or(usize::MAX);
+            if let Some(id) = self.0.get(place) {
+                event.id = *id;
+            }
+        }
+    }
+}
+
+/// Stores `events`, each with its time, in order; returns their ids.
 ///
-/// Must be the last statement of its transaction: it locks the `event_ids` counter until the
-/// transaction ends, so the next writer of events takes its ids only once these are visible.
-/// Anything after it would hold up every other writer of events (and a row lock taken after it
-/// could deadlock with one taken before it elsewhere). [`group`] calls it.
+/// Ids are drawn from a sequence without a lock (`draw_event_ids`, migration 4), in
+/// increasing order within the transaction; transactions commit in any order, and
+/// [`PgStore::events_after`] does not pass an id that may still be committed.
 async fn insert_events(
     conn: &mut PgConnection,
     events: &[(NewEvent, Millis)],
-) -> sqlx::Result<i64> {
+) -> sqlx::Result<EventIds> {
     if events.is_empty() {
-        return Ok(0);
+        return Ok(EventIds::default());
     }
-    let n = events.len() as i64;
     let column =
         |f: fn(&NewEvent) -> Option<String>| events.iter().map(|(e, _)| f(e)).collect::<Vec<_>>();
-    let last: i64 = sqlx::query_scalar(
-        "WITH ids AS (UPDATE event_ids SET last = last + $1 RETURNING last), \
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "WITH d AS (SELECT draw_event_ids($1) AS ids), \
          stored AS (INSERT INTO events (id, kind, task_id, daemon_id, data, at) \
-         SELECT ids.last - $1 + e.n, e.kind, e.task_id, e.daemon_id, e.data, e.at \
-         FROM ids, UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[]) \
+         SELECT d.ids[e.n], e.kind, e.task_id, e.daemon_id, e.data, e.at \
+         FROM d, UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[]) \
          WITH ORDINALITY AS e(kind, task_id, daemon_id, data, at, n)) \
-         SELECT last FROM ids",
+         SELECT ids FROM d",
     )
-    .bind(n)
+    .bind(events.len() as i32)
     .bind(column(|e| Some(e.kind.clone())))
     .bind(column(|e| e.task_id.clone()))
     .bind(column(|e| e.daemon_id.clone()))
@@ -250,7 +267,7 @@ async fn insert_events(
     .bind(events.iter().map(|(_, at)| *at).collect::<Vec<_>>())
     .fetch_one(&mut *conn)
     .await?;
-    Ok(last - n + 1)
+    Ok(EventIds(ids))
 }
 
 /// Loads one daemon with its live task count.
@@ -830,14 +847,27 @@ impl Store for PgStore {
             .await
     }
 
+    /// Events after `after_id` up to the first missing id that may still be committed (see
+    /// [`PgStore::settled_events_after`]). A page shorter than `limit` means the reader is at
+    /// the newest events, or held at a missing id for [`HELD_WAIT`]: a missing id is waited
+    /// for a little (and read past as soon as it is settled), so a reader woken by a later
+    /// commit does not go away empty-handed.
     async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<Event>> {
-        let query = sqlx::query(concat!(
-            "SELECT ",
-            columns!(event),
-            " FROM events WHERE id > $1 ORDER BY id LIMIT $2"
-        ));
-        let query = query.bind(after_id).bind(i64::from(limit));
-        self.rows(query, rows::event).await
+        let since = std::time::Instant::now();
+        let mut page: Vec<Event> = Vec::new();
+        loop {
+            let after = page.last().map_or(after_id, |e| e.id);
+            let room = limit.saturating_sub(page.len() as u32);
+            let (events, held) = self.settled_events_after(after, room).await?;
+            let moved = !events.is_empty();
+            page.extend(events);
+            if page.len() >= limit as usize || !held || since.elapsed() >= HELD_WAIT {
+                return Ok(page);
+            }
+            if !moved {
+                tokio::time::sleep(HELD_RETRY).await;
+            }
+        }
     }
 
     async fn prune_events(&self, before: Millis) -> Result<u64> {
@@ -848,10 +878,105 @@ impl Store for PgStore {
         Ok(done.rows_affected())
     }
 
+    /// The newest event once every id below it is settled, so a reader starting after it
+    /// misses nothing: the newest id is read first, then a probe taken, then the transactions
+    /// older than the probe waited for (at most [`START_WAIT`]: a transaction of another
+    /// application holding them up longer is not waited for).
     async fn last_event_id(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT last FROM event_ids")
+        let newest: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM events")
             .fetch_one(&self.pool)
-            .await?)
+            .await?;
+        let probe = self
+            .take_probe(newest.unwrap_or(0).saturating_add(1))
+            .await?;
+        let since = std::time::Instant::now();
+        while since.elapsed() < START_WAIT && self.xmin().await? < probe.xid {
+            tokio::time::sleep(HELD_RETRY).await;
+        }
+        Ok(newest.unwrap_or(0))
+    }
+}
+
+/// A transaction id taken after every id below `below` had been drawn: once no transaction
+/// older than it runs, an id below `below` still missing will never be committed (migration 4).
+#[derive(Clone, Copy, Debug)]
+struct Probe {
+    below: i64,
+    xid: i64,
+}
+
+/// How long [`PgStore::events_after`] waits for a missing id when it is the next one; then it
+/// answers with nothing and the reader comes back.
+const HELD_WAIT: Duration = Duration::from_millis(50);
+
+/// How often it looks again meanwhile.
+const HELD_RETRY: Duration = Duration::from_millis(2);
+
+/// How long [`PgStore::last_event_id`] waits for the transactions older than its probe.
+const START_WAIT: Duration = Duration::from_secs(5);
+
+impl PgStore {
+    /// Events after `after_id`, in id order, up to the first missing id that may still be
+    /// committed; and whether the answer stopped at one.
+    ///
+    /// An id is missing while the transaction that drew it runs, and for good if it rolled
+    /// back. It may be passed once a probe taken after a later id was seen ([`Probe`]) is
+    /// older than every running transaction: the id is then here, or never will be. A missing
+    /// id with no such probe yet gets one, for the next read.
+    async fn settled_events_after(&self, after_id: i64, limit: u32) -> Result<(Vec<Event>, bool)> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(event),
+            ", pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
+             FROM events WHERE id > $1 ORDER BY id LIMIT $2"
+        ))
+        .bind(after_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let probe = *self.probe.lock().unwrap_or_else(|p| p.into_inner());
+        let mut events = Vec::with_capacity(rows.len());
+        let mut next = after_id.saturating_add(1);
+        for row in &rows {
+            let event = rows::event(row)?;
+            let xmin: i64 = row.try_get(6)?;
+            if event.id != next {
+                let settled = probe.is_some_and(|p| event.id <= p.below && xmin >= p.xid);
+                if !settled {
+                    if probe.is_none_or(|p| p.below < event.id) {
+                        self.take_probe(event.id).await?;
+                    }
+                    return Ok((events, true));
+                }
+            }
+            next = event.id.saturating_add(1);
+            events.push(event);
+        }
+        Ok((events, false))
+    }
+
+    /// Takes a probe for the ids below `below`, seen committed or missing before this call.
+    async fn take_probe(&self, below: i64) -> Result<Probe> {
+        // A transaction of its own, with an id: assigned now, after every id below `below` was
+        // drawn, so above the id of every transaction that drew one.
+        let xid: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
+            .fetch_one(&self.pool)
+            .await?;
+        let probe = Probe { below, xid };
+        let mut kept = self.probe.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.is_none_or(|p| p.below < below) {
+            *kept = Some(probe);
+        }
+        Ok(probe)
+    }
+
+    /// The oldest transaction id still running (or the next to be handed out).
+    async fn xmin(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 }
 

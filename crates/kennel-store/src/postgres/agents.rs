@@ -1,8 +1,8 @@
 //! The PostgreSQL side of the lifecycle manager's state: [`Sql`] on a transaction, and
 //! [`AgentStore`](crate::agents::AgentStore) from the operations written once in
 //! [`crate::agents`]. Each call is its own transaction; its events are stored last, with ids
-//! from the counter like every other writer's (see [`super::insert_events`]), and the ids
-//! handed out while it ran are numbered then.
+//! drawn like every other writer's (see [`super::insert_events`]), and the ids handed out
+//! while it ran are numbered then.
 
 use kennel_proto::api::Event;
 use sqlx::postgres::{PgArguments, PgPool};
@@ -31,12 +31,8 @@ impl PgSql {
     /// Stores the events, numbers those of `changed`, and commits.
     pub(super) async fn commit<T>(mut self, mut changed: Changed<T>) -> Result<Changed<T>> {
         if !self.events.is_empty() {
-            let first = insert_events(&mut self.tx, &self.events).await?;
-            for e in &mut changed.events {
-                if e.id < 0 {
-                    e.id = first - e.id - 1;
-                }
-            }
+            let ids = insert_events(&mut self.tx, &self.events).await?;
+            changed.events.iter_mut().for_each(|e| ids.number(e));
         }
         self.tx.commit().await?;
         Ok(changed)

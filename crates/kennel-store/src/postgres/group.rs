@@ -1,12 +1,10 @@
 //! Group commit on PostgreSQL: a coordinator's writes that record events share transactions.
 //!
-//! Every transaction that stores events holds the `event_ids` counter row from its insert to
-//! its commit (see [`super::insert_events`]), so across all coordinators only one such commit
-//! is in flight at a time. Run one call per transaction and the cluster tops out at one call
-//! per commit. Here each writer task of a store ([`WRITERS`]) takes every call already queued
-//! (up to [`MAX_GROUP`]), runs them in one transaction, stores all their events in one
-//! statement at the end and commits once: the counter is held for one insert and one commit
-//! per group, however many calls it holds.
+//! A transaction costs the database a `BEGIN`, a commit (a flush to disk) and the statements
+//! every transaction repeats (the events' insert). Run one call per transaction and each call
+//! pays them all. Here each writer task of a store ([`WRITERS`]) takes every call already
+//! queued (up to [`MAX_GROUP`]), runs them in one transaction, and stores all their events and
+//! commits in one message at the end ([`finish`]).
 //!
 //! - **An answer means committed.** Callers get their answers only after the group commits.
 //!   A call's events are handed out with provisional ids while it runs ([`Tx::events`]) and
@@ -36,8 +34,8 @@ use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::{Executor, Postgres, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use super::lifecycle;
 use super::new_tasks::{self, NewCall};
+use super::{lifecycle, EventIds};
 use crate::events::NewEvent;
 use crate::rows::to_json;
 use crate::{Applied, Ended, Millis, QueuedTask, Report, Result, StoreError};
@@ -292,8 +290,8 @@ trait Job: Send {
     fn run<'t>(&'t mut self, tx: &'t mut Tx) -> Pin<Box<dyn Future<Output = bool> + Send + 't>>;
     /// The call as one of a kind its group runs together, if it is.
     fn merge(&mut self) -> Option<Merge<'_>>;
-    /// Gives the kept answer's provisional event ids their place from `first` on.
-    fn number(&mut self, first: i64);
+    /// Gives the kept answer's provisional event ids the ids they were stored with.
+    fn number(&mut self, ids: &EventIds);
     /// Sends the kept result, or `instead` when the transaction did not store it.
     fn answer(self: Box<Self>, instead: Option<StoreError>);
 }
@@ -338,13 +336,9 @@ where
         Some(merge(self))
     }
 
-    fn number(&mut self, first: i64) {
+    fn number(&mut self, ids: &EventIds) {
         if let Some(Ok(answer)) = &mut self.result {
-            answer.each_event(&mut |e| {
-                if e.id < 0 {
-                    e.id = first - e.id - 1;
-                }
-            });
+            answer.each_event(&mut |e| ids.number(e));
         }
     }
 
@@ -482,9 +476,9 @@ async fn commit(pool: &PgPool, group: &mut [Box<dyn Job>]) -> Outcome {
         return outcome;
     }
     match finish(&mut tx.conn, &tx.events).await {
-        Ok(first) => {
+        Ok(ids) => {
             tx.open = false;
-            group.iter_mut().for_each(|job| job.number(first));
+            group.iter_mut().for_each(|job| job.number(&ids));
             Outcome::Committed
         }
         // The database refused the insert or the commit: the transaction did not commit.
@@ -543,24 +537,23 @@ struct StoredEvent<'a> {
 
 /// Stores the transaction's events and commits it, in one message of the simple protocol
 /// (which takes no parameters: the events come from the setting `kennel.events`, which ends
-/// with the transaction). Their ids come from the counter row, as [`super::insert_events`]
-/// takes them, locked only while this message runs; answers the first.
+/// with the transaction). Their ids are drawn as [`super::insert_events`] draws them; answers
+/// them, one row each, in order.
 const STORE_EVENTS_AND_COMMIT: &str = "\
 WITH e AS (SELECT * FROM ROWS FROM (json_to_recordset(current_setting('kennel.events')::json) \
  AS (kind text, task_id text, daemon_id text, data text, at bigint)) WITH ORDINALITY \
  AS e(kind, task_id, daemon_id, data, at, n)), \
-ids AS (UPDATE event_ids SET last = last + (SELECT count(*) FROM e) RETURNING last), \
+d AS (SELECT draw_event_ids((SELECT count(*) FROM e)::integer) AS ids), \
 stored AS (INSERT INTO events (id, kind, task_id, daemon_id, data, at) \
- SELECT ids.last - (SELECT count(*) FROM e) + e.n, e.kind, e.task_id, e.daemon_id, e.data, \
- e.at FROM ids, e) \
-SELECT last - (SELECT count(*) FROM e) + 1 FROM ids; \
+ SELECT d.ids[e.n], e.kind, e.task_id, e.daemon_id, e.data, e.at FROM d, e) \
+SELECT id FROM d, UNNEST(d.ids) WITH ORDINALITY AS i(id, n) ORDER BY n; \
 COMMIT";
 
-/// Stores `events` and commits; returns the first event's id (0 without events).
-async fn finish(conn: &mut PgConnection, events: &[(NewEvent, Millis)]) -> sqlx::Result<i64> {
+/// Stores `events` and commits; returns their ids.
+async fn finish(conn: &mut PgConnection, events: &[(NewEvent, Millis)]) -> sqlx::Result<EventIds> {
     if events.is_empty() {
         conn.execute("COMMIT").await?;
-        return Ok(0);
+        return Ok(EventIds::default());
     }
     let stored: Vec<StoredEvent<'_>> = events
         .iter()
@@ -578,7 +571,16 @@ async fn finish(conn: &mut PgConnection, events: &[(NewEvent, Millis)]) -> sqlx:
         .await?;
     // Every answer is read, the commit's included: an error it reports must not be missed.
     let rows = conn.fetch_all(STORE_EVENTS_AND_COMMIT).await?;
-    rows.first()
-        .ok_or(sqlx::Error::RowNotFound)?
-        .try_get::<i64, _>(0)
+    let ids = rows
+        .iter()
+        .map(|row| row.try_get::<i64, _>(0))
+        .collect::<sqlx::Result<Vec<i64>>>()?;
+    if ids.len() != events.len() {
+        return Err(sqlx::Error::Protocol(format!(
+            "{} event ids for {} events",
+            ids.len(),
+            events.len()
+        )));
+    }
+    Ok(EventIds(ids))
 }

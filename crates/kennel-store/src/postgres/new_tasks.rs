@@ -5,12 +5,11 @@
 //! calls ([`super::group`]). It takes every new task already queued and stores them in one
 //! statement, which is its own transaction: the tasks (those the coordinator dispatches at
 //! once, already dispatched as attempt 1), their attempts and their events, with the events'
-//! ids from the counter row as every other write takes them ([`super::insert_events`]). One
-//! round trip and one commit, where a group spends one each on `BEGIN`, the tasks, their
-//! dispatch, the events and `COMMIT`.
+//! ids drawn as every other write draws them ([`super::insert_events`]). One round trip and
+//! one commit, where a group spends one each on `BEGIN`, the tasks, their dispatch, the events
+//! and `COMMIT`.
 //!
-//! New tasks lock no existing row but the counter, so this writer cannot deadlock with the
-//! groups. The state machine still decides each dispatch ([`machine::dispatch`]) on the facts
+//! New tasks lock no existing row, so this writer cannot deadlock with the groups. The state machine still decides each dispatch ([`machine::dispatch`]) on the facts
 //! of a task nobody else can see yet; the statement only writes what it decided.
 //!
 //! A failing statement stored nothing: each of its tasks is stored again alone, so only the
@@ -182,15 +181,9 @@ impl<'a> Stored<'a> {
 }
 
 /// The statement that stores a batch: its tasks, the attempts of those dispatched, and their
-/// events, numbered from the counter row (held until this statement's commit, as
-/// [`super::insert_events`] does).
-///
-/// The counter is read in the answer's last step: the tasks are sorted first, so all are
-/// inserted before the counter is locked, and every other writer of events waits only for
-/// the events' insert and the commit. (PostgreSQL runs a data-modifying `WITH` query when its
-/// rows are first asked for, and those nobody reads at the end.)
+/// events, with ids drawn as [`super::insert_events`] draws them.
 const STORE_NEW: &str = "\
-WITH ids AS (UPDATE event_ids SET last = last + $21 RETURNING last), \
+WITH d AS (SELECT draw_event_ids($21) AS ids), \
 t AS (INSERT INTO tasks (id, name, prompt, repo_url, base_branch, agent, labels, priority, \
  env, timeout_secs, max_attempts, status, attempt, daemon_id, created_at, updated_at, session) \
  SELECT id, name, prompt, repo_url, base_branch, agent, labels, priority, env, timeout_secs, \
@@ -205,10 +198,10 @@ a AS (INSERT INTO attempts (task_id, attempt, daemon_id, status, dispatched_at) 
  SELECT tid, n, holder, status, at FROM UNNEST($18::text[], $19::bigint[], $20::text[], \
  $22::text[], $23::bigint[]) AS a(tid, n, holder, status, at)), \
 e AS (INSERT INTO events (id, kind, task_id, daemon_id, data, at) \
- SELECT ids.last - $21 + e.n, e.kind, e.task_id, e.daemon_id, e.data, e.at \
- FROM ids, UNNEST($24::text[], $25::text[], $26::text[], $27::text[], $28::bigint[]) \
+ SELECT d.ids[e.n], e.kind, e.task_id, e.daemon_id, e.data, e.at \
+ FROM d, UNNEST($24::text[], $25::text[], $26::text[], $27::text[], $28::bigint[]) \
  WITH ORDINALITY AS e(kind, task_id, daemon_id, data, at, n)) \
-SELECT id, seq, (SELECT last FROM ids) FROM (SELECT id, seq FROM t ORDER BY seq) AS t";
+SELECT t.id, t.seq, d.ids FROM t, d";
 
 /// Stores `batch` in one statement; answers in its order.
 async fn store(
@@ -266,7 +259,7 @@ async fn store(
                 .map(|(t, _)| t.daemon_id.clone())
                 .collect::<Vec<_>>(),
         )
-        .bind(events.len() as i64)
+        .bind(events.len() as i32)
         .bind(sent.iter().map(|(_, s)| s.to_string()).collect::<Vec<_>>())
         .bind(
             stored
@@ -287,30 +280,36 @@ async fn store(
         Err(e @ sqlx::Error::Database(_)) => return Err(Failed::Statement(e)),
         Err(e) => return Err(Failed::Unknown(Arc::new(e))),
     };
+    let corrupt = |e: sqlx::Error| Failed::Corrupt(e.to_string());
     let mut order = std::collections::HashMap::with_capacity(answer.len());
-    let mut last = None;
+    let mut ids = None;
     for row in &answer {
-        let id: String = row.try_get(0).map_err(|e| Failed::Corrupt(e.to_string()))?;
-        let seq: i64 = row.try_get(1).map_err(|e| Failed::Corrupt(e.to_string()))?;
-        last = Some(
-            row.try_get::<i64, _>(2)
-                .map_err(|e| Failed::Corrupt(e.to_string()))?,
+        order.insert(
+            row.try_get::<String, _>(0).map_err(corrupt)?,
+            row.try_get::<i64, _>(1).map_err(corrupt)?,
         );
-        order.insert(id, seq);
+        ids = Some(row.try_get::<Vec<i64>, _>(2).map_err(corrupt)?);
     }
-    let last = last.ok_or_else(|| Failed::Corrupt("no task of the batch was stored".into()))?;
-    let mut next_id = last - events.len() as i64 + 1;
+    let ids = ids.ok_or_else(|| Failed::Corrupt("no task of the batch was stored".into()))?;
+    if ids.len() != events.len() {
+        return Err(Failed::Corrupt(format!(
+            "{} event ids drawn for {} events",
+            ids.len(),
+            events.len()
+        )));
+    }
+    let mut ids = ids.into_iter();
     let mut done = Vec::with_capacity(stored.len());
     for s in stored {
         let task = &s.call.task;
         let order = order.get(&task.id).copied().ok_or_else(|| {
             Failed::Corrupt(format!("task {} was not stored with the others", task.id))
         })?;
-        let mut events = s.events.into_iter().map(|e| {
-            let event: Event = e.stored(next_id, s.call.now);
-            next_id += 1;
-            event
-        });
+        let mut events = s
+            .events
+            .into_iter()
+            .zip(ids.by_ref())
+            .map(|(e, id)| -> Event { e.stored(id, s.call.now) });
         let created = events
             .next()
             .ok_or_else(|| Failed::Corrupt("no event".into()))?;

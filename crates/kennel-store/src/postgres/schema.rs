@@ -18,6 +18,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_init.sql"),
     include_str!("../../migrations/postgres/0002_daemon_load.sql"),
     include_str!("../../migrations/postgres/0003_agents.sql"),
+    include_str!("../../migrations/postgres/0004_event_sequence.sql"),
 ];
 
 /// The first key of the migration lock (`pg_advisory_xact_lock(key, hash of the schema)`):

@@ -244,6 +244,65 @@ async fn event_ids_become_visible_in_id_order_under_concurrent_writers() {
     assert!(reader.events_after(total, 10).await.unwrap().is_empty());
 }
 
+/// Event ids are drawn without a lock and committed in any order: a reader is held at an id
+/// whose transaction is still open, however many later events are committed, and reads on
+/// once it commits; an id whose transaction rolls back is passed once it cannot commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_waits_for_an_open_transactions_event_and_passes_a_rolled_back_one() {
+    let schema = Schema::create().await;
+    let store = schema.connect().await;
+    let mut last = tick(&store, 0).await.id;
+    for end in ["COMMIT", "ROLLBACK"] {
+        // Another writer draws the next id and holds its transaction open.
+        let mut writer = schema.server_connection().await;
+        let sql = format!(
+            "SET search_path TO {}; BEGIN; INSERT INTO events (id, kind, data, at) \
+             SELECT (draw_event_ids(1))[1], 'test.open', '{{}}', 0",
+            schema.name
+        );
+        sqlx::raw_sql(&sql).execute(&mut writer).await.unwrap();
+        let later = [tick(&store, 1).await, tick(&store, 2).await];
+        let read = store.events_after(last, 100).await.unwrap();
+        assert!(
+            read.is_empty(),
+            "read past an open transaction's id: {read:?}"
+        );
+        sqlx::raw_sql(end).execute(&mut writer).await.unwrap();
+        let read = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let read = store.events_after(last, 100).await.unwrap();
+                if read.len() >= 2 {
+                    break read;
+                }
+            }
+        })
+        .await
+        .expect("the reader reads on in time");
+        let kinds: Vec<&str> = read.iter().map(|e| e.kind.as_str()).collect();
+        let ids: Vec<i64> = read.iter().map(|e| e.id).collect();
+        match end {
+            "COMMIT" => {
+                assert_eq!(kinds, ["test.open", "test.tick", "test.tick"]);
+                assert_eq!(&ids[1..], later.map(|e| e.id));
+            }
+            _ => {
+                assert_eq!(kinds, ["test.tick", "test.tick"]);
+                assert_eq!(ids, later.map(|e| e.id));
+            }
+        }
+        assert!(ids.windows(2).all(|w| w[0] < w[1]) && ids[0] > last);
+        last = ids[ids.len() - 1];
+    }
+}
+
+async fn tick(store: &PgStore, n: u32) -> Event {
+    let data = serde_json::json!({ "n": n });
+    store
+        .record_event("test.tick", None, None, data, NOW)
+        .await
+        .unwrap()
+}
+
 /// The versions recorded in the schema's migration table.
 async fn versions(schema: &Schema) -> Vec<i64> {
     let mut conn = schema.server_connection().await;
@@ -266,7 +325,7 @@ async fn an_empty_schema_is_migrated_once_whoever_connects_and_however_many_at_o
     first.close().await;
     let second = schema.connect().await;
     assert!(second.get_task("t1").await.unwrap().is_some());
-    assert_eq!(versions(&schema).await, [1, 2, 3]);
+    assert_eq!(versions(&schema).await, [1, 2, 3, 4]);
 
     // Four coordinators starting at once on an empty schema: one migrates, all work.
     let schema = Schema::create().await;
@@ -280,7 +339,7 @@ async fn an_empty_schema_is_migrated_once_whoever_connects_and_however_many_at_o
         .into_iter()
         .map(|s| s.expect("every coordinator starts"))
         .collect();
-    assert_eq!(versions(&schema).await, [1, 2, 3]);
+    assert_eq!(versions(&schema).await, [1, 2, 3, 4]);
     for (i, store) in stores.iter().enumerate() {
         store
             .create_task(new_task(&format!("t{i}"), 1), NOW)
@@ -309,7 +368,7 @@ async fn a_schema_of_a_newer_kennel_or_no_schema_at_all_is_refused_with_what_to_
             err,
             StoreError::SchemaTooNew {
                 found: 99,
-                known: 3
+                known: 4
             }
         ),
         "{err:?}"
@@ -412,7 +471,8 @@ async fn concurrent_writes_share_commits_and_each_answers_with_its_stored_event_
 }
 
 /// A write that fails among others sharing its transaction fails alone: the others are stored
-/// and answered, the failing one gets its error, and no event id is skipped.
+/// and answered, the failing one gets its error, and a reader reads every stored event, in
+/// id order, past the ids the failed attempt drew.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_failing_among_concurrent_writes_fails_alone() {
     const CALLS: usize = 120;
@@ -441,12 +501,26 @@ async fn a_write_failing_among_concurrent_writes_fails_alone() {
         "exactly one of calls 40 and 41 fails: {failed:?}"
     );
     assert!(failed[0] == 40 || failed[0] == 41, "{failed:?}");
-    let stored = store.events_after(0, 1000).await.unwrap();
-    let ids: Vec<i64> = stored.iter().map(|e| e.id).collect();
-    assert_eq!(ids, (1..CALLS as i64).collect::<Vec<_>>(), "no id skipped");
+    // The failed attempt's ids never commit: a reader is held at them until no transaction
+    // that could still commit them runs (another test's migration may run meanwhile), and
+    // comes back as an SSE stream would.
+    let read_all = async {
+        let mut stored: Vec<kennel_proto::api::Event> = Vec::new();
+        while stored.len() < CALLS - 1 {
+            let after = stored.last().map_or(0, |e| e.id);
+            stored.extend(store.events_after(after, 1000).await.unwrap());
+        }
+        stored
+    };
+    let stored = tokio::time::timeout(DEADLINE, read_all)
+        .await
+        .expect("the reader reads every stored event in time");
+    assert_eq!(stored.len(), CALLS - 1, "every stored event is read");
+    assert!(stored.windows(2).all(|w| w[0].id < w[1].id));
     for (i, result) in &answered {
         if let Ok((queued, event)) = result {
-            assert_eq!(&stored[event.id as usize - 1], event, "call {i}");
+            let read = stored.iter().find(|e| e.id == event.id);
+            assert_eq!(read, Some(event), "call {i}");
             let kept = store.get_task(&queued.task.id).await.unwrap();
             assert_eq!(kept.as_ref(), Some(&queued.task), "call {i}");
         }
