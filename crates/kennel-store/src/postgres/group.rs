@@ -12,8 +12,9 @@
 //! - **A failing call fails alone.** When a call fails inside a group, the group is rolled
 //!   back (nothing of it was committed) and each of its calls is run again in a transaction of
 //!   its own, so only the failing one gets an error. A call is therefore a function and the
-//!   input it keeps ([`Work`]), run as often as needed. A failed commit is another matter: whether it took effect is unknown, so every call of
-//!   the group gets the error and none is run again.
+//!   input it keeps ([`Work`]), run as often as needed. A failed commit is another matter:
+//!   every call of the group gets the error and none is run again (whether it took effect is
+//!   unknown when the answer was lost).
 //! - **Calls of a kind run together.** A group's links' reports are decided as one batch
 //!   ([`Merge`]); other calls run one by one. New tasks are not calls of a group: they have a
 //!   writer of their own ([`super::new_tasks`]), one statement per batch.
@@ -21,8 +22,7 @@
 //!   in id order, in one statement; calls then lock them again (a no-op) and the attempts
 //!   under them. Two groups, of this coordinator or another, meet on task rows in the same
 //!   order. A group of merged calls only skips that statement: its reports' first statement
-//!   locks their tasks in id order. (Dispatches lock
-//!   with `SKIP LOCKED`, which never waits.)
+//!   locks their tasks in id order. (Dispatches lock with `SKIP LOCKED`, which never waits.)
 
 use std::future::Future;
 use std::pin::Pin;
@@ -54,8 +54,10 @@ pub(super) type TxFuture<'t, T> = Pin<Box<dyn Future<Output = Result<T>> + Send 
 /// The transaction a group's calls run in, and the events they leave to be stored at its end.
 ///
 /// The transaction is begun and ended by hand ([`commit`]), not with sqlx's `Transaction`, so
-/// that its events' insert and its `COMMIT` go in one message: the counter row the insert locks
-/// is then held for no round trip to the coordinator.
+/// that its events' insert and its `COMMIT` go in one message ([`finish`]): the transaction
+/// ends, and the rows it locked are free, one round trip to the coordinator sooner. (When event
+/// ids came from a locked counter row, this took that round trip out of every other writer's
+/// wait: 9552cee, docs/benchmarks.md.)
 pub(super) struct Tx {
     conn: PoolConnection<Postgres>,
     events: Vec<(NewEvent, Millis)>,
