@@ -249,9 +249,8 @@ async fn insert_events(
     if events.is_empty() {
         return Ok(EventIds::default());
     }
-    let column =
-        |f: fn(&NewEvent) -> Option<String>| events.iter().map(|(e, _)| f(e)).collect::<Vec<_>>();
-    let ids: Vec<i64> = sqlx::query_scalar(
+    let events: Vec<(&NewEvent, Millis)> = events.iter().map(|(e, at)| (e, *at)).collect();
+    let query = sqlx::query(
         "WITH d AS (SELECT draw_event_ids($1) AS ids), \
          stored AS (INSERT INTO events (id, kind, task_id, daemon_id, data, at) \
          SELECT d.ids[e.n], e.kind, e.task_id, e.daemon_id, e.data, e.at \
@@ -259,15 +258,22 @@ async fn insert_events(
          WITH ORDINALITY AS e(kind, task_id, daemon_id, data, at, n)) \
          SELECT ids FROM d",
     )
-    .bind(events.len() as i32)
-    .bind(column(|e| Some(e.kind.clone())))
-    .bind(column(|e| e.task_id.clone()))
-    .bind(column(|e| e.daemon_id.clone()))
-    .bind(column(|e| Some(to_json(&e.data))))
-    .bind(events.iter().map(|(_, at)| *at).collect::<Vec<_>>())
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(EventIds(ids))
+    .bind(events.len() as i32);
+    let row = bind_events(query, &events).fetch_one(&mut *conn).await?;
+    Ok(EventIds(row.try_get(0)?))
+}
+
+/// Binds the columns of `events` as every insert of events takes them, in this order: kinds,
+/// tasks, daemons, data (`text[]` each) and times (`bigint[]`).
+fn bind_events<'q>(query: Query<'q>, events: &[(&NewEvent, Millis)]) -> Query<'q> {
+    let column =
+        |f: fn(&NewEvent) -> Option<String>| events.iter().map(|(e, _)| f(e)).collect::<Vec<_>>();
+    query
+        .bind(column(|e| Some(e.kind.clone())))
+        .bind(column(|e| e.task_id.clone()))
+        .bind(column(|e| e.daemon_id.clone()))
+        .bind(column(|e| Some(to_json(&e.data))))
+        .bind(events.iter().map(|(_, at)| *at).collect::<Vec<_>>())
 }
 
 /// Loads one daemon with its live task count.

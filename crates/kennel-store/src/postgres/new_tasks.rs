@@ -24,6 +24,7 @@ use sqlx::postgres::PgPool;
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
+use super::bind_events;
 use super::group::CreatedDispatched;
 use crate::events::NewEvent;
 use crate::machine::{self, TaskFacts};
@@ -224,13 +225,11 @@ async fn store(
         .iter()
         .flat_map(|s| s.events.iter().map(|e| (e, s.call.now)))
         .collect();
-    let event_text =
-        |f: fn(&NewEvent) -> Option<String>| events.iter().map(|(e, _)| f(e)).collect::<Vec<_>>();
     let mut conn = pool
         .acquire()
         .await
         .map_err(|e| Failed::Connecting(Arc::new(e)))?;
-    let answer = sqlx::query(STORE_NEW)
+    let query = sqlx::query(STORE_NEW)
         .bind(text(|t| Some(t.id.clone())))
         .bind(text(|t| Some(t.name.clone())))
         .bind(text(|t| Some(t.prompt.clone())))
@@ -267,14 +266,8 @@ async fn store(
                 .filter(|s| s.dispatched.is_some())
                 .map(|s| s.call.now)
                 .collect::<Vec<_>>(),
-        )
-        .bind(event_text(|e| Some(e.kind.clone())))
-        .bind(event_text(|e| e.task_id.clone()))
-        .bind(event_text(|e| e.daemon_id.clone()))
-        .bind(event_text(|e| Some(to_json(&e.data))))
-        .bind(events.iter().map(|(_, at)| *at).collect::<Vec<_>>())
-        .fetch_all(&mut *conn)
-        .await;
+        );
+    let answer = bind_events(query, &events).fetch_all(&mut *conn).await;
     let answer = match answer {
         Ok(rows) => rows,
         Err(e @ sqlx::Error::Database(_)) => return Err(Failed::Statement(e)),
