@@ -3216,6 +3216,34 @@ mod cluster_tests {
         (daemon_id, rx)
     }
 
+    /// Two coordinators, `c-a` holding the rescue lease (leading) and `c-b` not.
+    async fn a_leading_b_not() -> (Cluster, Arc<Coordinator>, Arc<Coordinator>) {
+        let c = Cluster::new().await;
+        let a = c.coordinator("c-a").await;
+        let b = c.coordinator("c-b").await;
+        a.leading.store(true, std::sync::atomic::Ordering::Relaxed);
+        (c, a, b)
+    }
+
+    /// The next `task.waiting` event `events` show (of `task`, if given).
+    async fn next_waiting(
+        events: &mut broadcast::Receiver<Arc<Event>>,
+        task: Option<&str>,
+    ) -> Arc<Event> {
+        tokio::time::timeout(PROMPTLY, async {
+            loop {
+                let ev = events.recv().await.unwrap();
+                if ev.kind == "task.waiting"
+                    && task.is_none_or(|t| ev.task_id.as_deref() == Some(t))
+                {
+                    return ev;
+                }
+            }
+        })
+        .await
+        .expect("a task.waiting event is shown")
+    }
+
     /// The next message the daemon is sent that `pick` selects.
     async fn next_msg<T>(rx: &mut LinkRx, pick: impl Fn(ServerMessage) -> Option<T>) -> T {
         tokio::time::timeout(PROMPTLY, async {
@@ -3501,10 +3529,7 @@ mod cluster_tests {
     /// rescue lease only.
     #[tokio::test]
     async fn only_the_leading_coordinator_prunes_the_event_log_past_the_retention() {
-        let c = Cluster::new().await;
-        let a = c.coordinator("c-a").await;
-        let b = c.coordinator("c-b").await;
-        a.leading.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (c, a, b) = a_leading_b_not().await;
         for name in ["one", "two", "three"] {
             a.submit(task(name)).await.unwrap();
         }
@@ -3557,10 +3582,7 @@ mod cluster_tests {
 
     #[tokio::test]
     async fn the_leading_coordinator_says_why_a_task_waits_from_every_coordinators_daemons() {
-        let c = Cluster::new().await;
-        let a = c.coordinator("c-a").await;
-        let b = c.coordinator("c-b").await;
-        a.leading.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (_c, a, b) = a_leading_b_not().await;
         let (daemon_id, _rx) = daemon(&b, "m1").await;
         let mut events = a.subscribe_events();
         a.submit(CreateTask {
@@ -3569,16 +3591,8 @@ mod cluster_tests {
         })
         .await
         .unwrap();
-        let reason = tokio::time::timeout(PROMPTLY, async {
-            loop {
-                let ev = events.recv().await.unwrap();
-                if ev.kind == "task.waiting" {
-                    return ev.data["reason"].as_str().unwrap_or_default().to_string();
-                }
-            }
-        })
-        .await
-        .expect("the leader announces the waiting task");
+        let ev = next_waiting(&mut events, None).await;
+        let reason = ev.data["reason"].as_str().unwrap_or_default();
         assert!(
             reason.contains("no connected daemon offers agent \"nosuch\"")
                 && reason.contains(&daemon_id),
@@ -3591,10 +3605,7 @@ mod cluster_tests {
     /// leaves the queue.
     #[tokio::test]
     async fn a_coordinator_not_leading_shows_the_leaders_waiting_reasons() {
-        let c = Cluster::new().await;
-        let a = c.coordinator("c-a").await;
-        let b = c.coordinator("c-b").await;
-        a.leading.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (c, a, b) = a_leading_b_not().await;
         let (_daemon_id, _rx) = daemon(&a, "m1").await;
         let mut events = b.subscribe_events();
         let t = b
@@ -3605,16 +3616,7 @@ mod cluster_tests {
             .await
             .unwrap();
         // B's tail keeps the reason before its streams show the event.
-        tokio::time::timeout(PROMPTLY, async {
-            loop {
-                let ev = events.recv().await.unwrap();
-                if ev.kind == "task.waiting" && ev.task_id.as_deref() == Some(t.id.as_str()) {
-                    return;
-                }
-            }
-        })
-        .await
-        .expect("b's stream shows the leader's task.waiting");
+        next_waiting(&mut events, Some(&t.id)).await;
         let summary = b.waiting_summary();
         assert_eq!(summary.len(), 1);
         assert_eq!(summary[0].tasks, 1);

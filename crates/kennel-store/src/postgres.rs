@@ -911,8 +911,8 @@ struct Probe {
     xid: i64,
 }
 
-/// How long [`PgStore::events_after`] waits for a missing id when it is the next one; then it
-/// answers with nothing and the reader comes back.
+/// How long [`PgStore::events_after`] waits for a missing id before it answers with what it
+/// read so far (maybe nothing); the reader comes back.
 const HELD_WAIT: Duration = Duration::from_millis(50);
 
 /// How often it looks again meanwhile.

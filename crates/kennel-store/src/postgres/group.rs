@@ -15,8 +15,8 @@
 //!   input it keeps ([`Work`]), run as often as needed. A failed commit is another matter:
 //!   every call of the group gets the error and none is run again (whether it took effect is
 //!   unknown when the answer was lost).
-//! - **Calls of a kind run together.** A group's links' reports are decided as one batch
-//!   ([`Merge`]); other calls run one by one. New tasks are not calls of a group: they have a
+//! - **Reports run together.** A group's links' reports are decided as one batch ([`Merge`]);
+//!   other calls run one by one. New tasks are not calls of a group: they have a
 //!   writer of their own ([`super::new_tasks`]), one statement per batch.
 //! - **No deadlock between groups.** A group first locks every task its calls will wait for,
 //!   in id order, in one statement; calls then lock them again (a no-op) and the attempts
@@ -220,16 +220,13 @@ impl Writers {
             now,
             reply,
         };
-        self.new_tasks
-            .send(call)
-            .map_err(|_| StoreError::WriterStopped)?;
-        answer.await.map_err(|_| StoreError::WriterStopped)?
+        ask(&self.new_tasks, call, answer).await
     }
 
     /// Applies a link's reports; in a group, with the group's other reports as one batch.
     pub(super) async fn apply(&self, batch: Vec<Report>, now: Millis) -> Result<Vec<Applied>> {
         let tasks = batch.iter().map(|r| r.task_id.clone()).collect();
-        let merge: Merger<(Vec<Report>, Millis), Vec<Applied>> = |c| Merge::Apply {
+        let merge: Merger<(Vec<Report>, Millis), Vec<Applied>> = |c| Merge {
             batch: &c.input.0,
             now: c.input.1,
             result: &mut c.result,
@@ -259,27 +256,33 @@ impl Writers {
             reply,
             result: None,
         };
-        self.calls
-            .send(Box::new(call))
-            .map_err(|_| StoreError::WriterStopped)?;
-        answer.await.map_err(|_| StoreError::WriterStopped)?
+        ask(&self.calls, Box::new(call), answer).await
     }
 }
 
-/// A call a group runs together with the others of its kind, and where its result goes.
-enum Merge<'a> {
-    Apply {
-        batch: &'a [Report],
-        now: Millis,
-        result: &'a mut Option<Result<Vec<Applied>>>,
-    },
+/// Queues `call` for a writer and waits for its answer.
+async fn ask<C, T>(
+    writer: &mpsc::UnboundedSender<C>,
+    call: C,
+    answer: oneshot::Receiver<Result<T>>,
+) -> Result<T> {
+    writer.send(call).map_err(|_| StoreError::WriterStopped)?;
+    answer.await.map_err(|_| StoreError::WriterStopped)?
+}
+
+/// A link's reports, which a group decides as one batch with its other links' reports, and
+/// where the call's result goes.
+struct Merge<'a> {
+    batch: &'a [Report],
+    now: Millis,
+    result: &'a mut Option<Result<Vec<Applied>>>,
 }
 
 /// A created task: the stored task, its creation's event, and, for one dispatched at once, the
 /// dispatch with its event unless the state machine refused it.
 pub(super) type CreatedDispatched = (QueuedTask, Event, Option<(Task, Event)>);
 
-/// How a call of a kind that merges shows itself to its group.
+/// How a call that merges shows itself to its group.
 type Merger<I, T> = for<'a> fn(&'a mut Call<I, T>) -> Merge<'a>;
 
 /// One queued call, type-erased so calls of any answer type share the queue.
@@ -290,7 +293,7 @@ trait Job: Send {
     fn tasks(&self) -> &[String];
     /// Runs the work in `tx` and keeps its result; false when it failed.
     fn run<'t>(&'t mut self, tx: &'t mut Tx) -> Pin<Box<dyn Future<Output = bool> + Send + 't>>;
-    /// The call as one of a kind its group runs together, if it is.
+    /// The call as reports its group decides together, if it is.
     fn merge(&mut self) -> Option<Merge<'_>>;
     /// Gives the kept answer's provisional event ids the ids they were stored with.
     fn number(&mut self, ids: &EventIds);
@@ -408,12 +411,13 @@ async fn run_merged(tx: &mut Tx, group: &mut [Box<dyn Job>]) -> Result<(), Outco
             others.push(job);
             continue;
         }
-        if let Some(Merge::Apply { batch, now, result }) = job.merge() {
+        if let Some(Merge { batch, now, result }) = job.merge() {
             applies.push((batch, now, result));
         }
     }
     if !applies.is_empty() {
-        let now = latest(&applies);
+        // The latest time among them is what their shared statements record.
+        let now = applies.iter().map(|a| a.1).max().unwrap_or_default();
         let all: Vec<Report> = applies
             .iter()
             .flat_map(|(batch, _, _)| batch.iter().cloned())
@@ -432,15 +436,6 @@ async fn run_merged(tx: &mut Tx, group: &mut [Box<dyn Job>]) -> Result<(), Outco
         }
     }
     Ok(())
-}
-
-/// The latest time among merged calls: what their shared statements record.
-fn latest<A, R>(calls: &[(A, Millis, R)]) -> Millis {
-    calls
-        .iter()
-        .map(|(_, now, _)| *now)
-        .max()
-        .unwrap_or_default()
 }
 
 /// How a group's transaction ended.

@@ -184,7 +184,7 @@ struct Facts {
 /// The columns of a task a finish writes and a live change does not, as they were before the
 /// batch: with them, the task after a live change that a finish of the same batch follows is
 /// the finished task as written, with these and the live change's status.
-#[derive(Clone, Default)]
+#[derive(Default)]
 struct Unfinished {
     finished_at: Option<String>,
     error: Option<String>,
@@ -467,14 +467,20 @@ pub(super) async fn apply(tx: &mut Tx, batch: &[Report], now: Millis) -> Result<
         }
     }
     // The tasks after the live changes a finish took the place of.
-    for (live_at, status, finish_at) in folded {
-        let finished = changed.iter().find(|(at, _)| *at == finish_at);
-        if let Some((_, task)) = finished {
-            let unfinished = facts.unfinished.get(&task.id).cloned().unwrap_or_default();
-            let before = unfinished.before(task, status);
-            changed.push((live_at, before));
-        }
-    }
+    let finished: HashMap<usize, &Task> = changed.iter().map(|(at, t)| (*at, t)).collect();
+    let before: Vec<(usize, Task)> = folded
+        .into_iter()
+        .filter_map(|(live_at, status, finish_at)| {
+            let task = finished.get(&finish_at)?;
+            let unfinished = facts.unfinished.get(&task.id);
+            let task = unfinished.map_or_else(
+                || Unfinished::default().before(task, status),
+                |u| u.before(task, status),
+            );
+            Some((live_at, task))
+        })
+        .collect();
+    changed.extend(before);
     // Events in the order of the reports that caused them, as one report at a time would.
     changed.sort_by_key(|(at, _)| *at);
     for (at, task) in changed {

@@ -9,8 +9,9 @@
 //! one commit, where a group spends one each on `BEGIN`, the tasks, their dispatch, the events
 //! and `COMMIT`.
 //!
-//! New tasks lock no existing row, so this writer cannot deadlock with the groups. The state machine still decides each dispatch ([`machine::dispatch`]) on the facts
-//! of a task nobody else can see yet; the statement only writes what it decided.
+//! New tasks lock no existing row, so this writer cannot deadlock with the groups. The state
+//! machine still decides each dispatch ([`machine::dispatch`]) on the facts of a task nobody
+//! else can see yet; the statement only writes what it decided.
 //!
 //! A failing statement stored nothing: each of its tasks is stored again alone, so only the
 //! failing one (a duplicate id, say) gets the error. A statement whose answer was lost (the
@@ -60,7 +61,10 @@ pub(super) async fn run(pool: PgPool, mut queue: mpsc::UnboundedReceiver<NewCall
                     let _ = call.reply.send(Ok(done));
                 }
             }
-            Err(Failed::Statement(_)) if batch.len() > 1 => {
+            Err(e) if batch.len() == 1 => {
+                let _ = batch.remove(0).reply.send(Err(e.into_error()));
+            }
+            Err(Failed::Statement(_)) => {
                 // Nothing was stored: each task again, alone, so only the failing one fails.
                 for call in batch {
                     let answer = match store(&pool, std::slice::from_ref(&call)).await {
@@ -68,13 +72,6 @@ pub(super) async fn run(pool: PgPool, mut queue: mpsc::UnboundedReceiver<NewCall
                         Err(e) => Err(e.into_error()),
                     };
                     let _ = call.reply.send(answer);
-                }
-            }
-            Err(Failed::Statement(e)) => {
-                // A batch of one: its task gets the database's own error.
-                let mut e = Some(StoreError::Postgres(e));
-                for call in batch {
-                    let _ = call.reply.send(Err(e.take().unwrap_or_else(not_stored)));
                 }
             }
             Err(e) => {
@@ -108,24 +105,23 @@ impl Failed {
     fn to_error(&self) -> StoreError {
         match self {
             Failed::Connecting(e) => StoreError::NotStored(e.clone()),
-            Failed::Statement(e) => StoreError::NotStored(Arc::new(copy(e))),
+            // Not `Clone`: its message is kept.
+            Failed::Statement(e) => {
+                StoreError::NotStored(Arc::new(sqlx::Error::Protocol(e.to_string())))
+            }
             Failed::Unknown(e) => StoreError::CommitUnknown(e.clone()),
             Failed::Corrupt(why) => StoreError::Corrupt(why.clone()),
         }
     }
 
-    /// What the one caller of a batch of one is told.
+    /// What the one caller of a batch of one is told: a refused statement as the database
+    /// said it.
     fn into_error(self) -> StoreError {
         match self {
             Failed::Statement(e) => StoreError::Postgres(e),
             other => other.to_error(),
         }
     }
-}
-
-/// A database error is not `Clone`: a copy keeps its message.
-fn copy(e: &sqlx::Error) -> sqlx::Error {
-    sqlx::Error::Protocol(e.to_string())
 }
 
 /// One task of a batch as it will be stored, with its events.
