@@ -54,10 +54,17 @@ pub enum Signal {
     Revoked { key: String },
 }
 
-/// Least time between two notifications of one coordinator: each wakes every other
-/// coordinator's listening connection and costs the database a transaction, so under load
-/// signals are sent in batches (three coordinators at 1,000 tasks/s sent ~500 a second).
+/// Least time between two notifications of one coordinator when one of them carries a
+/// signal another coordinator acts on (a task to queue or leave, a frame to send, a revoked
+/// key): each notification wakes every other coordinator's listening connection and costs
+/// the database a transaction, so under load signals are sent in batches (three coordinators
+/// at 1,000 tasks/s sent ~500 a second).
 const SIGNAL_GATHER: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Least time between two notifications that only wake streams ([`Signal::Events`],
+/// [`Signal::Output`]): the event tails read at most this often under load anyway, so sooner
+/// would wake them for nothing.
+const STREAM_GATHER: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// How long the other coordinators leave a claimed task to its claimer (see
 /// [`Signal::Task`]); past it, one still queued is theirs to dispatch too.
@@ -217,6 +224,39 @@ impl PgPeers {
     }
 }
 
+/// Signals waiting to go out in one notification. Signals that only wake streams are sent
+/// once each: one [`Signal::Events`], one [`Signal::Output`] per task.
+#[derive(Default)]
+struct Batch {
+    signals: Vec<Signal>,
+    /// Holds a signal another coordinator acts on, not only stream wake-ups.
+    acted_on: bool,
+}
+
+impl Batch {
+    fn push(&mut self, signal: Signal) {
+        match &signal {
+            Signal::Events | Signal::Output { .. } => {
+                if self.signals.contains(&signal) {
+                    return;
+                }
+            }
+            Signal::Task { .. } | Signal::Send { .. } | Signal::Revoked { .. } => {
+                self.acted_on = true
+            }
+        }
+        self.signals.push(signal);
+    }
+
+    /// How long after the last notification this batch may go out.
+    fn gather(&self) -> std::time::Duration {
+        match self.acted_on {
+            true => SIGNAL_GATHER,
+            false => STREAM_GATHER,
+        }
+    }
+}
+
 async fn send_loop(
     pool: sqlx::PgPool,
     channel: String,
@@ -225,17 +265,24 @@ async fn send_loop(
 ) {
     let mut last_sent: Option<tokio::time::Instant> = None;
     while let Some(first) = queue.recv().await {
-        // Under load, what comes within SIGNAL_GATHER of the last notification goes out with
+        let mut batch = Batch::default();
+        batch.push(first);
+        // Under load, what comes within the gather of the last notification goes out with
         // the next one; a signal after a quiet spell goes out at once.
-        if let Some(wait) = last_sent.and_then(|t| SIGNAL_GATHER.checked_sub(t.elapsed())) {
-            tokio::time::sleep(wait).await;
+        while let Some(wait) = last_sent.and_then(|t| batch.gather().checked_sub(t.elapsed())) {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => break,
+                next = queue.recv() => match next {
+                    Some(s) => batch.push(s),
+                    None => break,
+                },
+            }
         }
         last_sent = Some(tokio::time::Instant::now());
-        let mut batch = vec![first];
         while let Ok(s) = queue.try_recv() {
             batch.push(s);
         }
-        for payload in pack(&from, batch, MAX_PAYLOAD) {
+        for payload in pack(&from, batch.signals, MAX_PAYLOAD) {
             let sent = sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(&channel)
                 .bind(&payload)
@@ -344,6 +391,31 @@ mod tests {
             .flat_map(|p| serde_json::from_str::<Packet>(p).unwrap().signals)
             .collect();
         assert_eq!(back, vec![task(1), task(2)]);
+    }
+
+    #[test]
+    fn a_batch_sends_each_stream_wake_up_once_and_waits_longer_for_only_those() {
+        let mut batch = Batch::default();
+        let output = |t: &str| Signal::Output { task: t.into() };
+        for s in [
+            Signal::Events,
+            output("t1"),
+            Signal::Events,
+            output("t2"),
+            output("t1"),
+        ] {
+            batch.push(s);
+        }
+        assert_eq!(
+            batch.signals,
+            vec![Signal::Events, output("t1"), output("t2")]
+        );
+        assert_eq!(batch.gather(), STREAM_GATHER);
+        // A signal another coordinator acts on is never deduplicated, and goes out sooner.
+        batch.push(task(1));
+        batch.push(task(1));
+        assert_eq!(batch.signals.len(), 5);
+        assert_eq!(batch.gather(), SIGNAL_GATHER);
     }
 
     #[test]

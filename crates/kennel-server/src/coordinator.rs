@@ -608,6 +608,18 @@ pub struct Attached {
     pub conn_id: u64,
 }
 
+/// What the other coordinators hear of the task changes among published events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tell {
+    /// Every change: a task they may hold queued, or run on a daemon that moved to them.
+    /// `claimed` says this coordinator has a free slot for the newly queued task and
+    /// dispatches it itself (see [`Signal::Task`]).
+    Every { claimed: bool },
+    /// Only tasks queued (again): the other changes are of attempts this coordinator's own
+    /// links run, or of a task never queued, which no other coordinator holds.
+    Queued,
+}
+
 /// The coordinator: shared by the HTTP API, the daemon hub and the timers.
 pub struct Coordinator {
     pub store: Arc<dyn Store>,
@@ -819,19 +831,19 @@ impl Coordinator {
     }
 
     fn publish(&self, events: impl IntoIterator<Item = Event>) {
-        self.publish_claiming(events, false)
+        self.publish_telling(events, Tell::Every { claimed: false })
     }
 
-    /// [`Coordinator::publish`]; with `claimed`, the task signals say this coordinator will
-    /// dispatch the queued tasks they name (see [`Signal::Task`]).
-    fn publish_claiming(&self, events: impl IntoIterator<Item = Event>, claimed: bool) {
+    /// [`Coordinator::publish`], telling the other coordinators of the task changes among
+    /// `events` as `tell` says.
+    fn publish_telling(&self, events: impl IntoIterator<Item = Event>, tell: Tell) {
         if self.peers.shared() {
             // Every coordinator's streams are fed by its event tail, in the store's id order,
             // whichever coordinator committed the event; the others re-read changed tasks.
             let mut any = false;
             for ev in events {
                 any = true;
-                self.signal_task(&ev, claimed);
+                self.signal_task(&ev, tell);
             }
             if any {
                 self.peers.send(Signal::Events);
@@ -844,14 +856,19 @@ impl Coordinator {
         }
     }
 
-    /// Tells the other coordinators of a task's new status, if `ev` records one; `claimed`
-    /// when this coordinator has a free slot for the newly queued task and dispatches it.
-    fn signal_task(&self, ev: &Event, claimed: bool) {
+    /// Tells the other coordinators of a task's new status, if `ev` records one and `tell`
+    /// says they hear of it.
+    fn signal_task(&self, ev: &Event, tell: Tell) {
         let Some(id) = &ev.task_id else {
             return;
         };
         if matches!(ev.kind.as_str(), "task.created" | "task.status") {
             let status = serde_json::from_value(ev.data["status"].clone()).ok();
+            let claimed = match tell {
+                Tell::Every { claimed } => claimed,
+                Tell::Queued if status == Some(TaskStatus::Queued) => false,
+                Tell::Queued => return,
+            };
             let attempt = ev.data["attempt"].as_u64().unwrap_or(0) as u32;
             self.peers.send(Signal::Task {
                 id: id.clone(),
@@ -1830,7 +1847,7 @@ impl Coordinator {
             claimed
         };
         metrics::counter!("kennel_tasks_submitted_total").increment(1);
-        self.publish_claiming([ev], claimed);
+        self.publish_telling([ev], Tell::Every { claimed });
         self.wake.notify_one();
         Ok(task)
     }
@@ -1874,9 +1891,9 @@ impl Coordinator {
         };
         match task {
             Some((task, ev)) => {
-                // Others hear only of the dispatch (the event tails read the task's creation
-                // from the store): it was never queued for them to take.
-                self.publish([ev]);
+                // The event tails read the task's creation from the store; the other
+                // coordinators hear nothing of it: it was never queued for them to take.
+                self.publish_telling([ev], Tell::Queued);
                 Ok(task)
             }
             None => {
@@ -2593,7 +2610,13 @@ impl Coordinator {
                 let Applied::Done { events: evs, task } = res else {
                     continue;
                 };
-                self.output_grew(&r.task_id);
+                match r.effect {
+                    Effect::Output { .. } => self.output_grew(&r.task_id),
+                    // No output: the others' streams wake on the change's events.
+                    _ => {
+                        let _ = self.output.send(Arc::from(r.task_id.as_str()));
+                    }
+                }
                 events.extend(evs.iter().cloned());
                 let Some(task) = task else { continue };
                 changed = true;
@@ -2624,7 +2647,9 @@ impl Coordinator {
                 st.update_gauges();
             }
         }
-        self.publish(events);
+        // The attempts are this coordinator's links': the others hold none of them, and
+        // hear only of tasks queued again.
+        self.publish_telling(events, Tell::Queued);
         if changed {
             self.wake.notify_one();
         }
@@ -3140,6 +3165,18 @@ mod cluster_tests {
     /// Delivers what one coordinator sends to every other one, as `NOTIFY` would.
     struct Bus {
         ears: Mutex<Vec<(String, mpsc::UnboundedSender<Heard>)>>,
+        /// Every task signal sent, with its sender.
+        told: Mutex<Vec<(String, Signal)>>,
+    }
+
+    impl Bus {
+        /// The task signals `from` sent, taken out of the log.
+        fn take_told(&self, from: &str) -> Vec<Signal> {
+            let mut told = self.told.lock().unwrap();
+            let (theirs, rest): (Vec<_>, Vec<_>) = told.drain(..).partition(|(f, _)| f == from);
+            *told = rest;
+            theirs.into_iter().map(|(_, s)| s).collect()
+        }
     }
 
     struct Member {
@@ -3155,6 +3192,10 @@ mod cluster_tests {
             true
         }
         fn send(&self, signal: Signal) {
+            if matches!(signal, Signal::Task { .. }) {
+                let mut told = self.bus.told.lock().unwrap();
+                told.push((self.id.clone(), signal.clone()));
+            }
             let ears = self.bus.ears.lock().unwrap();
             for (id, ear) in ears.iter() {
                 if *id != self.id {
@@ -3183,6 +3224,7 @@ mod cluster_tests {
                 store: Arc::new(store),
                 bus: Arc::new(Bus {
                     ears: Mutex::new(Vec::new()),
+                    told: Mutex::new(Vec::new()),
                 }),
             }
         }
@@ -3377,6 +3419,78 @@ mod cluster_tests {
         })
         .await
         .expect("A took the task out of its queue");
+    }
+
+    /// The task signals `from` sent since the last call, as (status, attempt) pairs.
+    fn statuses_told(c: &Cluster, from: &str) -> Vec<(Option<TaskStatus>, Option<u32>)> {
+        c.bus
+            .take_told(from)
+            .into_iter()
+            .filter_map(|s| match s {
+                Signal::Task {
+                    status, attempt, ..
+                } => Some((status, attempt)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A task dispatched at submit and the reports of A's own daemon tell B of nothing, except
+    /// a task queued again, which B then runs.
+    #[tokio::test]
+    async fn a_coordinators_own_work_tells_the_others_only_of_tasks_queued_again() {
+        let c = Cluster::new().await;
+        let a = c.coordinator("c-a").await;
+        let b = c.coordinator("c-b").await;
+        let (d1, mut rx1) = daemon(&a, "m1").await;
+
+        let t1 = a.submit(task("runs on A")).await.unwrap();
+        assert_eq!(spawn_of(&mut rx1).await.task_id, t1.id);
+        accept(&a, &d1, &t1.id, 1).await;
+        let done = Report {
+            daemon_id: d1.clone(),
+            task_id: t1.id.clone(),
+            attempt: 1,
+            seq: 2,
+            effect: Effect::Complete {
+                success: true,
+                error: None,
+                exit_code: Some(0),
+                branch: None,
+                commit: None,
+            },
+        };
+        a.report(&[done]).await.unwrap();
+        status_becomes(&c.store, &t1.id, TaskStatus::Completed).await;
+        assert_eq!(
+            statuses_told(&c, "c-a"),
+            Vec::new(),
+            "dispatched at submit, accepted and completed by A's daemon: nobody else holds it"
+        );
+
+        // B's daemon connects; A's daemon refuses the next task, which is queued again.
+        let (_d2, mut rx2) = daemon(&b, "m2").await;
+        let t2 = a.submit(task("refused on A")).await.unwrap();
+        assert_eq!(spawn_of(&mut rx1).await.task_id, t2.id);
+        let refused = Report {
+            daemon_id: d1.clone(),
+            task_id: t2.id.clone(),
+            attempt: 1,
+            seq: 1,
+            effect: Effect::Rejected {
+                reason: "full".into(),
+                code: Some(RejectCode::AtCapacity),
+            },
+        };
+        a.report(&[refused]).await.unwrap();
+        assert_eq!(
+            statuses_told(&c, "c-a"),
+            vec![(Some(TaskStatus::Queued), Some(1))],
+            "only the task queued again is told"
+        );
+        // A's daemon is full now: B heard of the task and runs it.
+        let spawn = spawn_of(&mut rx2).await;
+        assert_eq!(spawn.task_id, t2.id);
     }
 
     #[tokio::test]

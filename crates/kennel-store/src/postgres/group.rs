@@ -43,6 +43,14 @@ use crate::{Applied, Ended, Millis, QueuedTask, Report, Result, StoreError};
 /// Most calls in one group; bounds how long the first of them waits for its answer.
 const MAX_GROUP: usize = 256;
 
+/// Least time between the starts of two groups of reports only. A group costs the database
+/// the same few statements and a commit however many reports it holds, and the writer starts
+/// the next as soon as one ends: without a pause, a busy writer keeps the database busy with
+/// small groups. At three coordinators and 1,000 tasks/s this took about a tenth of the
+/// database's CPU (docs/benchmarks.md, eighth sitting). A report's answer (the daemon's ack,
+/// the task's new status) comes this much later at most, and only under load.
+const REPORT_GATHER: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Writer tasks per store. One makes the largest groups, so the fewest statements per call:
 /// with three coordinators at 1,000 tasks/s, p50 of submit → `spawnTask` fell from about 30
 /// to 20 ms against two writers (docs/benchmarks.md, sixth sitting).
@@ -359,6 +367,7 @@ where
 
 /// One writer: takes the calls queued at a time and commits them as one group.
 async fn run(pool: PgPool, queue: Arc<Mutex<mpsc::UnboundedReceiver<Box<dyn Job>>>>) {
+    let mut last_start: Option<tokio::time::Instant> = None;
     loop {
         let mut group = Vec::new();
         {
@@ -367,6 +376,23 @@ async fn run(pool: PgPool, queue: Arc<Mutex<mpsc::UnboundedReceiver<Box<dyn Job>
                 Some(job) => group.push(job),
                 None => return,
             }
+            // Under load, reports wait for the others that come within REPORT_GATHER of the
+            // last group's start; any other call ends the wait.
+            while let Some(wait) = last_start
+                .filter(|_| {
+                    group.len() < MAX_GROUP && group.iter_mut().all(|j| j.merge().is_some())
+                })
+                .and_then(|t| REPORT_GATHER.checked_sub(t.elapsed()))
+            {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => break,
+                    job = queue.recv() => match job {
+                        Some(job) => group.push(job),
+                        None => break,
+                    },
+                }
+            }
+            last_start = Some(tokio::time::Instant::now());
             while group.len() < MAX_GROUP {
                 match queue.try_recv() {
                     Ok(job) => group.push(job),
