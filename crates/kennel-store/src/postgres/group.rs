@@ -46,10 +46,11 @@ const MAX_GROUP: usize = 256;
 /// Least time between the starts of two groups of reports only. A group costs the database
 /// the same few statements and a commit however many reports it holds, and the writer starts
 /// the next as soon as one ends: without a pause, a busy writer keeps the database busy with
-/// small groups. At three coordinators and 1,000 tasks/s this took about a tenth of the
-/// database's CPU (docs/benchmarks.md, eighth sitting). A report's answer (the daemon's ack,
-/// the task's new status) comes this much later at most, and only under load.
-const REPORT_GATHER: std::time::Duration = std::time::Duration::from_millis(10);
+/// small groups. With three coordinators at 1,000 tasks/s, 20 ms against 10 ms took
+/// PostgreSQL from 74–84 % to 61–67 % of a core and p99 of submit → `spawnTask` from 7–9 to
+/// 5–6 ms (docs/benchmarks.md, eighth sitting). A report's answer (the daemon's ack, the
+/// task's new status) comes this much later at most, and only under load.
+const REPORT_GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Writer tasks per store. One makes the largest groups, so the fewest statements per call:
 /// with three coordinators at 1,000 tasks/s, p50 of submit → `spawnTask` fell from about 30
