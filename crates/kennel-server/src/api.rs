@@ -898,7 +898,7 @@ pub async fn revoke_key(
 pub async fn status(p: Principal, State(app): S) -> AppResult<Json<ServerStatus>> {
     p.require(READ)?;
     let counts = app.store.count_tasks().await?;
-    let (daemons, total, used) = app.coord.capacity();
+    let (daemons, total, used) = app.coord.capacity().await?;
     Ok(Json(ServerStatus {
         version: env!("CARGO_PKG_VERSION").to_string(),
         protocol_version: kennel_proto::PROTOCOL_VERSION,

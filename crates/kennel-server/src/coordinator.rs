@@ -2253,36 +2253,55 @@ impl Coordinator {
         Ok(self.overlay(daemon))
     }
 
-    /// Replaces stored connection facts with the live ones.
+    /// Replaces stored connection facts with the live ones of a daemon linked here. A daemon
+    /// linked to another coordinator of a shared database (or to none) keeps the stored facts:
+    /// the database is what every coordinator knows of it. Alone on its database, a coordinator
+    /// holds every link, so a daemon it does not hold is disconnected whatever a crash left
+    /// stored.
     pub fn overlay(&self, mut d: Daemon) -> Daemon {
         let st = self.lock();
         match st.daemons.get(&d.id) {
-            Some(slot) => {
-                d.connected = slot.conn.is_some();
+            Some(slot) if slot.conn.is_some() => {
+                d.connected = true;
                 d.active_tasks = slot.held.len() as u32;
                 d.draining = slot.draining;
-                if slot.conn.is_some() {
-                    // A `capacity` message may have changed these since the store saw them.
-                    d.max_concurrent_tasks = slot.max;
-                    d.agents = slot.agents.iter().cloned().collect();
-                    d.agents.sort();
-                    d.labels = slot.labels.clone();
-                }
+                // A `capacity` message may have changed these since the store saw them.
+                d.max_concurrent_tasks = slot.max;
+                d.agents = slot.agents.iter().cloned().collect();
+                d.agents.sort();
+                d.labels = slot.labels.clone();
+            }
+            _ if self.peers.shared() => {}
+            Some(slot) => {
+                d.connected = false;
+                d.active_tasks = slot.held.len() as u32;
+                d.draining = slot.draining;
             }
             None => d.connected = false,
         }
         d
     }
 
-    /// (connected daemons, total capacity, used capacity).
-    pub fn capacity(&self) -> (u32, u32, u32) {
+    /// (connected daemons, total capacity, used capacity): of every coordinator sharing the
+    /// database, or of this one alone.
+    pub async fn capacity(&self) -> Result<(u32, u32, u32), StoreError> {
+        let add = |(n, t, u): (u32, u32, u32), max: u32, used: u32| (n + 1, t + max, u + used);
+        if self.peers.shared() {
+            let all = self.store.list_daemons().await?;
+            return Ok(all
+                .into_iter()
+                .map(|d| self.overlay(d))
+                .filter(|d| d.connected)
+                .fold((0, 0, 0), |acc, d| {
+                    add(acc, d.max_concurrent_tasks, d.active_tasks)
+                }));
+        }
         let st = self.lock();
-        st.daemons
+        Ok(st
+            .daemons
             .values()
             .filter(|d| d.conn.is_some())
-            .fold((0, 0, 0), |(n, t, u), d| {
-                (n + 1, t + d.max, u + d.held.len() as u32)
-            })
+            .fold((0, 0, 0), |acc, d| add(acc, d.max, d.held.len() as u32)))
     }
 
     // -----------------------------------------------------------------------------------------

@@ -56,6 +56,10 @@ impl std::fmt::Debug for ClientConfig {
 /// Environment variables read directly by flags, not by the config tree (after `KENNEL_`).
 const FLAG_ENV: [&str; 3] = ["URL", "API_KEY", "CONFIG"];
 
+/// Variables of kennel's own test suite and benchmarks (`KENNEL_TEST_POSTGRES_URL`,
+/// `KENNEL_TEST_LOG`; after `KENNEL_`): a shell that runs the tests may also run kennel.
+const TEST_ENV_PREFIX: &str = "TEST_";
+
 /// The name of the environment's provider, for error messages.
 const ENV_SOURCE: &str = "the environment variables";
 
@@ -166,7 +170,10 @@ impl Provider for EnvVars {
             else {
                 continue;
             };
-            if FLAG_ENV.iter().any(|f| f.eq_ignore_ascii_case(rest)) {
+            let test_var = rest
+                .get(..TEST_ENV_PREFIX.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(TEST_ENV_PREFIX));
+            if test_var || FLAG_ENV.iter().any(|f| f.eq_ignore_ascii_case(rest)) {
                 continue;
             }
             let Some(path) = env_path(rest) else {
@@ -423,6 +430,8 @@ mod tests {
                 ("KENNEL_RELAY__LABELS__Site", "berlin"),
                 ("KENNEL_URL", "http://not-a-config-key"),
                 ("KENNEL_API_KEY", "not-a-config-key"),
+                ("KENNEL_TEST_POSTGRES_URL", "postgres://tests-only"),
+                ("kennel_test_log", "debug"),
                 ("NOT_KENNEL_X", "1"),
             ],
         )

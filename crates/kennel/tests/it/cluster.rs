@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use kennel_proto::api::{CreateTask, Task};
+use kennel_proto::api::{CreateTask, Daemon, ServerStatus, Task};
 use kennel_proto::TaskStatus;
 use kennel_testkit::{wait_task_status, EventStream, KennelDaemon, KennelServer, PgSchema};
 
@@ -67,7 +67,28 @@ async fn any_coordinator_takes_submits_streams_events_and_cancels_work_linked_to
     let schema = PgSchema::create().await?;
     let cs = coordinators(&schema, 3).await?;
     let (a, b, c) = (&cs[0], &cs[1], &cs[2]);
-    let _d = daemon(b, &[]).await?;
+    let d = daemon(b, &[]).await?;
+    // Every coordinator shows B's daemon connected and counts its slots, not only B.
+    for srv in [a, b, c] {
+        let listed: Vec<Daemon> = srv.api().get("/api/v1/daemons").await?;
+        let shown: Vec<_> = listed
+            .iter()
+            .map(|x| (x.machine_id.as_str(), x.connected))
+            .collect();
+        assert_eq!(
+            shown,
+            [(d.machine_id(), true)],
+            "as {} lists them",
+            srv.url()
+        );
+        let status: ServerStatus = srv.api().get("/api/v1/status").await?;
+        assert_eq!(
+            (status.daemons_connected, status.capacity_total),
+            (1, 2),
+            "as {} counts them",
+            srv.url()
+        );
+    }
     let mut events_a = EventStream::connect(
         &format!("{}/api/v1/events", a.url()),
         Some(a.admin_key()),
