@@ -936,8 +936,10 @@ impl Coordinator {
                 let any = !page.is_empty();
                 for ev in page {
                     last = ev.id;
-                    if ev.kind == "task.waiting" {
-                        self.hear_waiting(&ev);
+                    match ev.kind.as_str() {
+                        "task.waiting" => self.hear_waiting(&ev),
+                        "daemon.draining" => self.hear_draining(&ev),
+                        _ => {}
                     }
                     self.broadcast(ev);
                 }
@@ -1565,6 +1567,25 @@ impl Coordinator {
                 error = &e as &dyn std::error::Error,
                 "failed to fail an unschedulable task"
             ),
+        }
+    }
+
+    /// Applies a drain (or undrain) of a daemon linked here, whichever coordinator recorded it:
+    /// the scheduler that dispatches to the daemon is this one's.
+    fn hear_draining(&self, ev: &Event) {
+        let (Some(daemon_id), Some(draining)) = (&ev.daemon_id, ev.data["draining"].as_bool())
+        else {
+            return;
+        };
+        let mut st = self.lock();
+        let Some(slot) = st.daemons.get_mut(daemon_id) else {
+            return;
+        };
+        if slot.draining != draining {
+            slot.draining = draining;
+            st.recheck_all = true;
+            drop(st);
+            self.wake.notify_one();
         }
     }
 
@@ -3286,23 +3307,30 @@ mod cluster_tests {
         (c, a, b)
     }
 
-    /// The next `task.waiting` event `events` show (of `task`, if given).
-    async fn next_waiting(
+    /// The next event of `kind` that `events` show (of `task`, if given).
+    async fn next_event(
         events: &mut broadcast::Receiver<Arc<Event>>,
+        kind: &str,
         task: Option<&str>,
     ) -> Arc<Event> {
         tokio::time::timeout(PROMPTLY, async {
             loop {
                 let ev = events.recv().await.unwrap();
-                if ev.kind == "task.waiting"
-                    && task.is_none_or(|t| ev.task_id.as_deref() == Some(t))
-                {
+                if ev.kind == kind && task.is_none_or(|t| ev.task_id.as_deref() == Some(t)) {
                     return ev;
                 }
             }
         })
         .await
-        .expect("a task.waiting event is shown")
+        .unwrap_or_else(|_| panic!("a {kind} event is shown"))
+    }
+
+    /// The next `task.waiting` event `events` show (of `task`, if given).
+    async fn next_waiting(
+        events: &mut broadcast::Receiver<Arc<Event>>,
+        task: Option<&str>,
+    ) -> Arc<Event> {
+        next_event(events, "task.waiting", task).await
     }
 
     /// The next message the daemon is sent that `pick` selects.
@@ -3510,6 +3538,26 @@ mod cluster_tests {
         // A's daemon is full now: B heard of the task and runs it.
         let spawn = spawn_of(&mut rx2).await;
         assert_eq!(spawn.task_id, t2.id);
+    }
+
+    /// A drain recorded on A stops B dispatching to the daemon linked to B; an undrain on A
+    /// lets it go on.
+    #[tokio::test]
+    async fn a_drain_on_one_coordinator_applies_to_the_daemon_linked_to_another() {
+        let c = Cluster::new().await;
+        let a = c.coordinator("c-a").await;
+        let b = c.coordinator("c-b").await;
+        let (daemon_id, mut rx) = daemon(&b, "m1").await;
+        let mut events = b.subscribe_events();
+        let drained = a.set_draining(&daemon_id, true).await.unwrap();
+        assert!(drained.draining);
+        // B's tail applies the drain before its streams show the event.
+        next_event(&mut events, "daemon.draining", None).await;
+        let t = b.submit(task("not for a draining daemon")).await.unwrap();
+        assert_eq!(t.status, TaskStatus::Queued, "not dispatched at submit");
+
+        a.set_draining(&daemon_id, false).await.unwrap();
+        assert_eq!(spawn_of(&mut rx).await.task_id, t.id);
     }
 
     #[tokio::test]
