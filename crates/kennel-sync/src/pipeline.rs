@@ -13,15 +13,18 @@
 //! - `node:<id>`: a map made by the node itself: `heartbeat` (a counter it increments) and
 //!   `addr` (where it serves `/crdt-sync`).
 //!
-//! **Who owns a story** is computed, never stored: among the claims not released, the granted
+//! **Who owns a story** is computed, never stored: among the claims not released, those whose
+//! node's build is done (progress at QA or beyond) if there are any; among those, the granted
 //! one if there is one, else the one whose `sha256(node id, story id)` is lowest. Every node
 //! computes it the same way from the same merged document, so concurrent claims settle on one
 //! winner after merging, whoever merged first. The rendezvous grants a story's first claim it
 //! sees ([`Pipeline::grant`]): agents connected to it build only granted claims, so a claim
 //! that reaches it later cannot take over a story already being built; agents cut off from
-//! it fall back on the ranks. **Where a story is** is the owner's progress if it has any, else the stage a
-//! person set: a node that lost the claim may have pushed a branch while cut off, but its
-//! progress is not the owner's and moves nothing.
+//! it fall back on the ranks. A build done while cut off is not done again when the rendezvous
+//! is back and grants the story to another claim it heard of first: the finished claim owns
+//! it. **Where a story is** is the owner's progress if it has any, else the stage a person
+//! set: a node that lost the claim may have pushed a branch while cut off, but its progress is
+//! not the owner's and moves nothing.
 
 use std::collections::BTreeMap;
 
@@ -309,10 +312,14 @@ impl Pipeline {
     /// concurrent claim ranks. Only the rendezvous calls this.
     ///
     /// `stories` are the stories to look at, as read before (a caller keeping them current
-    /// passes those that may need a grant).
+    /// passes those that may need a grant); each is read again here, as it is now: claims
+    /// merged since the caller read it count.
     pub fn grant(&mut self, stories: &[Story]) -> Result<Vec<String>> {
         let mut granted = Vec::new();
         for s in stories {
+            let Some(s) = self.story(&s.id) else {
+                continue;
+            };
             if s.granted || s.claimants.is_empty() {
                 continue;
             }
@@ -451,25 +458,41 @@ impl Pipeline {
             })
             .collect();
         claimants.sort();
-        let granted: Vec<&String> = claimants
+        let progress = self.obj(&s, "progress")?;
+        let stage_of = |node: &str| {
+            self.obj(&progress, node)
+                .and_then(|p| self.text(&p, "stage"))
+                .and_then(|st| Stage::parse(&st))
+        };
+        // A claimant whose build is done (its progress reached QA) wins first: nodes cut off
+        // from the rendezvous settle a story by rank and build it, and the rendezvous, when
+        // it is back, grants the first claim it hears of, which may be another's. Then a
+        // granted claim; among equals, the lowest rank.
+        let finished: Vec<&String> = claimants
             .iter()
+            .filter(|node| stage_of(node).is_some_and(|st| st >= Stage::Qa))
+            .collect();
+        let pool = if finished.is_empty() {
+            claimants.iter().collect()
+        } else {
+            finished
+        };
+        let granted: Vec<&String> = pool
+            .iter()
+            .copied()
             .filter(|node| {
                 self.obj(&claims, node)
                     .is_some_and(|c| self.flag(&c, "granted"))
             })
             .collect();
-        // A granted claim wins over any other; among equals, the lowest rank.
-        let owner = if granted.is_empty() {
-            claimants.iter().min_by_key(|node| claim_rank(node, id))
-        } else {
-            granted.into_iter().min_by_key(|node| claim_rank(node, id))
-        }
-        .cloned();
+        let owner = if granted.is_empty() { pool } else { granted }
+            .into_iter()
+            .min_by_key(|node| claim_rank(node, id))
+            .cloned();
         let owner_granted = owner.as_ref().is_some_and(|o| {
             self.obj(&claims, o)
                 .is_some_and(|c| self.flag(&c, "granted"))
         });
-        let progress = self.obj(&s, "progress")?;
         let mine = owner.as_ref().and_then(|o| self.obj(&progress, o));
         let base = self
             .text(&s, "stage")

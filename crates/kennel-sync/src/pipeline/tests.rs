@@ -350,3 +350,79 @@ fn the_claim_the_rendezvous_grants_first_keeps_the_story_against_a_later_better_
     );
     assert!(rendezvous.story(&id).unwrap().granted);
 }
+
+/// A story on which `b`'s claim ranks before `a`'s, added to `rendezvous` in `2_current`.
+fn story_b_ranks_first(rendezvous: &mut Pipeline) -> String {
+    let id = (0..20)
+        .map(|i| format!("s{i}"))
+        .find(|s| claim_rank("b", s) < claim_rank("a", s))
+        .expect("b ranks first on some story");
+    rendezvous.add_story(&story(&id), 0).unwrap();
+    rendezvous.move_story(&id, Stage::Current).unwrap();
+    id
+}
+
+#[test]
+fn a_build_done_while_cut_off_keeps_its_story_when_the_rendezvous_grants_another_claim() {
+    let mut rendezvous = Pipeline::new("rendezvous");
+    let id = story_b_ranks_first(&mut rendezvous);
+    let mut a = fork(&mut rendezvous, "a");
+    let mut b = fork(&mut rendezvous, "b");
+    // Cut off from the rendezvous and from each other, both claim it; b builds it while a's
+    // claim still settles.
+    a.claim(&id, 0).unwrap();
+    b.claim(&id, 0).unwrap();
+    let done = StoryUpdate {
+        stage: Some(Stage::Qa),
+        branch: Some("kennel/b".into()),
+        commit: Some("c0ffee".into()),
+        ..StoryUpdate::default()
+    };
+    b.record(&id, &done).unwrap();
+    // The rendezvous is back and hears of a's claim first.
+    rendezvous.doc_mut().merge(a.doc_mut()).unwrap();
+    assert_eq!(
+        rendezvous.grant(&rendezvous.stories()).unwrap(),
+        vec![id.clone()]
+    );
+    assert_eq!(rendezvous.story(&id).unwrap().owner.as_deref(), Some("a"));
+    // b's build reaches everyone: it keeps the story, which is in QA with b's branch, on
+    // every node; a has nothing left to build.
+    meet(&mut b, &mut rendezvous);
+    meet(&mut a, &mut rendezvous);
+    for p in [&rendezvous, &a, &b] {
+        let s = p.story(&id).unwrap();
+        assert_eq!(
+            (s.owner.as_deref(), s.stage, s.branch.as_deref()),
+            (Some("b"), Stage::Qa, Some("kennel/b")),
+            "{}",
+            p.me()
+        );
+    }
+    let refused = a.record(&id, &done);
+    assert!(
+        matches!(refused, Err(PipelineError::NotOwner { .. })),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn a_grant_goes_to_the_claim_that_ranks_first_among_those_known_when_it_is_made() {
+    let mut rendezvous = Pipeline::new("rendezvous");
+    let id = story_b_ranks_first(&mut rendezvous);
+    let mut a = fork(&mut rendezvous, "a");
+    let mut b = fork(&mut rendezvous, "b");
+    a.claim(&id, 0).unwrap();
+    b.claim(&id, 0).unwrap();
+    rendezvous.doc_mut().merge(a.doc_mut()).unwrap();
+    // Read while only a's claim had arrived; b's arrives before the grant is made.
+    let seen = rendezvous.stories();
+    assert_eq!(
+        seen.iter().find(|s| s.id == id).unwrap().owner.as_deref(),
+        Some("a")
+    );
+    rendezvous.doc_mut().merge(b.doc_mut()).unwrap();
+    assert_eq!(rendezvous.grant(&seen).unwrap(), vec![id.clone()]);
+    let s = rendezvous.story(&id).unwrap();
+    assert_eq!((s.owner.as_deref(), s.granted), (Some("b"), true));
+}
