@@ -351,27 +351,28 @@ fn the_claim_the_rendezvous_grants_first_keeps_the_story_against_a_later_better_
     assert!(rendezvous.story(&id).unwrap().granted);
 }
 
-/// A story on which `b`'s claim ranks before `a`'s, added to `rendezvous` in `2_current`.
-fn story_b_ranks_first(rendezvous: &mut Pipeline) -> String {
+/// A rendezvous with a story in `2_current` on which `b`'s claim ranks before `a`'s, and
+/// nodes `a` and `b` that each claimed it apart (neither has heard of the other's claim).
+fn claimed_apart() -> (Pipeline, String, Pipeline, Pipeline) {
+    let mut rendezvous = Pipeline::new("rendezvous");
     let id = (0..20)
         .map(|i| format!("s{i}"))
         .find(|s| claim_rank("b", s) < claim_rank("a", s))
         .expect("b ranks first on some story");
     rendezvous.add_story(&story(&id), 0).unwrap();
     rendezvous.move_story(&id, Stage::Current).unwrap();
-    id
+    let mut a = fork(&mut rendezvous, "a");
+    let mut b = fork(&mut rendezvous, "b");
+    a.claim(&id, 0).unwrap();
+    b.claim(&id, 0).unwrap();
+    (rendezvous, id, a, b)
 }
 
 #[test]
 fn a_build_done_while_cut_off_keeps_its_story_when_the_rendezvous_grants_another_claim() {
-    let mut rendezvous = Pipeline::new("rendezvous");
-    let id = story_b_ranks_first(&mut rendezvous);
-    let mut a = fork(&mut rendezvous, "a");
-    let mut b = fork(&mut rendezvous, "b");
-    // Cut off from the rendezvous and from each other, both claim it; b builds it while a's
+    // Cut off from the rendezvous and from each other, both claimed it; b builds it while a's
     // claim still settles.
-    a.claim(&id, 0).unwrap();
-    b.claim(&id, 0).unwrap();
+    let (mut rendezvous, id, mut a, mut b) = claimed_apart();
     let done = StoryUpdate {
         stage: Some(Stage::Qa),
         branch: Some("kennel/b".into()),
@@ -408,12 +409,7 @@ fn a_build_done_while_cut_off_keeps_its_story_when_the_rendezvous_grants_another
 
 #[test]
 fn a_grant_goes_to_the_claim_that_ranks_first_among_those_known_when_it_is_made() {
-    let mut rendezvous = Pipeline::new("rendezvous");
-    let id = story_b_ranks_first(&mut rendezvous);
-    let mut a = fork(&mut rendezvous, "a");
-    let mut b = fork(&mut rendezvous, "b");
-    a.claim(&id, 0).unwrap();
-    b.claim(&id, 0).unwrap();
+    let (mut rendezvous, id, mut a, mut b) = claimed_apart();
     rendezvous.doc_mut().merge(a.doc_mut()).unwrap();
     // Read while only a's claim had arrived; b's arrives before the grant is made.
     let seen = rendezvous.stories();
