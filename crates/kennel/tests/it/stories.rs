@@ -31,14 +31,14 @@ async fn sync_until(
     p: &mut Pipeline,
     state: &mut sync::State,
     ws: &mut Socket,
-    done: impl Fn(&Pipeline) -> bool,
+    done: impl Fn(&mut Pipeline, &sync::State) -> bool,
 ) -> anyhow::Result<()> {
     let until = tokio::time::Instant::now() + WAIT;
     loop {
         while let Some(m) = p.doc_mut().sync().generate_sync_message(state) {
             ws.send(WsMessage::Binary(m.encode().into())).await?;
         }
-        if done(p) {
+        if done(p, state) {
             return Ok(());
         }
         let frame = tokio::time::timeout_at(until, ws.next())
@@ -55,6 +55,12 @@ async fn sync_until(
     }
 }
 
+/// Whether the rendezvous said it has every change of `p`. (A message generated while an
+/// earlier one is unanswered is held back, so sending once is not enough.)
+fn pushed(p: &mut Pipeline, state: &sync::State) -> bool {
+    state.their_heads.as_deref() == Some(&p.doc_mut().get_heads()[..])
+}
+
 #[tokio::test]
 async fn an_agent_syncs_the_pipeline_claims_a_story_and_its_progress_shows_on_the_api(
 ) -> anyhow::Result<()> {
@@ -69,7 +75,7 @@ async fn an_agent_syncs_the_pipeline_claims_a_story_and_its_progress_shows_on_th
     let mut agent = Pipeline::new("agent-a");
     let mut state = sync::State::new();
     let mut ws = connect(&srv, &key.key).await?;
-    sync_until(&mut agent, &mut state, &mut ws, |p| {
+    sync_until(&mut agent, &mut state, &mut ws, |p, _| {
         p.story("s1").is_some_and(|s| s.stage == Stage::Current)
     })
     .await?;
@@ -93,7 +99,7 @@ async fn an_agent_syncs_the_pipeline_claims_a_story_and_its_progress_shows_on_th
             ..StoryUpdate::default()
         },
     )?;
-    sync_until(&mut agent, &mut state, &mut ws, |_| true).await?;
+    sync_until(&mut agent, &mut state, &mut ws, pushed).await?;
     let ev = events
         .wait_for(WAIT, |m| {
             m.event == "story.stage" && m.data.contains("3_qa")
@@ -134,7 +140,10 @@ async fn an_agent_syncs_the_pipeline_claims_a_story_and_its_progress_shows_on_th
     assert!(deleted.status.success());
     let mut ws = connect(&srv, &key.key).await?;
     let mut state = sync::State::new();
-    sync_until(&mut agent, &mut state, &mut ws, |p| p.story("s1").is_none()).await?;
+    sync_until(&mut agent, &mut state, &mut ws, |p, _| {
+        p.story("s1").is_none()
+    })
+    .await?;
     assert!(srv
         .api()
         .get::<Vec<StoryView>>("/api/v1/stories")
@@ -179,7 +188,7 @@ async fn a_join_token_becomes_an_agent_key_once() -> anyhow::Result<()> {
     let mut ws = connect(&srv, &key.key).await?;
     let mut agent = Pipeline::new("laptop");
     let mut state = sync::State::new();
-    sync_until(&mut agent, &mut state, &mut ws, |_| true).await?;
+    sync_until(&mut agent, &mut state, &mut ws, pushed).await?;
 
     // Once only; and a made-up token is refused the same way.
     let (status, text) = srv
